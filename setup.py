@@ -1,0 +1,33 @@
+"""jaxprune: structured pruning and differentiable structure search in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="jaxprune",
+    version="0.1.0",
+    description=("Neural-network pruning and structure search in JAX/Flax: TAS, ISTA on "
+                 "batch-norm gamma, DNW and AutoPrune, as pure kernels, optax transforms, "
+                 "Flax modules and a config-driven training program."),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["jaxprune", "jaxprune.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=0.1.1",
+        "chex>=0.1.87",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "tensorflow-datasets>=4.9.7",
+        "array_record>=0.5",
+        "pillow>=10",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        # Building (not reading) the stock TFDS datasets runs TensorFlow inside TFDS.
+        "tfds-build": ["tensorflow-cpu>=2.16", "importlib_resources"],
+        "test": ["pytest>=8", "tensorflow-cpu>=2.16", "importlib_resources"],
+    },
+)
