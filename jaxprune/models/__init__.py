@@ -1,0 +1,70 @@
+"""Flax model zoo of jaxprune and a by-name registry for configs.
+
+Every model here is a Linen module called as ``model.apply(variables, x,
+train=...)`` on NHWC inputs and returning logits. Configs name a model with
+:func:`get_model`; library users can call the factories directly.
+"""
+
+import inspect
+from typing import Any
+
+from jaxprune.errors import UserError
+from jaxprune.models.lenet import LeNet300100
+from jaxprune.models.lenet import LeNet5
+from jaxprune.models.lenet import lenet300_100
+from jaxprune.models.lenet import lenet5
+from jaxprune.models.resnet import block_type
+from jaxprune.models.resnet import cifar_resnet
+from jaxprune.models.resnet import cifar_resnet_from_shape
+from jaxprune.models.resnet import default_blocks
+from jaxprune.models.resnet import default_widths
+from jaxprune.models.resnet import imagenet_resnet
+from jaxprune.models.resnet import imagenet_resnet_from_shape
+from jaxprune.models.resnet import ResidualBlock
+from jaxprune.models.resnet import ResNet
+from jaxprune.models.resnet import stage_depths
+
+MODELS = {
+    "cifar_resnet": cifar_resnet,
+    "imagenet_resnet": imagenet_resnet,
+    "lenet5": lenet5,
+    "lenet300_100": lenet300_100,
+}
+
+
+def get_model(name: str, num_classes: int, **kwargs: Any):
+  """Builds the model registered as `name`.
+
+  Args:
+    name: one of ``MODELS`` ("cifar_resnet", "imagenet_resnet", "lenet5",
+      "lenet300_100").
+    num_classes: classifier outputs.
+    **kwargs: the factory's other arguments (e.g. ``depth=56``, ``widths``,
+      ``blocks`` for ResNets; ``features`` for LeNets).
+
+  Returns:
+    A Flax Linen module.
+
+  Raises:
+    UserError: for an unknown name, an unknown or missing argument.
+  """
+  if name not in MODELS:
+    raise UserError(f"Unknown model {name!r}; known models: "
+                    f"{', '.join(sorted(MODELS))}.")
+  factory = MODELS[name]
+  signature = inspect.signature(factory)
+  try:
+    signature.bind(num_classes=num_classes, **kwargs)
+  except TypeError as e:
+    accepted = [p for p in signature.parameters if p != "num_classes"]
+    raise UserError(f"Bad arguments for model {name!r} ({e}); it accepts "
+                    f"{', '.join(accepted)}.") from None
+  return factory(num_classes=num_classes, **kwargs)
+
+
+__all__ = [
+    "MODELS", "get_model", "ResNet", "ResidualBlock", "LeNet5", "LeNet300100",
+    "cifar_resnet", "imagenet_resnet", "cifar_resnet_from_shape",
+    "imagenet_resnet_from_shape", "lenet5", "lenet300_100", "default_widths",
+    "default_blocks", "stage_depths", "block_type",
+]

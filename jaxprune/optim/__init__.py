@@ -1,0 +1,3 @@
+"""Optax transforms of the pruning methods and the shared leaf selection."""
+from jaxprune.optim.selection import leaf_path, select
+from jaxprune.optim.sgd import learning_rate_schedule, sgd

@@ -1,0 +1,97 @@
+"""Metric logging: ``metrics.jsonl``, TensorBoard event files and a progress line.
+
+Only process 0 writes; other processes get a writer that does nothing, so calling
+code never branches on the process index.
+"""
+import json
+import os
+import sys
+import time
+from typing import Mapping
+
+import jax
+import numpy as np
+
+
+def _scalar(v):
+  v = np.asarray(v)
+  return v.item() if v.size == 1 else v.tolist()
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
+
+  def __init__(self, directory: str, *, tensorboard: bool = True):
+    self._active = jax.process_index() == 0
+    self._tb = None
+    if not self._active:
+      return
+    os.makedirs(directory, exist_ok=True)
+    self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, float]):
+    if not self._active:
+      return
+    record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)):
+          self._tb.add_scalar(k, v, int(step))
+
+  def close(self):
+    if not self._active:
+      return
+    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+  """One line per report: step, epoch, images/s, metrics and ETA."""
+
+  def __init__(self, name: str, total_steps: int, start_step: int, images_per_step: int,
+               steps_per_epoch: int, stream=sys.stdout):
+    self.name, self.total = name, total_steps
+    self.images_per_step, self.steps_per_epoch = images_per_step, steps_per_epoch
+    self._stream = stream if jax.process_index() == 0 else None
+    self._t, self._step = time.perf_counter(), start_step
+
+  def rate(self, step: int) -> float:
+    """Images per second since the previous call (restarts the clock)."""
+    now = time.perf_counter()
+    rate = (step - self._step) * self.images_per_step / max(now - self._t, 1e-9)
+    self._t, self._step = now, step
+    return rate
+
+  def line(self, step: int, metrics: Mapping[str, float], images_per_s: float):
+    if self._stream is None:
+      return
+    eta = (self.total - step) * self.images_per_step / max(images_per_s, 1e-9)
+    parts = [f"[{self.name}] step {step}/{self.total}",
+             f"epoch {step / self.steps_per_epoch:.2f}"]
+    parts += [f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)]
+    parts += [f"{images_per_s:.0f} img/s", f"ETA {_duration(eta)}"]
+    print(" | ".join(parts), file=self._stream, flush=True)
+
+  def message(self, text: str):
+    if self._stream is not None:
+      print(f"[{self.name}] {text}", file=self._stream, flush=True)

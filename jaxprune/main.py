@@ -1,0 +1,107 @@
+"""jaxprune's command line: ``python -m jaxprune.main --config configs/X.py --workdir DIR``.
+
+Overrides: ``--config.train.epochs=10``. Rerunning the same command resumes the
+run in DIR. See README.md for the recipes.
+"""
+import difflib
+import importlib.util
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxprune import methods
+from jaxprune.engine.loop import Interrupted
+from jaxprune.errors import UserError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, metrics, report.")
+config_flags.DEFINE_config_file("config", None, "A config file from configs/, with "
+                                "optional ':args'.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _missing_key(config, dotted: str) -> str | None:
+  """The first part of ``dotted`` that ``config`` lacks, with close matches."""
+  node, done = config, []
+  for part in dotted.split("."):
+    keys = list(node.keys()) if hasattr(node, "keys") else []
+    if part not in keys:
+      where = ".".join(done) or "the config"
+      close = difflib.get_close_matches(part, keys, n=3, cutoff=0.5)
+      prefix = ".".join(done + [""])
+      hint = (f" Did you mean {', '.join('--config.' + prefix + c for c in close)}?"
+              if close else f" Keys of {where}: {', '.join(sorted(keys)) or 'none'}.")
+      return f"The config has no key {dotted!r} (from --config.{dotted}).{hint}"
+    node, done = node[part], done + [part]
+  return None
+
+
+def _load_config(argv):
+  """The config named by ``--config`` in ``argv`` without its overrides, or None."""
+  for i, arg in enumerate(argv):
+    value = (arg.split("=", 1)[1] if arg.startswith("--config=") else
+             argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+    if value:
+      path, _, config_arg = value.partition(":")
+      try:
+        spec = importlib.util.spec_from_file_location("_jaxprune_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(config_arg) if config_arg else module.get_config()
+      except UserError:
+        raise
+      except Exception:  # pylint: disable=broad-except
+        return None
+  return None
+
+
+def _flag_error(e: Exception, argv) -> str:
+  """One readable line for a bad command line (no traceback wall)."""
+  # config_flags re-raises a config file's exception with its traceback in the
+  # message; the original, innermost UserError carries the plain message.
+  cause, innermost = e, None
+  while cause is not None:
+    if isinstance(cause, UserError):
+      innermost = cause
+    cause = cause.__cause__ or cause.__context__
+  if innermost is not None:
+    return str(innermost)
+  try:
+    config = _load_config(argv)
+  except UserError as user_error:
+    return str(user_error)
+  if config is not None:
+    for arg in argv[1:]:
+      if arg.startswith("--config."):
+        message = _missing_key(config, arg[len("--config."):].split("=", 1)[0])
+        if message:
+          return message
+  return str(e)
+
+
+def parse_flags(argv):
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError) as e:
+    print(f"error: {_flag_error(e, argv)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:  # keep library INFO chatter (orbax) out of the way
+    logging.set_verbosity(logging.WARNING)
+  try:
+    methods.run(FLAGS.config, FLAGS.workdir)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except Interrupted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(128 + e.signum)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,54 @@
+"""Baseline recipe: train the unpruned network, report it, keep it as a teacher.
+
+Stage ``baseline`` trains ``config.model`` on ``config.dataset`` with the SGD recipe
+of ``config.train``; its final variables (``<workdir>/baseline/final``) are what
+later recipes load as the teacher. The report gives test accuracy, FLOPs, params
+and measured inference time.
+"""
+import time
+
+from jaxprune import config_lib, data, flops, models, optim
+from jaxprune.engine import loop, report
+
+
+def build_model(model_cfg, num_classes: int):
+  """The model named by a ``model`` config section (None-valued fields omitted)."""
+  kwargs = {k: v for k, v in model_cfg.to_dict().items() if k != "name" and v is not None}
+  return models.get_model(model_cfg.name, num_classes=num_classes, **kwargs)
+
+
+def train(name: str, config, workdir: str, datasets, model, **kwargs) -> loop.StageResult:
+  """Trains ``model`` with ``config.train`` as stage ``name`` (used by other recipes too)."""
+  train_ds, test_ds = datasets["train"], datasets["test"]
+  steps_per_epoch = data.steps_per_epoch(train_ds, config.train.batch_size)
+  total = config.train.epochs * steps_per_epoch
+  if config.train.max_steps:
+    total = min(total, config.train.max_steps)
+  tx, schedule = optim.sgd(config.train, steps_per_epoch, total)
+  return loop.train_classifier(name, workdir, model=model, tx=tx, lr_schedule=schedule,
+                               train_ds=train_ds, eval_ds=test_ds, cfg=config.train,
+                               seed=config.seed, **kwargs)
+
+
+def run(config, workdir: str) -> dict:
+  t0 = time.time()
+  config_lib.check_workdir(workdir, config)
+  datasets = data.load(config.dataset)
+  train_ds = datasets["train"]
+  model = build_model(config.model, train_ds.num_classes)
+  result = train("baseline", config, workdir, datasets, model)
+  variables = result.state.variables
+  counts = flops.count(model, variables, train_ds.image_shape)
+  timing = report.measure_inference(model, variables, train_ds.image_shape,
+                                    config.report.inference_batch_size)
+  row = {"accuracy": result.summary["eval_accuracy"], "flops": counts["flops"],
+         "params": counts["params"], "inference_ms": timing["ms_per_batch"],
+         "inference_batch": timing["batch_size"]}
+  out = {"method": "baseline", "dataset": config.dataset.name, "model": config.model.name,
+         "test_accuracy": result.summary["eval_accuracy"], "flops": counts["flops"],
+         "params": counts["params"], "train_steps": result.summary["steps"],
+         "train_time_s": result.summary["train_time_s"], "wall_time_s": time.time() - t0,
+         "inference": timing, "teacher_variables": f"{workdir}/baseline/final"}
+  report.write_report(workdir, out, title=f"Baseline {config.model.name} on "
+                      f"{config.dataset.name}", models={"base": row})
+  return out

@@ -1,0 +1,86 @@
+"""LeNet-300-100 and the Caffe LeNet-5, with overridable layer widths.
+
+These are the MNIST baselines of the pruning papers (AutoPrune, DNW). Widths are
+fields so that a pruned variant (fewer neurons or filters) is the same module
+built with smaller numbers. Inputs are NHWC images (e.g. 28x28x1); ``train`` is
+accepted for a uniform ``model.apply(variables, x, train=...)`` call and unused.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxprune.errors import UserError
+
+
+def _check_features(features, expected, name):
+  features = tuple(features)
+  if len(features) != expected or any(
+      not hasattr(f, "__index__") or isinstance(f, bool) or f < 1
+      for f in features):
+    raise UserError(f"{name} features must be {expected} positive integers; "
+                    f"got {features}.")
+  return tuple(int(f) for f in features)
+
+
+class LeNet300100(nn.Module):
+  """Fully connected LeNet-300-100: flatten, 300, ReLU, 100, ReLU, classes.
+
+  Attributes:
+    features: widths of the two hidden layers.
+    num_classes: classifier outputs.
+  """
+  features: Sequence[int] = (300, 100)
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train  # No batch-dependent layers.
+    x = jnp.reshape(x, (x.shape[0], -1))
+    for i, width in enumerate(self.features):
+      x = nn.relu(nn.Dense(width, name=f"fc{i + 1}")(x))
+    return nn.Dense(self.num_classes, name=f"fc{len(self.features) + 1}")(x)
+
+
+class LeNet5(nn.Module):
+  """Caffe LeNet-5: conv5x5 20, pool, conv5x5 50, pool, 500, ReLU, classes.
+
+  The Caffe variant has no non-linearity after the convs, only after the
+  hidden dense layer; convs are VALID with bias, pools are 2x2 stride 2.
+
+  Attributes:
+    features: (conv1 filters, conv2 filters, hidden dense width).
+    num_classes: classifier outputs.
+  """
+  features: Sequence[int] = (20, 50, 500)
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train  # No batch-dependent layers.
+    conv1, conv2, hidden = self.features
+    x = nn.Conv(conv1, (5, 5), padding="VALID", name="conv1")(x)
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = nn.Conv(conv2, (5, 5), padding="VALID", name="conv2")(x)
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = jnp.reshape(x, (x.shape[0], -1))
+    x = nn.relu(nn.Dense(hidden, name="fc1")(x))
+    return nn.Dense(self.num_classes, name="fc2")(x)
+
+
+def lenet300_100(num_classes: int = 10, *,
+                 features: Sequence[int] = (300, 100)) -> LeNet300100:
+  """LeNet-300-100; `features` overrides the two hidden widths."""
+  return LeNet300100(features=_check_features(features, 2, "LeNet-300-100"),
+                     num_classes=num_classes)
+
+
+def lenet5(num_classes: int = 10, *,
+           features: Sequence[int] = (20, 50, 500)) -> LeNet5:
+  """Caffe LeNet-5; `features` overrides (conv1, conv2, hidden) widths."""
+  return LeNet5(features=_check_features(features, 3, "LeNet-5"),
+                num_classes=num_classes)
+
+
+__all__ = ["LeNet300100", "LeNet5", "lenet300_100", "lenet5"]

@@ -1,0 +1,78 @@
+"""The command line: clear one-line errors, and the smoke run end to end."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _main(*args, devices: int = 1, timeout=600):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "jaxprune.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _assert_clean_error(proc, *needles):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: "), proc.stderr[-2000:]
+  for n in needles:
+    assert n in last, last
+
+
+def test_typo_in_override_names_the_key_and_suggests(tmp_path):
+  proc = _main("--config", "configs/baseline_resnet.py", "--config.train.learning_rat=0.2",
+               "--workdir", str(tmp_path))
+  _assert_clean_error(proc, "train.learning_rat", "--config.train.learning_rate")
+
+
+def test_unknown_config_argument(tmp_path):
+  proc = _main("--config", "configs/baseline_resnet.py:dept=56", "--workdir", str(tmp_path))
+  _assert_clean_error(proc, "'dept'", "depth")
+
+
+def test_unknown_dataset(tmp_path):
+  proc = _main("--config", "configs/baseline_resnet.py:dataset=cifar11",
+               "--workdir", str(tmp_path))
+  _assert_clean_error(proc, "cifar11", "cifar10")
+
+
+def test_missing_manual_dir(tmp_path):
+  proc = _main("--config", "configs/baseline_lenet.py",
+               f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+               f"--config.dataset.manual_dir={tmp_path / 'no_such_dir'}",
+               "--workdir", str(tmp_path / "run"))
+  _assert_clean_error(proc, "no_such_dir")
+
+
+def test_workdir_with_incompatible_config(tmp_path):
+  workdir = str(tmp_path / "run")
+  # The first run records its config, then stops at its (deliberately) unknown dataset.
+  first = _main("--config", "configs/baseline_resnet.py:dataset=nope", "--workdir", workdir)
+  assert first.returncode == 2
+  second = _main("--config", "configs/baseline_resnet.py:dataset=nope,depth=32",
+                 "--workdir", workdir)
+  _assert_clean_error(second, "model.depth", "20", "32", "--workdir")
+
+
+def test_smoke_config_end_to_end_writes_report(tmp_path):
+  workdir = tmp_path / "smoke"
+  proc = _main("--config", "configs/baseline_resnet.py:smoke", "--workdir", str(workdir))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((workdir / "report.json").read_text())
+  for key in ("test_accuracy", "flops", "params", "wall_time_s", "inference"):
+    assert key in report
+  assert report["flops"] == 40_813_194  # ResNet-20, CIFAR-10 shapes
+  assert report["test_accuracy"] > 0.3  # synthetic data is learnable; chance is 0.1
+  assert (workdir / "report.md").exists()
+  assert (workdir / "baseline" / "final").is_dir()
+  assert "img/s" in proc.stdout and "ETA" in proc.stdout
+  assert list((workdir / "baseline" / "tensorboard").iterdir())
+  # Rerunning the finished command resumes nothing and reports the same accuracy.
+  again = _main("--config", "configs/baseline_resnet.py:smoke", "--workdir", str(workdir))
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads((workdir / "report.json").read_text())["test_accuracy"] == \
+      report["test_accuracy"]
