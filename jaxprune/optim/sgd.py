@@ -33,7 +33,7 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
 
 
 def sgd(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int,
-        params=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+        ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """SGD with momentum/Nesterov and weight decay from a ``train`` config section.
 
   ``cfg.weight_decay_on`` selects the decayed leaves (a path regex, see
