@@ -1,0 +1,28 @@
+"""Pure ``jnp`` math of the pruning and search methods: no Flax, no state.
+
+Each kernel is a function of arrays (and a PRNG key where it samples), jit- and
+vmap-safe, with shapes in its docstring. Modules, optimizers and recipes build
+on these; nothing here may import from ``jaxprune.models``, ``optim`` or
+``methods``.
+
+TAS (reference/tas.md):
+  ``gumbel_softmax``, ``gumbel_select`` — Gumbel sampling of depths and widths.
+  ``cwi``, ``cwi_masked``, ``cwi_matrix``, ``cwi_matrix_traced`` — channel-wise
+  interpolation, with static or traced (sampled) widths.
+"""
+from jaxprune.kernels.cwi import cwi
+from jaxprune.kernels.cwi import cwi_masked
+from jaxprune.kernels.cwi import cwi_matrix
+from jaxprune.kernels.cwi import cwi_matrix_traced
+from jaxprune.kernels.gumbel import gumbel_select
+from jaxprune.kernels.gumbel import gumbel_softmax
+
+__all__ = [
+    # TAS
+    "gumbel_softmax",
+    "gumbel_select",
+    "cwi",
+    "cwi_masked",
+    "cwi_matrix",
+    "cwi_matrix_traced",
+]
