@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from jaxprune import config_lib, data, models, optim
+from jaxprune.engine import runtime
 from jaxprune.engine import mesh as mesh_lib, steps
 from jaxprune.engine.state import init_train_state
 
@@ -79,11 +80,15 @@ def main(argv):
   parser.add_argument("--depths", type=int, nargs="+", default=[20, 56])
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--steps", type=int, default=10, help="timed repeats (median)")
+  parser.add_argument("--stock_xla_flags", action="store_true",
+                      help="do not add jaxprune's XLA:CPU flags (for comparison)")
   args = parser.parse_args(argv)
+  if not args.stock_xla_flags:
+    runtime.configure_xla_flags()
   print("command: python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *argv]))
   print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__}, backend {jax.default_backend()} "
-        f"({jax.devices()[0].device_kind})")
+        f"({jax.devices()[0].device_kind}), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   ds = data.synthetic(num_train=4096, num_test=16, seed=0)["train"]
   pipe = bench_pipeline(ds, args.batch, max(args.steps, 20))
   print()

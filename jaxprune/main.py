@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxprune import methods
+from jaxprune.engine import runtime
 from jaxprune.engine.loop import Interrupted
 from jaxprune.errors import UserError
 
@@ -91,6 +92,7 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  runtime.configure_xla_flags()  # before the first computation starts the backend
   if not FLAGS["verbosity"].present:  # keep library INFO chatter (orbax) out of the way
     logging.set_verbosity(logging.WARNING)
   try:

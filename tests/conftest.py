@@ -8,6 +8,10 @@ import pytest
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from jaxprune.engine import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+runtime.configure_xla_flags()
+
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Tests check logic, not speed: cheaper XLA compiles.

@@ -23,6 +23,10 @@ from jaxprune.models.resnet import imagenet_resnet_from_shape
 from jaxprune.models.resnet import ResidualBlock
 from jaxprune.models.resnet import ResNet
 from jaxprune.models.resnet import stage_depths
+from jaxprune.models.tas_resnet import depth_candidates
+from jaxprune.models.tas_resnet import tas_cifar_resnet
+from jaxprune.models.tas_resnet import TASResNet
+from jaxprune.models.tas_resnet import width_candidates
 
 MODELS = {
     "cifar_resnet": cifar_resnet,
@@ -66,5 +70,6 @@ __all__ = [
     "MODELS", "get_model", "ResNet", "ResidualBlock", "LeNet5", "LeNet300100",
     "cifar_resnet", "imagenet_resnet", "cifar_resnet_from_shape",
     "imagenet_resnet_from_shape", "lenet5", "lenet300_100", "default_widths",
-    "default_blocks", "stage_depths", "block_type",
+    "default_blocks", "stage_depths", "block_type", "TASResNet",
+    "tas_cifar_resnet", "width_candidates", "depth_candidates",
 ]

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxprune.errors import UserError
+from jaxprune.models import layers
 
 
 def _check_features(features, expected, name):
@@ -60,10 +61,10 @@ class LeNet5(nn.Module):
   def __call__(self, x, train: bool = False):
     del train  # No batch-dependent layers.
     conv1, conv2, hidden = self.features
-    x = nn.Conv(conv1, (5, 5), padding="VALID", name="conv1")(x)
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = nn.Conv(conv2, (5, 5), padding="VALID", name="conv2")(x)
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = layers.Conv(conv1, (5, 5), padding="VALID", name="conv1")(x)
+    x = layers.max_pool(x, 2)
+    x = layers.Conv(conv2, (5, 5), padding="VALID", name="conv2")(x)
+    x = layers.max_pool(x, 2)
     x = jnp.reshape(x, (x.shape[0], -1))
     x = nn.relu(nn.Dense(hidden, name="fc1")(x))
     return nn.Dense(self.num_classes, name="fc2")(x)

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxprune.errors import UserError
+from jaxprune.models import layers
 
 # Kaiming normal, fan_out (tas.md §1; torchvision uses the same for ImageNet).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -143,14 +144,14 @@ def validate_shape(widths: Sequence[int], blocks: Sequence[int],
 def _conv(features, kernel, stride, dtype, name):
   # PyTorch padding (k // 2 each side): stride-2 windows line up as in torch.
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+  return layers.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False,
                  kernel_init=conv_init, dtype=dtype, name=name)
 
 
 def _batch_norm(train, dtype, name, zero_scale=False):
   # PyTorch defaults: momentum 0.1 there is 0.9 here; eps 1e-5.
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+  return layers.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                       scale_init=(nn.initializers.zeros if zero_scale
                                   else nn.initializers.ones),
                       dtype=dtype, name=name)

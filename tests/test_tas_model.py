@@ -1,0 +1,423 @@
+"""Tests for the TAS searchable ResNet, its costs and the cost loss (tas.md §1-5)."""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprune import flops
+from jaxprune import kernels
+from jaxprune import models
+from jaxprune.kernels.cost import tas_cost_loss
+from jaxprune.models.tas_resnet import CandidateBatchNorm
+from jaxprune.models.tas_resnet import SearchConv
+from jaxprune.models.tas_resnet import Selection
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _arch_tree(model, width_fn, depth_fn):
+  """An ``arch`` collection built from the model's paths (no tracing)."""
+  widths = {}
+  for path, candidates in zip(model.conv_paths(), model.conv_candidates()):
+    node = widths
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+    node[path[-1]] = jnp.asarray(width_fn(len(candidates)), jnp.float32)
+  depths = {f"stage{s}": jnp.asarray(depth_fn(len(choices)), jnp.float32)
+            for s, choices in enumerate(model.stage_candidates())}
+  return {"width_logits": widths, "depth_logits": depths}
+
+
+def _one_hot_last(n, big=30.0):
+  return np.eye(n)[-1] * big
+
+
+def _abstract_init(model, input_shape):
+  return jax.eval_shape(
+      model.init, jax.random.key(0),
+      jax.ShapeDtypeStruct((1,) + input_shape, jnp.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def _search_net(depth, block=None):
+  """Model and variables for 8x8 inputs, shared by the tests."""
+  model = models.tas_cifar_resnet(depth, block=block)
+  x = jnp.zeros((2, 8, 8, 3))
+  variables = jax.jit(lambda k: model.init(
+      k, x, train=False, tau=1.0, key=jax.random.key(0)))(jax.random.key(0))
+  return model, flax.core.unfreeze(variables)
+
+
+# --- §1 search space ---------------------------------------------------------
+
+
+def test_width_candidates_match_reference():
+  assert models.width_candidates(16) == (4, 6, 8, 9, 11, 12, 14, 16)
+  assert models.width_candidates(32) == (9, 12, 16, 19, 22, 25, 28, 32)
+  assert models.width_candidates(64) == (19, 25, 32, 38, 44, 51, 57, 64)
+
+
+@pytest.mark.parametrize("depth,choices", [
+    (20, (1, 2, 3)),
+    (32, (1, 3, 5)),
+    (56, (1, 3, 5, 7, 9)),
+    (110, (1, 3, 5, 7, 9, 11, 13, 15, 17, 18)),
+    (164, (1, 3, 5, 7, 9, 11, 13, 15, 17, 18)),
+])
+def test_depth_candidates_match_reference(depth, choices):
+  model = models.tas_cifar_resnet(depth)
+  assert model.stage_candidates() == [choices] * 3
+  assert models.depth_candidates(2) == (1, 2)
+
+
+def test_arch_collection_has_one_logit_vector_per_conv_and_stage():
+  model, variables = _search_net(14)
+  expected = jax.tree.map(jnp.shape, _arch_tree(model, np.zeros, np.zeros))
+  assert jax.tree.map(jnp.shape, variables["arch"]) == expected
+  assert jax.tree.map(jnp.shape, model.init_arch(jax.random.key(1))) == expected
+  assert variables["arch"]["width_logits"]["stage1_block1"]["conv_b"].shape == (
+      8,)
+  # N(0, 0.01) init (§1).
+  leaves = np.concatenate(jax.tree.leaves(model.init_arch(jax.random.key(2))))
+  assert 0.003 < leaves.std() < 0.03
+  # No architecture parameter leaks into the weights' collection.
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_leaves_with_path(variables["params"])]
+  assert not [p for p in paths if "logits" in p]
+
+
+# --- §5 costs ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [20, 56, 164])
+def test_argmax_cost_of_full_architecture_equals_plain_flops(depth):
+  model = models.tas_cifar_resnet(depth)
+  arch = _arch_tree(model, _one_hot_last, _one_hot_last)
+  plain = models.cifar_resnet(depth)
+  expected = flops.count(plain, _abstract_init(plain, (32, 32, 3)),
+                         (32, 32, 3))["flops"]
+  assert model.derive(arch) == {"widths": models.default_widths(depth),
+                                "blocks": models.default_blocks(depth)}
+  assert flops.tas_argmax_cost(model, arch, (32, 32, 3)) == expected
+  np.testing.assert_allclose(
+      flops.tas_argmax_cost_traced(model, arch, (32, 32, 3)), expected,
+      rtol=1e-6)
+  # Softmax of one-hot-ish logits: E_cost is the plain count less the
+  # classifier's bias adds (the official E_cost has none).
+  np.testing.assert_allclose(
+      flops.tas_expected_cost(model, arch, (32, 32, 3)), expected - 10,
+      rtol=1e-5)
+
+
+@pytest.mark.parametrize("depth,seed", [(20, 0), (20, 1), (164, 2)])
+def test_argmax_cost_of_random_architecture_equals_derived_count(depth, seed):
+  rng = np.random.default_rng(seed)
+  model = models.tas_cifar_resnet(depth)
+  arch = _arch_tree(model, rng.normal, rng.normal)
+  shape = model.derive(arch)
+  derived = models.cifar_resnet(depth, widths=shape["widths"],
+                                blocks=shape["blocks"])
+  expected = flops.count(derived, _abstract_init(derived, (32, 32, 3)),
+                         (32, 32, 3))["flops"]
+  assert flops.tas_argmax_cost(model, arch, (32, 32, 3)) == expected
+  traced = jax.jit(lambda a: flops.tas_argmax_cost_traced(
+      model, a, (32, 32, 3)))(arch)
+  np.testing.assert_allclose(traced, expected, rtol=1e-6)
+
+
+def _slow_expected_cost_resnet20(arch, model):
+  """E_cost of ResNet-20 at 32x32 written out by hand (§5), float64."""
+  def softmax(v):
+    v = np.asarray(v, np.float64)
+    e = np.exp(v - v.max())
+    return e / e.sum()
+  e = [softmax(a) @ np.asarray(c, np.float64) for a, c in
+       zip(model.width_logits(arch), model.conv_candidates())]
+  positions = [32 * 32, 16 * 16, 8 * 8]
+  cost, prev, i = 9 * 3 * e[0] * positions[0], e[0], 1
+  for s in range(3):
+    probs = softmax(arch["depth_logits"][f"stage{s}"])
+    choices = (1, 2, 3)
+    for b in range(3):
+      reach = sum(p for p, c in zip(probs, choices) if c >= b + 1)
+      block = 9 * prev * e[i] * positions[s] + 9 * e[i] * e[i + 1] * positions[s]
+      if s > 0 and b == 0:  # the stride-2 shortcut's 1x1 conv
+        block += prev * e[i + 1] * positions[s]
+      cost += reach * block
+      prev, i = e[i + 1], i + 2
+  return cost + prev * 10
+
+
+def test_expected_cost_matches_slow_reference():
+  rng = np.random.default_rng(3)
+  model = models.tas_cifar_resnet(20)
+  arch = _arch_tree(model, lambda n: rng.normal(size=n) * 2,
+                    lambda n: rng.normal(size=n) * 2)
+  np.testing.assert_allclose(
+      jax.jit(lambda a: flops.tas_expected_cost(model, a, (32, 32, 3)))(arch),
+      _slow_expected_cost_resnet20(arch, model), rtol=1e-5)
+
+
+def test_expected_cost_gradient_has_the_right_sign():
+  rng = np.random.default_rng(4)
+  model = models.tas_cifar_resnet(20)
+  arch = _arch_tree(model, lambda n: rng.normal(size=n) * 0.01,
+                    lambda n: rng.normal(size=n) * 0.01)
+  grads = jax.grad(lambda a: flops.tas_expected_cost(model, a, (32, 32, 3)))(
+      arch)
+  for g in model.width_logits(grads):
+    # Favouring the widest candidate raises the cost, the narrowest lowers it.
+    assert g[-1] > 0 and g[0] < 0
+  for g in model.depth_logits(grads):
+    assert g[-1] > 0 and g[0] < 0
+
+
+@pytest.mark.parametrize("mode,f_cost,sign", [
+    # R = 100 * 0.5 = 50, tol = 0.1.
+    ("code", 30.0, -1), ("code", 39.9, -1), ("code", 40.0, 0),
+    ("code", 45.0, 0), ("code", 50.0, 0), ("code", 50.1, 1), ("code", 80, 1),
+    ("paper", 30.0, -1), ("paper", 44.9, -1), ("paper", 45.0, 0),
+    ("paper", 50.0, 0), ("paper", 55.0, 0), ("paper", 55.1, 1),
+    ("paper", 80.0, 1),
+])
+def test_cost_loss_sign_logic(mode, f_cost, sign):
+  e_cost = np.exp(1.7)
+  loss_fn = jax.jit(jax.value_and_grad(functools.partial(
+      tas_cost_loss, flops_max=100.0, ratio=0.5, tol=0.1, mode=mode)))
+  loss, grad = loss_fn(e_cost, f_cost)  # f_cost traced: one compile per mode
+  np.testing.assert_allclose(loss, sign * 1.7, rtol=1e-6)
+  np.testing.assert_allclose(grad, sign / e_cost, rtol=1e-6)
+
+
+def test_cost_loss_rejects_unknown_mode():
+  with pytest.raises(ValueError, match="mode"):
+    tas_cost_loss(1.0, 1.0, 1.0, 0.5, 0.05, mode="both")
+
+
+# --- §4 searchable conv unit -------------------------------------------------
+
+
+def _bn_reference(y, scale, bias, mean, var):
+  return (y - mean) / np.sqrt(var + 1e-5) * scale + bias
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_search_conv_matches_slow_reference(train):
+  """Full-width fused form == the §4 formula on sliced tensors, zeros beyond."""
+  rng = np.random.default_rng(5 + train)
+  c_in, c_valid, c_full = 8, 5, 16
+  candidates = models.width_candidates(c_full)
+  alpha = rng.normal(size=8).astype(np.float32)
+  key, tau = jax.random.key(7), 0.7
+  idx, w = kernels.gumbel_select(key, alpha, tau, k=2)
+  widths = [candidates[int(i)] for i in idx]
+  picks = Selection(idx, w, jnp.asarray(widths, jnp.int32))
+  idx = [int(i) for i in idx]
+
+  conv = SearchConv(c_full, 3, precision=HIGHEST)
+  x = rng.normal(size=(3, 6, 6, c_in)).astype(np.float32)
+  x[..., c_valid:] = 0  # the previous layer's zero padding
+  variables = flax.core.unfreeze(conv.init(jax.random.key(0), x, picks,
+                                           train=False))
+  kernel = rng.normal(size=(3, 3, c_in, c_full)).astype(np.float32)
+  bn = {"scale": rng.uniform(0.5, 2, (8, c_full)),
+        "bias": rng.normal(size=(8, c_full))}
+  stats = {"mean": rng.normal(size=(8, c_full)),
+           "var": rng.uniform(0.5, 2, (8, c_full))}
+  variables["params"] = {"conv": {"kernel": kernel}, "bn": bn}
+  variables["batch_stats"] = {"bn": stats}
+  variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), variables)
+
+  out, updates = jax.jit(lambda v, x, picks: conv.apply(
+      v, x, picks, train=train, mutable=["batch_stats"]))(variables, x, picks)
+
+  y = np.asarray(jax.lax.conv_general_dilated(
+      x[..., :c_valid], kernel[:, :, :c_valid], (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST),
+                 np.float64)
+  c_max = max(widths)
+  expected = 0
+  for pick, (j, c) in enumerate(zip(idx, widths)):
+    y_j = y[..., :c]
+    if train:
+      mean, var = y_j.mean(axis=(0, 1, 2)), y_j.var(axis=(0, 1, 2))
+    else:
+      mean, var = stats["mean"][j, :c], stats["var"][j, :c]
+    bn_j = _bn_reference(y_j, bn["scale"][j, :c], bn["bias"][j, :c], mean, var)
+    # §4: out = sum_j w_j * CWI(BN_j(y[:C_j]) -> max(C_a, C_b)).
+    expected = expected + float(w[pick]) * np.asarray(
+        kernels.cwi(jnp.asarray(bn_j, jnp.float32), c_max, precision=HIGHEST),
+        np.float64)
+  expected = np.maximum(expected, 0)
+  np.testing.assert_allclose(out[..., :c_max], expected, rtol=1e-4, atol=1e-4)
+  # Everything beyond the valid width is exactly zero.
+  assert not np.any(np.asarray(out[..., c_max:]))
+
+  new = updates["batch_stats"]["bn"]
+  for name in ("mean", "var"):
+    old, moved = stats[name], np.asarray(new[name], np.float64)
+    for j in range(8):
+      if j not in idx or not train:
+        np.testing.assert_array_equal(moved[j], np.float32(old[j]))
+    if train:
+      count = y.size // c_full
+      for j, c in zip(idx, widths):
+        batch = (y[..., :c].mean(axis=(0, 1, 2)) if name == "mean" else
+                 y[..., :c].var(axis=(0, 1, 2)) * count / (count - 1))
+        np.testing.assert_allclose(moved[j, :c], 0.9 * old[j, :c] + 0.1 * batch,
+                                   rtol=1e-4, atol=1e-5)
+        # Columns beyond the candidate's width are never touched.
+        np.testing.assert_array_equal(moved[j, c:], np.float32(old[j, c:]))
+
+
+def test_candidate_batch_norm_is_zero_beyond_each_width():
+  rng = np.random.default_rng(8)
+  y = jnp.asarray(rng.normal(size=(4, 3, 3, 16)), jnp.float32)
+  picks = Selection(jnp.array([5, 2]), jnp.array([0.3, 0.7]),
+                    jnp.array([12, 8], jnp.int32))
+  bn = CandidateBatchNorm(models.width_candidates(16))
+  variables = bn.init(jax.random.key(0), y, picks, train=True)
+  (center, gain, shift), _ = bn.apply(variables, y, picks, train=True,
+                                      mutable=["batch_stats"])
+  out = (y - center)[None] * gain[:, None, None, None] + shift[:, None, None,
+                                                                  None]
+  assert not np.any(np.asarray(out[0, ..., 12:]))
+  assert not np.any(np.asarray(out[1, ..., 8:]))
+  # With scale 1, bias 0: each valid channel has batch mean 0 and var ~1.
+  np.testing.assert_allclose(out[0, ..., :12].mean(axis=(0, 1, 2)), 0,
+                             atol=1e-5)
+  np.testing.assert_allclose(out[1, ..., :8].var(axis=(0, 1, 2)), 1, rtol=1e-3)
+
+
+# --- §4 whole search network ---------------------------------------------------
+
+
+def test_search_forward_compiles_once_for_every_sample():
+  model, variables = _search_net(14)
+  traces = []
+
+  @jax.jit
+  def forward(variables, x, tau, key):
+    traces.append(1)
+    return model.apply(variables, x, train=True, tau=tau, key=key,
+                       mutable=["batch_stats"])
+
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  outs = []
+  for seed, tau in [(0, 5.0), (1, 1.0), (2, 0.1), (3, 3.3)]:
+    logits, updates = forward(variables, x, jnp.float32(tau),
+                              jax.random.key(seed))
+    assert logits.shape == (2, 10)
+    assert np.all(np.isfinite(logits))
+    outs.append(np.asarray(logits))
+  assert len(traces) == 1
+  assert not np.allclose(outs[0], outs[1])  # different samples, one program
+  assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
+      variables["batch_stats"])
+
+
+def test_gradients_reach_width_and_depth_logits():
+  model, variables = _search_net(14)
+  x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+  labels = jnp.array([1, 7])
+
+  def loss(arch):
+    logits, _ = model.apply({**variables, "arch": arch}, x, train=True,
+                            tau=1.0, key=jax.random.key(3),
+                            mutable=["batch_stats"])
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
+
+  grads = jax.jit(jax.grad(loss))(variables["arch"])
+  for g in model.width_logits(grads) + model.depth_logits(grads):
+    assert np.all(np.isfinite(g))
+    assert np.any(np.asarray(g) != 0)
+
+
+def _plain_variables_from_search(model, search, plain_params_shape):
+  """Plain-net variables that equal the search net's widest candidates."""
+  params, stats = search["params"], search["batch_stats"]
+  top = -1  # the full-width candidate's BN row
+
+  def conv_bn(src_p, src_s):
+    return ({"kernel": src_p["conv"]["kernel"]},
+            {"scale": src_p["bn"]["scale"][top], "bias": src_p["bn"]["bias"][top]},
+            {"mean": src_s["bn"]["mean"][top], "var": src_s["bn"]["var"][top]})
+
+  out_p, out_s = {}, {}
+  k, bp, bs = conv_bn(params["stem"], stats["stem"])
+  out_p["stem_conv"], out_p["stem_bn"], out_s["stem_bn"] = k, bp, bs
+  for name in plain_params_shape:
+    if not name.startswith("stage"):
+      continue
+    block_p, block_s = {}, {}
+    for child in plain_params_shape[name]:
+      kind, letter = child.split("_")
+      if child == "shortcut_conv":
+        block_p[child] = {"kernel": params[name]["shortcut"]["conv"]["kernel"]}
+      elif kind == "conv":
+        block_p[child], bp, bs = conv_bn(params[name][child], stats[name][child])
+        block_p[f"bn_{letter}"], block_s[f"bn_{letter}"] = bp, bs
+    out_p[name], out_s[name] = block_p, block_s
+  out_p["classifier"] = params["classifier"]
+  return {"params": out_p, "batch_stats": out_s}
+
+
+@pytest.mark.parametrize("depth,block", [(14, "basic"), (11, "bottleneck")])
+def test_forced_full_width_choice_matches_plain_network(depth, block):
+  """Eval mode with the widest width and deepest depth forced == plain net."""
+  rng = np.random.default_rng(9)
+  model, variables = _search_net(depth, block)
+  variables = jax.tree.map(np.asarray, variables)
+  # Random weights, BN parameters and running statistics everywhere ...
+  variables["params"] = jax.tree.map(
+      lambda v: rng.normal(size=v.shape).astype(np.float32) * 0.5 + (
+          1.0 if v.ndim == 2 and v.shape[0] == 8 else 0.0),
+      variables["params"])
+  variables["batch_stats"] = jax.tree.map(
+      lambda v: (rng.uniform(0.5, 2, v.shape) if v.ndim == 2 else v).astype(
+          np.float32), variables["batch_stats"])
+  # ... except the search-only BN after each shortcut conv: identity.
+  for name, block_vars in variables["params"].items():
+    if "shortcut" in block_vars:
+      block_vars["shortcut"]["bn"]["scale"][:] = 1
+      block_vars["shortcut"]["bn"]["bias"][:] = 0
+      stats = variables["batch_stats"][name]["shortcut"]["bn"]
+      stats["mean"][:] = 0
+      stats["var"][:] = 1 - 1e-5
+  variables["arch"] = _arch_tree(model, _one_hot_last, _one_hot_last)
+
+  x = jax.random.normal(jax.random.key(4), (2, 8, 8, 3))
+  with jax.default_matmul_precision("highest"):
+    logits = jax.jit(lambda v, x: model.apply(
+        v, x, train=False, tau=0.1, key=jax.random.key(5)))(variables, x)
+
+  plain = models.cifar_resnet(depth, block=block)
+  shapes = _abstract_init(plain, (8, 8, 3))
+  plain_vars = _plain_variables_from_search(model, variables, shapes["params"])
+  assert jax.tree.structure(plain_vars) == jax.tree.structure(
+      flax.core.unfreeze(shapes))
+  with jax.default_matmul_precision("highest"):
+    expected = jax.jit(lambda v, x: plain.apply(v, x, train=False))(
+        plain_vars, x)
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_derive_builds_the_argmax_network():
+  rng = np.random.default_rng(10)
+  model = models.tas_cifar_resnet(20)
+  arch = _arch_tree(model, rng.normal, rng.normal)
+  shape = model.derive(arch)
+  assert len(shape["widths"]) == len(models.default_widths(20))
+  for width, candidates, logits in zip(shape["widths"],
+                                       model.conv_candidates(),
+                                       model.width_logits(arch)):
+    assert width == candidates[int(np.argmax(logits))]
+  assert shape["blocks"] == [(1, 2, 3)[int(np.argmax(b))]
+                             for b in model.depth_logits(arch)]
+  net = model.derived_network(arch)
+  assert list(net.widths) == shape["widths"]
+  assert list(net.blocks) == shape["blocks"]
