@@ -15,6 +15,7 @@ import platform
 import shlex
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -82,9 +83,16 @@ def main(argv):
   parser.add_argument("--steps", type=int, default=10, help="timed repeats (median)")
   parser.add_argument("--stock_xla_flags", action="store_true",
                       help="do not add jaxprune's XLA:CPU flags (for comparison)")
+  parser.add_argument("--stock_layers", action="store_true",
+                      help="build the ResNets from flax's nn.Conv/nn.BatchNorm instead of "
+                      "jaxprune.models.layers (for comparison)")
   args = parser.parse_args(argv)
   if not args.stock_xla_flags:
     runtime.configure_xla_flags()
+  if args.stock_layers:
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    from jaxprune.models import resnet  # pylint: disable=g-import-not-at-top
+    resnet.layers = types.SimpleNamespace(Conv=nn.Conv, BatchNorm=nn.BatchNorm)
   print("command: python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *argv]))
   print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__}, backend {jax.default_backend()} "
@@ -92,6 +100,7 @@ def main(argv):
   ds = data.synthetic(num_train=4096, num_test=16, seed=0)["train"]
   pipe = bench_pipeline(ds, args.batch, max(args.steps, 20))
   print()
+  print(f"layers: {'flax stock' if args.stock_layers else 'jaxprune.models.layers'}")
   print(f"| model | batch | train step ms | train img/s | forward ms | input pipeline img/s "
         f"| compile s |")
   print("|---|---|---|---|---|---|---|")

@@ -10,6 +10,7 @@ import pytest
 
 from jaxprune import config_lib, data, models
 from jaxprune.engine import loop, mesh as mesh_lib, steps
+from jaxprune.engine.checkpoint import load_variables
 from jaxprune.engine.metrics import read_jsonl
 from jaxprune.engine.state import init_train_state
 
@@ -97,6 +98,11 @@ def test_interrupted_run_resumes_to_the_same_params(tmp_path):
   steps_cut = [r["step"] for r in read_jsonl(tmp_path / "cut/stage/metrics.jsonl")]
   steps_full = [r["step"] for r in read_jsonl(tmp_path / "full/stage/metrics.jsonl")]
   assert steps_cut == steps_full
+  # The final variables are what a later stage loads (e.g. as the KD teacher).
+  abstract = jax.eval_shape(lambda: resumed.state.variables)
+  loaded = load_variables(str(tmp_path / "cut/stage/final"), abstract)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded),
+               jax.device_get(full.state.variables))
   # A rerun of a finished stage does no work and returns the same summary.
   again = _stage(tmp_path / "cut", datasets, cfg)
   assert again.summary == resumed.summary

@@ -1,4 +1,4 @@
-"""Tests for the TAS searchable ResNet, its costs and the cost loss (tas.md §1-5)."""
+"""Tests for the TAS searchable ResNet, its costs and cost loss (tas.md §1-5)."""
 
 import functools
 
@@ -144,7 +144,7 @@ def _slow_expected_cost_resnet20(arch, model):
     choices = (1, 2, 3)
     for b in range(3):
       reach = sum(p for p, c in zip(probs, choices) if c >= b + 1)
-      block = 9 * prev * e[i] * positions[s] + 9 * e[i] * e[i + 1] * positions[s]
+      block = 9 * (prev * e[i] + e[i] * e[i + 1]) * positions[s]
       if s > 0 and b == 0:  # the stride-2 shortcut's 1x1 conv
         block += prev * e[i + 1] * positions[s]
       cost += reach * block
@@ -293,7 +293,7 @@ def test_candidate_batch_norm_is_zero_beyond_each_width():
   np.testing.assert_allclose(out[1, ..., :8].var(axis=(0, 1, 2)), 1, rtol=1e-3)
 
 
-# --- §4 whole search network ---------------------------------------------------
+# --- §4 whole search network -------------------------------------------------
 
 
 def test_search_forward_compiles_once_for_every_sample():
@@ -344,7 +344,8 @@ def _plain_variables_from_search(model, search, plain_params_shape):
 
   def conv_bn(src_p, src_s):
     return ({"kernel": src_p["conv"]["kernel"]},
-            {"scale": src_p["bn"]["scale"][top], "bias": src_p["bn"]["bias"][top]},
+            {"scale": src_p["bn"]["scale"][top],
+             "bias": src_p["bn"]["bias"][top]},
             {"mean": src_s["bn"]["mean"][top], "var": src_s["bn"]["var"][top]})
 
   out_p, out_s = {}, {}
@@ -359,7 +360,8 @@ def _plain_variables_from_search(model, search, plain_params_shape):
       if child == "shortcut_conv":
         block_p[child] = {"kernel": params[name]["shortcut"]["conv"]["kernel"]}
       elif kind == "conv":
-        block_p[child], bp, bs = conv_bn(params[name][child], stats[name][child])
+        block_p[child], bp, bs = conv_bn(params[name][child],
+                                         stats[name][child])
         block_p[f"bn_{letter}"], block_s[f"bn_{letter}"] = bp, bs
     out_p[name], out_s[name] = block_p, block_s
   out_p["classifier"] = params["classifier"]

@@ -9,7 +9,9 @@ TAS (reference/tas.md):
   ``gumbel_softmax``, ``gumbel_select`` — Gumbel sampling of depths and widths.
   ``cwi``, ``cwi_masked``, ``cwi_matrix``, ``cwi_matrix_traced`` — channel-wise
   interpolation, with static or traced (sampled) widths.
+  ``tas_cost_loss`` — the FLOPs cost loss (code and paper variants).
 """
+from jaxprune.kernels.cost import tas_cost_loss
 from jaxprune.kernels.cwi import cwi
 from jaxprune.kernels.cwi import cwi_masked
 from jaxprune.kernels.cwi import cwi_matrix
@@ -25,4 +27,5 @@ __all__ = [
     "cwi_masked",
     "cwi_matrix",
     "cwi_matrix_traced",
+    "tas_cost_loss",
 ]

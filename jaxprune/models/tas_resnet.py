@@ -19,8 +19,8 @@ architecture optimizers each own one collection (§6)::
                 depth_logits/stage{s}
 
 :meth:`TASResNet.derive` turns the architecture parameters into the ``widths``
-and ``blocks`` of :func:`jaxprune.models.cifar_resnet`, the plain network that is
-retrained (§7). This module must not count FLOPs (``jaxprune.flops`` computes
+and ``blocks`` of :func:`jaxprune.models.cifar_resnet`, the plain network that
+is retrained (§7). This module must not count FLOPs (``jaxprune.flops`` computes
 the expected and argmax costs, §5) nor hold training state or schedules.
 """
 
@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxprune import kernels
 from jaxprune.errors import UserError
+from jaxprune.models import layers
 from jaxprune.models import resnet
 from jaxprune.models.resnet import conv_init
 from jaxprune.models.resnet import dense_init
@@ -93,7 +94,7 @@ class Selection(NamedTuple):
 
 
 class CandidateBatchNorm(nn.Module):
-  """One batch norm per width candidate, stored as ``[n_candidates, C_full]`` rows.
+  """One batch norm per width candidate, as ``[n_candidates, C_full]`` rows.
 
   Candidate j normalises the first ``C_j`` channels with its own ``scale``,
   ``bias`` (in ``params``) and running ``mean``, ``var`` (in ``batch_stats``),
@@ -197,7 +198,7 @@ class SearchConv(nn.Module):
     pool: 2x2 average pool before the conv (the stride-2 shortcut, §1).
     relu: apply ReLU to the mixed output.
     dtype: compute dtype.
-    precision: matmul/conv precision.
+    precision: precision of the BN/CWI mix matmul.
   """
   features: int
   kernel: int = 3
@@ -213,11 +214,11 @@ class SearchConv(nn.Module):
     if self.pool:
       x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     pad = self.kernel // 2
-    y = nn.Conv(self.features, (self.kernel, self.kernel),
-                strides=(self.stride, self.stride),
-                padding=((pad, pad), (pad, pad)), use_bias=False,
-                kernel_init=conv_init, dtype=self.dtype,
-                precision=self.precision, name="conv")(x)
+    # The shared fast conv of every model (its precision: the backend default).
+    y = layers.Conv(self.features, (self.kernel, self.kernel),
+                    strides=(self.stride, self.stride),
+                    padding=((pad, pad), (pad, pad)), use_bias=False,
+                    kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
     center, gain, shift = CandidateBatchNorm(
         width_candidates(self.features), name="bn")(y, selection, train=train)
     cwi = jax.vmap(kernels.cwi_matrix_traced, (0, None, None))(
@@ -314,12 +315,14 @@ class TASResNet(nn.Module):
   noise; `tau` may be traced. Everything runs at full width: one compiled
   function serves every sample.
 
-  All width picks are drawn by one :func:`jaxprune.kernels.gumbel_select` call
-  on the stacked logits of every conv (independent noise per row; convs with
-  different candidate counts are drawn in separate calls), and all depth
-  vectors by one :func:`jaxprune.kernels.gumbel_softmax` call: a per-conv PRNG
-  call would compile to one Threefry program per conv (measured: 2.4x the
-  compile time of ResNet-14's step on CPU).
+  :meth:`sample` draws the whole step's architecture in one place: every
+  conv's two picks by one :func:`jaxprune.kernels.gumbel_select` call on the
+  stacked logits of all convs (independent noise per row; convs with different
+  candidate counts are drawn in separate calls) and every stage's depth
+  weights by one :func:`jaxprune.kernels.gumbel_softmax` call. The convs then
+  receive their :class:`Selection`; the architecture parameters live at the
+  top of the ``arch`` collection, one ``width_logits`` tree and one
+  ``depth_logits`` tree, keyed by the paths of the convs and stages.
 
   Attributes:
     depth: 6n+2 (basic) or 9n+2 (bottleneck) as for :func:`cifar_resnet`.
@@ -327,7 +330,8 @@ class TASResNet(nn.Module):
     num_classes: classifier outputs.
     num_picks: |I|, width candidates mixed per conv (§2).
     dtype: compute dtype (parameters stay float32; logits are float32).
-    precision: conv/matmul precision.
+    precision: precision of the mix and classifier matmuls (convs use the
+      backend default, as in :class:`jaxprune.models.ResNet`).
   """
   depth: int
   block: str = "basic"
@@ -374,7 +378,7 @@ class TASResNet(nn.Module):
 
   @nn.nowrap
   def width_logits(self, arch: Mapping[str, Any]) -> list[jax.Array]:
-    """Every conv's width logits alpha from the ``arch`` collection, in order."""
+    """Every conv's width logits alpha from the ``arch`` collection."""
     out = []
     for path in self.conv_paths():
       node = arch["width_logits"]
@@ -463,8 +467,8 @@ class TASResNet(nn.Module):
     alphas, candidates = self.width_logits(arch), self.conv_candidates()
     selections = [None] * len(alphas)
     # One draw per candidate count (one in practice): rows are independent.
-    for n in range(len(candidates)):
-      rows = [n]
+    for n in sorted({len(c) for c in candidates}):
+      rows = [i for i, c in enumerate(candidates) if len(c) == n]
       indices, weights = kernels.gumbel_select(
           jax.random.fold_in(width_key, n),
           jnp.stack([alphas[i] for i in rows]), tau, k=self.num_picks)
@@ -474,8 +478,8 @@ class TASResNet(nn.Module):
         selections[i] = Selection(indices[r], weights[r], widths[r])
     betas = self.depth_logits(arch)
     depth_probs = [None] * len(betas)
-    for n in range(len(betas)):
-      rows = [n]
+    for n in sorted({len(b) for b in betas}):
+      rows = [s for s, b in enumerate(betas) if len(b) == n]
       probs = kernels.gumbel_softmax(jax.random.fold_in(depth_key, n),
                                      jnp.stack([betas[s] for s in rows]), tau)
       for r, s in enumerate(rows):
@@ -502,6 +506,7 @@ class TASResNet(nn.Module):
       raise UserError(f"Unknown ResNet block {self.block!r}; use one of "
                       f"{resnet.BLOCK_TYPES}.")
     fresh = {}  # init: one draw serves both logit trees
+
     def init(name):
       if not fresh:
         fresh.update(self.init_arch(self.make_rng("params")))
@@ -557,7 +562,8 @@ def tas_cifar_resnet(depth: int, num_classes: int = 10, *,
     num_picks: |I|, width candidates mixed per conv (§2); must be >= 2 for
       the width logits to receive gradients.
     dtype: compute dtype.
-    precision: conv/matmul precision (e.g. ``jax.lax.Precision.HIGHEST``).
+    precision: precision of the mix and classifier matmuls (e.g.
+      ``jax.lax.Precision.HIGHEST``); convs use the backend default.
 
   Returns:
     A :class:`TASResNet`.
