@@ -24,6 +24,7 @@ setuptools.setup(
         "array_record>=0.5",
         "pillow>=10",
         "tensorboardX>=2.6",
+        "matplotlib>=3.8",
     ],
     extras_require={
         # Building (not reading) the stock TFDS datasets runs TensorFlow inside TFDS.

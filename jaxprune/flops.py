@@ -203,20 +203,20 @@ def _tas_geometry(model, batch_shape):
                                                 batched=True)}
   stem = records["stem_conv"]
   blocks = []
-  positions = _positions(stem)
   letters = "abc"[:model.convs_per_block]
   for s, n in enumerate(model.full_depths):
     for b in range(n):
       name = f"stage{s}_block{b}"
       convs = [records[f"{name}/conv_{letter}"] for letter in letters]
-      out_positions = _positions(convs[-1])
+      # From the block's own input: the ImageNet stem's max pool sits between
+      # the stem conv and the first block.
+      in_positions = math.prod(convs[0]["in_shape"][1:-1])
       blocks.append({
           "stage": s, "position": b + 1,
           "convs": [(_taps(r), _positions(r)) for r in convs],
           "shortcut": f"{name}/shortcut_conv" in records,
-          "strided": out_positions != positions,
+          "strided": _positions(convs[-1]) != in_positions,
       })
-      positions = out_positions
   classifier = records["classifier"]
   return {"in_channels": batch_shape[-1],
           "stem": (_taps(stem), _positions(stem)),

@@ -63,7 +63,7 @@ def test_smoke_config_end_to_end_writes_report(tmp_path):
   proc = _main("--config", "configs/baseline_resnet.py:smoke", "--workdir", str(workdir))
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((workdir / "report.json").read_text())
-  for key in ("test_accuracy", "flops", "params", "wall_time_s", "inference"):
+  for key in ("test_accuracy", "flops", "params", "wall_time_s", "inference_ms"):
     assert key in report
   assert report["flops"] == 40_813_194  # ResNet-20, CIFAR-10 shapes
   assert report["test_accuracy"] > 0.3  # synthetic data is learnable; chance is 0.1

@@ -11,6 +11,7 @@ import pytest
 from jaxprune import flops
 from jaxprune import kernels
 from jaxprune import models
+from jaxprune.errors import UserError
 from jaxprune.kernels.cost import tas_cost_loss
 from jaxprune.models.tas_resnet import CandidateBatchNorm
 from jaxprune.models.tas_resnet import SearchConv
@@ -359,6 +360,9 @@ def _plain_variables_from_search(model, search, plain_params_shape):
       kind, letter = child.split("_")
       if child == "shortcut_conv":
         block_p[child] = {"kernel": params[name]["shortcut"]["conv"]["kernel"]}
+      elif child == "shortcut_bn":  # ImageNet: the derived net has this BN
+        _, block_p[child], block_s[child] = conv_bn(params[name]["shortcut"],
+                                                    stats[name]["shortcut"])
       elif kind == "conv":
         block_p[child], bp, bs = conv_bn(params[name][child],
                                          stats[name][child])
@@ -423,3 +427,161 @@ def test_derive_builds_the_argmax_network():
   net = model.derived_network(arch)
   assert list(net.widths) == shape["widths"]
   assert list(net.blocks) == shape["blocks"]
+
+
+# --- ImageNet layout (§1: ImageNet depth candidates; §4, §5) ------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _imagenet_search_net(depth):
+  """Model and variables for 32x32 inputs (stem /2, max pool /2: 8x8 stage 0)."""
+  model = models.tas_imagenet_resnet(depth, 10)
+  x = jnp.zeros((2, 32, 32, 3))
+  variables = jax.jit(lambda k: model.init(
+      k, x, train=False, tau=1.0, key=jax.random.key(0)))(jax.random.key(0))
+  return model, flax.core.unfreeze(variables)
+
+
+def _scaled_random_variables(shapes, rng):
+  """Random weights and statistics that keep activations O(1) at any depth."""
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path[-1:])
+    shape = leaf.shape
+    if "kernel" in name:
+      v = rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
+    elif "scale" in name:
+      v = rng.uniform(0.5, 1.5, shape)
+    elif "var" in name:
+      v = rng.uniform(0.5, 2.0, shape)
+    else:  # bias, mean
+      v = rng.normal(size=shape) * 0.1
+    return np.asarray(v, np.float32)
+  return jax.tree_util.tree_map_with_path(fill, flax.core.unfreeze(shapes))
+
+
+@pytest.mark.parametrize("depth,choices", [
+    (18, [(1, 2)] * 4),
+    (50, [(1, 2, 3), (1, 2, 4), (2, 4, 6), (1, 2, 3)]),
+])
+def test_imagenet_depth_candidates_match_reference(depth, choices):
+  model = models.tas_imagenet_resnet(depth)
+  assert model.stage_candidates() == choices
+  assert model.layout == "imagenet" and model.num_classes == 1000
+  assert model.full_widths() == models.default_widths(depth, "imagenet")
+  assert model.conv_candidates()[0] == models.width_candidates(64)
+  assert models.imagenet_depth_candidates([3, 8, 36, 3])[1] == (2, 5, 8)
+
+
+def test_imagenet_factory_rejects_unknown_depth():
+  with pytest.raises(UserError, match="18"):
+    models.tas_imagenet_resnet(20)
+  with pytest.raises(UserError, match="bottleneck"):
+    models.TASResNet(depth=50, layout="imagenet").init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False, tau=1.0,
+        key=jax.random.key(1))
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_imagenet_argmax_cost_of_full_architecture_equals_plain_flops(depth):
+  model = models.tas_imagenet_resnet(depth, 10)
+  arch = _arch_tree(model, _one_hot_last, _one_hot_last)
+  plain = models.imagenet_resnet(depth, 10)
+  expected = flops.count(plain, _abstract_init(plain, (64, 64, 3)),
+                         (64, 64, 3))["flops"]
+  assert model.derive(arch) == {
+      "widths": models.default_widths(depth, "imagenet"),
+      "blocks": models.default_blocks(depth, "imagenet")}
+  assert flops.tas_argmax_cost(model, arch, (64, 64, 3)) == expected
+  np.testing.assert_allclose(
+      flops.tas_argmax_cost_traced(model, arch, (64, 64, 3)), expected,
+      rtol=1e-6)
+  np.testing.assert_allclose(
+      flops.tas_expected_cost(model, arch, (64, 64, 3)), expected - 10,
+      rtol=1e-5)
+
+
+@pytest.mark.parametrize("depth,seed", [(18, 0), (18, 1), (50, 2), (50, 3)])
+def test_imagenet_argmax_cost_of_random_architecture_equals_derived_count(
+    depth, seed):
+  rng = np.random.default_rng(seed)
+  model = models.tas_imagenet_resnet(depth, 10)
+  # Depth logits biased to the shallowest candidate: depth-pruned stages.
+  arch = _arch_tree(model, rng.normal,
+                    lambda n: rng.normal(size=n) - 2 * np.arange(n))
+  derived = model.derived_network(arch)
+  shape = model.derive(arch)
+  assert derived.layout == "imagenet"
+  assert list(derived.widths) == shape["widths"]
+  assert list(derived.blocks) == shape["blocks"]
+  assert shape["blocks"] != models.default_blocks(depth, "imagenet")
+  expected = flops.count(derived, _abstract_init(derived, (64, 64, 3)),
+                         (64, 64, 3))["flops"]
+  assert flops.tas_argmax_cost(model, arch, (64, 64, 3)) == expected
+  traced = jax.jit(lambda a: flops.tas_argmax_cost_traced(
+      model, a, (64, 64, 3)))(arch)
+  np.testing.assert_allclose(traced, expected, rtol=1e-6)
+
+
+def test_imagenet_search_forward_compiles_once_and_reaches_all_logits():
+  model, variables = _imagenet_search_net(18)
+  traces = []
+  labels = jnp.array([1, 7])
+
+  @jax.jit
+  def step(variables, x, tau, key):
+    traces.append(1)
+
+    def loss(arch):
+      logits, updates = model.apply(
+          {**variables, "arch": arch}, x, train=True, tau=tau, key=key,
+          mutable=["batch_stats"])
+      ce = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
+      return ce, (logits, updates)
+    return jax.grad(loss, has_aux=True)(variables["arch"])
+
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  outs = []
+  for seed, tau in [(0, 5.0), (1, 1.0), (2, 0.1)]:
+    grads, (logits, updates) = step(variables, x, jnp.float32(tau),
+                                    jax.random.key(seed))
+    assert logits.shape == (2, 10)
+    assert np.all(np.isfinite(logits))
+    outs.append(np.asarray(logits))
+    for g in model.width_logits(grads) + model.depth_logits(grads):
+      assert np.all(np.isfinite(g))
+      assert np.any(np.asarray(g) != 0)
+  assert len(traces) == 1
+  assert not np.allclose(outs[0], outs[1])
+  assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
+      variables["batch_stats"])
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_imagenet_forced_full_width_choice_matches_plain_network(depth):
+  """Eval mode, widest/deepest forced == plain ImageNet ResNet, same weights.
+
+  Unlike CIFAR, the search net's shortcut BN is the derived net's own
+  shortcut BN (torchvision 1x1 conv + BN), so it carries random values too.
+  """
+  rng = np.random.default_rng(11 + depth)
+  model = models.tas_imagenet_resnet(depth, 10)
+  x = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
+  variables = _scaled_random_variables(jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False, tau=1.0,
+                           key=jax.random.key(1)), x), rng)
+  variables["arch"] = _arch_tree(model, _one_hot_last, _one_hot_last)
+
+  with jax.default_matmul_precision("highest"):
+    logits = jax.jit(lambda v, x: model.apply(
+        v, x, train=False, tau=0.1, key=jax.random.key(5)))(variables, x)
+
+  plain = model.plain_network()
+  shapes = _abstract_init(plain, (32, 32, 3))
+  plain_vars = _plain_variables_from_search(model, variables, shapes["params"])
+  assert jax.tree.structure(plain_vars) == jax.tree.structure(
+      flax.core.unfreeze(shapes))
+  with jax.default_matmul_precision("highest"):
+    expected = jax.jit(lambda v, x: plain.apply(v, x, train=False))(
+        plain_vars, x)
+  assert np.std(expected) > 1e-2  # not a degenerate comparison
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)

@@ -94,32 +94,39 @@ def _truncate_metrics(path: str, start_step: int) -> list[dict]:
   return kept
 
 
-def train_classifier(name: str, workdir: str, *, model, tx: optax.GradientTransformation,
-                     lr_schedule: Callable[[int], float], train_ds, eval_ds,
-                     cfg: ml_collections.ConfigDict, seed: int,
-                     objective: steps_lib.Objective = steps_lib.cross_entropy,
-                     aux: Any = None, mesh=None,
-                     on_step: Callable[[int, TrainState], None] | None = None,
-                     ) -> StageResult:
-  """Trains ``model`` on ``train_ds`` as stage ``name`` and evaluates on ``eval_ds``.
+def run_stage(name: str, workdir: str, *, init: Callable[[jax.Array], Any], seed: int,
+              step_fn: Callable[[Any, Any], tuple[Any, dict]],
+              load_batch: Callable[[int], Any], total_steps: int, steps_per_epoch: int,
+              images_per_step: int, cfg: ml_collections.ConfigDict, mesh,
+              evaluate: Callable[[Any], dict] | None = None,
+              lr_schedule: Callable[[int], float] | None = None,
+              on_start: Callable[[int], None] | None = None,
+              on_epoch_end: Callable[[Any, int, int], None] | None = None,
+              on_step: Callable[[int, Any], None] | None = None) -> StageResult:
+  """Runs ``step_fn`` from the latest checkpoint of stage ``name`` to ``total_steps``.
 
-  ``cfg`` is the ``train`` section of a config: ``epochs``, ``batch_size``,
-  ``eval_batch_size``, ``eval_every_epochs``, ``log_every_steps``,
-  ``checkpoint_every_steps``, ``keep_checkpoints`` and optionally ``max_steps``
-  (a cap for smoke runs). Returns the final state and a summary dict that is also
-  written to ``<stage>/summary.json``.
+  The generic loop of every stage: resume, one-batch-ahead prefetch, logging,
+  evaluation, checkpoints, signals, ``<stage>/summary.json``. A stage that already
+  finished returns its summary without recompiling anything.
+
+  Args:
+    name: stage directory under ``workdir``.
+    init: ``init(key) -> state`` (traced; ``jax.eval_shape`` gives the restore target).
+    seed: the run's seed; ``init`` gets ``jax.random.key(seed)``.
+    step_fn: compiled ``(state, global_batch) -> (state, metrics)``; metrics are
+      replicated scalars averaged over the log interval.
+    load_batch: ``step -> this process's slice of the batch`` (a pytree of arrays).
+    total_steps, steps_per_epoch, images_per_step: the schedule and the img/s unit.
+    cfg: the section with ``eval_every_epochs``, ``log_every_steps``,
+      ``checkpoint_every_steps`` and ``keep_checkpoints``.
+    mesh: the device mesh (state replicated, batches split on ``data``).
+    evaluate: ``state -> metrics`` at evaluation epochs and at the end.
+    lr_schedule: logged as ``lr`` when given.
+    on_start: called with the first step this process will run (after a resume).
+    on_epoch_end: ``(state, epoch, step)`` after every epoch.
+    on_step: ``(step, state)`` after every step (tests use it to interrupt).
   """
-  mesh = mesh or mesh_lib.make_mesh()
   stage_dir = os.path.join(workdir, name)
-  batch_size = cfg.batch_size
-  mesh_lib.check_batch_size(batch_size, mesh)
-  mesh_lib.check_batch_size(cfg.eval_batch_size, mesh, "eval batch size")
-  steps_per_epoch = data_lib.steps_per_epoch(train_ds, batch_size)
-  total = cfg.epochs * steps_per_epoch
-  if cfg.get("max_steps"):
-    total = min(total, cfg.max_steps)
-
-  init = init_train_state(model, tx, train_ds.image_shape)
   key = jax.random.key(seed)
   abstract = jax.eval_shape(init, key)
   repl = mesh_lib.replicated(mesh)
@@ -134,21 +141,113 @@ def train_classifier(name: str, workdir: str, *, model, tx: optax.GradientTransf
   else:
     start, state = 0, jax.jit(init, out_shardings=state_sharding)(key)
 
-  if start >= total and os.path.exists(summary_path):
+  if start >= total_steps and os.path.exists(summary_path):
     with open(summary_path, encoding="utf-8") as f:
       summary = json.load(f)
-    if summary.get("steps") == total:  # already finished: nothing to redo
+    if summary.get("steps") == total_steps:  # already finished: nothing to redo
       ckpt.close()
       return StageResult(state, summary)
 
   metrics_path = os.path.join(stage_dir, "metrics.jsonl")
   records = _truncate_metrics(metrics_path, start) if start else []
   elapsed_before = _elapsed_before(records, start)
+  if on_start is not None:
+    on_start(start)
   writer = metrics_lib.MetricWriter(stage_dir)
-  progress = metrics_lib.Progress(name, total, start, batch_size, steps_per_epoch)
+  progress = metrics_lib.Progress(name, total_steps, start, images_per_step,
+                                  steps_per_epoch)
   progress.message(f"{'resuming at' if start else 'starting from'} step {start} of "
-                   f"{total} ({steps_per_epoch} steps/epoch) on {mesh.devices.size} "
-                   f"device(s)")
+                   f"{total_steps} ({steps_per_epoch} steps/epoch) on "
+                   f"{mesh.devices.size} device(s)")
+
+  t0, pending = time.perf_counter(), []
+  eval_metrics = {}
+  with catch_signals() as flag, \
+       concurrent.futures.ThreadPoolExecutor(1) as pool:
+    future = pool.submit(load_batch, start) if start < total_steps else None
+    for step in range(start, total_steps):
+      batch = future.result()
+      if step + 1 < total_steps:
+        future = pool.submit(load_batch, step + 1)  # overlaps with the device step
+      state, m = step_fn(state, mesh_lib.global_batch(batch, mesh))
+      pending.append(m)
+      done = step + 1
+      if on_step is not None:
+        on_step(done, state)
+      epoch_end = done % steps_per_epoch == 0
+      if epoch_end and on_epoch_end is not None:
+        on_epoch_end(state, done // steps_per_epoch, done)
+      log_now = done % cfg.log_every_steps == 0 or done == total_steps
+      eval_now = evaluate is not None and (done == total_steps or (
+          epoch_end and (done // steps_per_epoch) % cfg.eval_every_epochs == 0))
+      if log_now or eval_now:
+        fetched = jax.device_get(pending)
+        pending = []
+        record = {f"train_{k}" if not k.startswith(("val_", "arch_")) else k:
+                  float(np.mean([float(p[k]) for p in fetched])) for k in fetched[0]}
+        if lr_schedule is not None:
+          record["lr"] = float(lr_schedule(done - 1))
+        if eval_now:
+          eval_metrics = evaluate(state)
+          record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+        rate = progress.rate(done)
+        record["images_per_s"] = rate
+        record["elapsed_s"] = elapsed_before + time.perf_counter() - t0
+        writer.write(done, record)
+        progress.line(done, {k: v for k, v in record.items()
+                             if k not in ("images_per_s", "elapsed_s")}, rate)
+      if done % cfg.checkpoint_every_steps == 0 and done < total_steps:
+        ckpt.save(done, state)
+      if flag["signum"] is not None and done < total_steps:
+        ckpt.save(done, state, force=True)
+        ckpt.close()
+        writer.close()
+        raise Interrupted(flag["signum"], done, ckpt.directory)
+
+  ckpt.save(total_steps, state, force=True)
+  if not eval_metrics and evaluate is not None:
+    eval_metrics = evaluate(state)
+  summary = {"steps": total_steps, "epochs": total_steps / steps_per_epoch,
+             **{f"eval_{k}": v for k, v in eval_metrics.items()},
+             "train_time_s": elapsed_before + time.perf_counter() - t0}
+  if jax.process_index() == 0:
+    with open(summary_path, "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+  ckpt.close()
+  writer.close()
+  progress.message("done" + (f": eval accuracy {summary['eval_accuracy']:.4f}"
+                             if "eval_accuracy" in summary else ""))
+  return StageResult(state, summary)
+
+
+def train_classifier(name: str, workdir: str, *, model, tx: optax.GradientTransformation,
+                     lr_schedule: Callable[[int], float], train_ds, eval_ds,
+                     cfg: ml_collections.ConfigDict, seed: int,
+                     objective: steps_lib.Objective = steps_lib.cross_entropy,
+                     aux: Any = None, mesh=None,
+                     on_step: Callable[[int, TrainState], None] | None = None,
+                     ) -> StageResult:
+  """Trains ``model`` on ``train_ds`` as stage ``name`` and evaluates on ``eval_ds``.
+
+  ``cfg`` is the ``train`` section of a config: ``epochs``, ``batch_size``,
+  ``eval_batch_size``, ``eval_every_epochs``, ``log_every_steps``,
+  ``checkpoint_every_steps``, ``keep_checkpoints`` and optionally ``max_steps``
+  (a cap for smoke runs). ``objective(logits, batch, aux)`` is the loss (``aux``:
+  e.g. a KD teacher's variables). The final variables are also written to
+  ``<stage>/final`` for later stages.
+  """
+  mesh = mesh or mesh_lib.make_mesh()
+  batch_size = cfg.batch_size
+  mesh_lib.check_batch_size(batch_size, mesh)
+  mesh_lib.check_batch_size(cfg.eval_batch_size, mesh, "eval batch size")
+  steps_per_epoch = data_lib.steps_per_epoch(train_ds, batch_size)
+  total = cfg.epochs * steps_per_epoch
+  if cfg.get("max_steps"):
+    total = min(total, cfg.max_steps)
+
+  init = init_train_state(model, tx, train_ds.image_shape)
+  repl = mesh_lib.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: repl, jax.eval_shape(init, jax.random.key(seed)))
   train_step = steps_lib.make_train_step(model, tx, seed=seed, mesh=mesh,
                                          state_sharding=state_sharding,
                                          objective=objective)
@@ -160,60 +259,14 @@ def train_classifier(name: str, workdir: str, *, model, tx: optax.GradientTransf
                              process_index=jax.process_index(),
                              process_count=jax.process_count())
 
-  t0, pending = time.perf_counter(), []
-  eval_metrics = {}
-  with catch_signals() as flag, \
-       concurrent.futures.ThreadPoolExecutor(1) as pool:
-    future = pool.submit(load, start) if start < total else None
-    for step in range(start, total):
-      batch = future.result()
-      if step + 1 < total:
-        future = pool.submit(load, step + 1)  # overlaps with the device step
-      state, m = train_step(state, mesh_lib.global_batch(batch, mesh), aux)
-      pending.append(m)
-      done = step + 1
-      if on_step is not None:
-        on_step(done, state)
-      log_now = done % cfg.log_every_steps == 0 or done == total
-      epoch_end = done % steps_per_epoch == 0
-      eval_now = done == total or (
-          epoch_end and (done // steps_per_epoch) % cfg.eval_every_epochs == 0)
-      if log_now or eval_now:
-        means = {k: float(np.mean([float(p[k]) for p in jax.device_get(pending)]))
-                 for k in pending[0]}
-        pending = []
-        record = {f"train_{k}": v for k, v in means.items()}
-        record["lr"] = float(lr_schedule(done - 1))
-        if eval_now:
-          eval_metrics = evaluate(eval_step, state.variables, eval_ds,
-                                  cfg.eval_batch_size, mesh)
-          record.update({f"eval_{k}": v for k, v in eval_metrics.items()})
-        rate = progress.rate(done)
-        record["images_per_s"] = rate
-        record["elapsed_s"] = elapsed_before + time.perf_counter() - t0
-        writer.write(done, record)
-        progress.line(done, {k: v for k, v in record.items()
-                             if k not in ("images_per_s", "elapsed_s")}, rate)
-      if done % cfg.checkpoint_every_steps == 0 and done < total:
-        ckpt.save(done, state)
-      if flag["signum"] is not None and done < total:
-        ckpt.save(done, state, force=True)
-        ckpt.close()
-        writer.close()
-        raise Interrupted(flag["signum"], done, ckpt.directory)
-
-  ckpt.save(total, state, force=True)
-  if not eval_metrics:
-    eval_metrics = evaluate(eval_step, state.variables, eval_ds, cfg.eval_batch_size,
-                            mesh)
-  ckpt_lib.save_variables(os.path.join(stage_dir, "final"), state.variables)
-  summary = {"steps": total, "epochs": total / steps_per_epoch,
-             "eval_accuracy": eval_metrics["accuracy"], "eval_loss": eval_metrics["loss"],
-             "train_time_s": elapsed_before + time.perf_counter() - t0}
-  if jax.process_index() == 0:
-    with open(summary_path, "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
-  ckpt.close()
-  writer.close()
-  progress.message(f"done: eval accuracy {summary['eval_accuracy']:.4f}")
-  return StageResult(state, summary)
+  result = run_stage(
+      name, workdir, init=init, seed=seed,
+      step_fn=lambda state, batch: train_step(state, batch, aux), load_batch=load,
+      total_steps=total, steps_per_epoch=steps_per_epoch, images_per_step=batch_size,
+      cfg=cfg, mesh=mesh, lr_schedule=lr_schedule, on_step=on_step,
+      evaluate=lambda state: evaluate(eval_step, state.variables, eval_ds,
+                                      cfg.eval_batch_size, mesh))
+  final_dir = os.path.join(workdir, name, "final")
+  if not os.path.isdir(final_dir):
+    ckpt_lib.save_variables(final_dir, result.state.variables)
+  return result

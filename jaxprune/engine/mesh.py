@@ -47,11 +47,12 @@ def check_batch_size(global_batch_size: int, mesh, what: str = "batch size"):
                     f"{jax.process_count()} processes.")
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """Assembles each process's slice of a batch into one global sharded array."""
+def global_batch(local_batch: Any, mesh) -> Any:
+  """Assembles each process's slice of a batch (a pytree of arrays) into global arrays."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  return jax.tree.map(
+      lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)),
+      local_batch)
 
 
 def replicate(tree: Any, mesh) -> Any:

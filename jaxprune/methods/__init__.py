@@ -9,6 +9,7 @@ from jaxprune.errors import UserError
 
 RECIPES = {
     "baseline": "jaxprune.methods.baseline",
+    "tas": "jaxprune.methods.tas",
 }
 
 

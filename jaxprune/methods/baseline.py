@@ -17,17 +17,30 @@ def build_model(model_cfg, num_classes: int):
   return models.get_model(model_cfg.name, num_classes=num_classes, **kwargs)
 
 
-def train(name: str, config, workdir: str, datasets, model, **kwargs) -> loop.StageResult:
-  """Trains ``model`` with ``config.train`` as stage ``name`` (used by other recipes too)."""
+def train(name: str, train_cfg, seed: int, workdir: str, datasets, model,
+          **kwargs) -> loop.StageResult:
+  """Trains ``model`` with the SGD recipe of ``train_cfg`` as stage ``name``.
+
+  Used by every recipe that trains a classifier (teachers, retraining, fine-tuning);
+  ``kwargs`` go to :func:`jaxprune.engine.loop.train_classifier` (e.g. a KD objective).
+  """
   train_ds, test_ds = datasets["train"], datasets["test"]
-  steps_per_epoch = data.steps_per_epoch(train_ds, config.train.batch_size)
-  total = config.train.epochs * steps_per_epoch
-  if config.train.max_steps:
-    total = min(total, config.train.max_steps)
-  tx, schedule = optim.sgd(config.train, steps_per_epoch, total)
+  steps_per_epoch = data.steps_per_epoch(train_ds, train_cfg.batch_size)
+  total = train_cfg.epochs * steps_per_epoch
+  if train_cfg.max_steps:
+    total = min(total, train_cfg.max_steps)
+  tx, schedule = optim.sgd(train_cfg, steps_per_epoch, total)
   return loop.train_classifier(name, workdir, model=model, tx=tx, lr_schedule=schedule,
-                               train_ds=train_ds, eval_ds=test_ds, cfg=config.train,
-                               seed=config.seed, **kwargs)
+                               train_ds=train_ds, eval_ds=test_ds, cfg=train_cfg,
+                               seed=seed, **kwargs)
+
+
+def model_row(model, variables, input_shape, accuracy: float, inference_batch: int) -> dict:
+  """One report row: accuracy, FLOPs, params and measured inference time."""
+  counts = flops.count(model, variables, input_shape)
+  timing = report.measure_inference(model, variables, input_shape, inference_batch)
+  return {"accuracy": accuracy, "flops": counts["flops"], "params": counts["params"],
+          "inference_ms": timing["ms_per_batch"], "inference_batch": timing["batch_size"]}
 
 
 def run(config, workdir: str) -> dict:
@@ -36,19 +49,14 @@ def run(config, workdir: str) -> dict:
   datasets = data.load(config.dataset)
   train_ds = datasets["train"]
   model = build_model(config.model, train_ds.num_classes)
-  result = train("baseline", config, workdir, datasets, model)
-  variables = result.state.variables
-  counts = flops.count(model, variables, train_ds.image_shape)
-  timing = report.measure_inference(model, variables, train_ds.image_shape,
-                                    config.report.inference_batch_size)
-  row = {"accuracy": result.summary["eval_accuracy"], "flops": counts["flops"],
-         "params": counts["params"], "inference_ms": timing["ms_per_batch"],
-         "inference_batch": timing["batch_size"]}
+  result = train("baseline", config.train, config.seed, workdir, datasets, model)
+  row = model_row(model, result.state.variables, train_ds.image_shape,
+                  result.summary["eval_accuracy"], config.report.inference_batch_size)
   out = {"method": "baseline", "dataset": config.dataset.name, "model": config.model.name,
-         "test_accuracy": result.summary["eval_accuracy"], "flops": counts["flops"],
-         "params": counts["params"], "train_steps": result.summary["steps"],
+         "test_accuracy": row["accuracy"], "flops": row["flops"], "params": row["params"],
+         "train_steps": result.summary["steps"],
          "train_time_s": result.summary["train_time_s"], "wall_time_s": time.time() - t0,
-         "inference": timing, "teacher_variables": f"{workdir}/baseline/final"}
+         "inference_ms": row["inference_ms"], "teacher_variables": f"{workdir}/baseline/final"}
   report.write_report(workdir, out, title=f"Baseline {config.model.name} on "
                       f"{config.dataset.name}", models={"base": row})
   return out

@@ -24,7 +24,9 @@ from jaxprune.models.resnet import ResidualBlock
 from jaxprune.models.resnet import ResNet
 from jaxprune.models.resnet import stage_depths
 from jaxprune.models.tas_resnet import depth_candidates
+from jaxprune.models.tas_resnet import imagenet_depth_candidates
 from jaxprune.models.tas_resnet import tas_cifar_resnet
+from jaxprune.models.tas_resnet import tas_imagenet_resnet
 from jaxprune.models.tas_resnet import TASResNet
 from jaxprune.models.tas_resnet import width_candidates
 
@@ -71,5 +73,6 @@ __all__ = [
     "cifar_resnet", "imagenet_resnet", "cifar_resnet_from_shape",
     "imagenet_resnet_from_shape", "lenet5", "lenet300_100", "default_widths",
     "default_blocks", "stage_depths", "block_type", "TASResNet",
-    "tas_cifar_resnet", "width_candidates", "depth_candidates",
+    "tas_cifar_resnet", "tas_imagenet_resnet", "width_candidates",
+    "depth_candidates", "imagenet_depth_candidates",
 ]

@@ -1,4 +1,4 @@
-"""The TAS searchable CIFAR ResNet: width and depth search in one jitted step.
+"""The TAS searchable ResNets (CIFAR and ImageNet): one jitted search step.
 
 :class:`TASResNet` is the search-mode supernet of TAS (reference tas.md §1, §4):
 every conv is computed at full width, two width candidates per conv are sampled
@@ -6,7 +6,10 @@ with Gumbel noise and mixed by channel-wise interpolation (CWI), every block is
 computed and each stage's output is a Gumbel-softmax mixture of the feature maps
 after its candidate depths. Widths are traced values inside static full-width
 buffers (zero beyond the valid width), so one compiled step serves every sampled
-combination.
+combination. Its ``layout`` is that of :class:`jaxprune.models.ResNet`:
+"cifar" (:func:`tas_cifar_resnet`) or "imagenet" (:func:`tas_imagenet_resnet`,
+the torchvision layout: 7x7/2 stem + 3x3/2 max pool, strided 1x1 conv + BN
+shortcuts).
 
 Variables: weights in ``params``, batch-norm statistics in ``batch_stats`` and
 the architecture parameters in their own collection ``arch``, so the weight and
@@ -19,8 +22,9 @@ architecture optimizers each own one collection (§6)::
                 depth_logits/stage{s}
 
 :meth:`TASResNet.derive` turns the architecture parameters into the ``widths``
-and ``blocks`` of :func:`jaxprune.models.cifar_resnet`, the plain network that
-is retrained (§7). This module must not count FLOPs (``jaxprune.flops`` computes
+and ``blocks`` of :func:`jaxprune.models.cifar_resnet` (or
+:func:`jaxprune.models.imagenet_resnet`), the plain network that is retrained
+(§7). This module must not count FLOPs (``jaxprune.flops`` computes
 the expected and argmax costs, §5) nor hold training state or schedules.
 """
 
@@ -73,6 +77,26 @@ def depth_candidates(n: int) -> tuple[int, ...]:
   if choices[-1] != n:
     choices.append(n)
   return tuple(choices)
+
+
+def imagenet_depth_candidates(
+    full_depths: Sequence[int]) -> list[tuple[int, ...]]:
+  """Depth candidates of every stage of an ImageNet ResNet (tas.md §1).
+
+  Stage s with ``n`` blocks keeps ``int(n * j / min_depth)`` blocks for
+  j = 1..min_depth, where ``min_depth`` is the smallest stage depth:
+  ResNet-18 [2, 2, 2, 2] -> (1, 2) per stage; ResNet-50 [3, 4, 6, 3] ->
+  (1, 2, 3), (1, 2, 4), (2, 4, 6), (1, 2, 3).
+  """
+  full_depths = list(full_depths)
+  if not full_depths or any(
+      not isinstance(n, (int, np.integer)) or n < 1 for n in full_depths):
+    raise UserError(f"imagenet_depth_candidates: every stage needs >= 1 block, "
+                    f"got {full_depths!r}.")
+  min_depth = min(full_depths)
+  # n >= min_depth, so the steps n / min_depth >= 1 keep the choices distinct.
+  return [tuple(int(n * j / min_depth) for j in range(1, min_depth + 1))
+          for n in full_depths]
 
 
 class Selection(NamedTuple):
@@ -237,9 +261,11 @@ class SearchBlock(nn.Module):
 
   Each conv is a :class:`SearchConv`. A block has a shortcut conv exactly where
   the standard network has one (full-width input != output, or stride 2), as
-  in the official search code; its 1x1 conv (after a 2x2 average pool when the
-  block has stride 2) reuses the picks and mixing weights of the block's last
-  conv, and in search mode is always followed by a per-candidate BN. The
+  in the official search code; its 1x1 conv reuses the picks and mixing weights
+  of the block's last conv, and in search mode is always followed by a
+  per-candidate BN. A stride-2 shortcut is the derived network's kind: a 2x2
+  average pool then the 1x1 conv in the CIFAR layout (§1), the strided 1x1 conv
+  (+ BN, torchvision) in the ImageNet layout. The
   residual add of the official code adds the narrower tensor into the leading
   channels of the wider one; with zero-padded full-width buffers that is a
   plain add, and the output's valid width is the larger of the two.
@@ -250,6 +276,7 @@ class SearchBlock(nn.Module):
     stride: stride of the block's 3x3 conv.
     shortcut: whether the block has a shortcut conv.
     dtype, precision: see :class:`SearchConv`.
+    layout: "cifar" or "imagenet": the kind of stride-2 shortcut.
   """
   widths: Sequence[int]
   block: str = "basic"
@@ -257,6 +284,7 @@ class SearchBlock(nn.Module):
   shortcut: bool = False
   dtype: Any = jnp.float32
   precision: Any = None
+  layout: str = "cifar"
 
   @nn.compact
   def __call__(self, x, in_width, selections: Sequence[Selection], *,
@@ -272,11 +300,14 @@ class SearchBlock(nn.Module):
                      name=f"conv_{'abc'[i]}")(y, selections[i], train=train)
     picks = selections[last]
     if self.shortcut:
-      # §4: the shortcut mixes the same widths as the block's last conv.
+      # §4: the shortcut mixes the same widths as the block's last conv. No
+      # public ImageNet search exists (§6): ImageNet uses the derived net's
+      # strided 1x1 conv, its BN made per-candidate like every search BN.
+      pool = self.layout == "cifar" and self.stride != 1
       residual = SearchConv(
-          self.widths[-1], 1, 1, pool=self.stride != 1, relu=False,
-          dtype=self.dtype, precision=self.precision, name="shortcut")(
-              x, picks, train=train)
+          self.widths[-1], 1, 1 if pool else self.stride, pool=pool,
+          relu=False, dtype=self.dtype, precision=self.precision,
+          name="shortcut")(x, picks, train=train)
       out_width = picks.out_width
     else:
       residual = x
@@ -308,7 +339,7 @@ def depth_mix(features: Sequence[jax.Array], widths: Sequence[jax.Array],
 
 
 class TASResNet(nn.Module):
-  """The TAS searchable CIFAR ResNet (tas.md §1, §4).
+  """The TAS searchable ResNet, CIFAR or ImageNet layout (tas.md §1, §4).
 
   Call as ``model.apply(variables, x, train=..., tau=..., key=...)`` with
   ``mutable=["batch_stats"]`` in train mode. `key` draws this step's Gumbel
@@ -324,14 +355,21 @@ class TASResNet(nn.Module):
   top of the ``arch`` collection, one ``width_logits`` tree and one
   ``depth_logits`` tree, keyed by the paths of the convs and stages.
 
+  The "imagenet" layout is the plain ImageNet ResNet's: the 7x7/2 stem conv
+  is a searchable conv like any other (its width is searched), followed by
+  the 3x3/2 max pool (zero channels beyond the valid width stay zero after
+  ReLU and max); depth candidates follow :func:`imagenet_depth_candidates`.
+
   Attributes:
-    depth: 6n+2 (basic) or 9n+2 (bottleneck) as for :func:`cifar_resnet`.
+    depth: 6n+2 (basic) or 9n+2 (bottleneck) as for :func:`cifar_resnet`;
+      18, 34, 50, 101 or 152 as for :func:`imagenet_resnet`.
     block: "basic" or "bottleneck".
     num_classes: classifier outputs.
     num_picks: |I|, width candidates mixed per conv (§2).
     dtype: compute dtype (parameters stay float32; logits are float32).
     precision: precision of the mix and classifier matmuls (convs use the
       backend default, as in :class:`jaxprune.models.ResNet`).
+    layout: "cifar" or "imagenet", as for :class:`jaxprune.models.ResNet`.
   """
   depth: int
   block: str = "basic"
@@ -339,13 +377,14 @@ class TASResNet(nn.Module):
   num_picks: int = 2
   dtype: Any = jnp.float32
   precision: Any = None
+  layout: str = "cifar"
 
   # --- static description of the search space (host-side, not wrapped) ----
 
   @property
   def full_depths(self) -> tuple[int, ...]:
     """Blocks per stage of the full-depth network."""
-    return resnet.stage_depths(self.depth, "cifar", self.block)
+    return resnet.stage_depths(self.depth, self.layout, self.block)
 
   @property
   def convs_per_block(self) -> int:
@@ -354,7 +393,7 @@ class TASResNet(nn.Module):
   @nn.nowrap
   def full_widths(self) -> list[int]:
     """Full output width of every conv, in ``widths`` order (stem first)."""
-    return resnet.default_widths(self.depth, "cifar", self.block)
+    return resnet.default_widths(self.depth, self.layout, self.block)
 
   @nn.nowrap
   def conv_candidates(self) -> list[tuple[int, ...]]:
@@ -363,7 +402,9 @@ class TASResNet(nn.Module):
 
   @nn.nowrap
   def stage_candidates(self) -> list[tuple[int, ...]]:
-    """Depth candidates of every stage."""
+    """Depth candidates of every stage (§1, per layout)."""
+    if self.layout == "imagenet":
+      return imagenet_depth_candidates(self.full_depths)
     return [depth_candidates(n) for n in self.full_depths]
 
   @nn.nowrap
@@ -421,9 +462,9 @@ class TASResNet(nn.Module):
     Returns:
       ``{"widths": [...], "blocks": [...]}``: the argmax width of every conv
       of the full-depth network (stem first, the ``widths`` format of
-      :func:`jaxprune.models.cifar_resnet`) and the argmax depth of every
-      stage, so ``cifar_resnet(depth, widths=..., blocks=...,
-      block=model.block)`` builds the derived network.
+      :func:`jaxprune.models.cifar_resnet` and
+      :func:`jaxprune.models.imagenet_resnet`) and the argmax depth of every
+      stage; :meth:`derived_network` builds the plain network from them.
     """
     widths = [int(c[int(np.argmax(np.asarray(a)))])
               for c, a in zip(self.conv_candidates(), self.width_logits(arch))]
@@ -438,14 +479,21 @@ class TASResNet(nn.Module):
 
     Args:
       arch: the ``arch`` collection (concrete arrays).
-      **kwargs: passed to :func:`cifar_resnet` (e.g. ``dtype``).
+      **kwargs: passed to :func:`cifar_resnet` or :func:`imagenet_resnet`
+        (e.g. ``dtype``).
     """
-    return resnet.cifar_resnet(self.depth, self.num_classes, block=self.block,
-                               **self.derive(arch), **kwargs)
+    return self.plain_network(**self.derive(arch), **kwargs)
 
   @nn.nowrap
   def plain_network(self, **kwargs: Any) -> resnet.ResNet:
-    """The standard (unpruned) ResNet this search space is built on."""
+    """The standard (unpruned) ResNet this search space is built on.
+
+    Args:
+      **kwargs: passed to :func:`cifar_resnet` or :func:`imagenet_resnet`
+        (``widths`` and ``blocks`` give a searched shape).
+    """
+    if self.layout == "imagenet":
+      return resnet.imagenet_resnet(self.depth, self.num_classes, **kwargs)
     return resnet.cifar_resnet(self.depth, self.num_classes, block=self.block,
                                **kwargs)
 
@@ -502,9 +550,7 @@ class TASResNet(nn.Module):
     Returns:
       ``[N, num_classes]`` float32 logits.
     """
-    if self.block not in resnet.BLOCK_TYPES:
-      raise UserError(f"Unknown ResNet block {self.block!r}; use one of "
-                      f"{resnet.BLOCK_TYPES}.")
+    _check_space(self.depth, self.layout, self.block, self.num_picks)
     fresh = {}  # init: one draw serves both logit trees
 
     def init(name):
@@ -517,8 +563,13 @@ class TASResNet(nn.Module):
 
     widths = self.full_widths()
     x = jnp.asarray(x, self.dtype)
-    x = SearchConv(widths[0], 3, 1, dtype=self.dtype, precision=self.precision,
+    cifar = self.layout == "cifar"
+    x = SearchConv(widths[0], 3 if cifar else 7, 1 if cifar else 2,
+                   dtype=self.dtype, precision=self.precision,
                    name="stem")(x, selections[0], train=train)
+    if not cifar:
+      # The plain ImageNet stem's max pool (resnet.ResNet).
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     width = selections[0].out_width
     per_block = self.convs_per_block
     offset = 1  # index in `widths` of the current block's first conv
@@ -531,7 +582,7 @@ class TASResNet(nn.Module):
         x, width = SearchBlock(
             block_widths, self.block, stride,
             shortcut=stride != 1 or x.shape[-1] != block_widths[-1],
-            dtype=self.dtype, precision=self.precision,
+            dtype=self.dtype, precision=self.precision, layout=self.layout,
             name=f"stage{s}_block{b}")(
                 x, width, selections[offset:offset + per_block], train=train)
         offset += per_block
@@ -547,6 +598,29 @@ class TASResNet(nn.Module):
                  bias_init=nn.initializers.zeros, dtype=self.dtype,
                  precision=self.precision, name="classifier")(x)
     return x.astype(jnp.float32)
+
+
+def _check_space(depth, layout, block, num_picks):
+  """Raises UserError unless the search space is well defined."""
+  if layout not in resnet.LAYOUTS:
+    raise UserError(f"Unknown ResNet layout {layout!r}; use one of "
+                    f"{resnet.LAYOUTS}.")
+  if block not in resnet.BLOCK_TYPES:
+    raise UserError(f"Unknown ResNet block {block!r}; use one of "
+                    f"{resnet.BLOCK_TYPES}.")
+  if layout == "imagenet" and block != resnet.block_type(depth, layout):
+    raise UserError(f"ImageNet ResNet-{depth} uses "
+                    f"{resnet.block_type(depth, layout)} blocks, not "
+                    f"{block!r}.")
+  resnet.stage_depths(depth, layout, block)  # validates the depth
+  if not isinstance(num_picks, int) or num_picks < 1:
+    raise UserError(f"num_picks must be a positive int, got {num_picks!r} "
+                    "(TAS uses 2).")
+  too_narrow = [c for c in resnet.default_widths(depth, layout, block)
+                if len(width_candidates(c)) < num_picks]
+  if too_narrow:
+    raise UserError(f"num_picks={num_picks} exceeds the width candidates of "
+                    f"convs with {sorted(set(too_narrow))} channels.")
 
 
 def tas_cifar_resnet(depth: int, num_classes: int = 10, *,
@@ -578,24 +652,51 @@ def tas_cifar_resnet(depth: int, num_classes: int = 10, *,
     >>> model.derive(variables["arch"])  # {"widths": [...], "blocks": [...]}
   """
   block = block or resnet.block_type(depth, "cifar")
-  if block not in resnet.BLOCK_TYPES:
-    raise UserError(f"Unknown ResNet block {block!r}; use one of "
-                    f"{resnet.BLOCK_TYPES}.")
-  resnet.stage_depths(depth, "cifar", block)  # validates the depth
-  if not isinstance(num_picks, int) or num_picks < 1:
-    raise UserError(f"num_picks must be a positive int, got {num_picks!r} "
-                    "(TAS uses 2).")
-  too_narrow = [c for c in resnet.default_widths(depth, "cifar", block)
-                if len(width_candidates(c)) < num_picks]
-  if too_narrow:
-    raise UserError(f"num_picks={num_picks} exceeds the width candidates of "
-                    f"convs with {sorted(set(too_narrow))} channels.")
+  _check_space(depth, "cifar", block, num_picks)
   return TASResNet(depth=depth, block=block, num_classes=num_classes,
                    num_picks=num_picks, dtype=dtype, precision=precision)
 
 
+def tas_imagenet_resnet(depth: int, num_classes: int = 1000, *,
+                        num_picks: int = 2, dtype: Any = jnp.float32,
+                        precision: Any = None) -> TASResNet:
+  """The TAS searchable ImageNet ResNet-`depth` (tas.md §1, §4).
+
+  The torchvision layout of :func:`imagenet_resnet`: every conv (the 7x7/2
+  stem included) has the width candidates of :func:`width_candidates`, every
+  stage the depth candidates of :func:`imagenet_depth_candidates` (ResNet-18:
+  (1, 2) per stage; ResNet-50: (1, 2, 3), (1, 2, 4), (2, 4, 6), (1, 2, 3)).
+  Stride-2 and channel-changing shortcuts are a 1x1 conv carrying the stride
+  plus a per-candidate BN, the kind the derived network has (no public
+  ImageNet search script exists, §6). ``model.derived_network(arch)`` is
+  ``imagenet_resnet(depth, widths=..., blocks=...)``.
+
+  Args:
+    depth: 18, 34 (basic blocks), 50, 101 or 152 (bottleneck blocks).
+    num_classes: classifier outputs.
+    num_picks: |I|, width candidates mixed per conv (§2).
+    dtype: compute dtype.
+    precision: precision of the mix and classifier matmuls.
+
+  Returns:
+    A :class:`TASResNet` with ``layout="imagenet"``.
+
+  Example:
+    >>> model = tas_imagenet_resnet(18)
+    >>> x = jnp.zeros((2, 224, 224, 3))
+    >>> variables = model.init(jax.random.key(0), x, train=False, tau=5.0,
+    ...                        key=jax.random.key(1))
+  """
+  block = resnet.block_type(depth, "imagenet")  # validates the depth
+  _check_space(depth, "imagenet", block, num_picks)
+  return TASResNet(depth=depth, block=block, num_classes=num_classes,
+                   num_picks=num_picks, dtype=dtype, precision=precision,
+                   layout="imagenet")
+
+
 __all__ = [
-    "WIDTH_RATIOS", "width_candidates", "depth_candidates", "Selection",
-    "CandidateBatchNorm", "SearchConv", "SearchBlock", "depth_mix", "TASResNet",
-    "tas_cifar_resnet",
+    "WIDTH_RATIOS", "width_candidates", "depth_candidates",
+    "imagenet_depth_candidates", "Selection", "CandidateBatchNorm",
+    "SearchConv", "SearchBlock", "depth_mix", "TASResNet", "tas_cifar_resnet",
+    "tas_imagenet_resnet",
 ]

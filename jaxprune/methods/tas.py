@@ -1,0 +1,284 @@
+"""TAS recipe (Dong & Yang, NeurIPS 2019): teacher -> search -> derive -> retrain -> report.
+
+Stages, each resumable in ``<workdir>/<stage>/`` by rerunning the command:
+- ``teacher``: the unpruned ResNet on the full training set (or the variables of a
+  finished baseline run, ``config.tas.teacher_dir``), used for KD and as the base row.
+- ``search``: the searchable ResNet on a per-class 50/50 split of the training set;
+  each iteration is one weight step on D_train (SGD) and one architecture step on
+  D_val (Adam), with separate optimizer states (reference §6). ``arch_history.jsonl``
+  records the width/depth probabilities and both costs after every epoch.
+- derive: the argmax architecture of the last epoch -> ``architecture.json`` (§7).
+- ``retrain``: the derived plain ResNet from scratch, with KD from the teacher
+  (a = 0.9, T = 4) or without (``config.kd.enabled``).
+"""
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxprune import config_lib, data, distill, flops, kernels, models, optim, plots
+from jaxprune.engine import checkpoint as ckpt_lib
+from jaxprune.engine import loop, mesh as mesh_lib, report, steps
+from jaxprune.engine.metrics import read_jsonl
+from jaxprune.engine.state import TrainState
+from jaxprune.errors import UserError
+from jaxprune.methods import baseline
+
+TAU_SCHEDULES = ("cosine", "linear")
+
+
+def tau_at(epoch, epochs: int, tau_max: float, tau_min: float, schedule: str):
+  """Gumbel temperature of a search epoch (§6): the scripts' per-epoch cosine
+  (default, 5 -> 0.1) or the paper's linear decay (10 -> 0.1). Traceable."""
+  frac = epoch / max(epochs - 1, 1) if schedule == "linear" else epoch / epochs
+  if schedule == "cosine":
+    return tau_min + (tau_max - tau_min) * (1 + jnp.cos(math.pi * frac)) / 2
+  if schedule == "linear":
+    return tau_max - (tau_max - tau_min) * jnp.minimum(frac, 1.0)
+  raise UserError(f"Unknown tas.tau_schedule {schedule!r}; use one of {TAU_SCHEDULES}.")
+
+
+def arch_optimizer(cfg) -> optax.GradientTransformation:
+  """Adam for the architecture (§6): lr 1e-3, betas (0.5, 0.999), L2 decay 1e-3."""
+  return optax.chain(optax.add_decayed_weights(cfg.arch_weight_decay),
+                     optax.adam(cfg.arch_learning_rate, b1=cfg.arch_beta1,
+                                b2=cfg.arch_beta2))
+
+
+def make_search_step(model, weight_tx, arch_tx, *, cfg, seed: int, input_shape,
+                     flops_max: int, steps_per_epoch: int, epochs: int):
+  """``step(state, {"train": batch, "val": batch}) -> (state, metrics)`` (§6).
+
+  The weight step differentiates only ``params`` and updates only the weight
+  optimizer state; the architecture step then runs a fresh forward on the D_val
+  batch with the new weights and fresh noise and updates only ``arch_params`` and
+  the architecture optimizer state.
+  """
+  def forward(params, model_state, arch, images, tau, key):
+    return model.apply({"params": params, **model_state, "arch": arch}, images,
+                       train=True, tau=tau, key=key, mutable=list(model_state))
+
+  def step(state: TrainState, batch):
+    weight_key, arch_key = jax.random.split(steps.step_key(seed, state.step))
+    tau = tau_at(state.step // steps_per_epoch, epochs, cfg.tau_max, cfg.tau_min,
+                 cfg.tau_schedule)
+
+    def weight_loss(params):
+      logits, updates = forward(params, state.model_state, state.arch_params,
+                                batch["train"]["image"], tau, weight_key)
+      return steps.cross_entropy(logits, batch["train"]), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(
+        weight_loss, has_aux=True)(state.params)
+    w_updates, opt_state = weight_tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, w_updates)
+    model_state = {**state.model_state, **updates}
+
+    def arch_loss(arch):
+      val_logits, val_updates = forward(params, model_state, arch,
+                                        batch["val"]["image"], tau, arch_key)
+      ce = steps.cross_entropy(val_logits, batch["val"])
+      e_cost = flops.tas_expected_cost(model, arch, input_shape)
+      f_cost = flops.tas_argmax_cost_traced(model, arch, input_shape)
+      cost = kernels.tas_cost_loss(e_cost, f_cost, flops_max, cfg.ratio, cfg.tolerance,
+                                   cfg.cost_mode)
+      return ce + cfg.lambda_cost * cost, (val_logits, val_updates, ce, cost, e_cost,
+                                           f_cost)
+
+    (_, (val_logits, val_updates, val_ce, cost, e_cost, f_cost)), arch_grads = (
+        jax.value_and_grad(arch_loss, has_aux=True)(state.arch_params))
+    a_updates, arch_opt_state = arch_tx.update(arch_grads, state.arch_opt_state,
+                                               state.arch_params)
+    arch_params = optax.apply_updates(state.arch_params, a_updates)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["train"]["label"]),
+        "val_loss": val_ce,
+        "val_accuracy": jnp.mean(jnp.argmax(val_logits, -1) == batch["val"]["label"]),
+        "arch_cost_loss": cost, "arch_expected_flops": e_cost,
+        "arch_argmax_flops": f_cost, "arch_tau": tau}
+    return state.replace(step=state.step + 1, params=params,
+                         model_state={**model_state, **val_updates},
+                         opt_state=opt_state, arch_params=arch_params,
+                         arch_opt_state=arch_opt_state), metrics
+
+  return step
+
+
+def arch_record(model, arch, cfg, input_shape, flops_max: int, epoch: int, step: int,
+                epochs: int) -> dict:
+  """One line of ``arch_history.jsonl`` (the contract of :mod:`jaxprune.plots`)."""
+  arch = jax.device_get(arch)
+  derived = model.derive(arch)
+  return {
+      "epoch": epoch, "step": step,
+      "tau": float(tau_at(epoch - 1, epochs, cfg.tau_max, cfg.tau_min, cfg.tau_schedule)),
+      "expected_flops": float(flops.tas_expected_cost(model, arch, input_shape)),
+      "argmax_flops": int(flops.tas_argmax_cost(model, arch, input_shape)),
+      "flops_max": flops_max, "target_flops": flops_max * cfg.ratio,
+      "tolerance_flops": flops_max * cfg.tolerance, "cost_mode": cfg.cost_mode,
+      "width_candidates": [list(c) for c in model.conv_candidates()],
+      "width_probs": [np.asarray(jax.nn.softmax(a)).tolist()
+                      for a in model.width_logits(arch)],
+      "depth_candidates": [list(c) for c in model.stage_candidates()],
+      "depth_probs": [np.asarray(jax.nn.softmax(b)).tolist()
+                      for b in model.depth_logits(arch)],
+      "argmax_widths": derived["widths"], "argmax_blocks": derived["blocks"],
+      "conv_names": ["/".join(p) for p in model.conv_paths()],
+  }
+
+
+def search(config, workdir: str, datasets, mesh) -> tuple[dict, list[dict]]:
+  """The search stage; returns the final ``arch`` collection and the history."""
+  cfg = config.tas
+  train_ds = datasets["train"]
+  if train_ds.labels is None:
+    raise UserError("The TAS search needs a dataset with in-memory labels for its "
+                    "per-class split.")
+  idx_w, idx_a = data.per_class_split(train_ds.labels, 0.5, seed=cfg.split_seed)
+  d_train, d_val = data.subset(train_ds, idx_w), data.subset(train_ds, idx_a)
+  batch_size = cfg.batch_size
+  mesh_lib.check_batch_size(batch_size, mesh, "tas.batch_size")
+  steps_per_epoch = min(data.steps_per_epoch(d_train, batch_size),
+                        data.steps_per_epoch(d_val, batch_size))
+  total = cfg.epochs * steps_per_epoch
+  if cfg.max_steps:
+    total = min(total, cfg.max_steps)
+
+  model = models.tas_cifar_resnet(config.model.depth, train_ds.num_classes,
+                                  num_picks=cfg.num_picks)
+  input_shape = train_ds.image_shape
+  plain = model.plain_network()
+  flops_max = flops.count(plain, jax.eval_shape(
+      lambda: plain.init(jax.random.key(0), jnp.zeros((1, *input_shape)))), input_shape
+                          )["flops"]
+  weight_tx, schedule = optim.sgd(cfg, steps_per_epoch, total)
+  arch_tx = arch_optimizer(cfg)
+
+  def init(key):
+    pkey, skey = jax.random.split(key)
+    variables = dict(model.init({"params": pkey}, jnp.zeros((1, *input_shape)),
+                                train=False, tau=1.0, key=skey))
+    params, arch = variables.pop("params"), variables.pop("arch")
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                      opt_state=weight_tx.init(params), arch_params=arch,
+                      arch_opt_state=arch_tx.init(arch))
+
+  step = make_search_step(model, weight_tx, arch_tx, cfg=cfg, seed=config.seed,
+                          input_shape=input_shape, flops_max=flops_max,
+                          steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
+  repl = mesh_lib.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: repl, jax.eval_shape(init, jax.random.key(0)))
+  step = jax.jit(step, in_shardings=(state_sharding, mesh_lib.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, repl), donate_argnums=(0,))
+
+  def load(s):
+    kw = dict(seed=config.seed, train=True, process_index=jax.process_index(),
+              process_count=jax.process_count())
+    return {"train": data.batch_at(d_train, s, batch_size, **kw),
+            "val": data.batch_at(d_val, s, batch_size, **{**kw, "seed": config.seed + 1})}
+
+  history_path = os.path.join(workdir, "search", "arch_history.jsonl")
+
+  def on_start(start):
+    kept = [r for r in read_jsonl(history_path) if r["step"] <= start]
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(history_path), exist_ok=True)
+      with open(history_path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+
+  def on_epoch_end(state, epoch, done):
+    if jax.process_index() == 0:
+      rec = arch_record(model, state.arch_params, cfg, input_shape, flops_max, epoch,
+                        done, cfg.epochs)
+      with open(history_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+
+  result = loop.run_stage("search", workdir, init=init, seed=config.seed, step_fn=step,
+                          load_batch=load, total_steps=total,
+                          steps_per_epoch=steps_per_epoch, images_per_step=batch_size,
+                          cfg=cfg, mesh=mesh, lr_schedule=schedule, on_start=on_start,
+                          on_epoch_end=on_epoch_end)
+  arch = jax.device_get(result.state.arch_params)
+  history = read_jsonl(history_path)
+  if not history or history[-1]["step"] != total:  # a run shorter than one epoch
+    history.append(arch_record(model, arch, cfg, input_shape, flops_max,
+                               math.ceil(total / steps_per_epoch), total, cfg.epochs))
+  return {"model": model, "arch": arch, "flops_max": flops_max}, history
+
+
+def teacher(config, workdir: str, datasets, model):
+  """The unpruned network's variables and test accuracy (trained or loaded)."""
+  input_shape = datasets["train"].image_shape
+  if config.tas.teacher_dir:
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
+    variables = ckpt_lib.load_variables(config.tas.teacher_dir, abstract)
+    mesh = mesh_lib.make_mesh()
+    acc = loop.evaluate(steps.make_eval_step(model, mesh=mesh), variables,
+                        datasets["test"], config.train.eval_batch_size, mesh)
+    return variables, acc["accuracy"]
+  result = baseline.train("teacher", config.teacher, config.seed, workdir, datasets, model)
+  return result.state.variables, result.summary["eval_accuracy"]
+
+
+def run(config, workdir: str) -> dict:
+  t0 = time.time()
+  config_lib.check_workdir(workdir, config)
+  mesh = mesh_lib.make_mesh()
+  datasets = data.load(config.dataset)
+  train_ds = datasets["train"]
+  input_shape = train_ds.image_shape
+  base_model = baseline.build_model(config.model, train_ds.num_classes)
+  teacher_vars, teacher_acc = teacher(config, workdir, datasets, base_model)
+
+  found, history = search(config, workdir, datasets, mesh)
+  model, arch = found["model"], found["arch"]
+  derived = model.derive(arch)
+  derived_model = model.derived_network(arch)
+  derived_abstract = jax.eval_shape(
+      lambda: derived_model.init(jax.random.key(0), jnp.zeros((1, *input_shape)),
+                                 train=False))
+  counts = flops.count(derived_model, derived_abstract, input_shape)
+  architecture = {"depth": config.model.depth, "widths": derived["widths"],
+                  "blocks": derived["blocks"], "flops": counts["flops"],
+                  "params": counts["params"], "flops_max": found["flops_max"],
+                  "flops_ratio": counts["flops"] / found["flops_max"],
+                  "target_ratio": config.tas.ratio, "search_epoch": history[-1]["epoch"]}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "architecture.json"), "w", encoding="utf-8") as f:
+      json.dump(architecture, f, indent=2)
+
+  kwargs = {}
+  if config.kd.enabled:
+    kwargs = {"objective": distill.kd_objective(base_model, config.kd.alpha,
+                                                config.kd.temperature),
+              "aux": teacher_vars}
+  retrained = baseline.train("retrain", config.train, config.seed, workdir, datasets,
+                             derived_model, **kwargs)
+
+  batch = config.report.inference_batch_size
+  rows = {"base": baseline.model_row(base_model, teacher_vars, input_shape, teacher_acc,
+                                     batch),
+          "derived": baseline.model_row(derived_model, retrained.state.variables,
+                                        input_shape, retrained.summary["eval_accuracy"],
+                                        batch)}
+  out = {"method": "tas", "dataset": config.dataset.name, "depth": config.model.depth,
+         "kd": bool(config.kd.enabled), "target_ratio": config.tas.ratio,
+         "base_accuracy": teacher_acc,
+         "derived_accuracy": retrained.summary["eval_accuracy"],
+         "base_flops": rows["base"]["flops"], "derived_flops": rows["derived"]["flops"],
+         "flops_reduction": 1 - rows["derived"]["flops"] / rows["base"]["flops"],
+         "base_params": rows["base"]["params"], "derived_params": rows["derived"]["params"],
+         "params_reduction": 1 - rows["derived"]["params"] / rows["base"]["params"],
+         "wall_time_s": time.time() - t0, "architecture": architecture}
+  if jax.process_index() == 0:
+    out["plots"] = plots.tas_search(history, os.path.join(workdir, "plots"))
+  report.write_report(workdir, out, title=f"TAS ResNet-{config.model.depth} on "
+                      f"{config.dataset.name}", models=rows)
+  return out

@@ -1,0 +1,369 @@
+"""Run figures: the PNGs under ``<workdir>/plots/``.
+
+This is the one module that draws. It turns records a run has already written
+(the TAS architecture history of ``<workdir>/search/arch_history.jsonl``, the
+``metrics.jsonl`` records of any stage) into PNG files and returns the paths it
+wrote. Callers read the JSONL files themselves (``jaxprune.engine.metrics``).
+
+It must not import JAX or anything that does: it is pure numpy + matplotlib, so
+a report can be redrawn from a finished workdir on any machine. It must not touch
+pyplot's global state (no ``pyplot``, no ``matplotlib.use``): every figure is a
+``matplotlib.figure.Figure`` rendered by its own Agg canvas, which is headless
+and safe to call from a training process or a notebook alike.
+"""
+
+from collections.abc import Mapping, Sequence
+import math
+import numbers
+import os
+import re
+
+from matplotlib import colors as mcolors
+from matplotlib import patches
+from matplotlib import ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import numpy as np
+
+_DPI = 120
+_MFLOPS = 1e6
+# Conv names of the searchable ResNet: "stage<s>_block<b>/...".
+_BLOCK_NAME = re.compile(r"stage(\d+)_block(\d+)")
+_HISTORY_KEYS = ("epoch", "expected_flops", "argmax_flops", "flops_max", "target_flops",
+                 "tolerance_flops", "cost_mode", "width_candidates", "width_probs",
+                 "depth_candidates", "depth_probs", "argmax_widths", "argmax_blocks")
+
+
+def _new_figure(width: float, height: float) -> Figure:
+  fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _save(fig: Figure, path: str) -> str:
+  fig.savefig(path, dpi=_DPI)
+  return path
+
+
+def _check_history(history: Sequence[Mapping]) -> None:
+  """Raises ValueError unless ``history`` is a non-empty, consistent history."""
+  if not history:
+    raise ValueError("empty TAS architecture history: nothing to plot (is "
+                     "<workdir>/search/arch_history.jsonl empty or missing?)")
+  num_convs = num_stages = None
+  for i, entry in enumerate(history):
+    missing = [k for k in _HISTORY_KEYS if k not in entry]
+    if missing:
+      raise ValueError(f"architecture history entry {i} lacks keys {missing}")
+    cands, probs = entry["width_candidates"], entry["width_probs"]
+    dcands, dprobs = entry["depth_candidates"], entry["depth_probs"]
+    if len(cands) != len(probs) or any(len(c) != len(p) for c, p in zip(cands, probs)):
+      raise ValueError(f"architecture history entry {i}: width_probs do not match the "
+                       "shapes of width_candidates")
+    if len(dcands) != len(dprobs) or any(len(c) != len(p) for c, p in zip(dcands, dprobs)):
+      raise ValueError(f"architecture history entry {i}: depth_probs do not match the "
+                       "shapes of depth_candidates")
+    if num_convs is None:
+      num_convs, num_stages = len(cands), len(dcands)
+    elif (len(cands), len(dcands)) != (num_convs, num_stages):
+      raise ValueError(f"architecture history entry {i} has {len(cands)} convs and "
+                       f"{len(dcands)} stages; entry 0 has {num_convs} and {num_stages}")
+
+
+def _conv_labels(entry: Mapping) -> list[str]:
+  names = entry.get("conv_names")
+  if names and len(names) == len(entry["width_candidates"]):
+    return [str(n) for n in names]
+  return [f"conv{i}" for i in range(len(entry["width_candidates"]))]
+
+
+def _padded(rows: Sequence[Sequence[float]]) -> np.ndarray:
+  out = np.full((len(rows), max((len(r) for r in rows), default=0)), np.nan)
+  for i, r in enumerate(rows):
+    out[i, :len(r)] = r
+  return out
+
+
+def width_prob_matrix(history_entry: Mapping) -> np.ndarray:
+  """The width-probability heatmap of one search epoch.
+
+  Args:
+    history_entry: one architecture-history record (needs ``width_probs``).
+
+  Returns:
+    float array ``[num_convs, max_candidates]``: row ``i`` holds conv ``i``'s
+    probabilities over its width candidates, NaN-padded where a conv has fewer
+    candidates than the widest one.
+  """
+  return _padded(history_entry["width_probs"])
+
+
+def expected_width_fraction(history: Sequence[Mapping]) -> np.ndarray:
+  """Expected width over full width, per conv and epoch: ``sum_j p_j C_j / max_j C_j``.
+
+  Args:
+    history: the architecture history (one record per search epoch).
+
+  Returns:
+    float array ``[num_convs, num_epochs]`` in ``[0, 1]``.
+  """
+  _check_history(history)
+  cols = []
+  for entry in history:
+    cols.append([np.dot(p, c) / max(c)
+                 for c, p in zip(entry["width_candidates"], entry["width_probs"])])
+  return np.asarray(cols, dtype=float).T
+
+
+def flops_band(history_entry: Mapping) -> tuple[float, float]:
+  """The accepted FLOPs interval ``(low, high)`` of the cost loss (tas.md §5).
+
+  ``cost_mode == "code"`` (the official code) accepts ``[target - tol, target]``;
+  ``"paper"`` accepts ``[target (1 - t), target (1 + t)]`` with
+  ``t = tolerance_flops / flops_max``.
+
+  Args:
+    history_entry: one architecture-history record.
+
+  Returns:
+    ``(low, high)`` in FLOPs.
+  """
+  target = float(history_entry["target_flops"])
+  tol = float(history_entry["tolerance_flops"])
+  mode = history_entry["cost_mode"]
+  if mode == "code":
+    return target - tol, target
+  if mode == "paper":
+    t = tol / float(history_entry["flops_max"])
+    return target * (1.0 - t), target * (1.0 + t)
+  raise ValueError(f"unknown cost_mode {mode!r} in the architecture history; expected "
+                   "'code' or 'paper'")
+
+
+def _flops_figure(history: Sequence[Mapping]) -> Figure:
+  epochs = np.array([e["epoch"] for e in history], dtype=float)
+  bands = np.array([flops_band(e) for e in history]) / _MFLOPS
+  fmax = np.array([e["flops_max"] for e in history], dtype=float) / _MFLOPS
+  fig = _new_figure(7.0, 4.2)
+  ax = fig.add_subplot()
+  mode = history[-1]["cost_mode"]
+  band_label = f"target band ({mode})"
+  if len(history) == 1 or np.allclose(bands, bands[0]):
+    ax.axhspan(bands[-1, 0], bands[-1, 1], color="tab:green", alpha=0.2, label=band_label)
+  else:
+    ax.fill_between(epochs, bands[:, 0], bands[:, 1], color="tab:green", alpha=0.2,
+                    label=band_label)
+  if len(history) == 1 or np.allclose(fmax, fmax[0]):
+    ax.axhline(fmax[-1], color="black", ls="--", lw=1, label="full network (flops_max)")
+  else:
+    ax.plot(epochs, fmax, color="black", ls="--", lw=1, label="full network (flops_max)")
+  ax.plot(epochs, [e["expected_flops"] / _MFLOPS for e in history], marker="o", ms=3,
+          color="tab:blue", label="expected (soft)")
+  ax.plot(epochs, [e["argmax_flops"] / _MFLOPS for e in history], marker="s", ms=3,
+          color="tab:orange", label="argmax architecture")
+  ax.set_xlabel("search epoch")
+  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+  ax.set_ylabel("MFLOPs (multiply-accumulates)")
+  ax.set_ylim(bottom=0, top=1.08 * max(fmax.max(), bands.max()))
+  ax.set_title(f"TAS search cost: target {history[-1]['target_flops'] / _MFLOPS:.2f} M "
+               f"({history[-1]['target_flops'] / history[-1]['flops_max']:.0%} of full)")
+  ax.grid(alpha=0.3)
+  ax.legend(loc="best", fontsize=8)
+  return fig
+
+
+def _width_probs_figure(history: Sequence[Mapping]) -> Figure:
+  last = history[-1]
+  probs = width_prob_matrix(last)
+  cands = _padded(last["width_candidates"])
+  labels = _conv_labels(last)
+  num_convs, num_cands = probs.shape
+  two_panels = len(history) >= 2
+  height = max(3.5, 0.3 * num_convs + 1.6)
+  fig = _new_figure(12.0 if two_panels else 7.0, height)
+  axes = fig.subplots(1, 2, width_ratios=[num_cands, max(num_cands, 8)]) if two_panels else [
+      fig.add_subplot()]
+
+  ax = axes[0]
+  cmap = mcolors.LinearSegmentedColormap.from_list(
+      "p", ["white", "tab:blue"]).with_extremes(bad="0.85")
+  im = ax.imshow(np.ma.masked_invalid(probs), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto",
+                 interpolation="nearest")
+  for i in range(num_convs):
+    for j in range(num_cands):
+      if np.isnan(probs[i, j]):
+        continue
+      ax.text(j, i, f"{cands[i, j]:.0f}", ha="center", va="center", fontsize=7,
+              color="white" if probs[i, j] > 0.6 else "black")
+    # Box the argmax width: the architecture that would be derived now.
+    chosen = np.flatnonzero(cands[i] == last["argmax_widths"][i])
+    if chosen.size:
+      ax.add_patch(patches.Rectangle((chosen[0] - 0.5, i - 0.5), 1, 1, fill=False,
+                                     ec="tab:red", lw=1.5))
+  ax.set_yticks(range(num_convs), labels, fontsize=7)
+  ax.set_xticks(range(num_cands))
+  ax.set_xlabel("width candidate index (cell text: channels; red box: argmax)")
+  ax.set_title(f"width probabilities, epoch {last['epoch']}")
+  fig.colorbar(im, ax=ax, label="probability", shrink=0.8, pad=0.01)
+
+  if two_panels:
+    ax = axes[1]
+    frac = expected_width_fraction(history)
+    epochs = [e["epoch"] for e in history]
+    im = ax.imshow(frac, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto",
+                   interpolation="nearest")
+    ax.set_yticks(range(num_convs), labels, fontsize=7)
+    step = max(1, math.ceil(len(epochs) / 12))
+    ax.set_xticks(range(0, len(epochs), step), [str(e) for e in epochs[::step]], fontsize=8)
+    ax.set_xlabel("search epoch")
+    ax.set_title("expected width / full width")
+    fig.colorbar(im, ax=ax, label="fraction", shrink=0.8, pad=0.01)
+  return fig
+
+
+def _depth_probs_figure(history: Sequence[Mapping]) -> Figure:
+  epochs = [e["epoch"] for e in history]
+  last = history[-1]
+  num_stages = len(last["depth_candidates"])
+  fig = _new_figure(max(4.0, 3.6 * num_stages), 3.4)
+  axes = np.atleast_1d(fig.subplots(1, num_stages, sharey=True, squeeze=False)[0])
+  for s, ax in enumerate(axes):
+    probs = np.array([e["depth_probs"][s] for e in history], dtype=float)
+    for j, depth in enumerate(last["depth_candidates"][s]):
+      ax.plot(epochs, probs[:, j], marker="o", ms=3, label=f"depth {depth}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("search epoch")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.set_title(f"stage {s} (argmax depth {last['argmax_blocks'][s]})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+  axes[0].set_ylabel("depth probability")
+  return fig
+
+
+def _derived_widths_figure(history: Sequence[Mapping]) -> Figure:
+  last = history[-1]
+  labels = _conv_labels(last)
+  full = np.array([max(c) for c in last["width_candidates"]], dtype=float)
+  chosen = np.array(last["argmax_widths"], dtype=float)
+  kept = list(last["argmax_blocks"])
+  max_blocks = [max(c) for c in last["depth_candidates"]]
+  # Convs of blocks that the depth choice drops (only known from the names).
+  dropped = np.zeros(len(labels), dtype=bool)
+  for i, name in enumerate(labels):
+    m = _BLOCK_NAME.search(name)
+    if m and int(m.group(1)) < len(kept):
+      dropped[i] = int(m.group(2)) >= kept[int(m.group(1))]
+  x = np.arange(len(labels))
+  fig = _new_figure(max(6.0, 0.38 * len(labels) + 2.0), 4.6)
+  ax = fig.add_subplot()
+  ax.bar(x, full, width=0.8, color="0.82", label="full width")
+  ax.bar(x[~dropped], chosen[~dropped], width=0.55, color="tab:blue", label="argmax width")
+  if dropped.any():
+    ax.bar(x[dropped], chosen[dropped], width=0.55, color="none", ec="tab:blue",
+           hatch="///", label="argmax width (block dropped)")
+  ax.set_xticks(x, labels, rotation=90, fontsize=7)
+  ax.set_xlim(-0.6, len(labels) - 0.4)
+  ax.set_ylabel("output channels")
+  blocks = ", ".join(f"{k}/{m}" for k, m in zip(kept, max_blocks))
+  ax.set_title(f"derived widths at epoch {last['epoch']}; blocks kept per stage: {blocks}; "
+               f"{last['argmax_flops'] / _MFLOPS:.2f} of {last['flops_max'] / _MFLOPS:.2f} "
+               "MFLOPs", fontsize=10)
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(fontsize=8, loc="upper left")
+  return fig
+
+
+def tas_search_figures(history: Sequence[Mapping]) -> dict[str, Figure]:
+  """Builds the TAS search figures without writing them (for notebooks and tests).
+
+  Args:
+    history: the records of ``<workdir>/search/arch_history.jsonl``, one per
+      search epoch, oldest first.
+
+  Returns:
+    ``{"flops", "width_probs", "depth_probs", "derived_widths"}`` -> Figure, as
+    described in :func:`tas_search`.
+
+  Raises:
+    ValueError: on an empty or inconsistent history.
+  """
+  _check_history(history)
+  return {
+      "flops": _flops_figure(history),
+      "width_probs": _width_probs_figure(history),
+      "depth_probs": _depth_probs_figure(history),
+      "derived_widths": _derived_widths_figure(history),
+  }
+
+
+def tas_search(history: Sequence[Mapping], out_dir: str) -> list[str]:
+  """Draws the TAS search figures from an architecture history.
+
+  Args:
+    history: the records of ``<workdir>/search/arch_history.jsonl``, one per
+      search epoch, oldest first.
+    out_dir: directory for the PNGs (created if missing), usually
+      ``<workdir>/plots``.
+
+  Returns:
+    The paths written: ``flops.png`` (expected and argmax FLOPs against the
+    target band and the full network), ``width_probs.png`` (last-epoch width
+    probabilities, plus the expected width fraction per conv over epochs when
+    there are two or more), ``depth_probs.png`` (depth probabilities per stage
+    over epochs) and ``derived_widths.png`` (full vs argmax width per conv).
+
+  Raises:
+    ValueError: on an empty or inconsistent history.
+  """
+  figures = tas_search_figures(history)
+  os.makedirs(out_dir, exist_ok=True)
+  return [_save(fig, os.path.join(out_dir, f"{name}.png")) for name, fig in figures.items()]
+
+
+def _is_scalar(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def training_curves(records: Sequence[Mapping], out_path: str,
+                    keys: Sequence[str] = ("train_loss", "eval_accuracy")) -> str:
+  """Draws one panel per metric against the step, from ``metrics.jsonl`` records.
+
+  Keys absent from every record (or never scalar) are skipped. When a resumed
+  run logged a step twice, the later record wins.
+
+  Args:
+    records: ``metrics.jsonl`` records, each with a ``step``.
+    out_path: the PNG to write; its directory is created if missing.
+    keys: the metrics to draw, one panel each.
+
+  Returns:
+    ``out_path``.
+
+  Raises:
+    ValueError: when there are no records or none of ``keys`` is in them.
+  """
+  if not records:
+    raise ValueError(f"no metric records to plot for {out_path}")
+  series = {}
+  for key in keys:
+    points = {int(r["step"]): float(r[key]) for r in records
+              if "step" in r and _is_scalar(r.get(key))}
+    if points:
+      steps = sorted(points)
+      series[key] = (steps, [points[s] for s in steps])
+  if not series:
+    present = sorted({k for r in records for k in r if k != "step"})
+    raise ValueError(f"none of the keys {list(keys)} is in the metric records; they have "
+                     f"{present}")
+  fig = _new_figure(max(4.5, 4.2 * len(series)), 3.4)
+  axes = fig.subplots(1, len(series), squeeze=False)[0]
+  for ax, (key, (steps, values)) in zip(axes, series.items()):
+    ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3)
+    ax.set_xlabel("step")
+    ax.set_title(key, fontsize=10)
+    ax.grid(alpha=0.3)
+  parent = os.path.dirname(out_path)
+  if parent:
+    os.makedirs(parent, exist_ok=True)
+  return _save(fig, out_path)
