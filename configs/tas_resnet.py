@@ -52,11 +52,10 @@ def get_config(arg=None):
       ratio=args.ratio, tolerance=0.05, cost_mode="code", lambda_cost=2.0))
   if args.smoke:
     config.dataset = config_lib.dataset_config("synthetic")
-    config.dataset.synthetic.update(num_train=2048, num_test=256)
+    config.dataset.synthetic.update(num_train=2048, num_test=256, image_shape=(16, 16, 3))
     small = dict(warmup_epochs=0, batch_size=64, eval_batch_size=256, log_every_steps=8,
                  checkpoint_every_steps=32)
     config.teacher.update(epochs=3, **small)
     config.train.update(epochs=3, **small)
-    config.tas.update(epochs=4, **small)
-    config.tas.update(lambda_cost=4.0)
+    config.tas.update(epochs=6, **small)
   return config

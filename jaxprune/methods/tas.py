@@ -133,7 +133,7 @@ def arch_record(model, arch, cfg, input_shape, flops_max: int, epoch: int, step:
   }
 
 
-def search(config, workdir: str, datasets, mesh) -> tuple[dict, list[dict]]:
+def search(config, workdir: str, datasets, mesh, on_step=None) -> tuple[dict, list[dict]]:
   """The search stage; returns the final ``arch`` collection and the history."""
   cfg = config.tas
   train_ds = datasets["train"]
@@ -203,13 +203,14 @@ def search(config, workdir: str, datasets, mesh) -> tuple[dict, list[dict]]:
                           load_batch=load, total_steps=total,
                           steps_per_epoch=steps_per_epoch, images_per_step=batch_size,
                           cfg=cfg, mesh=mesh, lr_schedule=schedule, on_start=on_start,
-                          on_epoch_end=on_epoch_end)
+                          on_epoch_end=on_epoch_end, on_step=on_step)
   arch = jax.device_get(result.state.arch_params)
   history = read_jsonl(history_path)
   if not history or history[-1]["step"] != total:  # a run shorter than one epoch
     history.append(arch_record(model, arch, cfg, input_shape, flops_max,
                                math.ceil(total / steps_per_epoch), total, cfg.epochs))
-  return {"model": model, "arch": arch, "flops_max": flops_max}, history
+  return {"model": model, "arch": arch, "flops_max": flops_max,
+          "state": result.state}, history
 
 
 def teacher(config, workdir: str, datasets, model):

@@ -1,0 +1,133 @@
+"""TAS recipe: tau schedules, separate optimizers, resume, devices, KD/no-KD, end to end."""
+import json
+import math
+import os
+import signal
+
+import importlib.util
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from jaxprune import data, distill, models
+from jaxprune.engine import loop, mesh as mesh_lib
+from jaxprune.methods import baseline, tas
+
+
+def _config(**tas_overrides):
+  spec = importlib.util.spec_from_file_location("tas_cfg", REPO / "configs/tas_resnet.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("smoke")
+  config.model.depth = 8  # one block per stage: small and quick to compile
+  config.dataset.synthetic.update(num_train=128, num_test=32, image_shape=(16, 16, 3),
+                                  num_classes=4)
+  config.tas.update(epochs=2, batch_size=16, log_every_steps=2, checkpoint_every_steps=3,
+                    **tas_overrides)
+  return config
+
+
+def _datasets(config):
+  return data.load(config.dataset)
+
+
+def test_tau_schedules_match_the_reference_formulas():
+  epochs = int(np.random.default_rng().integers(5, 50))
+  for e in range(epochs):
+    cos = 0.1 + (5 - 0.1) * (1 + math.cos(math.pi * e / epochs)) / 2
+    lin = 10 - (10 - 0.1) * e / (epochs - 1)
+    np.testing.assert_allclose(tas.tau_at(e, epochs, 5.0, 0.1, "cosine"), cos, rtol=1e-6)
+    np.testing.assert_allclose(tas.tau_at(e, epochs, 10.0, 0.1, "linear"), lin, rtol=1e-5)
+
+
+def _search(tmp_path, config, mesh=None, on_step=None):
+  return tas.search(config, str(tmp_path), _datasets(config), mesh or mesh_lib.make_mesh(),
+                    on_step=on_step)
+
+
+def test_weight_and_architecture_steps_have_separate_optimizers(tmp_path):
+  # Architecture lr 0: weights move, alpha/beta and their Adam state stay put.
+  config = _config(arch_learning_rate=0.0, arch_weight_decay=0.0, max_steps=2)
+  found, _ = _search(tmp_path / "a", config)
+  init_arch = jax.eval_shape(lambda: found["arch"])
+  del init_arch
+  fresh_config = _config(arch_learning_rate=0.0, arch_weight_decay=0.0, max_steps=1)
+  first, _ = _search(tmp_path / "b", fresh_config)
+  jax.tree.map(np.testing.assert_array_equal, found["arch"], first["arch"])
+  # Weight lr 0 (no decay): weights stay put while the architecture moves.
+  config = _config(learning_rate=0.0, weight_decay=0.0, max_steps=2)
+  moved, _ = _search(tmp_path / "c", config)
+  still, _ = _search(tmp_path / "d", _config(learning_rate=0.0, weight_decay=0.0,
+                                             max_steps=1))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(moved["state"].params),
+               jax.device_get(still["state"].params))
+  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                                       moved["arch"], still["arch"]))
+  assert max(diffs) > 0
+
+
+def test_search_resumed_after_interruption_equals_uninterrupted(tmp_path):
+  config = _config()
+  full, history_full = _search(tmp_path / "full", config)
+
+  def interrupt(step, state):
+    del state
+    if step == 5:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  with pytest.raises(loop.Interrupted):
+    _search(tmp_path / "cut", config, on_step=interrupt)
+  resumed, history_cut = _search(tmp_path / "cut", config)
+  jax.tree.map(np.testing.assert_array_equal, resumed["arch"], full["arch"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["state"].params),
+               jax.device_get(full["state"].params))
+  assert [h["epoch"] for h in history_cut] == [h["epoch"] for h in history_full]
+
+
+def test_search_step_on_8_devices_equals_1_device(tmp_path):
+  config = _config(max_steps=3)
+  one, _ = _search(tmp_path / "one", config, mesh_lib.make_mesh(jax.devices()[:1]))
+  eight, _ = _search(tmp_path / "eight", config, mesh_lib.make_mesh())
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+  jax.tree.map(close, eight["arch"], one["arch"])
+  jax.tree.map(close, jax.device_get(eight["state"].params),
+               jax.device_get(one["state"].params))
+
+
+@pytest.mark.parametrize("kd", [True, False])
+def test_retrain_runs_with_and_without_kd(tmp_path, kd):
+  config = _config()
+  config.train.update(epochs=1, batch_size=16, eval_batch_size=16, log_every_steps=4)
+  datasets = _datasets(config)
+  teacher = models.cifar_resnet(8, num_classes=4, widths=[8] * 7)
+  teacher_vars = teacher.init(jax.random.key(0), np.zeros((1, 16, 16, 3)), train=False)
+  student = models.cifar_resnet(8, num_classes=4, widths=[4, 4, 4, 8, 8, 8, 8])
+  kwargs = ({"objective": distill.kd_objective(teacher), "aux": teacher_vars} if kd
+            else {})
+  result = baseline.train("retrain", config.train, 0, str(tmp_path), datasets, student,
+                          **kwargs)
+  assert result.summary["steps"] == 8 and np.isfinite(result.summary["eval_loss"])
+  # Under KD the logged training loss is the KD loss, not the cross-entropy.
+  records = [json.loads(l) for l in open(tmp_path / "retrain/metrics.jsonl")]
+  assert all(np.isfinite(r["train_loss"]) for r in records)
+
+
+def test_smoke_pipeline_ends_inside_the_flops_band(tmp_path):
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run([sys.executable, "-m", "jaxprune.main", "--config",
+                         "configs/tas_resnet.py:smoke", "--workdir", str(tmp_path)],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((tmp_path / "report.json").read_text())
+  arch = json.loads((tmp_path / "architecture.json").read_text())
+  last = [json.loads(l) for l in open(tmp_path / "search/arch_history.jsonl")][-1]
+  target, tol = last["target_flops"], last["tolerance_flops"]
+  assert target - tol <= last["argmax_flops"] <= target  # the code variant's band
+  # F_cost is the true FLOPs of the derived network that was retrained.
+  assert arch["flops"] == last["argmax_flops"] == report["derived_flops"]
+  assert report["derived_flops"] < report["base_flops"]
+  for name in ("flops.png", "width_probs.png", "depth_probs.png", "derived_widths.png"):
+    assert (tmp_path / "plots" / name).exists()
