@@ -50,64 +50,92 @@ def arch_optimizer(cfg) -> optax.GradientTransformation:
                                 b2=cfg.arch_beta2))
 
 
-def make_search_step(model, weight_tx, arch_tx, *, cfg, seed: int, input_shape,
-                     flops_max: int, steps_per_epoch: int, epochs: int):
-  """``step(state, {"train": batch, "val": batch}) -> (state, metrics)`` (§6).
+def search_steps(model, weight_tx, arch_tx, *, cfg, seed: int, input_shape,
+                 flops_max: int, steps_per_epoch: int, epochs: int):
+  """The two halves of a search iteration (§6), each ``(state, batch) -> (state, metrics)``.
 
-  The weight step differentiates only ``params`` and updates only the weight
-  optimizer state; the architecture step then runs a fresh forward on the D_val
-  batch with the new weights and fresh noise and updates only ``arch_params`` and
-  the architecture optimizer state.
+  ``weight_step`` differentiates only ``params`` and updates only the weight
+  optimizer state (the D_train batch); ``arch_step`` runs a fresh forward on the
+  D_val batch with fresh noise and updates only ``arch_params`` and the
+  architecture optimizer state. Neither advances ``state.step``.
   """
-  def forward(params, model_state, arch, images, tau, key):
-    return model.apply({"params": params, **model_state, "arch": arch}, images,
-                       train=True, tau=tau, key=key, mutable=list(model_state))
-
-  def step(state: TrainState, batch):
-    weight_key, arch_key = jax.random.split(steps.step_key(seed, state.step))
+  def forward(state, params, arch, images, key):
     tau = tau_at(state.step // steps_per_epoch, epochs, cfg.tau_max, cfg.tau_min,
                  cfg.tau_schedule)
+    logits, updates = model.apply({"params": params, **state.model_state, "arch": arch},
+                                  images, train=True, tau=tau, key=key,
+                                  mutable=list(state.model_state))
+    return logits, {**state.model_state, **updates}, tau
 
-    def weight_loss(params):
-      logits, updates = forward(params, state.model_state, state.arch_params,
-                                batch["train"]["image"], tau, weight_key)
-      return steps.cross_entropy(logits, batch["train"]), (logits, updates)
+  def keys(state):
+    return jax.random.split(steps.step_key(seed, state.step))
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(
-        weight_loss, has_aux=True)(state.params)
-    w_updates, opt_state = weight_tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, w_updates)
-    model_state = {**state.model_state, **updates}
+  def weight_step(state: TrainState, batch):
+    def loss_fn(params):
+      logits, model_state, _ = forward(state, params, state.arch_params, batch["image"],
+                                       keys(state)[0])
+      return steps.cross_entropy(logits, batch), (logits, model_state)
 
-    def arch_loss(arch):
-      val_logits, val_updates = forward(params, model_state, arch,
-                                        batch["val"]["image"], tau, arch_key)
-      ce = steps.cross_entropy(val_logits, batch["val"])
+    (loss, (logits, model_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, opt_state = weight_tx.update(grads, state.opt_state, state.params)
+    return state.replace(params=optax.apply_updates(state.params, updates),
+                         model_state=model_state, opt_state=opt_state), {
+                             "loss": loss,
+                             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+
+  def arch_step(state: TrainState, batch):
+    def loss_fn(arch):
+      logits, model_state, tau = forward(state, state.params, arch, batch["image"],
+                                         keys(state)[1])
+      ce = steps.cross_entropy(logits, batch)
       e_cost = flops.tas_expected_cost(model, arch, input_shape)
       f_cost = flops.tas_argmax_cost_traced(model, arch, input_shape)
       cost = kernels.tas_cost_loss(e_cost, f_cost, flops_max, cfg.ratio, cfg.tolerance,
                                    cfg.cost_mode)
-      return ce + cfg.lambda_cost * cost, (val_logits, val_updates, ce, cost, e_cost,
-                                           f_cost)
+      return ce + cfg.lambda_cost * cost, (logits, model_state, ce, cost, e_cost, f_cost,
+                                           tau)
 
-    (_, (val_logits, val_updates, val_ce, cost, e_cost, f_cost)), arch_grads = (
-        jax.value_and_grad(arch_loss, has_aux=True)(state.arch_params))
-    a_updates, arch_opt_state = arch_tx.update(arch_grads, state.arch_opt_state,
-                                               state.arch_params)
-    arch_params = optax.apply_updates(state.arch_params, a_updates)
-    metrics = {
-        "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["train"]["label"]),
-        "val_loss": val_ce,
-        "val_accuracy": jnp.mean(jnp.argmax(val_logits, -1) == batch["val"]["label"]),
-        "arch_cost_loss": cost, "arch_expected_flops": e_cost,
-        "arch_argmax_flops": f_cost, "arch_tau": tau}
-    return state.replace(step=state.step + 1, params=params,
-                         model_state={**model_state, **val_updates},
-                         opt_state=opt_state, arch_params=arch_params,
-                         arch_opt_state=arch_opt_state), metrics
+    (_, (logits, model_state, ce, cost, e_cost, f_cost, tau)), grads = (
+        jax.value_and_grad(loss_fn, has_aux=True)(state.arch_params))
+    updates, arch_opt_state = arch_tx.update(grads, state.arch_opt_state,
+                                             state.arch_params)
+    return state.replace(arch_params=optax.apply_updates(state.arch_params, updates),
+                         model_state=model_state, arch_opt_state=arch_opt_state), {
+                             "val_loss": ce,
+                             "val_accuracy": jnp.mean(jnp.argmax(logits, -1) ==
+                                                      batch["label"]),
+                             "arch_cost_loss": cost, "arch_expected_flops": e_cost,
+                             "arch_argmax_flops": f_cost, "arch_tau": tau}
+
+  return weight_step, arch_step
+
+
+def make_search_step(model, weight_tx, arch_tx, **kwargs):
+  """``step(state, {"train": batch, "val": batch}) -> (state, metrics)``: one weight
+  step on D_train, then one architecture step on D_val with the new weights (§6)."""
+  weight_step, arch_step = search_steps(model, weight_tx, arch_tx, **kwargs)
+
+  def step(state: TrainState, batch):
+    state, weight_metrics = weight_step(state, batch["train"])
+    state, arch_metrics = arch_step(state, batch["val"])
+    return state.replace(step=state.step + 1), {**weight_metrics, **arch_metrics}
 
   return step
+
+
+def init_search_state(model, weight_tx, arch_tx, input_shape):
+  """``init(key) -> TrainState`` of the search: weights with the SGD state, the
+  ``arch`` collection with its own Adam state (§6)."""
+  def init(key):
+    pkey, skey = jax.random.split(key)
+    variables = dict(model.init({"params": pkey}, jnp.zeros((1, *input_shape)),
+                                train=False, tau=1.0, key=skey))
+    params, arch = variables.pop("params"), variables.pop("arch")
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                      opt_state=weight_tx.init(params), arch_params=arch,
+                      arch_opt_state=arch_tx.init(arch))
+  return init
 
 
 def arch_record(model, arch, cfg, input_shape, flops_max: int, epoch: int, step: int,
@@ -160,15 +188,7 @@ def search(config, workdir: str, datasets, mesh, on_step=None) -> tuple[dict, li
   weight_tx, schedule = optim.sgd(cfg, steps_per_epoch, total)
   arch_tx = arch_optimizer(cfg)
 
-  def init(key):
-    pkey, skey = jax.random.split(key)
-    variables = dict(model.init({"params": pkey}, jnp.zeros((1, *input_shape)),
-                                train=False, tau=1.0, key=skey))
-    params, arch = variables.pop("params"), variables.pop("arch")
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                      opt_state=weight_tx.init(params), arch_params=arch,
-                      arch_opt_state=arch_tx.init(arch))
-
+  init = init_search_state(model, weight_tx, arch_tx, input_shape)
   step = make_search_step(model, weight_tx, arch_tx, cfg=cfg, seed=config.seed,
                           input_shape=input_shape, flops_max=flops_max,
                           steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)

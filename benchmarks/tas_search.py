@@ -1,0 +1,137 @@
+r"""TAS search speed: one search iteration, its weight and architecture steps, peak RSS, CWI.
+
+For each CIFAR ResNet depth, in a fresh subprocess (so peak RSS is per model), on the
+default backend (CPU here; GPU/TPU where present, unchanged):
+- ms per search iteration (weight step on a D_train batch + architecture step on a
+  D_val batch, the recipe's own jitted step) at the iteration batch (default 256);
+- ms per weight step and per architecture step alone at batches 64 and 128;
+- peak resident memory of the process.
+Then CWI forward+backward for (128, 32, 32, 64) -> 48 channels (NHWC; the official
+release's layout is NCHW (128, 64, 32, 32)). Prints a table and the command.
+
+Anchors (the official PyTorch release, 2-core CPU, torch 2.13): search iteration at batch
+256 — ResNet-20 1680 ms, ResNet-32 2548 ms, ResNet-56 4408 ms (peak RSS 1.8 / 2.4 / 3.6 GB);
+CWI forward+backward 54 ms.
+
+  python benchmarks/tas_search.py
+  python benchmarks/tas_search.py --depths 20 --batch 128 --repeats 3
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from jaxprune.engine import runtime
+
+runtime.configure_xla_flags()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _median_ms(fn, repeats):
+  fn()  # compile / warm up
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times)) * 1e3
+
+
+def one_depth(depth: int, batch: int, small_batches, repeats: int) -> dict:
+  """Times the search step of ResNet-``depth`` in this process."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from jaxprune import data, flops, models, optim  # pylint: disable=g-import-not-at-top
+  from jaxprune.methods import tas  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(root, "configs",
+                                                                    "tas_resnet.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config(f"depth={depth}").tas
+  model = models.tas_cifar_resnet(depth, 10)
+  input_shape = (32, 32, 3)
+  plain = model.plain_network()
+  flops_max = flops.count(plain, jax.eval_shape(
+      lambda: plain.init(jax.random.key(0), jnp.zeros((1, *input_shape)))),
+                          input_shape)["flops"]
+  weight_tx, _ = optim.sgd(cfg, 100, 100 * cfg.epochs)
+  arch_tx = tas.arch_optimizer(cfg)
+  state = jax.jit(tas.init_search_state(model, weight_tx, arch_tx, input_shape))(
+      jax.random.key(0))
+  kwargs = dict(cfg=cfg, seed=0, input_shape=input_shape, flops_max=flops_max,
+                steps_per_epoch=100, epochs=cfg.epochs)
+  ds = data.synthetic(num_train=max(batch, *small_batches), num_test=8, seed=0)["train"]
+  batches = {b: jax.device_put(data.batch_at(ds, 0, b, seed=0, train=True))
+             for b in {batch, *small_batches}}
+  holder = {"state": state}
+
+  def timed(step_fn, b):
+    def run():
+      holder["state"], metrics = step_fn(holder["state"], b)
+      jax.block_until_ready(metrics)
+    return _median_ms(run, repeats)
+
+  iteration = jax.jit(tas.make_search_step(model, weight_tx, arch_tx, **kwargs),
+                      donate_argnums=0)
+  weight_step, arch_step = (jax.jit(f, donate_argnums=0) for f in
+                            tas.search_steps(model, weight_tx, arch_tx, **kwargs))
+  out = {"depth": depth, "iteration_ms": timed(
+      iteration, {"train": batches[batch], "val": batches[batch]})}
+  for b in small_batches:
+    out[f"weight_ms_{b}"] = timed(weight_step, batches[b])
+    out[f"arch_ms_{b}"] = timed(arch_step, batches[b])
+  out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+  return out
+
+
+def cwi_ms(repeats: int) -> float:
+  from jaxprune import kernels  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (128, 32, 32, 64), jnp.float32)
+  cot = jax.random.normal(jax.random.key(1), (128, 32, 32, 48), jnp.float32)
+  fwd_bwd = jax.jit(jax.value_and_grad(lambda x_: jnp.vdot(kernels.cwi(x_, 48), cot)))
+  return _median_ms(lambda: jax.block_until_ready(fwd_bwd(x)), repeats)
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--depths", type=int, nargs="+", default=[20, 32, 56])
+  parser.add_argument("--batch", type=int, default=256, help="search-iteration batch")
+  parser.add_argument("--small_batches", type=int, nargs="+", default=[64, 128])
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.one:
+    print(json.dumps(one_depth(args.one, args.batch, args.small_batches, args.repeats)))
+    return
+  print("command: python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *argv]))
+  print(f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
+        f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  sb = args.small_batches
+  print()
+  print(f"| model | iteration ms (batch {args.batch}) | " +
+        " | ".join(f"weight ms ({b}) | arch ms ({b})" for b in sb) + " | peak RSS GB |")
+  print("|---" * (3 + 2 * len(sb)) + "|")
+  for depth in args.depths:
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--one", str(depth), "--batch",
+         str(args.batch), "--repeats", str(args.repeats), "--small_batches",
+         *map(str, sb)], capture_output=True, text=True, check=True)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"| ResNet-{depth} | {r['iteration_ms']:.0f} | " +
+          " | ".join(f"{r[f'weight_ms_{b}']:.0f} | {r[f'arch_ms_{b}']:.0f}" for b in sb) +
+          f" | {r['peak_rss_gb']:.2f} |", flush=True)
+  print(f"\nCWI forward+backward (128, 32, 32, 64) -> 48: {cwi_ms(args.repeats * 4):.1f} ms")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
