@@ -18,6 +18,10 @@ Commands (from the repository root):
   # Paper variants: --config.tas.cost_mode=paper --config.tas.tau_schedule=linear
   #   --config.tas.tau_max=10
   # Reuse a trained baseline as the teacher: --config.tas.teacher_dir=<baseline workdir>/baseline/final
+  # Derive from the best in-band epoch instead of the last: --config.tas.derive_epoch=best
+  # Retrain a shape the authors released (no search), e.g. their CIFAR-10 ResNet-56:
+  python -m jaxprune.main --config configs/tas_resnet.py:depth=56,shape=C010-ResNet56 \
+      --workdir workdirs/tas_r56_released   # --config.tas.released_shapes_file=<json>
   # Offline on the CIFAR-10 subset beside the repository (4000/1000 images):
   python -m jaxprune.main --config configs/tas_resnet.py:dataset=cifar10_subset --workdir ...
 
@@ -29,11 +33,12 @@ report with base vs derived numbers.
 from jaxprune import config_lib
 
 SUBSET_NPZ = "../shared/data/cifar10-subset/cifar10_exact_train0-3999_test0-999.npz"
+SHAPES_JSON = "../shared/reference/tas_released_shapes.json"
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, depth=20, dataset="cifar10", ratio=0.47, kd=True,
-                              smoke=False)
+                              shape="", smoke=False)
   config = config_lib.base_config("tas")
   config.model = dict(name="cifar_resnet", depth=args.depth)
   if args.dataset == "cifar10_subset":
@@ -46,7 +51,8 @@ def get_config(arg=None):
   config.kd = dict(enabled=args.kd, alpha=0.9, temperature=4.0)
   config.tas = config_lib.train_config(epochs=600, warmup_epochs=0, batch_size=256)
   config.tas.update(dict(
-      teacher_dir="", split_seed=0, num_picks=2,
+      teacher_dir="", split_seed=0, num_picks=2, derive_epoch="last",
+      released_shape=args.shape, released_shapes_file=SHAPES_JSON,
       arch_learning_rate=1e-3, arch_beta1=0.5, arch_beta2=0.999, arch_weight_decay=1e-3,
       tau_max=5.0, tau_min=0.1, tau_schedule="cosine",
       ratio=args.ratio, tolerance=0.05, cost_mode="code", lambda_cost=2.0))

@@ -131,3 +131,52 @@ def test_smoke_pipeline_ends_inside_the_flops_band(tmp_path):
   assert report["derived_flops"] < report["base_flops"]
   for name in ("flops.png", "width_probs.png", "depth_probs.png", "derived_widths.png"):
     assert (tmp_path / "plots" / name).exists()
+
+
+def _record(f, val, mode="code", epoch=0):
+  return {"argmax_flops": f, "target_flops": 100.0, "tolerance_flops": 10.0,
+          "flops_max": 200.0, "cost_mode": mode, "val_accuracy": val, "epoch": epoch}
+
+
+def test_band_and_epoch_choice_follow_the_cost_loss_variants():
+  # code: [R - tol, R] = [90, 100]; paper: [(1-t)R, (1+t)R] with t = 10/200 -> [95, 105].
+  for f, code, paper in [(89, False, False), (90, True, False), (96, True, True),
+                         (100, True, True), (104, False, True), (106, False, False)]:
+    assert tas.in_band(_record(f, 0.0)) == code, f
+    assert tas.in_band(_record(f, 0.0, "paper")) == paper, f
+  rng = np.random.default_rng()
+  history = [_record(float(f), float(v), epoch=i) for i, (f, v) in
+             enumerate(zip(rng.uniform(80, 110, 20), rng.uniform(0, 1, 20)))]
+  assert tas.choose_epoch(history, "last") is history[-1]
+  inside = [r for r in history if 90 <= r["argmax_flops"] <= 100]
+  best = tas.choose_epoch(history, "best")
+  if inside:
+    assert best["val_accuracy"] == max(r["val_accuracy"] for r in inside)
+  else:
+    assert best is history[-1]
+  with pytest.raises(ValueError):
+    tas.choose_epoch(history, "first")
+
+
+def test_released_shape_is_retrained_by_name_with_its_true_flops(tmp_path):
+  shapes = REPO.parent / "shared" / "reference" / "tas_released_shapes.json"
+  from conftest import require_shared  # pylint: disable=g-import-not-at-top
+  require_shared(shapes)
+  config = _config()
+  config.model.depth = 20
+  config.dataset.synthetic.update(num_classes=10)
+  config.tas.update(released_shape="C010-ResNet20", released_shapes_file=str(shapes))
+  for section in (config.teacher, config.train):
+    section.update(max_steps=2, batch_size=16, eval_batch_size=16, log_every_steps=1)
+  out = tas.run(config, str(tmp_path))
+  shape = json.loads(shapes.read_text())["C010-ResNet20"]
+  expected = models.cifar_resnet_from_shape(shape["xchannels"], shape["xblocks"], 10)
+  from jaxprune import flops  # pylint: disable=g-import-not-at-top
+  abstract = jax.eval_shape(lambda: expected.init(jax.random.key(0),
+                                                  np.zeros((1, 16, 16, 3)), train=False))
+  assert out["derived_flops"] == flops.count(expected, abstract, (16, 16, 3))["flops"]
+  arch = json.loads((tmp_path / "architecture.json").read_text())
+  assert arch["widths"] == shape["xchannels"][1:] and arch["released_shape"] == "C010-ResNet20"
+  config.tas.released_shape = "C010-ResNet21"
+  with pytest.raises(ValueError, match="C010-ResNet20"):
+    tas.run(config, str(tmp_path / "other"))

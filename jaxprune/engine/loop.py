@@ -101,7 +101,7 @@ def run_stage(name: str, workdir: str, *, init: Callable[[jax.Array], Any], seed
               evaluate: Callable[[Any], dict] | None = None,
               lr_schedule: Callable[[int], float] | None = None,
               on_start: Callable[[int], None] | None = None,
-              on_epoch_end: Callable[[Any, int, int], None] | None = None,
+              on_epoch_end: Callable[[Any, int, int, dict], None] | None = None,
               on_step: Callable[[int, Any], None] | None = None) -> StageResult:
   """Runs ``step_fn`` from the latest checkpoint of stage ``name`` to ``total_steps``.
 
@@ -123,7 +123,8 @@ def run_stage(name: str, workdir: str, *, init: Callable[[jax.Array], Any], seed
     evaluate: ``state -> metrics`` at evaluation epochs and at the end.
     lr_schedule: logged as ``lr`` when given.
     on_start: called with the first step this process will run (after a resume).
-    on_epoch_end: ``(state, epoch, step)`` after every epoch.
+    on_epoch_end: ``(state, epoch, step, epoch_means)`` after every epoch, with the
+      means of the step metrics over that epoch.
     on_step: ``(step, state)`` after every step (tests use it to interrupt).
   """
   stage_dir = os.path.join(workdir, name)
@@ -160,7 +161,7 @@ def run_stage(name: str, workdir: str, *, init: Callable[[jax.Array], Any], seed
                    f"{total_steps} ({steps_per_epoch} steps/epoch) on "
                    f"{mesh.devices.size} device(s)")
 
-  t0, pending = time.perf_counter(), []
+  t0, pending, epoch_pending = time.perf_counter(), [], []
   eval_metrics = {}
   with catch_signals() as flag, \
        concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -171,12 +172,17 @@ def run_stage(name: str, workdir: str, *, init: Callable[[jax.Array], Any], seed
         future = pool.submit(load_batch, step + 1)  # overlaps with the device step
       state, m = step_fn(state, mesh_lib.global_batch(batch, mesh))
       pending.append(m)
+      if on_epoch_end is not None:
+        epoch_pending.append(m)
       done = step + 1
       if on_step is not None:
         on_step(done, state)
       epoch_end = done % steps_per_epoch == 0
       if epoch_end and on_epoch_end is not None:
-        on_epoch_end(state, done // steps_per_epoch, done)
+        fetched = jax.device_get(epoch_pending)
+        epoch_pending = []
+        on_epoch_end(state, done // steps_per_epoch, done,
+                     {k: float(np.mean([float(p[k]) for p in fetched])) for k in fetched[0]})
       log_now = done % cfg.log_every_steps == 0 or done == total_steps
       eval_now = evaluate is not None and (done == total_steps or (
           epoch_end and (done // steps_per_epoch) % cfg.eval_every_epochs == 0))

@@ -212,10 +212,11 @@ def search(config, workdir: str, datasets, mesh, on_step=None) -> tuple[dict, li
       with open(history_path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
 
-  def on_epoch_end(state, epoch, done):
+  def on_epoch_end(state, epoch, done, means):
     if jax.process_index() == 0:
       rec = arch_record(model, state.arch_params, cfg, input_shape, flops_max, epoch,
                         done, cfg.epochs)
+      rec["val_accuracy"] = means.get("val_accuracy")
       with open(history_path, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
 
@@ -231,6 +232,45 @@ def search(config, workdir: str, datasets, mesh, on_step=None) -> tuple[dict, li
                                math.ceil(total / steps_per_epoch), total, cfg.epochs))
   return {"model": model, "arch": arch, "flops_max": flops_max,
           "state": result.state}, history
+
+
+DERIVE_EPOCHS = ("last", "best")
+
+
+def in_band(record: dict) -> bool:
+  """Whether an epoch's argmax FLOPs satisfy the cost loss's target band (§5)."""
+  f, target = record["argmax_flops"], record["target_flops"]
+  tol = record["tolerance_flops"]
+  if record["cost_mode"] == "paper":
+    t = tol / record["flops_max"]
+    return (1 - t) * target <= f <= (1 + t) * target
+  return target - tol <= f <= target
+
+
+def choose_epoch(history: list[dict], derive_epoch: str) -> dict:
+  """The history record to derive from (§7): the last epoch (default), or the epoch
+  with the best search-time D_val accuracy among those inside the FLOPs band."""
+  if derive_epoch not in DERIVE_EPOCHS:
+    raise UserError(f"Unknown tas.derive_epoch {derive_epoch!r}; use one of "
+                    f"{DERIVE_EPOCHS}.")
+  if derive_epoch == "best":
+    candidates = [r for r in history if in_band(r) and r.get("val_accuracy") is not None]
+    if candidates:
+      return max(candidates, key=lambda r: (r["val_accuracy"], r["epoch"]))
+    print("[tas] no search epoch inside the FLOPs band; deriving from the last epoch")
+  return history[-1]
+
+
+def released_shape(path: str, name: str) -> dict:
+  """One of the searched shapes the TAS authors released, from their JSON (§10)."""
+  if not os.path.exists(path):
+    raise UserError(f"No released-shapes file at {path}; set "
+                    "--config.tas.released_shapes_file to tas_released_shapes.json.")
+  with open(path, encoding="utf-8") as f:
+    shapes = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+  if name not in shapes:
+    raise UserError(f"Unknown released shape {name!r}; known: {', '.join(sorted(shapes))}.")
+  return shapes[name]
 
 
 def teacher(config, workdir: str, datasets, model):
@@ -258,19 +298,38 @@ def run(config, workdir: str) -> dict:
   base_model = baseline.build_model(config.model, train_ds.num_classes)
   teacher_vars, teacher_acc = teacher(config, workdir, datasets, base_model)
 
-  found, history = search(config, workdir, datasets, mesh)
-  model, arch = found["model"], found["arch"]
-  derived = model.derive(arch)
-  derived_model = model.derived_network(arch)
+  history = []
+  if config.tas.released_shape:  # retrain a published shape: no search (§10)
+    shape = released_shape(config.tas.released_shapes_file, config.tas.released_shape)
+    if shape["depth"] != config.model.depth:
+      raise UserError(f"Released shape {config.tas.released_shape} is a ResNet-"
+                      f"{shape['depth']}; add depth={shape['depth']} to the config args.")
+    if shape["class_num"] != train_ds.num_classes or shape["dataset"] != "cifar":
+      raise UserError(f"Released shape {config.tas.released_shape} is for "
+                      f"{shape['dataset']} with {shape['class_num']} classes; the dataset "
+                      f"has {train_ds.num_classes}.")
+    derived_model = models.cifar_resnet_from_shape(shape["xchannels"], shape["xblocks"],
+                                                   train_ds.num_classes)
+    derived = {"widths": list(shape["xchannels"][1:]), "blocks": list(shape["xblocks"])}
+    source = {"released_shape": config.tas.released_shape}
+  else:
+    found, history = search(config, workdir, datasets, mesh)
+    chosen = choose_epoch(history, config.tas.derive_epoch)
+    derived = {"widths": chosen["argmax_widths"], "blocks": chosen["argmax_blocks"]}
+    derived_model = found["model"].plain_network(**derived)
+    source = {"search_epoch": chosen["epoch"], "derive_epoch": config.tas.derive_epoch}
   derived_abstract = jax.eval_shape(
       lambda: derived_model.init(jax.random.key(0), jnp.zeros((1, *input_shape)),
                                  train=False))
   counts = flops.count(derived_model, derived_abstract, input_shape)
+  base_flops = flops.count(base_model, jax.eval_shape(
+      lambda: base_model.init(jax.random.key(0), jnp.zeros((1, *input_shape)),
+                              train=False)), input_shape)["flops"]
   architecture = {"depth": config.model.depth, "widths": derived["widths"],
                   "blocks": derived["blocks"], "flops": counts["flops"],
-                  "params": counts["params"], "flops_max": found["flops_max"],
-                  "flops_ratio": counts["flops"] / found["flops_max"],
-                  "target_ratio": config.tas.ratio, "search_epoch": history[-1]["epoch"]}
+                  "params": counts["params"], "flops_max": base_flops,
+                  "flops_ratio": counts["flops"] / base_flops,
+                  "target_ratio": config.tas.ratio, **source}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "architecture.json"), "w", encoding="utf-8") as f:
       json.dump(architecture, f, indent=2)
@@ -298,7 +357,7 @@ def run(config, workdir: str) -> dict:
          "base_params": rows["base"]["params"], "derived_params": rows["derived"]["params"],
          "params_reduction": 1 - rows["derived"]["params"] / rows["base"]["params"],
          "wall_time_s": time.time() - t0, "architecture": architecture}
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and history:
     out["plots"] = plots.tas_search(history, os.path.join(workdir, "plots"))
   report.write_report(workdir, out, title=f"TAS ResNet-{config.model.depth} on "
                       f"{config.dataset.name}", models=rows)
