@@ -21,11 +21,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def require_shared(path: pathlib.Path) -> pathlib.Path:
-  """Returns ``path``; a missing path fails under CI=true and skips elsewhere."""
-  if not path.exists():
-    msg = f"missing shared data {path} (see ../shared/data/README.md)"
+def require(ok: bool, message: str):
+  """A missing prerequisite fails the test under CI=true and skips it elsewhere."""
+  if not ok:
     if os.environ.get("CI") == "true":
-      pytest.fail(msg)
-    pytest.skip(msg)
+      pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_shared(path: pathlib.Path) -> pathlib.Path:
+  """Returns ``path`` from ``../shared``, which must exist (see :func:`require`)."""
+  require(path.exists(), f"missing shared data {path} (see ../shared/data/README.md)")
   return path

@@ -16,6 +16,7 @@ import textwrap
 import ml_collections
 import numpy as np
 import pytest
+from conftest import require, require_shared
 from PIL import Image
 
 from jaxprune import data
@@ -28,18 +29,12 @@ MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 def _require(path: pathlib.Path):
-  if not path.exists():
-    message = f"real data not found at {path}"
-    if os.environ.get("CI") == "true":
-      pytest.fail(message)
-    pytest.skip(message)
+  require_shared(path)
 
 
 def _require_tensorflow():
-  if importlib.util.find_spec("tensorflow") is None:
-    if os.environ.get("CI") == "true":
-      pytest.fail("building TFDS datasets needs TensorFlow: pip install 'jaxprune[test]'")
-    pytest.skip("TensorFlow not installed (needed to build TFDS datasets)")
+  require(importlib.util.find_spec("tensorflow") is not None,
+          "building TFDS datasets needs TensorFlow: pip install 'jaxprune[test]'")
 
 
 def _cfg(**kwargs):

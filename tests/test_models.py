@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require_shared
 
 from jaxprune import flops
 from jaxprune import models
@@ -29,11 +30,7 @@ def small_resnet():
 
 
 def _released_shapes():
-  if not SHAPES_JSON.exists():
-    message = f"released TAS shapes not found at {SHAPES_JSON}"
-    if os.environ.get("CI") == "true":
-      pytest.fail(message)
-    pytest.skip(message)
+  require_shared(SHAPES_JSON)
   shapes = json.loads(SHAPES_JSON.read_text())
   return {k: v for k, v in shapes.items() if not k.startswith("_")}
 
