@@ -13,10 +13,10 @@ from ml_collections import config_dict
 
 from jaxprune.errors import UserError
 
-# Fields that may change between the runs of one workdir (they do not change results).
-RESUMABLE_FIELDS = ("train.log_every_steps", "train.checkpoint_every_steps",
-                    "train.keep_checkpoints", "train.eval_every_epochs",
-                    "report.inference_batch_size")
+# Fields (in any section) that may change between the runs of one workdir: they
+# change how often a run logs or saves, never what it computes.
+RESUMABLE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                    "eval_every_epochs", "inference_batch_size")
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -122,7 +122,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict):
       old = json.load(f)
     a, b = _flatten(old), _flatten(new)
     diff = sorted(k for k in set(a) | set(b)
-                  if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS)
+                  if a.get(k) != b.get(k) and k.split(".")[-1] not in RESUMABLE_FIELDS)
     if diff:
       shown = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
       raise UserError(

@@ -1,0 +1,34 @@
+"""Config helpers: argument parsing and the workdir compatibility check."""
+import json
+
+import pytest
+
+from jaxprune import config_lib
+from jaxprune.errors import UserError
+
+
+def test_parse_arg_types_flags_and_errors():
+  args = config_lib.parse_arg("smoke,depth=56,ratio=0.6,kd=false,dataset=cifar100",
+                              depth=20, ratio=0.47, kd=True, dataset="cifar10", smoke=False)
+  assert (args.smoke, args.depth, args.ratio, args.kd, args.dataset) == (
+      True, 56, 0.6, False, "cifar100")
+  with pytest.raises(UserError, match="depth"):
+    config_lib.parse_arg("dept=3", depth=20)
+  with pytest.raises(UserError, match="int"):
+    config_lib.parse_arg("depth=deep", depth=20)
+  with pytest.raises(UserError, match="needs a value"):
+    config_lib.parse_arg("depth", depth=20)
+
+
+def test_workdir_accepts_logging_changes_and_rejects_others(tmp_path):
+  config = config_lib.base_config("baseline")
+  config.train = config_lib.train_config()
+  config.tas = config_lib.train_config()
+  config_lib.check_workdir(str(tmp_path), config)
+  config.tas.log_every_steps = 7
+  config.train.checkpoint_every_steps = 11
+  config_lib.check_workdir(str(tmp_path), config)  # only how often it logs/saves
+  assert json.loads((tmp_path / "config.json").read_text())["tas"]["log_every_steps"] == 7
+  config.train.learning_rate = 0.2
+  with pytest.raises(UserError, match="train.learning_rate"):
+    config_lib.check_workdir(str(tmp_path), config)
