@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxprune.engine import runtime
 
-runtime.configure_xla_flags()
+runtime.configure()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position

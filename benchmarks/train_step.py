@@ -82,13 +82,13 @@ def main(argv):
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--steps", type=int, default=10, help="timed repeats (median)")
   parser.add_argument("--stock_xla_flags", action="store_true",
-                      help="do not add jaxprune's XLA:CPU flags (for comparison)")
+                      help="skip jaxprune's XLA:CPU flags and allocator settings (for comparison)")
   parser.add_argument("--stock_layers", action="store_true",
                       help="build the ResNets from flax's nn.Conv/nn.BatchNorm instead of "
                       "jaxprune.models.layers (for comparison)")
   args = parser.parse_args(argv)
   if not args.stock_xla_flags:
-    runtime.configure_xla_flags()
+    runtime.configure()
   if args.stock_layers:
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     from jaxprune.models import resnet  # pylint: disable=g-import-not-at-top

@@ -92,7 +92,7 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  runtime.configure_xla_flags()  # before the first computation starts the backend
+  runtime.configure()  # before the first computation starts the backend
   if not FLAGS["verbosity"].present:  # keep library INFO chatter (orbax) out of the way
     logging.set_verbosity(logging.WARNING)
   try:
