@@ -24,11 +24,10 @@ import resource
 import shlex
 import subprocess
 import sys
-import time
 
-import numpy as np
 
 from jaxprune.engine import runtime
+import timing  # benchmarks/timing.py  # pylint: disable=g-bad-import-order
 
 runtime.configure()
 
@@ -37,13 +36,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 
 
 def _median_ms(fn, repeats):
-  fn()  # compile / warm up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times)) * 1e3
+  return timing.median_ms(fn, repeats, warmup=True)  # the first call compiles
 
 
 def one_depth(depth: int, batch: int, small_batches, repeats: int) -> dict:

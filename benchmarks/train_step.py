@@ -18,22 +18,16 @@ import time
 import types
 
 import jax
-import numpy as np
 import optax
 
 from jaxprune import config_lib, data, models, optim
 from jaxprune.engine import runtime
+import timing  # benchmarks/timing.py  # pylint: disable=g-bad-import-order
 from jaxprune.engine import mesh as mesh_lib, steps
 from jaxprune.engine.state import init_train_state
 
 
-def _median_ms(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times)) * 1e3
+_median_ms = timing.median_ms
 
 
 def bench_model(depth, batch, repeats, ds):

@@ -94,6 +94,19 @@ def test_arch_collection_has_one_logit_vector_per_conv_and_stage():
 # --- §5 costs ----------------------------------------------------------------
 
 
+def _assert_all_max_costs(model, arch, depth, layout, shape, expected):
+  """The all-max architecture derives the plain network and costs its FLOPs."""
+  assert model.derive(arch) == {"widths": models.default_widths(depth, layout),
+                                "blocks": models.default_blocks(depth, layout)}
+  assert flops.tas_argmax_cost(model, arch, shape) == expected
+  np.testing.assert_allclose(flops.tas_argmax_cost_traced(model, arch, shape),
+                             expected, rtol=1e-6)
+  # Softmax of one-hot-ish logits: E_cost is the plain count less the
+  # classifier's bias adds (the official E_cost has none).
+  np.testing.assert_allclose(flops.tas_expected_cost(model, arch, shape),
+                             expected - 10, rtol=1e-5)
+
+
 @pytest.mark.parametrize("depth", [20, 56, 164])
 def test_argmax_cost_of_full_architecture_equals_plain_flops(depth):
   model = models.tas_cifar_resnet(depth)
@@ -101,17 +114,7 @@ def test_argmax_cost_of_full_architecture_equals_plain_flops(depth):
   plain = models.cifar_resnet(depth)
   expected = flops.count(plain, _abstract_init(plain, (32, 32, 3)),
                          (32, 32, 3))["flops"]
-  assert model.derive(arch) == {"widths": models.default_widths(depth),
-                                "blocks": models.default_blocks(depth)}
-  assert flops.tas_argmax_cost(model, arch, (32, 32, 3)) == expected
-  np.testing.assert_allclose(
-      flops.tas_argmax_cost_traced(model, arch, (32, 32, 3)), expected,
-      rtol=1e-6)
-  # Softmax of one-hot-ish logits: E_cost is the plain count less the
-  # classifier's bias adds (the official E_cost has none).
-  np.testing.assert_allclose(
-      flops.tas_expected_cost(model, arch, (32, 32, 3)), expected - 10,
-      rtol=1e-5)
+  _assert_all_max_costs(model, arch, depth, "cifar", (32, 32, 3), expected)
 
 
 @pytest.mark.parametrize("depth,seed", [(20, 0), (20, 1), (164, 2)])
@@ -487,16 +490,7 @@ def test_imagenet_argmax_cost_of_full_architecture_equals_plain_flops(depth):
   plain = models.imagenet_resnet(depth, 10)
   expected = flops.count(plain, _abstract_init(plain, (64, 64, 3)),
                          (64, 64, 3))["flops"]
-  assert model.derive(arch) == {
-      "widths": models.default_widths(depth, "imagenet"),
-      "blocks": models.default_blocks(depth, "imagenet")}
-  assert flops.tas_argmax_cost(model, arch, (64, 64, 3)) == expected
-  np.testing.assert_allclose(
-      flops.tas_argmax_cost_traced(model, arch, (64, 64, 3)), expected,
-      rtol=1e-6)
-  np.testing.assert_allclose(
-      flops.tas_expected_cost(model, arch, (64, 64, 3)), expected - 10,
-      rtol=1e-5)
+  _assert_all_max_costs(model, arch, depth, "imagenet", (64, 64, 3), expected)
 
 
 @pytest.mark.parametrize("depth,seed", [(18, 0), (18, 1), (50, 2), (50, 3)])
