@@ -10,6 +10,9 @@ TAS (reference/tas.md):
   ``cwi``, ``cwi_masked``, ``cwi_matrix``, ``cwi_matrix_traced`` — channel-wise
   interpolation, with static or traced (sampled) widths.
   ``tas_cost_loss`` — the FLOPs cost loss (code and paper variants).
+
+ISTA (reference/ista.md):
+  ``soft_threshold`` — the L1 prox that gives exact-zero batch-norm scales.
 """
 from jaxprune.kernels.cost import tas_cost_loss
 from jaxprune.kernels.cwi import cwi
@@ -18,6 +21,7 @@ from jaxprune.kernels.cwi import cwi_matrix
 from jaxprune.kernels.cwi import cwi_matrix_traced
 from jaxprune.kernels.gumbel import gumbel_select
 from jaxprune.kernels.gumbel import gumbel_softmax
+from jaxprune.kernels.prox import soft_threshold
 
 __all__ = [
     # TAS
@@ -28,4 +32,6 @@ __all__ = [
     "cwi_matrix",
     "cwi_matrix_traced",
     "tas_cost_loss",
+    # ISTA
+    "soft_threshold",
 ]

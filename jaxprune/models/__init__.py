@@ -9,6 +9,8 @@ import inspect
 from typing import Any
 
 from jaxprune.errors import UserError
+from jaxprune.models.convnet import ConvNet
+from jaxprune.models.convnet import convnet
 from jaxprune.models.lenet import LeNet300100
 from jaxprune.models.lenet import LeNet5
 from jaxprune.models.lenet import lenet300_100
@@ -35,6 +37,7 @@ MODELS = {
     "imagenet_resnet": imagenet_resnet,
     "lenet5": lenet5,
     "lenet300_100": lenet300_100,
+    "convnet": convnet,
 }
 
 
@@ -75,4 +78,5 @@ __all__ = [
     "default_blocks", "stage_depths", "block_type", "TASResNet",
     "tas_cifar_resnet", "tas_imagenet_resnet", "width_candidates",
     "depth_candidates", "imagenet_depth_candidates",
+    "ConvNet", "convnet",
 ]
