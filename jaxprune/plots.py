@@ -367,3 +367,37 @@ def training_curves(records: Sequence[Mapping], out_path: str,
   if parent:
     os.makedirs(parent, exist_ok=True)
   return _save(fig, out_path)
+
+
+# --- AutoPrune -------------------------------------------------------------------------
+
+
+def autoprune_kept_figure(history: Sequence[Mapping]) -> Figure:
+  """Kept fraction of every pruned layer (and in total) against the epoch.
+
+  ``history`` is ``<workdir>/prune/kept_history.jsonl``: records with ``epoch``,
+  ``kept`` ({layer: fraction}) and ``total_kept_fraction``.
+  """
+  if not history:
+    raise ValueError("no AutoPrune history records to plot")
+  epochs = [float(r["epoch"]) for r in history]
+  layers = list(dict.fromkeys(k for r in history for k in r["kept"]))
+  fig = _new_figure(6.0, 3.8)
+  ax = fig.subplots()
+  for layer in layers:
+    ax.plot(epochs, [r["kept"].get(layer, np.nan) for r in history], label=layer,
+            marker="o" if len(epochs) < 30 else None, ms=3)
+  ax.plot(epochs, [r["total_kept_fraction"] for r in history], "k--", label="total")
+  ax.set_yscale("log")
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("kept fraction")
+  ax.set_title("AutoPrune: kept weights per layer", fontsize=10)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8)
+  return fig
+
+
+def autoprune_kept(history: Sequence[Mapping], out_dir: str) -> list[str]:
+  """Writes ``<out_dir>/kept_fraction.png``; returns the paths written."""
+  os.makedirs(out_dir, exist_ok=True)
+  return [_save(autoprune_kept_figure(history), os.path.join(out_dir, "kept_fraction.png"))]

@@ -11,6 +11,9 @@ TAS (reference/tas.md):
   interpolation, with static or traced (sampled) widths.
   ``tas_cost_loss`` — the FLOPs cost loss (code and paper variants).
 
+AutoPrune (reference/autoprune.md):
+  ``step_ste`` — unit-step gate forward, surrogate derivative backward.
+
 ISTA (reference/ista.md):
   ``soft_threshold`` — the L1 prox that gives exact-zero batch-norm scales.
 """
@@ -21,6 +24,7 @@ from jaxprune.kernels.cwi import cwi_matrix
 from jaxprune.kernels.cwi import cwi_matrix_traced
 from jaxprune.kernels.gumbel import gumbel_select
 from jaxprune.kernels.gumbel import gumbel_softmax
+from jaxprune.kernels.ste import step_ste
 from jaxprune.kernels.prox import soft_threshold
 
 __all__ = [
@@ -32,6 +36,8 @@ __all__ = [
     "cwi_matrix",
     "cwi_matrix_traced",
     "tas_cost_loss",
+    # AutoPrune
+    "step_ste",
     # ISTA
     "soft_threshold",
 ]

@@ -8,6 +8,7 @@ import importlib
 from jaxprune.errors import UserError
 
 RECIPES = {
+    "autoprune": "jaxprune.methods.autoprune",
     "baseline": "jaxprune.methods.baseline",
     "tas": "jaxprune.methods.tas",
 }

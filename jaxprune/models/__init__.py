@@ -31,12 +31,15 @@ from jaxprune.models.tas_resnet import tas_cifar_resnet
 from jaxprune.models.tas_resnet import tas_imagenet_resnet
 from jaxprune.models.tas_resnet import TASResNet
 from jaxprune.models.tas_resnet import width_candidates
+from jaxprune.models.vgg import vgg_like
+from jaxprune.models.vgg import VGGLike
 
 MODELS = {
     "cifar_resnet": cifar_resnet,
     "imagenet_resnet": imagenet_resnet,
     "lenet5": lenet5,
     "lenet300_100": lenet300_100,
+    "vgg_like": vgg_like,
     "convnet": convnet,
 }
 
@@ -78,5 +81,6 @@ __all__ = [
     "default_blocks", "stage_depths", "block_type", "TASResNet",
     "tas_cifar_resnet", "tas_imagenet_resnet", "width_candidates",
     "depth_candidates", "imagenet_depth_candidates",
+    "VGGLike", "vgg_like",
     "ConvNet", "convnet",
 ]

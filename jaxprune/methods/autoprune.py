@@ -1,0 +1,380 @@
+"""AutoPrune recipe (Xiao et al., NeurIPS 2019): pretrain -> prune (+ fine-tune) -> report.
+
+Stages, each resumable in ``<workdir>/<stage>/`` by rerunning the command:
+- ``pretrain``: the dense network with the SGD recipe of ``config.pretrain``
+  (skipped when ``config.autoprune.init_from`` names the variables of a finished
+  run, e.g. ``<other workdir>/pretrain/final``, or when ``pretrain.epochs`` is 0).
+- ``prune``: weights ``W`` and auxiliary parameters ``M``
+  (:func:`jaxprune.optim.autoprune`, in the optimizer state) trained together for
+  ``autoprune.prune_epochs``; the forward pass uses ``W * h(M)``. For the rest of
+  ``train.epochs`` the learning rate of ``M`` and ``lambda_m`` are 0: the mask is
+  frozen and the kept weights are fine-tuned. ``kept_history.jsonl`` records the
+  kept fraction of every layer after every epoch.
+- report: per layer and total kept weights, compression, FLOPs of the pruned
+  network, test error before and after, and for neuron pruning the physically
+  smaller network (:func:`shrink`), checked to give the masked network's outputs.
+"""
+import importlib
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_dict
+import numpy as np
+import optax
+
+from jaxprune import config_lib, data, flops, models, plots
+from jaxprune.engine import checkpoint as ckpt_lib
+from jaxprune.engine import loop, mesh as mesh_lib, report, steps
+from jaxprune.engine.metrics import read_jsonl
+from jaxprune.engine.state import TrainState, split_variables
+from jaxprune.errors import UserError
+from jaxprune.methods import baseline
+from jaxprune.optim import selection
+from jaxprune.optim.sgd import learning_rate_schedule
+
+# The module (``jaxprune.optim.autoprune`` as an attribute is the transform factory).
+ap = importlib.import_module("jaxprune.optim.autoprune")
+
+# Layers whose output units neuron pruning may remove, in forward order, and the
+# classifier that follows them (its outputs are never pruned).
+NEURON_CHAINS = {"lenet5": (("conv1", "conv2", "fc1"), "fc2"),
+                 "lenet300_100": (("fc1", "fc2"), "fc3")}
+
+
+def autoprune_config(**overrides) -> ml_collections.ConfigDict:
+  """The ``autoprune`` section (see :func:`jaxprune.optim.autoprune` for the options)."""
+  cfg = ml_collections.ConfigDict({
+      "init_from": config_dict.placeholder(str),  # dense variables; skips pretraining
+      "prune_epochs": 10,          # M learns this long; then the mask is frozen
+      "m_learning_rate": 1.0,
+      "regularization": 1e-4,      # lambda_m
+      "regularizer": "l1_step",
+      "surrogate": "softplus",
+      "slope": 0.1,
+      "rule": "decoupled",
+      "granularity": "weight",
+      "mask": config_dict.placeholder(str),  # None: every kernel (weight) / unit layers
+      "m_init": 0.2,
+      "m_optimizer": "sgd",
+      "m_momentum": 0.0,
+      "decay_on": "effective",
+  })
+  cfg.update(overrides)
+  return cfg
+
+
+def neuron_mask(model_name: str) -> str:
+  """The default mask of neuron pruning: every unit layer but the classifier."""
+  if model_name not in NEURON_CHAINS:
+    raise UserError(f"Neuron pruning supports {', '.join(NEURON_CHAINS)}; got "
+                    f"{model_name!r}. Use autoprune.granularity='weight'.")
+  layers, _ = NEURON_CHAINS[model_name]
+  return r"(^|/)(" + "|".join(layers) + r")/kernel$"
+
+
+def shrink(model_name: str, params: dict, keep: dict, num_classes: int):
+  """The physically smaller network without the removed units (neuron pruning).
+
+  Args:
+    model_name: "lenet5" or "lenet300_100".
+    params: the (unmasked) weights of the full network.
+    keep: ``{layer: bool[units]}`` for the layers of ``NEURON_CHAINS[model_name]``.
+    num_classes: classifier outputs.
+
+  Returns:
+    ``(model, params)`` of the smaller network. A layer with no unit left keeps
+    one unit with zero weights and bias, which outputs what the masked layer
+    does (zeros), so outputs stay equal.
+  """
+  layers, classifier = NEURON_CHAINS[model_name]
+  params = jax.tree.map(np.asarray, params)
+  out = {k: dict(v) for k, v in params.items()}
+  widths = []
+  chain = list(layers) + [classifier]
+  for layer, nxt in zip(chain[:-1], chain[1:]):
+    k = np.asarray(keep[layer], bool)
+    idx = np.flatnonzero(k)
+    zero = idx.size == 0
+    if zero:
+      idx = np.array([0])
+    kern = out[layer]["kernel"][..., idx]
+    bias = out[layer]["bias"][idx]
+    if zero:
+      kern, bias = np.zeros_like(kern), np.zeros_like(bias)
+    out[layer] = {"kernel": kern, "bias": bias}
+    nk = out[nxt]["kernel"]
+    units = k.size
+    if nk.ndim == 4:  # conv -> conv: input channels are axis 2
+      nk = nk[:, :, idx, :]
+    else:  # dense rows, possibly a flattened (H, W, C) map: channel is the fastest axis
+      nk = nk.reshape(-1, units, nk.shape[-1])[:, idx, :].reshape(-1, nk.shape[-1])
+    out[nxt] = {**out[nxt], "kernel": nk}
+    widths.append(int(idx.size))
+  model = models.get_model(model_name, num_classes=num_classes, features=tuple(widths))
+  return model, jax.tree.map(jnp.asarray, out)
+
+
+def transform(cfg, steps_per_epoch: int, total_steps: int, mask):
+  """``optax.chain(autoprune, sgd)`` and the weight learning-rate schedule."""
+  prune_steps = int(cfg.autoprune.prune_epochs * steps_per_epoch)
+  freeze = lambda v: optax.piecewise_constant_schedule(v, {prune_steps: 0.0})
+  a = cfg.autoprune
+  try:
+    pruner = ap.autoprune(
+        freeze(a.m_learning_rate), regularization=freeze(a.regularization),
+        regularizer=a.regularizer, surrogate=a.surrogate, slope=a.slope, rule=a.rule,
+        granularity=a.granularity, mask=mask, m_init=a.m_init,
+        m_optimizer=a.m_optimizer, m_momentum=a.m_momentum or None,
+        weight_decay=cfg.train.weight_decay, decay_on=a.decay_on)
+  except ValueError as e:
+    raise UserError(f"Bad autoprune config: {e}") from None
+  schedule = learning_rate_schedule(cfg.train, steps_per_epoch, total_steps)
+  sgd = optax.sgd(schedule, momentum=cfg.train.momentum or None,
+                  nesterov=cfg.train.nesterov)
+  return optax.chain(pruner, sgd), schedule
+
+
+def make_step(model, tx, *, seed: int, selector):
+  """``(state, batch) -> (state, metrics)``: forward on ``W * h(M)``, one update."""
+  def step(state: TrainState, batch):
+    key = steps.step_key(seed, state.step)
+    eff = ap.effective_params(state.params, state.opt_state)
+
+    def loss_fn(p):
+      logits, model_state = steps.apply_model(model, p, state.model_state,
+                                              batch["image"], train=True, key=key)
+      return steps.cross_entropy(logits, batch), (logits, model_state)
+
+    (loss, (logits, model_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(eff)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    kept = kept_counts(params, opt_state, selector)
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+               "kept_fraction": kept[0] / kept[1]}
+    return state.replace(step=state.step + 1, params=params, model_state=model_state,
+                         opt_state=opt_state), metrics
+  return step
+
+
+def kept_counts(params, opt_state, selector):
+  """(kept, total) entries of the selected leaves (traceable)."""
+  sel = jax.tree.leaves(selection.select(params, selector))
+  ms = jax.tree.leaves(ap.masks(params, opt_state))
+  kept = sum(jnp.sum(m) for m, s in zip(ms, sel) if s)
+  total = sum(m.size for m, s in zip(ms, sel) if s)
+  return kept.astype(jnp.float32), float(total)
+
+
+def layer_table(model, params, opt_state, selector, input_shape) -> dict:
+  """Per layer: weights, kept, fraction, dense MACs and MACs of the kept weights."""
+  sel = selection.select(params, selector)
+  keep = ap.masks(params, opt_state)
+  layers = {}
+  for (path, k), s in zip(jax.tree_util.tree_leaves_with_path(keep), jax.tree.leaves(sel)):
+    name = selection.leaf_path(path)
+    if s and name.endswith("/kernel"):
+      layers[name[:-len("/kernel")]] = {"weights": int(k.size), "kept": int(np.sum(k))}
+  variables = {"params": params}
+  for rec in flops.count_layers(model, variables, input_shape):
+    row = layers.get(rec["name"])
+    if row is not None:
+      row["macs"] = int(rec["macs"])
+      # Weight pruning: every kept weight is used at every output position.
+      row["kept_macs"] = int(round(rec["macs"] * row["kept"] / row["weights"]))
+  for row in layers.values():
+    row["kept_fraction"] = row["kept"] / row["weights"]
+  return layers
+
+
+def load_init(config, workdir, datasets, model, mesh):
+  """Dense starting variables and their test accuracy (None when from scratch)."""
+  input_shape = datasets["train"].image_shape
+  src = config.autoprune.init_from
+  if src:
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
+    variables = ckpt_lib.load_variables(src, abstract)
+  elif config.pretrain.epochs > 0:
+    result = baseline.train("pretrain", config.pretrain, config.seed, workdir, datasets,
+                            model)
+    return result.state.variables, result.summary["eval_accuracy"]
+  else:
+    return None, None
+  acc = loop.evaluate(steps.make_eval_step(model, mesh=mesh), variables, datasets["test"],
+                      config.train.eval_batch_size, mesh)
+  return variables, acc["accuracy"]
+
+
+def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None):
+  """The prune (+ frozen-mask fine-tune) stage; returns (state, summary, history)."""
+  cfg = config.train
+  train_ds, test_ds = datasets["train"], datasets["test"]
+  input_shape = train_ds.image_shape
+  steps_per_epoch = data.steps_per_epoch(train_ds, cfg.batch_size)
+  total = cfg.epochs * steps_per_epoch
+  if cfg.max_steps:
+    total = min(total, cfg.max_steps)
+  mesh_lib.check_batch_size(cfg.batch_size, mesh)
+  a = config.autoprune
+  selector = a.mask or (neuron_mask(config.model.name) if a.granularity == "neuron"
+                        else ap.DEFAULT_MASK)
+  tx, schedule = transform(config, steps_per_epoch, total, selector)
+
+  def init(key):
+    if init_variables is not None:
+      variables = init_variables
+    else:
+      variables = model.init(key, jnp.zeros((1, *input_shape)), train=False)
+    params, model_state = split_variables(variables)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      model_state=model_state, opt_state=tx.init(params))
+
+  repl = mesh_lib.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: repl, jax.eval_shape(init, jax.random.key(0)))
+  step = jax.jit(make_step(model, tx, seed=config.seed, selector=selector),
+                 in_shardings=(state_sharding, mesh_lib.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  eval_step = steps.make_eval_step(model, mesh=mesh)
+
+  def masked_variables(state):
+    return {"params": ap.effective_params(state.params, state.opt_state),
+            **state.model_state}
+
+  def load(s):
+    return data.batch_at(train_ds, s, cfg.batch_size, seed=config.seed, train=True,
+                         process_index=jax.process_index(),
+                         process_count=jax.process_count())
+
+  history_path = os.path.join(workdir, "prune", "kept_history.jsonl")
+
+  def record(state, epoch, done, means=None):
+    fr = ap.kept_fractions(state.params, state.opt_state, selector)
+    kept, tot = jax.device_get(kept_counts(state.params, state.opt_state, selector))
+    return {"epoch": epoch, "step": done, "kept": {k[:-len("/kernel")] if
+                                                   k.endswith("/kernel") else k: v
+                                                   for k, v in fr.items()},
+            "total_kept_fraction": float(kept) / tot,
+            "train_accuracy": (means or {}).get("accuracy")}
+
+  def on_start(start):
+    kept = [r for r in read_jsonl(history_path) if r["step"] <= start]
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(history_path), exist_ok=True)
+      with open(history_path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+        if start == 0:  # the dense start, epoch 0
+          f.write(json.dumps(record(init0, 0, 0)) + "\n")
+
+  init0 = jax.jit(init)(jax.random.key(config.seed))
+
+  def on_epoch_end(state, epoch, done, means):
+    if jax.process_index() == 0:
+      with open(history_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record(state, epoch, done, means)) + "\n")
+
+  result = loop.run_stage(
+      "prune", workdir, init=init, seed=config.seed, step_fn=step, load_batch=load,
+      total_steps=total, steps_per_epoch=steps_per_epoch, images_per_step=cfg.batch_size,
+      cfg=cfg, mesh=mesh, lr_schedule=schedule, on_start=on_start,
+      on_epoch_end=on_epoch_end, on_step=on_step,
+      evaluate=lambda state: loop.evaluate(eval_step, masked_variables(state), test_ds,
+                                           cfg.eval_batch_size, mesh))
+  history = read_jsonl(history_path)
+  if not history or history[-1]["step"] != total:  # a run shorter than one epoch
+    history.append(record(result.state, total / steps_per_epoch, total))
+  final_dir = os.path.join(workdir, "prune", "final")
+  if not os.path.isdir(final_dir):
+    ckpt_lib.save_variables(final_dir, masked_variables(result.state))
+  return result.state, result.summary, history, selector
+
+
+def run(config, workdir: str) -> dict:
+  t0 = time.time()
+  config_lib.check_workdir(workdir, config)
+  mesh = mesh_lib.make_mesh()
+  datasets = data.load(config.dataset)
+  train_ds = datasets["train"]
+  input_shape = train_ds.image_shape
+  model = baseline.build_model(config.model, train_ds.num_classes)
+  init_vars, init_acc = load_init(config, workdir, datasets, model, mesh)
+  state, summary, history, selector = prune(config, workdir, datasets, model, init_vars,
+                                            mesh)
+  state = jax.device_get(state)
+  params = state.params
+  eff = ap.effective_params(params, state.opt_state)
+  masked_vars = {"params": eff, **state.model_state}
+  layers = layer_table(model, params, state.opt_state, selector, input_shape)
+  dense = flops.count(model, masked_vars, input_shape)
+  weights = sum(r["weights"] for r in layers.values())
+  kept = sum(r["kept"] for r in layers.values())
+  other_params = dense["params"] - weights  # biases, BN: counted as kept
+  acc = summary["eval_accuracy"]
+  batch = config.report.inference_batch_size
+  rows = {}
+  if init_vars is not None:
+    rows["dense"] = baseline.model_row(model, init_vars, input_shape, init_acc, batch)
+  masked_row = baseline.model_row(model, masked_vars, input_shape, acc, batch)
+  if config.autoprune.granularity == "weight":
+    # FLOPs of the pruned network: MACs of the kept weights plus the bias adds.
+    kept_flops = dense["flops"] - sum(r["macs"] - r["kept_macs"] for r in layers.values()
+                                      if "macs" in r)
+    masked_row["flops"] = kept_flops
+    masked_row["params"] = kept + other_params
+    rows["pruned (masked)"] = masked_row
+    pruned_flops = kept_flops
+    extra = {}
+  else:
+    chain, _ = NEURON_CHAINS[config.model.name]
+    units = {}
+    keep = ap.masks(params, state.opt_state)
+    for layer in chain:
+      units[layer] = np.asarray(keep[layer]["kernel"]).reshape(-1, keep[layer]["kernel"]
+                                                               .shape[-1])[0]
+    small, small_params = shrink(config.model.name, params, units, train_ds.num_classes)
+    probe = data.batch_at(datasets["test"], 0, min(256, datasets["test"].num_examples),
+                          seed=0, train=False)["image"]
+    ref = model.apply(masked_vars, probe, train=False)
+    got = small.apply({"params": small_params}, probe, train=False)
+    diff = float(jnp.max(jnp.abs(ref - got)))
+    small_row = baseline.model_row(small, {"params": small_params}, input_shape, acc,
+                                   batch)
+    rows["pruned (masked)"] = masked_row
+    rows["pruned (smaller network)"] = small_row
+    pruned_flops = small_row["flops"]
+    extra = {"kept_units": {k: int(v.sum()) for k, v in units.items()},
+             "smaller_network_features": list(small.features),
+             "export_max_abs_diff": diff}
+    if jax.process_index() == 0:
+      ckpt_lib.save_variables(os.path.join(workdir, "smaller_network"),
+                              {"params": small_params})
+  out = {"method": "autoprune", "dataset": config.dataset.name, "model": config.model.name,
+         "granularity": config.autoprune.granularity,
+         "surrogate": config.autoprune.surrogate, "rule": config.autoprune.rule,
+         "error_before": None if init_acc is None else 1 - init_acc,
+         "error_after": 1 - acc, "accuracy_after": acc,
+         "weights": weights, "kept_weights": kept,
+         "compression": weights / max(kept, 1),
+         "compression_all_params": dense["params"] / max(kept + other_params, 1),
+         "dense_flops": dense["flops"], "pruned_flops": pruned_flops,
+         "flops_fraction": pruned_flops / dense["flops"],
+         "train_time_s": summary["train_time_s"], "wall_time_s": time.time() - t0,
+         "layers": layers, **extra}
+  if jax.process_index() == 0:
+    out["plots"] = plots.autoprune_kept(history, os.path.join(workdir, "plots"))
+  report.write_report(workdir, out, title=f"AutoPrune {config.model.name} on "
+                      f"{config.dataset.name} ({config.autoprune.granularity})",
+                      models=rows)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "report.md"), "a", encoding="utf-8") as f:
+      f.write("\n| layer | weights | kept | kept fraction | MACs | kept MACs |\n"
+              "|---|---|---|---|---|---|\n")
+      for name, r in layers.items():
+        f.write(f"| {name} | {r['weights']} | {r['kept']} | {r['kept_fraction']:.4f} | "
+                f"{r.get('macs', '')} | {r.get('kept_macs', '')} |\n")
+  return out

@@ -1,0 +1,226 @@
+"""AutoPrune: STE surrogates, the update rules, recoverability, masks, neuron export, recipe."""
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import REPO
+from jaxprune import kernels, models, optim
+from jaxprune.kernels.ste import step_ste
+from jaxprune.methods import autoprune as recipe
+
+# The module (``jaxprune.optim.autoprune`` as an attribute is the transform factory).
+ap = importlib.import_module("jaxprune.optim.autoprune")
+
+
+def _rng():
+  return np.random.default_rng()
+
+
+def _params(rng, shapes=(("fc1", (6, 5)), ("fc2", (5, 3)))):
+  return {name: {"kernel": jnp.asarray(rng.normal(size=shape), jnp.float32),
+                 "bias": jnp.asarray(rng.normal(size=shape[-1:]), jnp.float32)}
+          for name, shape in shapes}
+
+
+@pytest.mark.parametrize("surrogate", ["softplus", "leaky_relu", "linear"])
+def test_step_ste_is_a_step_forward_and_surrogate_derivative_backward(surrogate):
+  rng = _rng()
+  m = jnp.asarray(rng.normal(size=(7, 4)), jnp.float32)
+  c = jnp.asarray(rng.normal(size=(7, 4)), jnp.float32)
+  slope = float(rng.uniform(0.01, 0.5))
+  np.testing.assert_array_equal(kernels.step_ste(m, surrogate, slope), (m > 0) * 1.0)
+  grad = jax.grad(lambda x: jnp.sum(step_ste(x, surrogate, slope) * c))(m)
+  mn = np.asarray(m)
+  closed = {"softplus": 1 / (1 + np.exp(-mn)),
+            "leaky_relu": np.where(mn > 0, 1.0, slope),
+            "linear": np.ones_like(mn)}[surrogate]
+  np.testing.assert_allclose(grad, np.asarray(c) * closed, rtol=1e-6)
+
+
+def test_step_ste_rejects_unknown_surrogate():
+  with pytest.raises(ValueError, match="surrogate"):
+    kernels.step_ste(jnp.zeros(3), "tanh")
+
+
+@pytest.mark.parametrize("rule", ["decoupled", "naive"])
+def test_update_matches_hand_computed_rule(rule):
+  rng = _rng()
+  params = _params(rng)
+  lr_m, lam, wd = 0.7, float(rng.uniform(1e-3, 1e-1)), 0.01
+  tx = optim.autoprune(lr_m, regularization=lam, rule=rule, weight_decay=wd,
+                       mask=r"fc1/kernel$")
+  state = tx.init(params)
+  m0 = np.asarray(rng.normal(size=(6, 5)), np.float32)
+  state = state._replace(m={**state.m, "fc1": {**state.m["fc1"], "kernel": jnp.asarray(m0)}})
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  updates, new = jax.jit(tx.update)(grads, state, params)
+
+  w, g = np.asarray(params["fc1"]["kernel"]), np.asarray(grads["fc1"]["kernel"])
+  h = (m0 > 0).astype(np.float32)
+  coupling = np.sign(w) if rule == "decoupled" else w
+  sig = 1 / (1 + np.exp(-m0))
+  np.testing.assert_allclose(new.m["fc1"]["kernel"], m0 - lr_m * (g * coupling + lam) * sig,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(updates["fc1"]["kernel"], g * h + wd * w * h, rtol=1e-6)
+  # Unselected leaves: gradient plus decay, placeholders unchanged.
+  np.testing.assert_allclose(updates["fc2"]["kernel"],
+                             grads["fc2"]["kernel"] + wd * params["fc2"]["kernel"], rtol=1e-6)
+  assert new.m["fc2"]["kernel"].shape == () and float(new.m["fc2"]["kernel"]) > 0
+
+
+def test_neuron_rule_sums_over_the_unit_fan_in_and_gates_the_bias():
+  rng = _rng()
+  params = _params(rng)
+  tx = optim.autoprune(0.5, regularization=0.0, granularity="neuron", mask=r"fc1/kernel$")
+  state = tx.init(params)
+  m0 = np.asarray(rng.normal(size=(5,)), np.float32)
+  state = state._replace(m={**state.m, "fc1": {**state.m["fc1"], "kernel": jnp.asarray(m0)}})
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  updates, new = tx.update(grads, state, params)
+  w, g = np.asarray(params["fc1"]["kernel"]), np.asarray(grads["fc1"]["kernel"])
+  expected = m0 - 0.5 * np.sum(g * np.sign(w), axis=0) / (1 + np.exp(-m0))
+  np.testing.assert_allclose(new.m["fc1"]["kernel"], expected, rtol=1e-5, atol=1e-6)
+  h = (m0 > 0).astype(np.float32)
+  np.testing.assert_allclose(updates["fc1"]["bias"], np.asarray(grads["fc1"]["bias"]) * h)
+  eff = ap.effective_params(params, state)
+  np.testing.assert_allclose(eff["fc1"]["kernel"], w * h[None, :])
+  np.testing.assert_allclose(eff["fc1"]["bias"], np.asarray(params["fc1"]["bias"]) * h)
+
+
+def _train(tx, params, grad_fn, steps):
+  state = tx.init(params)
+  for _ in range(steps):
+    eff = ap.effective_params(params, state)
+    updates, state = tx.update(grad_fn(eff), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def test_masked_weight_keeps_its_value_and_returns_when_m_turns_positive():
+  rng = _rng()
+  params = _params(rng, (("fc1", (4, 3)),))
+  w0 = np.asarray(params["fc1"]["kernel"])
+  # Phase 1: one step of a strong regulariser prunes every weight while the loss
+  # pulls each effective weight towards w + 2 sign(w) (a nonzero gradient when masked).
+  target = jax.tree.map(lambda p: p + 2 * jnp.sign(p), params)
+  grad_fn = lambda eff: jax.tree.map(lambda e, t: e - t, eff, target)
+  inner = optax.sgd(0.05)
+  tx = optax.chain(optim.autoprune(0.5, regularization=4.0, m_init=0.1,
+                                   weight_decay=1e-3), inner)
+  params1, state1 = _train(tx, params, grad_fn, 1)
+  assert not np.any(np.asarray(ap.masks(params1, state1)["fc1"]["kernel"]))
+  w1 = np.asarray(params1["fc1"]["kernel"])
+  # Phase 2: no regulariser; the decoupled rule pulls m up (sign(w) * dL/dt < 0)
+  # while the weights stay frozen, then they come back with the values they had.
+  tx2 = optax.chain(optim.autoprune(0.5, regularization=0.0, weight_decay=1e-3), inner)
+  state2 = tx2.init(params1)
+  state2 = state2[0]._replace(m=ap.find_state(state1).m), state2[1]
+  params2, state2 = params1, state2
+  returned = np.zeros(w1.shape, bool)
+  for _ in range(20):
+    alive = np.asarray(ap.masks(params2, state2)["fc1"]["kernel"])
+    new = alive & ~returned
+    # A weight that comes back has the value it had when it was masked out.
+    np.testing.assert_array_equal(np.asarray(params2["fc1"]["kernel"])[new], w1[new])
+    eff = ap.effective_params(params2, state2)
+    np.testing.assert_array_equal(np.asarray(eff["fc1"]["kernel"])[new], w1[new])
+    returned |= alive
+    if returned.all():
+      break
+    updates, state2 = tx2.update(grad_fn(eff), state2, params2)
+    params2 = optax.apply_updates(params2, updates)
+  assert returned.all()
+  # Weight decay on W instead of T shrinks masked weights (lower recoverability).
+  tx3 = optax.chain(optim.autoprune(0.5, regularization=10.0, m_init=-1.0,
+                                    weight_decay=0.1, decay_on="weights"), optax.sgd(1.0))
+  params3, _ = _train(tx3, params, lambda eff: jax.tree.map(jnp.zeros_like, eff), 3)
+  np.testing.assert_allclose(params3["fc1"]["kernel"], w0 * 0.9 ** 3, rtol=1e-5)
+
+
+def test_leaves_outside_the_mask_are_untouched_by_pruning():
+  rng = _rng()
+  params = _params(rng)
+  grad_fn = lambda eff: jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape),
+                                                           jnp.float32), eff)
+  tx = optax.chain(optim.autoprune(5.0, regularization=1.0, mask=r"fc1/kernel$"),
+                   optax.sgd(0.0))
+  params_out, state = _train(tx, params, grad_fn, 4)
+  eff = ap.effective_params(params_out, state)
+  for path in (("fc1", "bias"), ("fc2", "kernel"), ("fc2", "bias")):
+    np.testing.assert_array_equal(eff[path[0]][path[1]], params[path[0]][path[1]])
+  assert np.mean(np.asarray(ap.masks(params_out, state)["fc1"]["kernel"])) < 1
+
+
+def test_bad_options_raise():
+  for kwargs in ({"rule": "exact"}, {"granularity": "layer"}, {"regularizer": "l0"},
+                 {"decay_on": "bias"}, {"surrogate": "relu"}):
+    with pytest.raises(ValueError):
+      optim.autoprune(0.1, **kwargs)
+  tx = optim.autoprune(0.1)
+  params = _params(_rng())
+  with pytest.raises(ValueError, match="params"):
+    tx.update(params, tx.init(params))
+
+
+@pytest.mark.parametrize("name,shape", [("lenet5", (28, 28, 1)), ("lenet300_100", (28, 28, 1))])
+def test_neuron_export_gives_the_masked_network_outputs(name, shape):
+  rng = _rng()
+  model = models.get_model(name, num_classes=10)
+  x = jnp.asarray(rng.normal(size=(4, *shape)), jnp.float32)
+  params = model.init(jax.random.key(int(rng.integers(1 << 30))), x)["params"]
+  tx = optim.autoprune(0.1, granularity="neuron", mask=recipe.neuron_mask(name))
+  state = tx.init(params)
+  layers, _ = recipe.NEURON_CHAINS[name]
+  m = dict(state.m)
+  keep = {}
+  for i, layer in enumerate(layers):
+    units = params[layer]["kernel"].shape[-1]
+    k = rng.random(units) < 0.4
+    if i == 0:
+      k[:] = False  # a layer with no unit left is still exported exactly
+    keep[layer] = k
+    m[layer] = {**m[layer], "kernel": jnp.where(jnp.asarray(k), 1.0, -1.0)}
+  state = state._replace(m=m)
+  masked = model.apply({"params": ap.effective_params(params, state)}, x)
+  small, small_params = recipe.shrink(name, params, keep, 10)
+  assert list(small.features) == [max(int(keep[l].sum()), 1) for l in layers]
+  np.testing.assert_allclose(small.apply({"params": small_params}, x), masked,
+                             rtol=1e-5, atol=1e-5)
+
+
+def _config(arg="smoke"):
+  spec = importlib.util.spec_from_file_location("ap_cfg", REPO / "configs/autoprune_lenet.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.dataset.synthetic.update(num_train=256, num_test=64)
+  config.pretrain.update(epochs=1, batch_size=32, eval_batch_size=64)
+  config.train.update(epochs=2, batch_size=32, eval_batch_size=64, log_every_steps=4)
+  config.autoprune.update(prune_epochs=1, regularization=0.04, m_learning_rate=2.0)
+  return config
+
+
+@pytest.mark.parametrize("arg,pretrain", [("smoke,arch=lenet300", 0),
+                                          ("smoke,arch=lenet300,granularity=neuron", 1)])
+def test_recipe_end_to_end_reports_compression_and_plots(tmp_path, arg, pretrain):
+  config = _config(arg)
+  config.pretrain.epochs = pretrain  # 0: prune from scratch
+  out = recipe.run(config, str(tmp_path))
+  assert out["kept_weights"] < out["weights"]
+  assert out["compression"] == pytest.approx(out["weights"] / out["kept_weights"])
+  assert 0 < out["pruned_flops"] < out["dense_flops"]
+  assert os.path.exists(tmp_path / "plots" / "kept_fraction.png")
+  history = [json.loads(l) for l in open(tmp_path / "prune" / "kept_history.jsonl")]
+  assert history[0]["total_kept_fraction"] == 1.0
+  assert history[-1]["total_kept_fraction"] == pytest.approx(
+      out["kept_weights"] / out["weights"])
+  if "neuron" in arg:
+    assert out["export_max_abs_diff"] < 1e-4
+  again = recipe.run(config, str(tmp_path))  # finished stages are not redone
+  assert again["kept_weights"] == out["kept_weights"]
