@@ -25,6 +25,7 @@ setuptools.setup(
         "pillow>=10",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        "diffrax>=0.6",  # DNW's continuous-time graph (adaptive dopri5)
     ],
     extras_require={
         # Building (not reading) the stock TFDS datasets runs TensorFlow inside TFDS.

@@ -351,5 +351,49 @@ def tas_argmax_cost_traced(model, arch_params: Mapping[str, Any],
   return cost + current * num_classes + bias_adds
 
 
+def graph_macs(edges: int, nodes: int, spatial: int, steps: int = 1,
+               taps: int = 9) -> int:
+  """MACs of a DNW graph block (dnw.md §2): ``(edges + taps * nodes) * spatial^2``.
+
+  ``nodes`` are the nodes whose depthwise ``taps``-tap op runs, ``steps`` the
+  times the graph is applied (5 for the discrete-time net).
+  """
+  return int((edges + taps * nodes) * spatial * spatial * steps)
+
+
+def count_graph(model: nn.Module, variables: Mapping[str, Any],
+                input_shape: Sequence[int], blocks: Sequence[Mapping[str, int]],
+                *, taps: int = 9) -> dict[str, int]:
+  """FLOPs of a neural-graph model: its conv/dense layers plus its graph blocks.
+
+  The conv and dense calls (stem, classifier) are counted as by :func:`count`;
+  each graph block, whose 1x1 graph convolution and node ops are not layer
+  calls, adds :func:`graph_macs`. Called with the executed edges and live nodes
+  it gives the FLOPs of the network actually executed; with every slot the
+  dense forward reads, the dense-masked FLOPs.
+
+  Args:
+    model, variables, input_shape: as for :func:`count`.
+    blocks: per graph block ``{"edges", "nodes", "spatial", "steps"}``.
+    taps: kernel taps of a node op.
+
+  Returns:
+    ``{"flops", "layer_flops", "graph_flops", "layer_params", "graph_params",
+    "params"}``: ``graph_params`` = edges + taps * nodes, ``layer_params`` the
+    counted layers' kernels and biases, ``params`` every parameter stored.
+  """
+  layers = count_layers(model, variables, input_shape)
+  layer_flops = int(sum(layer["flops"] for layer in layers))
+  layer_params = int(sum(math.prod(layer["kernel_shape"]) +
+                         (layer["kernel_shape"][-1] if layer["bias_adds"] else 0)
+                         for layer in layers))
+  graph_flops = sum(graph_macs(b["edges"], b["nodes"], b["spatial"], b.get("steps", 1),
+                               taps) for b in blocks)
+  graph_params = int(sum(b["edges"] + taps * b["nodes"] for b in blocks))
+  return {"flops": layer_flops + graph_flops, "layer_flops": layer_flops,
+          "graph_flops": graph_flops, "layer_params": layer_params,
+          "graph_params": graph_params, "params": count_params(variables)}
+
+
 __all__ = ["count", "count_layers", "count_params", "tas_expected_cost",
-           "tas_argmax_cost", "tas_argmax_cost_traced"]
+           "tas_argmax_cost", "tas_argmax_cost_traced", "graph_macs", "count_graph"]

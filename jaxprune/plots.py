@@ -401,3 +401,48 @@ def autoprune_kept(history: Sequence[Mapping], out_dir: str) -> list[str]:
   """Writes ``<out_dir>/kept_fraction.png``; returns the paths written."""
   os.makedirs(out_dir, exist_ok=True)
   return [_save(autoprune_kept_figure(history), os.path.join(out_dir, "kept_fraction.png"))]
+
+
+# --- DNW -------------------------------------------------------------------------------
+
+
+def dnw_wiring_figure(export: Mapping) -> Figure:
+  """One panel per graph block: the learned edges as a source x target image.
+
+  Pixel (u, v) shows |w_uv| of a kept edge after dead-node removal (white: no
+  edge); ticks mark where one layer's nodes end. ``export`` is the dict
+  written to ``wiring.json`` (``jaxprune.models.dnw.export_wiring``).
+  """
+  blocks = [b for b in export.get("blocks", []) if "edge_list" in b]
+  if not blocks:
+    raise ValueError("the wiring export has no edge lists to plot "
+                     "(export_wiring(..., with_edges=True))")
+  cols = min(len(blocks), 3)
+  rows = math.ceil(len(blocks) / cols)
+  fig = _new_figure(4.2 * cols, 3.8 * rows)
+  axes = fig.subplots(rows, cols, squeeze=False).ravel()
+  for ax, block in zip(axes, blocks):
+    edges = np.asarray(block["edge_list"], np.float64).reshape(-1, 3)
+    offset = block["nodes"] - block["targets"]  # target node id -> column
+    image = np.full((block["sources"], block["targets"]), np.nan)
+    if len(edges):
+      image[edges[:, 0].astype(int), edges[:, 1].astype(int) - offset] = np.abs(edges[:, 2])
+    shown = ax.imshow(image, aspect="auto", interpolation="nearest", cmap="viridis",
+                      norm=mcolors.LogNorm() if np.nanmin(image, initial=1) > 0 else None)
+    fig.colorbar(shown, ax=ax, label="|w| of kept edge", shrink=0.8)
+    ax.set_title(f"{block['name']}: {block['executed_edges']:,} edges, "
+                 f"{block['live_nodes']}/{block['nodes']} live nodes", fontsize=9)
+    ax.set_xlabel("target node")
+    ax.set_ylabel("source node")
+  for ax in axes[len(blocks):]:
+    ax.set_visible(False)
+  return fig
+
+
+def dnw_wiring(export: Mapping, out_path: str) -> str:
+  """Draws :func:`dnw_wiring_figure` to ``out_path`` (created directories); returns it."""
+  fig = dnw_wiring_figure(export)
+  parent = os.path.dirname(out_path)
+  if parent:
+    os.makedirs(parent, exist_ok=True)
+  return _save(fig, out_path)

@@ -11,6 +11,9 @@ TAS (reference/tas.md):
   interpolation, with static or traced (sampled) widths.
   ``tas_cost_loss`` — the FLOPs cost loss (code and paper variants).
 
+DNW (reference/dnw.md):
+  ``topk_ste`` — top-k |w| forward, identity backward; ``topk_mask`` its exact-k mask.
+
 AutoPrune (reference/autoprune.md):
   ``step_ste`` — unit-step gate forward, surrogate derivative backward.
 
@@ -24,6 +27,8 @@ from jaxprune.kernels.cwi import cwi_matrix
 from jaxprune.kernels.cwi import cwi_matrix_traced
 from jaxprune.kernels.gumbel import gumbel_select
 from jaxprune.kernels.gumbel import gumbel_softmax
+from jaxprune.kernels.topk import topk_mask
+from jaxprune.kernels.topk import topk_ste
 from jaxprune.kernels.ste import step_ste
 from jaxprune.kernels.prox import soft_threshold
 
@@ -36,6 +41,9 @@ __all__ = [
     "cwi_matrix",
     "cwi_matrix_traced",
     "tas_cost_loss",
+    # DNW
+    "topk_ste",
+    "topk_mask",
     # AutoPrune
     "step_ste",
     # ISTA

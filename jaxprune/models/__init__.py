@@ -11,6 +11,14 @@ from typing import Any
 from jaxprune.errors import UserError
 from jaxprune.models.convnet import ConvNet
 from jaxprune.models.convnet import convnet
+from jaxprune.models.dnw import continuous_graph
+from jaxprune.models.dnw import ContinuousTimeGraphNet
+from jaxprune.models.dnw import discrete_graph
+from jaxprune.models.dnw import DiscreteTimeGraphNet
+from jaxprune.models.dnw import mobilenet_graph
+from jaxprune.models.dnw import MobileNetV1Like
+from jaxprune.models.dnw import static_graph
+from jaxprune.models.dnw import StaticGraphNet
 from jaxprune.models.lenet import LeNet300100
 from jaxprune.models.lenet import LeNet5
 from jaxprune.models.lenet import lenet300_100
@@ -39,6 +47,10 @@ MODELS = {
     "imagenet_resnet": imagenet_resnet,
     "lenet5": lenet5,
     "lenet300_100": lenet300_100,
+    "dnw_static": static_graph,
+    "dnw_discrete": discrete_graph,
+    "dnw_continuous": continuous_graph,
+    "dnw_mobilenet": mobilenet_graph,
     "vgg_like": vgg_like,
     "convnet": convnet,
 }
@@ -81,6 +93,8 @@ __all__ = [
     "default_blocks", "stage_depths", "block_type", "TASResNet",
     "tas_cifar_resnet", "tas_imagenet_resnet", "width_candidates",
     "depth_candidates", "imagenet_depth_candidates",
+    "StaticGraphNet", "DiscreteTimeGraphNet", "ContinuousTimeGraphNet", "MobileNetV1Like",
+    "static_graph", "discrete_graph", "continuous_graph", "mobilenet_graph",
     "VGGLike", "vgg_like",
     "ConvNet", "convnet",
 ]

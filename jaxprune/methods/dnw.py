@@ -1,0 +1,95 @@
+"""DNW recipe: train a neural graph whose wiring is learned, then export the wiring.
+
+One stage, ``train``: the model of ``config.model`` (a DNW graph net, see
+:mod:`jaxprune.models.dnw`) trains with the SGD recipe of ``config.train``.
+Its edge matrices are ordinary parameters: the forward pass uses the top-k
+edges by magnitude and every edge receives its gradient (straight-through) and
+weight decay (dnw.md §1), so the wiring changes during training without any
+extra optimizer or state. ``graph="random"`` trains the random-graph baseline
+(a fixed random mask with the same edge count) with the same recipe.
+
+After training the run writes ``wiring.json`` (per block: edge list with
+weights, live nodes after dead-node removal, edge counts), ``plots/dnw_wiring.png``
+and a report with accuracy, the FLOPs actually executed (dnw.md §2) next to the
+dense-masked FLOPs, and measured inference time of the dense masked network and
+(for the static net) of the exported dead-node-free network.
+"""
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from jaxprune import config_lib, data, plots
+from jaxprune.engine import report
+from jaxprune.methods import baseline
+from jaxprune.models import dnw as dnw_models
+
+
+def fixed_mask_network(model, variables, input_shape):
+  """The dense masked network: the learned graph baked into a fixed ``wiring`` mask.
+
+  This is the forward pass a deployment without sparse kernels runs: every
+  slot the DAG reads is multiplied densely, no per-call top-k.
+  """
+  fixed = model.clone(graph="random")
+  wiring = {}
+  for block in model.graph_blocks(input_shape):
+    edges = dnw_models._edge_values(model, variables, block)  # pylint: disable=protected-access
+    node = wiring
+    for p in block["path"][:-1]:
+      node = node.setdefault(p, {})
+    node["mask"] = jax.numpy.asarray((edges != 0).astype(np.float32))
+  new = {k: v for k, v in variables.items() if k != "wiring"}
+  new["wiring"] = wiring
+  return fixed, new
+
+
+def run(config, workdir: str) -> dict:
+  t0 = time.time()
+  config_lib.check_workdir(workdir, config)
+  datasets = data.load(config.dataset)
+  train_ds = datasets["train"]
+  model = baseline.build_model(config.model, train_ds.num_classes)
+  result = baseline.train("train", config.train, config.seed, workdir, datasets, model)
+  variables = jax.device_get(result.state.variables)
+  shape = train_ds.image_shape
+  accuracy = result.summary["eval_accuracy"]
+
+  export = dnw_models.export_wiring(model, variables, shape)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "wiring.json"), "w", encoding="utf-8") as f:
+      json.dump(export, f)
+    plots.dnw_wiring(export, os.path.join(workdir, "plots", "dnw_wiring.png"))
+
+  batch = config.report.inference_batch_size
+  dense_model, dense_vars = fixed_mask_network(model, variables, shape)
+  dense_time = report.measure_inference(dense_model, dense_vars, shape, batch)
+  rows = {"dense_masked": {
+      "accuracy": accuracy, "flops": export["flops_dense_masked"],
+      "params_stored": export["params"], "edges": export["edges"],
+      "inference_ms": dense_time["ms_per_batch"], "inference_batch": batch}}
+  executed = {"accuracy": accuracy, "flops": export["flops_executed"],
+              "params": export["params_executed"], "edges": export["executed_edges"]}
+  if isinstance(model, dnw_models.StaticGraphNet):
+    compact_model, compact_vars = dnw_models.compact_static(model, variables)
+    timing = report.measure_inference(compact_model, compact_vars, shape, batch)
+    executed.update(inference_ms=timing["ms_per_batch"], inference_batch=batch,
+                    nodes=int(sum(compact_model.block_sizes)))
+  rows["executed"] = executed
+
+  out = {"method": "dnw", "dataset": config.dataset.name, "model": config.model.name,
+         "graph": config.model.graph, "test_accuracy": accuracy,
+         "edges": export["edges"], "executed_edges": export["executed_edges"],
+         "live_nodes": int(sum(b["live_nodes"] for b in export["blocks"])),
+         "nodes": int(sum(b["nodes"] for b in export["blocks"])),
+         "flops_executed": export["flops_executed"],
+         "flops_dense_masked": export["flops_dense_masked"],
+         "params_executed": export["params_executed"],
+         "train_steps": result.summary["steps"],
+         "train_time_s": result.summary["train_time_s"],
+         "wall_time_s": time.time() - t0, "wiring": f"{workdir}/wiring.json"}
+  report.write_report(workdir, out, title=f"DNW {config.model.name} ({config.model.graph}) "
+                      f"on {config.dataset.name}", models=rows)
+  return out
