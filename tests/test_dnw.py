@@ -220,6 +220,21 @@ def test_mobilenet_small_blocks_forward_and_export():
   assert export["flops_executed"] <= export["flops_dense_masked"]
 
 
+def test_discrete_graph_applies_its_graph_five_times_in_the_flops():
+  model = dnw.discrete_graph(nodes=8, stem_width=4, num_outputs=4, prune_rate=0.75)
+  x = jax.random.normal(jax.random.key(np.random.randint(1 << 30)), (2, *SMALL_SHAPE))
+  variables = model.init(jax.random.key(0), x)
+  assert model.apply(variables, x).shape == (2, 10)
+  export = dnw.export_wiring(model, variables, SMALL_SHAPE)
+  block = export["blocks"][0]
+  assert block["edges"] == 16 and block["steps"] == 5
+  layers = flops.count(model, variables, SMALL_SHAPE)["flops"]
+  spatial = SMALL_SHAPE[0] // 4
+  assert export["flops_executed"] == layers + 5 * (
+      block["executed_edges"] + 9 * block["live_node_ops"]) * spatial ** 2
+  assert export["flops_dense_masked"] == layers + 5 * (64 + 9 * 8) * spatial ** 2
+
+
 def test_get_model_names_the_dnw_graphs():
   assert isinstance(models.get_model("dnw_static", 10), dnw.StaticGraphNet)
   assert isinstance(models.get_model("dnw_mobilenet", 10, width=0.3), dnw.MobileNetV1Like)

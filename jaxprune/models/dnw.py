@@ -211,11 +211,21 @@ class StaticGraphNet(nn.Module):
     return nn.Dense(self.num_classes, kernel_init=_torch_init, name="fc")(out)
 
   def graph_blocks(self, input_shape) -> list[dict]:
+    """The graph blocks, for :func:`export_wiring` and FLOPs (one per edge matrix).
+
+    Each dict: ``name``; ``path`` of the edge parameter; ``valid`` slots; ``k``
+    edges; ``spatial`` size of the graph's feature maps for ``input_shape``;
+    ``steps`` (applications per forward); ``dst_node`` (node id of each target;
+    source u is node u); ``outputs`` (node ids read after the graph); ``inputs``
+    (the first node ids, fed from outside the graph); ``chained`` (its input
+    nodes are the previous block's outputs).
+    """
     _, _, nodes, _ = self._layout()
     return [{"name": "graph", "path": ("graph", "edges"), "valid": self.valid_slots(),
              "k": self.edge_count(), "spatial": input_shape[0] // 4,
              "steps": 1, "dst_node": np.arange(nodes),
-             "outputs": np.arange(nodes - self.num_outputs, nodes)}]
+             "outputs": np.arange(nodes - self.num_outputs, nodes),
+             "inputs": int(self.block_sizes[0]), "chained": False}]
 
 
 class _RecurrentGraphNet(nn.Module):
@@ -250,7 +260,8 @@ class _RecurrentGraphNet(nn.Module):
              "valid": np.ones((self.nodes,) * 2, bool), "k": self.edge_count(),
              "spatial": input_shape[0] // 4, "steps": self._steps(),
              "dst_node": np.arange(self.nodes),
-             "outputs": np.arange(self.nodes - self.num_outputs, self.nodes)}]
+             "outputs": np.arange(self.nodes - self.num_outputs, self.nodes),
+             "inputs": self.stem_width, "chained": False}]
 
 
 def graph_update(z, args):
@@ -414,7 +425,8 @@ class MobileNetV1Like(nn.Module):
       out.append({"name": f"block{b}", "path": (f"block{b}", "graph", "edges"),
                   "valid": block.valid_slots(), "k": block.edge_count(),
                   "spatial": spatial, "steps": 1, "dst_node": inp + np.arange(n_dst),
-                  "outputs": inp + np.arange(n_dst - o, n_dst), "inputs": inp})
+                  "outputs": inp + np.arange(n_dst - o, n_dst), "inputs": inp,
+                  "chained": b > 0})
     return out
 
 
@@ -529,8 +541,7 @@ def export_wiring(model, variables, input_shape, *, with_edges: bool = True) -> 
     src_live = (executed != 0).any(axis=1)
     has_input = np.zeros(num_nodes, bool)
     has_input[block["dst_node"][(executed != 0).any(axis=0)]] = True
-    inputs = block.get("inputs", int(np.asarray(model.block_sizes)[0])
-                       if hasattr(model, "block_sizes") else getattr(model, "stem_width", 0))
+    inputs = block["inputs"]
     row = {"name": block["name"], "spatial": block["spatial"], "steps": block["steps"],
            "sources": int(n_src), "targets": int(edges.shape[1]),
            "edges": int((edges != 0).sum()), "executed_edges": int((executed != 0).sum()),
@@ -543,7 +554,8 @@ def export_wiring(model, variables, input_shape, *, with_edges: bool = True) -> 
       row["edge_list"] = [[int(a), int(block["dst_node"][b]), float(executed[a, b])]
                           for a, b in zip(u, v)]
     rows.append(row)
-    live_next = src_live[:block.get("inputs", 0)] if "inputs" in block else None
+    # A chained block's input nodes are the previous block's outputs.
+    live_next = src_live[:inputs] if block["chained"] else None
   rows.reverse()
   executed = [{"edges": r["executed_edges"], "nodes": r["live_node_ops"],
                "spatial": r["spatial"], "steps": r["steps"]} for r in rows]
