@@ -446,3 +446,80 @@ def dnw_wiring(export: Mapping, out_path: str) -> str:
   if parent:
     os.makedirs(parent, exist_ok=True)
   return _save(fig, out_path)
+
+
+# --- ISTA ------------------------------------------------------------------------------
+# Records are lines of ``<workdir>/<stage>/gamma_history.jsonl`` written by
+# ``jaxprune.methods.ista``: ``stage``, ``step``, ``zero_fraction``,
+# ``layer_zero_fraction`` ({bn scale path: fraction}) and ``gammas`` ({path: values}).
+
+
+def ista_zero_fraction_figure(history: Sequence[Mapping]) -> Figure:
+  """Fraction of exactly-zero gammas against the step: in total and per layer.
+
+  Stage boundaries (warm start, sparsify, fine-tune) are drawn as vertical lines;
+  after pruning the fractions refer to the smaller network (its placeholders).
+  """
+  if not history:
+    raise ValueError("empty ISTA gamma history: nothing to plot")
+  steps = [int(r["step"]) for r in history]
+  fig = _new_figure(7.5, 3.8)
+  ax = fig.subplots()
+  layers = list(dict.fromkeys(k for r in history for k in r.get("layer_zero_fraction", {})))
+  for name in layers:
+    pts = [(int(r["step"]), r["layer_zero_fraction"][name]) for r in history
+           if name in r.get("layer_zero_fraction", {})]
+    ax.plot(*zip(*pts), lw=0.8, alpha=0.5)
+  ax.plot(steps, [r["zero_fraction"] for r in history], color="black", lw=2,
+          label="all prunable gammas")
+  previous = None
+  for r in history:
+    if r.get("stage") != previous and previous is not None:
+      ax.axvline(int(r["step"]), color="grey", ls="--", lw=0.8)
+      ax.text(int(r["step"]), 1.01, str(r["stage"]), fontsize=7, va="bottom",
+              transform=ax.get_xaxis_transform())
+    previous = r.get("stage")
+  ax.set_xlabel("step")
+  ax.set_ylabel("fraction of gammas == 0")
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="upper left")
+  return fig
+
+
+def ista_gamma_histogram_figure(snapshots: Mapping[str, Sequence[float]]) -> Figure:
+  """Histograms of gamma values, one panel per snapshot (e.g. the end of each stage).
+
+  Exact zeros are counted separately and written in each panel's title: a
+  histogram bin cannot tell an exact zero from a small value.
+  """
+  if not snapshots:
+    raise ValueError("no gamma snapshots to plot")
+  fig = _new_figure(max(4.0, 3.6 * len(snapshots)), 3.2)
+  axes = fig.subplots(1, len(snapshots), squeeze=False)[0]
+  for ax, (title, values) in zip(axes, snapshots.items()):
+    values = np.asarray(values, dtype=float)
+    zeros = int(np.sum(values == 0))
+    ax.hist(values[values != 0], bins=40, color="tab:blue", alpha=0.8)
+    ax.set_title(f"{title}\n{zeros}/{values.size} exactly 0", fontsize=9)
+    ax.set_xlabel("gamma")
+    ax.grid(alpha=0.3)
+  return fig
+
+
+def ista_figures(history: Sequence[Mapping], out_dir: str) -> list[str]:
+  """Writes ``ista_zero_fraction.png`` and ``ista_gamma_histograms.png`` (the last
+  record of each stage, plus the first record when it precedes them)."""
+  snapshots = {}
+  for r in history:
+    snapshots[f"end of {r.get('stage')}"] = [g for v in r.get("gammas", {}).values()
+                                             for g in v]
+  if history and history[0].get("gammas"):
+    first = history[0]
+    snapshots = {f"{first.get('stage')} epoch {first.get('epoch')}":
+                 [g for v in first["gammas"].values() for g in v], **snapshots}
+  os.makedirs(out_dir, exist_ok=True)
+  return [_save(ista_zero_fraction_figure(history),
+                os.path.join(out_dir, "ista_zero_fraction.png")),
+          _save(ista_gamma_histogram_figure(snapshots),
+                os.path.join(out_dir, "ista_gamma_histograms.png"))]

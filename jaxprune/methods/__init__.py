@@ -10,6 +10,7 @@ from jaxprune.errors import UserError
 RECIPES = {
     "autoprune": "jaxprune.methods.autoprune",
     "baseline": "jaxprune.methods.baseline",
+    "ista": "jaxprune.methods.ista",
     "dnw": "jaxprune.methods.dnw",
     "tas": "jaxprune.methods.tas",
 }

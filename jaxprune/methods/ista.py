@@ -1,0 +1,286 @@
+"""ISTA recipe (Ye et al., ICLR 2018): warm start -> sparsify -> prune -> fine-tune -> report.
+
+Stages (reference ista.md §5), each resumable in ``<workdir>/<stage>/``:
+- ``warmup``: train from scratch with SGD and the ISTA prox on the prunable BN
+  gammas at a small lambda (0.001 in the reference);
+- ``sparsify``: continue with a larger lambda (0.005) until the fraction of zero
+  gammas plateaus. Its final network is the *masked* network (zero gammas in the
+  full architecture);
+- prune: :func:`jaxprune.surgery.shrink` removes the zero-gamma channels, folds
+  their constants into the consumers and removes dead channels recursively; the
+  physically smaller network is evaluated as is (accuracy after pruning, before
+  fine-tuning) and checked against the masked one (``equivalence`` in the report);
+  ``architecture.json`` records its widths;
+- ``finetune``: the smaller network with lambda = 0 at lr 0.01;
+- ``dense`` (``config.ista.dense_comparison``): a dense network of the same
+  architecture family, uniformly narrowed to the pruned parameter count, trained
+  from scratch (the reviewer's question, §6).
+
+Per-layer penalties rho_l come from the network's structure (§2,
+:func:`jaxprune.surgery.ista_rho`), or are 1 everywhere (``ista.rho = "uniform"``).
+``<stage>/gamma_history.jsonl`` records every epoch's gammas (zero fractions, values);
+``plots/`` draws the fraction of zero gammas over time and gamma histograms.
+"""
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxprune import config_lib, data, flops, models, optim, plots, surgery
+from jaxprune.engine import checkpoint as ckpt_lib
+from jaxprune.engine import loop, mesh as mesh_lib, report, steps
+from jaxprune.engine.metrics import read_jsonl
+from jaxprune.engine.state import TrainState, init_train_state, split_variables
+from jaxprune.errors import UserError
+from jaxprune.methods import baseline
+
+RHO_MODES = ("memory", "uniform")
+
+
+def _abstract_variables(model, input_shape):
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape)),
+                                           train=False))
+
+
+def penalties(model, input_shape, mode: str) -> dict[str, float]:
+  """``{bn scale path: rho_l}``: from the structure (§2) or uniform 1."""
+  if mode not in RHO_MODES:
+    raise UserError(f"Unknown ista.rho {mode!r}; use one of {RHO_MODES}.")
+  rho = surgery.ista_rho(model, _abstract_variables(model, input_shape), input_shape)
+  return rho if mode == "memory" else {k: 1.0 for k in rho}
+
+
+def stage_optimizer(cfg, rho, steps_per_epoch: int, total: int):
+  """The stage's SGD recipe (:func:`jaxprune.optim.sgd`), then the ISTA prox (§1)."""
+  sgd_tx, schedule = optim.sgd(cfg, steps_per_epoch, total)
+  if not cfg.l1:
+    return sgd_tx, schedule
+  return optax.chain(sgd_tx, optim.ista(schedule, cfg.l1, rho=rho)), schedule
+
+
+def _gammas(params, names):
+  out = {}
+  for name in names:
+    node = params
+    for part in name.split("/"):
+      node = node[part]
+    out[name] = np.asarray(jax.device_get(node), np.float64)
+  return out
+
+
+def gamma_record(params, names, stage: str, epoch: int, step: int, l1: float) -> dict:
+  """One line of ``<stage>/gamma_history.jsonl`` (the contract of the ISTA plots)."""
+  gammas = _gammas(params, names)
+  total = sum(g.size for g in gammas.values())
+  zeros = sum(int(np.sum(g == 0)) for g in gammas.values())
+  return {"stage": stage, "epoch": epoch, "step": step, "l1": l1,
+          "zero_fraction": zeros / max(total, 1),
+          "layer_zero_fraction": {k: float(np.mean(g == 0)) for k, g in gammas.items()},
+          "gammas": {k: g.tolist() for k, g in gammas.items()}}
+
+
+def sparsity_stage(name: str, cfg, *, model, rho, datasets, mesh, workdir: str, seed: int,
+                   init_variables=None, step_offset: int = 0, on_step=None):
+  """One training stage with the ISTA prox at ``cfg.l1`` (0: plain SGD).
+
+  Starts from ``init_variables`` (the previous stage's) or from scratch, and writes
+  ``<stage>/gamma_history.jsonl`` after every epoch. ``step_offset`` places its
+  records after the previous stages' on a common step axis.
+  """
+  train_ds, test_ds = datasets["train"], datasets["test"]
+  mesh_lib.check_batch_size(cfg.batch_size, mesh)
+  steps_per_epoch = data.steps_per_epoch(train_ds, cfg.batch_size)
+  total = cfg.epochs * steps_per_epoch
+  if cfg.max_steps:
+    total = min(total, cfg.max_steps)
+  tx, schedule = stage_optimizer(cfg, rho, steps_per_epoch, total)
+  if init_variables is None:
+    init = init_train_state(model, tx, train_ds.image_shape)
+  else:
+    start_params, start_state = split_variables(jax.device_get(init_variables))
+
+    def init(key):
+      del key
+      params = jax.tree.map(jnp.asarray, start_params)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        model_state=jax.tree.map(jnp.asarray, start_state),
+                        opt_state=tx.init(params))
+  repl = mesh_lib.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: repl, jax.eval_shape(init, jax.random.key(seed)))
+  train_step = steps.make_train_step(model, tx, seed=seed, mesh=mesh,
+                                     state_sharding=state_sharding)
+  eval_step = steps.make_eval_step(model, mesh=mesh)
+  names = list(rho)
+  history_path = os.path.join(workdir, name, "gamma_history.jsonl")
+
+  def load(step):
+    return data.batch_at(train_ds, step, cfg.batch_size, seed=seed, train=True,
+                         process_index=jax.process_index(),
+                         process_count=jax.process_count())
+
+  def write(records, mode):
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(history_path), exist_ok=True)
+      with open(history_path, mode, encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+  def on_start(start):
+    kept = [r for r in read_jsonl(history_path) if r["step"] <= step_offset + start]
+    if start == 0 and init_variables is not None:  # where the stage starts from
+      kept = [gamma_record(init_variables["params"], names, name, 0, step_offset,
+                           float(cfg.l1))]
+    elif start == 0:
+      kept = []
+    write(kept, "w")
+
+  def on_epoch_end(state, epoch, done, means):
+    del means
+    write([gamma_record(state.params, names, name, epoch, step_offset + done,
+                        float(cfg.l1))], "a")
+
+  result = loop.run_stage(
+      name, workdir, init=init, seed=seed,
+      step_fn=lambda state, batch: train_step(state, batch, None), load_batch=load,
+      total_steps=total, steps_per_epoch=steps_per_epoch, images_per_step=cfg.batch_size,
+      cfg=cfg, mesh=mesh, lr_schedule=schedule, on_start=on_start,
+      on_epoch_end=on_epoch_end, on_step=on_step,
+      evaluate=lambda state: loop.evaluate(eval_step, state.variables, test_ds,
+                                           cfg.eval_batch_size, mesh))
+  history = read_jsonl(history_path)
+  if not history or history[-1]["step"] != step_offset + total:  # ends inside an epoch
+    last = gamma_record(result.state.params, names, name, -(-total // steps_per_epoch),
+                        step_offset + total, float(cfg.l1))
+    write([last], "a")
+    history.append(last)
+  return result, history, total
+
+
+def dense_equal_params(model, target_params: int, input_shape):
+  """The base architecture uniformly narrowed to about ``target_params`` parameters.
+
+  ResNets scale every conv width (the residual stream too); ConvNets their conv and
+  fc widths. Bisection on the width multiplier; returns ``(model, multiplier)``.
+  """
+  def build(m):
+    scale = lambda w: max(1, int(round(w * m)))
+    if isinstance(model, models.ResNet):
+      return model.clone(widths=tuple(scale(w) for w in model.widths))
+    if isinstance(model, models.ConvNet):
+      return model.clone(features=tuple(scale(w) for w in model.features),
+                         hidden=tuple(scale(w) for w in model.hidden))
+    raise UserError(f"No dense comparison for {type(model).__name__}.")
+
+  def params(m):
+    return flops.count_params(_abstract_variables(build(m), input_shape))
+
+  lo, hi = 0.01, 1.0
+  for _ in range(30):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if params(mid) < target_params else (lo, mid)
+  best = min((lo, hi), key=lambda m: abs(params(m) - target_params))
+  return build(best), best
+
+
+def _evaluate(model, variables, test_ds, batch_size, mesh) -> float:
+  eval_step = steps.make_eval_step(model, mesh=mesh)
+  return loop.evaluate(eval_step, mesh_lib.replicate(jax.tree.map(jnp.asarray, variables),
+                                                     mesh),
+                       test_ds, batch_size, mesh)["accuracy"]
+
+
+def _probe(test_ds, n: int) -> np.ndarray:
+  batch = next(iter(data.eval_batches(test_ds, n)))
+  return np.asarray(batch["image"])
+
+
+def run(config, workdir: str) -> dict:
+  t0 = time.time()
+  config_lib.check_workdir(workdir, config)
+  mesh = mesh_lib.make_mesh()
+  datasets = data.load(config.dataset)
+  train_ds, test_ds = datasets["train"], datasets["test"]
+  input_shape = train_ds.image_shape
+  cfg = config.ista
+  model = baseline.build_model(config.model, train_ds.num_classes)
+  rho = penalties(model, input_shape, cfg.rho)
+  common = dict(model=model, rho=rho, datasets=datasets, mesh=mesh, workdir=workdir,
+                seed=config.seed)
+
+  warm, warm_history, warm_steps = sparsity_stage("warmup", config.warmup, **common)
+  sparse, sparse_history, sparse_steps = sparsity_stage(
+      "sparsify", config.sparsify, init_variables=warm.state.variables,
+      step_offset=warm_steps, **common)
+  masked = jax.device_get(sparse.state.variables)
+  masked_dir = os.path.join(workdir, "sparsify", "final")
+  if not os.path.isdir(masked_dir):  # the masked network, e.g. for benchmarks/ista.py
+    ckpt_lib.save_variables(masked_dir, masked)
+
+  # Prune (§4).
+  shrunk = surgery.shrink(model, masked, input_shape)
+  equivalence = surgery.check_equivalence(model, masked, shrunk,
+                                          _probe(test_ds, cfg.probe_batch_size))
+  pruned_acc = _evaluate(shrunk.model, shrunk.variables, test_ds,
+                         config.finetune.eval_batch_size, mesh)
+  base_counts = flops.count(model, masked, input_shape)
+  small_counts = flops.count(shrunk.model, shrunk.variables, input_shape)
+  architecture = {
+      "model": config.model.name,
+      "widths": list(getattr(shrunk.model, "widths", None) or shrunk.model.features),
+      "channels_before": shrunk.widths_before, "channels_after": shrunk.widths_after,
+      "removed_fraction": shrunk.removed_fraction, "surgery_rounds": shrunk.rounds,
+      "flops": small_counts["flops"], "params": small_counts["params"],
+      "base_flops": base_counts["flops"], "base_params": base_counts["params"]}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "architecture.json"), "w", encoding="utf-8") as f:
+      json.dump(architecture, f, indent=2)
+
+  fine, fine_history, _ = sparsity_stage(
+      "finetune", config.finetune, init_variables=shrunk.variables,
+      step_offset=warm_steps + sparse_steps,
+      **{**common, "model": shrunk.model,
+         "rho": {k: 0.0 for k in surgery.prunable_scales(shrunk.model)}})
+
+  batch = config.report.inference_batch_size
+  rows = {
+      "base (masked)": baseline.model_row(model, masked, input_shape,
+                                          sparse.summary["eval_accuracy"], batch),
+      "pruned": baseline.model_row(shrunk.model, shrunk.variables, input_shape,
+                                   pruned_acc, batch),
+      "pruned + fine-tuned": baseline.model_row(shrunk.model, fine.state.variables,
+                                                input_shape,
+                                                fine.summary["eval_accuracy"], batch),
+  }
+  out = {"method": "ista", "dataset": config.dataset.name, "model": config.model.name,
+         "rho_mode": cfg.rho,
+         "warmup_accuracy": warm.summary["eval_accuracy"],
+         "accuracy_before_pruning": sparse.summary["eval_accuracy"],
+         "accuracy_after_pruning": pruned_acc,
+         "accuracy_after_finetune": fine.summary["eval_accuracy"],
+         "zero_gamma_fraction": sparse_history[-1]["zero_fraction"],
+         "channels_removed_fraction": shrunk.removed_fraction,
+         "base_params": base_counts["params"], "pruned_params": small_counts["params"],
+         "base_flops": base_counts["flops"], "pruned_flops": small_counts["flops"],
+         "params_reduction": 1 - small_counts["params"] / base_counts["params"],
+         "flops_reduction": 1 - small_counts["flops"] / base_counts["flops"],
+         "equivalence": equivalence, "rho": rho, "architecture": architecture}
+  if cfg.dense_comparison:
+    dense_model, multiplier = dense_equal_params(model, small_counts["params"],
+                                                 input_shape)
+    dense = baseline.train("dense", config.dense, config.seed, workdir, datasets,
+                           dense_model)
+    rows["dense, equal params"] = baseline.model_row(
+        dense_model, dense.state.variables, input_shape, dense.summary["eval_accuracy"],
+        batch)
+    out["dense_accuracy"] = dense.summary["eval_accuracy"]
+    out["dense_width_multiplier"] = multiplier
+  out["wall_time_s"] = time.time() - t0
+  if jax.process_index() == 0:
+    history = warm_history + sparse_history + fine_history
+    out["plots"] = plots.ista_figures(history, os.path.join(workdir, "plots"))
+  report.write_report(workdir, out, title=f"ISTA {config.model.name} on "
+                      f"{config.dataset.name}", models=rows)
+  return out
