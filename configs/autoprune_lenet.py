@@ -12,7 +12,8 @@ Commands (from the repository root; MNIST built offline from the original files)
       --config.dataset.data_dir=/tmp/tfds_mnist --workdir workdirs/autoprune_lenet5
   # Surrogate ablation: add surrogate=leaky_relu or surrogate=linear; reuse a finished
   # pretraining with --config.autoprune.init_from=workdirs/autoprune_lenet5/pretrain/final.
-  # Neuron pruning (exports the physically smaller LeNet): add granularity=neuron.
+  # Neuron pruning (exports the physically smaller LeNet): add granularity=neuron, and
+  # neuron_axis=in to gate units through their fan-out (see jaxprune.optim.autoprune).
   # Smoke test on synthetic 28x28 data (well under a minute):
   python -m jaxprune.main --config configs/autoprune_lenet.py:smoke --workdir /tmp/ap_smoke
 
@@ -30,7 +31,7 @@ ARCHS = {"lenet5": ("lenet5", 0.01, 5, 12, 4, 2e-4, 2.0),
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, arch="lenet5", dataset="mnist", surrogate="softplus",
-                              granularity="weight", smoke=False)
+                              granularity="weight", neuron_axis="out", smoke=False)
   if args.arch not in ARCHS:
     raise config_lib.UserError(f"arch={args.arch!r}: choose one of {', '.join(ARCHS)}.")
   model, lr, pre, prune, tune, lam, lr_m = ARCHS[args.arch]
@@ -45,7 +46,7 @@ def get_config(arg=None):
   config.train = config_lib.train_config(epochs=prune + tune, **common)
   config.autoprune = autoprune_config(
       prune_epochs=prune, regularization=lam, m_learning_rate=lr_m,
-      surrogate=args.surrogate, granularity=args.granularity)
+      surrogate=args.surrogate, granularity=args.granularity, neuron_axis=args.neuron_axis)
   if args.smoke:
     config.dataset = config_lib.dataset_config("synthetic")
     config.dataset.augment = "none"

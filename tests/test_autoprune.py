@@ -159,7 +159,7 @@ def test_leaves_outside_the_mask_are_untouched_by_pruning():
 
 def test_bad_options_raise():
   for kwargs in ({"rule": "exact"}, {"granularity": "layer"}, {"regularizer": "l0"},
-                 {"decay_on": "bias"}, {"surrogate": "relu"}):
+                 {"decay_on": "bias"}, {"surrogate": "relu"}, {"neuron_axis": "both"}):
     with pytest.raises(ValueError):
       optim.autoprune(0.1, **kwargs)
   tx = optim.autoprune(0.1)
@@ -168,28 +168,48 @@ def test_bad_options_raise():
     tx.update(params, tx.init(params))
 
 
-@pytest.mark.parametrize("name,shape", [("lenet5", (28, 28, 1)), ("lenet300_100", (28, 28, 1))])
-def test_neuron_export_gives_the_masked_network_outputs(name, shape):
+def test_neuron_in_axis_gates_fan_out_rows_and_sums_over_them():
+  rng = _rng()
+  params = _params(rng, (("conv", (3, 3, 4, 5)),))
+  tx = optim.autoprune(0.5, regularization=0.1, granularity="neuron", neuron_axis="in")
+  state = tx.init(params)
+  m0 = np.asarray(rng.normal(size=(4, 1)), np.float32)
+  state = state._replace(m={"conv": {**state.m["conv"], "kernel": jnp.asarray(m0)}})
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  updates, new = tx.update(grads, state, params)
+  w, g = np.asarray(params["conv"]["kernel"]), np.asarray(grads["conv"]["kernel"])
+  d = np.sum(g * np.sign(w), axis=(0, 1, 3))[:, None]
+  np.testing.assert_allclose(new.m["conv"]["kernel"], m0 - 0.5 * (d + 0.1) / (1 + np.exp(-m0)),
+                             rtol=1e-5, atol=1e-6)
+  h = (m0 > 0).astype(np.float32)  # (in, 1): rows of every tap
+  np.testing.assert_allclose(updates["conv"]["kernel"], g * h)
+  np.testing.assert_array_equal(updates["conv"]["bias"], grads["conv"]["bias"])  # not gated
+
+
+@pytest.mark.parametrize("name,axis", [("lenet5", "out"), ("lenet300_100", "out"),
+                                       ("lenet5", "in"), ("lenet300_100", "in")])
+def test_neuron_export_gives_the_masked_network_outputs(name, axis):
   rng = _rng()
   model = models.get_model(name, num_classes=10)
-  x = jnp.asarray(rng.normal(size=(4, *shape)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(4, 28, 28, 1)), jnp.float32)
   params = model.init(jax.random.key(int(rng.integers(1 << 30))), x)["params"]
-  tx = optim.autoprune(0.1, granularity="neuron", mask=recipe.neuron_mask(name))
+  tx = optim.autoprune(0.1, granularity="neuron", neuron_axis=axis,
+                       mask=recipe.neuron_mask(name, axis))
   state = tx.init(params)
-  layers, _ = recipe.NEURON_CHAINS[name]
   m = dict(state.m)
-  keep = {}
-  for i, layer in enumerate(layers):
-    units = params[layer]["kernel"].shape[-1]
-    k = rng.random(units) < 0.4
+  for i, (path, leaf) in enumerate(sorted(
+      (p, l) for p, l in ((k, v["kernel"]) for k, v in state.m.items()) if l.ndim)):
+    k = rng.random(leaf.shape) < 0.4
     if i == 0:
       k[:] = False  # a layer with no unit left is still exported exactly
-    keep[layer] = k
-    m[layer] = {**m[layer], "kernel": jnp.where(jnp.asarray(k), 1.0, -1.0)}
+    m[path] = {**m[path], "kernel": jnp.where(jnp.asarray(k), 1.0, -1.0)}
   state = state._replace(m=m)
   masked = model.apply({"params": ap.effective_params(params, state)}, x)
+  keep = recipe.kept_units(name, ap.masks(params, state), axis)
   small, small_params = recipe.shrink(name, params, keep, 10)
+  layers, _ = recipe.NEURON_CHAINS[name]
   assert list(small.features) == [max(int(keep[l].sum()), 1) for l in layers]
+  assert sum(small.features) < sum(model.features)
   np.testing.assert_allclose(small.apply({"params": small_params}, x), masked,
                              rtol=1e-5, atol=1e-5)
 

@@ -51,6 +51,7 @@ def autoprune_config(**overrides) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict({
       "init_from": config_dict.placeholder(str),  # dense variables; skips pretraining
       "prune_epochs": 10,          # M learns this long; then the mask is frozen
+      "regularization_warmup_epochs": 0.0,  # lambda_m ramps linearly from 0 over these
       "m_learning_rate": 1.0,
       "regularization": 1e-4,      # lambda_m
       "regularizer": "l1_step",
@@ -58,6 +59,7 @@ def autoprune_config(**overrides) -> ml_collections.ConfigDict:
       "slope": 0.1,
       "rule": "decoupled",
       "granularity": "weight",
+      "neuron_axis": "out",        # neuron granularity: gate a unit's fan-in ("out") or fan-out ("in")
       "mask": config_dict.placeholder(str),  # None: every kernel (weight) / unit layers
       "m_init": 0.2,
       "m_optimizer": "sgd",
@@ -68,13 +70,37 @@ def autoprune_config(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
-def neuron_mask(model_name: str) -> str:
-  """The default mask of neuron pruning: every unit layer but the classifier."""
+# neuron_axis="in": a unit is gated through the input rows of the layer after it
+# (only where those rows are one per unit: not conv2 -> flatten -> fc1 in LeNet-5).
+NEURON_IN = {"lenet5": {"conv1": "conv2", "fc1": "fc2"},
+             "lenet300_100": {"fc1": "fc2", "fc2": "fc3"}}
+
+
+def neuron_mask(model_name: str, neuron_axis: str = "out") -> str:
+  """The default mask of neuron pruning: every unit layer but the classifier
+  (``neuron_axis="out"``), or the layers whose input rows gate those units ("in")."""
   if model_name not in NEURON_CHAINS:
     raise UserError(f"Neuron pruning supports {', '.join(NEURON_CHAINS)}; got "
                     f"{model_name!r}. Use autoprune.granularity='weight'.")
-  layers, _ = NEURON_CHAINS[model_name]
+  layers = (NEURON_CHAINS[model_name][0] if neuron_axis == "out"
+            else tuple(NEURON_IN[model_name].values()))
   return r"(^|/)(" + "|".join(layers) + r")/kernel$"
+
+
+def kept_units(model_name: str, keep, neuron_axis: str = "out") -> dict:
+  """``{layer: bool[units]}`` from the keep-masks of neuron pruning."""
+  layers, _ = NEURON_CHAINS[model_name]
+  units = {}
+  for layer in layers:
+    if neuron_axis == "out":
+      k = np.asarray(keep[layer]["kernel"])
+      units[layer] = k.reshape(-1, k.shape[-1])[0]
+    elif layer in NEURON_IN[model_name]:
+      k = np.asarray(keep[NEURON_IN[model_name][layer]]["kernel"])
+      units[layer] = np.moveaxis(k, -2, 0).reshape(k.shape[-2], -1)[:, 0]
+    else:
+      units[layer] = np.ones(np.shape(keep[layer]["kernel"])[-1], bool)
+  return units
 
 
 def shrink(model_name: str, params: dict, keep: dict, num_classes: int):
@@ -124,11 +150,18 @@ def transform(cfg, steps_per_epoch: int, total_steps: int, mask):
   prune_steps = int(cfg.autoprune.prune_epochs * steps_per_epoch)
   freeze = lambda v: optax.piecewise_constant_schedule(v, {prune_steps: 0.0})
   a = cfg.autoprune
+  warmup = int(a.get("regularization_warmup_epochs", 0) * steps_per_epoch)
+  lam = freeze(a.regularization)
+  if warmup:
+    ramp = optax.linear_schedule(0.0, a.regularization, warmup)
+    lam = optax.join_schedules([ramp, optax.piecewise_constant_schedule(
+        a.regularization, {prune_steps - warmup: 0.0})], [warmup])
   try:
     pruner = ap.autoprune(
-        freeze(a.m_learning_rate), regularization=freeze(a.regularization),
+        freeze(a.m_learning_rate), regularization=lam,
         regularizer=a.regularizer, surrogate=a.surrogate, slope=a.slope, rule=a.rule,
-        granularity=a.granularity, mask=mask, m_init=a.m_init,
+        granularity=a.granularity, neuron_axis=a.get("neuron_axis", "out"), mask=mask,
+        m_init=a.m_init,
         m_optimizer=a.m_optimizer, m_momentum=a.m_momentum or None,
         weight_decay=cfg.train.weight_decay, decay_on=a.decay_on)
   except ValueError as e:
@@ -222,7 +255,8 @@ def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None):
     total = min(total, cfg.max_steps)
   mesh_lib.check_batch_size(cfg.batch_size, mesh)
   a = config.autoprune
-  selector = a.mask or (neuron_mask(config.model.name) if a.granularity == "neuron"
+  selector = a.mask or (neuron_mask(config.model.name, a.get("neuron_axis", "out"))
+                        if a.granularity == "neuron"
                         else ap.DEFAULT_MASK)
   tx, schedule = transform(config, steps_per_epoch, total, selector)
 
@@ -330,12 +364,8 @@ def run(config, workdir: str) -> dict:
     pruned_flops = kept_flops
     extra = {}
   else:
-    chain, _ = NEURON_CHAINS[config.model.name]
-    units = {}
-    keep = ap.masks(params, state.opt_state)
-    for layer in chain:
-      units[layer] = np.asarray(keep[layer]["kernel"]).reshape(-1, keep[layer]["kernel"]
-                                                               .shape[-1])[0]
+    units = kept_units(config.model.name, ap.masks(params, state.opt_state),
+                       config.autoprune.get("neuron_axis", "out"))
     small, small_params = shrink(config.model.name, params, units, train_ds.num_classes)
     probe = data.batch_at(datasets["test"], 0, min(256, datasets["test"].num_examples),
                           seed=0, train=False)["image"]

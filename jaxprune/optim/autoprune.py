@@ -43,6 +43,7 @@ ScalarOrSchedule = Union[float, optax.Schedule]
 RULES = ("decoupled", "naive")
 REGULARIZERS = ("l1_step", "l1", "l2")
 GRANULARITIES = ("weight", "neuron")
+NEURON_AXES = ("out", "in")
 DECAY_TARGETS = ("effective", "weights")
 M_OPTIMIZERS = ("sgd", "adam")
 
@@ -174,6 +175,7 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
               slope: float = 0.1,
               rule: str = "decoupled",
               granularity: str = "weight",
+              neuron_axis: str = "out",
               mask: Selector = DEFAULT_MASK,
               m_init: float = 1.0,
               m_optimizer: str = "sgd",
@@ -201,6 +203,12 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
       decoupled from the weight magnitude) or "naive" (the coarse gradient).
     granularity: "weight" (one ``m`` per weight) or "neuron" (one per output
       unit / channel, the last axis of a kernel; the unit's bias is gated too).
+    neuron_axis: for neuron granularity, "out" (default, the reference: one ``m``
+      per output unit of the layer, gating its fan-in and bias) or "in" (one ``m``
+      per input unit, gating its fan-out rows, shape ``(fan_in, 1)``). With "out"
+      and a ReLU after the layer, a gated unit's pre-activation is exactly 0 and
+      ReLU'(0) = 0, so no gradient reaches its ``m`` and it cannot return; "in"
+      keeps the unit's output alive, so the coarse gradient stays informative.
     mask: which leaves are pruned: a selector for :func:`jaxprune.optim.select`
       (path regex or predicate; default every ``kernel``), or a boolean pytree.
     m_init: initial value of every ``m`` (positive: every weight starts alive).
@@ -234,6 +242,7 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
   _check("rule", rule, RULES)
   _check("regularizer", regularizer, REGULARIZERS)
   _check("granularity", granularity, GRANULARITIES)
+  _check("neuron_axis", neuron_axis, NEURON_AXES)
   _check("decay_on", decay_on, DECAY_TARGETS)
   _check("m_optimizer", m_optimizer, M_OPTIMIZERS)
   if m_optimizer == "adam":
@@ -253,6 +262,8 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
       if jnp.ndim(w) < 2:
         raise ValueError("Neuron granularity needs kernels of rank >= 2; the mask "
                          f"selected a leaf of shape {jnp.shape(w)}.")
+      if neuron_axis == "in":
+        return jnp.full((jnp.shape(w)[-2], 1), m_init, jnp.float32)
       return jnp.full((jnp.shape(w)[-1],), m_init, jnp.float32)
     return jnp.full(jnp.shape(w), m_init, jnp.float32)
 
@@ -279,8 +290,10 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
         return jnp.zeros_like(m)
       # Coarse gradient through the gate (§2): sign(w) (decoupled) or w (naive).
       d = g * (jnp.sign(w) if rule == "decoupled" else w)
-      if jnp.shape(m) != jnp.shape(w):  # neuron: sum over the unit's fan-in
-        d = jnp.sum(d, axis=tuple(range(d.ndim - 1)))
+      if jnp.shape(m) != jnp.shape(w):  # neuron: sum over the weights the unit's m gates
+        padded = (1,) * (d.ndim - jnp.ndim(m)) + tuple(jnp.shape(m))
+        axes = tuple(i for i, n in enumerate(padded) if n == 1 and d.shape[i] != 1)
+        d = jnp.sum(d, axis=axes).reshape(jnp.shape(m))
       d = d.astype(jnp.float32)
       if regularizer == "l1_step":
         d = d + lam  # d(lambda * sum h(m))/dh, through the same surrogate
