@@ -457,9 +457,11 @@ def dnw_wiring(export: Mapping, out_path: str) -> str:
 def ista_zero_fraction_figure(history: Sequence[Mapping]) -> Figure:
   """Fraction of exactly-zero gammas against the step: in total and per layer.
 
-  Stage boundaries (warm start, sparsify, fine-tune) are drawn as vertical lines;
-  after pruning the fractions refer to the smaller network (its placeholders).
+  Stage boundaries are drawn as vertical lines. Records of stages without the prox
+  (``l1`` = 0: fine-tuning the pruned network, which has no zero gammas left) are
+  left out.
   """
+  history = [r for r in history if r.get("l1", 1.0) != 0]
   if not history:
     raise ValueError("empty ISTA gamma history: nothing to plot")
   steps = [int(r["step"]) for r in history]

@@ -7,7 +7,7 @@ import pytest
 from jaxprune import flops, models, surgery
 from jaxprune.errors import UserError
 
-SHAPE = (32, 32, 3)
+SHAPE = (16, 16, 3)
 
 
 def _models():
