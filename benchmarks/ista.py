@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune import data, models, optim, surgery
+from jaxprune import data, flops, models, optim, surgery
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import mesh as mesh_lib, runtime, steps
 from jaxprune.engine.state import init_train_state
@@ -131,7 +131,6 @@ def main(argv):
   rng = np.random.default_rng(0)
   variables = gammas_for(model, args, rng)
   small = surgery.shrink(model, variables, (32, 32, 3))
-  from jaxprune import flops  # pylint: disable=g-import-not-at-top
   before = flops.count(model, variables, (32, 32, 3))
   after = flops.count(small.model, small.variables, (32, 32, 3))
   t_before = bench_inference(model, variables, args.batch, args.repeats * args.rounds)

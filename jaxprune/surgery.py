@@ -497,7 +497,8 @@ def check_equivalence(model: nn.Module, variables: Mapping[str, Any], shrunk: Sh
   - end to end: the logits of both networks run freely.
 
   Args:
-    model: the original model; variables: its variables (the masked network).
+    model: the original model.
+    variables: its variables (the masked network: zero gammas, full widths).
     shrunk: the result of :func:`shrink` on them.
     probe: a batch of images (N, H, W, C).
 

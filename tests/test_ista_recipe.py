@@ -3,11 +3,13 @@ import importlib.util
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import REPO
-from jaxprune import methods
+from jaxprune import flops, methods, models
 from jaxprune.errors import UserError
 from jaxprune.methods import ista as ista_recipe
 
@@ -64,19 +66,13 @@ def test_convnet_smoke_config_builds_the_paper_convnet_family():
 
 
 def test_unknown_rho_mode_is_a_user_error():
-  config = _config()
   with pytest.raises(UserError, match="ista.rho"):
     ista_recipe.penalties(None, (16, 16, 3), "flops")
-  del config
 
 
 def test_dense_comparison_matches_the_pruned_parameter_count():
-  from jaxprune import models
   model = models.convnet(features=(24, 32, 32), hidden=(64,))
   dense, multiplier = ista_recipe.dense_equal_params(model, 20_000, (16, 16, 3))
-  from jaxprune import flops
-  import jax
-  import jax.numpy as jnp
   n = flops.count_params(jax.eval_shape(lambda: dense.init(
       jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)))
   assert abs(n - 20_000) / 20_000 < 0.1 and 0 < multiplier < 1
