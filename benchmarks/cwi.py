@@ -14,10 +14,12 @@ and the input gradient for a random cotangent (``jax.vjp``), after
 Anchor: the official PyTorch CWI, forward + backward on (128, 64, 32, 32) -> 48
 channels, takes 54 ms on the reference machine; jaxprune aims at <= 10.8 ms.
 
-On CPU most of the time of a memory-bound kernel this size is page faults on
-fresh ~30 MB output buffers (glibc serves them with mmap); the machine line shows
-the malloc environment, e.g. compare with
-``MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=4000000000 python ...``.
+The benchmark applies the training program's process settings
+(``jaxprune.engine.runtime.configure``: XLA flags and glibc allocator
+thresholds), as ``python -m jaxprune.main`` does. Without the allocator setting,
+most of the time of a memory-bound kernel this size is page faults on fresh
+~30 MB output buffers (glibc serves them with mmap and unmaps them on free);
+``JAXPRUNE_MALLOC_TUNING=0 python benchmarks/cwi.py`` shows that cost.
 
   python benchmarks/cwi.py                         # (128, 32, 32, 64) -> 48
   python benchmarks/cwi.py --shape 64 32 32 64 --out 32 --repeats 50
@@ -27,13 +29,16 @@ import os
 import platform
 import shlex
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import kernels
+from jaxprune.engine import runtime
+import timing  # benchmarks/timing.py, next to this script
+
+runtime.configure()  # Before JAX starts its backend: the program's own settings.
 
 
 def naive_cwi(x, out_channels):
@@ -58,13 +63,7 @@ def _forward_backward(fn):
 
 def _median_ms(fn, args, repeats):
   jax.block_until_ready(fn(*args))  # compile + warm up
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times)) * 1e3
+  return timing.median_ms(lambda: jax.block_until_ready(fn(*args)), repeats, warmup=True)
 
 
 def _machine() -> str:
@@ -75,7 +74,8 @@ def _machine() -> str:
   except AttributeError:
     cores = os.cpu_count()
   malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
-                    if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES") or "default"
+                    if k.startswith(("MALLOC_", "JAXPRUNE_MALLOC")) or k == "GLIBC_TUNABLES")
+  malloc = malloc or "jaxprune runtime thresholds"
   load = "%.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else "?"
   return (f"{dev.platform}:{dev.device_kind} x{jax.device_count()}; host {cpu}, {cores} cores, "
           f"load {load}; malloc {malloc}; jax {jax.__version__}")

@@ -19,11 +19,15 @@ Commands (from the repository root):
   #   --config.tas.tau_max=10
   # Reuse a trained baseline as the teacher: --config.tas.teacher_dir=<baseline workdir>/baseline/final
   # Derive from the best in-band epoch instead of the last: --config.tas.derive_epoch=best
+  # Search and derive only (architecture.json; no teacher, no retraining):
+  #   --config.tas.search_only=true
   # Retrain a shape the authors released (no search), e.g. their CIFAR-10 ResNet-56:
   python -m jaxprune.main --config configs/tas_resnet.py:depth=56,shape=C010-ResNet56 \
       --workdir workdirs/tas_r56_released   # --config.tas.released_shapes_file=<json>
-  # Offline on the CIFAR-10 subset beside the repository (4000/1000 images):
-  python -m jaxprune.main --config configs/tas_resnet.py:dataset=cifar10_subset --workdir ...
+  # Offline on the CIFAR-10 subset beside the repository (4000/1000 images); epochs=E shortens
+  # the schedule to E teacher / 2E search / E retrain epochs:
+  python -m jaxprune.main --config configs/tas_resnet.py:dataset=cifar10_subset,epochs=15 \
+      --workdir workdirs/tas_subset
 
 Expected (the paper, CIFAR-100 ResNet-56 at 0.47): 72.25% top-1 with KD at about 59M FLOPs
 (52.7% reduction). Full runs take GPU hours (the authors: 3.83 h search for ResNet-32 on a V100).
@@ -38,7 +42,7 @@ SHAPES_JSON = "../shared/reference/tas_released_shapes.json"
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, depth=20, dataset="cifar10", ratio=0.47, kd=True,
-                              shape="", smoke=False)
+                              shape="", epochs=0, smoke=False)
   config = config_lib.base_config("tas")
   config.model = dict(name="cifar_resnet", depth=args.depth)
   if args.dataset == "cifar10_subset":
@@ -51,11 +55,19 @@ def get_config(arg=None):
   config.kd = dict(enabled=args.kd, alpha=0.9, temperature=4.0)
   config.tas = config_lib.train_config(epochs=600, warmup_epochs=0, batch_size=256)
   config.tas.update(dict(
-      teacher_dir="", split_seed=0, num_picks=2, derive_epoch="last",
+      teacher_dir="", split_seed=0, num_picks=2, derive_epoch="last", search_only=False,
       released_shape=args.shape, released_shapes_file=SHAPES_JSON,
       arch_learning_rate=1e-3, arch_beta1=0.5, arch_beta2=0.999, arch_weight_decay=1e-3,
       tau_max=5.0, tau_min=0.1, tau_schedule="cosine",
       ratio=args.ratio, tolerance=0.05, cost_mode="code", lambda_cost=2.0))
+  if args.epochs:
+    # A shortened schedule (same 1:2:1 teacher:search:retrain proportions, 1 warm-up epoch).
+    if args.epochs < 2:
+      raise config_lib.UserError(f"epochs={args.epochs}: use at least 2 (or 0 for the "
+                                 "reference's 300/600/300).")
+    config.teacher.update(epochs=args.epochs, warmup_epochs=1)
+    config.train.update(epochs=args.epochs, warmup_epochs=1)
+    config.tas.update(epochs=2 * args.epochs)
   if args.smoke:
     config.dataset = config_lib.dataset_config("synthetic")
     config.dataset.synthetic.update(num_train=2048, num_test=256, image_shape=(16, 16, 3))

@@ -11,6 +11,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from jaxprune.engine import distributed
 from jaxprune.errors import UserError
 
 # Fields (in any section) that may change between the runs of one workdir: they
@@ -129,5 +130,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict):
           f"The workdir {workdir} holds a run with a different config ({shown}). "
           "Use a new --workdir, or rerun with the config stored in "
           f"{path} to resume it.")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(new, f, indent=2)
+  distributed.barrier("check_workdir")  # every process has read it before it is rewritten
+  if distributed.is_main_process():
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(new, f, indent=2)

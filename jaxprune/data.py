@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxprune.engine import distributed
 from jaxprune.errors import UserError
 
 KNOWN_DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet2012", "npz",
@@ -276,9 +277,19 @@ def _prepared_builder(name: str, data_dir: str | None, manual_dir: str | None):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   builder = tfds.builder(name, data_dir=data_dir)
-  if builder.is_prepared():
-    return builder
+  # Several processes of one run: process 0 builds, then the others find it built (shared
+  # storage) or build their host's copy one at a time (per-host disks).
+  lock = pathlib.Path(builder.data_dir_root) / f".jaxprune-{name}.lock"
+  with distributed.main_process_first(f"prepare:{name}", str(lock)):
+    if distributed.is_multiprocess():  # see what process 0 may have just built
+      builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+      _prepare(tfds, builder, name, manual_dir)
+  return builder
 
+
+def _prepare(tfds, builder, name: str, manual_dir: str | None):
+  """Builds a stock TFDS dataset (offline from ``manual_dir`` when given)."""
   where = builder.data_dir
   if manual_dir is not None:
     manual_dir = pathlib.Path(manual_dir).expanduser()
@@ -324,7 +335,6 @@ def _prepared_builder(name: str, data_dir: str | None, manual_dir: str | None):
     raise UserError(f"Could not download {name!r}: {e}\nWithout network, set "
                     f"config.dataset.manual_dir to a directory with "
                     f"{', '.join(_manual_files(builder))}.") from e
-  return builder
 
 
 def _manual_files(builder) -> list[str]:

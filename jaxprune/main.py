@@ -11,6 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxprune import methods
+from jaxprune.engine import distributed
 from jaxprune.engine import runtime
 from jaxprune.engine.loop import Interrupted
 from jaxprune.errors import UserError
@@ -96,6 +97,7 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # keep library INFO chatter (orbax) out of the way
     logging.set_verbosity(logging.WARNING)
   try:
+    distributed.initialize()  # one of several processes? (launch/ sets the environment)
     methods.run(FLAGS.config, FLAGS.workdir)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -65,7 +65,9 @@ def load_variables(directory: str, abstract_variables: Any | None = None) -> Any
   """Reads variables written by :func:`save_variables`.
 
   With ``abstract_variables`` (from ``jax.eval_shape(model.init, ...)``) the shapes
-  are checked against the model that will use them.
+  are checked against the model that will use them; without, they come from the
+  checkpoint. Either way the variables load on any device topology, whatever the
+  topology of the run that saved them.
   """
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
@@ -73,7 +75,17 @@ def load_variables(directory: str, abstract_variables: Any | None = None) -> Any
                     "them first, or point the config at an existing checkpoint.")
   ckptr = ocp.StandardCheckpointer()
   if abstract_variables is None:
-    return ckptr.restore(directory)
+    abstract_variables = ckptr.metadata(directory).item_metadata.tree
+  # Unless a target says otherwise, load onto this process's first device: the run that
+  # wrote the variables may have had another device topology (e.g. several processes).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  def target(a):
+    sharding = getattr(a, "sharding", None)
+    if not isinstance(sharding, jax.sharding.Sharding):
+      sharding = device
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+
+  abstract_variables = jax.tree.map(target, abstract_variables)
   try:
     return ckptr.restore(directory, abstract_variables)
   except (ValueError, KeyError, TypeError) as e:

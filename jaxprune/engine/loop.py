@@ -22,6 +22,7 @@ import optax
 
 from jaxprune import data as data_lib
 from jaxprune.engine import checkpoint as ckpt_lib
+from jaxprune.engine import distributed
 from jaxprune.engine import mesh as mesh_lib
 from jaxprune.engine import metrics as metrics_lib
 from jaxprune.engine import steps as steps_lib
@@ -40,13 +41,25 @@ class Interrupted(Exception):
 
 @contextlib.contextmanager
 def catch_signals(signums=(signal.SIGINT, signal.SIGTERM)):
-  """Records the first SIGINT/SIGTERM in ``flag['signum']`` instead of dying."""
+  """Records the first SIGINT/SIGTERM in ``flag['signum']`` instead of dying.
+
+  In a multi-process run SIGTERM belongs to JAX's coordination service, which
+  agrees on one stop step for all processes (see
+  :func:`jaxprune.engine.distributed.preemption_requested`); SIGINT (Ctrl-C) is
+  handed to it as a SIGTERM, so both stop every process at the same step.
+  """
   flag = {"signum": None}
+  multiprocess = distributed.is_multiprocess()
 
   def handler(signum, frame):
     del frame
-    flag["signum"] = flag["signum"] or signum
+    if multiprocess:
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      flag["signum"] = flag["signum"] or signum
 
+  if multiprocess:
+    signums = [s for s in signums if s != signal.SIGTERM]
   previous = {}
   try:
     for s in signums:
@@ -85,10 +98,12 @@ def _elapsed_before(records: list[dict], start_step: int) -> float:
 
 
 def _truncate_metrics(path: str, start_step: int) -> list[dict]:
-  """Drops records logged after the checkpoint a run resumes from."""
+  """Drops records logged after the checkpoint a run resumes from (process 0's file)."""
+  if not distributed.is_main_process():
+    return []
   records = metrics_lib.read_jsonl(path)
   kept = [r for r in records if r["step"] <= start_step]
-  if len(kept) != len(records) and jax.process_index() == 0:
+  if len(kept) != len(records):
     with open(path, "w", encoding="utf-8") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
   return kept
@@ -142,7 +157,7 @@ def run_stage(name: str, workdir: str, *, init: Callable[[jax.Array], Any], seed
   else:
     start, state = 0, jax.jit(init, out_shardings=state_sharding)(key)
 
-  if start >= total_steps and os.path.exists(summary_path):
+  if start >= total_steps and distributed.agreed(os.path.exists(summary_path)):
     with open(summary_path, encoding="utf-8") as f:
       summary = json.load(f)
     if summary.get("steps") == total_steps:  # already finished: nothing to redo
@@ -204,6 +219,8 @@ def run_stage(name: str, workdir: str, *, init: Callable[[jax.Array], Any], seed
                              if k not in ("images_per_s", "elapsed_s")}, rate)
       if done % cfg.checkpoint_every_steps == 0 and done < total_steps:
         ckpt.save(done, state)
+      if distributed.preemption_requested():  # SIGTERM on some process (multi-process)
+        flag["signum"] = signal.SIGTERM
       if flag["signum"] is not None and done < total_steps:
         ckpt.save(done, state, force=True)
         ckpt.close()
@@ -216,7 +233,7 @@ def run_stage(name: str, workdir: str, *, init: Callable[[jax.Array], Any], seed
   summary = {"steps": total_steps, "epochs": total_steps / steps_per_epoch,
              **{f"eval_{k}": v for k, v in eval_metrics.items()},
              "train_time_s": elapsed_before + time.perf_counter() - t0}
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
     with open(summary_path, "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2)
   ckpt.close()
@@ -273,6 +290,6 @@ def train_classifier(name: str, workdir: str, *, model, tx: optax.GradientTransf
       evaluate=lambda state: evaluate(eval_step, state.variables, eval_ds,
                                       cfg.eval_batch_size, mesh))
   final_dir = os.path.join(workdir, name, "final")
-  if not os.path.isdir(final_dir):
+  if not distributed.agreed(os.path.isdir(final_dir)):  # a collective write: all or none
     ckpt_lib.save_variables(final_dir, result.state.variables)
   return result

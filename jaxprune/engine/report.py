@@ -15,8 +15,12 @@ def measure_inference(model, variables, input_shape, batch_size: int = 128,
 
   Returns ``{"batch_size", "ms_per_batch", "images_per_s"}``; compile time excluded.
   """
+  device = jax.local_devices()[0]
+  # A local copy: the run's variables may be replicated over every process's devices.
+  variables = jax.device_put(jax.device_get(variables), device)
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  x = jax.random.normal(jax.random.key(0), (batch_size, *input_shape), jnp.float32)
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (batch_size, *input_shape),
+                                       jnp.float32), device)
   jax.block_until_ready(forward(variables, x))
   times = []
   for _ in range(repeats):
@@ -25,7 +29,7 @@ def measure_inference(model, variables, input_shape, batch_size: int = 128,
     times.append(time.perf_counter() - t)
   ms = float(np.median(times)) * 1e3
   return {"batch_size": batch_size, "ms_per_batch": ms,
-          "images_per_s": batch_size / ms * 1e3, "device": jax.devices()[0].device_kind}
+          "images_per_s": batch_size / ms * 1e3, "device": device.device_kind}
 
 
 def _fmt(v: Any) -> str:

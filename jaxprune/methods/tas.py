@@ -23,7 +23,7 @@ import optax
 
 from jaxprune import config_lib, data, distill, flops, kernels, models, optim, plots
 from jaxprune.engine import checkpoint as ckpt_lib
-from jaxprune.engine import loop, mesh as mesh_lib, report, steps
+from jaxprune.engine import distributed, loop, mesh as mesh_lib, report, steps
 from jaxprune.engine.metrics import read_jsonl
 from jaxprune.engine.state import TrainState
 from jaxprune.errors import UserError
@@ -204,19 +204,24 @@ def search(config, workdir: str, datasets, mesh, on_step=None) -> tuple[dict, li
             "val": data.batch_at(d_val, s, batch_size, **{**kw, "seed": config.seed + 1})}
 
   history_path = os.path.join(workdir, "search", "arch_history.jsonl")
+  # Every process keeps the same history (records are computed from the replicated
+  # architecture parameters); process 0 writes it.
+  history = []
 
   def on_start(start):
-    kept = [r for r in read_jsonl(history_path) if r["step"] <= start]
-    if jax.process_index() == 0:
+    history[:] = [r for r in read_jsonl(history_path) if r["step"] <= start]
+    distributed.barrier("tas_history_read")  # all have read it before it is rewritten
+    if distributed.is_main_process():
       os.makedirs(os.path.dirname(history_path), exist_ok=True)
       with open(history_path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
+        f.writelines(json.dumps(r) + "\n" for r in history)
 
   def on_epoch_end(state, epoch, done, means):
-    if jax.process_index() == 0:
-      rec = arch_record(model, state.arch_params, cfg, input_shape, flops_max, epoch,
-                        done, cfg.epochs)
-      rec["val_accuracy"] = means.get("val_accuracy")
+    rec = arch_record(model, state.arch_params, cfg, input_shape, flops_max, epoch,
+                      done, cfg.epochs)
+    rec["val_accuracy"] = means.get("val_accuracy")
+    history.append(rec)
+    if distributed.is_main_process():
       with open(history_path, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
 
@@ -226,7 +231,8 @@ def search(config, workdir: str, datasets, mesh, on_step=None) -> tuple[dict, li
                           cfg=cfg, mesh=mesh, lr_schedule=schedule, on_start=on_start,
                           on_epoch_end=on_epoch_end, on_step=on_step)
   arch = jax.device_get(result.state.arch_params)
-  history = read_jsonl(history_path)
+  if not history:  # the stage had finished before: nothing ran, read what it wrote
+    history = read_jsonl(history_path)
   if not history or history[-1]["step"] != total:  # a run shorter than one epoch
     history.append(arch_record(model, arch, cfg, input_shape, flops_max,
                                math.ceil(total / steps_per_epoch), total, cfg.epochs))
@@ -296,7 +302,12 @@ def run(config, workdir: str) -> dict:
   train_ds = datasets["train"]
   input_shape = train_ds.image_shape
   base_model = baseline.build_model(config.model, train_ds.num_classes)
-  teacher_vars, teacher_acc = teacher(config, workdir, datasets, base_model)
+  search_only = config.tas.get("search_only", False)
+  if search_only and config.tas.released_shape:
+    raise UserError("tas.search_only=True and tas.released_shape both set: a released "
+                    "shape skips the search; choose one.")
+  if not search_only:
+    teacher_vars, teacher_acc = teacher(config, workdir, datasets, base_model)
 
   history = []
   if config.tas.released_shape:  # retrain a published shape: no search (§10)
@@ -330,9 +341,19 @@ def run(config, workdir: str) -> dict:
                   "params": counts["params"], "flops_max": base_flops,
                   "flops_ratio": counts["flops"] / base_flops,
                   "target_ratio": config.tas.ratio, **source}
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
     with open(os.path.join(workdir, "architecture.json"), "w", encoding="utf-8") as f:
       json.dump(architecture, f, indent=2)
+
+  if search_only:  # the searched architecture is the product: no teacher, no retraining
+    out = {"method": "tas", "dataset": config.dataset.name, "depth": config.model.depth,
+           "target_ratio": config.tas.ratio, "search_only": True,
+           "wall_time_s": time.time() - t0, "architecture": architecture}
+    if distributed.is_main_process() and history:
+      out["plots"] = plots.tas_search(history, os.path.join(workdir, "plots"))
+    report.write_report(workdir, out, title=f"TAS search, ResNet-{config.model.depth} on "
+                        f"{config.dataset.name}")
+    return out
 
   kwargs = {}
   if config.kd.enabled:
@@ -357,7 +378,7 @@ def run(config, workdir: str) -> dict:
          "base_params": rows["base"]["params"], "derived_params": rows["derived"]["params"],
          "params_reduction": 1 - rows["derived"]["params"] / rows["base"]["params"],
          "wall_time_s": time.time() - t0, "architecture": architecture}
-  if jax.process_index() == 0 and history:
+  if distributed.is_main_process() and history:
     out["plots"] = plots.tas_search(history, os.path.join(workdir, "plots"))
   report.write_report(workdir, out, title=f"TAS ResNet-{config.model.depth} on "
                       f"{config.dataset.name}", models=rows)

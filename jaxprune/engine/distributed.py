@@ -1,0 +1,126 @@
+"""Multi-process runs: joining JAX's multi-controller runtime, and agreeing across processes.
+
+One program runs per host (TPU pod worker, Slurm task, or local process); the
+processes join with ``jax.distributed.initialize`` and from then on see one
+global mesh (``engine.mesh``). Nothing here coordinates by itself: barriers,
+broadcasts and the preemption notice all go through ``jax.distributed``'s
+coordination service.
+
+When a process joins (:func:`initialize`, called by ``main`` before JAX starts):
+  * ``JAXPRUNE_NUM_PROCESSES`` and ``JAXPRUNE_PROCESS_ID`` set (with
+    ``JAX_COORDINATOR_ADDRESS``, which JAX reads itself): an explicit cluster, as
+    ``launch/local.py`` and hand-written launchers set it;
+  * ``JAXPRUNE_DISTRIBUTED=1``: JAX detects the cluster (Cloud TPU VMs, Slurm,
+    Open MPI, Kubernetes), as ``launch/tpu.py`` and ``launch/slurm.py`` set it;
+  * neither: a single process; nothing is initialised.
+
+Preemption: once initialised, JAX's coordination service turns SIGTERM on any
+process into one agreed step (``reached_preemption_sync_point``) at which every
+process checkpoints and exits (``engine.loop``). The run's workdir must be on
+storage that every process sees (a shared filesystem or a mounted bucket).
+
+This module must not know about models, datasets or methods.
+"""
+import contextlib
+import fcntl
+import itertools
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxprune.errors import UserError
+
+ENV_NUM_PROCESSES = "JAXPRUNE_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAXPRUNE_PROCESS_ID"
+ENV_AUTO = "JAXPRUNE_DISTRIBUTED"
+
+_sync_ids = itertools.count()
+
+
+def initialize() -> bool:
+  """Joins the multi-process runtime when the environment says to; returns whether it did.
+
+  Call once per process before the first JAX computation.
+
+  Raises:
+    UserError: for an incomplete or malformed explicit setting.
+  """
+  num, pid = os.environ.get(ENV_NUM_PROCESSES), os.environ.get(ENV_PROCESS_ID)
+  if num is not None or pid is not None:
+    if num is None or pid is None or not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+      raise UserError(f"A multi-process run needs {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID} "
+                      "and JAX_COORDINATOR_ADDRESS (host:port of process 0) all set; "
+                      "use launch/local.py or set all three.")
+    try:
+      num, pid = int(num), int(pid)
+    except ValueError:
+      raise UserError(f"{ENV_NUM_PROCESSES}={num!r} and {ENV_PROCESS_ID}={pid!r} must "
+                      "be integers.") from None
+    if not 0 <= pid < num:
+      raise UserError(f"{ENV_PROCESS_ID}={pid} must be in [0, {ENV_NUM_PROCESSES}={num}).")
+    jax.distributed.initialize(num_processes=num, process_id=pid)
+    return True
+  if os.environ.get(ENV_AUTO, "0") not in ("", "0"):
+    jax.distributed.initialize()  # Cluster auto-detection (TPU, Slurm, MPI, K8s).
+    return True
+  return False
+
+
+def is_multiprocess() -> bool:
+  return jax.process_count() > 1
+
+
+def is_main_process() -> bool:
+  """Process 0: the one that writes metrics, reports, plots and JSON products."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str):
+  """Blocks until every process gets here (a no-op for one process)."""
+  if is_multiprocess():
+    multihost_utils.sync_global_devices(f"jaxprune:{name}")
+
+
+def agreed(value: bool) -> bool:
+  """Process 0's ``value`` on every process (so all take the same branch)."""
+  if not is_multiprocess():
+    return bool(value)
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(value))))
+
+
+def preemption_requested() -> bool:
+  """Whether all processes have reached the agreed stop after a SIGTERM anywhere.
+
+  Call exactly once per training step on every process (the calls are numbered
+  and must match across processes). Always False for a single process, which
+  handles its signals itself (``engine.loop.catch_signals``).
+  """
+  if not is_multiprocess():
+    return False
+  return multihost_utils.reached_preemption_sync_point(next(_sync_ids))
+
+
+@contextlib.contextmanager
+def main_process_first(name: str, lock_path: str | None = None):
+  """Process 0 runs the block first, then the others (e.g. building a dataset).
+
+  With shared storage the others then find the work done; with per-host disks
+  each host does it once, serialised by an exclusive lock on ``lock_path``.
+  """
+  if not is_main_process():
+    barrier(f"{name}:main-done")
+  lock = None
+  if lock_path is not None and is_multiprocess():
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    lock = open(lock_path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    fcntl.flock(lock, fcntl.LOCK_EX)
+  try:
+    yield
+  finally:
+    if lock is not None:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+      lock.close()
+    if is_main_process():
+      barrier(f"{name}:main-done")
