@@ -101,14 +101,15 @@ def sparsity_stage(name: str, cfg, *, model, rho, datasets, mesh, workdir: str, 
   if init_variables is None:
     init = init_train_state(model, tx, train_ds.image_shape)
   else:
-    start_params, start_state = split_variables(jax.device_get(init_variables))
+    # Device arrays, not numpy: jit passes closed-over arrays as arguments instead of
+    # baking them into the program as literals.
+    start_params, start_state = split_variables(
+        jax.tree.map(jnp.asarray, jax.device_get(init_variables)))
 
     def init(key):
       del key
-      params = jax.tree.map(jnp.asarray, start_params)
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        model_state=jax.tree.map(jnp.asarray, start_state),
-                        opt_state=tx.init(params))
+      return TrainState(step=jnp.zeros((), jnp.int32), params=start_params,
+                        model_state=start_state, opt_state=tx.init(start_params))
   repl = mesh_lib.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: repl, jax.eval_shape(init, jax.random.key(seed)))
   train_step = steps.make_train_step(model, tx, seed=seed, mesh=mesh,
