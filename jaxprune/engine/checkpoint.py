@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxprune.engine import distributed
 from jaxprune.errors import UserError
 
 
@@ -59,6 +60,18 @@ def save_variables(directory: str, variables: Any):
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.abspath(directory), variables, force=True)
   ckptr.wait_until_finished()
+
+
+def save_variables_once(directory: str, variables: Any) -> bool:
+  """Writes ``variables`` unless ``directory`` already holds them; returns whether it wrote.
+
+  The one way a stage writes its product: the write is collective, so every process
+  takes process 0's view of "already there" (a rerun of a finished stage skips it).
+  """
+  if distributed.agreed(os.path.isdir(directory)):
+    return False
+  save_variables(directory, variables)
+  return True
 
 
 def load_variables(directory: str, abstract_variables: Any | None = None) -> Any:

@@ -290,6 +290,5 @@ def train_classifier(name: str, workdir: str, *, model, tx: optax.GradientTransf
       evaluate=lambda state: evaluate(eval_step, state.variables, eval_ds,
                                       cfg.eval_batch_size, mesh))
   final_dir = os.path.join(workdir, name, "final")
-  if not distributed.agreed(os.path.isdir(final_dir)):  # a collective write: all or none
-    ckpt_lib.save_variables(final_dir, result.state.variables)
+  ckpt_lib.save_variables_once(final_dir, result.state.variables)
   return result
