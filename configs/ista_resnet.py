@@ -59,11 +59,15 @@ def get_config(arg=None):
   config.warmup = stage_config(l1=0.001, steps=30_000)
   config.sparsify = stage_config(l1=0.005, steps=50_000)
   config.finetune = stage_config(l1=0.0, steps=50_000, learning_rate=0.01)
-  # The dense comparison: same steps as the whole pipeline, the baseline recipe's SGD.
+  # The dense comparison: as many steps as the whole pipeline (batch sizes and loop
+  # frequencies from here; its optimizer follows ista.dense_recipe).
   config.dense = config_lib.train_config(epochs=1_000_000, max_steps=130_000,
                                          warmup_epochs=0, batch_size=128,
                                          learning_rate=0.1, schedule="cosine")
-  config.ista = dict(rho=args.rho, dense_comparison=args.dense, probe_batch_size=64)
+  # dense_recipe "pipeline": the dense network gets the stages' optimizer without the prox
+  # (lr 0.1, then 0.01 for the last `finetune` steps); "baseline": the `dense` section's SGD.
+  config.ista = dict(rho=args.rho, dense_comparison=args.dense, dense_recipe="pipeline",
+                     probe_batch_size=64)
   if args.dataset == "cifar10_subset":
     # A short demonstration sized for a few CPU minutes: batch 64 (62 steps per epoch),
     # 3 + 6 + 3 epochs, momentum 0.9 with the prox after it (a documented deviation: it

@@ -14,7 +14,10 @@ Stages (reference ista.md §5), each resumable in ``<workdir>/<stage>/``:
 - ``finetune``: the smaller network with lambda = 0 at lr 0.01;
 - ``dense`` (``config.ista.dense_comparison``): a dense network of the same
   architecture family, uniformly narrowed to the pruned parameter count, trained
-  from scratch (the reviewer's question, §6).
+  from scratch (the reviewer's question, §6) for ``config.dense`` steps, by default
+  with the stages' own optimizer without the prox (lr of ``sparsify``, then of
+  ``finetune`` for as many steps as fine-tuning had; ``ista.dense_recipe =
+  "baseline"`` uses the ``dense`` section's SGD recipe instead).
 
 Per-layer penalties rho_l come from the network's structure (§2,
 :func:`jaxprune.surgery.ista_rho`), or are 1 everywhere (``ista.rho = "uniform"``).
@@ -83,13 +86,29 @@ def gamma_record(params, names, stage: str, epoch: int, step: int, l1: float) ->
           "gammas": {k: g.tolist() for k, g in gammas.items()}}
 
 
+def pipeline_optimizer(config, boundary: int):
+  """The ISTA stages' SGD without the prox: ``sparsify``'s lr, momentum and weight
+  decay, dropping to ``finetune``'s lr at step ``boundary`` (the dense comparison)."""
+  cfg = config.sparsify
+  schedule = optax.join_schedules(
+      [optax.constant_schedule(cfg.learning_rate),
+       optax.constant_schedule(config.finetune.learning_rate)], [boundary])
+  decay_on = cfg.get("weight_decay_on")
+  decay = optax.add_decayed_weights(
+      cfg.weight_decay, mask=None if decay_on is None else lambda p: optim.select(p, decay_on))
+  return optax.chain(decay, optax.sgd(schedule, momentum=cfg.momentum or None,
+                                      nesterov=cfg.nesterov)), schedule
+
+
 def sparsity_stage(name: str, cfg, *, model, rho, datasets, mesh, workdir: str, seed: int,
-                   init_variables=None, step_offset: int = 0, on_step=None):
+                   init_variables=None, step_offset: int = 0, on_step=None,
+                   optimizer=None):
   """One training stage with the ISTA prox at ``cfg.l1`` (0: plain SGD).
 
   Starts from ``init_variables`` (the previous stage's) or from scratch, and writes
   ``<stage>/gamma_history.jsonl`` after every epoch. ``step_offset`` places its
-  records after the previous stages' on a common step axis.
+  records after the previous stages' on a common step axis. ``optimizer`` = (tx,
+  schedule) replaces the one built from ``cfg``.
   """
   train_ds, test_ds = datasets["train"], datasets["test"]
   mesh_lib.check_batch_size(cfg.batch_size, mesh)
@@ -97,7 +116,8 @@ def sparsity_stage(name: str, cfg, *, model, rho, datasets, mesh, workdir: str, 
   total = cfg.epochs * steps_per_epoch
   if cfg.max_steps:
     total = min(total, cfg.max_steps)
-  tx, schedule = stage_optimizer(cfg, rho, steps_per_epoch, total)
+  tx, schedule = optimizer or stage_optimizer(cfg, rho, steps_per_epoch, total)
+  l1 = float(cfg.get("l1", 0.0)) if optimizer is None else 0.0
   if init_variables is None:
     init = init_train_state(model, tx, train_ds.image_shape)
   else:
@@ -133,7 +153,7 @@ def sparsity_stage(name: str, cfg, *, model, rho, datasets, mesh, workdir: str, 
     kept = [r for r in read_jsonl(history_path) if r["step"] <= step_offset + start]
     if start == 0 and init_variables is not None:  # where the stage starts from
       kept = [gamma_record(init_variables["params"], names, name, 0, step_offset,
-                           float(cfg.l1))]
+                           l1)]
     elif start == 0:
       kept = []
     write(kept, "w")
@@ -141,7 +161,7 @@ def sparsity_stage(name: str, cfg, *, model, rho, datasets, mesh, workdir: str, 
   def on_epoch_end(state, epoch, done, means):
     del means
     write([gamma_record(state.params, names, name, epoch, step_offset + done,
-                        float(cfg.l1))], "a")
+                        l1)], "a")
 
   result = loop.run_stage(
       name, workdir, init=init, seed=seed,
@@ -154,7 +174,7 @@ def sparsity_stage(name: str, cfg, *, model, rho, datasets, mesh, workdir: str, 
   history = read_jsonl(history_path)
   if not history or history[-1]["step"] != step_offset + total:  # ends inside an epoch
     last = gamma_record(result.state.params, names, name, -(-total // steps_per_epoch),
-                        step_offset + total, float(cfg.l1))
+                        step_offset + total, l1)
     write([last], "a")
     history.append(last)
   return result, history, total
@@ -271,8 +291,18 @@ def run(config, workdir: str) -> dict:
   if cfg.dense_comparison:
     dense_model, multiplier = dense_equal_params(model, small_counts["params"],
                                                  input_shape)
-    dense = baseline.train("dense", config.dense, config.seed, workdir, datasets,
-                           dense_model)
+    if cfg.dense_recipe == "pipeline":  # the same optimizer and steps, without the prox
+      dense, _, _ = sparsity_stage(
+          "dense", config.dense, optimizer=pipeline_optimizer(config, warm_steps +
+                                                              sparse_steps),
+          **{**common, "model": dense_model,
+             "rho": {k: 0.0 for k in surgery.prunable_scales(dense_model)}})
+    elif cfg.dense_recipe == "baseline":  # the dense section's own SGD recipe
+      dense = baseline.train("dense", config.dense, config.seed, workdir, datasets,
+                             dense_model)
+    else:
+      raise UserError(f"Unknown ista.dense_recipe {cfg.dense_recipe!r}; use 'pipeline' "
+                      "or 'baseline'.")
     rows["dense, equal params"] = baseline.model_row(
         dense_model, dense.state.variables, input_shape, dense.summary["eval_accuracy"],
         batch)
