@@ -8,7 +8,7 @@ Commands (from the repository root):
   python -m jaxprune.main --config configs/autoprune_vgg.py:dataset=cifar10_subset \
       --workdir workdirs/autoprune_vgg_subset
   # Reuse a dense VGG-like: --config.autoprune.init_from=<workdir>/pretrain/final
-  # Smoke test on synthetic 32x32 data (about a minute on 2 CPU cores):
+  # Smoke test on synthetic 32x32 data (a few minutes on 2 CPU cores):
   python -m jaxprune.main --config configs/autoprune_vgg.py:smoke --workdir /tmp/ap_vgg_smoke
 
 Expected: the smoke run finishes with a report and a kept-fraction plot. The full
@@ -33,7 +33,8 @@ def get_config(arg=None):
                                       m_learning_rate=2.0, surrogate=args.surrogate)
   if args.smoke:
     config.dataset = config_lib.dataset_config("synthetic")
-    config.dataset.synthetic.update(num_train=256, num_test=128)
+    config.dataset.synthetic.update(num_train=128, num_test=64)
+    config.report.inference_batch_size = 8
     small = dict(batch_size=32, eval_batch_size=64, log_every_steps=4, eval_every_epochs=1)
     config.pretrain.update(epochs=1, **small)
     config.train.update(epochs=2, **small)

@@ -238,9 +238,17 @@ def test_recipe_end_to_end_reports_compression_and_plots(tmp_path, arg, pretrain
   assert os.path.exists(tmp_path / "plots" / "kept_fraction.png")
   history = [json.loads(l) for l in open(tmp_path / "prune" / "kept_history.jsonl")]
   assert history[0]["total_kept_fraction"] == 1.0
+  gated = out["layers"].values()
   assert history[-1]["total_kept_fraction"] == pytest.approx(
-      out["kept_weights"] / out["weights"])
+      sum(r["kept"] for r in gated) / sum(r["weights"] for r in gated))
   if "neuron" in arg:
     assert out["export_max_abs_diff"] < 1e-4
   again = recipe.run(config, str(tmp_path))  # finished stages are not redone
   assert again["kept_weights"] == out["kept_weights"]
+  if "neuron" not in arg:  # fixed-mask retraining keeps exactly the pruned weights out
+    config.autoprune.update(init_from=str(tmp_path / "prune" / "final"),
+                            zeros_start_pruned=True, prune_epochs=0)
+    config.train.epochs = 1
+    retrained = recipe.run(config, str(tmp_path / "retrain"))
+    assert retrained["kept_weights"] == out["kept_weights"]
+    assert retrained["layers"] == out["layers"]

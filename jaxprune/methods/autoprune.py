@@ -52,6 +52,7 @@ def autoprune_config(**overrides) -> ml_collections.ConfigDict:
       "init_from": config_dict.placeholder(str),  # dense variables; skips pretraining
       "prune_epochs": 10,          # M learns this long; then the mask is frozen
       "regularization_warmup_epochs": 0.0,  # lambda_m ramps linearly from 0 over these
+      "zeros_start_pruned": False,  # with init_from a pruned run: its zeros start masked
       "m_learning_rate": 1.0,
       "regularization": 1e-4,      # lambda_m
       "regularizer": "l1_step",
@@ -266,8 +267,16 @@ def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None):
     else:
       variables = model.init(key, jnp.zeros((1, *input_shape)), train=False)
     params, model_state = split_variables(variables)
+    opt_state = tx.init(params)
+    if a.get("zeros_start_pruned"):
+      # Retraining a pruned network (init_from a finished run's prune/final): its
+      # exact-zero weights start with m = -m_init, i.e. masked.
+      pruner = opt_state[0]
+      m = jax.tree.map(lambda mm, w: jnp.where(w == 0, -jnp.abs(mm), mm)
+                       if jnp.shape(mm) == jnp.shape(w) else mm, pruner.m, params)
+      opt_state = (pruner._replace(m=m),) + tuple(opt_state[1:])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      model_state=model_state, opt_state=tx.init(params))
+                      model_state=model_state, opt_state=opt_state)
 
   repl = mesh_lib.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: repl, jax.eval_shape(init, jax.random.key(0)))
@@ -377,6 +386,12 @@ def run(config, workdir: str) -> dict:
     rows["pruned (masked)"] = masked_row
     rows["pruned (smaller network)"] = small_row
     pruned_flops = small_row["flops"]
+    # Neuron pruning: the totals are those of the physically smaller network.
+    kernels = lambda tree: sum(int(np.size(x)) for path, x in
+                               jax.tree_util.tree_leaves_with_path(tree)
+                               if selection.leaf_path(path).endswith("kernel"))
+    weights, kept = kernels(params), kernels(small_params)
+    other_params = small_row["params"] - kept
     extra = {"kept_units": {k: int(v.sum()) for k, v in units.items()},
              "smaller_network_features": list(small.features),
              "export_max_abs_diff": diff}
