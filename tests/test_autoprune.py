@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from conftest import REPO
-from jaxprune import kernels, models, optim
+from jaxprune import flops as flops_lib, kernels, models, optim
 from jaxprune.kernels.ste import step_ste
 from jaxprune.methods import autoprune as recipe
 
@@ -252,3 +252,20 @@ def test_recipe_end_to_end_reports_compression_and_plots(tmp_path, arg, pretrain
     retrained = recipe.run(config, str(tmp_path / "retrain"))
     assert retrained["kept_weights"] == out["kept_weights"]
     assert retrained["layers"] == out["layers"]
+
+
+def test_vgg_like_has_13_bn_convs_2_dense_and_reports_per_layer():
+  model = models.get_model("vgg_like", num_classes=10)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  kinds = [r["kind"] for r in flops_lib.count_layers(model, shapes, (32, 32, 3))]
+  assert kinds == ["conv"] * 13 + ["dense"] * 2
+  assert len([k for k in shapes["batch_stats"] if k.startswith("bn")]) == 14
+  # The report's per-layer table on a BN model (a narrow VGG-like, really initialised).
+  small = models.get_model("vgg_like", num_classes=10, features=(4,) * 13 + (8,))
+  variables = small.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  params = variables["params"]
+  state = optim.autoprune(0.1).init(params)
+  table = recipe.layer_table(small, params, state, ap.DEFAULT_MASK, (32, 32, 3),
+                             {"batch_stats": variables["batch_stats"]})
+  assert len(table) == 15 and all(r["kept"] == r["weights"] for r in table.values())
+  assert all(r["kept_macs"] == r["macs"] > 0 for r in table.values())

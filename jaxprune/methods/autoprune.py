@@ -205,7 +205,7 @@ def kept_counts(params, opt_state, selector):
   return kept.astype(jnp.float32), float(total)
 
 
-def layer_table(model, params, opt_state, selector, input_shape) -> dict:
+def layer_table(model, params, opt_state, selector, input_shape, model_state=None) -> dict:
   """Per layer: weights, kept, fraction, dense MACs and MACs of the kept weights."""
   sel = selection.select(params, selector)
   keep = ap.masks(params, opt_state)
@@ -214,7 +214,7 @@ def layer_table(model, params, opt_state, selector, input_shape) -> dict:
     name = selection.leaf_path(path)
     if s and name.endswith("/kernel"):
       layers[name[:-len("/kernel")]] = {"weights": int(k.size), "kept": int(np.sum(k))}
-  variables = {"params": params}
+  variables = {"params": params, **(model_state or {})}  # BN statistics too
   for rec in flops.count_layers(model, variables, input_shape):
     row = layers.get(rec["name"])
     if row is not None:
@@ -352,7 +352,8 @@ def run(config, workdir: str) -> dict:
   params = state.params
   eff = ap.effective_params(params, state.opt_state)
   masked_vars = {"params": eff, **state.model_state}
-  layers = layer_table(model, params, state.opt_state, selector, input_shape)
+  layers = layer_table(model, params, state.opt_state, selector, input_shape,
+                       state.model_state)
   dense = flops.count(model, masked_vars, input_shape)
   weights = sum(r["weights"] for r in layers.values())
   kept = sum(r["kept"] for r in layers.values())
