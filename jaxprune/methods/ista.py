@@ -237,8 +237,7 @@ def run(config, workdir: str) -> dict:
       step_offset=warm_steps, **common)
   masked = jax.device_get(sparse.state.variables)
   masked_dir = os.path.join(workdir, "sparsify", "final")
-  if not os.path.isdir(masked_dir):  # the masked network, e.g. for benchmarks/ista.py
-    ckpt_lib.save_variables(masked_dir, masked)
+  ckpt_lib.save_variables_once(masked_dir, masked)  # the masked network, e.g. for benchmarks
 
   # Prune (§4).
   shrunk = surgery.shrink(model, masked, input_shape)
