@@ -332,8 +332,7 @@ def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None):
   if not history or history[-1]["step"] != total:  # a run shorter than one epoch
     history.append(record(result.state, total / steps_per_epoch, total))
   final_dir = os.path.join(workdir, "prune", "final")
-  if not os.path.isdir(final_dir):
-    ckpt_lib.save_variables(final_dir, masked_variables(result.state))
+  ckpt_lib.save_variables_once(final_dir, masked_variables(result.state))
   return result.state, result.summary, history, selector
 
 
@@ -396,9 +395,8 @@ def run(config, workdir: str) -> dict:
     extra = {"kept_units": {k: int(v.sum()) for k, v in units.items()},
              "smaller_network_features": list(small.features),
              "export_max_abs_diff": diff}
-    if jax.process_index() == 0:
-      ckpt_lib.save_variables(os.path.join(workdir, "smaller_network"),
-                              {"params": small_params})
+    # Collective: every process holds the same smaller network.
+    ckpt_lib.save_variables(os.path.join(workdir, "smaller_network"), {"params": small_params})
   out = {"method": "autoprune", "dataset": config.dataset.name, "model": config.model.name,
          "granularity": config.autoprune.granularity,
          "surrogate": config.autoprune.surrogate, "rule": config.autoprune.rule,
