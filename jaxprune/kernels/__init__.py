@@ -11,11 +11,11 @@ TAS (reference/tas.md):
   interpolation, with static or traced (sampled) widths.
   ``tas_cost_loss`` — the FLOPs cost loss (code and paper variants).
 
-DNW (reference/dnw.md):
-  ``topk_ste`` — top-k |w| forward, identity backward; ``topk_mask`` its exact-k mask.
-
 AutoPrune (reference/autoprune.md):
   ``step_ste`` — unit-step gate forward, surrogate derivative backward.
+
+DNW (reference/dnw.md):
+  ``topk_ste`` — top-k |w| forward, identity backward; ``topk_mask`` its exact-k mask.
 
 ISTA (reference/ista.md):
   ``soft_threshold`` — the L1 prox that gives exact-zero batch-norm scales.
@@ -27,9 +27,9 @@ from jaxprune.kernels.cwi import cwi_matrix
 from jaxprune.kernels.cwi import cwi_matrix_traced
 from jaxprune.kernels.gumbel import gumbel_select
 from jaxprune.kernels.gumbel import gumbel_softmax
+from jaxprune.kernels.ste import step_ste
 from jaxprune.kernels.topk import topk_mask
 from jaxprune.kernels.topk import topk_ste
-from jaxprune.kernels.ste import step_ste
 from jaxprune.kernels.prox import soft_threshold
 
 __all__ = [
@@ -41,11 +41,11 @@ __all__ = [
     "cwi_matrix",
     "cwi_matrix_traced",
     "tas_cost_loss",
+    # AutoPrune
+    "step_ste",
     # DNW
     "topk_ste",
     "topk_mask",
-    # AutoPrune
-    "step_ste",
     # ISTA
     "soft_threshold",
 ]

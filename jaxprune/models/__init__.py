@@ -47,11 +47,11 @@ MODELS = {
     "imagenet_resnet": imagenet_resnet,
     "lenet5": lenet5,
     "lenet300_100": lenet300_100,
+    "vgg_like": vgg_like,
     "dnw_static": static_graph,
     "dnw_discrete": discrete_graph,
     "dnw_continuous": continuous_graph,
     "dnw_mobilenet": mobilenet_graph,
-    "vgg_like": vgg_like,
     "convnet": convnet,
 }
 
@@ -93,8 +93,8 @@ __all__ = [
     "default_blocks", "stage_depths", "block_type", "TASResNet",
     "tas_cifar_resnet", "tas_imagenet_resnet", "width_candidates",
     "depth_candidates", "imagenet_depth_candidates",
+    "VGGLike", "vgg_like",
     "StaticGraphNet", "DiscreteTimeGraphNet", "ContinuousTimeGraphNet", "MobileNetV1Like",
     "static_graph", "discrete_graph", "continuous_graph", "mobilenet_graph",
-    "VGGLike", "vgg_like",
     "ConvNet", "convnet",
 ]
