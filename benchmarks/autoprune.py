@@ -11,14 +11,10 @@ and batch, and prints a markdown table with the overhead and the command.
   python benchmarks/autoprune.py --granularity neuron --models lenet5
 """
 import argparse
-import os
-import platform
-import shlex
 import sys
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxprune import config_lib, data, models, optim
 from jaxprune.engine import mesh as mesh_lib, runtime, steps
@@ -93,12 +89,9 @@ def main(argv):
   parser.add_argument("--granularity", default="weight", choices=["weight", "neuron"])
   args = parser.parse_args(argv)
   runtime.configure()
-  print("command: python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *argv]))
-  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"jax {jax.__version__}, backend {jax.default_backend()} "
-        f"({jax.devices()[0].device_kind})")
+  timing.print_header([sys.argv[0], *argv])
   print()
-  print(f"| model | granularity | batch | plain step ms | AutoPrune step ms | overhead |")
+  print("| model | granularity | batch | plain step ms | AutoPrune step ms | overhead |")
   print("|---|---|---|---|---|---|")
   for name in args.models:
     plain_ms, ap_ms = bench(name, args.batch, args.steps, args.granularity)

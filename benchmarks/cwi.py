@@ -25,9 +25,6 @@ most of the time of a memory-bound kernel this size is page faults on fresh
   python benchmarks/cwi.py --shape 64 32 32 64 --out 32 --repeats 50
 """
 import argparse
-import os
-import platform
-import shlex
 import sys
 
 import jax
@@ -66,21 +63,6 @@ def _median_ms(fn, args, repeats):
   return timing.median_ms(lambda: jax.block_until_ready(fn(*args)), repeats, warmup=True)
 
 
-def _machine() -> str:
-  dev = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
-  try:
-    cores = len(os.sched_getaffinity(0))
-  except AttributeError:
-    cores = os.cpu_count()
-  malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
-                    if k.startswith(("MALLOC_", "JAXPRUNE_MALLOC")) or k == "GLIBC_TUNABLES")
-  malloc = malloc or "jaxprune runtime thresholds"
-  load = "%.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else "?"
-  return (f"{dev.platform}:{dev.device_kind} x{jax.device_count()}; host {cpu}, {cores} cores, "
-          f"load {load}; malloc {malloc}; jax {jax.__version__}")
-
-
 def main(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", type=int, nargs=4, default=[128, 32, 32, 64],
@@ -90,8 +72,7 @@ def main(argv):
   parser.add_argument("--anchor-ms", type=float, default=54.0,
                       help="official PyTorch CWI fwd+bwd time to compare with")
   args = parser.parse_args(argv)
-  print("$ python " + " ".join(shlex.quote(a) for a in ["benchmarks/cwi.py", *argv]))
-  print(f"machine: {_machine()}")
+  timing.print_header(["benchmarks/cwi.py", *argv])
 
   n, h, w, c = args.shape
   c_out = args.out

@@ -19,8 +19,6 @@ variables are used; otherwise a freshly initialised graph (where every node is l
 """
 import argparse
 import os
-import platform
-import shlex
 import sys
 
 import jax
@@ -95,10 +93,7 @@ def main(argv):
                       help="a finished static DNW run whose train/final variables to export")
   args = parser.parse_args(argv)
   runtime.configure()
-  print("command: python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *argv]))
-  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"jax {jax.__version__}, backend {jax.default_backend()} "
-        f"({jax.devices()[0].device_kind})")
+  timing.print_header([sys.argv[0], *argv])
   print()
   print("| what | shape / batch | ms |")
   print("|---|---|---|")

@@ -16,8 +16,6 @@ r"""ISTA: the prox transform's cost per training step, and the shrunk network's 
 """
 import argparse
 import os
-import platform
-import shlex
 import sys
 
 import jax
@@ -113,10 +111,7 @@ def main(argv):
   parser.add_argument("--workdir", default="", help="a finished ISTA run to take gammas from")
   args = parser.parse_args(argv)
   runtime.configure()
-  print("command: python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *argv]))
-  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"load average {os.getloadavg()[0]:.1f}, jax {jax.__version__}, backend "
-        f"{jax.default_backend()} ({jax.devices()[0].device_kind})")
+  timing.print_header([sys.argv[0], *argv])
   model = build(args.model)
   plain, with_ista, upd = bench_overhead(model, args.batch, args.rounds, args.repeats)
   print()

@@ -19,9 +19,7 @@ CWI forward+backward 54 ms.
 import argparse
 import json
 import os
-import platform
 import resource
-import shlex
 import subprocess
 import sys
 
@@ -105,10 +103,7 @@ def main(argv):
   if args.one:
     print(json.dumps(one_depth(args.one, args.batch, args.small_batches, args.repeats)))
     return
-  print("command: python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *argv]))
-  print(f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
-        f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  timing.print_header([sys.argv[0], *argv])
   sb = args.small_batches
   print()
   print(f"| model | iteration ms (batch {args.batch}) | " +

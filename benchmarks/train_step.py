@@ -10,15 +10,11 @@ and the command that produced it.
   python benchmarks/train_step.py --depths 20 --batch 256 --steps 20
 """
 import argparse
-import os
-import platform
-import shlex
 import sys
 import time
 import types
 
 import jax
-import optax
 
 from jaxprune import config_lib, data, models, optim
 from jaxprune.engine import runtime
@@ -87,16 +83,13 @@ def main(argv):
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     from jaxprune.models import resnet  # pylint: disable=g-import-not-at-top
     resnet.layers = types.SimpleNamespace(Conv=nn.Conv, BatchNorm=nn.BatchNorm)
-  print("command: python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *argv]))
-  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"jax {jax.__version__}, backend {jax.default_backend()} "
-        f"({jax.devices()[0].device_kind}), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  timing.print_header([sys.argv[0], *argv])
   ds = data.synthetic(num_train=4096, num_test=16, seed=0)["train"]
   pipe = bench_pipeline(ds, args.batch, max(args.steps, 20))
   print()
   print(f"layers: {'flax stock' if args.stock_layers else 'jaxprune.models.layers'}")
-  print(f"| model | batch | train step ms | train img/s | forward ms | input pipeline img/s "
-        f"| compile s |")
+  print("| model | batch | train step ms | train img/s | forward ms | input pipeline img/s "
+        "| compile s |")
   print("|---|---|---|---|---|---|---|")
   for depth in args.depths:
     r = bench_model(depth, args.batch, args.steps, ds)
