@@ -20,7 +20,6 @@ run reaches well above chance (10%) on its synthetic data and writes report.md.
 """
 from jaxprune import config_lib
 
-SUBSET_NPZ = "../shared/data/cifar10-subset/cifar10_exact_train0-3999_test0-999.npz"
 
 
 def get_config(arg=None):
@@ -28,13 +27,10 @@ def get_config(arg=None):
   config = config_lib.base_config("baseline")
   config.model = dict(name="cifar_resnet", depth=args.depth)
   config.train = config_lib.train_config(epochs=args.epochs)
+  config.dataset = config_lib.dataset_config(args.dataset)
   if args.dataset == "cifar10_subset":
-    config.dataset = config_lib.dataset_config("npz")
-    config.dataset.path = SUBSET_NPZ
     config.train.batch_size = 128
     config.train.warmup_epochs = 1
-  else:
-    config.dataset = config_lib.dataset_config(args.dataset)
   if args.smoke:
     config.dataset = config_lib.dataset_config("synthetic")
     config.train.update(epochs=4, warmup_epochs=0, batch_size=64, eval_batch_size=256,

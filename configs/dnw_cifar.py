@@ -23,7 +23,6 @@ static 76.1 vs 80.9%, discrete 77.3 vs 82.3%, continuous 78.5 vs 83.1%. On the s
 """
 from jaxprune import config_lib
 
-SUBSET_NPZ = "../shared/data/cifar10-subset/cifar10_exact_train0-3999_test0-999.npz"
 VARIANTS = {"static": "dnw_static", "discrete": "dnw_discrete",
             "continuous": "dnw_continuous"}
 GRAPHS = ("dnw", "random", "complete")
@@ -46,14 +45,11 @@ def get_config(arg=None):
                                                         3 * args.epochs // 4),
       momentum=0.9, nesterov=False, weight_decay=1e-4, log_every_steps=50,
       checkpoint_every_steps=500)
+  config.dataset = config_lib.dataset_config(args.dataset)
   if args.dataset == "cifar10_subset":
-    config.dataset = config_lib.dataset_config("npz")
-    config.dataset.path = SUBSET_NPZ
     config.dataset.augment = "cifar"
     config.train.batch_size = 128
     config.train.log_every_steps = 31
-  else:
-    config.dataset = config_lib.dataset_config(args.dataset)
   if args.smoke:
     config.dataset = config_lib.dataset_config("synthetic")
     config.dataset.synthetic.num_train = 512

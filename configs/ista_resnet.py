@@ -30,7 +30,6 @@ run is a small-data demonstration, not the paper's numbers (see README for what 
 """
 from jaxprune import config_lib
 
-SUBSET_NPZ = "../shared/data/cifar10-subset/cifar10_exact_train0-3999_test0-999.npz"
 # Conv kernels only (stem, block convs, shortcuts), not BN and not the classifier (§5).
 CONV_KERNELS = r"conv[^/]*/kernel$"
 
@@ -50,11 +49,7 @@ def get_config(arg=None):
                               smoke=False)
   config = config_lib.base_config("ista")
   config.model = dict(name="cifar_resnet", depth=args.depth)
-  if args.dataset == "cifar10_subset":
-    config.dataset = config_lib.dataset_config("npz")
-    config.dataset.path = SUBSET_NPZ
-  else:
-    config.dataset = config_lib.dataset_config(args.dataset)
+  config.dataset = config_lib.dataset_config(args.dataset)
   # Batch 125 in the reference; 128 divides over 1, 2, 4, 8 ... devices.
   config.warmup = stage_config(l1=0.001, steps=30_000)
   config.sparsify = stage_config(l1=0.005, steps=50_000)

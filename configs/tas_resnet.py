@@ -43,7 +43,6 @@ the band [17.1M, 19.2M]; the last epoch fell below it. For short searches add
 """
 from jaxprune import config_lib
 
-SUBSET_NPZ = "../shared/data/cifar10-subset/cifar10_exact_train0-3999_test0-999.npz"
 SHAPES_JSON = "../shared/reference/tas_released_shapes.json"
 
 
@@ -52,11 +51,7 @@ def get_config(arg=None):
                               shape="", epochs=0, smoke=False)
   config = config_lib.base_config("tas")
   config.model = dict(name="cifar_resnet", depth=args.depth)
-  if args.dataset == "cifar10_subset":
-    config.dataset = config_lib.dataset_config("npz")
-    config.dataset.path = SUBSET_NPZ
-  else:
-    config.dataset = config_lib.dataset_config(args.dataset)
+  config.dataset = config_lib.dataset_config(args.dataset)
   config.teacher = config_lib.train_config()  # the unpruned network, full training set
   config.train = config_lib.train_config()    # retraining the derived network (§7)
   config.kd = dict(enabled=args.kd, alpha=0.9, temperature=4.0)

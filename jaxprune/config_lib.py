@@ -54,9 +54,18 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+# The CIFAR-10 subset beside the repository (../shared/data; 4000 train / 1000 test images),
+# relative to the repository root the commands run from.
+CIFAR10_SUBSET_NPZ = "../shared/data/cifar10-subset/cifar10_exact_train0-3999_test0-999.npz"
+
+
 def dataset_config(name: str) -> ml_collections.ConfigDict:
-  """The ``dataset`` section; see :func:`jaxprune.data.load` for the fields."""
-  return ml_collections.ConfigDict({
+  """The ``dataset`` section; see :func:`jaxprune.data.load` for the fields.
+
+  ``"cifar10_subset"`` is a config-level alias: the ``npz`` dataset at
+  :data:`CIFAR10_SUBSET_NPZ`.
+  """
+  cfg = ml_collections.ConfigDict({
       "name": name,
       "data_dir": config_dict.placeholder(str),
       "manual_dir": config_dict.placeholder(str),
@@ -65,6 +74,9 @@ def dataset_config(name: str) -> ml_collections.ConfigDict:
       "synthetic": {"num_train": 2048, "num_test": 512, "image_shape": (32, 32, 3),
                     "num_classes": 10, "seed": 0},
   })
+  if name == "cifar10_subset":
+    cfg.name, cfg.path = "npz", CIFAR10_SUBSET_NPZ
+  return cfg
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:

@@ -1,5 +1,6 @@
 """Config helpers: argument parsing and the workdir compatibility check."""
 import json
+import pathlib
 
 import pytest
 
@@ -32,3 +33,18 @@ def test_workdir_accepts_logging_changes_and_rejects_others(tmp_path):
   config.train.learning_rate = 0.2
   with pytest.raises(UserError, match="train.learning_rate"):
     config_lib.check_workdir(str(tmp_path), config)
+
+
+def test_every_cifar_config_maps_cifar10_subset_to_the_shared_npz():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  names = ["baseline_resnet", "tas_resnet", "ista_resnet", "ista_convnet", "dnw_cifar",
+           "autoprune_vgg"]
+  for name in names:
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dataset = module.get_config("dataset=cifar10_subset").dataset
+    assert (dataset.name, dataset.path) == ("npz", config_lib.CIFAR10_SUBSET_NPZ), name
+    assert (REPO / dataset.path).resolve() == (
+        REPO.parent / "shared/data/cifar10-subset" / pathlib.Path(dataset.path).name)
