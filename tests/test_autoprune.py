@@ -254,6 +254,41 @@ def test_recipe_end_to_end_reports_compression_and_plots(tmp_path, arg, pretrain
     assert retrained["layers"] == out["layers"]
 
 
+@pytest.mark.parametrize("mode", ["continue", "restart"])
+def test_finetune_schedule_and_decay_switch_at_the_end_of_pruning(mode):
+  rng = _rng()
+  per_epoch, prune_epochs, epochs = int(rng.integers(3, 9)), 2, 5
+  lr, wd0, wd1 = rng.uniform(0.01, 0.1), rng.uniform(1e-4, 1e-3), rng.uniform(0, 1e-4)
+  config = _config("smoke,arch=lenet300")
+  config.train.update(epochs=epochs, learning_rate=lr, weight_decay=wd0, nesterov=False)
+  config.autoprune.update(prune_epochs=prune_epochs, finetune_schedule=mode,
+                          finetune_weight_decay=wd1)
+  total, cut = epochs * per_epoch, prune_epochs * per_epoch
+  tx, schedule = recipe.transform(config, per_epoch, total, ap.DEFAULT_MASK)
+  cosine = lambda t, n: lr * 0.5 * (1 + np.cos(np.pi * min(t, n) / n))
+  for t in range(total + 1):
+    want = (cosine(t, total) if mode == "continue" else
+            cosine(t, cut) if t < cut else cosine(t - cut, total - cut))
+    assert float(schedule(t)) == pytest.approx(want, rel=1e-5, abs=1e-6 * lr), t
+  # Weight decay: a kept weight with zero loss gradient moves by -lr_t * wd_t * w on
+  # the first step (the momentum trace is still empty).
+  params = _params(rng)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  for t, wd in ((cut - 1, wd0), (cut, wd1)):
+    state = tx.init(params)
+    pruner = state[0]._replace(count=jnp.asarray(t, state[0].count.dtype))
+    sgd_state = jax.tree.map(
+        lambda x: jnp.asarray(t, x.dtype) if jnp.ndim(x) == 0 and
+        jnp.issubdtype(x.dtype, jnp.integer) else x, state[1])
+    updates, _ = tx.update(grads, (pruner, sgd_state), params)
+    w = params["fc1"]["kernel"]
+    np.testing.assert_allclose(updates["fc1"]["kernel"], -float(schedule(t)) * wd * w,
+                               rtol=1e-4, atol=1e-9)
+  config.autoprune.finetune_schedule = "cyclic"
+  with pytest.raises(recipe.UserError, match="finetune_schedule"):
+    recipe.transform(config, per_epoch, total, ap.DEFAULT_MASK)
+
+
 def test_vgg_like_has_13_bn_convs_2_dense_and_reports_per_layer():
   model = models.get_model("vgg_like", num_classes=10)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))

@@ -8,7 +8,10 @@ Stages, each resumable in ``<workdir>/<stage>/`` by rerunning the command:
   (:func:`jaxprune.optim.autoprune`, in the optimizer state) trained together for
   ``autoprune.prune_epochs``; the forward pass uses ``W * h(M)``. For the rest of
   ``train.epochs`` the learning rate of ``M`` and ``lambda_m`` are 0: the mask is
-  frozen and the kept weights are fine-tuned. ``kept_history.jsonl`` records the
+  frozen and the kept weights are fine-tuned (``autoprune.finetune_schedule``:
+  "continue" the weight schedule, or "restart" it over the fine-tune epochs as a
+  retraining of the pruned network; ``autoprune.finetune_weight_decay`` overrides
+  ``train.weight_decay`` there). ``kept_history.jsonl`` records the
   kept fraction of every layer after every epoch.
 - report: per layer and total kept weights, compression, FLOPs of the pruned
   network, test error before and after, and for neuron pruning the physically
@@ -53,6 +56,10 @@ def autoprune_config(**overrides) -> ml_collections.ConfigDict:
       "prune_epochs": 10,          # M learns this long; then the mask is frozen
       "regularization_warmup_epochs": 0.0,  # lambda_m ramps linearly from 0 over these
       "zeros_start_pruned": False,  # with init_from a pruned run: its zeros start masked
+      # After prune_epochs: "continue" the weight lr schedule, or "restart" it (from
+      # train.learning_rate, train.schedule over the remaining epochs).
+      "finetune_schedule": "continue",
+      "finetune_weight_decay": config_dict.placeholder(float),  # None: train.weight_decay
       "m_learning_rate": 1.0,
       "regularization": 1e-4,      # lambda_m
       "regularizer": "l1_step",
@@ -157,6 +164,10 @@ def transform(cfg, steps_per_epoch: int, total_steps: int, mask):
     ramp = optax.linear_schedule(0.0, a.regularization, warmup)
     lam = optax.join_schedules([ramp, optax.piecewise_constant_schedule(
         a.regularization, {prune_steps - warmup: 0.0})], [warmup])
+  decay = cfg.train.weight_decay
+  if a.get("finetune_weight_decay") is not None:
+    wd0, wd1 = float(decay), float(a.finetune_weight_decay)
+    decay = lambda t: jnp.where(t < prune_steps, wd0, wd1)
   try:
     pruner = ap.autoprune(
         freeze(a.m_learning_rate), regularization=lam,
@@ -164,13 +175,27 @@ def transform(cfg, steps_per_epoch: int, total_steps: int, mask):
         granularity=a.granularity, neuron_axis=a.get("neuron_axis", "out"), mask=mask,
         m_init=a.m_init,
         m_optimizer=a.m_optimizer, m_momentum=a.m_momentum or None,
-        weight_decay=cfg.train.weight_decay, decay_on=a.decay_on)
+        weight_decay=decay, decay_on=a.decay_on)
   except ValueError as e:
     raise UserError(f"Bad autoprune config: {e}") from None
-  schedule = learning_rate_schedule(cfg.train, steps_per_epoch, total_steps)
+  schedule = weight_schedule(cfg, steps_per_epoch, total_steps)
   sgd = optax.sgd(schedule, momentum=cfg.train.momentum or None,
                   nesterov=cfg.train.nesterov)
   return optax.chain(pruner, sgd), schedule
+
+
+def weight_schedule(cfg, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  """The weight learning rate: ``train``'s schedule over all steps ("continue"), or
+  restarted at the end of pruning over the fine-tune steps ("restart")."""
+  mode = cfg.autoprune.get("finetune_schedule", "continue")
+  if mode not in ("continue", "restart"):
+    raise UserError(f"autoprune.finetune_schedule={mode!r}: use 'continue' or 'restart'.")
+  prune_steps = int(cfg.autoprune.prune_epochs * steps_per_epoch)
+  if mode == "continue" or not 0 < prune_steps < total_steps:
+    return learning_rate_schedule(cfg.train, steps_per_epoch, total_steps)
+  first = learning_rate_schedule(cfg.train, steps_per_epoch, prune_steps)
+  again = learning_rate_schedule(cfg.train, steps_per_epoch, total_steps - prune_steps)
+  return optax.join_schedules([first, again], [prune_steps])
 
 
 def make_step(model, tx, *, seed: int, selector):
