@@ -259,16 +259,19 @@ def test_finetune_schedule_and_decay_switch_at_the_end_of_pruning(mode):
   rng = _rng()
   per_epoch, prune_epochs, epochs = int(rng.integers(3, 9)), 2, 5
   lr, wd0, wd1 = rng.uniform(0.01, 0.1), rng.uniform(1e-4, 1e-3), rng.uniform(0, 1e-4)
+  lr_tune = rng.uniform(0.01, 0.1)
   config = _config("smoke,arch=lenet300")
   config.train.update(epochs=epochs, learning_rate=lr, weight_decay=wd0, nesterov=False)
   config.autoprune.update(prune_epochs=prune_epochs, finetune_schedule=mode,
                           finetune_weight_decay=wd1)
+  if mode == "restart":
+    config.autoprune.finetune_learning_rate = lr_tune
   total, cut = epochs * per_epoch, prune_epochs * per_epoch
   tx, schedule = recipe.transform(config, per_epoch, total, ap.DEFAULT_MASK)
-  cosine = lambda t, n: lr * 0.5 * (1 + np.cos(np.pi * min(t, n) / n))
+  cosine = lambda t, n, peak=lr: peak * 0.5 * (1 + np.cos(np.pi * min(t, n) / n))
   for t in range(total + 1):
     want = (cosine(t, total) if mode == "continue" else
-            cosine(t, cut) if t < cut else cosine(t - cut, total - cut))
+            cosine(t, cut) if t < cut else cosine(t - cut, total - cut, lr_tune))
     assert float(schedule(t)) == pytest.approx(want, rel=1e-5, abs=1e-6 * lr), t
   # Weight decay: a kept weight with zero loss gradient moves by -lr_t * wd_t * w on
   # the first step (the momentum trace is still empty).
@@ -284,6 +287,10 @@ def test_finetune_schedule_and_decay_switch_at_the_end_of_pruning(mode):
     w = params["fc1"]["kernel"]
     np.testing.assert_allclose(updates["fc1"]["kernel"], -float(schedule(t)) * wd * w,
                                rtol=1e-4, atol=1e-9)
+  if mode == "continue":  # a restart peak without a restart is a config mistake
+    config.autoprune.finetune_learning_rate = lr_tune
+    with pytest.raises(recipe.UserError, match="finetune_schedule=restart"):
+      recipe.transform(config, per_epoch, total, ap.DEFAULT_MASK)
   config.autoprune.finetune_schedule = "cyclic"
   with pytest.raises(recipe.UserError, match="finetune_schedule"):
     recipe.transform(config, per_epoch, total, ap.DEFAULT_MASK)

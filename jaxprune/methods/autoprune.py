@@ -10,7 +10,8 @@ Stages, each resumable in ``<workdir>/<stage>/`` by rerunning the command:
   ``train.epochs`` the learning rate of ``M`` and ``lambda_m`` are 0: the mask is
   frozen and the kept weights are fine-tuned (``autoprune.finetune_schedule``:
   "continue" the weight schedule, or "restart" it over the fine-tune epochs as a
-  retraining of the pruned network; ``autoprune.finetune_weight_decay`` overrides
+  retraining of the pruned network, peaking at ``autoprune.finetune_learning_rate``
+  when set; ``autoprune.finetune_weight_decay`` overrides
   ``train.weight_decay`` there). ``kept_history.jsonl`` records the
   kept fraction of every layer after every epoch.
 - report: per layer and total kept weights, compression, FLOPs of the pruned
@@ -59,6 +60,7 @@ def autoprune_config(**overrides) -> ml_collections.ConfigDict:
       # After prune_epochs: "continue" the weight lr schedule, or "restart" it (from
       # train.learning_rate, train.schedule over the remaining epochs).
       "finetune_schedule": "continue",
+      "finetune_learning_rate": config_dict.placeholder(float),  # "restart" peak; None: train's
       "finetune_weight_decay": config_dict.placeholder(float),  # None: train.weight_decay
       "m_learning_rate": 1.0,
       "regularization": 1e-4,      # lambda_m
@@ -190,11 +192,17 @@ def weight_schedule(cfg, steps_per_epoch: int, total_steps: int) -> optax.Schedu
   mode = cfg.autoprune.get("finetune_schedule", "continue")
   if mode not in ("continue", "restart"):
     raise UserError(f"autoprune.finetune_schedule={mode!r}: use 'continue' or 'restart'.")
+  if mode == "continue" and cfg.autoprune.get("finetune_learning_rate") is not None:
+    raise UserError("autoprune.finetune_learning_rate sets the peak of a restarted "
+                    "schedule: add --config.autoprune.finetune_schedule=restart.")
   prune_steps = int(cfg.autoprune.prune_epochs * steps_per_epoch)
   if mode == "continue" or not 0 < prune_steps < total_steps:
     return learning_rate_schedule(cfg.train, steps_per_epoch, total_steps)
   first = learning_rate_schedule(cfg.train, steps_per_epoch, prune_steps)
-  again = learning_rate_schedule(cfg.train, steps_per_epoch, total_steps - prune_steps)
+  tune = ml_collections.ConfigDict(cfg.train.to_dict())
+  if cfg.autoprune.get("finetune_learning_rate") is not None:
+    tune.learning_rate = cfg.autoprune.finetune_learning_rate
+  again = learning_rate_schedule(tune, steps_per_epoch, total_steps - prune_steps)
   return optax.join_schedules([first, again], [prune_steps])
 
 
