@@ -18,15 +18,20 @@ Commands (from the repository root; MNIST built offline from the original files)
   python -m jaxprune.main --config configs/autoprune_lenet.py:smoke --workdir /tmp/ap_smoke
 
 Expected results (full MNIST, 2 CPU cores; see README for the measured numbers):
-LeNet-300-100 at >= 30x compression with <= 2% test error in a few minutes; LeNet-5 at
->= 100x compression with <= 1% test error (the authors report 310x at 7% of the FLOPs).
+LeNet-300-100 at >= 30x compression with <= 2% test error in a few minutes (measured 99.4x at
+1.86%); LeNet-5 at >= 100x with <= 1% test error in about 4 minutes on a quiet CPU (measured
+118.2x at 0.83% error and 8.2% of the FLOPs with seed 0; the authors report 310x at 7%).
 """
 from jaxprune import config_lib
 from jaxprune.methods.autoprune import autoprune_config
 
-# arch -> (model, lr, pretrain epochs, prune epochs, fine-tune epochs, lambda_m, lr_m).
-ARCHS = {"lenet5": ("lenet5", 0.01, 5, 12, 4, 2e-4, 2.0),
-         "lenet300": ("lenet300_100", 0.05, 10, 15, 5, 2e-4, 2.0)}
+# arch -> model, weight lr, epochs of dense pretraining / pruning / fine-tuning, batch size
+# of pruning and fine-tuning, lambda_m, M's lr, and whether the weight lr restarts for the
+# fine-tuning (LeNet-5: batch 64 and a restart took the error from 1.12% to 0.83%).
+ARCHS = {"lenet5": dict(model="lenet5", lr=0.01, pretrain=5, prune=8, tune=6, batch=64,
+                        lam=2e-4, lr_m=2.0, finetune="restart"),
+         "lenet300": dict(model="lenet300_100", lr=0.05, pretrain=10, prune=15, tune=5,
+                          batch=128, lam=2e-4, lr_m=2.0, finetune="continue")}
 
 
 def get_config(arg=None):
@@ -34,19 +39,21 @@ def get_config(arg=None):
                               granularity="weight", neuron_axis="out", smoke=False)
   if args.arch not in ARCHS:
     raise config_lib.UserError(f"arch={args.arch!r}: choose one of {', '.join(ARCHS)}.")
-  model, lr, pre, prune, tune, lam, lr_m = ARCHS[args.arch]
+  arch = ARCHS[args.arch]
   config = config_lib.base_config("autoprune")
-  config.model = dict(name=model)
+  config.model = dict(name=arch["model"])
   config.dataset = config_lib.dataset_config(args.dataset)
   config.dataset.augment = "none"
-  common = dict(warmup_epochs=0, batch_size=128, eval_batch_size=1000, learning_rate=lr,
+  common = dict(warmup_epochs=0, eval_batch_size=1000, learning_rate=arch["lr"],
                 weight_decay=5e-4, nesterov=True, log_every_steps=100,
                 checkpoint_every_steps=2000, eval_every_epochs=5)
-  config.pretrain = config_lib.train_config(epochs=pre, **common)
-  config.train = config_lib.train_config(epochs=prune + tune, **common)
+  config.pretrain = config_lib.train_config(epochs=arch["pretrain"], batch_size=128, **common)
+  config.train = config_lib.train_config(epochs=arch["prune"] + arch["tune"],
+                                         batch_size=arch["batch"], **common)
   config.autoprune = autoprune_config(
-      prune_epochs=prune, regularization=lam, m_learning_rate=lr_m,
-      surrogate=args.surrogate, granularity=args.granularity, neuron_axis=args.neuron_axis)
+      prune_epochs=arch["prune"], regularization=arch["lam"], m_learning_rate=arch["lr_m"],
+      finetune_schedule=arch["finetune"], surrogate=args.surrogate,
+      granularity=args.granularity, neuron_axis=args.neuron_axis)
   if args.smoke:
     config.dataset = config_lib.dataset_config("synthetic")
     config.dataset.augment = "none"
