@@ -1,12 +1,15 @@
-"""Analytic FLOPs and parameter counts of any Linen model.
+"""Analytic FLOPs and parameter counts of any model, from the jaxpr of its forward pass.
 
-One counter serves every model in jaxprune and any model a user brings: it
-traces ``model.apply`` once under :func:`jax.eval_shape` (no arithmetic is run)
-and records every ``nn.Conv`` and ``nn.Dense`` call (subclasses included) with
-``nn.intercept_methods``. The convention is the official TAS counter's (tas.md
-§5): FLOPs are multiply-accumulates of conv and dense layers plus one add per
-output element for a layer with a bias; batch norm, activations and pooling are
-not counted. Numbers are per example.
+One counter serves every model in jaxprune and any model a user brings, Linen,
+NNX or a pure function: the forward pass on one example is traced once
+(:func:`jaxprune.graph.trace_jaxpr`, no arithmetic is run) and the same walk that
+builds the channel dependency graph records every ``conv_general_dilated`` and
+``dot_general`` with its multiply-accumulates, and every add of a parameter to
+one's result (a bias add). The convention is the official TAS counter's (tas.md
+§5): FLOPs are multiply-accumulates of convolutions and matrix products plus one
+add per output element of a bias add; batch norm, activations, pooling and
+residual adds are not counted. Products between activations (attention's q.k and
+attn.v) are matrix products and count. Numbers are per example.
 
 This module must not hold per-architecture tables: a pruned or searched network
 is counted by building it and tracing it like any other. The TAS costs (tas.md
@@ -15,148 +18,101 @@ run on the standard network, and their widths from the architecture parameters.
 """
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import functools
-import inspect
 import math
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.errors import UserError
-
-
-def _accepts_train(model: nn.Module) -> bool:
-  try:
-    parameters = inspect.signature(type(model).__call__).parameters
-  except (TypeError, ValueError):
-    return False
-  return "train" in parameters or any(
-      p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+from jaxprune.graph import group as graph_group
+from jaxprune.graph.tracing import example_shape, trace_jaxpr
 
 
 def _example_batch(input_shape: Sequence[int], batched: bool | None):
-  shape = tuple(int(d) for d in input_shape)
-  if batched is None:
-    # A leading 1 on a multi-axis shape is read as a batch of one example.
-    batched = len(shape) >= 2 and shape[0] == 1
-  if batched:
-    if not shape or shape[0] != 1:
-      raise UserError(f"input_shape {shape} must have a batch of 1 to be "
-                      "counted per example; pass one example's shape, e.g. "
-                      "(32, 32, 3).")
-    return shape
-  return (1,) + shape
+  return example_shape(input_shape, batched)
 
 
-def _layer_record(module, args, out):
-  """MACs and bias adds of one conv/dense call, or None for other modules."""
-  if isinstance(module, nn.Conv):
-    kind = "conv"
-    kernel_size = module.kernel_size
-    if isinstance(kernel_size, int):
-      kernel_size = (kernel_size,)
-    in_features = args[0].shape[-1]
-    groups = module.feature_group_count
-    # Every output element is a dot product over k_h*k_w*(C_in/groups) inputs.
-    kernel_shape = tuple(kernel_size) + (in_features // groups, module.features)
-    macs_per_output = math.prod(kernel_size) * (in_features // groups)
-  elif isinstance(module, nn.Dense):
-    kind = "dense"
-    in_features = args[0].shape[-1]
-    kernel_shape = (in_features, module.features)
-    macs_per_output = in_features
-  else:
-    return None
-  outputs = math.prod(out.shape)
-  macs = outputs * macs_per_output
-  bias_adds = outputs if module.use_bias else 0
-  return {
-      "name": "/".join(str(p) for p in module.path),
-      "kind": kind,
-      "in_shape": tuple(args[0].shape),
-      "out_shape": tuple(out.shape),
-      "kernel_shape": kernel_shape,
-      "macs": macs,
-      "bias_adds": bias_adds,
-      "flops": macs + bias_adds,
-  }
-
-
-def count_layers(model: nn.Module, variables: Mapping[str, Any],
-                 input_shape: Sequence[int], *,
-                 batched: bool | None = None,
+def count_layers(model, variables, input_shape: Sequence[int], call: Callable | None = None,
+                 *, batched: bool | None = None,
                  dtype: Any = jnp.float32) -> list[dict[str, Any]]:
-  """Per-layer FLOPs of every conv and dense call, in call order.
+  """Per-op FLOPs of every conv and matrix product, in call order.
 
   Args:
-    model: a Linen module, called as ``model.apply(variables, x)`` plus
-      ``train=False`` when its ``__call__`` takes ``train``.
-    variables: its variables (arrays or ``jax.ShapeDtypeStruct``s, e.g. from
-      ``jax.eval_shape(model.init, ...)``).
+    model: a Linen module (called as ``model.apply(variables, x)`` plus
+      ``train=False`` when its ``__call__`` takes ``train``), an ``nnx.Module``
+      (called in eval mode) or a function ``f(params, x)``.
+    variables: Linen variables (arrays or ``jax.ShapeDtypeStruct``s, e.g. from
+      ``jax.eval_shape(model.init, ...)``), None for NNX, a function's params.
     input_shape: shape of one example without the batch axis, e.g. (32, 32, 3);
       a leading batch of 1 is accepted.
+    call: NNX ``call(module, x)``, Linen ``call(variables, x)``, for a forward
+      that needs more than x.
     batched: whether `input_shape` starts with the batch axis; None guesses
       (a leading 1 on a shape of two or more axes is a batch).
     dtype: dtype of the dummy input.
 
   Returns:
-    One dict per call: ``name`` (module path), ``kind`` ("conv" or "dense"),
-    ``in_shape``, ``out_shape`` (with the batch axis of 1), ``kernel_shape``,
-    ``macs``, ``bias_adds`` and ``flops`` = macs + bias_adds.
+    One dict per op: ``name`` (the kernel's module path, e.g. ``stage0_block0/conv_a``),
+    ``kind`` ("conv", "dense": a product with a parameter, "dot": between
+    activations), ``kernel`` (leaf path or None), ``in_shape``, ``out_shape``
+    (with the batch axis of 1), ``kernel_shape`` (HWIO for a conv, (in, out) for
+    a product), ``macs``, ``bias_adds`` and ``flops`` = macs + bias_adds.
+
+  Raises:
+    UserError: when the forward pass has no conv or matrix product to count.
   """
-  x = jax.ShapeDtypeStruct(_example_batch(input_shape, batched), dtype)
-  kwargs = {"train": False} if _accepts_train(model) else {}
-  records = []
-  active = set()
-
-  def interceptor(next_fun, args, kw, context):
-    module = context.module
-    if context.method_name != "__call__" or id(module) in active:
-      # A subclass calling super().__call__() is still one layer.
-      return next_fun(*args, **kw)
-    active.add(id(module))
-    try:
-      out = next_fun(*args, **kw)
-    finally:
-      active.discard(id(module))
-    record = _layer_record(module, args, out)
-    if record is not None:
-      records.append(record)
-    return out
-
-  def apply(v, inputs):
-    with nn.intercept_methods(interceptor):
-      return model.apply(v, inputs, **kwargs)
-
-  jax.eval_shape(apply, variables, x)
-  return records
+  traced = trace_jaxpr(model, variables, input_shape, call, batched=batched, dtype=dtype)
+  w = graph_group.walk(traced)[0]
+  if not w.ops:
+    raise UserError(f"{_name(model)} has no convolution or matrix product in its forward "
+                    "pass: nothing to count (its FLOPs would read 0)")
+  return [{"name": op.name, "kind": op.kind, "kernel": op.kernel,
+           "in_shape": tuple(op.in_shape), "out_shape": tuple(op.out_shape),
+           "kernel_shape": tuple(op.kernel_shape), "macs": int(op.macs),
+           "bias_adds": int(op.bias_adds), "flops": int(op.flops)} for op in w.ops]
 
 
-def count_params(variables: Mapping[str, Any]) -> int:
-  """Number of entries in ``variables["params"]`` (BN statistics excluded)."""
-  params = variables.get("params", {})
-  return int(sum(math.prod(np.shape(leaf))
-                 for leaf in jax.tree.leaves(params)))
+def _name(model) -> str:
+  return getattr(model, "__name__", None) or type(model).__name__
 
 
-def count(model: nn.Module, variables: Mapping[str, Any],
-          input_shape: Sequence[int], *,
+def count_params(variables: Mapping[str, Any] | Any) -> int:
+  """Trainable parameter entries.
+
+  ``variables`` is a Linen variables dict (its ``params`` collection is counted,
+  BN statistics excluded), an ``nnx.Module`` (its ``nnx.Param`` leaves) or a
+  params pytree (every leaf).
+  """
+  from flax import nnx
+  if isinstance(variables, nnx.Module):
+    tree = nnx.state(variables, nnx.Param)
+  elif isinstance(variables, Mapping) and "params" in variables:
+    tree = variables["params"]
+  else:
+    tree = variables
+  return int(sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(tree)))
+
+
+def count(model, variables, input_shape: Sequence[int], call: Callable | None = None, *,
           batched: bool | None = None) -> dict[str, int]:
-  """FLOPs (multiply-accumulates + bias adds) per example and parameters.
+  """FLOPs (multiply-accumulates + bias adds) per example and trainable parameters.
 
   Convention of the official TAS counter (tas.md §5): CIFAR-10 ResNet-20 gives
   40.81M FLOPs.
 
   Args:
-    model: any Linen model made of ``nn.Conv``/``nn.Dense`` (grouped convs
-      included) plus uncounted layers (norms, activations, pooling).
-    variables: its variables, concrete or abstract.
+    model: a Linen module, an ``nnx.Module`` (variables None) or a function
+      ``f(params, x)``; any layers, including a user's own written with
+      ``lax``/``jnp`` (grouped and depthwise convs included).
+    variables: Linen variables (concrete or abstract), None for NNX, a
+      function's params.
     input_shape: shape of one example, e.g. (32, 32, 3); a leading batch of 1
       is accepted.
+    call: see :func:`count_layers`.
     batched: see :func:`count_layers`.
 
   Returns:
@@ -168,10 +124,11 @@ def count(model: nn.Module, variables: Mapping[str, Any],
     ...                            jnp.zeros((1, 32, 32, 3)))
     >>> flops.count(model, variables, (32, 32, 3))["flops"]
     40813194
+    >>> flops.count(nnx_model, None, (28, 28, 1))       # an nnx.Module
   """
-  layers = count_layers(model, variables, input_shape, batched=batched)
+  layers = count_layers(model, variables, input_shape, call, batched=batched)
   return {"flops": int(sum(layer["flops"] for layer in layers)),
-          "params": count_params(variables)}
+          "params": count_params(model if variables is None else variables)}
 
 
 def _positions(record):
@@ -361,7 +318,7 @@ def graph_macs(edges: int, nodes: int, spatial: int, steps: int = 1,
   return int((edges + taps * nodes) * spatial * spatial * steps)
 
 
-def count_graph(model: nn.Module, variables: Mapping[str, Any],
+def count_graph(model, variables: Mapping[str, Any],
                 input_shape: Sequence[int], blocks: Sequence[Mapping[str, int]],
                 *, taps: int = 9) -> dict[str, int]:
   """FLOPs of a neural-graph model: its conv/dense layers plus its graph blocks.
@@ -382,7 +339,9 @@ def count_graph(model: nn.Module, variables: Mapping[str, Any],
     "params"}``: ``graph_params`` = edges + taps * nodes, ``layer_params`` the
     counted layers' kernels and biases, ``params`` every parameter stored.
   """
-  layers = count_layers(model, variables, input_shape)
+  # The graph's own products (edges, node convs) are counted by graph_macs.
+  layers = [r for r in count_layers(model, variables, input_shape)
+            if r["kernel"] is not None and r["kernel"].endswith("/kernel")]
   layer_flops = int(sum(layer["flops"] for layer in layers))
   layer_params = int(sum(math.prod(layer["kernel_shape"]) +
                          (layer["kernel_shape"][-1] if layer["bias_adds"] else 0)

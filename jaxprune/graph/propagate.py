@@ -1,0 +1,598 @@
+"""Channel propagation through a jaxpr: which indices of which values must go together.
+
+A *label* says which axes of a value carry tracked indices: ``{axes: ids}``, where
+``axes`` is a sorted tuple of axes and ``ids`` an int array with those axes' sizes
+holding one id per position (one axis almost always; several after a reshape that
+splits a channel axis, e.g. fused q/k/v heads). Each axis of each variable leaf of
+size > 1 and the input's channel axis start with fresh ids. A rule per primitive
+says which ids of its operands are the same channel (:meth:`Walk.tie`) and where
+the ids go in its outputs; the connected components of all ties are the channels.
+
+Rules are local and small, one per primitive family, like Torch-Pruning's
+per-operation handlers. A primitive without a rule that receives tracked ids marks
+them unprunable with its name (:meth:`Walk.block`): the graph never guesses.
+
+The same walk records every conv and ``dot_general`` with its multiply-accumulates
+and every bias add after one (:class:`Op`): :mod:`jaxprune.flops` counts from it.
+"""
+import dataclasses
+import math
+from typing import Any
+
+import jax.extend as jex
+import numpy as np
+
+Label = dict  # {tuple of axes (sorted): np.ndarray of ids}
+
+CONST = -1  # origin of a value computed from constants only
+
+ELEMENTWISE = frozenset("""
+add sub mul div max min pow atan2 rem and or xor not eq ne lt le gt ge select_n clamp
+nextafter add_any neg sign floor ceil round is_finite exp exp2 log log1p expm1 tanh
+logistic sin cos tan asin acos atan sinh cosh asinh acosh atanh sqrt rsqrt cbrt
+integer_pow square abs erf erfc erf_inv lgamma digamma igamma convert_element_type copy
+copy_p reduce_precision real imag conj sharding_constraint mesh_cast reshard
+optimization_barrier stop_gradient
+""".split())
+REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or "
+                       "reduce_xor argmax argmin".split())
+CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
+WINDOWED = frozenset("reduce_window_sum reduce_window_max reduce_window_min "
+                     "reduce_window".split())
+
+
+@dataclasses.dataclass
+class Op:
+  """One conv or ``dot_general`` of the forward pass, for the FLOPs count.
+
+  ``shares`` lists ``(ids, flops_per_position)``: removing the channel at one
+  position of ``ids`` removes that many FLOPs (first order).
+  """
+  kind: str            # "conv", "dense" (one operand is a parameter) or "dot"
+  name: str            # the parameter operand's leaf path without "/kernel", or the primitive
+  kernel: str | None   # leaf path of the parameter operand
+  in_shape: tuple
+  out_shape: tuple
+  kernel_shape: tuple
+  macs: int
+  bias_adds: int = 0
+  shares: list = dataclasses.field(default_factory=list)
+
+  @property
+  def flops(self) -> int:
+    return self.macs + self.bias_adds
+
+
+def _is_literal(v) -> bool:
+  return isinstance(v, jex.core.Literal)
+
+
+def _shape(v) -> tuple:
+  return tuple(getattr(v.aval, "shape", ()))
+
+
+def _subjaxpr(eqn):
+  """(jaxpr, consts) of a call-like primitive whose invars map 1:1 to the eqn's."""
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    j = eqn.params.get(key)
+    if j is None:
+      continue
+    if isinstance(j, jex.core.ClosedJaxpr):
+      inner, consts = j.jaxpr, j.consts
+    elif isinstance(j, jex.core.Jaxpr):
+      inner, consts = j, ()
+    else:
+      continue
+    if len(inner.invars) == len(eqn.invars) and len(inner.outvars) == len(eqn.outvars):
+      return inner, consts
+  return None
+
+
+class Walk:
+  """Walks a jaxpr once, collecting ties, blocked ids, producers, consumers and ops."""
+
+  def __init__(self, leaf_names: list[str]):
+    self.leaf_names = leaf_names
+    self.n = 0
+    self.ties: list[tuple[np.ndarray, np.ndarray]] = []
+    self.blocked: list[tuple[np.ndarray, str]] = []
+    self.producers: list[np.ndarray] = []
+    self.consumers: list[np.ndarray] = []
+    self.ops: list[Op] = []
+
+  # --- bookkeeping -------------------------------------------------------------------
+  def fresh(self, shape) -> np.ndarray:
+    size = math.prod(shape)
+    ids = np.arange(self.n, self.n + size, dtype=np.int64).reshape(shape)
+    self.n += size
+    return ids
+
+  def tie(self, a: np.ndarray, b: np.ndarray):
+    a, b = np.broadcast_arrays(a, b)
+    self.ties.append((a.ravel(), b.ravel()))
+
+  def block(self, label: Label, reason: str):
+    for ids in label.values():
+      self.blocked.append((ids.ravel(), reason))
+
+  def fresh_label(self, shape) -> Label:
+    return {(a,): self.fresh((n,)) for a, n in enumerate(shape) if n > 1}
+
+  # --- label algebra -----------------------------------------------------------------
+  def merge(self, labels, shapes, out_shape, what: str) -> Label:
+    """Elementwise: ids at the same position of same-shaped operands are tied."""
+    out: Label = {}
+    for label, shape in zip(labels, shapes):
+      if not label:
+        continue
+      if len(shape) != len(out_shape):
+        self.block(label, f"{what} with operands of different rank")
+        continue
+      for axes, ids in label.items():
+        keep = [i for i, a in enumerate(axes) if shape[a] == out_shape[a]]
+        if len(keep) < len(axes):  # broadcast from size 1: no channel there
+          ids = ids[tuple(slice(None) if i in keep else 0 for i in range(len(axes)))]
+          axes = tuple(axes[i] for i in keep)
+          if not axes:
+            continue
+        self._put(out, axes, ids, what)
+    return out
+
+  def _put(self, out: Label, axes, ids, what):
+    if axes in out:
+      self.tie(out[axes], ids)
+      return
+    overlap = [k for k in out if set(k) & set(axes)]
+    if overlap:
+      for k in overlap:
+        self.block({k: out.pop(k)}, f"{what} mixes channel axes laid out differently")
+      self.block({axes: ids}, f"{what} mixes channel axes laid out differently")
+      return
+    out[axes] = ids
+
+  def remap(self, label: Label, axis_map: dict, what: str, coarsen: bool) -> Label:
+    """Moves facets to new axes (``axis_map[old] = new``); unmapped axes disappear.
+
+    A facet that loses some but not all of its axes is coarsened when `coarsen`
+    (its ids along the lost axes become one channel: a whole attention head) and
+    blocked otherwise (a reduction over part of a split channel axis, GroupNorm).
+    """
+    out: Label = {}
+    for axes, ids in label.items():
+      kept = [i for i, a in enumerate(axes) if a in axis_map]
+      if len(kept) == len(axes):
+        self._put_sorted(out, [axis_map[a] for a in axes], ids, what)
+      elif kept:
+        if not coarsen:
+          self.block({axes: ids}, f"{what} over part of a split channel axis")
+          continue
+        first = ids[tuple(slice(None) if i in kept else slice(0, 1) for i in range(len(axes)))]
+        self.tie(ids, first)
+        first = first.reshape([ids.shape[i] for i in kept])
+        self._put_sorted(out, [axis_map[axes[i]] for i in kept], first, what)
+    return out
+
+  def _put_sorted(self, out, new_axes, ids, what):
+    order = np.argsort(new_axes)
+    self._put(out, tuple(int(new_axes[i]) for i in order), np.transpose(ids, order), what)
+
+  # --- the walk ----------------------------------------------------------------------
+  def run(self, jaxpr, labels, origins, counted):
+    """Walks `jaxpr`; returns the (labels, origins, counted ops) of its outputs."""
+    env, origin, count = {}, {}, {}
+    for v in jaxpr.constvars:
+      env[v], origin[v], count[v] = {}, CONST, None
+    for v, l, o, c in zip(jaxpr.invars, labels, origins, counted):
+      env[v], origin[v], count[v] = l, o, c
+
+    def read(v):
+      if _is_literal(v):
+        return {}, CONST, None
+      return env.get(v, {}), origin.get(v, CONST), count.get(v)
+
+    for eqn in jaxpr.eqns:
+      ins = [read(v) for v in eqn.invars]
+      in_labels = [i[0] for i in ins]
+      in_origins = [i[1] for i in ins]
+      outs = self.eqn(eqn, in_labels, in_origins, [i[2] for i in ins])
+      for v, (l, o, c) in zip(eqn.outvars, outs):
+        env[v], origin[v], count[v] = l, o, c
+    results = [read(v) for v in jaxpr.outvars]
+    return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
+
+  def eqn(self, eqn, labels, origins, counted):
+    name = eqn.primitive.name
+    shapes = [_shape(v) for v in eqn.invars]
+    out_shapes = [_shape(v) for v in eqn.outvars]
+    # A value is "a parameter" when it only depends on parameters and constants.
+    if any(o is None for o in origins):
+      origin = None
+    else:
+      origin = next((o for o in origins if o != CONST), CONST)
+    self._eqn_origins = origins
+    nested = _subjaxpr(eqn)
+    if nested is not None:
+      inner, consts = nested
+      return list(zip(*self.run(inner, labels, origins, counted)))
+    if name == "cond":
+      return self.cond(eqn, labels, origins, counted)
+    rule = getattr(self, "rule_" + name, None)
+    if rule is not None:
+      out_labels = rule(eqn, labels, shapes, out_shapes)
+    elif name in ELEMENTWISE:
+      out_labels = [self.merge(labels, shapes, out_shapes[0], name)] * len(out_shapes)
+      if name == "optimization_barrier":
+        out_labels = labels
+    elif name in REDUCTIONS:
+      axes = set(eqn.params["axes"])
+      axis_map = {}
+      for a in range(len(shapes[0])):
+        if a not in axes:
+          axis_map[a] = len(axis_map)
+      out_labels = [self.remap(labels[0], axis_map, name, coarsen=False)]
+    elif name in CUMULATIVE:
+      out_labels = [self.keep_unless(labels[0], {eqn.params["axis"]}, name)]
+    elif name in WINDOWED:
+      out_labels = self.windowed(eqn, labels, shapes)
+    elif not any(labels):
+      out_labels = [{} for _ in out_shapes]
+    else:
+      for l in labels:
+        self.block(l, f"primitive '{name}' is not followed by the graph")
+      out_labels = [{} for _ in out_shapes]
+    out_counted = [None] * len(out_shapes)
+    if name in ("convert_element_type", "reshape", "copy", "copy_p") and counted[0] is not None:
+      out_counted = [counted[0]]
+    if name in ("add", "add_any") and len(labels) == 2:
+      self.bias_add(eqn, origins, counted, out_labels[0], out_shapes[0])
+    if name in ("conv_general_dilated", "dot_general"):
+      out_counted = [len(self.ops) - 1]
+    return list(zip(out_labels, [origin] * len(out_shapes), out_counted))
+
+  def keep_unless(self, label, axes, what):
+    out = {}
+    for k, ids in label.items():
+      if set(k) & axes:
+        self.block({k: ids}, f"'{what}' along a channel axis")
+      else:
+        out[k] = ids
+    return out
+
+  def cond(self, eqn, labels, origins, counted):
+    results = []
+    for branch in eqn.params["branches"]:
+      results.append(self.run(branch.jaxpr, labels[1:], origins[1:], counted[1:]))
+    outs = []
+    for i, v in enumerate(eqn.outvars):
+      merged = self.merge([r[0][i] for r in results], [_shape(v)] * len(results),
+                          _shape(v), "cond")
+      outs.append((merged, None, None))
+    return outs
+
+  def windowed(self, eqn, labels, shapes):
+    p = eqn.params
+    n_operands = len(labels) // 2 if eqn.primitive.name == "reduce_window" else 1
+    window, strides = p["window_dimensions"], p["window_strides"]
+    padding = p["padding"]
+    base = p.get("base_dilation", (1,) * len(window))
+    wdil = p.get("window_dilation", (1,) * len(window))
+    moving = {a for a in range(len(window))
+              if window[a] != 1 or strides[a] != 1 or tuple(padding[a]) != (0, 0)
+              or base[a] != 1 or wdil[a] != 1}
+    return [self.keep_unless(labels[i], moving, "pooling window") for i in range(n_operands)]
+
+  def bias_add(self, eqn, origins, counted, out_label, out_shape):
+    """An add of a parameter to a conv/dot_general result is that op's bias."""
+    for c, o in ((counted[0], origins[1]), (counted[1], origins[0])):
+      if c is not None and o not in (None, CONST):
+        op = self.ops[c]
+        adds = math.prod(out_shape)
+        op.bias_adds += adds
+        for ids in out_label.values():
+          op.shares.append((ids.ravel(), adds / ids.size))
+        return
+
+  # --- rules -------------------------------------------------------------------------
+  def rule_broadcast_in_dim(self, eqn, labels, shapes, out_shapes):
+    dims = eqn.params["broadcast_dimensions"]
+    keep = {i: d for i, d in enumerate(dims) if shapes[0][i] == out_shapes[0][d]}
+    return [self.remap(labels[0], keep, "broadcast", coarsen=False)] + \
+        [{} for _ in out_shapes[1:]]
+
+  def rule_squeeze(self, eqn, labels, shapes, out_shapes):
+    gone = set(a % len(shapes[0]) for a in eqn.params["dimensions"])
+    axis_map = {}
+    for a in range(len(shapes[0])):
+      if a not in gone:
+        axis_map[a] = len(axis_map)
+    return [self.remap(labels[0], axis_map, "squeeze", coarsen=False)]
+
+  def rule_transpose(self, eqn, labels, shapes, out_shapes):
+    perm = eqn.params["permutation"]
+    return [self.remap(labels[0], {p: j for j, p in enumerate(perm)}, "transpose", False)]
+
+  def rule_rev(self, eqn, labels, shapes, out_shapes):
+    out = {}
+    for axes, ids in labels[0].items():
+      for i, a in enumerate(axes):
+        if a in eqn.params["dimensions"]:
+          ids = np.flip(ids, i)
+      out[axes] = ids
+    return [out]
+
+  def rule_reshape(self, eqn, labels, shapes, out_shapes):
+    label, shape, new = labels[0], shapes[0], out_shapes[0]
+    if eqn.params.get("dimensions") is not None:
+      perm = eqn.params["dimensions"]
+      label = self.remap(label, {p: j for j, p in enumerate(perm)}, "reshape", False)
+      shape = tuple(shape[p] for p in perm)
+    out: Label = {}
+    for in_axes, out_axes in _reshape_blocks(shape, new):
+      facets = {k: v for k, v in label.items() if set(k) & set(in_axes)}
+      if not facets:
+        continue
+      if len(facets) > 1 or any(not set(k) <= set(in_axes) for k in facets):
+        self.block(facets, "reshape merges separate channel axes")
+        continue
+      (axes, ids), = facets.items()
+      if len(in_axes) == 1 and len(out_axes) == 1:
+        out[(out_axes[0],)] = ids
+        continue
+      block_shape = [shape[a] for a in in_axes]
+      if math.prod(block_shape) > 50_000_000:
+        self.block(facets, "reshape of a very large channel block")
+        continue
+      index = tuple(slice(None) if a in axes else None for a in in_axes)
+      grid = np.broadcast_to(ids[index] if ids.ndim else ids, block_shape)
+      grid = grid.reshape([new[a] for a in out_axes])
+      keep = []  # out axes along which the ids vary
+      for i in range(grid.ndim):
+        if grid.shape[i] > 1 and not np.all(grid == grid.take([0], axis=i)):
+          keep.append(i)
+      grid = grid[tuple(slice(None) if i in keep else 0 for i in range(grid.ndim))]
+      if keep:
+        out[tuple(out_axes[i] for i in keep)] = np.ascontiguousarray(grid)
+    return [out]
+
+  def rule_concatenate(self, eqn, labels, shapes, out_shapes):
+    d = eqn.params["dimension"]
+    along, rest = [], []
+    for label in labels:
+      along.append({k: v for k, v in label.items() if d in k})
+      rest.append({k: v for k, v in label.items() if d not in k})
+    out = self.merge(rest, [tuple(1 if a == d else n for a, n in enumerate(s)) for s in shapes],
+                     tuple(1 if a == d else n for a, n in enumerate(out_shapes[0])),
+                     "concatenate")
+    if any(along):
+      if any(k != (d,) for a in along for k in a):
+        for a in along:
+          self.block(a, "concatenate along part of a split channel axis")
+        return [out]
+      parts = [a[(d,)] if a else self.fresh((s[d],)) for a, s in zip(along, shapes)]
+      out[(d,)] = np.concatenate(parts)
+    return [out]
+
+  def rule_pad(self, eqn, labels, shapes, out_shapes):
+    config = eqn.params["padding_config"]
+    moving = {a for a, (lo, hi, interior) in enumerate(config) if (lo, hi, interior) != (0, 0, 0)}
+    self.block(labels[1], "pad value")
+    return [self.keep_unless(labels[0], moving, "pad")]
+
+  def rule_slice(self, eqn, labels, shapes, out_shapes):
+    p = eqn.params
+    strides = p["strides"] or (1,) * len(shapes[0])
+    out = {}
+    for axes, ids in labels[0].items():
+      index = tuple(slice(p["start_indices"][a], p["limit_indices"][a], strides[a]) for a in axes)
+      out[axes] = ids[index]
+    return [out]
+
+  def rule_split(self, eqn, labels, shapes, out_shapes):
+    axis, sizes = eqn.params["axis"], eqn.params["sizes"]
+    outs, start = [], 0
+    for size in sizes:
+      out = {}
+      for axes, ids in labels[0].items():
+        index = tuple(slice(start, start + int(size)) if a == axis else slice(None) for a in axes)
+        out[axes] = ids[index]
+      outs.append(out)
+      start += int(size)
+    return outs
+
+  def rule_dynamic_slice(self, eqn, labels, shapes, out_shapes):
+    cut = {a for a, (n, m) in enumerate(zip(shapes[0], out_shapes[0])) if n != m}
+    for l in labels[1:]:
+      self.block(l, "dynamic_slice index")
+    return [self.keep_unless(labels[0], cut, "dynamic_slice")]
+
+  def rule_dynamic_update_slice(self, eqn, labels, shapes, out_shapes):
+    cut = {a for a, (n, m) in enumerate(zip(shapes[0], shapes[1])) if n != m}
+    base = self.keep_unless(labels[0], cut, "dynamic_update_slice")
+    update = self.keep_unless(labels[1], cut, "dynamic_update_slice")
+    for l in labels[2:]:
+      self.block(l, "dynamic_update_slice index")
+    return [self.merge([base, update], [shapes[0], shapes[0]], out_shapes[0],
+                       "dynamic_update_slice")]
+
+  def rule_iota(self, eqn, labels, shapes, out_shapes):
+    return [{}]
+
+  def _param_name(self, origin):
+    if origin in (None, CONST):
+      return None
+    return self.leaf_names[origin]
+
+  def rule_dot_general(self, eqn, labels, shapes, out_shapes):
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    L, R = labels
+    ls, rs = shapes
+    pairs = list(zip(lb, rb)) + list(zip(lc, rc))
+    self._tie_pairs(L, R, pairs, "dot_general")
+    lfree = [a for a in range(len(ls)) if a not in lb and a not in lc]
+    rfree = [a for a in range(len(rs)) if a not in rb and a not in rc]
+    lmap = {a: i for i, a in enumerate(lb)}
+    lmap.update({a: len(lb) + i for i, a in enumerate(lfree)})
+    rmap = {a: i for i, a in enumerate(rb)}
+    rmap.update({a: len(lb) + len(lfree) + i for i, a in enumerate(rfree)})
+    out = self.remap(L, lmap, "dot_general", coarsen=True)
+    right = self.remap(R, rmap, "dot_general", coarsen=True)
+    for axes, ids in right.items():
+      if axes not in out:
+        self._put(out, axes, ids, "dot_general")
+    # Roles: free axes of an operand produce channels, contracted axes consume them.
+    for label, free, contract in ((L, lfree, lc), (R, rfree, rc)):
+      for axes, ids in label.items():
+        if set(axes) <= set(free):
+          self.producers.append(ids.ravel())
+        elif set(axes) & set(contract):
+          self.consumers.append(ids.ravel())
+    macs = math.prod(out_shapes[0]) * math.prod(ls[a] for a in lc)
+    origins = self._eqn_origins
+    kernel = self._param_name(origins[1]) or self._param_name(origins[0])
+    op = Op(kind="dense" if kernel else "dot",
+            name=_layer_name(kernel) if kernel else f"dot_general_{len(self.ops)}",
+            kernel=kernel, in_shape=ls if self._param_name(origins[1]) or not kernel else rs,
+            out_shape=out_shapes[0],
+            kernel_shape=(math.prod(rs[a] for a in rc), math.prod(rs[a] for a in rfree)),
+            macs=macs)
+    seen = set()
+    for la, ra in pairs:
+      facet = _facet(L, la) or _facet(R, ra)
+      if facet is not None and id(facet[1]) not in seen:
+        seen.add(id(facet[1]))
+        op.shares.append((facet[1].ravel(), macs / facet[1].size))
+    for ids in out.values():
+      op.shares.append((ids.ravel(), macs / ids.size))
+    self.ops.append(op)
+    return [out]
+
+  def _tie_pairs(self, L, R, pairs, what):
+    lr = dict(pairs)
+    done = set()
+    for la, ra in pairs:
+      fl, fr = _facet(L, la), _facet(R, ra)
+      if fl is None or fr is None or (fl[0], fr[0]) in done:
+        continue
+      done.add((fl[0], fr[0]))
+      (la_axes, lids), (ra_axes, rids) = fl, fr
+      if len(la_axes) == 1 and len(ra_axes) == 1:
+        self.tie(lids, rids)
+      elif len(la_axes) == 1:  # a coarse channel meets a split one: broadcast it
+        i = ra_axes.index(ra)
+        shape = [1] * len(ra_axes)
+        shape[i] = -1
+        self.tie(rids, lids.reshape(shape))
+      elif len(ra_axes) == 1:
+        i = la_axes.index(la)
+        shape = [1] * len(la_axes)
+        shape[i] = -1
+        self.tie(lids, rids.reshape(shape))
+      elif all(a in lr for a in la_axes) and sorted(lr[a] for a in la_axes) == list(ra_axes):
+        order = [ra_axes.index(lr[a]) for a in la_axes]
+        self.tie(lids, np.transpose(rids, order))
+      else:
+        self.block({la_axes: lids}, f"{what} pairs channel axes laid out differently")
+        self.block({ra_axes: rids}, f"{what} pairs channel axes laid out differently")
+
+  def rule_conv_general_dilated(self, eqn, labels, shapes, out_shapes):
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    L, R = labels
+    ls, rs, os_ = shapes[0], shapes[1], out_shapes[0]
+    groups, batch_groups = p["feature_group_count"], p["batch_group_count"]
+    lc, ro, ri, oc = lhs_spec[1], rhs_spec[0], rhs_spec[1], out_spec[1]
+    c_in, c_out = ls[lc], rs[ro]
+    x_facet, o_facet, i_facet = _facet(L, lc), _facet(R, ro), _facet(R, ri)
+    spatial_lhs = {a for a in lhs_spec if a != lc}
+    for axes, ids in L.items():
+      if set(axes) & spatial_lhs:
+        self.block({axes: ids}, "conv over a channel-carrying spatial axis")
+    out: Label = {}
+    if o_facet is not None and len(o_facet[0]) > 1 or x_facet is not None and len(x_facet[0]) > 1:
+      self.block(L, "conv of a split channel axis")
+      self.block(R, "conv of a split channel axis")
+    elif batch_groups != 1:
+      self.block(L, "conv with batch_group_count > 1")
+      self.block(R, "conv with batch_group_count > 1")
+    elif groups == 1:
+      if x_facet is not None and i_facet is not None:
+        self.tie(x_facet[1], i_facet[1])
+      if i_facet is not None:
+        self.consumers.append(i_facet[1])
+      if o_facet is not None:
+        self.producers.append(o_facet[1])
+        out[(oc,)] = o_facet[1]
+    elif rs[ri] == 1 and groups == c_in:  # depthwise, channel multiplier c_out / c_in
+      if o_facet is not None:
+        per_input = o_facet[1].reshape(c_in, c_out // c_in)
+        self.tie(per_input, per_input[:, :1])
+        if x_facet is not None:
+          self.tie(x_facet[1], per_input[:, 0])
+        self.producers.append(o_facet[1])
+        out[(oc,)] = o_facet[1]
+    else:
+      reason = f"grouped conv (feature_group_count={groups})"
+      self.block(L, reason)
+      self.block(R, reason)
+      if o_facet is not None:
+        out[(oc,)] = o_facet[1]
+    taps = math.prod(rs[a] for a in rhs_spec[2:])
+    macs = math.prod(os_) * taps * (c_in // groups)
+    kernel = self._param_name(self._eqn_origins[1])
+    op = Op(kind="conv", name=_layer_name(kernel) if kernel else f"conv_{len(self.ops)}",
+            kernel=kernel, in_shape=ls, out_shape=os_,
+            kernel_shape=tuple(rs[a] for a in rhs_spec[2:]) + (rs[ri], rs[ro]), macs=macs)
+    if groups == 1:
+      facet = x_facet or i_facet
+      if facet is not None:
+        op.shares.append((facet[1].ravel(), macs / facet[1].size))
+    if (oc,) in out:
+      op.shares.append((out[(oc,)].ravel(), macs / out[(oc,)].size))
+    self.ops.append(op)
+    return [out]
+
+
+
+def _facet(label: Label, axis: int):
+  for axes, ids in label.items():
+    if axis in axes:
+      return axes, ids
+  return None
+
+
+def _layer_name(kernel: str) -> str:
+  parts = kernel.split("/")
+  if parts[0] == "params" and len(parts) > 1:
+    parts = parts[1:]
+  if len(parts) > 1 and parts[-1] == "kernel":
+    parts = parts[:-1]
+  return "/".join(parts)
+
+
+def _reshape_blocks(shape, new):
+  """Minimal runs of input and output axes with equal products (row-major reshape)."""
+  blocks, i, j = [], 0, 0
+  while i < len(shape) and j < len(new):
+    ai, aj, pi, pj = [i], [j], shape[i], new[j]
+    i, j = i + 1, j + 1
+    while pi != pj:
+      if pi < pj:
+        ai.append(i)
+        pi *= shape[i]
+        i += 1
+      else:
+        aj.append(j)
+        pj *= new[j]
+        j += 1
+    # Trailing size-1 axes join the run they follow.
+    while i < len(shape) and shape[i] == 1 and (j >= len(new) or new[j] != 1):
+      ai.append(i)
+      i += 1
+    while j < len(new) and new[j] == 1 and (i >= len(shape) or shape[i] != 1):
+      aj.append(j)
+      j += 1
+    blocks.append((ai, aj))
+  if i < len(shape) or j < len(new):
+    blocks.append((list(range(i, len(shape))), list(range(j, len(new)))))
+  return blocks
