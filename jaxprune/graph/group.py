@@ -61,6 +61,7 @@ class Group:
   reason: str | None
   flops_per_channel: float
   params_per_channel: int
+  channels: np.ndarray = dataclasses.field(repr=False, default=None)  # component per channel
 
   @property
   def producers(self) -> list[str]:
@@ -85,9 +86,50 @@ class Graph:
   traced: Traced
   ops: list
   round_to: int = 1
+  components: np.ndarray = dataclasses.field(repr=False, default=None)
+  leaf_ids: dict = dataclasses.field(repr=False, default=None)
 
   def prunable(self) -> list[Group]:
     return [g for g in self.groups if g.prunable]
+
+  def _kept_mask(self, keep) -> np.ndarray:
+    kept = np.ones(self.components.max() + 1 if self.components.size else 0)
+    for key, channels in keep.items():
+      g = self.groups[key.id if isinstance(key, Group) else int(key)]
+      mask = np.zeros(g.width)
+      mask[np.asarray(channels, np.int64)] = 1
+      kept[g.channels] = mask
+    return kept
+
+  def predict(self, keep: Mapping[Any, Sequence[int]]) -> dict[str, int]:
+    """Exact FLOPs and params of the network that keeps `keep[group]` channels.
+
+    Every op's MACs are a product over its channel axes, so the count of any
+    narrowing follows from the trace without building the network.
+
+    Args:
+      keep: ``{group id or Group: kept channel indices}``; others keep all.
+
+    Returns:
+      ``{"flops": int, "params": int}``, as :func:`jaxprune.flops.count` of the
+      pruned network would give.
+    """
+    kept = self._kept_mask(keep)
+    frac = lambda ids: float(kept[self.components[ids]].mean()) if ids.size else 1.0
+    total = 0.0
+    for op in self.ops:
+      total += op.macs * math.prod(frac(f) for f in op.factors)
+      total += op.bias_adds * math.prod(frac(f) for f in op.bias_factors)
+    params = 0.0
+    for leaf, (shape, is_param) in enumerate(zip(self.traced.shapes, self.traced.is_param)):
+      if is_param:
+        n = math.prod(shape)
+        for axis in range(len(shape)):
+          ids = self.leaf_ids.get((leaf, axis))
+          if ids is not None:
+            n *= frac(ids)
+        params += n
+    return {"flops": int(round(total)), "params": int(round(params))}
 
   @property
   def flops(self) -> int:
@@ -200,9 +242,10 @@ def trace(model, variables, input_shape: Sequence[int], call: Callable | None = 
         slices.setdefault(c, []).append((leaf, axis, chunk))
 
   flops_of = np.zeros(comp.max() + 1 if w.n else 0)
-  for op in w.ops:
-    for ids, amount in op.shares:
-      np.add.at(flops_of, comp[ids], amount)
+  for op in w.ops:  # one channel's first-order share of every op it is a factor of
+    for factors, amount in ((op.factors, op.macs), (op.bias_factors, op.bias_adds)):
+      for ids in factors:
+        np.add.at(flops_of, comp[ids], amount / ids.size)
 
   by_signature: dict[tuple, list[int]] = {}
   for c, members in slices.items():
@@ -231,7 +274,8 @@ def trace(model, variables, input_shape: Sequence[int], call: Callable | None = 
     groups.append(Group(id=0, width=len(comps), members=tuple(members),
                         prunable=reason is None, reason=reason,
                         flops_per_channel=float(np.mean([flops_of[c] for c in comps])),
-                        params_per_channel=int(params)))
+                        params_per_channel=int(params),
+                        channels=np.asarray(comps, np.int64)))
   # Call order: by the first op that produces the group, then the channel index.
   first_op = {}
   for i, op in enumerate(w.ops):
@@ -240,7 +284,8 @@ def trace(model, variables, input_shape: Sequence[int], call: Callable | None = 
                              int(g.members[0].index.min())))
   for i, g in enumerate(groups):
     g.id = i
-  return Graph(groups=groups, traced=traced, ops=w.ops, round_to=round_to)
+  return Graph(groups=groups, traced=traced, ops=w.ops, round_to=round_to,
+               components=comp, leaf_ids=leaf_ids)
 
 
 def kept_slices(graph: Graph, keep: Mapping[Any, Sequence[int]]) -> dict[str, dict[int, np.ndarray]]:

@@ -45,8 +45,10 @@ WINDOWED = frozenset("reduce_window_sum reduce_window_max reduce_window_min "
 class Op:
   """One conv or ``dot_general`` of the forward pass, for the FLOPs count.
 
-  ``shares`` lists ``(ids, flops_per_position)``: removing the channel at one
-  position of ``ids`` removes that many FLOPs (first order).
+  The op's multiply-accumulates are proportional to the kept fraction of each
+  array in ``factors`` (the contracted channel axis, the output channel axes),
+  its bias adds to that of each array in ``bias_factors``; each array holds the
+  channel ids along that axis. So the FLOPs of any narrowing follow exactly.
   """
   kind: str            # "conv", "dense" (one operand is a parameter) or "dot"
   name: str            # the parameter operand's leaf path without "/kernel", or the primitive
@@ -56,7 +58,8 @@ class Op:
   kernel_shape: tuple
   macs: int
   bias_adds: int = 0
-  shares: list = dataclasses.field(default_factory=list)
+  factors: list = dataclasses.field(default_factory=list)
+  bias_factors: list = dataclasses.field(default_factory=list)
 
   @property
   def flops(self) -> int:
@@ -288,8 +291,7 @@ class Walk:
         op = self.ops[c]
         adds = math.prod(out_shape)
         op.bias_adds += adds
-        for ids in out_label.values():
-          op.shares.append((ids.ravel(), adds / ids.size))
+        op.bias_factors = [ids.ravel() for ids in out_label.values()]
         return
 
   # --- rules -------------------------------------------------------------------------
@@ -379,25 +381,30 @@ class Walk:
     return [self.keep_unless(labels[0], moving, "pad")]
 
   def rule_slice(self, eqn, labels, shapes, out_shapes):
+    # The offsets are constants of the user's code: after pruning it would cut the
+    # narrower axis at the same places. Only uncut channel axes are followed.
     p = eqn.params
     strides = p["strides"] or (1,) * len(shapes[0])
-    out = {}
-    for axes, ids in labels[0].items():
-      index = tuple(slice(p["start_indices"][a], p["limit_indices"][a], strides[a]) for a in axes)
-      out[axes] = ids[index]
-    return [out]
+    cut = {a for a in range(len(shapes[0]))
+           if (p["start_indices"][a], p["limit_indices"][a], strides[a]) != (0, shapes[0][a], 1)}
+    return [self.keep_unless(labels[0], cut, "slice at fixed offsets")]
 
   def rule_split(self, eqn, labels, shapes, out_shapes):
-    axis, sizes = eqn.params["axis"], eqn.params["sizes"]
-    outs, start = [], 0
-    for size in sizes:
-      out = {}
-      for axes, ids in labels[0].items():
-        index = tuple(slice(start, start + int(size)) if a == axis else slice(None) for a in axes)
-        out[axes] = ids[index]
-      outs.append(out)
-      start += int(size)
-    return outs
+    # jnp.split into equal parts: position i of every part is one channel, so the
+    # parts stay equal (and the user's code splits the narrower axis the same way).
+    axis, sizes = eqn.params["axis"], [int(s) for s in eqn.params["sizes"]]
+    facet = _facet(labels[0], axis)
+    if facet is None:
+      return [dict(labels[0]) for _ in sizes]
+    if len(set(sizes)) > 1 or len(facet[0]) > 1:
+      self.block({facet[0]: facet[1]}, "split into unequal parts at fixed offsets")
+      rest = {k: v for k, v in labels[0].items() if k != facet[0]}
+      return [dict(rest) for _ in sizes]
+    parts = np.split(facet[1], len(sizes))
+    for part in parts[1:]:
+      self.tie(parts[0], part)
+    return [{**{k: v for k, v in labels[0].items() if k != facet[0]}, facet[0]: part}
+            for part in parts]
 
   def rule_dynamic_slice(self, eqn, labels, shapes, out_shapes):
     cut = {a for a, (n, m) in enumerate(zip(shapes[0], out_shapes[0])) if n != m}
@@ -456,13 +463,12 @@ class Walk:
             kernel_shape=(math.prod(rs[a] for a in rc), math.prod(rs[a] for a in rfree)),
             macs=macs)
     seen = set()
-    for la, ra in pairs:
+    for la, ra in zip(lc, rc):
       facet = _facet(L, la) or _facet(R, ra)
-      if facet is not None and id(facet[1]) not in seen:
-        seen.add(id(facet[1]))
-        op.shares.append((facet[1].ravel(), macs / facet[1].size))
-    for ids in out.values():
-      op.shares.append((ids.ravel(), macs / ids.size))
+      if facet is not None and facet[0] not in seen:
+        seen.add(facet[0])
+        op.factors.append(facet[1].ravel())
+    op.factors += [ids.ravel() for ids in out.values()]
     self.ops.append(op)
     return [out]
 
@@ -546,9 +552,9 @@ class Walk:
     if groups == 1:
       facet = x_facet or i_facet
       if facet is not None:
-        op.shares.append((facet[1].ravel(), macs / facet[1].size))
+        op.factors.append(facet[1].ravel())
     if (oc,) in out:
-      op.shares.append((out[(oc,)].ravel(), macs / out[(oc,)].size))
+      op.factors.append(out[(oc,)].ravel())
     self.ops.append(op)
     return [out]
 
