@@ -27,7 +27,9 @@ channels that reach the input or the model's output are unprunable too.
 Layering: this package knows wiring only. ``jaxprune.surgery`` removes groups and
 rebuilds the network, ``jaxprune.flops`` counts from the same trace.
 """
-from jaxprune.graph.tracing import Traced, trace_jaxpr
+from jaxprune.graph.tracing import Traced, named_leaves, trace_jaxpr
+from jaxprune.graph import tracing
 from jaxprune.graph.group import Graph, Group, Member, kept_slices, trace
 
-__all__ = ["Graph", "Group", "Member", "Traced", "kept_slices", "trace", "trace_jaxpr"]
+__all__ = ["Graph", "Group", "Member", "Traced", "kept_slices", "named_leaves", "trace",
+           "trace_jaxpr"]

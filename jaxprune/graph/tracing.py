@@ -184,3 +184,12 @@ def trace_jaxpr(model, variables, input_shape: Sequence[int], call: Callable | N
                 shapes=[tuple(l.shape) for l in leaves], is_param=list(params_flat),
                 input_shape=x.shape,
                 output_shapes=[tuple(o.shape) for o in jax.tree.leaves(outs)])
+
+
+def named_leaves(model, variables) -> dict[str, Any]:
+  """``{leaf path: array}`` of the variables `trace_jaxpr` names (NNX: the module's state)."""
+  if isinstance(model, nnx.Module):
+    tree = nnx.state(model)
+  else:
+    tree = variables
+  return {leaf_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
