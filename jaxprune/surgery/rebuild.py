@@ -367,6 +367,12 @@ def _check_linen(wrapped, model, small, input_shape, shapes, overrides):
     module = _linen_modules(wrapped, x, kwargs).get(mpath)
     kind = type(module).__name__ if module is not None else "layer"
     attrs = _int_attrs(module, [f.name for f in dataclasses.fields(module)]) if module else {}
+    if isinstance(module, _RULE_TYPES + _INPUT_SIZED) or (
+        type(module).__module__.startswith("flax.")):
+      raise UserError(
+          f"rebuild: the slices are not consistent: layer {mpath or '<model>'!r} ({kind}) "
+          f"builds {path} with shape {got} from its inputs, but the slices make it "
+          f"{want_shape}; slice every leaf of the group (e.g. the consumer's input axis).")
     raise UserError(
         f"rebuild: layer {mpath or '<model>'!r} ({kind}) builds {path} with shape {got} "
         f"but the slices make it {want_shape}; its size attributes {attrs} cannot be "
