@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxprune import surgery
 from jaxprune.errors import UserError
-from jaxprune.models import convnet
+from jaxprune.models import cifar_resnet, convnet
 
 
 def _kept(rng, width, frac=0.5):
@@ -309,6 +309,98 @@ def test_linen_jaxprune_convnet_through_the_same_mechanism():
                              rtol=1e-5, atol=1e-5)
   fresh = pruned.model.init(jax.random.key(0), x, train=False)
   assert jax.tree.map(np.shape, fresh) == jax.tree.map(np.shape, pruned.variables)
+
+
+def test_linen_jaxprune_resnet_inner_widths_keep_the_block_structure():
+  rng = np.random.default_rng(9)
+  model = cifar_resnet(20, num_classes=3)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+  variables = _randomize(model.init(jax.random.key(9), x, train=False), rng)
+  slices, zeros = {}, {}
+  for stage, width in enumerate((16, 32, 64)):
+    for b in range(3):
+      blk = f"stage{stage}_block{b}"
+      keep = _kept(rng, width)
+      for path, axis in ((f"params/{blk}/conv_a/kernel", 3), (f"params/{blk}/bn_a/scale", 0),
+                         (f"params/{blk}/bn_a/bias", 0), (f"batch_stats/{blk}/bn_a/mean", 0),
+                         (f"batch_stats/{blk}/bn_a/var", 0), (f"params/{blk}/conv_b/kernel", 2)):
+        slices[path] = {axis: keep}
+        if path.startswith("params") and "conv_b" not in path:
+          _add(zeros, path, axis, _removed(width, keep))
+  pruned = surgery.rebuild(model, variables, slices, (8, 8, 3))
+  np.testing.assert_allclose(pruned.model.apply(pruned.variables, x, train=False),
+                             model.apply(_zero(variables, zeros, _linen_path), x, train=False),
+                             rtol=1e-4, atol=1e-5)
+  # Same blocks and shortcuts as the original (the module's widths are untouched).
+  assert "shortcut_conv" in pruned.variables["params"]["stage1_block0"]
+  fresh = jax.eval_shape(lambda: pruned.model.init(jax.random.key(0), x, train=False))
+  assert jax.tree.map(lambda a: a.shape, fresh) == jax.tree.map(np.shape, pruned.variables)
+
+
+class SetupBlock(nn.Module):
+  """setup-defined layers: a 1x1 conv, a depthwise conv, a transposed conv."""
+
+  def setup(self):
+    self.c1 = nn.Conv(6, (1, 1))
+    self.dw = nn.Conv(6, (3, 3), feature_group_count=6)
+    self.up = nn.ConvTranspose(4, (2, 2), strides=(2, 2))
+
+  def __call__(self, x):
+    return self.up(nn.relu(self.dw(nn.relu(self.c1(x)))))
+
+
+class RematNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.remat(SetupBlock)(name="blk")(x)
+    return nn.Dense(2, name="head")(x.mean((1, 2)))
+
+
+def test_linen_depthwise_transpose_setup_and_remat():
+  rng = np.random.default_rng(10)
+  model = RematNet()
+  x = jnp.asarray(rng.normal(size=(2, 4, 4, 3)), jnp.float32)
+  variables = jax.tree.map(lambda a: np.asarray(a) + 0.1, model.init(jax.random.key(0), x))
+  k, k2 = np.array([0, 2, 5]), np.array([1, 3])
+  slices = {"params/blk/c1/kernel": {3: k}, "params/blk/c1/bias": {0: k},
+            "params/blk/dw/kernel": {3: k}, "params/blk/dw/bias": {0: k},
+            "params/blk/up/kernel": {2: k, 3: k2}, "params/blk/up/bias": {0: k2},
+            "params/head/kernel": {0: k2}}
+  zeros = {"params/blk/c1/kernel": [(3, _removed(6, k))], "params/blk/c1/bias": [(0, _removed(6, k))],
+           "params/blk/dw/bias": [(0, _removed(6, k))],
+           "params/blk/up/kernel": [(3, _removed(4, k2))], "params/blk/up/bias": [(0, _removed(4, k2))]}
+  pruned = surgery.rebuild(model, variables, slices, (4, 4, 3))
+  np.testing.assert_allclose(pruned.model.apply(pruned.variables, x),
+                             model.apply(_zero(variables, zeros, _linen_path), x),
+                             rtol=1e-5, atol=1e-5)
+  fresh = pruned.model.init(jax.random.key(1), x)["params"]["blk"]
+  assert fresh["dw"]["kernel"].shape == (3, 3, 1, 3)
+  assert fresh["up"]["kernel"].shape == (2, 2, 3, 2)
+
+
+class NNXSeq(nnx.Module):
+  def __init__(self, rngs):
+    self.emb = nnx.Embed(10, 6, rngs=rngs)
+    self.c1 = nnx.Conv(6, 6, (1,), rngs=rngs)
+    self.dw = nnx.Conv(6, 12, (3,), feature_group_count=6, rngs=rngs)  # multiplier 2
+    self.up = nnx.ConvTranspose(12, 4, (2,), strides=(2,), rngs=rngs)
+
+  def __call__(self, tokens):
+    return self.up(self.dw(self.c1(self.emb(tokens))))
+
+
+def test_nnx_embed_depthwise_and_transpose_attributes():
+  model = NNXSeq(nnx.Rngs(0))
+  kept = np.array([0, 2, 4])
+  kept_dw = np.sort(np.concatenate([kept * 2, kept * 2 + 1]))  # both outputs of a kept group
+  slices = {"emb/embedding": {1: kept}, "c1/kernel": {1: kept, 2: kept}, "c1/bias": {0: kept},
+            "dw/kernel": {2: kept_dw}, "dw/bias": {0: kept_dw}, "up/kernel": {1: kept_dw}}
+  tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+  small = surgery.rebuild(model, None, slices, tokens).model
+  assert small(jnp.array([[1, 2, 3, 4]])).shape == (1, 8, 4)
+  assert (small.emb.num_embeddings, small.emb.features) == (10, 3)
+  assert (small.dw.in_features, small.dw.out_features, small.dw.feature_group_count) == (3, 6, 3)
+  assert (small.up.in_features, small.up.out_features, small.up.kernel_shape) == (6, 4, (2, 6, 4))
 
 
 def test_bad_slices_are_errors():
