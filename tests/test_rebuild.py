@@ -302,10 +302,12 @@ def test_linen_jaxprune_convnet_through_the_same_mechanism():
       if "params" in path:
         _add(zeros, path, axis, _removed(width, keep))
   slices["params/conv2/kernel"][2] = keep1
-  slices["params/fc1/kernel"] = {0: np.sort(np.concatenate([keep2 + k * 6 for k in range(4)]))}
+  rows = np.sort(np.concatenate([keep2 + k * 6 for k in range(4)]))
+  slices["params/fc1/kernel"] = {0: rows}
   pruned = surgery.rebuild(model, variables, slices, (8, 8, 3))
+  masked = _zero(variables, zeros, _linen_path)
   np.testing.assert_allclose(pruned.model.apply(pruned.variables, x, train=False),
-                             model.apply(_zero(variables, zeros, _linen_path), x, train=False),
+                             model.apply(masked, x, train=False),
                              rtol=1e-5, atol=1e-5)
   fresh = pruned.model.init(jax.random.key(0), x, train=False)
   assert jax.tree.map(np.shape, fresh) == jax.tree.map(np.shape, pruned.variables)
@@ -321,20 +323,24 @@ def test_linen_jaxprune_resnet_inner_widths_keep_the_block_structure():
     for b in range(3):
       blk = f"stage{stage}_block{b}"
       keep = _kept(rng, width)
-      for path, axis in ((f"params/{blk}/conv_a/kernel", 3), (f"params/{blk}/bn_a/scale", 0),
-                         (f"params/{blk}/bn_a/bias", 0), (f"batch_stats/{blk}/bn_a/mean", 0),
-                         (f"batch_stats/{blk}/bn_a/var", 0), (f"params/{blk}/conv_b/kernel", 2)):
+      for path, axis in ((f"params/{blk}/conv_a/kernel", 3),
+                         (f"params/{blk}/bn_a/scale", 0), (f"params/{blk}/bn_a/bias", 0),
+                         (f"batch_stats/{blk}/bn_a/mean", 0),
+                         (f"batch_stats/{blk}/bn_a/var", 0),
+                         (f"params/{blk}/conv_b/kernel", 2)):
         slices[path] = {axis: keep}
         if path.startswith("params") and "conv_b" not in path:
           _add(zeros, path, axis, _removed(width, keep))
   pruned = surgery.rebuild(model, variables, slices, (8, 8, 3))
+  masked = _zero(variables, zeros, _linen_path)
   np.testing.assert_allclose(pruned.model.apply(pruned.variables, x, train=False),
-                             model.apply(_zero(variables, zeros, _linen_path), x, train=False),
+                             model.apply(masked, x, train=False),
                              rtol=1e-4, atol=1e-5)
   # Same blocks and shortcuts as the original (the module's widths are untouched).
   assert "shortcut_conv" in pruned.variables["params"]["stage1_block0"]
   fresh = jax.eval_shape(lambda: pruned.model.init(jax.random.key(0), x, train=False))
-  assert jax.tree.map(lambda a: a.shape, fresh) == jax.tree.map(np.shape, pruned.variables)
+  assert (jax.tree.map(lambda a: a.shape, fresh)
+          == jax.tree.map(np.shape, pruned.variables))
 
 
 class SetupBlock(nn.Module):
@@ -360,15 +366,17 @@ def test_linen_depthwise_transpose_setup_and_remat():
   rng = np.random.default_rng(10)
   model = RematNet()
   x = jnp.asarray(rng.normal(size=(2, 4, 4, 3)), jnp.float32)
-  variables = jax.tree.map(lambda a: np.asarray(a) + 0.1, model.init(jax.random.key(0), x))
+  variables = jax.tree.map(lambda a: np.asarray(a) + 0.1,
+                           model.init(jax.random.key(0), x))
   k, k2 = np.array([0, 2, 5]), np.array([1, 3])
   slices = {"params/blk/c1/kernel": {3: k}, "params/blk/c1/bias": {0: k},
             "params/blk/dw/kernel": {3: k}, "params/blk/dw/bias": {0: k},
             "params/blk/up/kernel": {2: k, 3: k2}, "params/blk/up/bias": {0: k2},
             "params/head/kernel": {0: k2}}
-  zeros = {"params/blk/c1/kernel": [(3, _removed(6, k))], "params/blk/c1/bias": [(0, _removed(6, k))],
-           "params/blk/dw/bias": [(0, _removed(6, k))],
-           "params/blk/up/kernel": [(3, _removed(4, k2))], "params/blk/up/bias": [(0, _removed(4, k2))]}
+  gone, gone2 = _removed(6, k), _removed(4, k2)
+  zeros = {"params/blk/c1/kernel": [(3, gone)], "params/blk/c1/bias": [(0, gone)],
+           "params/blk/dw/bias": [(0, gone)],  # the depthwise conv is in the group
+           "params/blk/up/kernel": [(3, gone2)], "params/blk/up/bias": [(0, gone2)]}
   pruned = surgery.rebuild(model, variables, slices, (4, 4, 3))
   np.testing.assert_allclose(pruned.model.apply(pruned.variables, x),
                              model.apply(_zero(variables, zeros, _linen_path), x),
@@ -392,15 +400,17 @@ class NNXSeq(nnx.Module):
 def test_nnx_embed_depthwise_and_transpose_attributes():
   model = NNXSeq(nnx.Rngs(0))
   kept = np.array([0, 2, 4])
-  kept_dw = np.sort(np.concatenate([kept * 2, kept * 2 + 1]))  # both outputs of a kept group
-  slices = {"emb/embedding": {1: kept}, "c1/kernel": {1: kept, 2: kept}, "c1/bias": {0: kept},
+  kept_dw = np.sort(np.concatenate([kept * 2, kept * 2 + 1]))  # a kept group's 2 outputs
+  slices = {"emb/embedding": {1: kept}, "c1/kernel": {1: kept, 2: kept},
+            "c1/bias": {0: kept},
             "dw/kernel": {2: kept_dw}, "dw/bias": {0: kept_dw}, "up/kernel": {1: kept_dw}}
   tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
   small = surgery.rebuild(model, None, slices, tokens).model
   assert small(jnp.array([[1, 2, 3, 4]])).shape == (1, 8, 4)
   assert (small.emb.num_embeddings, small.emb.features) == (10, 3)
-  assert (small.dw.in_features, small.dw.out_features, small.dw.feature_group_count) == (3, 6, 3)
-  assert (small.up.in_features, small.up.out_features, small.up.kernel_shape) == (6, 4, (2, 6, 4))
+  dw, up = small.dw, small.up
+  assert (dw.in_features, dw.out_features, dw.feature_group_count) == (3, 6, 3)
+  assert (up.in_features, up.out_features, up.kernel_shape) == (6, 4, (2, 6, 4))
 
 
 def test_bad_slices_are_errors():
@@ -489,8 +499,8 @@ def test_nnx_cnn_pruned_matches_zeroed_original(seed):
   masked.eval()
   np.testing.assert_allclose(small(x), masked(x), rtol=1e-5, atol=1e-5)
   k1, k2 = keeps[1].size, keeps[2].size
-  assert (small.conv1.out_features, small.conv2.in_features, small.conv2.out_features) == (
-      k1, k1, k2)
+  assert small.conv1.out_features == small.conv2.in_features == k1
+  assert small.conv2.out_features == k2
   assert small.conv2.kernel_shape == (3, 3, k1, k2) == small.conv2.kernel[...].shape
   assert (small.bn1.num_features, small.bn2.num_features) == (k1, k2)
   assert small.linear.in_features == 16 * k2 and small.linear.out_features == 3
@@ -567,7 +577,8 @@ def test_nnx_attention_heads_and_mlp_pruned():
   small = pruned.model
   np.testing.assert_allclose(small(x), masked(x), rtol=1e-5, atol=1e-5)
   attn = small.attn
-  assert (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.qkv_features) == (2, 2, 4, 8)
+  assert (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (2, 2, 4)
+  assert attn.qkv_features == 8
   assert (attn.in_features, attn.out_features) == (8, 8)
   assert attn.query.out_features == (2, 4) and attn.out.in_features == (2, 4)
   assert small.fc1.out_features == small.fc2.in_features == hidden.size

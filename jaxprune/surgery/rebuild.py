@@ -17,9 +17,10 @@ derived from the smaller variables (``features`` of ``nn.Dense`` / ``nn.Conv`` /
 ``nn.ConvTranspose`` / ``nn.DenseGeneral``, ``feature_group_count`` of a grouped
 conv, ``num_heads`` / ``qkv_features`` / ``out_features`` of
 ``nn.MultiHeadDotProductAttention``, ``num_embeddings`` / ``features`` of
-``nn.Embed``, ``num_groups`` of ``nn.GroupNorm``). Flax's own parameter shape check
-then confirms every layer agrees with its variables, so ``apply`` with the pruned
-variables runs, and ``init`` builds the network at the pruned widths from scratch.
+``nn.Embed``, ``shape`` of ``nn.Einsum``, ``num_groups`` of ``nn.GroupNorm``). Flax's
+own parameter shape check then confirms every layer agrees with its variables, so
+``apply`` with the pruned variables runs, and ``init`` builds the network at the
+pruned widths from scratch.
 The module structure (e.g. whether a ResNet block has a projection shortcut) is the
 original's, because the user's module attributes are untouched: this is why
 jaxprune's own models go through the same mechanism rather than being rebuilt with
@@ -95,7 +96,8 @@ def rebuild(model: Any, variables: Any, slices: Slices, input_shape: Any = None,
       and axes not named are kept whole.
     input_shape: one example's shape (e.g. ``(32, 32, 3)``, float32), or an array /
       ``jax.ShapeDtypeStruct`` of a whole batch (e.g. int tokens). When given, the
-      smaller network is run once (abstractly for Linen) to check it.
+      smaller network is run once (abstractly for Linen) to check it; Linen user
+      layers' attributes are inferred only then.
     call: NNX: ``call(module, x)`` runs the module for the check (default
       ``module(x)`` on an ``.eval()`` copy). Linen: unused by the check, which calls
       ``init``/``apply`` of the pruned module with ``train=False`` when the module
@@ -116,7 +118,8 @@ def rebuild(model: Any, variables: Any, slices: Slices, input_shape: Any = None,
   overrides = {k: dict(v) for k, v in (overrides or {}).items()}
   if isinstance(model, nnx.Module):
     if variables is not None:
-      raise UserError("rebuild: an nnx.Module carries its own state; pass variables=None.")
+      raise UserError("rebuild: an nnx.Module carries its own state; "
+                      "pass variables=None.")
     return _rebuild_nnx(model, slices, input_shape, call, overrides)
   if isinstance(model, nn.Module):
     if variables is None:
@@ -225,6 +228,8 @@ def _linen_rule(module: nn.Module, shape: Callable, args) -> dict[str, Any]:
   k = shape("kernel")
   if k is None:
     return {}
+  if isinstance(module, nn.Einsum):
+    return {"shape": tuple(int(d) for d in k)}
   if isinstance(module, nn.DenseGeneral):
     f = module.features
     n = 1 if isinstance(f, int) else len(f)
@@ -242,8 +247,8 @@ def _linen_rule(module: nn.Module, shape: Callable, args) -> dict[str, Any]:
   return {}
 
 
-_RULE_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvLocal, nn.ConvTranspose, nn.Embed,
-               nn.MultiHeadDotProductAttention, nn.GroupNorm)
+_RULE_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvLocal,
+               nn.ConvTranspose, nn.Embed, nn.MultiHeadDotProductAttention, nn.GroupNorm)
 # Layers whose parameter shapes follow their input (no size attribute to update).
 _INPUT_SIZED = (nn.BatchNorm, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 
@@ -316,7 +321,7 @@ def _accepts_train(module) -> bool:
 
 def _rebuild_linen(model, variables, slices, input_shape, overrides):
   variables = jax.tree.map(np.asarray, dict(variables))
-  small = slice_tree(variables, slices)
+  small = jax.tree.map(jnp.asarray, slice_tree(variables, slices))
   old_flat = {leaf_path(kp): np.shape(x)
               for kp, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
   new_flat = {leaf_path(kp): np.shape(x)
@@ -366,13 +371,15 @@ def _check_linen(wrapped, model, small, input_shape, shapes, overrides):
     mpath = _owner(path)
     module = _linen_modules(wrapped, x, kwargs).get(mpath)
     kind = type(module).__name__ if module is not None else "layer"
-    attrs = _int_attrs(module, [f.name for f in dataclasses.fields(module)]) if module else {}
+    attrs = (_int_attrs(module, [f.name for f in dataclasses.fields(module)])
+             if module is not None else {})
     if isinstance(module, _RULE_TYPES + _INPUT_SIZED) or (
         type(module).__module__.startswith("flax.")):
       raise UserError(
-          f"rebuild: the slices are not consistent: layer {mpath or '<model>'!r} ({kind}) "
-          f"builds {path} with shape {got} from its inputs, but the slices make it "
-          f"{want_shape}; slice every leaf of the group (e.g. the consumer's input axis).")
+          f"rebuild: the slices are not consistent: layer {mpath or '<model>'!r} "
+          f"({kind}) builds {path} with shape {got} from its inputs, but the slices "
+          f"make it {want_shape}; slice every leaf of the group (e.g. the consumer's "
+          "input axis).")
     raise UserError(
         f"rebuild: layer {mpath or '<model>'!r} ({kind}) builds {path} with shape {got} "
         f"but the slices make it {want_shape}; its size attributes {attrs} cannot be "
@@ -418,7 +425,8 @@ def _infer_linen_attrs(module, mpath, shapes, overrides, wrapped, model, mismatc
         size_map.setdefault(a, set()).add(b)
   if not size_map:
     return None
-  fields = [f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name")]
+  fields = [f.name for f in dataclasses.fields(module)
+            if f.name not in ("parent", "name")]
   candidates = {n: v for n, v in _int_attrs(module, fields).items() if v in size_map}
   options = [[(n, None)] + [(n, b) for b in sorted(size_map[v])]
              for n, v in sorted(candidates.items())]
@@ -538,7 +546,8 @@ def _rebuild_nnx(model, slices, input_shape, call, overrides):
   if stale:
     warnings.warn("rebuild: these modules' integer attributes equal a removed size and "
                   "were left unchanged (pass overrides= if the forward pass uses them): "
-                  + "; ".join(f"{m or '<model>'}: {', '.join(a)}" for m, a in stale.items()),
+                  + "; ".join(f"{m or '<model>'}: {', '.join(a)}"
+                              for m, a in stale.items()),
                   stacklevel=3)
   if input_shape is not None:
     check = nnx.clone(new)
@@ -552,7 +561,7 @@ def _rebuild_nnx(model, slices, input_shape, call, overrides):
 
 
 def _stale_attrs(module, mpath, shapes):
-  """Integer attributes of a user module equal to an old size of its own changed leaves."""
+  """Integer attributes of a user module equal to an old size of its changed leaves."""
   own = [(o, n) for p, (o, n) in shapes.items() if p.rsplit("/", 1)[0] == mpath
          or (not mpath and "/" not in p)]
   sizes = {a for o, n in own for a, b in zip(o, n) if a != b}
