@@ -11,7 +11,7 @@
   (``shrink``), its per-layer penalties (``ista_rho``), the gamma-W rescaling
   (``rescale_gamma``) and the masked == shrunk check (``check_equivalence``).
 """
-from jaxprune.surgery.rebuild import Pruned, rebuild, slice_tree
+from jaxprune.surgery.rebuild import Pruned, Rebuilt, rebuild, slice_tree
 from jaxprune.surgery.importance import CRITERIA, group_scores
 from jaxprune.surgery.pruner import select_channels
 from jaxprune.surgery.prune import prune, prune_to

@@ -1,0 +1,567 @@
+"""The smaller network from per-leaf slices, for Linen and NNX models.
+
+``rebuild(model, variables, slices, input_shape)`` takes ``slices`` =
+``{leaf path: {axis: sorted kept indices}}`` (what :func:`jaxprune.graph.kept_slices`
+gives; leaf paths as in the contract: ``params/conv1/kernel`` for Linen variables,
+``conv1/kernel`` for an NNX module) and returns a :class:`Pruned` network that runs,
+trains and checkpoints at the smaller widths. It does not decide *what* to remove
+(that is the graph's job) and does not check that the slices are coupled correctly
+beyond running the smaller network once: a bad set of slices is an error, never a
+silently wrong network.
+
+**Linen.** ``Pruned.model`` is a :class:`Rebuilt` module wrapping the user's own
+module (same variable tree, through :func:`flax.linen.share_scope`). Its ``__call__``
+runs the user's code under :func:`flax.linen.intercept_methods`; before any method of
+a submodule runs, the interceptor sets that submodule's feature attributes to values
+derived from the smaller variables (``features`` of ``nn.Dense`` / ``nn.Conv`` /
+``nn.ConvTranspose`` / ``nn.DenseGeneral``, ``feature_group_count`` of a grouped
+conv, ``num_heads`` / ``qkv_features`` / ``out_features`` of
+``nn.MultiHeadDotProductAttention``, ``num_embeddings`` / ``features`` of
+``nn.Embed``, ``shape`` of ``nn.Einsum``, ``num_groups`` of ``nn.GroupNorm``). Flax's
+own parameter shape check then confirms every layer agrees with its variables, so
+``apply`` with the pruned variables runs, and ``init`` builds the network at the
+pruned widths from scratch.
+The module structure (e.g. whether a ResNet block has a projection shortcut) is the
+original's, because the user's module attributes are untouched: this is why
+jaxprune's own models go through the same mechanism rather than being rebuilt with
+explicit widths. A user layer whose parameter shapes come from its own attributes
+(``self.param('w', init, (self.dim, self.hidden))``) gets its integer attributes
+inferred (the one assignment of changed sizes that makes its parameter shapes
+match, checked by ``init``) or passed in ``overrides={"block": {"hidden": 48}}``;
+otherwise ``rebuild`` stops with one line naming the layer, the parameter and the
+attributes.
+
+**NNX.** ``Pruned.model`` is a new module (``nnx.clone`` of the original, which stays
+untouched) whose Variables hold the sliced arrays and whose Flax layers have their
+feature attributes recomputed from those arrays (``in/out_features`` of
+``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` / ``nnx.ConvTranspose``,
+``kernel_shape``, ``feature_group_count``; ``num_features`` of the norms;
+``num_heads`` / ``num_kv_heads`` / ``head_dim`` / ``in_features`` /
+``in_kv_features`` / ``qkv_features`` / ``out_features`` of
+``nnx.MultiHeadAttention``; ``nnx.Embed``, ``nnx.Einsum``). A user's own
+``nnx.Module`` keeps its own attributes (they are not derivable in general); where an
+integer attribute equals the old size of one of its Variables' changed axes a warning
+names it, and ``overrides=`` sets it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import itertools
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxprune.errors import UserError
+from jaxprune.graph import tracing
+from jaxprune.optim.selection import leaf_path
+
+Slices = Mapping[str, Mapping[int, Any]]
+
+
+@dataclasses.dataclass
+class Pruned:
+  """A smaller network.
+
+  Attributes:
+    model: a :class:`Rebuilt` Linen module (``model.apply(variables, x)``,
+      ``model.init(rng, x)`` at the pruned widths) or a new ``nnx.Module``.
+    variables: the smaller Linen variables, every collection; None for NNX.
+    shapes: ``{leaf path: (old shape, new shape)}`` of every leaf that changed.
+    stale: NNX: ``{module path: attribute names}`` of user modules whose integer
+      attributes may still hold a removed size (see the module docstring).
+  """
+  model: Any
+  variables: Any
+  shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+  stale: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+
+def rebuild(model: Any, variables: Any, slices: Slices, input_shape: Any = None,
+            call: Callable | None = None, *,
+            overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Pruned:
+  """Slices ``variables`` (or an NNX module's Variables) and makes the model fit.
+
+  Args:
+    model: a Linen module (with ``variables``) or an ``nnx.Module`` (``variables``
+      None).
+    variables: the Linen variables (every collection), or None for NNX.
+    slices: ``{leaf path: {axis: sorted kept indices along that axis}}``; leaves
+      and axes not named are kept whole.
+    input_shape: one example's shape (e.g. ``(32, 32, 3)``, float32), or an array /
+      ``jax.ShapeDtypeStruct`` of a whole batch (e.g. int tokens). When given, the
+      smaller network is run once (abstractly for Linen) to check it; Linen user
+      layers' attributes are inferred only then.
+    call: NNX: ``call(module, x)`` runs the module for the check (default
+      ``module(x)`` on an ``.eval()`` copy). Linen: unused by the check, which calls
+      ``init``/``apply`` of the pruned module with ``train=False`` when the module
+      takes ``train`` (a Linen ``call`` closes over the original module).
+    overrides: ``{module path: {attribute: value}}`` set on those modules, for user
+      layers whose attributes cannot be derived (module path '/'-joined, relative
+      to the model, e.g. ``"blocks_0/mlp"``; ``""`` is the model itself).
+
+  Returns:
+    A :class:`Pruned`.
+
+  Example:
+    >>> slices = {"params/conv1/kernel": {3: keep}, "params/conv1/bias": {0: keep},
+    ...           "params/conv2/kernel": {2: keep}}
+    >>> pruned = rebuild(model, variables, slices, (32, 32, 3))
+    >>> logits = pruned.model.apply(pruned.variables, x)
+  """
+  overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+  if isinstance(model, nnx.Module):
+    if variables is not None:
+      raise UserError("rebuild: an nnx.Module carries its own state; "
+                      "pass variables=None.")
+    return _rebuild_nnx(model, slices, input_shape, call, overrides)
+  if isinstance(model, nn.Module):
+    if variables is None:
+      raise UserError("rebuild: a Linen module needs its variables "
+                      "(the dict with 'params', 'batch_stats', ...).")
+    return _rebuild_linen(model, variables, slices, input_shape, overrides)
+  raise UserError(f"rebuild: {type(model).__name__} is neither a flax.linen.Module nor "
+                  "an nnx.Module; a pure function f(params, x) has no module to "
+                  "rebuild: slice its params with jaxprune.surgery.slice_tree.")
+
+
+# ---------------------------------------------------------------------------------
+# Slicing (shared).
+
+
+def _slice_leaf(path: str, x: Any, spec: Mapping[int, Any]) -> np.ndarray:
+  x = np.asarray(x)
+  for axis, idx in spec.items():
+    axis = int(axis)
+    if not -x.ndim <= axis < x.ndim:
+      raise UserError(f"rebuild: slice of {path} names axis {axis}, but the leaf has "
+                      f"shape {x.shape}.")
+    idx = np.asarray(idx)
+    size = x.shape[axis]
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) and idx.size:
+      raise UserError(f"rebuild: kept indices of {path} axis {axis} must be a 1-D "
+                      f"integer array, got {idx.dtype} {idx.shape}.")
+    idx = idx.astype(np.int64)
+    if idx.size == 0:
+      raise UserError(f"rebuild: {path} axis {axis} keeps no index; keep at least one "
+                      "channel of every group.")
+    if idx.min() < 0 or idx.max() >= size or np.any(np.diff(idx) <= 0):
+      raise UserError(f"rebuild: kept indices of {path} axis {axis} must be sorted, "
+                      f"unique and in [0, {size}); got {idx.tolist()[:16]}...")
+    x = np.take(x, idx, axis=axis)
+  return x
+
+
+def slice_tree(tree: Any, slices: Slices, *, path_fn: Callable = leaf_path) -> Any:
+  """``tree`` with ``slices`` applied to its leaves (paths by :func:`leaf_path`).
+
+  Every path in ``slices`` must name a leaf; the error lists the available ones.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  paths = [path_fn(kp) for kp, _ in flat]
+  _check_paths(slices, paths)
+  leaves = [_slice_leaf(p, x, slices[p]) if p in slices else x
+            for p, (_, x) in zip(paths, flat)]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _check_paths(slices, paths):
+  missing = sorted(set(slices) - set(paths))
+  if missing:
+    shown = ", ".join(paths[:40]) + (" ..." if len(paths) > 40 else "")
+    raise UserError(f"rebuild: no leaf {missing[0]!r} in the model"
+                    f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                    f"leaves: {shown}")
+
+
+def _example(input_shape):
+  if hasattr(input_shape, "shape") and hasattr(input_shape, "dtype"):
+    return jnp.zeros(input_shape.shape, input_shape.dtype)
+  return jnp.zeros(tracing.example_shape(input_shape, None), jnp.float32)
+
+
+def _int_attrs(obj, names):
+  return {n: getattr(obj, n) for n in names
+          if isinstance(getattr(obj, n, None), int)
+          and not isinstance(getattr(obj, n), bool)}
+
+
+# ---------------------------------------------------------------------------------
+# Linen.
+
+
+def _tuple_like(template, values):
+  values = tuple(int(v) for v in values)
+  return values[0] if isinstance(template, int) else values
+
+
+def _linen_rule(module: nn.Module, shape: Callable, args) -> dict[str, Any]:
+  """Feature attributes of a Flax layer from its (new) parameter shapes."""
+  if isinstance(module, nn.MultiHeadDotProductAttention):
+    q, o = shape("query/kernel"), shape("out/kernel")
+    out = {}
+    if q is not None:
+      out.update(num_heads=int(q[-2]), qkv_features=int(q[-2] * q[-1]))
+    if o is not None:
+      out["out_features"] = int(o[-1])
+    return out
+  if isinstance(module, nn.Embed):
+    e = shape("embedding")
+    return {} if e is None else {"num_embeddings": int(e[0]), "features": int(e[1])}
+  if isinstance(module, nn.GroupNorm):
+    s = shape("scale") or shape("bias")
+    old = shape("scale", old=True) or shape("bias", old=True)
+    if s is None or module.num_groups is None:
+      return {}
+    size = old[-1] // module.num_groups
+    if s[-1] % size:
+      raise UserError(f"rebuild: GroupNorm {'/'.join(module.path)} keeps {s[-1]} "
+                      f"channels, not whole groups of {size}.")
+    return {"num_groups": int(s[-1] // size)}
+  k = shape("kernel")
+  if k is None:
+    return {}
+  if isinstance(module, nn.Einsum):
+    return {"shape": tuple(int(d) for d in k)}
+  if isinstance(module, nn.DenseGeneral):
+    f = module.features
+    n = 1 if isinstance(f, int) else len(f)
+    return {"features": _tuple_like(f, k[-n:])}
+  if isinstance(module, nn.Dense):
+    return {"features": int(k[-1])}
+  if isinstance(module, nn.ConvTranspose):
+    return {"features": int(k[-2] if module.transpose_kernel else k[-1])}
+  if isinstance(module, (nn.Conv, nn.ConvLocal)):
+    out = {"features": int(k[-1])}
+    groups = getattr(module, "feature_group_count", 1)
+    if groups != 1 and args and hasattr(args[0], "shape"):
+      out["feature_group_count"] = int(args[0].shape[-1] // k[-2])
+    return out
+  return {}
+
+
+_RULE_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvLocal,
+               nn.ConvTranspose, nn.Embed, nn.MultiHeadDotProductAttention, nn.GroupNorm)
+# Layers whose parameter shapes follow their input (no size attribute to update).
+_INPUT_SIZED = (nn.BatchNorm, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
+
+
+class Rebuilt(nn.Module):
+  """The user's Linen module run at pruned widths (see the module docstring).
+
+  Attributes:
+    base: the original module (its attributes are not changed).
+    shapes: ``((leaf path, old shape, new shape), ...)`` of the changed leaves.
+    overrides: ``((module path, ((attribute, value), ...)), ...)``.
+  """
+  base: nn.Module
+  shapes: tuple = ()
+  overrides: tuple = ()
+
+  def setup(self):
+    nn.share_scope(self, self.base)
+
+  def __call__(self, *args, **kwargs):
+    with nn.intercept_methods(self._interceptor()):
+      return self.base(*args, **kwargs)
+
+  def _interceptor(self):
+    new = {p: s for p, _, s in self.shapes}
+    old_shapes = {p: s for p, s, _ in self.shapes}
+    touched = {"/".join(p.split("/")[1:-1]) for p in new}  # module paths, no collection
+    prefixes = {"/".join(m.split("/")[:i]) for m in touched
+                for i in range(len(m.split("/")) + 1)}
+    overrides = {m: dict(a) for m, a in self.overrides}
+
+    def interceptor(next_fun, args, kwargs, context):
+      module = context.module
+      if module is not self:
+        mpath = "/".join(module.path)
+        attrs = {}
+        if mpath in prefixes and isinstance(module, _RULE_TYPES):
+          def shape(rel, old=False, mpath=mpath):
+            key = f"params/{mpath}/{rel}" if mpath else f"params/{rel}"
+            return (old_shapes if old else new).get(key)
+          attrs = _linen_rule(module, shape, args)
+        attrs.update(overrides.get(mpath, {}))
+        for name, value in attrs.items():
+          # A bound module is this call's own clone; its dataclass is frozen.
+          object.__setattr__(module, name, value)
+      return next_fun(*args, **kwargs)
+    return interceptor
+
+
+@functools.cache
+def _rebuilt_class(base_cls):
+  """A :class:`Rebuilt` whose ``__call__`` shows ``base_cls.__call__``'s signature.
+
+  ``inspect.signature`` is how callers decide to pass ``train=``.
+  """
+  def __call__(self, *args, **kwargs):
+    return Rebuilt.__call__(self, *args, **kwargs)
+  try:
+    __call__.__signature__ = inspect.signature(base_cls.__call__)
+  except (TypeError, ValueError):
+    pass
+  return type(f"Rebuilt{base_cls.__name__}", (Rebuilt,), {"__call__": __call__,
+                                                          "__module__": __name__})
+
+
+_accepts_train = tracing.accepts_train  # one reading of `train`
+
+
+def _rebuild_linen(model, variables, slices, input_shape, overrides):
+  variables = jax.tree.map(np.asarray, dict(variables))
+  small = jax.tree.map(jnp.asarray, slice_tree(variables, slices))
+  old_flat = {leaf_path(kp): np.shape(x)
+              for kp, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  new_flat = {leaf_path(kp): np.shape(x)
+              for kp, x in jax.tree_util.tree_flatten_with_path(small)[0]}
+  shapes = tuple((p, old_flat[p], new_flat[p]) for p in sorted(new_flat)
+                 if old_flat[p] != new_flat[p])
+  wrapped = _linen_wrap(model, shapes, overrides)
+  if input_shape is not None:
+    wrapped = _check_linen(wrapped, model, small, input_shape, shapes, overrides)
+  return Pruned(model=wrapped, variables=small,
+                shapes={p: (o, n) for p, o, n in shapes})
+
+
+def _linen_wrap(model, shapes, overrides):
+  frozen = tuple(sorted((m, tuple(sorted(a.items()))) for m, a in overrides.items()))
+  return _rebuilt_class(type(model))(base=model, shapes=shapes, overrides=frozen)
+
+
+def _abstract_init(wrapped, x, kwargs):
+  return jax.eval_shape(lambda: wrapped.init(jax.random.key(0), x, **kwargs))
+
+
+def _check_linen(wrapped, model, small, input_shape, shapes, overrides):
+  """Runs ``init`` and ``apply`` abstractly; infers user layers' attributes."""
+  x = _example(input_shape)
+  kwargs = {"train": False} if _accepts_train(model) else {}
+  want = {p: np.shape(v) for p, v in _flat(small).items()}
+
+  def mismatches(w):
+    got = {p: tuple(v.shape) for p, v in _flat(_abstract_init(w, x, kwargs)).items()}
+    return {p: (got.get(p), s) for p, s in want.items() if got.get(p) != s}
+
+  bad = mismatches(wrapped)
+  if bad:
+    modules = _linen_modules(wrapped, x, kwargs)
+    for mpath in sorted({_owner(p) for p in bad}):
+      if mpath in overrides or mpath not in modules:
+        continue
+      found = _infer_linen_attrs(modules[mpath], mpath, shapes, overrides, wrapped, model,
+                                 mismatches)
+      if found is not None:
+        overrides = {**overrides, mpath: found}
+        wrapped = _linen_wrap(model, shapes, overrides)
+    bad = mismatches(wrapped)
+  if bad:
+    path, (got, want_shape) = next(iter(sorted(bad.items())))
+    mpath = _owner(path)
+    module = _linen_modules(wrapped, x, kwargs).get(mpath)
+    kind = type(module).__name__ if module is not None else "layer"
+    attrs = (_int_attrs(module, [f.name for f in dataclasses.fields(module)])
+             if module is not None else {})
+    if isinstance(module, _RULE_TYPES + _INPUT_SIZED) or (
+        type(module).__module__.startswith("flax.")):
+      raise UserError(
+          f"rebuild: the slices are not consistent: layer {mpath or '<model>'!r} "
+          f"({kind}) builds {path} with shape {got} from its inputs, but the slices "
+          f"make it {want_shape}; slice every leaf of the group (e.g. the consumer's "
+          "input axis).")
+    raise UserError(
+        f"rebuild: layer {mpath or '<model>'!r} ({kind}) builds {path} with shape {got} "
+        f"but the slices make it {want_shape}; its size attributes {attrs} cannot be "
+        f"derived: pass overrides={{{mpath!r}: {{attribute: value}}}}, or the slices are "
+        "not a consistent group.")
+  try:
+    jax.eval_shape(lambda v: wrapped.apply(v, x, **kwargs), small)
+  except Exception as e:  # an inconsistent set of slices
+    raise UserError(f"rebuild: the smaller network does not run: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+  return wrapped
+
+
+def _flat(tree):
+  return {leaf_path(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _owner(path: str) -> str:
+  return "/".join(path.split("/")[1:-1])
+
+
+def _linen_modules(wrapped, x, kwargs):
+  """``{module path: bound module}`` seen during an abstract ``init``."""
+  seen = {}
+
+  def record(next_fun, args, kw, context):
+    if not isinstance(context.module, Rebuilt):
+      seen.setdefault("/".join(context.module.path), context.module)
+    return next_fun(*args, **kw)
+  with nn.intercept_methods(record):
+    _abstract_init(wrapped, x, kwargs)
+  return seen
+
+
+def _infer_linen_attrs(module, mpath, shapes, overrides, wrapped, model, mismatches,
+                       limit=64):
+  """The fewest integer-attribute changes of a user layer that fit its new shapes."""
+  changed = [(o, n) for p, o, n in shapes if _owner(p) == mpath]
+  size_map = {}
+  for o, n in changed:
+    for a, b in zip(o, n):
+      if a != b:
+        size_map.setdefault(a, set()).add(b)
+  if not size_map:
+    return None
+  fields = [f.name for f in dataclasses.fields(module)
+            if f.name not in ("parent", "name")]
+  candidates = {n: v for n, v in _int_attrs(module, fields).items() if v in size_map}
+  options = [[(n, None)] + [(n, b) for b in sorted(size_map[v])]
+             for n, v in sorted(candidates.items())]
+  combos = sorted(itertools.product(*options),
+                  key=lambda c: sum(b is not None for _, b in c))[:limit]
+  for combo in combos:
+    attrs = {n: b for n, b in combo if b is not None}
+    if not attrs:
+      continue
+    trial = _linen_wrap(model, shapes, {**overrides, mpath: attrs})
+    if not any(_owner(p) == mpath for p in mismatches(trial)):
+      return attrs
+  return None
+
+
+# ---------------------------------------------------------------------------------
+# NNX.
+
+
+def _nnx_rule(module: nnx.Module) -> dict[str, Any]:
+  """Feature attributes of an NNX Flax layer from its (new) Variables."""
+  def shape(name, obj=module):
+    v = getattr(obj, name, None)
+    return tuple(v[...].shape) if isinstance(v, nnx.Variable) else None
+
+  if isinstance(module, nnx.MultiHeadAttention):
+    q, k, o = (shape("kernel", getattr(module, n)) for n in ("query", "key", "out"))
+    return dict(in_features=q[0], num_heads=q[-2], head_dim=q[-1],
+                qkv_features=q[-2] * q[-1], in_kv_features=k[0], num_kv_heads=k[-2],
+                out_features=o[-1])
+  if isinstance(module, nnx.Embed):
+    e = shape("embedding")
+    return {"num_embeddings": e[0], "features": e[1]}
+  if isinstance(module, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.InstanceNorm,
+                         nnx.GroupNorm)):
+    s = shape("scale") or shape("bias") or shape("mean") or shape("var")
+    if s is None or len(s) != 1 or not isinstance(module.num_features, int):
+      return {}
+    out = {"num_features": s[0]}
+    if isinstance(module, nnx.GroupNorm):
+      if s[0] % module.group_size:
+        raise UserError(f"rebuild: a GroupNorm keeps {s[0]} channels, not whole groups "
+                        f"of {module.group_size}.")
+      out["num_groups"] = s[0] // module.group_size
+    return out
+  k = shape("kernel")
+  if k is None:
+    return {}
+  if isinstance(module, nnx.Einsum):
+    b = shape("bias")
+    return {"kernel_shape": k, **({"bias_shape": b} if b is not None else {})}
+  if isinstance(module, nnx.LinearGeneral):
+    n_in, n_out = len(module.in_features), len(module.out_features)
+    return {"in_features": k[len(k) - n_in - n_out:len(k) - n_out],
+            "out_features": k[len(k) - n_out:]}
+  if isinstance(module, nnx.Linear):
+    return {"in_features": k[-2], "out_features": k[-1]}
+  if isinstance(module, nnx.ConvTranspose):
+    i, o = (k[-1], k[-2]) if module.transpose_kernel else (k[-2], k[-1])
+    return {"in_features": i, "out_features": o, "kernel_shape": k}
+  if isinstance(module, nnx.Conv):
+    groups = module.feature_group_count
+    if groups != 1:
+      # Whole groups go: the per-group output width stays (depthwise: the multiplier).
+      per_group = module.out_features // groups
+      groups = k[-1] // per_group
+    return {"in_features": k[-2] * groups, "out_features": k[-1],
+            "feature_group_count": groups, "kernel_shape": k}
+  return {}
+
+
+_NNX_RULE_TYPES = (nnx.MultiHeadAttention, nnx.Embed, nnx.BatchNorm, nnx.LayerNorm,
+                   nnx.RMSNorm, nnx.InstanceNorm, nnx.GroupNorm, nnx.Einsum,
+                   nnx.LinearGeneral, nnx.Linear, nnx.ConvTranspose, nnx.Conv)
+
+
+def _nnx_path(path) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def _rebuild_nnx(model, slices, input_shape, call, overrides):
+  new = nnx.clone(model)
+  nodes = list(nnx.iter_graph(new))
+  variables = {_nnx_path(p): n for p, n in nodes if isinstance(n, nnx.Variable)}
+  modules = {_nnx_path(p): n for p, n in nodes if isinstance(n, nnx.Module)}
+  _check_paths(slices, list(variables))
+  shapes = {}
+  for path, spec in slices.items():
+    var = variables[path]
+    old = var.get_value()
+    small = _slice_leaf(path, old, spec)
+    if small.shape != np.shape(old):
+      shapes[path] = (tuple(np.shape(old)), tuple(small.shape))
+    var.set_value(jnp.asarray(small, dtype=getattr(old, "dtype", None)))
+  stale = {}
+  for mpath, module in modules.items():
+    touched = any(p.startswith(f"{mpath}/") or not mpath for p in shapes)
+    if not touched:
+      continue
+    if isinstance(module, _NNX_RULE_TYPES):
+      for name, value in _nnx_rule(module).items():
+        old_value = getattr(module, name)
+        if isinstance(old_value, tuple) and not isinstance(value, tuple):
+          value = (value,)
+        setattr(module, name, tuple(int(v) for v in value) if isinstance(value, tuple)
+                else int(value))
+    else:
+      names = _stale_attrs(module, mpath, shapes)
+      if names and mpath not in overrides:
+        stale[mpath] = names
+  for mpath, attrs in overrides.items():
+    if mpath not in modules:
+      raise UserError(f"rebuild: overrides names no module {mpath!r}; modules: "
+                      f"{', '.join(repr(m) for m in modules)}")
+    for name, value in attrs.items():
+      setattr(modules[mpath], name, value)
+  if stale:
+    warnings.warn("rebuild: these modules' integer attributes equal a removed size and "
+                  "were left unchanged (pass overrides= if the forward pass uses them): "
+                  + "; ".join(f"{m or '<model>'}: {', '.join(a)}"
+                              for m, a in stale.items()),
+                  stacklevel=3)
+  if input_shape is not None:
+    check = nnx.clone(new)
+    check.eval()
+    try:
+      (call or (lambda m, x: m(x)))(check, _example(input_shape))
+    except Exception as e:
+      raise UserError(f"rebuild: the smaller network does not run: "
+                      f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+  return Pruned(model=new, variables=None, shapes=shapes, stale=stale)
+
+
+def _stale_attrs(module, mpath, shapes):
+  """Integer attributes of a user module equal to an old size of its changed leaves."""
+  own = [(o, n) for p, (o, n) in shapes.items() if p.rsplit("/", 1)[0] == mpath
+         or (not mpath and "/" not in p)]
+  sizes = {a for o, n in own for a, b in zip(o, n) if a != b}
+  return tuple(n for n, v in _int_attrs(module, sorted(vars(module))).items()
+               if v in sizes and not n.startswith("_"))
