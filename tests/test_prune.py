@@ -1,0 +1,178 @@
+"""Criteria, targets and the one-call pruner on the same model written in Linen and NNX."""
+import flax.linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxprune import flops, graph, surgery
+from jaxprune.errors import UserError
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+class LinenCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(12, (3, 3), name="conv1")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn1")(x))
+    x = nn.Conv(16, (3, 3), strides=2, name="conv2")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn2")(x))
+    x = nn.relu(nn.Dense(20, name="fc1")(x.reshape(x.shape[0], -1)))
+    return nn.Dense(5, name="head")(x)
+
+
+class NNXCNN(nnx.Module):
+  def __init__(self, rngs):
+    self.conv1 = nnx.Conv(3, 12, (3, 3), rngs=rngs)
+    self.bn1 = nnx.BatchNorm(12, rngs=rngs)
+    self.conv2 = nnx.Conv(12, 16, (3, 3), strides=2, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(16, rngs=rngs)
+    self.fc1 = nnx.Linear(16 * 4 * 4, 20, rngs=rngs)
+    self.head = nnx.Linear(20, 5, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn1(self.conv1(x)))
+    x = nnx.relu(self.bn2(self.conv2(x)))
+    x = nnx.relu(self.fc1(x.reshape(x.shape[0], -1)))
+    return self.head(x)
+
+
+SHAPE = (8, 8, 3)
+
+
+def _twins(seed):
+  """The same network in Linen and NNX, with the same random weights and statistics."""
+  linen = LinenCNN()
+  variables = linen.init(jax.random.key(seed), jnp.zeros((1, *SHAPE)))
+  rng = np.random.default_rng(seed)
+  variables = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.5, jnp.float32),
+                           variables)
+  for layer in ("bn1", "bn2"):  # positive statistics and scales around 1
+    stats = variables["batch_stats"][layer]
+    stats["var"] = jnp.abs(stats["var"]) + 0.1
+    variables["params"][layer]["scale"] = variables["params"][layer]["scale"] + 1.0
+  module = NNXCNN(nnx.Rngs(seed))
+  for layer in ("conv1", "conv2", "fc1", "head"):
+    getattr(module, layer).kernel[...] = variables["params"][layer]["kernel"]
+    getattr(module, layer).bias[...] = variables["params"][layer]["bias"]
+  for layer in ("bn1", "bn2"):
+    bn = getattr(module, layer)
+    bn.scale[...] = variables["params"][layer]["scale"]
+    bn.bias[...] = variables["params"][layer]["bias"]
+    bn.mean[...] = variables["batch_stats"][layer]["mean"]
+    bn.var[...] = variables["batch_stats"][layer]["var"]
+  module.eval()
+  return linen, variables, module
+
+
+def _strip(path):
+  return path.split("/", 1)[1] if path.startswith(("params/", "batch_stats/")) else path
+
+
+def test_linen_and_nnx_twins_have_the_same_groups_counts_and_outputs():
+  linen, variables, module = _twins(0)
+  x = jax.random.normal(jax.random.key(1), (2, *SHAPE))
+  np.testing.assert_allclose(linen.apply(variables, x), module(x), rtol=1e-5, atol=1e-5)
+  gl, gn = graph.trace(linen, variables, SHAPE), graph.trace(module, None, SHAPE)
+  assert [sorted((_strip(m.path), m.axis, m.role) for m in g.members) for g in gl.groups] == \
+      [sorted((m.path, m.axis, m.role) for m in g.members) for g in gn.groups]
+  assert flops.count(linen, variables, SHAPE) == flops.count(module, None, SHAPE)
+  # Hand count: conv1 8*8*12*27 + bias, conv2 4*4*16*108 + bias, fc1 256*20 + 20, head 100 + 5.
+  assert gl.flops == 8 * 8 * 12 * 28 + 4 * 4 * 16 * 109 + 257 * 20 + 21 * 5
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "random"])
+def test_criteria_match_closed_forms_on_both_apis(criterion):
+  linen, variables, module = _twins(1)
+  key = jax.random.key(3)
+  gl, gn = graph.trace(linen, variables, SHAPE), graph.trace(module, None, SHAPE)
+  pick = lambda g: [grp for grp in g.prunable() if criterion != "bn_scale"
+                    or any(m.path.endswith("scale") for m in grp.members)]
+  sl = surgery.group_scores(gl, graph.named_leaves(linen, variables), criterion, key=key,
+                            groups=pick(gl))
+  sn = surgery.group_scores(gn, graph.named_leaves(module, None), criterion, key=key,
+                            groups=pick(gn))
+  assert len(sl) == (2 if criterion == "bn_scale" else 3)
+  for gid in sl:
+    np.testing.assert_allclose(sl[gid], sn[gid], rtol=1e-6)
+  conv1 = next(g for g in gl.groups if g.producers == ["params/conv1/kernel"])
+  p = variables["params"]
+  members = [p["conv1"]["kernel"], p["conv1"]["bias"], p["bn1"]["scale"], p["bn1"]["bias"]]
+  consumer = np.asarray(p["conv2"]["kernel"])
+  if criterion == "l1":
+    want = sum(np.abs(np.asarray(a)).reshape(-1, 12).sum(0) for a in members)
+    want += np.abs(consumer).sum((0, 1, 3))
+  elif criterion == "l2":
+    want = np.sqrt(sum((np.asarray(a) ** 2).reshape(-1, 12).sum(0) for a in members) +
+                   (consumer ** 2).sum((0, 1, 3)))
+  elif criterion == "bn_scale":
+    want = np.abs(np.asarray(p["bn1"]["scale"]))
+  else:
+    want = sl[conv1.id]
+    assert np.unique(want).size == 12 and 0 <= want.min() and want.max() < 1
+  np.testing.assert_allclose(sl[conv1.id], want, rtol=1e-5)
+
+
+def test_taylor_scores_are_weight_times_gradient():
+  linen, variables, _ = _twins(2)
+  x = jax.random.normal(jax.random.key(0), (4, *SHAPE))
+  labels = jnp.arange(4) % 5
+
+  def loss(params):
+    logits = linen.apply({**variables, "params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  grads = jax.grad(loss)(variables["params"])
+  g = graph.trace(linen, variables, SHAPE)
+  scores = surgery.group_scores(g, graph.named_leaves(linen, variables), "taylor", grads=grads)
+  hidden = next(grp for grp in g.groups if grp.producers == ["params/fc1/kernel"])
+  p = variables["params"]
+  want = (np.abs((np.asarray(p["fc1"]["kernel"]) * np.asarray(grads["fc1"]["kernel"])).sum(0))
+          + np.abs(np.asarray(p["fc1"]["bias"]) * np.asarray(grads["fc1"]["bias"]))
+          + np.abs((np.asarray(p["head"]["kernel"]) * np.asarray(grads["head"]["kernel"])).sum(1)))
+  np.testing.assert_allclose(scores[hidden.id], want, rtol=1e-4)
+  with pytest.raises(UserError, match="grads"):
+    surgery.group_scores(g, graph.named_leaves(linen, variables), "taylor")
+
+
+@pytest.mark.parametrize("global_ranking", [False, True])
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_prune_to_meets_the_flops_target_on_both_apis(global_ranking, round_to):
+  linen, variables, module = _twins(4)
+  ratio = float(np.random.default_rng(round_to).uniform(0.35, 0.6))
+  small_l, info_l = surgery.prune_to(linen, variables, SHAPE, flops_ratio=ratio,
+                                     global_ranking=global_ranking, round_to=round_to)
+  small_n, info_n = surgery.prune_to(module, None, SHAPE, flops_ratio=ratio,
+                                     global_ranking=global_ranking, round_to=round_to)
+  assert {k: v.tolist() for k, v in info_l["keep"].items()} == \
+      {k: v.tolist() for k, v in info_n["keep"].items()}
+  assert info_l["after"]["flops"] <= ratio * info_l["before"]["flops"]
+  assert flops.count(small_l.model, small_l.variables, SHAPE) == info_l["after"]
+  assert flops.count(small_n.model, None, SHAPE) == info_n["after"]
+  g = info_l["graph"]
+  for gid, kept in info_l["keep"].items():
+    assert kept.size == g.groups[gid].width or kept.size % round_to == 0
+  x = jax.random.normal(jax.random.key(5), (2, *SHAPE))
+  np.testing.assert_allclose(small_l.model.apply(small_l.variables, x), small_n.model(x),
+                             rtol=1e-4, atol=1e-4)
+  if not global_ranking:  # local: every group keeps the same share, its largest-L1 channels
+    scores = surgery.group_scores(g, graph.named_leaves(linen, variables), "l1")
+    for gid, kept in info_l["keep"].items():
+      best = np.sort(np.argsort(-scores[gid])[:kept.size])
+      np.testing.assert_array_equal(kept, best)
+
+
+def test_impossible_and_missing_targets_are_one_line_errors():
+  linen, variables, _ = _twins(0)
+  with pytest.raises(UserError, match="cannot reach flops_ratio=0.001"):
+    surgery.prune_to(linen, variables, SHAPE, flops_ratio=0.001)
+  with pytest.raises(UserError, match="exactly one target"):
+    surgery.prune_to(linen, variables, SHAPE)
+  with pytest.raises(UserError, match="unknown importance criterion"):
+    surgery.prune_to(linen, variables, SHAPE, flops_ratio=0.5, criterion="l3")
+  g = graph.trace(linen, variables, SHAPE)
+  hidden = next(grp for grp in g.groups if grp.producers == ["params/fc1/kernel"])
+  with pytest.raises(UserError, match="no normalisation scale"):
+    surgery.group_scores(g, graph.named_leaves(linen, variables), "bn_scale", groups=[hidden])
