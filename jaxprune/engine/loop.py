@@ -26,7 +26,7 @@ from jaxprune.engine import distributed
 from jaxprune.engine import mesh as mesh_lib
 from jaxprune.engine import metrics as metrics_lib
 from jaxprune.engine import steps as steps_lib
-from jaxprune.engine.state import TrainState, init_train_state
+from jaxprune.engine.state import TrainState, init_from_variables, init_train_state
 
 
 class Interrupted(Exception):
@@ -249,14 +249,15 @@ def train_classifier(name: str, workdir: str, *, model, tx: optax.GradientTransf
                      objective: steps_lib.Objective = steps_lib.cross_entropy,
                      aux: Any = None, mesh=None,
                      on_step: Callable[[int, TrainState], None] | None = None,
-                     ) -> StageResult:
+                     init_variables: Any = None) -> StageResult:
   """Trains ``model`` on ``train_ds`` as stage ``name`` and evaluates on ``eval_ds``.
 
   ``cfg`` is the ``train`` section of a config: ``epochs``, ``batch_size``,
   ``eval_batch_size``, ``eval_every_epochs``, ``log_every_steps``,
   ``checkpoint_every_steps``, ``keep_checkpoints`` and optionally ``max_steps``
   (a cap for smoke runs). ``objective(logits, batch, aux)`` is the loss (``aux``:
-  e.g. a KD teacher's variables). The final variables are also written to
+  e.g. a KD teacher's variables). Training starts from ``init_variables`` (e.g. a
+  pruned network's) or from scratch. The final variables are also written to
   ``<stage>/final`` for later stages.
   """
   mesh = mesh or mesh_lib.make_mesh()
@@ -268,7 +269,8 @@ def train_classifier(name: str, workdir: str, *, model, tx: optax.GradientTransf
   if cfg.get("max_steps"):
     total = min(total, cfg.max_steps)
 
-  init = init_train_state(model, tx, train_ds.image_shape)
+  init = (init_train_state(model, tx, train_ds.image_shape) if init_variables is None
+          else init_from_variables(init_variables, tx))
   repl = mesh_lib.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: repl, jax.eval_shape(init, jax.random.key(seed)))
   train_step = steps_lib.make_train_step(model, tx, seed=seed, mesh=mesh,

@@ -51,3 +51,17 @@ def init_train_state(model, tx: optax.GradientTransformation, input_shape,
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       model_state=model_state, opt_state=tx.init(params))
   return init
+
+
+def init_from_variables(variables, tx: optax.GradientTransformation
+                        ) -> Callable[[jax.Array], TrainState]:
+  """``init(key) -> TrainState`` that starts from given variables (a previous stage's)."""
+  # Device arrays, not numpy: jit passes closed-over arrays as arguments instead of
+  # baking them into the program as literals.
+  params, model_state = split_variables(jax.tree.map(jnp.asarray, jax.device_get(variables)))
+
+  def init(key):
+    del key
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      model_state=model_state, opt_state=tx.init(params))
+  return init

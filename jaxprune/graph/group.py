@@ -10,7 +10,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 
 from jaxprune.errors import UserError
-from jaxprune.graph.propagate import CONST, Walk
+from jaxprune.graph.propagate import Walk
 from jaxprune.graph.tracing import Traced, trace_jaxpr
 
 

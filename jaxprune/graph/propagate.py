@@ -17,7 +17,6 @@ and every bias add after one (:class:`Op`): :mod:`jaxprune.flops` counts from it
 """
 import dataclasses
 import math
-from typing import Any
 
 import jax.extend as jex
 import numpy as np

@@ -11,6 +11,7 @@ RECIPES = {
     "autoprune": "jaxprune.methods.autoprune",
     "baseline": "jaxprune.methods.baseline",
     "ista": "jaxprune.methods.ista",
+    "prune": "jaxprune.methods.prune",
     "dnw": "jaxprune.methods.dnw",
     "tas": "jaxprune.methods.tas",
 }

@@ -7,8 +7,11 @@ and measured inference time.
 """
 import time
 
+import jax
+import jax.numpy as jnp
+
 from jaxprune import config_lib, data, flops, models, optim
-from jaxprune.engine import loop, report
+from jaxprune.engine import loop, mesh as mesh_lib, report, steps
 
 
 def build_model(model_cfg, num_classes: int):
@@ -33,6 +36,15 @@ def train(name: str, train_cfg, seed: int, workdir: str, datasets, model,
   return loop.train_classifier(name, workdir, model=model, tx=tx, lr_schedule=schedule,
                                train_ds=train_ds, eval_ds=test_ds, cfg=train_cfg,
                                seed=seed, **kwargs)
+
+
+def evaluate_accuracy(model, variables, test_ds, batch_size: int, mesh=None) -> float:
+  """Test accuracy of ``model`` with ``variables`` (e.g. a pruned network before fine-tuning)."""
+  mesh = mesh or mesh_lib.make_mesh()
+  eval_step = steps.make_eval_step(model, mesh=mesh)
+  return loop.evaluate(eval_step, mesh_lib.replicate(jax.tree.map(jnp.asarray, variables),
+                                                     mesh),
+                       test_ds, batch_size, mesh)["accuracy"]
 
 
 def model_row(model, variables, input_shape, accuracy: float, inference_batch: int) -> dict:

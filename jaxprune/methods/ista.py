@@ -37,7 +37,7 @@ from jaxprune import config_lib, data, flops, models, optim, plots, surgery
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import loop, mesh as mesh_lib, report, steps
 from jaxprune.engine.metrics import read_jsonl
-from jaxprune.engine.state import TrainState, init_train_state, split_variables
+from jaxprune.engine.state import init_from_variables, init_train_state
 from jaxprune.errors import UserError
 from jaxprune.methods import baseline
 
@@ -121,15 +121,7 @@ def sparsity_stage(name: str, cfg, *, model, rho, datasets, mesh, workdir: str, 
   if init_variables is None:
     init = init_train_state(model, tx, train_ds.image_shape)
   else:
-    # Device arrays, not numpy: jit passes closed-over arrays as arguments instead of
-    # baking them into the program as literals.
-    start_params, start_state = split_variables(
-        jax.tree.map(jnp.asarray, jax.device_get(init_variables)))
-
-    def init(key):
-      del key
-      return TrainState(step=jnp.zeros((), jnp.int32), params=start_params,
-                        model_state=start_state, opt_state=tx.init(start_params))
+    init = init_from_variables(init_variables, tx)
   repl = mesh_lib.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: repl, jax.eval_shape(init, jax.random.key(seed)))
   train_step = steps.make_train_step(model, tx, seed=seed, mesh=mesh,
@@ -206,13 +198,6 @@ def dense_equal_params(model, target_params: int, input_shape):
   return build(best), best
 
 
-def _evaluate(model, variables, test_ds, batch_size, mesh) -> float:
-  eval_step = steps.make_eval_step(model, mesh=mesh)
-  return loop.evaluate(eval_step, mesh_lib.replicate(jax.tree.map(jnp.asarray, variables),
-                                                     mesh),
-                       test_ds, batch_size, mesh)["accuracy"]
-
-
 def _probe(test_ds, n: int) -> np.ndarray:
   batch = next(iter(data.eval_batches(test_ds, n)))
   return np.asarray(batch["image"])
@@ -243,8 +228,8 @@ def run(config, workdir: str) -> dict:
   shrunk = surgery.shrink(model, masked, input_shape)
   equivalence = surgery.check_equivalence(model, masked, shrunk,
                                           _probe(test_ds, cfg.probe_batch_size))
-  pruned_acc = _evaluate(shrunk.model, shrunk.variables, test_ds,
-                         config.finetune.eval_batch_size, mesh)
+  pruned_acc = baseline.evaluate_accuracy(shrunk.model, shrunk.variables, test_ds,
+                                          config.finetune.eval_batch_size, mesh)
   base_counts = flops.count(model, masked, input_shape)
   small_counts = flops.count(shrunk.model, shrunk.variables, input_shape)
   architecture = {

@@ -253,6 +253,9 @@ class ResNet(nn.Module):
 
     per_block = _CONVS_PER_BLOCK[self.block]
     offset = 1  # index in `widths` of the current block's first conv
+    # The shortcut follows the configured widths, not the input's: a network rebuilt
+    # at pruned widths (jaxprune.surgery.rebuild) keeps the original's structure.
+    in_width = self.widths[0]
     for s, (full, kept) in enumerate(zip(self.full_depths, self.blocks)):
       for b in range(kept):
         stride = 2 if (s > 0 and b == 0) else 1
@@ -260,9 +263,10 @@ class ResNet(nn.Module):
                                    offset + (b + 1) * per_block])
         x = ResidualBlock(
             widths, self.block, stride,
-            self._shortcut(x.shape[-1], widths[-1], stride),
+            self._shortcut(in_width, widths[-1], stride),
             self.zero_init_residual, self.dtype, name=f"stage{s}_block{b}")(
                 x, train)
+        in_width = widths[-1]
       offset += full * per_block
 
     x = jnp.mean(x, axis=(-3, -2))

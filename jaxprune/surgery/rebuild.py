@@ -324,6 +324,11 @@ def _rebuild_linen(model, variables, slices, input_shape, overrides):
               for kp, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
   new_flat = {leaf_path(kp): np.shape(x)
               for kp, x in jax.tree_util.tree_flatten_with_path(small)[0]}
+  if isinstance(model, Rebuilt):  # pruning a pruned network: one wrapper, widths composed
+    first = {p: o for p, o, _ in model.shapes}
+    old_flat.update(first)
+    overrides = {**{m: dict(a) for m, a in model.overrides}, **overrides}
+    model = model.base
   shapes = tuple((p, old_flat[p], new_flat[p]) for p in sorted(new_flat)
                  if old_flat[p] != new_flat[p])
   wrapped = _linen_wrap(model, shapes, overrides)

@@ -1,0 +1,136 @@
+"""Criterion pruning recipe: train (or load) a baseline, prune it by a criterion to a target, fine-tune.
+
+Stages:
+
+- ``baseline``: the dense network trained with ``config.train`` (skipped when
+  ``prune.init_from`` names a finished run's variables, e.g.
+  ``<workdir>/baseline/final`` of a baseline recipe).
+- ``finetune1`` .. ``finetuneN`` (``N = prune.steps``): step k prunes the current
+  network with :func:`jaxprune.surgery.prune_to` to ``1 - (1 - target) * k / N`` of
+  the dense FLOPs (or params), then fine-tunes it with ``config.finetune``
+  (iterative pruning; ``N = 1`` is one-shot).
+- ``scratch`` (``prune.scratch_comparison``): the final pruned architecture
+  trained from a fresh initialisation with ``config.scratch`` — the control that
+  tells whether the kept weights, not only the smaller shape, carry the accuracy.
+
+Pruning is deterministic (a criterion on saved variables), so a rerun recomputes
+each step's architecture and resumes its fine-tuning from its checkpoints. The
+report gives accuracy, FLOPs, params and measured inference time of every network.
+"""
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from jaxprune import config_lib, data, graph, surgery
+from jaxprune.engine import checkpoint as ckpt_lib
+from jaxprune.engine import report
+from jaxprune.errors import UserError
+from jaxprune.methods import baseline
+
+TARGETS = ("flops", "params")
+
+
+def validate(cfg):
+  """One-line errors for the ``prune`` section, before any work."""
+  if cfg.criterion not in surgery.CRITERIA:
+    raise UserError(f"prune.criterion={cfg.criterion!r}; choose one of {surgery.CRITERIA}")
+  if cfg.target not in TARGETS:
+    raise UserError(f"prune.target={cfg.target!r}; choose one of {TARGETS}")
+  if not 0 < cfg.ratio < 1:
+    raise UserError(f"prune.ratio={cfg.ratio} must be in (0, 1): the kept share of the "
+                    f"dense network's {cfg.target}")
+  if cfg.steps < 1:
+    raise UserError(f"prune.steps={cfg.steps} must be >= 1")
+  if cfg.round_to < 1:
+    raise UserError(f"prune.round_to={cfg.round_to} must be >= 1")
+  if cfg.criterion == "taylor":
+    raise UserError("prune.criterion='taylor' needs gradients of a batch; the recipe "
+                    "supports l1, l2, bn_scale and random (use surgery.prune_to directly)")
+
+
+def _changed_shapes(before, after) -> dict[str, list]:
+  """``{leaf path: [dense shape, pruned shape]}`` of the leaves pruning narrowed."""
+  a = {k: np.shape(v) for k, v in graph.named_leaves(None, before).items()}
+  b = {k: np.shape(v) for k, v in graph.named_leaves(None, after).items()}
+  return {k: [list(a[k]), list(b[k])] for k in sorted(a) if a[k] != b.get(k)}
+
+
+def run(config, workdir: str) -> dict:
+  t0 = time.time()
+  cfg = config.prune
+  validate(cfg)
+  config_lib.check_workdir(workdir, config)
+  datasets = data.load(config.dataset)
+  train_ds, test_ds = datasets["train"], datasets["test"]
+  input_shape = train_ds.image_shape
+  model = baseline.build_model(config.model, train_ds.num_classes)
+  batch = config.report.inference_batch_size
+  evaluate = lambda m, v: baseline.evaluate_accuracy(m, v, test_ds,
+                                                     config.finetune.eval_batch_size)
+
+  if cfg.init_from:
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                                 jax.numpy.zeros((1, *input_shape)),
+                                                 train=False))
+    dense_vars = ckpt_lib.load_variables(cfg.init_from, abstract)
+    dense_acc = evaluate(model, dense_vars)
+  else:
+    dense = baseline.train("baseline", config.train, config.seed, workdir, datasets, model)
+    dense_vars, dense_acc = dense.state.variables, dense.summary["eval_accuracy"]
+  rows = {"dense": baseline.model_row(model, dense_vars, input_shape, dense_acc, batch)}
+
+  current_model, current_vars, steps = model, jax.device_get(dense_vars), []
+  key = jax.random.key(config.seed)
+  for k in range(1, cfg.steps + 1):
+    ratio = 1 - (1 - cfg.ratio) * k / cfg.steps
+    dense_count = rows["dense"][cfg.target]
+    now = rows[f"step {k - 1}"][cfg.target] if k > 1 else dense_count
+    small, info = surgery.prune_to(
+        current_model, current_vars, input_shape, criterion=cfg.criterion,
+        global_ranking=cfg.global_ranking, round_to=cfg.round_to,
+        ignore=tuple(cfg.ignore), key=jax.random.fold_in(key, k),
+        **{f"{cfg.target}_ratio": min(1.0, ratio * dense_count / now)})
+    pruned_acc = evaluate(small.model, small.variables)
+    fine = baseline.train(f"finetune{k}", config.finetune, config.seed, workdir, datasets,
+                          small.model, init_variables=small.variables)
+    current_model, current_vars = small.model, jax.device_get(fine.state.variables)
+    rows[f"step {k}"] = baseline.model_row(current_model, current_vars, input_shape,
+                                           fine.summary["eval_accuracy"], batch)
+    steps.append({"step": k, "target_ratio": ratio, "accuracy_pruned": pruned_acc,
+                  "accuracy_finetuned": fine.summary["eval_accuracy"],
+                  "flops": info["after"]["flops"], "params": info["after"]["params"],
+                  "widths": {str(gid): int(kept.size) for gid, kept in info["keep"].items()}})
+
+  out = {"method": "prune", "dataset": config.dataset.name, "model": config.model.name,
+         "criterion": cfg.criterion, "target": cfg.target, "ratio": cfg.ratio,
+         "round_to": cfg.round_to, "global_ranking": cfg.global_ranking,
+         "dense_accuracy": dense_acc, "steps": steps,
+         "pruned_accuracy": rows[f"step {cfg.steps}"]["accuracy"],
+         "dense_flops": rows["dense"]["flops"], "pruned_flops": rows[f"step {cfg.steps}"]["flops"],
+         "dense_params": rows["dense"]["params"],
+         "pruned_params": rows[f"step {cfg.steps}"]["params"],
+         "shapes": _changed_shapes(dense_vars, current_vars)}
+  out["flops_ratio"] = out["pruned_flops"] / out["dense_flops"]
+  out["params_ratio"] = out["pruned_params"] / out["dense_params"]
+  if cfg.scratch_comparison:
+    scratch = baseline.train("scratch", config.scratch, config.seed, workdir, datasets,
+                             current_model)
+    rows["same size, from scratch"] = baseline.model_row(
+        current_model, scratch.state.variables, input_shape,
+        scratch.summary["eval_accuracy"], batch)
+    out["scratch_accuracy"] = scratch.summary["eval_accuracy"]
+  rows = {("pruned + fine-tuned" if name == f"step {cfg.steps}" else name): row
+          for name, row in rows.items()}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "architecture.json"), "w", encoding="utf-8") as f:
+      json.dump({"model": config.model.name, "shapes": out["shapes"],
+                 "flops": out["pruned_flops"], "params": out["pruned_params"],
+                 "base_flops": out["dense_flops"], "base_params": out["dense_params"]},
+                f, indent=2)
+  out["wall_time_s"] = time.time() - t0
+  report.write_report(workdir, out, title=f"{cfg.criterion} pruning of {config.model.name} on "
+                      f"{config.dataset.name}", models=rows)
+  return out
