@@ -176,3 +176,46 @@ def test_impossible_and_missing_targets_are_one_line_errors():
   hidden = next(grp for grp in g.groups if grp.producers == ["params/fc1/kernel"])
   with pytest.raises(UserError, match="no normalisation scale"):
     surgery.group_scores(g, graph.named_leaves(linen, variables), "bn_scale", groups=[hidden])
+
+
+def _zero_units(tree, layer, axis, units, with_bias):
+  out = jax.tree.map(np.array, tree)
+  k = out[layer]["kernel"]
+  index = [slice(None)] * k.ndim
+  index[axis] = units
+  k[tuple(index)] = 0
+  if with_bias:
+    out[layer]["bias"][units] = 0
+  return jax.tree.map(jnp.asarray, out)
+
+
+def test_prune_zeros_removes_gated_units_and_keeps_outputs():
+  from jaxprune import models
+  rng = np.random.default_rng(7)
+  model = models.get_model("lenet5", num_classes=10)
+  x = jnp.asarray(rng.normal(size=(3, 28, 28, 1)), jnp.float32)
+  params = model.init(jax.random.key(7), x)["params"]
+  params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.1, jnp.float32),
+                        params)
+  gone_in = np.sort(rng.choice(20, 7, replace=False))      # conv1 units: fan-in and bias gated
+  gone_out = np.sort(rng.choice(500, 123, replace=False))  # fc1 units: nobody reads them
+  params = _zero_units(params, "conv1", -1, gone_in, with_bias=True)
+  params = _zero_units(params, "fc2", 0, gone_out, with_bias=False)
+  variables = {"params": params}
+  small, info = surgery.prune_zeros(model, variables, (28, 28, 1))
+  shapes = {p: s for p, (_, s) in small.shapes.items()}
+  assert shapes["params/conv1/kernel"][-1] == 20 - 7
+  assert shapes["params/fc1/kernel"][-1] == 500 - 123
+  np.testing.assert_allclose(small.model.apply(small.variables, x, train=False),
+                             model.apply(variables, x, train=False), rtol=1e-5, atol=1e-5)
+  assert not info["needs_fold"]
+
+
+def test_prune_zeros_keeps_a_gated_unit_in_front_of_a_bn_and_says_it_needs_a_fold():
+  linen, variables, module = _twins(3)
+  p = dict(variables["params"])
+  p = _zero_units(p, "conv1", -1, np.array([2, 5]), with_bias=True)
+  variables = {**variables, "params": p}
+  small, info = surgery.prune_zeros(linen, variables, SHAPE)
+  assert list(info["needs_fold"].values()) == [["bn1"]]
+  assert small.variables["params"]["conv1"]["kernel"].shape[-1] == 12  # kept: BN(0) != 0

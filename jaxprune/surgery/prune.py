@@ -10,10 +10,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxprune import graph as graph_lib
+from jaxprune.errors import UserError
 from jaxprune.surgery import importance, pruner
-from jaxprune.surgery.rebuild import Pruned, rebuild, slice_tree
+from jaxprune.surgery.rebuild import Pruned, Rebuilt, rebuild, slice_tree
 
 
 def apply_slices(model, variables, slices, input_shape, call: Callable | None = None) -> Pruned:
@@ -89,3 +91,104 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
                                 params_ratio=params_ratio, global_ranking=global_ranking)
   small = prune(model, variables, input_shape, keep, call, graph=g)
   return small, {"keep": keep, "before": g.predict({}), "after": g.predict(keep), "graph": g}
+
+
+def _slice_zero(values, member, channel) -> bool:
+  rows = np.moveaxis(np.asarray(values[member.path]), member.axis, 0)
+  return not np.any(rows[member.index[channel]])
+
+
+def _norm_constant(values, group, channel, eps=1e-5):
+  """``bias - scale * mean / sqrt(var + eps)`` of each norm in the group at `channel`:
+  what a normalised channel outputs when its input is exactly zero (eval mode)."""
+  out = []
+  by_owner = {}
+  for m in group.members:
+    owner, leaf = m.path.rsplit("/", 1)
+    by_owner.setdefault(owner.split("/", 1)[-1] if owner.startswith(("params/", "batch_stats/"))
+                        else owner, {})[leaf] = m
+  for owner, leaves in by_owner.items():
+    if {"mean", "var"} <= set(leaves):
+      get = lambda k: (np.asarray(values[leaves[k].path]).reshape(-1)[leaves[k].index[channel]]
+                       if k in leaves else None)
+      scale = get("scale") if "scale" in leaves else 1.0
+      bias = get("bias") if "bias" in leaves else 0.0
+      out.append((owner, np.asarray(bias - scale * get("mean") / np.sqrt(get("var") + eps))))
+  return out
+
+
+def prune_zeros(model, variables, input_shape: Sequence[int], call: Callable | None = None,
+                *, probe: Any = None, atol: float = 1e-5) -> tuple[Pruned, dict]:
+  """Removes the channels that masked (gated) weights made dead, for any model.
+
+  A channel goes when every producer slice of it is exactly zero (its fan-in is
+  gated off: AutoPrune's neuron mode with ``neuron_axis="out"``, or any mask on
+  output units) or every consumer slice is (nobody reads it: ``neuron_axis="in"``).
+  A channel with a zero fan-in outputs its layer's constant; where the group has a
+  norm layer (a gated unit in front of a BN) that constant is
+  ``beta - gamma * mean / sqrt(var + eps)``: when it is not zero the channel needs a
+  fold into the next layer and is kept (listed in ``info["needs_fold"]``). A group
+  that would lose every channel keeps its first (all-zero) one, which computes
+  what the empty layer would. The result is checked on a random probe against the
+  masked network; a difference (e.g. a non-ReLU activation with ``f(0) != 0``
+  after a gated unit) is an error, never a silently different network.
+
+  Args:
+    model, variables, input_shape, call: as for :func:`prune`, with the masked
+      (effective) weights, e.g. ``optim.effective_params`` of AutoPrune.
+    probe: inputs for the check (default a random batch of 4).
+    atol: tolerance of the check, relative to the output's scale.
+
+  Returns:
+    ``(pruned, info)``; ``info``: ``keep`` (group id -> kept channels),
+    ``needs_fold`` ({group id: [norm layer, ...]}), ``max_abs_diff`` of the check.
+  """
+  g = graph_lib.trace(model, variables, input_shape, call)
+  values = graph_lib.named_leaves(model, variables)
+  is_param = dict(zip(g.traced.paths, g.traced.is_param))
+  keep, needs_fold = {}, {}
+  for group in g.prunable():
+    producers = [m for m in group.members if m.role == "producer"]
+    consumers = [m for m in group.members if m.role == "consumer"]
+    biases = [m for m in group.members
+              if m.role == "other" and is_param[m.path] and m.path.endswith("/bias")
+              and any(m.path.rsplit("/", 1)[0] == p.path.rsplit("/", 1)[0] for p in producers)]
+    dead = []
+    for c in range(group.width):
+      unread = consumers and all(_slice_zero(values, m, c) for m in consumers)
+      no_input = all(_slice_zero(values, m, c) for m in producers + biases)
+      if no_input and not unread:
+        constants = [o for o, v in _norm_constant(values, group, c) if np.any(v != 0)]
+        if constants:
+          needs_fold.setdefault(group.id, sorted(set(needs_fold.get(group.id, [])) |
+                                                 set(constants)))
+          continue
+      if unread or no_input:
+        dead.append(c)
+    if dead:
+      kept = np.setdiff1d(np.arange(group.width), dead)
+      keep[group.id] = kept if kept.size else np.asarray(dead[:1])
+  small = prune(model, variables, input_shape, keep, call, graph=g)
+  x = probe if probe is not None else jax.random.normal(
+      jax.random.key(0), (4, *g.traced.input_shape[1:]))
+  ref, got = _forward(model, variables, call, x), _forward(small.model, small.variables, call, x)
+  diff = float(np.max(np.abs(np.asarray(ref) - np.asarray(got))))
+  scale = max(float(np.max(np.abs(np.asarray(ref)))), 1.0)
+  if diff > atol * scale:
+    raise UserError(f"removing the zeroed channels changed the output by {diff:.3g}: a "
+                    "removed unit outputs a nonzero constant (an activation with f(0) != 0 "
+                    "or a norm after it); fold it or keep those channels")
+  return small, {"keep": keep, "needs_fold": needs_fold, "max_abs_diff": diff}
+
+
+def _forward(model, variables, call, x):
+  kind = graph_lib.tracing.model_kind(model, variables)
+  if kind == "nnx":
+    copy = graph_lib.tracing.eval_copy(model)
+    return call(copy, x) if call is not None else copy(x)
+  if kind == "linen":
+    if call is not None and not isinstance(model, Rebuilt):
+      return call(variables, x)
+    kwargs = {"train": False} if graph_lib.tracing.accepts_train(model) else {}
+    return model.apply(variables, x, **kwargs)
+  return model(variables, x)
