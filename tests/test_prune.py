@@ -219,3 +219,27 @@ def test_prune_zeros_keeps_a_gated_unit_in_front_of_a_bn_and_says_it_needs_a_fol
   small, info = surgery.prune_zeros(linen, variables, SHAPE)
   assert list(info["needs_fold"].values()) == [["bn1"]]
   assert small.variables["params"]["conv1"]["kernel"].shape[-1] == 12  # kept: BN(0) != 0
+
+
+def test_ista_scales_skip_residual_and_zero_init_gammas():
+  from jaxprune import models
+
+  class Block(nn.Module):  # a user's residual block with a zero-initialised last BN
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = nn.Conv(8, (3, 3), name="stem")(x)
+      y = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn1")(
+          nn.Conv(6, (3, 3), name="conv1")(x)))
+      y = nn.BatchNorm(use_running_average=not train, scale_init=nn.initializers.zeros,
+                       name="bn2")(nn.Conv(8, (3, 3), name="conv2")(y))
+      y = nn.relu(x + y)
+      z = nn.BatchNorm(use_running_average=not train, name="bn3")(nn.Conv(5, (1, 1), name="conv3")(y))
+      return nn.Dense(3, name="head")(nn.relu(z).mean((1, 2)))
+
+  block = Block()
+  variables = block.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  assert surgery.ista_scales(block, variables, (8, 8, 3)) == ["bn1/scale", "bn3/scale"]
+  model = models.cifar_resnet(8)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  assert surgery.ista_scales(model, variables, (16, 16, 3)) == sorted(
+      surgery.prunable_scales(model))

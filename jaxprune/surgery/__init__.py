@@ -15,6 +15,6 @@ from jaxprune.surgery.rebuild import Pruned, Rebuilt, rebuild, slice_tree
 from jaxprune.surgery.importance import CRITERIA, group_scores
 from jaxprune.surgery.pruner import select_channels
 from jaxprune.surgery.prune import prune, prune_to, prune_zeros
-from jaxprune.surgery.zero_gamma import (Shrunk, Unit, check_equivalence, ista_rho,
+from jaxprune.surgery.zero_gamma import (Shrunk, Unit, check_equivalence, ista_rho, ista_scales,
                                          prunable_scales, rescale_gamma, shrink,
                                          structure)

@@ -603,3 +603,32 @@ def check_equivalence(model: nn.Module, variables: Mapping[str, Any], shrunk: Sh
 
 __all__ = ["Unit", "structure", "prunable_scales", "ista_rho", "rescale_gamma",
            "Shrunk", "shrink", "check_equivalence"]
+
+
+def ista_scales(model, variables, input_shape: Sequence[int], call=None) -> list[str]:
+  """Norm scales ISTA may sparsify in any model, by the dependency graph.
+
+  The rule: a norm scale (a 1-D ``.../scale`` parameter of a channel group) is
+  selected when its group is prunable and has exactly one producer, i.e. the
+  normalised channels are not tied to another layer's by a residual add or a
+  shared consumer (a zero gamma there would not make a channel removable), and
+  when it is not zero everywhere already (zero-initialised residual gammas).
+  For jaxprune's ResNets this gives :func:`prunable_scales`.
+
+  Returns:
+    Param-tree paths (no collection), e.g. ``stage0_block0/bn_a/scale``, for
+    ``optim.ista(..., mask=...)`` or ``rho``.
+  """
+  from jaxprune import graph as graph_lib  # surgery builds on the graph
+  g = graph_lib.trace(model, variables, input_shape, call)
+  values = graph_lib.named_leaves(model, variables)
+  is_param = dict(zip(g.traced.paths, g.traced.is_param))
+  out = []
+  for group in g.prunable():
+    if len(group.producers) != 1:
+      continue
+    for m in group.members:
+      if (is_param[m.path] and m.path.endswith("/scale") and np.ndim(values[m.path]) == 1
+          and np.any(np.asarray(values[m.path]) != 0)):
+        out.append(m.path.split("/", 1)[1] if m.path.startswith("params/") else m.path)
+  return sorted(out)
