@@ -53,7 +53,9 @@ def _randomise(model, rng):
   for _, v in nnx.iter_graph(model):
     if isinstance(v, nnx.Variable) and jnp.issubdtype(v[...].dtype, jnp.floating):
       v[...] = jnp.asarray(rng.normal(size=v[...].shape) * 0.5, v[...].dtype)
-  model.bn1.scale[...] = model.bn1.scale[...] * (rng.random(4) < 0.5)
+  keep = rng.random(4) < 0.5
+  keep[:2] = True, False  # some zeros, not all (all-zero: excluded by ISTA's default)
+  model.bn1.scale[...] = model.bn1.scale[...] * keep
   model.bn2.var[...] = jnp.abs(model.bn2.var[...]) + 0.5
   model.bn1.var[...] = jnp.abs(model.bn1.var[...]) + 0.5
 
@@ -353,7 +355,7 @@ def test_autoprune_trains_and_prunes_an_nnx_mlp_through_nnx_optimizer():
   x = jnp.asarray(rng.normal(size=(512, 8)), jnp.float32)
   y = jnp.asarray(np.argmax(np.asarray(x) @ teacher, -1))
   model = MLP(nnx.Rngs(int(rng.integers(1 << 30))))
-  tx = optax.chain(optim.autoprune(1.0, regularization=0.02), optax.sgd(0.1, momentum=0.9))
+  tx = optax.chain(optim.autoprune(1.0, regularization=0.01), optax.sgd(0.1, momentum=0.9))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
@@ -377,3 +379,37 @@ def test_autoprune_trains_and_prunes_an_nnx_mlp_through_nnx_optimizer():
               for p, f in kept.items()) / (8 * 32 + 32 * 3)
   assert after > max(0.85, before + 0.2), (before, after)
   assert 0.0 < total < 0.9, kept
+  assert all(f > 0 for f in kept.values()), kept  # no layer dies whole
+
+
+def test_autoprune_value_and_grad_carries_dropout_rngs_and_aux():
+  rng = _rng()
+
+  class Net(nnx.Module):
+
+    def __init__(self, rngs):
+      self.fc1 = nnx.Linear(4, 8, rngs=rngs)
+      self.drop = nnx.Dropout(0.5, rngs=rngs)
+      self.fc2 = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc2(self.drop(nnx.relu(self.fc1(x))))
+
+  model = Net(nnx.Rngs(int(rng.integers(1 << 30))))
+  optimizer = nnx.Optimizer(model, optax.chain(optim.autoprune(0.1), optax.sgd(0.1)),
+                            wrt=nnx.Param)
+  x = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 2, size=(16,)))
+
+  @nnx.jit
+  def step(model, optimizer):
+    (loss, logits), grads = optim.autoprune_value_and_grad(
+        lambda m: (_ce(logits := m(x), y), logits), has_aux=True)(model, optimizer)
+    optimizer.update(model, grads)
+    return loss, logits
+
+  count = int(model.drop.rngs.count[...])
+  _, logits1 = step(model, optimizer)
+  _, logits2 = step(model, optimizer)
+  assert int(model.drop.rngs.count[...]) == count + 2  # the copy's RNG use is kept
+  assert logits1.shape == (16, 2) and not np.allclose(logits1, logits2)

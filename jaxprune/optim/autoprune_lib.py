@@ -330,7 +330,10 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
       ReLU'(0) = 0, so no gradient reaches its ``m`` and it cannot return; "in"
       keeps the unit's output alive, so the coarse gradient stays informative.
     mask: which leaves are pruned: a selector for :func:`jaxprune.optim.select`
-      (path regex or predicate; default every ``kernel``), or a boolean pytree.
+      (path regex, predicate or collection of leaf paths; default every
+      ``kernel``), or a boolean tree with the params' leaf paths. Paths are the
+      same for Linen params and NNX state (``conv1/kernel``); a mask that selects
+      nothing is an error listing the paths.
     m_init: initial value of every ``m`` (positive: every weight starts alive).
     m_optimizer: "sgd" (default) or "adam" for ``M``.
     m_momentum: momentum of the SGD on ``M`` (None: plain SGD).
@@ -348,7 +351,7 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
   Raises:
     ValueError: for unknown option values, or at update time without ``params``.
 
-  Example:
+  Example (Linen):
     >>> tx = optax.chain(autoprune(0.5, regularization=1e-4, weight_decay=5e-4),
     ...                  optax.sgd(0.05, momentum=0.9))
     >>> opt_state = tx.init(params)
@@ -357,6 +360,17 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
     ...   grads = jax.grad(lambda p: loss(model.apply({"params": p}, x), y))(eff)
     ...   updates, opt_state = tx.update(grads, opt_state, params)
     ...   return optax.apply_updates(params, updates), opt_state
+
+  Example (NNX; the same transform, the forward on ``W * h(M)`` through
+  :func:`autoprune_value_and_grad`):
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> @nnx.jit
+    ... def step(model, optimizer, x, y):
+    ...   value_and_grad = autoprune_value_and_grad(lambda m, x, y: loss(m(x), y))
+    ...   loss_value, grads = value_and_grad(model, optimizer, x, y)   # dL/dT
+    ...   optimizer.update(model, grads)
+    ...   return loss_value
+    >>> kept_fractions(nnx.state(model, nnx.Param), optimizer)  # {"fc1/kernel": 0.4, ...}
   """
   _check("surrogate", surrogate, SURROGATES)
   _check("rule", rule, RULES)
