@@ -355,7 +355,7 @@ def test_autoprune_trains_and_prunes_an_nnx_mlp_through_nnx_optimizer():
   x = jnp.asarray(rng.normal(size=(512, 8)), jnp.float32)
   y = jnp.asarray(np.argmax(np.asarray(x) @ teacher, -1))
   model = MLP(nnx.Rngs(int(rng.integers(1 << 30))))
-  tx = optax.chain(optim.autoprune(1.0, regularization=0.01), optax.sgd(0.1, momentum=0.9))
+  tx = optax.chain(optim.autoprune(1.0, regularization=0.003), optax.sgd(0.1, momentum=0.9))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
