@@ -31,3 +31,8 @@ from jaxprune.optim.sgd_lib import learning_rate_schedule, sgd
 sys.modules.setdefault(__name__ + ".autoprune", autoprune_lib)
 sys.modules.setdefault(__name__ + ".ista", ista_lib)
 sys.modules.setdefault(__name__ + ".sgd", sgd_lib)
+
+__all__ = ["AutoPruneState", "IstaState", "autoprune", "autoprune_lib", "autoprune_value_and_grad",
+           "batchnorm_scales", "effective_model", "effective_params", "find_state", "gates",
+           "ista", "ista_lib", "kept_fractions", "learning_rate_schedule", "leaf_path", "masks",
+           "paths", "select", "selection", "sgd", "sgd_lib", "zero_fraction"]

@@ -31,7 +31,7 @@ import optax
 
 from jaxprune.kernels.prox import soft_threshold
 from jaxprune.optim import selection
-from jaxprune.optim.selection import Selector, leaf_path, select
+from jaxprune.optim.selection import Selector, select
 
 # Every leaf named ``scale``: batch-norm (and other norm) scales under Flax's naming.
 DEFAULT_MASK = r"(^|/)scale$"
