@@ -14,8 +14,8 @@ from jaxprune import flops as flops_lib, kernels, models, optim
 from jaxprune.kernels.ste import step_ste
 from jaxprune.methods import autoprune as recipe
 
-# The module (``jaxprune.optim.autoprune`` as an attribute is the transform factory).
-ap = importlib.import_module("jaxprune.optim.autoprune")
+# The module; ``jaxprune.optim.autoprune`` is the transform factory.
+from jaxprune.optim import autoprune_lib as ap  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 
 def _rng():

@@ -26,8 +26,32 @@ the sum over the weights a neuron's ``m`` gates (one term for weight pruning).
 A masked weight keeps its value (no update reaches it unless decay targets
 ``W``), so if its ``m`` turns positive again it returns (recoverability).
 
-This module must not know about models or recipes; it works on any params
-pytree (Flax or not).
+**NNX.** With ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` the forward must run on
+``W * h(M)`` too; :func:`autoprune_value_and_grad` is ``nnx.value_and_grad`` for
+that: it runs ``loss_fn`` on a copy of the model holding the effective weights,
+returns ``dL/dT`` and writes the copy's other state (BN statistics, RNG counts)
+back into the model::
+
+    tx = optax.chain(optim.autoprune(0.5, regularization=1e-4), optax.sgd(0.05))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+      grad_fn = optim.autoprune_value_and_grad(loss_fn)   # loss_fn(model, x, y)
+      loss, grads = grad_fn(model, optimizer, x, y)       # dL/dT
+      optimizer.update(model, grads)                      # W and M
+      return loss
+
+The model keeps the dense ``W``; evaluate the pruned network with
+:func:`effective_model` (a copy holding ``W * h(M)``).
+
+Every function here matches leaves by path (:func:`jaxprune.optim.leaf_path`),
+so Linen params, ``nnx.state(model, nnx.Param)``, ``nnx.as_pure`` trees and an
+``nnx.Optimizer``'s state all work and give the same numbers.
+
+The module is ``jaxprune.optim.autoprune_lib``; ``jaxprune.optim.autoprune`` is the
+transform factory (:func:`autoprune`). This module must not know about models or
+recipes; it works on any params pytree (Flax or not).
 """
 from typing import Any, Callable, NamedTuple, Union
 
@@ -36,7 +60,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxprune.kernels.ste import SURROGATES, step_ste
-from jaxprune.optim.selection import Selector, leaf_path, select
+from jaxprune.optim import selection
+from jaxprune.optim.selection import Selector
 
 ScalarOrSchedule = Union[float, optax.Schedule]
 
@@ -68,7 +93,10 @@ class AutoPruneState(NamedTuple):
 
 
 def find_state(opt_state: Any) -> AutoPruneState:
-  """The :class:`AutoPruneState` inside ``opt_state`` (e.g. of an ``optax.chain``).
+  """The :class:`AutoPruneState` inside ``opt_state``.
+
+  ``opt_state`` is an optimizer state (e.g. of an ``optax.chain``), an
+  ``nnx.Optimizer`` or its ``opt_state``.
 
   Raises:
     ValueError: if there is none.
@@ -84,6 +112,8 @@ def find_state(opt_state: Any) -> AutoPruneState:
       stack.extend(s.values())
     elif hasattr(s, "inner_state"):  # optax.masked / wrappers
       stack.append(s.inner_state)
+    elif hasattr(s, "opt_state") and hasattr(s, "tx"):  # nnx.Optimizer
+      stack.append(s.opt_state)
   raise ValueError("No AutoPruneState in this optimizer state; build the optimizer "
                    "with jaxprune.optim.autoprune(...).")
 
@@ -92,16 +122,31 @@ def _is_neuron_gate(kernel, m) -> bool:
   return jnp.ndim(kernel) >= 2 and jnp.shape(m) == (jnp.shape(kernel)[-1],)
 
 
-def _share_bias_gates(params, gates):
-  """Neuron granularity gates a unit's bias with its kernel's gate (whole unit off)."""
-  if not isinstance(params, dict):
-    return gates
-  out = {k: _share_bias_gates(params[k], gates[k]) for k in params}
-  if "kernel" in params and "bias" in params and not isinstance(params["kernel"], dict):
-    kg = gates["kernel"]
-    if _is_neuron_gate(params["kernel"], kg) and jnp.shape(params["bias"]) == jnp.shape(kg):
-      out["bias"] = kg
-  return out
+def _gate_fn(params: Any, state: Any, surrogate: str, slope: float
+             ) -> Callable[[str, Any], jax.Array]:
+  """``(leaf path, leaf) -> h(M)`` for the leaves of ``params``, matched by path."""
+  if not isinstance(state, AutoPruneState):
+    state = find_state(state)
+  m_by_path = dict(selection.named_leaves(state.m))
+  p_by_path = dict(selection.named_leaves(params))
+
+  def gate(path, w):
+    if path not in m_by_path:
+      raise ValueError(
+          f"The AutoPrune state has no auxiliary parameter for the leaf {path!r}; it has "
+          f"{selection._listing(m_by_path)}. Build it with tx.init on the same "  # pylint: disable=protected-access
+          "parameters.")
+    m = m_by_path[path]
+    # Neuron granularity: a unit's bias shares its kernel's gate (whole unit off).
+    if path == "bias" or path.endswith("/bias"):
+      kernel_path = path[:-len("bias")] + "kernel"
+      km, kernel = m_by_path.get(kernel_path), p_by_path.get(kernel_path)
+      if (km is not None and kernel is not None and _is_neuron_gate(kernel, km)
+          and jnp.shape(w) == jnp.shape(km)):
+        m = km
+    selection.check_broadcast(path, jnp.shape(m), jnp.shape(w))
+    return step_ste(m, surrogate, slope)
+  return gate
 
 
 def gates(params: Any, state: Any, *, surrogate: str = "softplus",
@@ -112,51 +157,126 @@ def gates(params: Any, state: Any, *, surrogate: str = "softplus",
   granularity a unit's bias shares its kernel's gate.
 
   Args:
-    params: the weights ``W``.
-    state: an :class:`AutoPruneState` or an optimizer state holding one.
+    params: the weights ``W`` (Linen params, NNX state or a pure tree).
+    state: an :class:`AutoPruneState`, an optimizer state holding one or an
+      ``nnx.Optimizer``.
     surrogate, slope: the straight-through surrogate (see ``step_ste``).
+
+  Raises:
+    ValueError: if a leaf has no auxiliary parameter or its gate does not
+      broadcast to it.
   """
-  if not isinstance(state, AutoPruneState):
-    state = find_state(state)
-  h = jax.tree.map(lambda m: step_ste(m, surrogate, slope), state.m)
-  return _share_bias_gates(params, h)
+  return selection.map_with_path(_gate_fn(params, state, surrogate, slope), params)
 
 
 def effective_params(params: Any, state: Any) -> Any:
   """The masked effective weights ``T = W * h(M)`` for the forward pass.
 
   Args:
-    params: the weights ``W``.
-    state: an :class:`AutoPruneState` or an optimizer state holding one.
+    params: the weights ``W``: Linen params, ``nnx.state(model, nnx.Param)`` or a
+      pure tree (leaves are matched to ``M`` by path).
+    state: an :class:`AutoPruneState`, an optimizer state holding one, or an
+      ``nnx.Optimizer``.
 
   Returns:
-    A pytree like ``params``.
+    A pytree like ``params`` (NNX ``Variable`` boxes included).
 
-  Example:
+  Example (Linen):
     >>> eff = effective_params(params, opt_state)
     >>> grads = jax.grad(loss_fn)(eff)          # dL/dT
     >>> updates, opt_state = tx.update(grads, opt_state, params)
+
+  Example (NNX; see also :func:`autoprune_value_and_grad`):
+    >>> eff = effective_params(nnx.state(model, nnx.Param), optimizer)
   """
-  h = gates(params, state)
-  return jax.tree.map(lambda w, g: w * g.astype(w.dtype), params, h)
+  gate = _gate_fn(params, state, "softplus", 0.1)
+  return selection.map_with_path(lambda p, w: w * gate(p, w).astype(w.dtype), params)
 
 
 def masks(params: Any, state: Any) -> Any:
   """Boolean keep-masks shaped like each params leaf (True: weight kept)."""
-  h = gates(params, state)
-  return jax.tree.map(lambda w, g: jnp.broadcast_to(g > 0, jnp.shape(w)), params, h)
+  gate = _gate_fn(params, state, "softplus", 0.1)
+  return selection.map_with_path(
+      lambda p, w: jnp.broadcast_to(gate(p, w) > 0, jnp.shape(w)), params)
 
 
 def kept_fractions(params: Any, state: Any, selector: Selector = DEFAULT_MASK
                    ) -> dict[str, float]:
-  """``{leaf path: fraction of entries kept}`` for the leaves ``selector`` picks."""
-  sel = select(params, selector)
-  kept = masks(params, state)
-  out = {}
-  for (path, k), s in zip(jax.tree_util.tree_leaves_with_path(kept), jax.tree.leaves(sel)):
-    if s:
-      out[leaf_path(path)] = float(jnp.mean(k))
-  return out
+  """``{leaf path: fraction of entries kept}`` for the leaves ``selector`` picks.
+
+  Raises:
+    ValueError: if the selector picks no leaf.
+  """
+  sel = dict(selection.named_leaves(selection.as_mask(params, selector)))
+  return {path: float(jnp.mean(k)) for path, k in selection.named_leaves(masks(params, state))
+          if sel[path] is not False}
+
+
+def effective_model(model: Any, optimizer: Any, wrt: Any = None) -> Any:
+  """NNX: a copy of ``model`` whose parameters are ``W * h(M)`` (the pruned network).
+
+  Args:
+    model: an ``nnx.Module`` holding the dense weights ``W``.
+    optimizer: the ``nnx.Optimizer`` (or its state) holding the AutoPrune state.
+    wrt: the optimizer's parameter filter (default: ``optimizer.wrt``, else
+      ``nnx.Param``).
+
+  Example:
+    >>> pruned = optim.effective_model(model, optimizer)
+    >>> pruned.eval(); logits = pruned(x)
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  wrt = wrt if wrt is not None else getattr(optimizer, "wrt", nnx.Param)
+  graphdef, params, rest = nnx.split(model, wrt, ...)
+  return nnx.merge(graphdef, effective_params(params, optimizer), rest, copy=True)
+
+
+def autoprune_value_and_grad(loss_fn: Callable[..., Any], *, has_aux: bool = False,
+                             wrt: Any = None) -> Callable[..., Any]:
+  """``nnx.value_and_grad`` for AutoPrune: the loss on ``W * h(M)``, its gradient ``dL/dT``.
+
+  Returns ``fn(model, optimizer, *args, **kwargs) -> (value, grads)``: it runs
+  ``loss_fn(model_T, *args, **kwargs)`` on a copy ``model_T`` of ``model`` whose
+  parameters are the effective weights, writes ``model_T``'s other state (batch
+  statistics, RNG counts) back into ``model``, and returns the value (``(loss,
+  aux)`` with ``has_aux``) and ``grads``, an ``nnx.State`` of ``dL/dT`` shaped
+  like ``nnx.state(model, wrt)`` for ``optimizer.update(model, grads)``. Use it
+  inside ``nnx.jit``.
+
+  Args:
+    loss_fn: ``loss_fn(model, *args, **kwargs) -> loss`` (or ``(loss, aux)``).
+    has_aux: as in ``nnx.value_and_grad``.
+    wrt: the parameter filter of the optimizer (default: ``optimizer.wrt``, else
+      ``nnx.Param``).
+
+  Example:
+    >>> tx = optax.chain(optim.autoprune(0.5, regularization=1e-4), optax.sgd(0.05))
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> @nnx.jit
+    ... def train_step(model, optimizer, x, y):
+    ...   loss_fn = lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(
+    ...       m(x), y).mean()
+    ...   loss, grads = optim.autoprune_value_and_grad(loss_fn)(model, optimizer, x, y)
+    ...   optimizer.update(model, grads)
+    ...   return loss
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  def fn(model, optimizer, *args, **kwargs):
+    flt = wrt if wrt is not None else getattr(optimizer, "wrt", nnx.Param)
+    graphdef, params, rest = nnx.split(model, flt, ...)
+    eff = effective_params(params, optimizer)
+
+    def pure(eff, rest):
+      copy = nnx.merge(graphdef, eff, rest, copy=True)
+      out = loss_fn(copy, *args, **kwargs)
+      loss, aux = out if has_aux else (out, None)
+      return loss, (aux, nnx.state(copy, nnx.Not(flt)))
+
+    (loss, (aux, new_rest)), grads = jax.value_and_grad(pure, has_aux=True)(eff, rest)
+    nnx.update(model, new_rest)
+    return ((loss, aux) if has_aux else loss), grads
+  return fn
 
 
 def _value(x, count):
@@ -210,7 +330,10 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
       ReLU'(0) = 0, so no gradient reaches its ``m`` and it cannot return; "in"
       keeps the unit's output alive, so the coarse gradient stays informative.
     mask: which leaves are pruned: a selector for :func:`jaxprune.optim.select`
-      (path regex or predicate; default every ``kernel``), or a boolean pytree.
+      (path regex, predicate or collection of leaf paths; default every
+      ``kernel``), or a boolean tree with the params' leaf paths. Paths are the
+      same for Linen params and NNX state (``conv1/kernel``); a mask that selects
+      nothing is an error listing the paths.
     m_init: initial value of every ``m`` (positive: every weight starts alive).
     m_optimizer: "sgd" (default) or "adam" for ``M``.
     m_momentum: momentum of the SGD on ``M`` (None: plain SGD).
@@ -228,7 +351,7 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
   Raises:
     ValueError: for unknown option values, or at update time without ``params``.
 
-  Example:
+  Example (Linen):
     >>> tx = optax.chain(autoprune(0.5, regularization=1e-4, weight_decay=5e-4),
     ...                  optax.sgd(0.05, momentum=0.9))
     >>> opt_state = tx.init(params)
@@ -237,6 +360,17 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
     ...   grads = jax.grad(lambda p: loss(model.apply({"params": p}, x), y))(eff)
     ...   updates, opt_state = tx.update(grads, opt_state, params)
     ...   return optax.apply_updates(params, updates), opt_state
+
+  Example (NNX; the same transform, the forward on ``W * h(M)`` through
+  :func:`autoprune_value_and_grad`):
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> @nnx.jit
+    ... def step(model, optimizer, x, y):
+    ...   value_and_grad = autoprune_value_and_grad(lambda m, x, y: loss(m(x), y))
+    ...   loss_value, grads = value_and_grad(model, optimizer, x, y)   # dL/dT
+    ...   optimizer.update(model, grads)
+    ...   return loss_value
+    >>> kept_fractions(nnx.state(model, nnx.Param), optimizer)  # {"fc1/kernel": 0.4, ...}
   """
   _check("surrogate", surrogate, SURROGATES)
   _check("rule", rule, RULES)
@@ -250,13 +384,11 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
   else:
     m_tx = optax.sgd(learning_rate, momentum=m_momentum)
 
-  def mask_tree(params):
-    if isinstance(mask, (str, type(None))) or callable(mask):
-      return select(params, mask)
-    return mask
+  def mask_by_path(params):
+    return dict(selection.named_leaves(selection.as_mask(params, mask)))
 
   def init_m(w, selected):
-    if not selected:
+    if selected is False:
       return jnp.ones((), jnp.float32)
     if granularity == "neuron":
       if jnp.ndim(w) < 2:
@@ -268,16 +400,19 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
     return jnp.full(jnp.shape(w), m_init, jnp.float32)
 
   def init_fn(params):
-    m = jax.tree.map(init_m, params, mask_tree(params))
+    sel = mask_by_path(params)
+    m = selection.map_with_path(lambda p, w: init_m(w, sel[p]), params)
     return AutoPruneState(count=jnp.zeros((), jnp.int32), m=m, m_opt_state=m_tx.init(m))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("autoprune needs params: call tx.update(grads, state, params).")
-    sel = mask_tree(params)
+    sel = mask_by_path(params)
     lam = _value(regularization, state.count)
     wd = _value(weight_decay, state.count)
-    h = gates(params, state, surrogate=surrogate, slope=slope)
+    w_by_path = dict(selection.named_leaves(params))
+    g_by_path = dict(selection.named_leaves(updates))
+    gate = _gate_fn(params, state, surrogate, slope)
 
     def weight_dir(g, w, hh):
       hh = hh.astype(g.dtype)
@@ -286,7 +421,7 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
       return d + wd * decayed.astype(g.dtype)
 
     def m_grad(g, w, m, selected):
-      if not selected:
+      if selected is False:
         return jnp.zeros_like(m)
       # Coarse gradient through the gate (§2): sign(w) (decoupled) or w (naive).
       d = g * (jnp.sign(w) if rule == "decoupled" else w)
@@ -305,8 +440,13 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
         gm = gm + lam * m
       return gm
 
-    new_updates = jax.tree.map(weight_dir, updates, params, h)
-    g_m = jax.tree.map(m_grad, updates, params, state.m, sel)
+    def leaf_dir(path, g):
+      w = w_by_path[path]
+      return weight_dir(g, w, gate(path, w))
+
+    new_updates = selection.map_with_path(leaf_dir, updates)
+    g_m = selection.map_with_path(
+        lambda p, m: m_grad(g_by_path[p], w_by_path[p], m, sel[p]), state.m)
     m_updates, m_opt_state = m_tx.update(g_m, state.m_opt_state, state.m)
     m = optax.apply_updates(state.m, m_updates)
     return new_updates, AutoPruneState(count=optax.safe_increment(state.count), m=m,
@@ -315,5 +455,6 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-__all__ = ["AutoPruneState", "autoprune", "effective_params", "find_state", "gates",
-           "kept_fractions", "masks", "DEFAULT_MASK"]
+__all__ = ["AutoPruneState", "DEFAULT_MASK", "autoprune", "autoprune_value_and_grad",
+           "effective_model", "effective_params", "find_state", "gates", "kept_fractions",
+           "masks"]
