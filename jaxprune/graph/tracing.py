@@ -23,21 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.errors import UserError
+from jaxprune.optim import selection
 
 
-def leaf_name(keypath) -> str:
-  """'/'-joined key names of a key path; an NNX Variable's trailing ``value`` is dropped."""
-  parts = []
-  for k in keypath:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(jax.tree_util.keystr((k,)))
-  if parts and parts[-1] == "value" and isinstance(keypath[-1], jax.tree_util.GetAttrKey):
-    parts.pop()
-  return "/".join(parts)
+# The one leaf-path convention (an NNX Variable's trailing ``value`` dropped).
+leaf_name = selection.leaf_path
 
 
 def accepts_train(module: nn.Module) -> bool:

@@ -6,7 +6,7 @@ derivative almost everywhere, so the backward pass replaces ``h'(m)`` by the
 derivative ``s'(m)`` of a surrogate ``s`` (a straight-through estimator).
 
 Pure ``jnp``: no Flax, no state. This module must not know about weights,
-layers or optimizers; :mod:`jaxprune.optim.autoprune` builds the update rule on
+layers or optimizers; :mod:`jaxprune.optim.autoprune_lib` builds the update rule on
 top of it.
 """
 import functools

@@ -18,7 +18,6 @@ Stages, each resumable in ``<workdir>/<stage>/`` by rerunning the command:
   network, test error before and after, and for neuron pruning the physically
   smaller network (:func:`shrink`), checked to give the masked network's outputs.
 """
-import importlib
 import json
 import math
 import os
@@ -39,10 +38,8 @@ from jaxprune.engine.state import TrainState, split_variables
 from jaxprune.errors import UserError
 from jaxprune.methods import baseline
 from jaxprune.optim import selection
-from jaxprune.optim.sgd import learning_rate_schedule
-
-# The module (``jaxprune.optim.autoprune`` as an attribute is the transform factory).
-ap = importlib.import_module("jaxprune.optim.autoprune")
+from jaxprune.optim import autoprune_lib as ap
+from jaxprune.optim.sgd_lib import learning_rate_schedule
 
 # Layers whose output units neuron pruning may remove, in forward order, and the
 # classifier that follows them (its outputs are never pruned).
