@@ -19,7 +19,6 @@ Stages, each resumable in ``<workdir>/<stage>/`` by rerunning the command:
   smaller network (:func:`shrink`), checked to give the masked network's outputs.
 """
 import json
-import math
 import os
 import time
 
