@@ -112,7 +112,9 @@ ZOO = [
     Arch("resnet_bottleneck",
          {"stem": 8, "s1_out": 24, "s1b0_a": 6, "s1b0_b": 6, "s1b1_a": 6, "s1b1_b": 6,
           "s2_out": 32, "s2b0_a": 8, "s2b0_b": 8, "s2b1_a": 8, "s2b1_b": 8},
-         L.ResNetBottleneck, N.ResNetBottleneck, counts.resnet_bottleneck, _bottleneck_widths),
+         L.ResNetBottleneck, N.ResNetBottleneck, counts.resnet_bottleneck, _bottleneck_widths,
+         # Flax's block adds conv_proj when the shapes differ: the count assumes it does.
+         buildable=lambda w: w["stem"] != w["s1_out"]),
     Arch("mobilenet_v1", {"c0": 8, "c1": 12, "c2": 16}, L.MobileNetV1, N.MobileNetV1,
          counts.mobilenet_v1, _outs(("c0", "conv_stem"), ("c1", "pw1"), ("c2", "pw2"))),
     Arch("mobilenet_v2", {"c0": 8, "e1": 16, "c2": 12, "e2": 24, "e3": 24, "ch": 16},
@@ -213,6 +215,18 @@ def init_nnx(arch: Arch, widths=None, seed: int = 0) -> nnx.Module:
 
 def nnx_params(model: nnx.Module):
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def random_widths(arch: Arch, rng: np.random.Generator, low=0.3, high=0.6) -> dict:
+  """The arch's widths with a random `low`..`high` fraction of each removed (>= 1 kept),
+  drawn until the same code can be built with them."""
+  while True:
+    w = {k: max(1, v - int(rng.integers(int(np.ceil(low * v)), int(high * v) + 1)))
+         for k, v in arch.widths.items()}
+    if arch.name == "vit":
+      w["v_dim"] = w["qk_dim"]
+    if arch.buildable(w):
+      return w
 
 
 def example(arch: Arch, batch: int = 2, seed: int = 0):

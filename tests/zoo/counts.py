@@ -28,27 +28,28 @@ class Ledger:
     self.macs = 0       # conv + dot_general multiply-accumulates
     self.bias_adds = 0  # one per output element of a conv/dense bias add
     self.params = 0
+    self.tagged = {}    # tag -> FLOPs of the layers listed with that tag
+
+  def _add(self, tag, macs, bias_adds):
+    self.macs += macs
+    self.bias_adds += bias_adds
+    if tag:
+      self.tagged[tag] = self.tagged.get(tag, 0) + macs + bias_adds
 
   @property
   def flops(self):
     return self.macs + self.bias_adds
 
-  def conv(self, positions, cin, cout, k, groups=1, bias=False):
+  def conv(self, positions, cin, cout, k, groups=1, bias=False, tag=None):
     """k x k conv (or ConvTranspose, see the module docstring) at `positions` outputs."""
     assert cin % groups == 0 and cout % groups == 0, (cin, cout, groups)
-    self.macs += positions * cout * k * k * (cin // groups)
-    self.params += k * k * (cin // groups) * cout
-    if bias:
-      self.bias_adds += positions * cout
-      self.params += cout
+    self._add(tag, positions * cout * k * k * (cin // groups), positions * cout if bias else 0)
+    self.params += k * k * (cin // groups) * cout + (cout if bias else 0)
 
-  def dense(self, rows, cin, cout, bias=True):
+  def dense(self, rows, cin, cout, bias=True, tag=None):
     """Dense cin -> cout applied to `rows` rows (tokens); cout may be a product."""
-    self.macs += rows * cin * cout
-    self.params += cin * cout
-    if bias:
-      self.bias_adds += rows * cout
-      self.params += cout
+    self._add(tag, rows * cin * cout, rows * cout if bias else 0)
+    self.params += cin * cout + (cout if bias else 0)
 
   def norm(self, c):
     """BatchNorm / LayerNorm: scale and bias, no FLOPs counted."""
@@ -58,9 +59,9 @@ class Ledger:
     """A parameter used without a counted op (cls token, position embedding)."""
     self.params += n
 
-  def matmul(self, macs):
+  def matmul(self, macs, tag=None):
     """An activation x activation dot_general (attention)."""
-    self.macs += macs
+    self._add(tag, macs, 0)
 
   def result(self):
     return {"flops": int(self.flops), "params": int(self.params)}
@@ -222,9 +223,9 @@ def unet(L, w):
   L.conv(256, 3, e1, 3); L.norm(e1)
   L.conv(64, e1, e2, 3); L.norm(e2)
   L.conv(16, e2, m, 3); L.norm(m)
-  L.conv(64, m, u2, 2, bias=True)
+  L.conv(64, m, u2, 2, bias=True, tag="conv_transpose")
   L.conv(64, u2 + e2, d2, 3); L.norm(d2)
-  L.conv(256, d2, u1, 2, bias=True)
+  L.conv(256, d2, u1, 2, bias=True, tag="conv_transpose")
   L.conv(256, u1 + e1, d1, 3); L.norm(d1)
   L.conv(256, d1, UNET_OUT, 1, bias=True)
 
@@ -251,12 +252,12 @@ def vit(L, w):
   L.param(e)          # cls
   L.param(n * e)      # position embedding
   L.norm(e)           # ln1
-  L.dense(n, e, h * dq)  # query
-  L.dense(n, e, h * dq)  # key
-  L.dense(n, e, h * dv)  # value
-  L.matmul(h * n * n * dq)  # q.k: (h, n, n) outputs, contracted over qk_dim
-  L.matmul(h * n * n * dv)  # attn.v: (n, h, v_dim) outputs, contracted over n
-  L.dense(n, h * dv, e)     # out
+  L.dense(n, e, h * dq, tag="attention")  # query
+  L.dense(n, e, h * dq, tag="attention")  # key
+  L.dense(n, e, h * dv, tag="attention")  # value
+  L.matmul(h * n * n * dq, tag="attention")  # q.k: (h, n, n) outputs, contracted over qk_dim
+  L.matmul(h * n * n * dv, tag="attention")  # attn.v: (n, h, v_dim) outputs, contracted over n
+  L.dense(n, h * dv, e, tag="attention")  # out
   L.norm(e)           # ln2
   L.dense(n, e, m)
   L.dense(n, m, e)
