@@ -95,13 +95,13 @@ def jaxpr_reference(fn, params_like, x):
 
 
 def _linen_reference(arch, widths=None):
-  model, variables = init_linen(arch, widths)
+  model, variables = init_linen(arch, widths, abstract=True)
   x = jnp.zeros((1,) + arch.input_shape)
   return jaxpr_reference(lambda v, x: model.apply(v, x, train=False), variables, x)
 
 
 def _nnx_reference(arch, widths=None):
-  graphdef, state = nnx.split(init_nnx(arch, widths))
+  graphdef, state = nnx.split(init_nnx(arch, widths, abstract=True))
   x = jnp.zeros((1,) + arch.input_shape)
   return jaxpr_reference(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
 
@@ -113,7 +113,7 @@ def _n_entries(tree):
 @pytest.mark.parametrize("name", NAMES)
 def test_hand_count_matches_the_linen_counter_on_the_layers_it_sees(name):
   arch = BY_NAME[name]
-  model, variables = init_linen(arch)
+  model, variables = init_linen(arch, abstract=True)
   ledger = arch.count.ledger(arch.widths)
   unseen = sum(ledger.tagged.get(tag, 0) for tag in UNSEEN.get(name, ()))
   assert set(ledger.tagged) <= set(UNSEEN.get(name, ()))
@@ -142,14 +142,14 @@ def test_hand_count_holds_at_smaller_widths(name):
   for _ in range(2):
     widths = random_widths(arch, rng)
     ledger = arch.count.ledger(widths)
-    model, variables = init_linen(arch, widths)
+    model, variables = init_linen(arch, widths, abstract=True)
     assert arch.widths_of(variables["params"]) == widths
     assert _n_entries(variables["params"]) == ledger.params
     assert _linen_reference(arch, widths) == {"macs": ledger.macs,
                                               "bias_adds": ledger.bias_adds}
     unseen = sum(ledger.tagged.get(tag, 0) for tag in UNSEEN.get(name, ()))
     assert flops.count(model, variables, arch.input_shape)["flops"] == ledger.flops - unseen
-    model_nnx = init_nnx(arch, widths)
+    model_nnx = init_nnx(arch, widths, abstract=True)
     assert arch.widths_of(nnx_params(model_nnx)) == widths
     assert _n_entries(nnx.state(model_nnx, nnx.Param)) == ledger.params
 
@@ -157,8 +157,8 @@ def test_hand_count_holds_at_smaller_widths(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_params_count_trainable_entries_only(name):
   arch = BY_NAME[name]
-  _, variables = init_linen(arch)
-  model = init_nnx(arch)
+  _, variables = init_linen(arch, abstract=True)
+  model = init_nnx(arch, abstract=True)
   hand = arch.count(arch.widths)["params"]
   assert _n_entries(variables["params"]) == hand
   assert _n_entries(nnx.state(model, nnx.Param)) == hand
@@ -180,9 +180,9 @@ def test_linen_and_nnx_twins_have_the_same_paths_widths_and_outputs(name):
         nnx.to_pure_dict(nnx.state(twin, nnx.BatchStat)))
   assert arch.widths_of(variables["params"]) == arch.widths_of(nnx_params(twin)) == arch.widths
   x = example(arch)
-  y = model.apply(variables, x, train=False)
+  y = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
   assert y.shape == (2,) + arch.output_shape
-  np.testing.assert_allclose(twin(x), y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(twin, x), y, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -191,7 +191,8 @@ def test_zoo_models_train_in_both_apis(name):
   arch = BY_NAME[name]
   model, variables = init_linen(arch)
   x = example(arch)
-  y, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  y, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+      variables, x)
   assert y.shape == (2,) + arch.output_shape
   if "batch_stats" in variables:
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), updates["batch_stats"],
@@ -199,7 +200,7 @@ def test_zoo_models_train_in_both_apis(name):
     assert any(jax.tree.leaves(moved))
   twin = init_nnx(arch)
   twin.train()
-  grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(twin)
+  grads = nnx.jit(nnx.grad(lambda m, x: jnp.mean(m(x) ** 2)))(twin, x)
   assert _n_entries(grads) == arch.count(arch.widths)["params"]
 
 
@@ -235,20 +236,25 @@ def test_conv_transpose_lowers_to_a_dilated_conv_counted_over_every_output(make)
 
 
 def test_resnets_zero_init_their_last_bn_and_mobilenets_are_depthwise():
-  for name, last in (("resnet_basic", "bn2"), ("resnet_bottleneck", "bn3")):
-    arch = BY_NAME[name]
-    model = arch.build_linen()
-    raw = model.init(jax.random.key(0), jnp.zeros((1,) + arch.input_shape), train=False)
-    for block in ("s1b0", "s1b1", "s2b0", "s2b1"):
-      assert not np.any(raw["params"][block][last]["scale"])
-      assert not np.any(nnx.state(arch.build_nnx(), nnx.Param)[block][last]["scale"][...])
-    assert "conv_proj" in raw["params"]["s2b0"]
-  _, variables = init_linen(BY_NAME["resnet_bottleneck"])
+  from zoo import linen_models as L, nnx_models as N  # pylint: disable=import-outside-toplevel
+  x = jnp.ones((1, 4, 4, 8))
+  for block, twin, last in ((L.ResNetBlock(8, 6, train=False), N.ResNetBlock(8, 8, 6,
+                                                                             rngs=nnx.Rngs(0)),
+                             "bn2"),
+                            (L.BottleneckResNetBlock(8, 4, 4, train=False),
+                             N.BottleneckResNetBlock(8, 8, 4, 4, rngs=nnx.Rngs(0)), "bn3")):
+    raw = block.init(jax.random.key(0), x)["params"]
+    assert raw[last]["scale"].shape == (8,) and not np.any(raw[last]["scale"])
+    assert not np.any(getattr(twin, last).scale[...])
+    assert "conv_proj" not in raw and twin.conv_proj is None
+  _, variables = init_linen(BY_NAME["resnet_basic"], abstract=True)
+  assert "conv_proj" in variables["params"]["s2b0"]
+  _, variables = init_linen(BY_NAME["resnet_bottleneck"], abstract=True)
   assert "conv_proj" in variables["params"]["s1b0"]
   assert "conv_proj" not in variables["params"]["s1b1"]
-  _, variables = init_linen(BY_NAME["mobilenet_v1"])
+  _, variables = init_linen(BY_NAME["mobilenet_v1"], abstract=True)
   assert variables["params"]["dw1"]["kernel"].shape == (3, 3, 1, 8)
-  _, variables = init_linen(BY_NAME["mobilenet_v2"])
+  _, variables = init_linen(BY_NAME["mobilenet_v2"], abstract=True)
   assert variables["params"]["b1"]["dw"]["kernel"].shape == (3, 3, 1, 16)
 
 
@@ -256,10 +262,10 @@ def test_attention_einsums_are_dot_generals_with_heads_as_batch_axes():
   """Both APIs' attention: q.k and attn.v are dot_generals batched over (batch, heads);
   NNX reshapes q to (b, n, heads, 1, d) first (a kv-group axis of size 1)."""
   arch = BY_NAME["vit"]
-  model, variables = init_linen(arch)
+  model, variables = init_linen(arch, abstract=True)
   x = jnp.zeros((1,) + arch.input_shape)
   lin = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
-  graphdef, state = nnx.split(init_nnx(arch))
+  graphdef, state = nnx.split(init_nnx(arch, abstract=True))
   nx = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
 
   def batched_dots(closed):

@@ -160,16 +160,20 @@ def masked_exact(arch: Arch, member_axes) -> bool:
 
 # ---------------------------------------------------------------- initialisation
 
-def _perturb(path: str, leaf, key):
+def _perturb(path: str, leaf, rng: np.random.Generator):
   """Random values for leaves that init sets to constants (biases, BN, cls), so a
-  test sees every parameter: BN scale 1 +- , biases and means small, var in [0.5, 1.5]."""
+  test sees every parameter: BN scale 1 +- 0.2, biases and means small, var in
+  [0.5, 1.5]. numpy, so that no XLA computation is compiled for it."""
   name = path.rsplit("/", 1)[-1]
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return leaf
+  size = np.shape(leaf)
   if name == "scale":
-    return 1.0 + 0.2 * jax.random.normal(key, leaf.shape, leaf.dtype)
+    return jnp.asarray(1.0 + 0.2 * rng.standard_normal(size), leaf.dtype)
   if name in ("bias", "mean", "cls"):
-    return 0.1 * jax.random.normal(key, leaf.shape, leaf.dtype)
+    return jnp.asarray(0.1 * rng.standard_normal(size), leaf.dtype)
   if name == "var":
-    return jax.random.uniform(key, leaf.shape, leaf.dtype, 0.5, 1.5)
+    return jnp.asarray(rng.uniform(0.5, 1.5, size), leaf.dtype)
   return leaf
 
 
@@ -179,18 +183,19 @@ def _path(keypath) -> str:
 
 def perturbed(tree, seed: int):
   """``tree`` (a Linen variables dict or a pure NNX state dict) with random constants."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  keys = jax.random.split(jax.random.key(seed), len(flat))
-  return jax.tree_util.tree_unflatten(
-      treedef, [_perturb(_path(p), leaf, k) for (p, leaf), k in zip(flat, keys)])
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map_with_path(lambda p, leaf: _perturb(_path(p), leaf, rng), tree)
 
 
-def init_linen(arch: Arch, widths=None, seed: int = 0):
-  """(module, variables) with perturbed constants (see :func:`_perturb`)."""
+def init_linen(arch: Arch, widths=None, seed: int = 0, abstract: bool = False):
+  """(module, variables) with perturbed constants (see :func:`_perturb`); with
+  `abstract`, variables are shape structs (nothing is computed)."""
   model = arch.build_linen(widths)
   x = jnp.zeros((1,) + arch.input_shape)
-  variables = model.init(jax.random.key(seed), x, train=False)
-  return model, perturbed(jax.tree.map(jnp.asarray, dict(variables)), seed + 1)
+  init = lambda key: model.init(key, x, train=False)
+  if abstract:
+    return model, dict(jax.eval_shape(init, jax.random.key(seed)))
+  return model, perturbed(dict(init(jax.random.key(seed))), seed + 1)
 
 
 def nnx_from_linen(model: nnx.Module, variables) -> nnx.Module:
@@ -205,10 +210,12 @@ def nnx_from_linen(model: nnx.Module, variables) -> nnx.Module:
   return model
 
 
-def init_nnx(arch: Arch, widths=None, seed: int = 0) -> nnx.Module:
-  """The NNX twin with the same values as ``init_linen(arch, widths, seed)``, eval mode."""
-  _, variables = init_linen(arch, widths, seed)
-  model = nnx_from_linen(arch.build_nnx(widths, seed), variables)
+def init_nnx(arch: Arch, widths=None, seed: int = 0, abstract: bool = False) -> nnx.Module:
+  """The NNX twin with the same values as ``init_linen(arch, widths, seed)``, eval mode;
+  with `abstract`, its variables hold shape structs."""
+  model = nnx.eval_shape(lambda: arch.build_nnx(widths, seed))
+  if not abstract:
+    model = nnx_from_linen(model, init_linen(arch, widths, seed)[1])
   model.eval()
   return model
 
