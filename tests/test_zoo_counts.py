@@ -185,25 +185,6 @@ def test_linen_and_nnx_twins_have_the_same_paths_widths_and_outputs(name):
   np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(twin, x), y, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_zoo_models_train_in_both_apis(name):
-  """One train-mode step runs (BN statistics move) in Linen and NNX."""
-  arch = BY_NAME[name]
-  model, variables = init_linen(arch)
-  x = example(arch)
-  y, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
-      variables, x)
-  assert y.shape == (2,) + arch.output_shape
-  if "batch_stats" in variables:
-    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), updates["batch_stats"],
-                         variables["batch_stats"])
-    assert any(jax.tree.leaves(moved))
-  twin = init_nnx(arch)
-  twin.train()
-  grads = nnx.jit(nnx.grad(lambda m, x: jnp.mean(m(x) ** 2)))(twin, x)
-  assert _n_entries(grads) == arch.count(arch.widths)["params"]
-
-
 @pytest.mark.parametrize("make", ["linen", "nnx"])
 def test_conv_transpose_lowers_to_a_dilated_conv_counted_over_every_output(make):
   """nn.ConvTranspose / nnx.ConvTranspose (stride s, no transpose_kernel) is one
