@@ -389,21 +389,12 @@ class Walk:
     return [self.keep_unless(labels[0], cut, "slice at fixed offsets")]
 
   def rule_split(self, eqn, labels, shapes, out_shapes):
-    # jnp.split into equal parts: position i of every part is one channel, so the
-    # parts stay equal (and the user's code splits the narrower axis the same way).
+    # Like a slice: the split points are constants of the user's code (jnp.split(x, 2)
+    # and jnp.split(x, [6]) trace alike), so a pruned network would split the narrower
+    # axis at the old places. The channels of a split axis stay whole.
     axis, sizes = eqn.params["axis"], [int(s) for s in eqn.params["sizes"]]
-    facet = _facet(labels[0], axis)
-    if facet is None:
-      return [dict(labels[0]) for _ in sizes]
-    if len(set(sizes)) > 1 or len(facet[0]) > 1:
-      self.block({facet[0]: facet[1]}, "split into unequal parts at fixed offsets")
-      rest = {k: v for k, v in labels[0].items() if k != facet[0]}
-      return [dict(rest) for _ in sizes]
-    parts = np.split(facet[1], len(sizes))
-    for part in parts[1:]:
-      self.tie(parts[0], part)
-    return [{**{k: v for k, v in labels[0].items() if k != facet[0]}, facet[0]: part}
-            for part in parts]
+    label = self.keep_unless(labels[0], {axis}, "split at fixed offsets")
+    return [dict(label) for _ in sizes]
 
   def rule_dynamic_slice(self, eqn, labels, shapes, out_shapes):
     cut = {a for a, (n, m) in enumerate(zip(shapes[0], out_shapes[0])) if n != m}
@@ -534,6 +525,9 @@ class Walk:
         self.tie(per_input, per_input[:, :1])
         if x_facet is not None:
           self.tie(x_facet[1], per_input[:, 0])
+        else:  # its input channels are not followed, so its outputs cannot go alone
+          self.block({o_facet[0]: o_facet[1]}, "depthwise conv of channels the graph "
+                     "does not follow")
         self.producers.append(o_facet[1])
         out[(oc,)] = o_facet[1]
     else:
