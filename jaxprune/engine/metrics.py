@@ -135,10 +135,11 @@ class Progress:
   """One line per report: step, epoch, images/s, metrics and ETA."""
 
   def __init__(self, name: str, total_steps: int, start_step: int, images_per_step: int,
-               steps_per_epoch: int, stream=sys.stdout):
+               steps_per_epoch: int, stream=None):
     self.name, self.total = name, total_steps
     self.images_per_step, self.steps_per_epoch = images_per_step, steps_per_epoch
-    self._stream = stream if jax.process_index() == 0 else None
+    self._stream = stream
+    self._active = jax.process_index() == 0
     self._t, self._step = time.perf_counter(), start_step
 
   def rate(self, step: int) -> float:
@@ -149,15 +150,15 @@ class Progress:
     return rate
 
   def line(self, step: int, metrics: Mapping[str, float], images_per_s: float):
-    if self._stream is None:
+    if not self._active:
       return
     eta = (self.total - step) * self.images_per_step / max(images_per_s, 1e-9)
     parts = [f"[{self.name}] step {step}/{self.total}",
              f"epoch {step / self.steps_per_epoch:.2f}"]
     parts += [f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)]
     parts += [f"{images_per_s:.0f} img/s", f"ETA {_duration(eta)}"]
-    print(" | ".join(parts), file=self._stream, flush=True)
+    print(" | ".join(parts), file=self._stream or sys.stdout, flush=True)
 
   def message(self, text: str):
-    if self._stream is not None:
-      print(f"[{self.name}] {text}", file=self._stream, flush=True)
+    if self._active:
+      print(f"[{self.name}] {text}", file=self._stream or sys.stdout, flush=True)
