@@ -113,9 +113,13 @@ def _truncate_metrics(path: str, start_step: int) -> list[dict]:
 _TIME_IN_STAGES = [0.0]  # seconds this process spent inside run_stage
 
 
-def time_in_stages() -> float:
-  """Seconds this process has spent in :func:`run_stage` (the report adds earlier runs')."""
-  return _TIME_IN_STAGES[0]
+def time_in_stages(reset: bool = False) -> float:
+  """Seconds this process has spent in :func:`run_stage` since the last reset (the
+  report replaces them by the stages' times summed over every run)."""
+  t = _TIME_IN_STAGES[0]
+  if reset:
+    _TIME_IN_STAGES[0] = 0.0
+  return t
 
 
 @jax.jit
