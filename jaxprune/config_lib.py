@@ -230,19 +230,22 @@ def has_progress(workdir: str) -> bool:
 
 
 def _stored_config(workdir: str) -> tuple[dict | None, str | None]:
-  """The config a workdir remembers: ``config.json``, else the copy in ``.jaxprune/``."""
+  """The config a workdir remembers: ``config.json``, else the copy in ``.jaxprune/``;
+  or ``(None, what is wrong)``."""
   problems = []
-  for path in (os.path.join(workdir, "config.json"),
-               os.path.join(_meta_dir(workdir), "config.json")):
-    if os.path.exists(path):
-      try:
-        stored = metrics_lib.read_json(path)
-      except UserError as e:
-        problems.append(str(e))
-        continue
-      if isinstance(stored, dict):
-        return stored, path
-      problems.append(f"{path} does not hold a config")
+  for name in ("config.json", os.path.join(".jaxprune", "config.json")):
+    path = os.path.join(workdir, name)
+    if not os.path.exists(path):
+      continue
+    try:
+      with open(path, encoding="utf-8") as f:
+        stored = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      problems.append(f"{name} is damaged: {e}")
+      continue
+    if isinstance(stored, dict):
+      return stored, path
+    problems.append(f"{name} does not hold a config")
   return None, "; ".join(problems) or None
 
 
@@ -298,8 +301,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, datasets=None
     if old is None:
       raise UserError(
           f"The workdir {workdir} holds checkpoints but no readable config "
-          f"({problem or 'config.json is missing'}); restore {path}, or use a new "
-          "--workdir.")
+          f"({problem or 'config.json is missing'}); restore config.json there, or use a "
+          "new --workdir.")
     a, b = _flatten(old), _flatten(new)
     diff = sorted(k for k in set(a) | set(b)
                   if a.get(k) != b.get(k) and k.split(".")[-1] not in RESUMABLE_FIELDS)
