@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxprune import methods
+from jaxprune.engine import checkpoint
 from jaxprune.engine import distributed
 from jaxprune.engine import runtime
 from jaxprune.engine.loop import Interrupted
@@ -111,6 +112,7 @@ def main(argv):
   runtime.configure()  # before the first computation starts the backend
   if not FLAGS["verbosity"].present:  # keep library INFO chatter (orbax) out of the way
     logging.set_verbosity(logging.WARNING)
+    checkpoint.quiet_orbax_errors()  # a failed save is reported in one line instead
   try:
     config = FLAGS.config
   except OSError as e:  # the config file failed to load (config_flags keeps the cause)

@@ -9,6 +9,8 @@ import glob
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -190,3 +192,82 @@ def test_damaged_metrics_line_is_one_line_error(tmp_path):
   path.write_text("\n".join([lines[0], "garbage{", *lines[1:]]) + "\n")
   with pytest.raises(UserError, match=r"metrics.jsonl is damaged at line 2"):
     run(tmp_path)
+
+
+# --- Whole processes: SIGKILL at random points, a disk that fills up. -------------------
+
+FAULT_STAGE = os.path.join(os.path.dirname(__file__), "fault_stage.py")
+
+
+def _launch(workdir, seed, *flags):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.Popen([sys.executable, FAULT_STAGE, str(workdir), str(seed), *flags],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _finish(proc, timeout=300):
+  out, err = proc.communicate(timeout=timeout)
+  return proc.returncode, out, err
+
+
+def _result(out):
+  lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+  assert lines, out[-2000:]
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def _log(workdir):
+  return [{k: v for k, v in r.items() if k not in ("images_per_s", "elapsed_s")}
+          for r in read_jsonl(os.path.join(workdir, "stage", "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  seed = int(np.random.default_rng().integers(1 << 20))
+  workdir = tmp_path_factory.mktemp("reference")
+  rc, out, err = _finish(_launch(workdir, seed))
+  assert rc == 0, err[-2000:]
+  return seed, _result(out), _log(workdir)
+
+
+def test_sigkill_at_random_points_resumes_to_the_same_result(tmp_path, reference):
+  seed, expected, expected_log = reference
+  rng = np.random.default_rng()
+  workdir = tmp_path / "run"
+  # Killed while the checkpoint of a random step is being written, then twice at a
+  # random logged step (between or right after checkpoints), then run to the end.
+  rc, _, _ = _finish(_launch(workdir, seed, "--kill_in_save", str(4 * rng.integers(1, 6))))
+  assert rc == -signal.SIGKILL
+  for _ in range(2):
+    at = int(rng.integers(2, 23))
+    proc = _launch(workdir, seed, "--step_sleep", "0.05")
+    for line in proc.stdout:
+      if line.startswith("[stage] step ") and int(line.split()[2].split("/")[0]) >= at:
+        proc.kill()
+        break
+    rc, _, _ = _finish(proc)
+    assert rc in (-signal.SIGKILL, 0)
+  rc, out, err = _finish(_launch(workdir, seed))
+  assert rc == 0, err[-2000:]
+  assert _result(out) == expected  # bit-identical weights and summary
+  assert _log(workdir) == expected_log
+
+
+def test_failed_asynchronous_save_stops_with_one_line_and_resumes(tmp_path, reference):
+  seed, expected, _ = reference
+  workdir = tmp_path / "run"
+  # From step 10 on no file may grow past 64 KiB: the checkpoint of step 12 (or of step 8,
+  # if its asynchronous write is still running) cannot be written.
+  rc, out, err = _finish(_launch(workdir, seed, "--fsize_limit_at", "10"))
+  assert rc == 2, err[-3000:]
+  lines = [l for l in err.strip().splitlines() if l.strip()]
+  assert len(lines) == 1, err[-3000:]
+  assert lines[0].startswith("error: Saving the checkpoint of step ")
+  failed = int(lines[0].split()[6])
+  assert failed in (8, 12), lines[0]
+  assert f"last good checkpoint is step {failed - 4}" in lines[0] and str(workdir) in lines[0]
+  assert "[stage] step 24/" not in out  # it stopped, not trained on
+  assert _ckpt_steps(workdir)[-1] == failed - 4
+  rc, out, err = _finish(_launch(workdir, seed))  # space freed: resume from the last good
+  assert rc == 0, err[-2000:]
+  assert _result(out) == expected

@@ -6,8 +6,10 @@ stages load, e.g. as a teacher. Restores always go through an abstract target
 (shapes, dtypes and shardings), so NamedTuple optimizer states come back as
 NamedTuples and arrays land on the right devices.
 """
+import logging
 import os
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -15,6 +17,27 @@ import orbax.checkpoint as ocp
 
 from jaxprune.engine import distributed
 from jaxprune.errors import UserError
+
+
+class _DropOrbaxErrors(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "/orbax/" not in (record.pathname or "").replace(os.sep, "/")
+
+
+def quiet_orbax_errors():
+  """Drops orbax's own log records (a failed background save logs several tracebacks);
+  :class:`Checkpointer` reports every failure itself, in one line. The CLI calls this
+  unless ``--verbosity`` is given."""
+  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    handler.addFilter(_DropOrbaxErrors())
+  logging.getLogger("absl").addFilter(_DropOrbaxErrors())
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    # After a failed write, tensorstore's late callbacks find orbax's event loop closed.
+    if "Event loop is closed" not in str(unraisable.exc_value):
+      previous(unraisable)
+  sys.unraisablehook = hook
 
 
 def _first_line(e: BaseException, limit: int = 160) -> str:
@@ -96,10 +119,17 @@ class Checkpointer:
     return saved
 
   def _save_error(self, step: int, e: BaseException) -> UserError:
-    good = sorted(s for s in self._saved if s != step)
-    last = f"step {good[-1]}" if good else "none yet"
+    # The failure may be the previous (asynchronous) save's, reported by this call.
+    try:
+      finalized = sorted(int(d) for d in os.listdir(self.directory) if d.isdigit())
+    except OSError:
+      finalized = []
+    failed = getattr(self, "_last_requested", None)
+    if failed is None or failed in finalized:
+      failed = step
+    last = f"step {finalized[-1]}" if finalized else "none yet"
     return UserError(
-        f"Saving the checkpoint of step {step} to {self.directory} failed "
+        f"Saving the checkpoint of step {failed} to {self.directory} failed "
         f"({_first_line(e)}); the last good checkpoint is {last}. Free disk space (or fix "
         "the storage) and rerun the same command to resume from it.")
 
@@ -108,9 +138,7 @@ class Checkpointer:
     try:
       self._manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
-      step = getattr(self, "_last_requested", None)
-      self._saved.discard(step)
-      raise self._save_error(step, e) from None
+      raise self._save_error(getattr(self, "_last_requested", None), e) from None
 
   def restore(self, abstract_state: Any, step: int | None = None,
               log=print) -> tuple[int | None, Any]:

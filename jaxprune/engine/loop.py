@@ -227,7 +227,11 @@ def _run_stage(name, workdir, *, init, seed, step_fn, load_batch, total_steps,
   def save(step: int, force: bool = False):
     if not bool(jax.device_get(_all_finite(state))):
       stop_non_finite(f"the train state became NaN or Inf by step {step}")
-    ckpt.save(step, state, force=force)
+    try:
+      ckpt.save(step, state, force=force)
+    except UserError:
+      writer.close()
+      raise
 
   t0, pending, epoch_pending = time.perf_counter(), [], []
   eval_metrics = {}
@@ -278,7 +282,11 @@ def _run_stage(name, workdir, *, init, seed, step_fn, load_batch, total_steps,
       if done % cfg.checkpoint_every_steps == 0 and done < total_steps:
         save(done)
       else:
-        ckpt.check()  # a failed asynchronous save stops the run at once
+        try:
+          ckpt.check()  # a failed asynchronous save stops the run at once
+        except UserError:
+          writer.close()
+          raise
       if distributed.preemption_requested():  # SIGTERM on some process (multi-process)
         flag["signum"] = signal.SIGTERM
       if flag["signum"] is not None and done < total_steps:

@@ -47,7 +47,7 @@ class MetricWriter:
           self._tb.add_scalar(k, v, int(step))
 
   def close(self):
-    if not self._active:
+    if not self._active or self._jsonl.closed:
       return
     self._jsonl.close()
     if self._tb is not None:
