@@ -271,3 +271,25 @@ def test_failed_asynchronous_save_stops_with_one_line_and_resumes(tmp_path, refe
   rc, out, err = _finish(_launch(workdir, seed))  # space freed: resume from the last good
   assert rc == 0, err[-2000:]
   assert _result(out) == expected
+
+
+def test_report_wall_time_covers_every_invocation_and_each_stage(tmp_path):
+  import time  # pylint: disable=g-import-not-at-top
+  from jaxprune.engine import report  # pylint: disable=g-import-not-at-top
+  run = _problem()
+
+  def slow_then_interrupt(step, state):
+    time.sleep(0.1)  # 10 steps: the first invocation trains >= 1 s
+    _interrupt_at(10)(step, state)
+
+  with pytest.raises(loop.Interrupted):
+    run(tmp_path, on_step=slow_then_interrupt)
+  loop.time_in_stages(reset=True)  # what methods.run does at the start of an invocation
+  t = time.perf_counter()
+  run(tmp_path)
+  invocation = time.perf_counter() - t
+  report.write_report(str(tmp_path), {"wall_time_s": invocation}, title="t")
+  out = json.loads((tmp_path / "report.json").read_text())
+  assert out["stage_time_s"]["stage"] >= 1.0
+  assert out["wall_time_s"] >= invocation + 0.9  # not just the last invocation
+  assert "stage_time_s" in (tmp_path / "report.md").read_text()
