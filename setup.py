@@ -10,6 +10,9 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["jaxprune", "jaxprune.*"]),
+    # The searched shapes the TAS authors released (tas.released_shape=...).
+    package_data={"jaxprune": ["resources/*.json"]},
+    include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

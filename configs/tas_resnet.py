@@ -23,9 +23,9 @@ Commands (from the repository root):
   #   --config.tas.search_only=true
   # Retrain a shape the authors released (no search), e.g. their CIFAR-10 ResNet-56:
   python -m jaxprune.main --config configs/tas_resnet.py:depth=56,shape=C010-ResNet56 \
-      --workdir workdirs/tas_r56_released   # --config.tas.released_shapes_file=<json>
-  # Offline on the CIFAR-10 subset beside the repository (4000/1000 images); epochs=E shortens
-  # the schedule to E teacher / 2E search / E retrain epochs:
+      --workdir workdirs/tas_r56_released   # the shapes ship with jaxprune (resources/)
+  # Offline on the CIFAR-10 subset in ../shared/data (this machine's offline data, 4000/1000
+  # images); epochs=E shortens the schedule to E teacher / 2E search / E retrain epochs:
   python -m jaxprune.main --config configs/tas_resnet.py:dataset=cifar10_subset,epochs=15 \
       --workdir workdirs/tas_subset
 
@@ -43,8 +43,6 @@ the band [17.1M, 19.2M]; the last epoch fell below it. For short searches add
 """
 from jaxprune import config_lib
 
-SHAPES_JSON = "../shared/reference/tas_released_shapes.json"
-
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, depth=20, dataset="cifar10", ratio=0.47, kd=True,
@@ -58,7 +56,7 @@ def get_config(arg=None):
   config.tas = config_lib.train_config(epochs=600, warmup_epochs=0, batch_size=256)
   config.tas.update(dict(
       teacher_dir="", split_seed=0, num_picks=2, derive_epoch="last", search_only=False,
-      released_shape=args.shape, released_shapes_file=SHAPES_JSON,
+      released_shape=args.shape, released_shapes_file="",  # "": the package's copy
       arch_learning_rate=1e-3, arch_beta1=0.5, arch_beta2=0.999, arch_weight_decay=1e-3,
       tau_max=5.0, tau_min=0.1, tau_schedule="cosine",
       ratio=args.ratio, tolerance=0.05, cost_mode="code", lambda_cost=2.0))

@@ -2,16 +2,24 @@
 
 A config file's ``get_config(arg)`` starts from :func:`base_config`, parses its
 ``:key=value,...`` argument with :func:`parse_arg` and overrides a few fields.
-:func:`check_workdir` guards a workdir against a run with an incompatible config.
+:func:`validate` checks the values every recipe shares (before any work);
+:func:`check_workdir` locks the workdir and guards it against a run with an
+incompatible config.
 """
+import datetime
+import fcntl
 import json
+import math
 import os
+import socket
+import sys
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
 from jaxprune.engine import distributed
+from jaxprune.engine import metrics as metrics_lib
 from jaxprune.errors import UserError
 
 # Fields (in any section) that may change between the runs of one workdir: they
@@ -70,6 +78,7 @@ def dataset_config(name: str) -> ml_collections.ConfigDict:
       "data_dir": config_dict.placeholder(str),
       "manual_dir": config_dict.placeholder(str),
       "path": config_dict.placeholder(str),
+      "num_classes": config_dict.placeholder(int),  # npz: else class_names, else inferred
       "augment": "auto",
       "synthetic": {"num_train": 2048, "num_test": 512, "image_shape": (32, 32, 3),
                     "num_classes": 10, "seed": 0},
@@ -121,18 +130,179 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def check_workdir(workdir: str, config: ml_collections.ConfigDict):
-  """Writes ``<workdir>/config.json``, or checks it against ``config`` on a rerun.
+# Sections whose training may be skipped with epochs=0 (AutoPrune's optional pretraining).
+OPTIONAL_STAGES = ("pretrain",)
 
-  A rerun may change only :data:`RESUMABLE_FIELDS`; anything else would mix two
-  different runs in one directory, so it raises :class:`UserError`.
+
+def validate(config: ml_collections.ConfigDict):
+  """Checks the values every recipe shares; raises one :class:`UserError` naming the key.
+
+  Every float must be finite; learning rates in (0, 100]; epochs >= 1 (0 for
+  :data:`OPTIONAL_STAGES`); batch sizes and loop frequencies >= 1; momentum in [0, 1);
+  weight decay >= 0. Methods check their own fields on top (``methods/<m>.validate``).
   """
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
+  def fail(key, value, want):
+    raise UserError(f"config {key}={value!r}: {want}. Fix it with --config.{key}=...")
+
+  for key, value in _flatten(config.to_dict()).items():
+    name, section = key.split(".")[-1], key.split(".")[0]
+    if isinstance(value, bool) or value is None:
+      continue
+    if isinstance(value, float) and not math.isfinite(value):
+      fail(key, value, "must be a finite number")
+    if not isinstance(value, (int, float)):
+      continue
+    if name == "learning_rate" or name.endswith("_learning_rate"):
+      if not 0 < value <= 100:
+        fail(key, value, "a learning rate must be in (0, 100]")
+    elif name == "epochs":
+      if value < (0 if section in OPTIONAL_STAGES else 1):
+        fail(key, value, "must be at least 1" + (" (0 skips the stage)"
+                                                 if section in OPTIONAL_STAGES else ""))
+    elif name in ("batch_size", "eval_batch_size", "log_every_steps",
+                  "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs",
+                  "inference_batch_size"):
+      if value < 1 or value != int(value):
+        fail(key, value, "must be an integer >= 1")
+    elif name in ("warmup_epochs", "max_steps", "weight_decay"):
+      if value < 0:
+        fail(key, value, "must be >= 0")
+    elif name == "momentum":
+      if not 0 <= value < 1:
+        fail(key, value, "momentum must be in [0, 1)")
+
+
+# The lock file of each workdir this process holds (see check_workdir).
+_LOCKS: dict[str, Any] = {}
+
+
+def _meta_dir(workdir: str) -> str:
+  return os.path.join(workdir, ".jaxprune")
+
+
+def _lock(workdir: str) -> str | None:
+  """Takes ``<workdir>/.jaxprune/lock`` (process 0 only); the holder's line, or None."""
+  key = os.path.realpath(workdir)
+  if key in _LOCKS:
+    return None
+  path = os.path.join(_meta_dir(workdir), "lock")
+  f = open(path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.seek(0)
+    holder = f.read().strip() or "another process"
+    f.close()
+    return holder
+  f.seek(0)
+  f.truncate()
+  f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+          f"{datetime.datetime.now().isoformat(timespec='seconds')}: {' '.join(sys.argv)}\n")
+  f.flush()
+  _LOCKS[key] = f
+  return None
+
+
+def release_workdir(workdir: str):
+  """Releases the lock :func:`check_workdir` took (process exit releases it too)."""
+  f = _LOCKS.pop(os.path.realpath(workdir), None)
+  if f is not None:
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
+
+
+def has_progress(workdir: str) -> bool:
+  """Whether the workdir holds work a new config would mix with: a checkpoint, a stage's
+  final variables or a report."""
+  if os.path.exists(os.path.join(workdir, "report.json")):
+    return True
+  try:
+    stages = [e for e in os.scandir(workdir) if e.is_dir() and not e.name.startswith(".")]
+  except OSError:
+    return False
+  for stage in stages:
+    if os.path.isdir(os.path.join(stage.path, "final")):
+      return True
+    ckpts = os.path.join(stage.path, "checkpoints")
+    if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
+      return True
+  return False
+
+
+def _stored_config(workdir: str) -> tuple[dict | None, str | None]:
+  """The config a workdir remembers: ``config.json``, else the copy in ``.jaxprune/``;
+  or ``(None, what is wrong)``."""
+  problems = []
+  for name in ("config.json", os.path.join(".jaxprune", "config.json")):
+    path = os.path.join(workdir, name)
+    if not os.path.exists(path):
+      continue
+    try:
+      with open(path, encoding="utf-8") as f:
+        stored = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      problems.append(f"{name} is damaged: {e}")
+      continue
+    if isinstance(stored, dict):
+      return stored, path
+    problems.append(f"{name} does not hold a config")
+  return None, "; ".join(problems) or None
+
+
+def check_batches(config: ml_collections.ConfigDict, datasets, sections) -> None:
+  """The ``batch_size`` of each training section in ``sections`` fits the training set
+  and divides over the devices (``tas``: the search trains on half the set)."""
+  from jaxprune.engine import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  mesh = mesh_lib.make_mesh()
+  train = datasets["train"]
+  for section in sections:
+    value = config[section].batch_size
+    key = f"{section}.batch_size"
+    mesh_lib.check_batch_size(value, mesh, f"config {key}")
+    n = train.num_examples // 2 if section == "tas" else train.num_examples
+    if value > n:
+      raise UserError(f"config {key}={value} exceeds the {n} training examples "
+                      f"{'of the search half ' if section == 'tas' else ''}of "
+                      f"{train.name!r}; lower it with --config.{key}=...")
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict, datasets=None,
+                  sections=("train",)):
+  """Locks the workdir, then writes ``<workdir>/config.json`` or checks it on a rerun.
+
+  Call it after everything that can be validated without the workdir has been (a
+  failed start must not leave a config behind). A workdir that holds progress
+  (:func:`has_progress`) accepts only its stored config up to
+  :data:`RESUMABLE_FIELDS`; the config is also kept in ``.jaxprune/config.json``, so a
+  deleted ``config.json`` is no way around it. A workdir without progress takes the
+  new config. A second run on a locked workdir raises :class:`UserError`. With
+  ``datasets``, the batch sizes of ``sections`` are checked first (:func:`check_batches`).
+  """
+  if datasets is not None:
+    check_batches(config, datasets, sections)
   new = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
+  holder = None
+  if distributed.is_main_process():
+    try:
+      os.makedirs(_meta_dir(workdir), exist_ok=True)
+      holder = _lock(workdir)
+    except OSError as e:
+      holder = f"!{e.strerror or e}"
+  holder_ok = distributed.agreed(holder is None)
+  if not holder_ok:
+    if holder and holder.startswith("!"):
+      raise UserError(f"Cannot write to the workdir {workdir} ({holder[1:]}); use a "
+                      "writable --workdir.")
+    raise UserError(f"The workdir {workdir} is in use by another run ({holder or 'process 0 of another job'}). "
+                    "Wait for it to finish, or use another --workdir.")
+  path = os.path.join(workdir, "config.json")
+  if has_progress(workdir):
+    old, problem = _stored_config(workdir)
+    if old is None:
+      raise UserError(
+          f"The workdir {workdir} holds checkpoints but no readable config "
+          f"({problem or 'config.json is missing'}); restore config.json there, or use a "
+          "new --workdir.")
     a, b = _flatten(old), _flatten(new)
     diff = sorted(k for k in set(a) | set(b)
                   if a.get(k) != b.get(k) and k.split(".")[-1] not in RESUMABLE_FIELDS)
@@ -144,5 +314,9 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict):
           f"{path} to resume it.")
   distributed.barrier("check_workdir")  # every process has read it before it is rewritten
   if distributed.is_main_process():
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(new, f, indent=2)
+    try:
+      metrics_lib.write_json(path, new)
+      metrics_lib.write_json(os.path.join(_meta_dir(workdir), "config.json"), new)
+    except OSError as e:
+      raise UserError(f"Cannot write to the workdir {workdir} ({e.strerror or e}); use a "
+                      "writable --workdir.") from None

@@ -137,7 +137,7 @@ def load(cfg: Mapping[str, Any]) -> dict[str, Dataset]:
     cfg: ``ml_collections.ConfigDict`` (or dict) with ``name`` (one of
       :data:`KNOWN_DATASETS`), and as the name needs: ``data_dir`` (TFDS data_dir, None
       for TFDS's default), ``manual_dir`` (files for an offline TFDS build), ``path`` (the
-      .npz file), ``synthetic`` (``num_train``, ``num_test``, ``image_shape``,
+      .npz file; ``num_classes`` optionally gives its class count), ``synthetic`` (``num_train``, ``num_test``, ``image_shape``,
       ``num_classes``, ``seed``), ``augment`` (``"auto"``, ``"cifar"``, ``"imagenet"``,
       ``"none"``; auto picks cifar for 32x32 RGB data, imagenet for ImageNet, else none).
 
@@ -166,7 +166,7 @@ def load(cfg: Mapping[str, Any]) -> dict[str, Dataset]:
         num_classes=int(syn.get("num_classes", 10)),
         seed=int(syn.get("seed", 0)))
   elif name == "npz":
-    splits = _load_npz(cfg.get("path"))
+    splits = _load_npz(cfg.get("path"), cfg.get("num_classes"))
   elif name in _TFDS_IN_MEMORY:
     builder = _prepared_builder(name, cfg.get("data_dir"), cfg.get("manual_dir"))
     splits = {}
@@ -218,8 +218,15 @@ def _default_normalization(image_shape: Sequence[int]) -> tuple[tuple[float, ...
   return (0.5,) * channels, (0.5,) * channels
 
 
-def _load_npz(path: str | os.PathLike | None) -> dict[str, Dataset]:
-  """Loads x_train, y_train, x_test, y_test (and optional class_names) from a .npz."""
+def _load_npz(path: str | os.PathLike | None,
+              num_classes: int | None = None) -> dict[str, Dataset]:
+  """Loads x_train, y_train, x_test, y_test (and optional class_names) from a .npz.
+
+  The class count is ``num_classes`` if given, else ``len(class_names)``, else inferred
+  from the labels (said on stdout; an inferred count whose classes are not all present
+  in the training labels is an error). Labels outside ``0..num_classes-1`` and images
+  that look channels-first are errors.
+  """
   if not path:
     raise UserError("config.dataset.path must name a .npz file with x_train, y_train, "
                     "x_test, y_test when config.dataset.name='npz'.")
@@ -243,10 +250,31 @@ def _load_npz(path: str | os.PathLike | None) -> dict[str, Dataset]:
     if not np.issubdtype(labels.dtype, np.integer) or labels.shape[0] != images.shape[0]:
       raise UserError(f"{path}: y_{split} must hold one integer label per image.")
     splits[split] = (images, labels.astype(np.int32))
-  if "class_names" in arrays:
-    num_classes = len(arrays["class_names"])
+  if splits["train"][0].shape[1:] != splits["test"][0].shape[1:]:
+    raise UserError(f"{path}: x_train images are {splits['train'][0].shape[1:]} but x_test "
+                    f"images are {splits['test'][0].shape[1:]}.")
+  if num_classes is not None:
+    source = "config.dataset.num_classes"
+  elif "class_names" in arrays:
+    num_classes, source = len(arrays["class_names"]), "class_names"
   else:
     num_classes = int(max(labels.max(initial=0) for _, labels in splits.values())) + 1
+    source = "inferred"
+    present = np.unique(splits["train"][1])
+    absent = sorted(set(range(num_classes)) - set(present.tolist()))
+    if absent:
+      raise UserError(
+          f"{path}: the labels run to {num_classes - 1} but classes "
+          f"{', '.join(map(str, absent[:5]))}{'...' if len(absent) > 5 else ''} have no "
+          "training images; set config.dataset.num_classes (or store class_names in the "
+          ".npz) if that is intended, else fix the labels.")
+    print(f"[data] {path.name}: {num_classes} classes inferred from the labels "
+          "(set config.dataset.num_classes or store class_names to say so)")
+  for split, (_, labels) in splits.items():
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+      raise UserError(f"{path}: y_{split} holds label {int(bad[0])} ({bad.size} such), "
+                      f"outside 0..{num_classes - 1} ({num_classes} classes from {source}).")
   mean, std = _default_normalization(splits["train"][0].shape[1:])
   return {
       split: Dataset(name="npz", num_classes=num_classes, num_examples=len(labels),
@@ -261,6 +289,9 @@ def _as_uint8_nhwc(x: np.ndarray, key: str, path: pathlib.Path) -> np.ndarray:
     x = x[..., None]
   if x.ndim != 4:
     raise UserError(f"{path}: {key} must be images NHWC (or NHW), got shape {x.shape}.")
+  if x.shape[1] in (1, 3, 4) and x.shape[3] not in (1, 3, 4):
+    raise UserError(f"{path}: {key} has shape {x.shape}, which looks channels-first (NCHW); "
+                    "store it NHWC, e.g. x.transpose(0, 2, 3, 1).")
   if x.dtype != np.uint8:
     if not np.issubdtype(x.dtype, np.integer) or x.min(initial=0) < 0 or x.max(initial=0) > 255:
       raise UserError(f"{path}: {key} must hold uint8 pixels 0..255, got {x.dtype}.")

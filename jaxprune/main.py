@@ -5,12 +5,14 @@ run in DIR. See README.md for the recipes.
 """
 import difflib
 import importlib.util
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxprune import methods
+from jaxprune.engine import checkpoint
 from jaxprune.engine import distributed
 from jaxprune.engine import runtime
 from jaxprune.engine.loop import Interrupted
@@ -82,7 +84,21 @@ def _flag_error(e: Exception, argv) -> str:
   return str(e)
 
 
+def _config_path(argv) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1].partition(":")[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].partition(":")[0]
+  return None
+
+
 def parse_flags(argv):
+  path = _config_path(argv)
+  if path and not os.path.isfile(path):
+    print(f"error: no config file {path!r} (from --config; run from the repository root, "
+          "e.g. --config configs/tas_resnet.py:smoke).", file=sys.stderr)
+    sys.exit(2)
   try:
     return FLAGS(argv)
   except (flags.Error, AttributeError, KeyError) as e:
@@ -96,9 +112,16 @@ def main(argv):
   runtime.configure()  # before the first computation starts the backend
   if not FLAGS["verbosity"].present:  # keep library INFO chatter (orbax) out of the way
     logging.set_verbosity(logging.WARNING)
+    checkpoint.quiet_orbax_errors()  # a failed save is reported in one line instead
+  try:
+    config = FLAGS.config
+  except OSError as e:  # the config file failed to load (config_flags keeps the cause)
+    first = str(e).strip().splitlines()
+    print(f"error: {first[-1].strip() if first else e} (loading --config)", file=sys.stderr)
+    sys.exit(2)
   try:
     distributed.initialize()  # one of several processes? (launch/ sets the environment)
-    methods.run(FLAGS.config, FLAGS.workdir)
+    methods.run(config, FLAGS.workdir)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

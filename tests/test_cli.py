@@ -49,13 +49,40 @@ def test_missing_manual_dir(tmp_path):
 
 
 def test_workdir_with_incompatible_config(tmp_path):
-  workdir = str(tmp_path / "run")
-  # The first run records its config, then stops at its (deliberately) unknown dataset.
-  first = _main("--config", "configs/baseline_resnet.py:dataset=nope", "--workdir", workdir)
-  assert first.returncode == 2
-  second = _main("--config", "configs/baseline_resnet.py:dataset=nope,depth=32",
-                 "--workdir", workdir)
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from jaxprune import config_lib  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  # A run of the smoke config that has made progress (a checkpoint step directory).
+  spec = importlib.util.spec_from_file_location("c", REPO / "configs/baseline_resnet.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config_lib.check_workdir(str(workdir), module.get_config("smoke"))
+  config_lib.release_workdir(str(workdir))
+  (workdir / "baseline" / "checkpoints" / "32").mkdir(parents=True)
+  second = _main("--config", "configs/baseline_resnet.py:smoke,depth=32",
+                 "--workdir", str(workdir))
   _assert_clean_error(second, "model.depth", "20", "32", "--workdir")
+
+
+def test_failed_start_writes_nothing_and_its_advice_works(tmp_path):
+  workdir = tmp_path / "run"
+  # A released ResNet-56 shape with the default depth: refused before any work.
+  first = _main("--config", "configs/tas_resnet.py:smoke,shape=C010-ResNet56",
+                "--config.tas.teacher_dir=" + str(tmp_path / "no_teacher"),
+                "--workdir", str(workdir))
+  _assert_clean_error(first, "add depth=56")
+  assert not workdir.exists()
+  # Following the advice gets past that check (to the next one: the missing teacher).
+  second = _main("--config", "configs/tas_resnet.py:smoke,shape=C010-ResNet56,depth=56",
+                 "--config.tas.teacher_dir=" + str(tmp_path / "no_teacher"),
+                 "--workdir", str(workdir))
+  _assert_clean_error(second, "tas.teacher_dir", "no_teacher")
+  assert not workdir.exists()
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+  proc = _main("--config", "configs/tas_resnett.py:smoke", "--workdir", str(tmp_path))
+  _assert_clean_error(proc, "configs/tas_resnett.py")
 
 
 def test_smoke_config_end_to_end_writes_report(tmp_path):

@@ -27,6 +27,7 @@ def test_workdir_accepts_logging_changes_and_rejects_others(tmp_path):
   config.train = config_lib.train_config()
   config.tas = config_lib.train_config()
   config_lib.check_workdir(str(tmp_path), config)
+  (tmp_path / "train" / "checkpoints" / "8").mkdir(parents=True)  # the run has progress
   config.tas.log_every_steps = 7
   config.train.checkpoint_every_steps = 11
   config_lib.check_workdir(str(tmp_path), config)  # only how often it logs/saves
@@ -34,6 +35,7 @@ def test_workdir_accepts_logging_changes_and_rejects_others(tmp_path):
   config.train.learning_rate = 0.2
   with pytest.raises(UserError, match="train.learning_rate"):
     config_lib.check_workdir(str(tmp_path), config)
+  config_lib.release_workdir(str(tmp_path))
 
 
 def test_every_cifar_config_maps_cifar10_subset_to_the_shared_npz():

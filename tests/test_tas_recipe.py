@@ -159,13 +159,11 @@ def test_band_and_epoch_choice_follow_the_cost_loss_variants():
 
 
 def test_released_shape_is_retrained_by_name_with_its_true_flops(tmp_path):
-  shapes = REPO.parent / "shared" / "reference" / "tas_released_shapes.json"
-  from conftest import require_shared  # pylint: disable=g-import-not-at-top
-  require_shared(shapes)
+  shapes = REPO / "jaxprune" / "resources" / "tas_released_shapes.json"  # package data
   config = _config()
   config.model.depth = 20
   config.dataset.synthetic.update(num_classes=10)
-  config.tas.update(released_shape="C010-ResNet20", released_shapes_file=str(shapes))
+  config.tas.update(released_shape="C010-ResNet20")  # the package's copy
   for section in (config.teacher, config.train):
     section.update(max_steps=2, batch_size=16, eval_batch_size=16, log_every_steps=1)
   out = tas.run(config, str(tmp_path))

@@ -9,13 +9,13 @@ checkpoint and raise :class:`Interrupted` (the CLI turns it into a clean exit).
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -27,6 +27,7 @@ from jaxprune.engine import mesh as mesh_lib
 from jaxprune.engine import metrics as metrics_lib
 from jaxprune.engine import steps as steps_lib
 from jaxprune.engine.state import TrainState, init_from_variables, init_train_state
+from jaxprune.errors import UserError
 
 
 class Interrupted(Exception):
@@ -93,20 +94,43 @@ def evaluate(eval_step, variables, ds, batch_size: int, mesh) -> dict:
 
 
 def _elapsed_before(records: list[dict], start_step: int) -> float:
-  done = [r.get("elapsed_s", 0.0) for r in records if r["step"] <= start_step]
+  done = [r.get("elapsed_s") or 0.0 for r in records if r["step"] <= start_step]
   return float(done[-1]) if done else 0.0
 
 
 def _truncate_metrics(path: str, start_step: int) -> list[dict]:
-  """Drops records logged after the checkpoint a run resumes from (process 0's file)."""
+  """Drops records logged after the checkpoint a run resumes from (process 0's file),
+  and a cut-off last line; at step 0 the log starts empty."""
   if not distributed.is_main_process():
     return []
   records = metrics_lib.read_jsonl(path)
   kept = [r for r in records if r["step"] <= start_step]
-  if len(kept) != len(records):
-    with open(path, "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
+  if os.path.exists(path):
+    metrics_lib.rewrite_jsonl(path, kept)
   return kept
+
+
+_TIME_IN_STAGES = [0.0]  # seconds this process spent inside run_stage
+
+
+def time_in_stages(reset: bool = False) -> float:
+  """Seconds this process has spent in :func:`run_stage` since the last reset (the
+  report replaces them by the stages' times summed over every run)."""
+  t = _TIME_IN_STAGES[0]
+  if reset:
+    _TIME_IN_STAGES[0] = 0.0
+  return t
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+class NonFinite(UserError):
+  """The loss or the train state became NaN/Inf; the last good checkpoint is kept."""
 
 
 def run_stage(name: str, workdir: str, *, init: Callable[[jax.Array], Any], seed: int,
@@ -142,6 +166,20 @@ def run_stage(name: str, workdir: str, *, init: Callable[[jax.Array], Any], seed
       means of the step metrics over that epoch.
     on_step: ``(step, state)`` after every step (tests use it to interrupt).
   """
+  t_enter = time.perf_counter()
+  try:
+    return _run_stage(name, workdir, init=init, seed=seed, step_fn=step_fn,
+                      load_batch=load_batch, total_steps=total_steps,
+                      steps_per_epoch=steps_per_epoch, images_per_step=images_per_step,
+                      cfg=cfg, mesh=mesh, evaluate=evaluate, lr_schedule=lr_schedule,
+                      on_start=on_start, on_epoch_end=on_epoch_end, on_step=on_step)
+  finally:
+    _TIME_IN_STAGES[0] += time.perf_counter() - t_enter
+
+
+def _run_stage(name, workdir, *, init, seed, step_fn, load_batch, total_steps,
+               steps_per_epoch, images_per_step, cfg, mesh, evaluate, lr_schedule,
+               on_start, on_epoch_end, on_step) -> StageResult:
   stage_dir = os.path.join(workdir, name)
   key = jax.random.key(seed)
   abstract = jax.eval_shape(init, key)
@@ -150,22 +188,23 @@ def run_stage(name: str, workdir: str, *, init: Callable[[jax.Array], Any], seed
   ckpt = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"),
                                max_to_keep=cfg.keep_checkpoints)
   summary_path = os.path.join(stage_dir, "summary.json")
+  progress = metrics_lib.Progress(name, total_steps, 0, images_per_step, steps_per_epoch)
 
-  start = ckpt.latest_step()
-  if start is not None:
-    state = ckpt.restore(ckpt_lib.abstract_like(abstract, repl))
-  else:
+  start, state = ckpt.restore(ckpt_lib.abstract_like(abstract, repl), log=progress.message)
+  if start is None:
     start, state = 0, jax.jit(init, out_shardings=state_sharding)(key)
 
   if start >= total_steps and distributed.agreed(os.path.exists(summary_path)):
-    with open(summary_path, encoding="utf-8") as f:
-      summary = json.load(f)
-    if summary.get("steps") == total_steps:  # already finished: nothing to redo
-      ckpt.close()
+    try:
+      summary = metrics_lib.read_json(summary_path)
+    except UserError:  # damaged: this stage rewrites it below
+      summary = {}
+    if isinstance(summary, dict) and summary.get("steps") == total_steps:
+      ckpt.close()  # already finished: nothing to redo
       return StageResult(state, summary)
 
   metrics_path = os.path.join(stage_dir, "metrics.jsonl")
-  records = _truncate_metrics(metrics_path, start) if start else []
+  records = _truncate_metrics(metrics_path, start)
   elapsed_before = _elapsed_before(records, start)
   if on_start is not None:
     on_start(start)
@@ -175,6 +214,24 @@ def run_stage(name: str, workdir: str, *, init: Callable[[jax.Array], Any], seed
   progress.message(f"{'resuming at' if start else 'starting from'} step {start} of "
                    f"{total_steps} ({steps_per_epoch} steps/epoch) on "
                    f"{mesh.devices.size} device(s)")
+
+  def stop_non_finite(what: str):
+    ckpt.close()  # let the last good checkpoint finish writing
+    writer.close()
+    good = ckpt.latest_step()
+    raise NonFinite(
+        f"[{name}] {what}; stopped. The last good checkpoint is "
+        f"{f'step {good}' if good is not None else 'none'} in {ckpt.directory}. Lower the "
+        "learning rate (or check the data) and use a new --workdir, or rerun to resume.")
+
+  def save(step: int, force: bool = False):
+    if not bool(jax.device_get(_all_finite(state))):
+      stop_non_finite(f"the train state became NaN or Inf by step {step}")
+    try:
+      ckpt.save(step, state, force=force)
+    except UserError:
+      writer.close()
+      raise
 
   t0, pending, epoch_pending = time.perf_counter(), [], []
   eval_metrics = {}
@@ -204,6 +261,11 @@ def run_stage(name: str, workdir: str, *, init: Callable[[jax.Array], Any], seed
       if log_now or eval_now:
         fetched = jax.device_get(pending)
         pending = []
+        for i, p in enumerate(fetched):
+          bad = [k for k, v in p.items() if "loss" in k and not np.isfinite(float(v))]
+          if bad:
+            stop_non_finite(f"{bad[0]} is {float(p[bad[0]])} at step "
+                            f"{done - len(fetched) + i + 1}")
         record = {f"train_{k}" if not k.startswith(("val_", "arch_")) else k:
                   float(np.mean([float(p[k]) for p in fetched])) for k in fetched[0]}
         if lr_schedule is not None:
@@ -218,25 +280,30 @@ def run_stage(name: str, workdir: str, *, init: Callable[[jax.Array], Any], seed
         progress.line(done, {k: v for k, v in record.items()
                              if k not in ("images_per_s", "elapsed_s")}, rate)
       if done % cfg.checkpoint_every_steps == 0 and done < total_steps:
-        ckpt.save(done, state)
+        save(done)
+      else:
+        try:
+          ckpt.check()  # a failed asynchronous save stops the run at once
+        except UserError:
+          writer.close()
+          raise
       if distributed.preemption_requested():  # SIGTERM on some process (multi-process)
         flag["signum"] = signal.SIGTERM
       if flag["signum"] is not None and done < total_steps:
-        ckpt.save(done, state, force=True)
+        save(done, force=True)
         ckpt.close()
         writer.close()
         raise Interrupted(flag["signum"], done, ckpt.directory)
 
-  ckpt.save(total_steps, state, force=True)
+  save(total_steps, force=True)
   if not eval_metrics and evaluate is not None:
     eval_metrics = evaluate(state)
   summary = {"steps": total_steps, "epochs": total_steps / steps_per_epoch,
              **{f"eval_{k}": v for k, v in eval_metrics.items()},
              "train_time_s": elapsed_before + time.perf_counter() - t0}
-  if distributed.is_main_process():
-    with open(summary_path, "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
   ckpt.close()
+  if distributed.is_main_process():
+    metrics_lib.write_json(summary_path, summary)
   writer.close()
   progress.message("done" + (f": eval accuracy {summary['eval_accuracy']:.4f}"
                              if "eval_accuracy" in summary else ""))

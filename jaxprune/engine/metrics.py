@@ -4,13 +4,16 @@ Only process 0 writes; other processes get a writer that does nothing, so callin
 code never branches on the process index.
 """
 import json
+import math
 import os
 import sys
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+from jaxprune.errors import UserError
 
 
 def _scalar(v):
@@ -36,7 +39,7 @@ class MetricWriter:
     if not self._active:
       return
     record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.write(dumps(record) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
       for k, v in record.items():
@@ -44,18 +47,81 @@ class MetricWriter:
           self._tb.add_scalar(k, v, int(step))
 
   def close(self):
-    if not self._active:
+    if not self._active or self._jsonl.closed:
       return
     self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
 
 
+def standard(obj: Any) -> Any:
+  """``obj`` with every NaN/Infinity float replaced by None (JSON has no such numbers)."""
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  if isinstance(obj, dict):
+    return {k: standard(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [standard(v) for v in obj]
+  return obj
+
+
+def dumps(obj: Any, **kwargs) -> str:
+  """Standard JSON (no ``NaN``/``Infinity``, which standard parsers reject)."""
+  return json.dumps(standard(obj), allow_nan=False, **kwargs)
+
+
+def write_json(path: str, obj: Any, **kwargs):
+  """Writes ``obj`` as standard JSON through a temporary file: a crash leaves the old
+  file or the new one, never half of one."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(dumps(obj, indent=2, **kwargs) + "\n")
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  """Reads a JSON file this program wrote; a damaged one is a :class:`UserError`."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path} is damaged ({e}); restore it, or delete it if the run "
+                    "can rebuild it (see README, Interruptions and errors).") from None
+
+
 def read_jsonl(path: str) -> list[dict]:
+  """The records of a JSON-lines file; a cut-off last line (a crash mid-write) is dropped.
+
+  Any other line that does not parse as a JSON object is a :class:`UserError`.
+  """
   if not os.path.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = f.read().split("\n")
+  records = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      record = None
+    if isinstance(record, dict) and "step" in record:
+      records.append(record)
+    elif i == len(lines) - 1:  # no newline after it: the write was cut off
+      continue
+    else:
+      raise UserError(f"{path} is damaged at line {i + 1} ({line[:60]!r}); restore the "
+                      "file, or delete it and rerun (the stage's log restarts).")
+  return records
+
+
+def rewrite_jsonl(path: str, records: list[dict]):
+  """Replaces the file by ``records``, one per line (atomically)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(dumps(r) + "\n" for r in records)
+  os.replace(tmp, path)
 
 
 def _duration(seconds: float) -> str:
@@ -69,10 +135,11 @@ class Progress:
   """One line per report: step, epoch, images/s, metrics and ETA."""
 
   def __init__(self, name: str, total_steps: int, start_step: int, images_per_step: int,
-               steps_per_epoch: int, stream=sys.stdout):
+               steps_per_epoch: int, stream=None):
     self.name, self.total = name, total_steps
     self.images_per_step, self.steps_per_epoch = images_per_step, steps_per_epoch
-    self._stream = stream if jax.process_index() == 0 else None
+    self._stream = stream
+    self._active = jax.process_index() == 0
     self._t, self._step = time.perf_counter(), start_step
 
   def rate(self, step: int) -> float:
@@ -83,15 +150,15 @@ class Progress:
     return rate
 
   def line(self, step: int, metrics: Mapping[str, float], images_per_s: float):
-    if self._stream is None:
+    if not self._active:
       return
     eta = (self.total - step) * self.images_per_step / max(images_per_s, 1e-9)
     parts = [f"[{self.name}] step {step}/{self.total}",
              f"epoch {step / self.steps_per_epoch:.2f}"]
     parts += [f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)]
     parts += [f"{images_per_s:.0f} img/s", f"ETA {_duration(eta)}"]
-    print(" | ".join(parts), file=self._stream, flush=True)
+    print(" | ".join(parts), file=self._stream or sys.stdout, flush=True)
 
   def message(self, text: str):
-    if self._stream is not None:
-      print(f"[{self.name}] {text}", file=self._stream, flush=True)
+    if self._active:
+      print(f"[{self.name}] {text}", file=self._stream or sys.stdout, flush=True)

@@ -1,5 +1,5 @@
 """The end-of-run report (``report.json`` + ``report.md``) and measured inference time."""
-import json
+import glob
 import os
 import time
 from typing import Any, Mapping
@@ -7,6 +7,10 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxprune.engine import loop
+from jaxprune.engine import metrics as metrics_lib
+from jaxprune.errors import UserError
 
 
 def measure_inference(model, variables, input_shape, batch_size: int = 128,
@@ -48,24 +52,49 @@ def _md_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def stage_times(workdir: str) -> dict[str, float]:
+  """Training time of every finished stage in the workdir, summed over all the runs
+  (interrupted and resumed) that trained it: ``{stage: seconds}``."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "*", "summary.json"))):
+    try:
+      summary = metrics_lib.read_json(path)
+    except UserError:
+      continue
+    if isinstance(summary, dict) and isinstance(summary.get("train_time_s"), (int, float)):
+      out[os.path.basename(os.path.dirname(path))] = float(summary["train_time_s"])
+  return out
+
+
 def write_report(workdir: str, report: dict, *, title: str,
                  models: Mapping[str, Mapping[str, Any]] | None = None):
   """Writes ``report.json`` (everything) and ``report.md`` (a readable summary).
 
   ``models`` maps a model name ("base", "pruned", ...) to its row of numbers
-  (accuracy, FLOPs, params, measured time) and becomes the markdown table.
+  (accuracy, FLOPs, params, measured time) and becomes the markdown table. A
+  ``wall_time_s`` (this invocation's) becomes the run's total over every invocation:
+  the stages' accumulated training times (``stage_time_s``, also reported) plus this
+  invocation's time outside them.
   """
   if jax.process_index() != 0:
     return
+  report = dict(report)
+  times = stage_times(workdir)
+  if times:
+    report["stage_time_s"] = times
+    if "wall_time_s" in report:
+      outside = max(float(report["wall_time_s"]) - loop.time_in_stages(), 0.0)
+      report["wall_time_s"] = outside + sum(times.values())
   full = dict(report)
   if models:
     full["models"] = {k: dict(v) for k, v in models.items()}
-  with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(full, f, indent=2)
+  metrics_lib.write_json(os.path.join(workdir, "report.json"), full)
   lines = [f"# {title}", ""]
   for k, v in report.items():
     if not isinstance(v, (dict, list)):
       lines.append(f"- **{k}**: {_fmt(v)}")
+  if times:
+    lines.append("- **stage_time_s**: " + ", ".join(f"{k} {_fmt(v)}" for k, v in times.items()))
   if models:
     lines += ["", _md_table(models)]
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:

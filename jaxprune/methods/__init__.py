@@ -1,10 +1,16 @@
 """One recipe per method; ``config.method`` picks it.
 
 A recipe is a module with ``run(config, workdir) -> dict`` that runs its stages in
-order (each resumable in ``<workdir>/<stage>/``) and writes the final report.
+order (each resumable in ``<workdir>/<stage>/``) and writes the final report, and
+optionally ``validate(config)`` for its own config fields. Everything that can be
+checked without data is checked here, before the recipe loads data or touches the
+workdir; a recipe calls :func:`jaxprune.config_lib.check_workdir` only after its data
+and models are built and checked.
 """
 import importlib
 
+from jaxprune import config_lib
+from jaxprune.engine import loop
 from jaxprune.errors import UserError
 
 RECIPES = {
@@ -21,4 +27,12 @@ def run(config, workdir: str) -> dict:
   if config.method not in RECIPES:
     raise UserError(f"Unknown method {config.method!r}; known methods: "
                     f"{', '.join(sorted(RECIPES))}.")
-  return importlib.import_module(RECIPES[config.method]).run(config, workdir)
+  recipe = importlib.import_module(RECIPES[config.method])
+  config_lib.validate(config)
+  if hasattr(recipe, "validate"):
+    recipe.validate(config)
+  loop.time_in_stages(reset=True)  # the report's wall time counts this run's stages
+  try:
+    return recipe.run(config, workdir)
+  finally:
+    config_lib.release_workdir(workdir)

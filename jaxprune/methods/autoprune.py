@@ -18,7 +18,6 @@ Stages, each resumable in ``<workdir>/<stage>/`` by rerunning the command:
   network, test error before and after, and for neuron pruning the physically
   smaller network (:func:`shrink`), checked to give the masked network's outputs.
 """
-import json
 import os
 import time
 
@@ -34,6 +33,7 @@ from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import loop, mesh as mesh_lib, report, steps
 from jaxprune.engine.metrics import read_jsonl
 from jaxprune.engine.state import TrainState, split_variables
+from jaxprune.engine import metrics as metrics_lib
 from jaxprune.errors import UserError
 from jaxprune.methods import baseline
 from jaxprune.optim import selection
@@ -339,16 +339,16 @@ def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None):
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(history_path), exist_ok=True)
       with open(history_path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
+        f.writelines(metrics_lib.dumps(r) + "\n" for r in kept)
         if start == 0:  # the dense start, epoch 0
-          f.write(json.dumps(record(init0, 0, 0)) + "\n")
+          f.write(metrics_lib.dumps(record(init0, 0, 0)) + "\n")
 
   init0 = jax.jit(init)(jax.random.key(config.seed))
 
   def on_epoch_end(state, epoch, done, means):
     if jax.process_index() == 0:
       with open(history_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record(state, epoch, done, means)) + "\n")
+        f.write(metrics_lib.dumps(record(state, epoch, done, means)) + "\n")
 
   result = loop.run_stage(
       "prune", workdir, init=init, seed=config.seed, step_fn=step, load_batch=load,
@@ -367,12 +367,12 @@ def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None):
 
 def run(config, workdir: str) -> dict:
   t0 = time.time()
-  config_lib.check_workdir(workdir, config)
   mesh = mesh_lib.make_mesh()
   datasets = data.load(config.dataset)
   train_ds = datasets["train"]
   input_shape = train_ds.image_shape
   model = baseline.build_model(config.model, train_ds.num_classes)
+  config_lib.check_workdir(workdir, config, datasets)  # after the data and model checks
   init_vars, init_acc = load_init(config, workdir, datasets, model, mesh)
   state, summary, history, selector = prune(config, workdir, datasets, model, init_vars,
                                             mesh)

@@ -57,10 +57,10 @@ def model_row(model, variables, input_shape, accuracy: float, inference_batch: i
 
 def run(config, workdir: str) -> dict:
   t0 = time.time()
-  config_lib.check_workdir(workdir, config)
   datasets = data.load(config.dataset)
   train_ds = datasets["train"]
   model = build_model(config.model, train_ds.num_classes)
+  config_lib.check_workdir(workdir, config, datasets)  # after the data and model checks
   result = train("baseline", config.train, config.seed, workdir, datasets, model)
   row = model_row(model, result.state.variables, train_ds.image_shape,
                   result.summary["eval_accuracy"], config.report.inference_batch_size)

@@ -14,7 +14,6 @@ and a report with accuracy, the FLOPs actually executed (dnw.md §2) next to the
 dense-masked FLOPs, and measured inference time of the dense masked network and
 (for the static net) of the exported dead-node-free network.
 """
-import json
 import os
 import time
 
@@ -22,7 +21,7 @@ import jax
 import numpy as np
 
 from jaxprune import config_lib, data, plots
-from jaxprune.engine import report
+from jaxprune.engine import metrics as metrics_lib, report
 from jaxprune.methods import baseline
 from jaxprune.models import dnw as dnw_models
 
@@ -48,10 +47,10 @@ def fixed_mask_network(model, variables, input_shape):
 
 def run(config, workdir: str) -> dict:
   t0 = time.time()
-  config_lib.check_workdir(workdir, config)
   datasets = data.load(config.dataset)
   train_ds = datasets["train"]
   model = baseline.build_model(config.model, train_ds.num_classes)
+  config_lib.check_workdir(workdir, config, datasets)  # after the data and model checks
   result = baseline.train("train", config.train, config.seed, workdir, datasets, model)
   variables = jax.device_get(result.state.variables)
   shape = train_ds.image_shape
@@ -60,7 +59,7 @@ def run(config, workdir: str) -> dict:
   export = dnw_models.export_wiring(model, variables, shape)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "wiring.json"), "w", encoding="utf-8") as f:
-      json.dump(export, f)
+      f.write(metrics_lib.dumps(export))
     plots.dnw_wiring(export, os.path.join(workdir, "plots", "dnw_wiring.png"))
 
   batch = config.report.inference_batch_size

@@ -24,7 +24,6 @@ Per-layer penalties rho_l come from the network's structure (§2,
 ``<stage>/gamma_history.jsonl`` records every epoch's gammas (zero fractions, values);
 ``plots/`` draws the fraction of zero gammas over time and gamma histograms.
 """
-import json
 import os
 import time
 
@@ -38,6 +37,7 @@ from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import loop, mesh as mesh_lib, report, steps
 from jaxprune.engine.metrics import read_jsonl
 from jaxprune.engine.state import init_from_variables, init_train_state
+from jaxprune.engine import metrics as metrics_lib
 from jaxprune.errors import UserError
 from jaxprune.methods import baseline
 
@@ -139,7 +139,7 @@ def sparsity_stage(name: str, cfg, *, model, rho, datasets, mesh, workdir: str, 
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(history_path), exist_ok=True)
       with open(history_path, mode, encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.writelines(metrics_lib.dumps(r) + "\n" for r in records)
 
   def on_start(start):
     kept = [r for r in read_jsonl(history_path) if r["step"] <= step_offset + start]
@@ -205,7 +205,6 @@ def _probe(test_ds, n: int) -> np.ndarray:
 
 def run(config, workdir: str) -> dict:
   t0 = time.time()
-  config_lib.check_workdir(workdir, config)
   mesh = mesh_lib.make_mesh()
   datasets = data.load(config.dataset)
   train_ds, test_ds = datasets["train"], datasets["test"]
@@ -213,6 +212,7 @@ def run(config, workdir: str) -> dict:
   cfg = config.ista
   model = baseline.build_model(config.model, train_ds.num_classes)
   rho = penalties(model, input_shape, cfg.rho)
+  config_lib.check_workdir(workdir, config, datasets, ("warmup",))  # after the data and model checks
   common = dict(model=model, rho=rho, datasets=datasets, mesh=mesh, workdir=workdir,
                 seed=config.seed)
 
@@ -241,7 +241,7 @@ def run(config, workdir: str) -> dict:
       "base_flops": base_counts["flops"], "base_params": base_counts["params"]}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "architecture.json"), "w", encoding="utf-8") as f:
-      json.dump(architecture, f, indent=2)
+      f.write(metrics_lib.dumps(architecture, indent=2))
 
   fine, fine_history, _ = sparsity_stage(
       "finetune", config.finetune, init_variables=shrunk.variables,

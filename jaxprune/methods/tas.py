@@ -11,6 +11,7 @@ Stages, each resumable in ``<workdir>/<stage>/`` by rerunning the command:
 - ``retrain``: the derived plain ResNet from scratch, with KD from the teacher
   (a = 0.9, T = 4) or without (``config.kd.enabled``).
 """
+import importlib.resources
 import json
 import math
 import os
@@ -26,7 +27,9 @@ from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import distributed, loop, mesh as mesh_lib, report, steps
 from jaxprune.engine.metrics import read_jsonl
 from jaxprune.engine.state import TrainState
+from jaxprune.engine import metrics as metrics_lib
 from jaxprune.errors import UserError
+from jaxprune.kernels.cost import COST_LOSS_MODES
 from jaxprune.methods import baseline
 
 TAU_SCHEDULES = ("cosine", "linear")
@@ -214,7 +217,7 @@ def search(config, workdir: str, datasets, mesh, on_step=None) -> tuple[dict, li
     if distributed.is_main_process():
       os.makedirs(os.path.dirname(history_path), exist_ok=True)
       with open(history_path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in history)
+        f.writelines(metrics_lib.dumps(r) + "\n" for r in history)
 
   def on_epoch_end(state, epoch, done, means):
     rec = arch_record(model, state.arch_params, cfg, input_shape, flops_max, epoch,
@@ -223,7 +226,7 @@ def search(config, workdir: str, datasets, mesh, on_step=None) -> tuple[dict, li
     history.append(rec)
     if distributed.is_main_process():
       with open(history_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec) + "\n")
+        f.write(metrics_lib.dumps(rec) + "\n")
 
   result = loop.run_stage("search", workdir, init=init, seed=config.seed, step_fn=step,
                           load_batch=load, total_steps=total,
@@ -267,16 +270,74 @@ def choose_epoch(history: list[dict], derive_epoch: str) -> dict:
   return history[-1]
 
 
-def released_shape(path: str, name: str) -> dict:
-  """One of the searched shapes the TAS authors released, from their JSON (§10)."""
+def _released_shapes_text(path: str) -> tuple[str, str]:
+  """The released-shapes JSON (the package's copy when ``path`` is empty) and its name."""
+  if not path:
+    resource = importlib.resources.files("jaxprune").joinpath(
+        "resources/tas_released_shapes.json")
+    return resource.read_text(encoding="utf-8"), "jaxprune/resources/tas_released_shapes.json"
   if not os.path.exists(path):
     raise UserError(f"No released-shapes file at {path}; set "
-                    "--config.tas.released_shapes_file to tas_released_shapes.json.")
+                    "--config.tas.released_shapes_file to a tas_released_shapes.json, or "
+                    "leave it empty for the copy that ships with jaxprune.")
   with open(path, encoding="utf-8") as f:
-    shapes = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    return f.read(), path
+
+
+def released_shape(path: str, name: str) -> dict:
+  """One of the searched shapes the TAS authors released, from their JSON (§10)."""
+  text, where = _released_shapes_text(path)
+  try:
+    shapes = {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+  except (json.JSONDecodeError, AttributeError) as e:
+    raise UserError(f"{where} is not a released-shapes JSON ({e}).") from None
   if name not in shapes:
     raise UserError(f"Unknown released shape {name!r}; known: {', '.join(sorted(shapes))}.")
   return shapes[name]
+
+
+def validate(config):
+  """Checks the TAS fields before any data is read or any stage runs (§5, §6).
+
+  ``num_picks`` >= 2: with one pick the sampled width gets weight 1 and the width logits
+  no gradient (the authors: the search then fails).
+  """
+  cfg = config.tas
+
+  def fail(key, value, want):
+    raise UserError(f"config tas.{key}={value!r}: {want}. Fix it with --config.tas.{key}=...")
+
+  if not 0 < cfg.ratio < 1:
+    fail("ratio", cfg.ratio, "the FLOPs target is a fraction of the unpruned network's, "
+         "in (0, 1)")
+  if int(cfg.num_picks) != cfg.num_picks or cfg.num_picks < 2:
+    fail("num_picks", cfg.num_picks, "TAS samples at least 2 widths per layer (with 1 the "
+         "architecture gets no gradient)")
+  if not cfg.tau_min > 0:
+    fail("tau_min", cfg.tau_min, "the Gumbel temperature must stay > 0")
+  if not cfg.tau_max >= cfg.tau_min:
+    fail("tau_max", cfg.tau_max, f"must be >= tas.tau_min ({cfg.tau_min})")
+  if not 0 <= cfg.tolerance < 1:
+    fail("tolerance", cfg.tolerance, "a fraction of the unpruned FLOPs, in [0, 1)")
+  if not cfg.lambda_cost >= 0:
+    fail("lambda_cost", cfg.lambda_cost, "must be >= 0")
+  if cfg.tau_schedule not in TAU_SCHEDULES:
+    fail("tau_schedule", cfg.tau_schedule, f"use one of {', '.join(TAU_SCHEDULES)}")
+  if cfg.derive_epoch not in DERIVE_EPOCHS:
+    fail("derive_epoch", cfg.derive_epoch, f"use one of {', '.join(DERIVE_EPOCHS)}")
+  if cfg.cost_mode not in COST_LOSS_MODES:
+    fail("cost_mode", cfg.cost_mode, f"use one of {', '.join(COST_LOSS_MODES)}")
+  if cfg.get("search_only", False) and cfg.released_shape:
+    raise UserError("tas.search_only=True and tas.released_shape both set: a released "
+                    "shape skips the search; choose one.")
+  if cfg.released_shape:
+    shape = released_shape(cfg.released_shapes_file, cfg.released_shape)
+    if shape["depth"] != config.model.depth:
+      raise UserError(f"Released shape {cfg.released_shape} is a ResNet-"
+                      f"{shape['depth']}; add depth={shape['depth']} to the config args.")
+  if cfg.teacher_dir and not os.path.isdir(cfg.teacher_dir):
+    raise UserError(f"config tas.teacher_dir: no saved variables at {cfg.teacher_dir} "
+                    "(a finished baseline run's <workdir>/baseline/final).")
 
 
 def teacher(config, workdir: str, datasets, model):
@@ -296,29 +357,27 @@ def teacher(config, workdir: str, datasets, model):
 
 def run(config, workdir: str) -> dict:
   t0 = time.time()
-  config_lib.check_workdir(workdir, config)
+  validate(config)
   mesh = mesh_lib.make_mesh()
   datasets = data.load(config.dataset)
   train_ds = datasets["train"]
   input_shape = train_ds.image_shape
   base_model = baseline.build_model(config.model, train_ds.num_classes)
   search_only = config.tas.get("search_only", False)
-  if search_only and config.tas.released_shape:
-    raise UserError("tas.search_only=True and tas.released_shape both set: a released "
-                    "shape skips the search; choose one.")
+  if config.tas.released_shape:
+    shape = released_shape(config.tas.released_shapes_file, config.tas.released_shape)
+    if shape["class_num"] != train_ds.num_classes or shape["dataset"] != "cifar":
+      raise UserError(f"Released shape {config.tas.released_shape} is for "
+                      f"{shape['dataset']} with {shape['class_num']} classes; the dataset "
+                      f"has {train_ds.num_classes}.")
+  sections = ([] if search_only or config.tas.teacher_dir else ["teacher"]) + \
+      ([] if config.tas.released_shape else ["tas"]) + ([] if search_only else ["train"])
+  config_lib.check_workdir(workdir, config, datasets, sections)  # after all checks
   if not search_only:
     teacher_vars, teacher_acc = teacher(config, workdir, datasets, base_model)
 
   history = []
   if config.tas.released_shape:  # retrain a published shape: no search (§10)
-    shape = released_shape(config.tas.released_shapes_file, config.tas.released_shape)
-    if shape["depth"] != config.model.depth:
-      raise UserError(f"Released shape {config.tas.released_shape} is a ResNet-"
-                      f"{shape['depth']}; add depth={shape['depth']} to the config args.")
-    if shape["class_num"] != train_ds.num_classes or shape["dataset"] != "cifar":
-      raise UserError(f"Released shape {config.tas.released_shape} is for "
-                      f"{shape['dataset']} with {shape['class_num']} classes; the dataset "
-                      f"has {train_ds.num_classes}.")
     derived_model = models.cifar_resnet_from_shape(shape["xchannels"], shape["xblocks"],
                                                    train_ds.num_classes)
     derived = {"widths": list(shape["xchannels"][1:]), "blocks": list(shape["xblocks"])}
@@ -343,7 +402,7 @@ def run(config, workdir: str) -> dict:
                   "target_ratio": config.tas.ratio, **source}
   if distributed.is_main_process():
     with open(os.path.join(workdir, "architecture.json"), "w", encoding="utf-8") as f:
-      json.dump(architecture, f, indent=2)
+      f.write(metrics_lib.dumps(architecture, indent=2))
 
   if search_only:  # the searched architecture is the product: no teacher, no retraining
     out = {"method": "tas", "dataset": config.dataset.name, "depth": config.model.depth,
