@@ -33,8 +33,9 @@ from jaxprune.methods import baseline
 TARGETS = ("flops", "params")
 
 
-def validate(cfg):
-  """One-line errors for the ``prune`` section, before any work."""
+def validate(config):
+  """One-line errors for the ``prune`` section, before any work (``methods.run`` calls it)."""
+  cfg = config.prune
   if cfg.criterion not in surgery.CRITERIA:
     raise UserError(f"prune.criterion={cfg.criterion!r}; choose one of {surgery.CRITERIA}")
   if cfg.target not in TARGETS:
@@ -61,12 +62,13 @@ def _changed_shapes(before, after) -> dict[str, list]:
 def run(config, workdir: str) -> dict:
   t0 = time.time()
   cfg = config.prune
-  validate(cfg)
-  config_lib.check_workdir(workdir, config)
+  validate(config)
   datasets = data.load(config.dataset)
   train_ds, test_ds = datasets["train"], datasets["test"]
   input_shape = train_ds.image_shape
   model = baseline.build_model(config.model, train_ds.num_classes)
+  config_lib.check_workdir(workdir, config, datasets,  # after the data and model checks
+                           sections=("train", "finetune", "scratch"))
   batch = config.report.inference_batch_size
   evaluate = lambda m, v: baseline.evaluate_accuracy(m, v, test_ds,
                                                      config.finetune.eval_batch_size)
