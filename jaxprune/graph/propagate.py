@@ -411,6 +411,10 @@ class Walk:
     return [self.merge([base, update], [shapes[0], shapes[0]], out_shapes[0],
                        "dynamic_update_slice")]
 
+  def rule_tile(self, eqn, labels, shapes, out_shapes):
+    reps = eqn.params["reps"]
+    return [{axes: np.tile(ids, [reps[a] for a in axes]) for axes, ids in labels[0].items()}]
+
   def rule_iota(self, eqn, labels, shapes, out_shapes):
     return [{}]
 
