@@ -376,7 +376,8 @@ def run(config, workdir: str) -> dict:
   train_ds = datasets["train"]
   input_shape = train_ds.image_shape
   model = baseline.build_model(config.model, train_ds.num_classes)
-  config_lib.check_workdir(workdir, config, datasets)  # after the data and model checks
+  # After the data and model checks: a failed start leaves the workdir untouched.
+  config_lib.check_workdir(workdir, config, datasets)
   init_vars, init_acc = load_init(config, workdir, datasets, model, mesh)
   state, summary, history, selector = prune(config, workdir, datasets, model, init_vars,
                                             mesh)
