@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from jaxprune import config_lib, data, flops, models, plots
+from jaxprune import kernels as kernels_lib
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import loop, mesh as mesh_lib, report, steps
 from jaxprune.engine.metrics import read_jsonl
@@ -276,6 +277,19 @@ def load_init(config, workdir, datasets, model, mesh):
   acc = loop.evaluate(steps.make_eval_step(model, mesh=mesh), variables, datasets["test"],
                       config.train.eval_batch_size, mesh)
   return variables, acc["accuracy"]
+
+
+def validate(config):
+  """Builds the pruner and its schedules once from the config (no data needed), so a bad
+  option stops the run before the pretraining stage, not after it."""
+  a = config.autoprune
+  selector = a.mask or (neuron_mask(config.model.name, a.get("neuron_axis", "out"))
+                        if a.granularity == "neuron" else ap.DEFAULT_MASK)
+  transform(config, 1, max(int(config.train.epochs), 1), selector)
+  try:  # the surrogate is looked up only when the step is traced
+    kernels_lib.step_ste(jnp.zeros((1,)), a.surrogate, a.slope)
+  except ValueError as e:
+    raise UserError(f"Bad autoprune config: {e}") from None
 
 
 def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None):
