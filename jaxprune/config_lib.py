@@ -293,8 +293,9 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, datasets=None
     if holder and holder.startswith("!"):
       raise UserError(f"Cannot write to the workdir {workdir} ({holder[1:]}); use a "
                       "writable --workdir.")
-    raise UserError(f"The workdir {workdir} is in use by another run ({holder or 'process 0 of another job'}). "
-                    "Wait for it to finish, or use another --workdir.")
+    holder = holder or "process 0 of another job"
+    raise UserError(f"The workdir {workdir} is in use by another run ({holder}). Wait for it "
+                    "to finish, or use another --workdir.")
   path = os.path.join(workdir, "config.json")
   if has_progress(workdir):
     old, problem = _stored_config(workdir)

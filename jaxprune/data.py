@@ -137,8 +137,8 @@ def load(cfg: Mapping[str, Any]) -> dict[str, Dataset]:
     cfg: ``ml_collections.ConfigDict`` (or dict) with ``name`` (one of
       :data:`KNOWN_DATASETS`), and as the name needs: ``data_dir`` (TFDS data_dir, None
       for TFDS's default), ``manual_dir`` (files for an offline TFDS build), ``path`` (the
-      .npz file; ``num_classes`` optionally gives its class count), ``synthetic`` (``num_train``, ``num_test``, ``image_shape``,
-      ``num_classes``, ``seed``), ``augment`` (``"auto"``, ``"cifar"``, ``"imagenet"``,
+      .npz file; ``num_classes`` optionally gives its class count), ``synthetic``
+      (``num_train``, ``num_test``, ``image_shape``, ``num_classes``, ``seed``), ``augment`` (``"auto"``, ``"cifar"``, ``"imagenet"``,
       ``"none"``; auto picks cifar for 32x32 RGB data, imagenet for ImageNet, else none).
 
   Returns:

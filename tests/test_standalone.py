@@ -21,7 +21,8 @@ root = pathlib.Path.cwd()
 assert pathlib.Path(jaxprune.__file__).resolve().is_relative_to(root), jaxprune.__file__
 assert not (root.parent / "shared").exists()
 texts = [(root / "README.md").read_text()] + [p.read_text() for p in root.glob("configs/*.py")]
-commands = sorted({m for t in texts for m in re.findall(r"--config[ =](configs/\w+\.py(?::[\w=.,-]+)?)", t)})
+pattern = r"--config[ =](configs/\w+\.py(?::[\w=.,-]+)?)"
+commands = sorted({m for t in texts for m in re.findall(pattern, t)})
 checked = []
 for command in commands:
   path, _, arg = command.partition(":")

@@ -247,3 +247,16 @@ def test_batch_larger_than_the_data_stops_before_the_workdir(tmp_path):
     methods.run(config, str(tmp_path / "run"))
   _one_line(info)
   assert not (tmp_path / "run").exists()
+
+
+def test_bad_autoprune_option_stops_before_pretraining(tmp_path):
+  config = _get_config("autoprune_lenet", "smoke")
+  config.autoprune.update(finetune_schedule="continue", finetune_learning_rate=0.01)
+  with pytest.raises(UserError, match="finetune_schedule=restart") as info:
+    methods.run(config, str(tmp_path / "run"))
+  _one_line(info)
+  assert not (tmp_path / "run").exists()
+  config = _get_config("autoprune_lenet", "smoke")
+  config.autoprune.surrogate = "cubic"
+  with pytest.raises(UserError, match="cubic"):
+    methods.run(config, str(tmp_path / "run"))

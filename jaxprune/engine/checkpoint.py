@@ -167,8 +167,9 @@ class Checkpointer:
         continue
       if damaged:
         self._set_aside([d for d, _ in damaged])
-        log(f"skipped damaged checkpoint(s) {', '.join(f'step {d} ({why})' for d, why in damaged)}; "
-            f"moved to {self._damaged_dir}; resuming from step {s}")
+        skipped = ", ".join(f"step {d} ({why})" for d, why in damaged)
+        log(f"skipped damaged checkpoint(s) {skipped}; moved to {self._damaged_dir}; "
+            f"resuming from step {s}")
       return s, state
     if misfit is not None:
       raise UserError(

@@ -103,7 +103,7 @@ def _truncate_metrics(path: str, start_step: int) -> list[dict]:
   and a cut-off last line; at step 0 the log starts empty."""
   if not distributed.is_main_process():
     return []
-  records = metrics_lib.read_jsonl(path)
+  records = metrics_lib.read_jsonl(path) if start_step else []
   kept = [r for r in records if r["step"] <= start_step]
   if os.path.exists(path):
     metrics_lib.rewrite_jsonl(path, kept)

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from jaxprune import config_lib, data, flops, models, plots
+from jaxprune import kernels as kernels_lib
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import loop, mesh as mesh_lib, report, steps
 from jaxprune.engine.metrics import read_jsonl
@@ -274,6 +275,19 @@ def load_init(config, workdir, datasets, model, mesh):
   return variables, acc["accuracy"]
 
 
+def validate(config):
+  """Builds the pruner and its schedules once from the config (no data needed), so a bad
+  option stops the run before the pretraining stage, not after it."""
+  a = config.autoprune
+  selector = a.mask or (neuron_mask(config.model.name, a.get("neuron_axis", "out"))
+                        if a.granularity == "neuron" else ap.DEFAULT_MASK)
+  transform(config, 1, max(int(config.train.epochs), 1), selector)
+  try:  # the surrogate is looked up only when the step is traced
+    kernels_lib.step_ste(jnp.zeros((1,)), a.surrogate, a.slope)
+  except ValueError as e:
+    raise UserError(f"Bad autoprune config: {e}") from None
+
+
 def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None):
   """The prune (+ frozen-mask fine-tune) stage; returns (state, summary, history)."""
   cfg = config.train
@@ -372,7 +386,8 @@ def run(config, workdir: str) -> dict:
   train_ds = datasets["train"]
   input_shape = train_ds.image_shape
   model = baseline.build_model(config.model, train_ds.num_classes)
-  config_lib.check_workdir(workdir, config, datasets)  # after the data and model checks
+  # After the data and model checks: a failed start leaves the workdir untouched.
+  config_lib.check_workdir(workdir, config, datasets)
   init_vars, init_acc = load_init(config, workdir, datasets, model, mesh)
   state, summary, history, selector = prune(config, workdir, datasets, model, init_vars,
                                             mesh)

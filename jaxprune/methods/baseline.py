@@ -60,7 +60,8 @@ def run(config, workdir: str) -> dict:
   datasets = data.load(config.dataset)
   train_ds = datasets["train"]
   model = build_model(config.model, train_ds.num_classes)
-  config_lib.check_workdir(workdir, config, datasets)  # after the data and model checks
+  # After the data and model checks: a failed start leaves the workdir untouched.
+  config_lib.check_workdir(workdir, config, datasets)
   result = train("baseline", config.train, config.seed, workdir, datasets, model)
   row = model_row(model, result.state.variables, train_ds.image_shape,
                   result.summary["eval_accuracy"], config.report.inference_batch_size)

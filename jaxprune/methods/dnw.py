@@ -50,7 +50,8 @@ def run(config, workdir: str) -> dict:
   datasets = data.load(config.dataset)
   train_ds = datasets["train"]
   model = baseline.build_model(config.model, train_ds.num_classes)
-  config_lib.check_workdir(workdir, config, datasets)  # after the data and model checks
+  # After the data and model checks: a failed start leaves the workdir untouched.
+  config_lib.check_workdir(workdir, config, datasets)
   result = baseline.train("train", config.train, config.seed, workdir, datasets, model)
   variables = jax.device_get(result.state.variables)
   shape = train_ds.image_shape

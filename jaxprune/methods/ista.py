@@ -212,7 +212,8 @@ def run(config, workdir: str) -> dict:
   cfg = config.ista
   model = baseline.build_model(config.model, train_ds.num_classes)
   rho = penalties(model, input_shape, cfg.rho)
-  config_lib.check_workdir(workdir, config, datasets, ("warmup",))  # after the data and model checks
+  # After the data and model checks: a failed start leaves the workdir untouched.
+  config_lib.check_workdir(workdir, config, datasets, ("warmup",))
   common = dict(model=model, rho=rho, datasets=datasets, mesh=mesh, workdir=workdir,
                 seed=config.seed)
 
