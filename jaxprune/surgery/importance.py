@@ -76,7 +76,7 @@ def group_scores(graph: Graph, values: Mapping[str, Any], criterion: str = "l1",
   is_param = dict(zip(graph.traced.paths, graph.traced.is_param))
   named_grads = _named(grads)
   out = {}
-  for n, g in enumerate(groups):
+  for g in groups:
     params = [m for m in g.members if is_param[m.path]]
     if criterion == "random":
       out[g.id] = np.asarray(jax.random.uniform(jax.random.fold_in(key, g.id), (g.width,)))

@@ -22,8 +22,7 @@ def apply_slices(model, variables, slices, input_shape, call: Callable | None = 
   """:func:`rebuild` for modules; a pure function's params are sliced as they are."""
   if graph_lib.tracing.model_kind(model, variables) == "function":
     small = slice_tree(variables, slices, path_fn=graph_lib.tracing.leaf_name)
-    shapes = {}
-    return Pruned(model=model, variables=small, shapes=shapes)
+    return Pruned(model=model, variables=small, shapes={})
   return rebuild(model, variables, slices, input_shape, call)
 
 
