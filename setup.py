@@ -23,6 +23,7 @@ setuptools.setup(
         "chex>=0.1.87",
         "absl-py>=2.0",
         "numpy>=1.26",
+        "scipy>=1.11",  # connected components of the channel graph
         "tensorflow-datasets>=4.9.7",
         "array_record>=0.5",
         "pillow>=10",

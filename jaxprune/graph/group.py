@@ -169,6 +169,25 @@ def walk(traced: Traced) -> tuple[Walk, dict, np.ndarray, np.ndarray]:
   return w, leaf_ids, x_ids, out_ids
 
 
+_ATTENTION_QUERY = re.compile(r"^(.*?)query/kernel$")
+
+
+def _tie_attention_head_dims(traced: Traced, w: Walk, leaf_ids: dict) -> None:
+  """Flax attention (Linen ``MultiHeadDotProductAttention``, ``nnx.MultiHeadAttention``)
+  has one ``qkv_features``: its value head dim is the query/key head dim. The data flow
+  alone would let the value's be pruned apart, which the module (and NNX's
+  ``jax.nn.dot_product_attention``) cannot represent, so they are one group."""
+  index = {p: i for i, p in enumerate(traced.paths)}
+  for path, q in index.items():
+    m = _ATTENTION_QUERY.match(path)
+    v = index.get(m.group(1) + "value/kernel") if m else None
+    if (v is None or len(traced.shapes[q]) != 3 or len(traced.shapes[v]) != 3
+        or traced.shapes[q][2] != traced.shapes[v][2]):
+      continue
+    if (q, 2) in leaf_ids and (v, 2) in leaf_ids:
+      w.tie(leaf_ids[(q, 2)], leaf_ids[(v, 2)])
+
+
 def _components(w: Walk) -> np.ndarray:
   if w.ties:
     a = np.concatenate([t[0] for t in w.ties])
@@ -211,6 +230,7 @@ def trace(model, variables, input_shape: Sequence[int], call: Callable | None = 
   patterns = [re.compile(p) for p in ignore]
   traced = trace_jaxpr(model, variables, input_shape, call, batched=batched)
   w, leaf_ids, x_ids, out_ids = walk(traced)
+  _tie_attention_head_dims(traced, w, leaf_ids)
   comp = _components(w)
 
   reasons: dict[int, str] = {}
