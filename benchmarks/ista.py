@@ -84,7 +84,7 @@ def gammas_for(model, args, rng):
     return ckpt_lib.load_variables(os.path.join(args.workdir, "sparsify", "final"))
   v = jax.tree.map(np.array, model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                         train=False))
-  for path in surgery.prunable_scales(model):
+  for path in surgery.ista_scales(model, v, (32, 32, 3)):
     node = v["params"]
     for part in path.split("/")[:-1]:
       node = node[part]

@@ -169,9 +169,10 @@ def test_gamma_w_rescaling_preserves_outputs_and_undoes(name):
   variables = _random_bn(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                     train=False), rng)
   x = rng.normal(size=(3, 32, 32, 3)).astype(np.float32)
-  alpha = {k: float(rng.uniform(0.1, 3)) for k in surgery.prunable_scales(model)}
-  scaled = surgery.rescale_gamma(model, variables, alpha)
-  some = surgery.prunable_scales(model)[0].split("/")
+  scales = surgery.ista_scales(model, variables, (32, 32, 3))
+  alpha = {k: float(rng.uniform(0.1, 3)) for k in scales}
+  scaled = surgery.rescale_gamma(model, variables, alpha, (32, 32, 3))
+  some = scales[0].split("/")
   before, after = variables["params"], scaled["params"]
   for part in some[:-1]:
     before, after = before[part], after[part]
@@ -179,6 +180,7 @@ def test_gamma_w_rescaling_preserves_outputs_and_undoes(name):
   ref = model.apply(variables, x, train=False)
   np.testing.assert_allclose(model.apply(scaled, x, train=False), ref,
                              rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
-  undone = surgery.rescale_gamma(model, scaled, {k: 1 / a for k, a in alpha.items()})
+  undone = surgery.rescale_gamma(model, scaled, {k: 1 / a for k, a in alpha.items()},
+                                 (32, 32, 3))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                undone["params"], jax.tree.map(np.asarray, variables["params"]))

@@ -241,5 +241,6 @@ def test_ista_scales_skip_residual_and_zero_init_gammas():
   assert surgery.ista_scales(block, variables, (8, 8, 3)) == ["bn1/scale", "bn3/scale"]
   model = models.cifar_resnet(8)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-  assert surgery.ista_scales(model, variables, (16, 16, 3)) == sorted(
-      surgery.prunable_scales(model))
+  # jaxprune's ResNet: the BNs inside the blocks, not the residual stream's (bn_b, stem_bn).
+  assert surgery.ista_scales(model, variables, (16, 16, 3)) == [
+      f"stage{s}_block0/bn_a/scale" for s in range(3)]

@@ -39,7 +39,7 @@ def _prepare(model, rng, *, zero_fraction=0.4, positive_beta=True, all_zero=None
       elif isinstance(node, dict):
         walk(node, s.get(k, {}))
   walk(v["params"], v["batch_stats"])
-  for path in surgery.prunable_scales(model):
+  for path in surgery.ista_scales(model, v, SHAPE):
     bn = _get(v["params"], path.rsplit("/", 1)[0])
     zero = rng.random(bn["scale"].shape) < zero_fraction
     if all_zero is not None and path.startswith(all_zero):
@@ -52,6 +52,11 @@ def _probe(rng, n=4):
   return rng.normal(size=(n, *SHAPE)).astype(np.float32)
 
 
+def _bn_of(label):
+  """A jaxprune model's BN after a conv: conv_a -> bn_a, stem_conv -> stem_bn, conv1 -> bn1."""
+  return label.replace("stem_conv", "stem_bn").replace("conv", "bn")
+
+
 @pytest.mark.parametrize("name", ["resnet8", "bottleneck11", "convnet"])
 def test_shrunk_equals_masked_exactly_when_removed_channels_output_zero(name):
   # beta <= 0: a zero-gamma channel outputs relu(beta) = 0, nothing to fold, so the
@@ -61,9 +66,20 @@ def test_shrunk_equals_masked_exactly_when_removed_channels_output_zero(name):
   v = _prepare(model, rng, positive_beta=False)
   small = surgery.shrink(model, v, SHAPE)
   assert 0 < small.removed_fraction < 1
-  for conv, idx in small.kept.items():
-    gamma = _get(v["params"], conv.replace("conv", "bn"))["scale"]
-    np.testing.assert_array_equal(idx, np.flatnonzero(gamma))
+  checked = 0
+  for label, idx in small.kept.items():
+    bn = _bn_of(label)
+    try:
+      gamma = _get(v["params"], bn)["scale"]
+    except KeyError:  # a dense layer without BN: nothing zeroed there
+      assert small.widths_after[label] == small.widths_before[label]
+      continue
+    if f"{bn}/scale" in surgery.ista_scales(model, v, SHAPE):
+      np.testing.assert_array_equal(idx, np.flatnonzero(gamma))
+      checked += 1
+    else:  # the residual stream: ISTA leaves it alone, so does shrink
+      assert idx.size == gamma.size
+  assert checked >= 3
   x = _probe(rng)
   ref = np.asarray(model.apply(v, x, train=False))
   out = np.asarray(small.model.apply(small.variables, x, train=False))
@@ -78,6 +94,7 @@ def test_folded_constants_make_interior_pixels_equal(name):
   small = surgery.shrink(model, v, SHAPE)
   report = surgery.check_equivalence(model, v, small, _probe(rng))
   print(name, report)  # the border difference, measured (pytest -s shows it)
+  assert small.folds  # relu(beta) > 0 was folded somewhere
   assert report["interior_max_abs_diff"] <= 2e-5 * report["activation_max_abs"]
   assert report["border_max_abs_diff"] > 1e-3  # padding meets relu(beta) > 0
   # Without the fold the interior is wrong too: the fold is what makes it exact.
@@ -86,17 +103,42 @@ def test_folded_constants_make_interior_pixels_equal(name):
   assert worse["interior_max_abs_diff"] > 1e-3
 
 
-def test_shrunk_network_has_explicit_smaller_widths_and_counts():
+def test_the_fold_is_the_closed_form_on_a_conv_then_dense():
+  """conv -> BN(gamma 0 on channel c) -> relu -> flatten -> dense: the dense bias gains
+  sum_p W[p * C + c, :] * relu(beta_c), computed here by hand."""
+  rng = np.random.default_rng()
+  model = models.convnet(features=(6,), kernels=(3,), pools=(False,), hidden=())
+  v = _prepare(model, rng, zero_fraction=0.0)
+  c = int(rng.integers(6))
+  v["params"]["bn1"]["scale"][c] = 0.0
+  small = surgery.shrink(model, v, SHAPE)
+  assert small.kept["conv1"].tolist() == [i for i in range(6) if i != c]
+  dense = [k for k in small.folds]
+  assert len(dense) == 1 and small.folds[dense[0]]["into"].endswith("/bias")
+  kernel = np.asarray(_get(v["params"], dense[0].split("/", 1)[1].rsplit("/", 1)[0])["kernel"])
+  value = max(float(v["params"]["bn1"]["bias"][c]), 0.0)
+  # The flattened map (no pooling): channel c is rows c, c + 6, c + 12, ...
+  rows = np.arange(c, kernel.shape[0], 6)
+  want = kernel[rows].sum(0) * value
+  np.testing.assert_allclose(small.folds[dense[0]]["delta"], want, rtol=1e-5, atol=1e-6)
+  x = _probe(rng)
+  np.testing.assert_allclose(small.model.apply(small.variables, x, train=False),
+                             model.apply(v, x, train=False), rtol=1e-4, atol=1e-5)
+
+
+def test_only_the_scales_ista_selects_change_width_and_counts_drop():
   rng = np.random.default_rng()
   model = models.cifar_resnet(8)
   v = _prepare(model, rng)
   small = surgery.shrink(model, v, SHAPE)
-  for unit in small.units:
-    if unit.prunable:
-      assert small.model.widths[unit.width_index] == max(small.widths_after[unit.conv], 1)
-  # Only conv_a widths change: the residual stream keeps its channels.
-  changed = [i for i, (a, b) in enumerate(zip(model.widths, small.model.widths)) if a != b]
-  assert set(changed) <= {u.width_index for u in small.units if u.prunable}
+  inside = {s.rsplit("/", 1)[0].replace("bn", "conv") for s in surgery.ista_scales(model, v,
+                                                                                    SHAPE)}
+  assert inside == {"stage0_block0/conv_a", "stage1_block0/conv_a", "stage2_block0/conv_a"}
+  for label in small.widths_before:
+    if label not in inside:  # the residual stream keeps its channels
+      assert small.widths_after[label] == small.widths_before[label]
+    kernel = _get(small.variables["params"], label)["kernel"]
+    assert kernel.shape[-1] == max(small.widths_after[label], 1)
   before = flops.count(model, v, SHAPE)
   after = flops.count(small.model, small.variables, SHAPE)
   assert after["params"] < before["params"] and after["flops"] < before["flops"]
@@ -108,20 +150,25 @@ def test_a_resnet_block_whose_gammas_all_reach_zero_keeps_a_placeholder():
   v = _prepare(model, rng, all_zero="stage1_block0/bn_a")
   small = surgery.shrink(model, v, SHAPE)
   assert small.widths_after["stage1_block0/conv_a"] == 0
-  assert small.model.widths[small.units[2].width_index] == 1  # the placeholder
+  kernel = small.variables["params"]["stage1_block0"]["conv_a"]["kernel"]
+  assert kernel.shape[-1] == 1  # the placeholder
+  np.testing.assert_array_equal(small.variables["params"]["stage1_block0"]["conv_b"]["kernel"],
+                                0.0)  # read with zero weights
   report = surgery.check_equivalence(model, v, small, _probe(rng))
   assert report["interior_max_abs_diff"] <= 2e-5 * report["activation_max_abs"]
 
 
 def test_an_all_zero_layer_in_a_plain_stack_removes_dead_channels_recursively():
-  # bn2 all zero: conv3's filters read nothing (constant, folded into fc1) and no
-  # surviving filter reads conv1, so every conv unit goes.
+  # bn2 all zero: conv3's filters read nothing (constant, folded into fc1), no surviving
+  # filter reads conv1, and then fc1 reads nothing (its bias, folded into the classifier):
+  # every unit goes.
   rng = np.random.default_rng()
   model = _models()["convnet"]
   v = _prepare(model, rng, positive_beta=False, all_zero="bn2")
   small = surgery.shrink(model, v, SHAPE)
-  assert small.widths_after == {"conv1": 0, "conv2": 0, "conv3": 0}
-  assert small.rounds >= 2
+  assert small.widths_after == {"conv1": 0, "conv2": 0, "conv3": 0, "fc1": 0}
+  assert small.rounds >= 3
+  assert "conv3" in small.cascaded or "fc1" in small.cascaded
   x = _probe(rng)
   ref = np.asarray(model.apply(v, x, train=False))
   out = np.asarray(small.model.apply(small.variables, x, train=False))
@@ -129,6 +176,21 @@ def test_an_all_zero_layer_in_a_plain_stack_removes_dead_channels_recursively():
   np.testing.assert_allclose(ref, ref[:1].repeat(len(ref), 0), atol=1e-5)  # constant net
 
 
-def test_surgery_rejects_models_it_does_not_understand():
-  with pytest.raises(UserError, match="understands ResNet and ConvNet"):
-    surgery.structure(models.lenet5())
+def test_a_constant_with_nowhere_to_fold_stays_and_is_reported():
+  # The bottleneck's stem feeds a 1x1 projection shortcut with no bias and no BN: a
+  # zero-gamma stem channel holding relu(beta) > 0 cannot be folded, so it stays.
+  rng = np.random.default_rng()
+  model = _models()["bottleneck11"]
+  v = _prepare(model, rng, positive_beta=True, zero_fraction=0.0)
+  v["params"]["stem_bn"]["scale"][:3] = 0.0
+  small = surgery.shrink(model, v, SHAPE)
+  assert small.widths_after["stem_conv"] == small.widths_before["stem_conv"]
+  assert "shortcut_conv" in small.unfoldable["stem_conv"]
+
+
+def test_shrink_needs_values():
+  model = _models()["convnet"]
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *SHAPE)),
+                                               train=False))
+  with pytest.raises(UserError, match="abstract"):
+    surgery.shrink(model, abstract, SHAPE)

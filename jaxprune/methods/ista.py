@@ -235,7 +235,6 @@ def run(config, workdir: str) -> dict:
   small_counts = flops.count(shrunk.model, shrunk.variables, input_shape)
   architecture = {
       "model": config.model.name,
-      "widths": list(getattr(shrunk.model, "widths", None) or shrunk.model.features),
       "channels_before": shrunk.widths_before, "channels_after": shrunk.widths_after,
       "removed_fraction": shrunk.removed_fraction, "surgery_rounds": shrunk.rounds,
       "flops": small_counts["flops"], "params": small_counts["params"],
@@ -248,7 +247,8 @@ def run(config, workdir: str) -> dict:
       "finetune", config.finetune, init_variables=shrunk.variables,
       step_offset=warm_steps + sparse_steps,
       **{**common, "model": shrunk.model,
-         "rho": {k: 0.0 for k in surgery.prunable_scales(shrunk.model)}})
+         "rho": {k: 0.0 for k in surgery.ista_scales(shrunk.model, shrunk.variables,
+                                                     input_shape)}})
 
   batch = config.report.inference_batch_size
   rows = {
@@ -281,7 +281,8 @@ def run(config, workdir: str) -> dict:
           "dense", config.dense, optimizer=pipeline_optimizer(config, warm_steps +
                                                               sparse_steps),
           **{**common, "model": dense_model,
-             "rho": {k: 0.0 for k in surgery.prunable_scales(dense_model)}})
+             "rho": {k: 0.0 for k in surgery.ista_scales(
+                 dense_model, _abstract_variables(dense_model, input_shape), input_shape)}})
     elif cfg.dense_recipe == "baseline":  # the dense section's own SGD recipe
       dense = baseline.train("dense", config.dense, config.seed, workdir, datasets,
                              dense_model)

@@ -7,14 +7,14 @@
   slices.
 - :mod:`jaxprune.surgery.importance` — group criteria: L1, L2, BN scale, Taylor, random.
 - :mod:`jaxprune.surgery.pruner` — targets and rankings (local, global, ``round_to``).
-- :mod:`jaxprune.surgery.zero_gamma` — ISTA's removal of zero-gamma channels
-  (``shrink``), its per-layer penalties (``ista_rho``), the gamma-W rescaling
+- :mod:`jaxprune.surgery.zero_gamma` — ISTA on the same graph: the scales it may
+  sparsify (``ista_scales``), removal of zero-gamma channels with their constants
+  folded (``shrink``), the per-layer penalties (``ista_rho``), the gamma-W rescaling
   (``rescale_gamma``) and the masked == shrunk check (``check_equivalence``).
 """
 from jaxprune.surgery.rebuild import Pruned, Rebuilt, rebuild, slice_tree
 from jaxprune.surgery.importance import CRITERIA, group_scores
 from jaxprune.surgery.pruner import select_channels
 from jaxprune.surgery.prune import prune, prune_to, prune_zeros
-from jaxprune.surgery.zero_gamma import (Shrunk, Unit, check_equivalence, ista_rho, ista_scales,
-                                         prunable_scales, rescale_gamma, shrink,
-                                         structure)
+from jaxprune.surgery.zero_gamma import (Shrunk, check_equivalence, ista_rho, ista_scales,
+                                         rescale_gamma, shrink)

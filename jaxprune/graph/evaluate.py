@@ -1,0 +1,228 @@
+"""Running a traced model's jaxpr with concrete values, seeing every layer's input.
+
+:mod:`jaxprune.graph.propagate` follows channel *indices*; surgery that folds a
+constant into the next layer also needs *values*: what a removed channel holds
+where a layer reads it, and which bias or running mean a layer's output meets.
+:func:`run` evaluates the jaxpr of :func:`jaxprune.graph.tracing.trace_jaxpr`
+equation by equation (descending into nested jit/custom_vjp/remat jaxprs) and
+reports each *layer*: a ``conv_general_dilated`` or ``dot_general`` one of whose
+operands is a parameter leaf (its kernel), with the other operand's value. A
+callback may replace that operand, which is how a smaller network is fed the
+original's activations, one layer at a time.
+
+Values carry a tag through shape-only primitives (reshape, broadcast, dtype
+casts): the leaf they come from, or the layer whose output they are. A layer's
+output that meets a ``.../bias`` leaf in an ``add`` or a ``.../mean`` leaf in a
+``sub`` records it as that layer's *affine follower* (Dense/Conv bias, the
+BatchNorm after it): where a folded constant goes.
+"""
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.extend as jex
+import numpy as np
+
+from jaxprune.graph.propagate import _subjaxpr
+from jaxprune.graph.tracing import Traced
+
+_SHAPE_ONLY = {"reshape", "broadcast_in_dim", "convert_element_type", "squeeze",
+               "expand_dims", "copy", "copy_p", "transpose"}
+
+
+@dataclasses.dataclass
+class Layer:
+  """One conv or matmul with a parameter kernel, as :func:`run` saw it.
+
+  Attributes:
+    kernel: the kernel's leaf path.
+    primitive: ``conv_general_dilated`` or ``dot_general``.
+    params: the equation's params (padding, strides, dimension numbers...).
+    kernel_operand: 0 or 1, which operand is the kernel.
+    x: the other operand's value (the layer's input), as the network computed it.
+    out_shape: the layer output's shape.
+    kernel_shape: the kernel's shape.
+    out: the layer's output value (before any bias add).
+  """
+  kernel: str
+  primitive: str
+  params: dict
+  kernel_operand: int
+  x: Any
+  out_shape: tuple
+  kernel_shape: tuple
+  out: Any = None
+
+  def input_axis(self, kernel_axis: int) -> int | None:
+    """The axis of ``x`` that pairs with the kernel's `kernel_axis` (its input
+    channels for a conv, a contracting axis for a matmul); None if none does."""
+    if self.primitive == "conv_general_dilated":
+      dn = self.params["dimension_numbers"]
+      return dn.lhs_spec[1] if kernel_axis == dn.rhs_spec[1] else None
+    (lc, rc), _ = self.params["dimension_numbers"]
+    k_contract, x_contract = (rc, lc) if self.kernel_operand == 1 else (lc, rc)
+    for k, xa in zip(k_contract, x_contract):
+      if k == kernel_axis:
+        return xa
+    return None
+
+  def output_axis(self, kernel_axis: int) -> int | None:
+    """The axis of the output that the kernel's output-feature `kernel_axis` becomes."""
+    if self.primitive == "conv_general_dilated":
+      dn = self.params["dimension_numbers"]
+      return dn.out_spec[1] if kernel_axis == dn.rhs_spec[0] else None
+    (lc, rc), (lb, rb) = self.params["dimension_numbers"]
+    x_ndim = np.ndim(self.x)
+    k_ndim = len(self.kernel_shape)
+    if self.kernel_operand == 1:
+      lhs_free = [a for a in range(x_ndim) if a not in lc and a not in lb]
+      rhs_free = [a for a in range(k_ndim) if a not in rc and a not in rb]
+      if kernel_axis in rhs_free:
+        return len(lb) + len(lhs_free) + rhs_free.index(kernel_axis)
+    else:
+      lhs_free = [a for a in range(k_ndim) if a not in lc and a not in lb]
+      if kernel_axis in lhs_free:
+        return len(lb) + lhs_free.index(kernel_axis)
+    return None
+
+
+@dataclasses.dataclass
+class Result:
+  """What :func:`run` returns: the outputs, every layer in order, the followers."""
+  outputs: list
+  layers: list[Layer]
+  followers: dict[str, dict[str, str]]  # kernel path -> {"bias"|"mean": leaf path}
+
+
+def run(traced: Traced, values: dict[str, Any], x, *,
+        feed: Callable[[Layer], Any] | None = None) -> Result:
+  """Evaluates `traced` on ``(values, x)``.
+
+  Args:
+    traced: :func:`jaxprune.graph.tracing.trace_jaxpr` of the model.
+    values: ``{leaf path: array}`` for every path of ``traced.paths``.
+    x: one example batch of ``traced.input_shape`` (a jaxpr's shapes are fixed:
+      loop over a probe's examples).
+    feed: called with each :class:`Layer` (its ``x`` as computed); a non-None
+      return value replaces the layer's input.
+  """
+  leaves = [values[p] for p in traced.paths]
+  layers: list[Layer] = []
+  followers: dict[str, dict[str, str]] = {}
+  is_param = dict(zip(traced.paths, traced.is_param))
+
+  def layer_of(eqn, vals, tags):
+    name = eqn.primitive.name
+    if name not in ("conv_general_dilated", "dot_general"):
+      return None
+    sides = (1, 0) if name == "dot_general" else (1,)
+    for side in sides:
+      tag = tags[side]
+      if tag and tag[0] == "leaf" and is_param.get(tag[1]):
+        other = tags[1 - side]
+        if other and other[0] == "leaf" and is_param.get(other[1]):
+          return None  # a product of two parameters is not a layer
+        return Layer(kernel=tag[1], primitive=name, params=dict(eqn.params),
+                     kernel_operand=side, x=vals[1 - side],
+                     out_shape=tuple(eqn.outvars[0].aval.shape),
+                     kernel_shape=tuple(np.shape(vals[side])))
+    return None
+
+  def evaluate(jaxpr, consts, args, arg_tags):
+    env, tag_of = {}, {}
+    for v, c in zip(jaxpr.constvars, consts):
+      env[v], tag_of[v] = c, None
+    for v, a, t in zip(jaxpr.invars, args, arg_tags):
+      env[v], tag_of[v] = a, t
+
+    def read(v):
+      if isinstance(v, jex.core.Literal):
+        return v.val, None
+      return env[v], tag_of.get(v)
+
+    for eqn in jaxpr.eqns:
+      vals, tags = zip(*[read(v) for v in eqn.invars]) if eqn.invars else ((), ())
+      vals, tags = list(vals), list(tags)
+      name = eqn.primitive.name
+      nested = _subjaxpr(eqn)
+      out_tags = [None] * len(eqn.outvars)
+      if nested is not None:
+        inner, inner_consts = nested
+        outs, out_tags = evaluate(inner, inner_consts, vals, tags)
+      else:
+        layer = None if nested else layer_of(eqn, vals, tags)
+        if layer is not None:
+          layers.append(layer)
+          replaced = feed(layer) if feed is not None else None
+          if replaced is not None:
+            vals[1 - layer.kernel_operand] = replaced
+          out_tags = [("out", layer.kernel)]
+        elif name in _SHAPE_ONLY and tags and tags[0] is not None:
+          out_tags = [tags[0]]
+        elif name in ("add", "sub") and len(tags) == 2:
+          for a, b in ((0, 1), (1, 0)):
+            ta, tb = tags[a], tags[b]
+            if ta and tb and ta[0] == "out" and tb[0] == "leaf":
+              kind = "bias" if name == "add" else "mean"
+              if tb[1].endswith("/" + kind) and not (name == "sub" and a == 1):
+                followers.setdefault(ta[1], {}).setdefault(kind, tb[1])
+              if name == "add" and tb[1].endswith("/bias"):
+                out_tags = [ta]  # conv + bias is still the layer's output
+        bind_params = eqn.primitive.get_bind_params(eqn.params)
+        with eqn.ctx.manager:
+          outs = eqn.primitive.bind(*vals, **bind_params)
+        if not eqn.primitive.multiple_results:
+          outs = [outs]
+        if layer is not None:
+          layer.out = outs[0]
+      for v, o, t in zip(eqn.outvars, outs, out_tags):
+        env[v], tag_of[v] = o, t
+    results = [read(v) for v in jaxpr.outvars]
+    return [r[0] for r in results], [r[1] for r in results]
+
+  closed = traced.jaxpr
+  tags = [("leaf", p) for p in traced.paths] + [None]
+  with jax.disable_jit():
+    outputs, _ = evaluate(closed.jaxpr, closed.consts, list(leaves) + [x], tags)
+  return Result(outputs=outputs, layers=layers, followers=followers)
+
+
+def kernel_output_axes(layer: Layer, kernel_ndim: int) -> list[int]:
+  """The kernel axes that are output features (neither input channels nor
+  spatial taps / contracted): the last axis of a conv's HWIO kernel, the free
+  axes of a matmul kernel."""
+  if layer.primitive == "conv_general_dilated":
+    return [layer.params["dimension_numbers"].rhs_spec[0]]
+  (lc, rc), (lb, rb) = layer.params["dimension_numbers"]
+  contract, batch = (rc, rb) if layer.kernel_operand == 1 else (lc, lb)
+  return [a for a in range(kernel_ndim) if a not in contract and a not in batch]
+
+
+def conv_interior(layer: Layer) -> np.ndarray | None:
+  """Boolean mask over a conv's output spatial positions whose window avoids the
+  zero padding (where a folded constant is exact); None for a matmul."""
+  if layer.primitive != "conv_general_dilated":
+    return None
+  dn = layer.params["dimension_numbers"]
+  x_shape = np.shape(layer.x)
+  spatial_in = [x_shape[a] for a in dn.lhs_spec[2:]]
+  spatial_out = [layer.out_shape[a] for a in dn.out_spec[2:]]
+  masks = []
+  for i, (size_in, size_out) in enumerate(zip(spatial_in, spatial_out)):
+    if layer.params["lhs_dilation"][i] != 1:  # a transposed conv: no exact interior
+      masks.append(np.zeros(size_out, bool))
+      continue
+    k = layer.kernel_shape[dn.rhs_spec[2 + i]]
+    stride = layer.params["window_strides"][i]
+    dil = layer.params["rhs_dilation"][i]
+    lo = layer.params["padding"][i][0]
+    start = np.arange(size_out) * stride - lo
+    masks.append((start >= 0) & (start + (k - 1) * dil <= size_in - 1))
+  out = masks[0]
+  for m in masks[1:]:
+    out = out[..., None] & m
+  return out
+
+
+__all__ = ["Layer", "Result", "run", "kernel_output_axes", "conv_interior"]
