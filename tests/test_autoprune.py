@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from conftest import REPO
-from jaxprune import flops as flops_lib, kernels, models, optim
+from jaxprune import flops as flops_lib, kernels, models, optim, surgery
 from jaxprune.kernels.ste import step_ste
 from jaxprune.methods import autoprune as recipe
 
@@ -206,12 +206,18 @@ def test_neuron_export_gives_the_masked_network_outputs(name, axis):
   state = state._replace(m=m)
   masked = model.apply({"params": ap.effective_params(params, state)}, x)
   keep = recipe.kept_units(name, ap.masks(params, state), axis)
-  small, small_params = recipe.shrink(name, params, keep, 10)
+  effective = {"params": ap.effective_params(params, state)}
+  small, info = surgery.prune_zeros(model, effective, x.shape[1:], probe=x)
   layers, _ = recipe.NEURON_CHAINS[name]
-  assert list(small.features) == [max(int(keep[l].sum()), 1) for l in layers]
-  assert sum(small.features) < sum(model.features)
-  np.testing.assert_allclose(small.apply({"params": small_params}, x), masked,
+  widths = [small.variables["params"][l]["kernel"].shape[-1] for l in layers]
+  # Every unit the gates switched off goes; so do units left with no fan-in and a zero
+  # bias (here conv2 of LeNet-5 once every conv1 unit is gone): they output relu(0).
+  assert all(w <= max(int(keep[l].sum()), 1) for w, l in zip(widths, layers))
+  assert widths[1:] == [max(int(keep[l].sum()), 1) for l in layers[1:]] or axis == "in"
+  assert sum(widths) < sum(model.features)
+  np.testing.assert_allclose(small.model.apply(small.variables, x), masked,
                              rtol=1e-5, atol=1e-5)
+  assert info["max_abs_diff"] < 1e-4
 
 
 def _config(arg="smoke"):

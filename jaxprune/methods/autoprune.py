@@ -16,8 +16,10 @@ Stages, each resumable in ``<workdir>/<stage>/`` by rerunning the command:
   kept fraction of every layer after every epoch.
 - report: per layer and total kept weights, compression, FLOPs of the pruned
   network, test error before and after, and for neuron pruning the physically
-  smaller network (:func:`shrink`), checked to give the masked network's outputs.
+  smaller network (:func:`jaxprune.surgery.prune_zeros`, for any model), checked
+  to give the masked network's outputs.
 """
+import math
 import os
 import time
 
@@ -28,7 +30,7 @@ from ml_collections import config_dict
 import numpy as np
 import optax
 
-from jaxprune import config_lib, data, flops, models, plots
+from jaxprune import config_lib, data, flops, models, plots, surgery
 from jaxprune import kernels as kernels_lib
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import loop, mesh as mesh_lib, report, steps
@@ -108,48 +110,6 @@ def kept_units(model_name: str, keep, neuron_axis: str = "out") -> dict:
     else:
       units[layer] = np.ones(np.shape(keep[layer]["kernel"])[-1], bool)
   return units
-
-
-def shrink(model_name: str, params: dict, keep: dict, num_classes: int):
-  """The physically smaller network without the removed units (neuron pruning).
-
-  Args:
-    model_name: "lenet5" or "lenet300_100".
-    params: the (unmasked) weights of the full network.
-    keep: ``{layer: bool[units]}`` for the layers of ``NEURON_CHAINS[model_name]``.
-    num_classes: classifier outputs.
-
-  Returns:
-    ``(model, params)`` of the smaller network. A layer with no unit left keeps
-    one unit with zero weights and bias, which outputs what the masked layer
-    does (zeros), so outputs stay equal.
-  """
-  layers, classifier = NEURON_CHAINS[model_name]
-  params = jax.tree.map(np.asarray, params)
-  out = {k: dict(v) for k, v in params.items()}
-  widths = []
-  chain = list(layers) + [classifier]
-  for layer, nxt in zip(chain[:-1], chain[1:]):
-    k = np.asarray(keep[layer], bool)
-    idx = np.flatnonzero(k)
-    zero = idx.size == 0
-    if zero:
-      idx = np.array([0])
-    kern = out[layer]["kernel"][..., idx]
-    bias = out[layer]["bias"][idx]
-    if zero:
-      kern, bias = np.zeros_like(kern), np.zeros_like(bias)
-    out[layer] = {"kernel": kern, "bias": bias}
-    nk = out[nxt]["kernel"]
-    units = k.size
-    if nk.ndim == 4:  # conv -> conv: input channels are axis 2
-      nk = nk[:, :, idx, :]
-    else:  # dense rows, possibly a flattened (H, W, C) map: channel is the fastest axis
-      nk = nk.reshape(-1, units, nk.shape[-1])[:, idx, :].reshape(-1, nk.shape[-1])
-    out[nxt] = {**out[nxt], "kernel": nk}
-    widths.append(int(idx.size))
-  model = models.get_model(model_name, num_classes=num_classes, features=tuple(widths))
-  return model, jax.tree.map(jnp.asarray, out)
 
 
 def transform(cfg, steps_per_epoch: int, total_steps: int, mask):
@@ -417,30 +377,30 @@ def run(config, workdir: str) -> dict:
     pruned_flops = kept_flops
     extra = {}
   else:
-    units = kept_units(config.model.name, ap.masks(params, state.opt_state),
-                       config.autoprune.get("neuron_axis", "out"))
-    small, small_params = shrink(config.model.name, params, units, train_ds.num_classes)
+    # The smaller network, for any model: the graph's groups whose units the gates
+    # switched off (zero fan-in and bias) are removed; the result is checked on a
+    # probe against the masked network (surgery.prune_zeros).
     probe = data.batch_at(datasets["test"], 0, min(256, datasets["test"].num_examples),
                           seed=0, train=False)["image"]
-    ref = model.apply(masked_vars, probe, train=False)
-    got = small.apply({"params": small_params}, probe, train=False)
-    diff = float(jnp.max(jnp.abs(ref - got)))
-    small_row = baseline.model_row(small, {"params": small_params}, input_shape, acc,
-                                   batch)
+    small, export = surgery.prune_zeros(model, jax.device_get(masked_vars), input_shape,
+                                        probe=probe)
+    small_row = baseline.model_row(small.model, small.variables, input_shape, acc, batch)
     rows["pruned (masked)"] = masked_row
     rows["pruned (smaller network)"] = small_row
     pruned_flops = small_row["flops"]
     # Neuron pruning: the totals are those of the physically smaller network.
-    kernels = lambda tree: sum(int(np.size(x)) for path, x in
-                               jax.tree_util.tree_leaves_with_path(tree)
-                               if selection.leaf_path(path).endswith("kernel"))
-    weights, kept = kernels(params), kernels(small_params)
+    kernels = lambda tree: {selection.leaf_path(path).rsplit("/", 1)[0]: np.shape(x)
+                            for path, x in jax.tree_util.tree_leaves_with_path(tree)
+                            if selection.leaf_path(path).endswith("kernel")}
+    weights = sum(math.prod(s) for s in kernels(params).values())
+    kept = sum(math.prod(s) for s in kernels(small.variables["params"]).values())
     other_params = small_row["params"] - kept
-    extra = {"kept_units": {k: int(v.sum()) for k, v in units.items()},
-             "smaller_network_features": list(small.features),
-             "export_max_abs_diff": diff}
+    extra = {"kept_units": {k: int(s[-1]) for k, s in kernels(small.variables["params"]).items()},
+             "export_max_abs_diff": export["max_abs_diff"],
+             "export_needs_fold": {str(k): v for k, v in export["needs_fold"].items()}}
     # Collective: every process holds the same smaller network.
-    ckpt_lib.save_variables(os.path.join(workdir, "smaller_network"), {"params": small_params})
+    ckpt_lib.save_variables(os.path.join(workdir, "smaller_network"),
+                            jax.device_get(small.variables))
   out = {"method": "autoprune", "dataset": config.dataset.name, "model": config.model.name,
          "granularity": config.autoprune.granularity,
          "surrogate": config.autoprune.surrogate, "rule": config.autoprune.rule,
