@@ -44,7 +44,7 @@ def get_config(arg=None):
                                             warmup_epochs=0)
   config.scratch = config_lib.train_config(epochs=args.epochs + args.finetune_epochs)
   config.prune = ml_collections.ConfigDict({
-      "criterion": args.criterion,       # l1 | l2 | bn_scale | random
+      "criterion": args.criterion,       # l1 | l2 | bn_scale | taylor (one batch) | random
       "target": "flops",                 # flops | params
       "ratio": args.ratio,               # kept share of the dense network's target
       "steps": args.steps,               # prune + fine-tune rounds (1: one shot)

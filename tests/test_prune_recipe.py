@@ -2,6 +2,9 @@
 import importlib.util
 import json
 
+import jax
+import numpy as np
+
 import pytest
 
 from conftest import REPO
@@ -40,6 +43,31 @@ def test_iterative_pruning_meets_the_target_and_reports(tmp_path):
   again = methods.run(config, str(tmp_path))
   assert again["pruned_flops"] == out["pruned_flops"]
   assert again["pruned_accuracy"] == out["pruned_accuracy"]
+
+
+def test_taylor_criterion_uses_the_gradients_of_a_training_batch(tmp_path):
+  config = _config("smoke,criterion=taylor")
+  out = methods.run(config, str(tmp_path))
+  assert out["criterion"] == "taylor" and out["flops_ratio"] <= 0.5
+  # The gradients are those of the cross-entropy on batch 0 of the training split.
+  from jaxprune import data, models  # pylint: disable=g-import-not-at-top
+  from jaxprune.methods import prune as recipe  # pylint: disable=g-import-not-at-top
+  ds = data.load(config.dataset)["train"]
+  model = models.cifar_resnet(8, num_classes=4)
+  variables = model.init(jax.random.key(1), np.zeros((1, 16, 16, 3), np.float32), train=False)
+  grads = recipe.taylor_grads(model, variables, ds, 8, seed=3)
+  batch = data.batch_at(ds, 0, 8, seed=3, train=True)
+  eps = 1e-3
+  w = np.asarray(variables["params"]["classifier"]["bias"])
+
+  def loss_at(bias):
+    params = {**variables["params"], "classifier": {**variables["params"]["classifier"],
+                                                    "bias": bias}}
+    logits = model.apply({**variables, "params": params}, batch["image"], train=False)
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float64))
+    return -float(np.mean(np.take_along_axis(logp, batch["label"][:, None], 1)))
+  numeric = [(loss_at(w + eps * e) - loss_at(w - eps * e)) / (2 * eps) for e in np.eye(4)]
+  np.testing.assert_allclose(grads["classifier"]["bias"], numeric, rtol=1e-2, atol=1e-4)
 
 
 @pytest.mark.parametrize("override, message", [

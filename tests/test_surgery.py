@@ -194,3 +194,49 @@ def test_shrink_needs_values():
                                                train=False))
   with pytest.raises(UserError, match="abstract"):
     surgery.shrink(model, abstract, SHAPE)
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet_basic"])
+def test_ista_surgery_is_the_same_for_the_linen_and_nnx_twins(name):
+  """ista_scales, ista_rho, shrink, check_equivalence and rescale_gamma on a zoo model
+  written independently in Linen and in NNX (same values): same selections, numbers."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from zoo import BY_NAME, init_linen, init_nnx, nnx_from_linen  # pylint: disable=g-import-not-at-top
+  arch = BY_NAME[name]
+  shape = arch.input_shape
+  rng = np.random.default_rng()
+  model, v = init_linen(arch, seed=int(rng.integers(1 << 16)))
+  twin = init_nnx(arch)
+  nnx_from_linen(twin, v)
+  scales = surgery.ista_scales(model, v, shape)
+  assert scales and surgery.ista_scales(twin, None, shape) == scales
+  assert surgery.ista_rho(twin, None, shape) == surgery.ista_rho(model, v, shape)
+
+  zero = {s: rng.random(_get(v["params"], s).shape) < 0.4 for s in scales}
+  v = jax.tree_util.tree_map_with_path(
+      lambda p, x: np.where(zero[k], 0.0, x).astype(np.float32)
+      if (k := "/".join(str(q.key) for q in p[1:])) in zero and p[0].key == "params" else x, v)
+  nnx_from_linen(twin, v)
+  small_l = surgery.shrink(model, v, shape)
+  small_n = surgery.shrink(twin, None, shape)
+  assert small_l.widths_after == small_n.widths_after
+  assert 0 < small_l.removed_fraction < 1
+  for label, idx in small_l.kept.items():
+    np.testing.assert_array_equal(idx, small_n.kept[label])
+  x = rng.normal(size=(3, *shape)).astype(np.float32)
+  small_n.model.eval()
+  np.testing.assert_allclose(small_n.model(x), small_l.model.apply(small_l.variables, x,
+                                                                   train=False),
+                             rtol=1e-4, atol=1e-5)
+  for m, var, small in ((model, v, small_l), (twin, None, small_n)):
+    report = surgery.check_equivalence(m, var, small, x)
+    assert report["interior_max_abs_diff"] <= 2e-5 * report["activation_max_abs"]
+
+  alpha = {s: float(rng.uniform(0.2, 3)) for s in scales}
+  scaled_l = surgery.rescale_gamma(model, v, alpha, shape)
+  scaled_n = surgery.rescale_gamma(twin, None, alpha, shape)
+  assert isinstance(scaled_n, nnx.Module)
+  scaled_n.eval()
+  ref = np.asarray(model.apply(v, x, train=False))
+  for out in (model.apply(scaled_l, x, train=False), scaled_n(x)):
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))

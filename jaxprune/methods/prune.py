@@ -23,6 +23,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 
 from jaxprune import config_lib, data, graph, surgery
 from jaxprune.engine import checkpoint as ckpt_lib
@@ -47,9 +48,18 @@ def validate(config):
     raise UserError(f"prune.steps={cfg.steps} must be >= 1")
   if cfg.round_to < 1:
     raise UserError(f"prune.round_to={cfg.round_to} must be >= 1")
-  if cfg.criterion == "taylor":
-    raise UserError("prune.criterion='taylor' needs gradients of a batch; the recipe "
-                    "supports l1, l2, bn_scale and random (use surgery.prune_to directly)")
+
+
+def taylor_grads(model, variables, ds, batch_size: int, seed: int):
+  """Gradients of the cross-entropy on one training batch w.r.t. the params (eval-mode
+  batch norm), for the Taylor criterion (Molchanov et al. 2019: ``|sum w * dL/dw|``)."""
+  batch = data.batch_at(ds, 0, batch_size, seed=seed, train=True)
+  rest = {k: v for k, v in variables.items() if k != "params"}
+
+  def loss(params):
+    logits = model.apply({"params": params, **rest}, batch["image"], train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+  return jax.device_get(jax.jit(jax.grad(loss))(variables["params"]))
 
 
 def _changed_shapes(before, after) -> dict[str, list]:
@@ -94,6 +104,8 @@ def run(config, workdir: str) -> dict:
         current_model, current_vars, input_shape, criterion=cfg.criterion,
         global_ranking=cfg.global_ranking, round_to=cfg.round_to,
         ignore=tuple(cfg.ignore), key=jax.random.fold_in(key, k),
+        grads=(taylor_grads(current_model, current_vars, train_ds, config.train.batch_size,
+                            config.seed + k) if cfg.criterion == "taylor" else None),
         **{f"{cfg.target}_ratio": min(1.0, ratio * dense_count / now)})
     pruned_acc = evaluate(small.model, small.variables)
     fine = baseline.train(f"finetune{k}", config.finetune, config.seed, workdir, datasets,
