@@ -18,3 +18,5 @@ def test_your_own_model_examples_run(capsys):
   out = capsys.readouterr().out
   assert "{'flops': 5644298, 'params': 60458}" in out
   assert "16 4096" in out
+  assert "['bn0/scale']" in out
+  assert "{'conv0': 24} ['head/kernel']" in out  # the printed comments are what runs
