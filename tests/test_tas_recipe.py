@@ -123,7 +123,7 @@ def test_smoke_pipeline_ends_inside_the_flops_band(tmp_path):
   import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = subprocess.run([sys.executable, "-m", "jaxprune.main", "--config",
-                         "configs/tas_resnet.py:smoke", "--workdir", str(tmp_path)],
+                         "configs/tas_resnet.py:smoke,depth=8", "--workdir", str(tmp_path)],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
                         check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
