@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.extend as jex
+import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.graph.propagate import _subjaxpr
@@ -40,10 +41,12 @@ class Layer:
     primitive: ``conv_general_dilated`` or ``dot_general``.
     params: the equation's params (padding, strides, dimension numbers...).
     kernel_operand: 0 or 1, which operand is the kernel.
-    x: the other operand's value (the layer's input), as the network computed it.
+    x: the other operand's value (the layer's input), as the network computed it;
+      from :func:`run` with a leading example axis (``x[i]`` is example i's).
     out_shape: the layer output's shape.
     kernel_shape: the kernel's shape.
-    out: the layer's output value (before any bias add).
+    x_shape: one example's input shape (with its batch of one).
+    out: the layer's output value (before any bias add), with the example axis.
   """
   kernel: str
   primitive: str
@@ -52,6 +55,7 @@ class Layer:
   x: Any
   out_shape: tuple
   kernel_shape: tuple
+  x_shape: tuple = ()
   out: Any = None
 
   def input_axis(self, kernel_axis: int) -> int | None:
@@ -73,7 +77,7 @@ class Layer:
       dn = self.params["dimension_numbers"]
       return dn.out_spec[1] if kernel_axis == dn.rhs_spec[0] else None
     (lc, rc), (lb, rb) = self.params["dimension_numbers"]
-    x_ndim = np.ndim(self.x)
+    x_ndim = len(self.x_shape)
     k_ndim = len(self.kernel_shape)
     if self.kernel_operand == 1:
       lhs_free = [a for a in range(x_ndim) if a not in lc and a not in lb]
@@ -95,21 +99,59 @@ class Result:
   followers: dict[str, dict[str, str]]  # kernel path -> {"bias"|"mean": leaf path}
 
 
-def run(traced: Traced, values: dict[str, Any], x, *,
-        feed: Callable[[Layer], Any] | None = None) -> Result:
-  """Evaluates `traced` on ``(values, x)``.
+def run(traced: Traced, values: dict[str, Any], xs, *,
+        replace: Sequence[Any] | None = None) -> Result:
+  """Evaluates `traced` on ``(values, x)`` for every example ``x`` of `xs`.
+
+  The interpreter below is traced once under ``jax.jit(jax.vmap(...))`` (the jaxpr
+  has the fixed batch of one it was traced with; examples are mapped), so a probe
+  costs one compile, not one eager dispatch per primitive.
 
   Args:
     traced: :func:`jaxprune.graph.tracing.trace_jaxpr` of the model.
     values: ``{leaf path: array}`` for every path of ``traced.paths``.
-    x: one example batch of ``traced.input_shape`` (a jaxpr's shapes are fixed:
-      loop over a probe's examples).
-    feed: called with each :class:`Layer` (its ``x`` as computed); a non-None
-      return value replaces the layer's input.
+    xs: a probe ``(N, *example_shape)``; each example runs with a batch of one.
+    replace: per :class:`Layer`, in the order :func:`layers_of` lists them,
+      ``(N, *layer input shape)`` arrays that replace that layer's input (how a
+      smaller network is fed the original's activations), or None.
+
+  Returns:
+    A :class:`Result`; each layer's ``x`` and ``out`` carry a leading example axis.
   """
   leaves = [values[p] for p in traced.paths]
-  layers: list[Layer] = []
+  xs = np.asarray(xs)
+  xs = xs.reshape((xs.shape[0],) + tuple(traced.input_shape))
+  meta: list[Layer] = []
   followers: dict[str, dict[str, str]] = {}
+
+  def one(leaves, x, reps):
+    meta.clear()
+    followers.clear()
+    outputs = _interpret(traced, leaves, x, reps, meta, followers)
+    return outputs, [l.x for l in meta], [l.out for l in meta]
+  fn = jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
+  outputs, ins, outs = fn(leaves, xs, list(replace) if replace is not None else None)
+  layers = [dataclasses.replace(l, x=np.asarray(i), out=np.asarray(o))
+            for l, i, o in zip(meta, ins, outs)]
+  return Result(outputs=[np.asarray(o) for o in outputs], layers=layers,
+                followers=dict(followers))
+
+
+def layers_of(traced: Traced, values: dict[str, Any]) -> list[Layer]:
+  """The layers :func:`run` sees, in order, with abstract ``x`` / ``out`` (no compute)."""
+  meta: list[Layer] = []
+
+  def one(leaves, x):
+    _interpret(traced, leaves, x, None, meta, {})
+    return 0
+  leaves = [jax.ShapeDtypeStruct(np.shape(values[p]), jnp.result_type(values[p]))
+            for p in traced.paths]
+  jax.eval_shape(one, leaves, jax.ShapeDtypeStruct(traced.input_shape, jnp.float32))
+  return [dataclasses.replace(l, x=jax.ShapeDtypeStruct(np.shape(l.x), l.x.dtype),
+                              out=None) for l in meta]
+
+
+def _interpret(traced, leaves, x, replace, layers, followers):
   is_param = dict(zip(traced.paths, traced.is_param))
 
   def layer_of(eqn, vals, tags):
@@ -126,7 +168,8 @@ def run(traced: Traced, values: dict[str, Any], x, *,
         return Layer(kernel=tag[1], primitive=name, params=dict(eqn.params),
                      kernel_operand=side, x=vals[1 - side],
                      out_shape=tuple(eqn.outvars[0].aval.shape),
-                     kernel_shape=tuple(np.shape(vals[side])))
+                     kernel_shape=tuple(np.shape(vals[side])),
+                     x_shape=tuple(np.shape(vals[1 - side])))
     return None
 
   def evaluate(jaxpr, consts, args, arg_tags):
@@ -153,10 +196,9 @@ def run(traced: Traced, values: dict[str, Any], x, *,
       else:
         layer = None if nested else layer_of(eqn, vals, tags)
         if layer is not None:
+          if replace is not None:
+            vals[1 - layer.kernel_operand] = replace[len(layers)]
           layers.append(layer)
-          replaced = feed(layer) if feed is not None else None
-          if replaced is not None:
-            vals[1 - layer.kernel_operand] = replaced
           out_tags = [("out", layer.kernel)]
         elif name in _SHAPE_ONLY and tags and tags[0] is not None:
           out_tags = [tags[0]]
@@ -183,9 +225,8 @@ def run(traced: Traced, values: dict[str, Any], x, *,
 
   closed = traced.jaxpr
   tags = [("leaf", p) for p in traced.paths] + [None]
-  with jax.disable_jit():
-    outputs, _ = evaluate(closed.jaxpr, closed.consts, list(leaves) + [x], tags)
-  return Result(outputs=outputs, layers=layers, followers=followers)
+  outputs, _ = evaluate(closed.jaxpr, closed.consts, list(leaves) + [x], tags)
+  return outputs
 
 
 def kernel_output_axes(layer: Layer, kernel_ndim: int) -> list[int]:
@@ -205,7 +246,7 @@ def conv_interior(layer: Layer) -> np.ndarray | None:
   if layer.primitive != "conv_general_dilated":
     return None
   dn = layer.params["dimension_numbers"]
-  x_shape = np.shape(layer.x)
+  x_shape = layer.x_shape
   spatial_in = [x_shape[a] for a in dn.lhs_spec[2:]]
   spatial_out = [layer.out_shape[a] for a in dn.out_spec[2:]]
   masks = []
@@ -225,4 +266,4 @@ def conv_interior(layer: Layer) -> np.ndarray | None:
   return out
 
 
-__all__ = ["Layer", "Result", "run", "kernel_output_axes", "conv_interior"]
+__all__ = ["Layer", "Result", "run", "layers_of", "kernel_output_axes", "conv_interior"]

@@ -291,16 +291,13 @@ def _zero_slices(values, m) -> np.ndarray:
   return ~np.any(sub.reshape(m.index.shape[0], -1) != 0, axis=1)
 
 
-def _measure(layers, m, channels, atol):
+def _measure(layer, m, channels, atol):
   """The value each probe example feeds the consumer on ``m.index[channels]``,
   read at the middle position; (values (n, r), agree mask per channel)."""
-  reads = []
-  for layer in layers:
-    axis = layer.input_axis(m.axis)
-    x = np.moveaxis(np.asarray(layer.x, np.float64), axis, -1)
-    flat = x.reshape(-1, x.shape[-1])
-    reads.append(flat[flat.shape[0] // 2][m.index[channels]])
-  reads = np.stack(reads)  # (examples, n, r)
+  axis = layer.input_axis(m.axis) + 1  # + the example axis
+  x = np.moveaxis(np.asarray(layer.x, np.float64), axis, -1)
+  flat = x.reshape(x.shape[0], -1, x.shape[-1])
+  reads = flat[:, flat.shape[1] // 2][:, m.index[channels]]  # (examples, n, r)
   agree = np.all(np.abs(reads - reads[:1]) <= atol, axis=(0, 2))
   return reads[0], agree
 
@@ -324,7 +321,7 @@ def shrink(model, variables, input_shape: Sequence[int], call: Callable | None =
     call: as for :func:`jaxprune.graph.trace`.
     fold_constants: False drops constant channels without folding (to measure
       what the fold buys).
-    probe: inputs (N, *input_shape) for the measurement (default 4 random ones).
+    probe: inputs (N >= 2, *input_shape) for the measurement (default 2 random ones).
     max_rounds: a bound on the fixpoint iteration.
 
   Returns:
@@ -347,8 +344,11 @@ def shrink(model, variables, input_shape: Sequence[int], call: Callable | None =
   placeholders: dict[str, tuple] = {}
   cascaded, readers, unfoldable = set(), set(), {}
   x = probe if probe is not None else np.asarray(jax.random.normal(
-      jax.random.key(0), (4, *g0.traced.input_shape[1:])))
+      jax.random.key(0), (2, *g0.traced.input_shape[1:])))
   x = np.asarray(x, np.float32)
+  if len(x) < 2:
+    raise UserError(f"shrink needs a probe of at least 2 inputs to check that a removed "
+                    f"channel is constant; got {len(x)}")
 
   cur_model, cur_vars, g = model, variables, g0
   rounds = 0
@@ -357,15 +357,11 @@ def shrink(model, variables, input_shape: Sequence[int], call: Callable | None =
     if rounds > 1:
       g = graph_lib.trace(cur_model, cur_vars, input_shape, call)
     values = {p: _numpy(v) for p, v in graph_lib.named_leaves(cur_model, cur_vars).items()}
-    runs = [evaluate.run(g.traced, values, x[i:i + 1]) for i in range(len(x))]
-    layers: dict[str, list] = {}
-    for r in runs:
-      seen = set()
-      for layer in r.layers:
-        if layer.kernel not in seen:
-          seen.add(layer.kernel)
-          layers.setdefault(layer.kernel, []).append(layer)
-    followers = runs[0].followers
+    result = evaluate.run(g.traced, values, x)
+    layers: dict[str, Any] = {}
+    for layer in result.layers:
+      layers.setdefault(layer.kernel, layer)  # a shared kernel: its first use
+    followers = result.followers
     new: dict[str, np.ndarray] = {}
 
     def arr(path):
@@ -391,17 +387,17 @@ def shrink(model, variables, input_shape: Sequence[int], call: Callable | None =
       if channels.size and fold_constants:
         ok, plan = np.ones(channels.size, bool), []
         for m in consumers:
-          seen_layers = layers.get(m.path)
-          if not seen_layers:
+          seen = layers.get(m.path)
+          if seen is None:
             unfoldable[label] = f"{m.path} is not a conv/matmul input"
             ok[:] = False
             break
-          scale = max(1.0, float(np.max(np.abs(np.asarray(seen_layers[0].x)))))
-          reads, agree = _measure(seen_layers, m, channels, 1e-6 * scale)
+          scale = max(1.0, float(np.max(np.abs(seen.x))))
+          reads, agree = _measure(seen, m, channels, 1e-6 * scale)
           if not agree.all():
             unfoldable[label] = f"the channels {m.path} reads are not constant"
           ok &= agree
-          out_axes = evaluate.kernel_output_axes(seen_layers[0], len(values[m.path].shape))
+          out_axes = evaluate.kernel_output_axes(seen, len(values[m.path].shape))
           target = followers.get(m.path, {})
           into = target.get("bias") or target.get("mean")
           if len(out_axes) != 1 or into is None:  # only channels that read as 0 may go
@@ -520,61 +516,60 @@ def check_equivalence(model, variables, shrunk: Shrunk, probe,
   big_v = graph_lib.named_leaves(model, variables)
   small_v = graph_lib.named_leaves(shrunk.model, shrunk.variables)
   interior = border = scale = 0.0
-  for i in range(len(probe)):
-    big = {}
-    for layer in evaluate.run(big_t, big_v, probe[i:i + 1]).layers:
-      big.setdefault(layer.kernel, []).append(layer)
-    count: dict[str, int] = {}
-    pairs = []
-
-    def feed(layer):
-      k = count.get(layer.kernel, 0)
-      count[layer.kernel] = k + 1
-      ref = big[layer.kernel][k]
-      x = np.asarray(ref.x)
-      for axis, idx in shrunk.slices.get(layer.kernel, {}).items():
-        x_axis = ref.input_axis(axis)
-        if x_axis is not None:
-          x = np.take(x, idx, axis=x_axis)
-      pairs.append((ref, layer))
-      return jnp.asarray(x)
-    evaluate.run(small_t, small_v, probe[i:i + 1], feed=feed)
-    for ref, layer in pairs:
-      want = np.asarray(ref.out, np.float64)
-      fold = shrunk.folds.get(ref.kernel)
+  big = {}
+  for layer in evaluate.run(big_t, big_v, probe).layers:
+    big.setdefault(layer.kernel, []).append(layer)
+  count: dict[str, int] = {}
+  pairs, replace = [], []
+  for layer in evaluate.layers_of(small_t, small_v):  # each fed the masked network's input
+    k = count.get(layer.kernel, 0)
+    count[layer.kernel] = k + 1
+    ref = big[layer.kernel][k]
+    x = ref.x
+    for axis, idx in shrunk.slices.get(layer.kernel, {}).items():
+      x_axis = ref.input_axis(axis)
+      if x_axis is not None:
+        x = np.take(x, idx, axis=x_axis + 1)
+    pairs.append(ref)
+    replace.append(x)
+  fed = evaluate.run(small_t, small_v, probe, replace=replace).layers
+  for ref, layer in zip(pairs, fed):
+    want = np.asarray(ref.out, np.float64)
+    fold = shrunk.folds.get(ref.kernel)
+    for axis, idx in shrunk.slices.get(ref.kernel, {}).items():
+      out_axis = ref.output_axis(axis)
+      if out_axis is not None:
+        want = np.take(want, idx, axis=out_axis + 1)
+    diff = want - np.asarray(layer.out, np.float64)
+    if ref.kernel in shrunk.placeholders:  # read with zero weights: not compared
+      axis, original = shrunk.placeholders[ref.kernel]
+      kept = shrunk.slices.get(ref.kernel, {}).get(axis)
+      at = np.flatnonzero(np.isin(kept, original)) if kept is not None else original
+      diff = np.moveaxis(diff, ref.output_axis(axis) + 1, 0).copy()
+      diff[at] = 0.0
+      diff = np.moveaxis(diff, 0, ref.output_axis(axis) + 1)
+    if fold is not None:
+      out_axis = ref.output_axis(evaluate.kernel_output_axes(ref, len(ref.kernel_shape))[0])
+      delta = fold["delta"]
       for axis, idx in shrunk.slices.get(ref.kernel, {}).items():
-        out_axis = ref.output_axis(axis)
-        if out_axis is not None:
-          want = np.take(want, idx, axis=out_axis)
-      diff = want - np.asarray(layer.out, np.float64)
-      if ref.kernel in shrunk.placeholders:  # read with zero weights: not compared
-        axis, original = shrunk.placeholders[ref.kernel]
-        kept = shrunk.slices.get(ref.kernel, {}).get(axis)
-        at = np.flatnonzero(np.isin(kept, original)) if kept is not None else original
-        diff = np.moveaxis(diff, ref.output_axis(axis), 0).copy()
-        diff[at] = 0.0
-        diff = np.moveaxis(diff, 0, ref.output_axis(axis))
-      if fold is not None:
-        out_axis = ref.output_axis(evaluate.kernel_output_axes(ref, len(ref.kernel_shape))[0])
-        delta = fold["delta"]
-        for axis, idx in shrunk.slices.get(ref.kernel, {}).items():
-          if ref.output_axis(axis) == out_axis:
-            delta = delta[idx]
-        shape = [1] * diff.ndim
-        shape[out_axis] = -1
-        diff = diff - delta.reshape(shape)
-      diff = np.abs(_channels_last(diff, layer))
-      scale = max(scale, float(np.max(np.abs(want))))
-      inner = evaluate.conv_interior(layer)
-      if ref.kernel in shrunk.cascade_readers:
-        border = max(border, float(diff.max()))
-      elif inner is not None:
-        if inner.any():
-          interior = max(interior, float(diff[:, inner].max()))
-        if (~inner).any():
-          border = max(border, float(diff[:, ~inner].max()))
-      else:
-        interior = max(interior, float(diff.max()))
+        if ref.output_axis(axis) == out_axis:
+          delta = delta[idx]
+      shape = [1] * diff.ndim
+      shape[out_axis + 1] = -1
+      diff = diff - delta.reshape(shape)
+    # (examples * batch of one, spatial..., channels) for a conv.
+    diff = np.abs(_channels_last(diff.reshape((-1,) + diff.shape[2:]), layer))
+    scale = max(scale, float(np.max(np.abs(want))))
+    inner = evaluate.conv_interior(layer)
+    if ref.kernel in shrunk.cascade_readers:
+      border = max(border, float(diff.max()))
+    elif inner is not None:
+      if inner.any():
+        interior = max(interior, float(diff[:, inner].max()))
+      if (~inner).any():
+        border = max(border, float(diff[:, ~inner].max()))
+    else:
+      interior = max(interior, float(diff.max()))
   logits = np.asarray(_forward(model, variables, call, probe))
   small = np.asarray(_forward(shrunk.model, shrunk.variables, call, probe))
   return {"interior_max_abs_diff": interior, "border_max_abs_diff": border,
