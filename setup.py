@@ -34,6 +34,7 @@ setuptools.setup(
     extras_require={
         # Building (not reading) the stock TFDS datasets runs TensorFlow inside TFDS.
         "tfds-build": ["tensorflow-cpu>=2.16", "importlib_resources"],
-        "test": ["pytest>=8", "tensorflow-cpu>=2.16", "importlib_resources"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorflow-cpu>=2.16",
+                 "importlib_resources"],
     },
 )

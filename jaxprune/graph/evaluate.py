@@ -17,7 +17,7 @@ output that meets a ``.../bias`` leaf in an ``add`` or a ``.../mean`` leaf in a
 BatchNorm after it): where a folded constant goes.
 """
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
