@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxprune import optim
+from jaxprune import optim, surgery
 
 
 def _rng():
@@ -380,6 +380,14 @@ def test_autoprune_trains_and_prunes_an_nnx_mlp_through_nnx_optimizer():
   assert after > max(0.85, before + 0.2), (before, after)
   assert 0.0 < total < 0.9, kept
   assert all(f > 0 for f in kept.values()), kept  # no layer dies whole
+  # The export for any model (here NNX): hidden units the gates left with no weights go.
+  pruned = optim.effective_model(model, optimizer)
+  small, info = surgery.prune_zeros(pruned, None, (8,), probe=x[:16])
+  assert info["max_abs_diff"] < 1e-4
+  no_input = (~np.any(np.asarray(pruned.fc1.kernel[...]) != 0, axis=0)
+              & (np.asarray(pruned.fc1.bias[...]) == 0))
+  unread = ~np.any(np.asarray(pruned.fc2.kernel[...]) != 0, axis=1)
+  assert small.model.fc1.kernel[...].shape[1] == max(int(np.sum(~(no_input | unread))), 1)
 
 
 def test_autoprune_value_and_grad_carries_dropout_rngs_and_aux():
