@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import REPO
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import loop, mesh as mesh_lib
 from jaxprune.engine.metrics import read_jsonl
@@ -293,3 +294,48 @@ def test_report_wall_time_covers_every_invocation_and_each_stage(tmp_path):
   assert out["stage_time_s"]["stage"] >= 1.0
   assert out["wall_time_s"] >= invocation + 0.9  # not just the last invocation
   assert "stage_time_s" in (tmp_path / "report.md").read_text()
+
+
+def _recipe(workdir):
+  """The AutoPrune LeNet smoke recipe through the CLI, small: 8 + 16 steps, checkpoints
+  every 4, a log line every 2 steps."""
+  flags = ["--config", "configs/autoprune_lenet.py:smoke", "--workdir", str(workdir),
+           "--config.dataset.synthetic.num_train=256", "--config.dataset.synthetic.num_test=64"]
+  for section in ("pretrain", "train"):
+    flags += [f"--config.{section}.batch_size=32", f"--config.{section}.log_every_steps=2",
+              f"--config.{section}.checkpoint_every_steps=4"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.Popen([sys.executable, "-m", "jaxprune.main", *flags], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+_REPORT_KEYS = ("accuracy_after", "error_before", "kept_weights", "weights", "compression")
+
+
+def test_sigkill_of_a_recipe_run_resumes_to_the_same_report(tmp_path):
+  """A whole recipe (pretrain -> prune -> report) SIGKILLed at random logged steps of
+  both stages, then rerun: the same report numbers and the same logged losses as an
+  uninterrupted run."""
+  rc, _, err = _finish(_recipe(tmp_path / "ref"), timeout=600)
+  assert rc == 0, err[-3000:]
+  want = json.loads((tmp_path / "ref" / "report.json").read_text())
+  rng = np.random.default_rng()
+  workdir = tmp_path / "run"
+  for stage, last in (("pretrain", 8), ("prune", 16)):
+    at = int(rng.integers(1, last // 2)) * 2
+    proc = _recipe(workdir)
+    for line in proc.stdout:
+      if line.startswith(f"[{stage}] step ") and int(line.split()[2].split("/")[0]) >= at:
+        proc.kill()
+        break
+    rc, _, _ = _finish(proc, timeout=600)
+    assert rc == -signal.SIGKILL, (stage, at)
+  rc, _, err = _finish(_recipe(workdir), timeout=600)
+  assert rc == 0, err[-3000:]
+  got = json.loads((workdir / "report.json").read_text())
+  assert {k: got[k] for k in _REPORT_KEYS} == {k: want[k] for k in _REPORT_KEYS}
+  for stage in ("pretrain", "prune"):
+    losses = lambda d: [(r["step"], r["train_loss"]) for r in read_jsonl(
+        str(d / stage / "metrics.jsonl")) if "train_loss" in r]
+    assert losses(workdir) == losses(tmp_path / "ref") and losses(workdir)
