@@ -194,7 +194,7 @@ def _interpret(traced, leaves, x, replace, layers, followers):
         inner, inner_consts = nested
         outs, out_tags = evaluate(inner, inner_consts, vals, tags)
       else:
-        layer = None if nested else layer_of(eqn, vals, tags)
+        layer = layer_of(eqn, vals, tags)
         if layer is not None:
           if replace is not None:
             vals[1 - layer.kernel_operand] = replace[len(layers)]
