@@ -41,7 +41,7 @@ def get_config(arg=None):
     raise config_lib.UserError(f"arch={args.arch!r}: choose one of {', '.join(ARCHS)}.")
   arch = ARCHS[args.arch]
   config = config_lib.base_config("autoprune")
-  config.model = dict(name=arch["model"])
+  config.model = config_lib.model_config(arch["model"])
   config.dataset = config_lib.dataset_config(args.dataset)
   config.dataset.augment = "none"
   common = dict(warmup_epochs=0, eval_batch_size=1000, learning_rate=arch["lr"],

@@ -22,7 +22,7 @@ from jaxprune.methods.autoprune import autoprune_config
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, dataset="cifar10", surrogate="softplus", smoke=False)
   config = config_lib.base_config("autoprune")
-  config.model = dict(name="vgg_like")
+  config.model = config_lib.model_config("vgg_like")
   config.dataset = config_lib.dataset_config(args.dataset)
   common = dict(warmup_epochs=0, batch_size=128, eval_batch_size=500, learning_rate=0.05,
                 weight_decay=5e-4, nesterov=True, log_every_steps=100,

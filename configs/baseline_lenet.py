@@ -27,7 +27,7 @@ def get_config(arg=None):
     raise config_lib.UserError(f"arch={args.arch!r}: choose one of {', '.join(ARCHS)}.")
   config = config_lib.base_config("baseline")
   model, learning_rate, epochs = ARCHS[args.arch]
-  config.model = dict(name=model)
+  config.model = config_lib.model_config(model)
   config.dataset = config_lib.dataset_config(args.dataset)
   config.dataset.augment = "none"
   config.train = config_lib.train_config(

@@ -25,7 +25,7 @@ from jaxprune import config_lib
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, depth=20, dataset="cifar10", epochs=300, smoke=False)
   config = config_lib.base_config("baseline")
-  config.model = dict(name="cifar_resnet", depth=args.depth)
+  config.model = config_lib.model_config("cifar_resnet", depth=args.depth)
   config.train = config_lib.train_config(epochs=args.epochs)
   config.dataset = config_lib.dataset_config(args.dataset)
   if args.dataset == "cifar10_subset":

@@ -37,7 +37,7 @@ def get_config(arg=None):
   if args.graph not in GRAPHS:
     raise config_lib.UserError(f"graph={args.graph!r}: choose one of {', '.join(GRAPHS)}.")
   config = config_lib.base_config("dnw")
-  config.model = dict(name=VARIANTS[args.variant], graph=args.graph, prune_rate=0.95)
+  config.model = config_lib.model_config(VARIANTS[args.variant], graph=args.graph, prune_rate=0.95)
   # Step schedule x0.1 at 1/2 and 3/4 of training (epochs 80 and 120 of 160).
   config.train = config_lib.train_config(
       epochs=args.epochs, warmup_epochs=0, batch_size=512, eval_batch_size=500,

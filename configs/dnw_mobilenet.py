@@ -30,7 +30,7 @@ def get_config(arg=None):
   if args.graph not in ("dnw", "random", "complete"):
     raise config_lib.UserError(f"graph={args.graph!r}: choose dnw, random or complete.")
   config = config_lib.base_config("dnw")
-  config.model = dict(name="dnw_mobilenet", width=args.width, graph=args.graph)
+  config.model = config_lib.model_config("dnw_mobilenet", width=args.width, graph=args.graph)
   config.dataset = config_lib.dataset_config("imagenet2012")
   config.train = config_lib.train_config(
       epochs=args.epochs, warmup_epochs=0, batch_size=512, eval_batch_size=500,

@@ -49,7 +49,7 @@ def get_config(arg=None):
   dataset = "cifar10" if args.dataset == "fashion_mnist" else args.dataset
   config = base.get_config(f"dataset={dataset},dense={args.dense},rho={args.rho},"
                            f"smoke={args.smoke}")
-  config.model = dict(name="convnet", features=(96, 192, 192), kernels=(5, 5, 3),
+  config.model = config_lib.model_config("convnet", features=(96, 192, 192), kernels=(5, 5, 3),
                       hidden=(384,))
   if args.dataset == "fashion_mnist":
     config.dataset = config_lib.dataset_config("fashion_mnist")

@@ -30,8 +30,9 @@ run is a small-data demonstration, not the paper's numbers (see README for what 
 """
 from jaxprune import config_lib
 
-# Conv kernels only (stem, block convs, shortcuts), not BN and not the classifier (§5).
-CONV_KERNELS = r"conv[^/]*/kernel$"
+# Conv kernels only (stem, block convs, shortcuts), not BN and not the classifier (§5);
+# case-insensitive, so that a user model's Flax-named Conv_0/kernel matches too.
+CONV_KERNELS = r"(?i)conv[^/]*/kernel$"
 
 
 def stage_config(*, l1: float, steps: int, learning_rate: float = 0.1):
@@ -48,7 +49,7 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg, depth=20, dataset="cifar10", dense=False, rho="memory",
                               smoke=False)
   config = config_lib.base_config("ista")
-  config.model = dict(name="cifar_resnet", depth=args.depth)
+  config.model = config_lib.model_config("cifar_resnet", depth=args.depth)
   config.dataset = config_lib.dataset_config(args.dataset)
   # Batch 125 in the reference; 128 divides over 1, 2, 4, 8 ... devices.
   config.warmup = stage_config(l1=0.001, steps=30_000)

@@ -36,7 +36,7 @@ def get_config(arg=None):
                               steps=1, round_to=1, epochs=160, finetune_epochs=40,
                               smoke=False, **{"global": False})
   config = config_lib.base_config("prune")
-  config.model = dict(name="cifar_resnet", depth=args.depth)
+  config.model = config_lib.model_config("cifar_resnet", depth=args.depth)
   config.dataset = config_lib.dataset_config(args.dataset)
   config.train = config_lib.train_config(epochs=args.epochs)
   # Fine-tuning: a short cosine schedule from a lower peak (the kept weights are trained).

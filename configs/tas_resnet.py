@@ -48,7 +48,7 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg, depth=20, dataset="cifar10", ratio=0.47, kd=True,
                               shape="", epochs=0, smoke=False)
   config = config_lib.base_config("tas")
-  config.model = dict(name="cifar_resnet", depth=args.depth)
+  config.model = config_lib.model_config("cifar_resnet", depth=args.depth)
   config.dataset = config_lib.dataset_config(args.dataset)
   config.teacher = config_lib.train_config()  # the unpruned network, full training set
   config.train = config_lib.train_config()    # retraining the derived network (§7)

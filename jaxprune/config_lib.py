@@ -88,6 +88,18 @@ def dataset_config(name: str) -> ml_collections.ConfigDict:
   return cfg
 
 
+def model_config(name: str, **fields: Any) -> ml_collections.ConfigDict:
+  """The ``model`` section: a jaxprune model's name and arguments, or a user's factory.
+
+  ``name`` is a key of :data:`jaxprune.models.MODELS` or ``"<module path>:<factory>"``
+  (a Linen or NNX model from the user's ``PYTHONPATH``, see
+  :mod:`jaxprune.models.external`). ``kwargs`` is a Python dict literal of extra
+  arguments, e.g. ``--config.model.kwargs="{'features': 64}"``; a user factory gets
+  only these (the section's other fields are for jaxprune's models).
+  """
+  return ml_collections.ConfigDict({"name": name, **fields, "kwargs": ""})
+
+
 def train_config(**overrides) -> ml_collections.ConfigDict:
   """The ``train`` section: SGD recipe, schedule and loop frequencies."""
   cfg = ml_collections.ConfigDict({

@@ -345,7 +345,8 @@ def run(config, workdir: str) -> dict:
   datasets = data.load(config.dataset)
   train_ds = datasets["train"]
   input_shape = train_ds.image_shape
-  model = baseline.build_model(config.model, train_ds.num_classes)
+  model = baseline.build_model(config.model, train_ds.num_classes, train_ds.image_shape)
+  baseline.check_selectors(config, model, train_ds.image_shape)
   # After the data and model checks: a failed start leaves the workdir untouched.
   config_lib.check_workdir(workdir, config, datasets)
   init_vars, init_acc = load_init(config, workdir, datasets, model, mesh)

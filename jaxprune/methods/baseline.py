@@ -12,12 +12,47 @@ import jax.numpy as jnp
 
 from jaxprune import config_lib, data, flops, models, optim
 from jaxprune.engine import loop, mesh as mesh_lib, report, steps
+from jaxprune.errors import UserError
+from jaxprune.models import external
 
 
-def build_model(model_cfg, num_classes: int):
-  """The model named by a ``model`` config section (None-valued fields omitted)."""
-  kwargs = {k: v for k, v in model_cfg.to_dict().items() if k != "name" and v is not None}
-  return models.get_model(model_cfg.name, num_classes=num_classes, **kwargs)
+def build_model(model_cfg, num_classes: int, input_shape=None):
+  """The model named by a ``model`` config section.
+
+  A jaxprune model (``name`` in :data:`jaxprune.models.MODELS`) gets the section's other
+  fields (None-valued ones omitted) updated by ``kwargs``; a user's factory
+  (``name="<module>:<factory>"``, :mod:`jaxprune.models.external`) gets only ``kwargs``
+  and is checked on ``input_shape``.
+  """
+  fields = model_cfg.to_dict()
+  extra = external.parse_kwargs(fields.pop("kwargs", None))
+  name = fields.pop("name")
+  if external.is_external(name):
+    if input_shape is None:
+      raise ValueError("build_model needs the input shape for a user model")
+    return external.build(name, extra, num_classes, input_shape)
+  kwargs = {k: v for k, v in fields.items() if v is not None}
+  return models.get_model(name, num_classes=num_classes, **{**kwargs, **extra})
+
+
+def check_selectors(config, model, input_shape) -> None:
+  """Every section's ``weight_decay_on`` must select a parameter of ``model``: a pattern
+  written for jaxprune's layer names stops here, before any work, on a user's model."""
+  params = None
+  for section, cfg in config.items():
+    pattern = cfg.get("weight_decay_on") if hasattr(cfg, "get") else None
+    if pattern is None:
+      continue
+    if params is None:
+      params = jax.eval_shape(lambda: model.init(
+          jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))["params"]
+    try:
+      optim.select(params, pattern)
+    except ValueError as e:
+      names = ", ".join(optim.selection.paths(params)[:8])
+      raise UserError(f"config {section}.weight_decay_on={pattern!r} selects no parameter "
+                      f"of model {config.model.name!r} (its params: {names}, ...); set "
+                      f"--config.{section}.weight_decay_on=<path regex>.") from e
 
 
 def train(name: str, train_cfg, seed: int, workdir: str, datasets, model,
@@ -59,7 +94,8 @@ def run(config, workdir: str) -> dict:
   t0 = time.time()
   datasets = data.load(config.dataset)
   train_ds = datasets["train"]
-  model = build_model(config.model, train_ds.num_classes)
+  model = build_model(config.model, train_ds.num_classes, train_ds.image_shape)
+  check_selectors(config, model, train_ds.image_shape)
   # After the data and model checks: a failed start leaves the workdir untouched.
   config_lib.check_workdir(workdir, config, datasets)
   result = train("baseline", config.train, config.seed, workdir, datasets, model)

@@ -210,7 +210,8 @@ def run(config, workdir: str) -> dict:
   train_ds, test_ds = datasets["train"], datasets["test"]
   input_shape = train_ds.image_shape
   cfg = config.ista
-  model = baseline.build_model(config.model, train_ds.num_classes)
+  model = baseline.build_model(config.model, train_ds.num_classes, train_ds.image_shape)
+  baseline.check_selectors(config, model, train_ds.image_shape)
   rho = penalties(model, input_shape, cfg.rho)
   # After the data and model checks: a failed start leaves the workdir untouched.
   config_lib.check_workdir(workdir, config, datasets, ("warmup",))

@@ -76,7 +76,8 @@ def run(config, workdir: str) -> dict:
   datasets = data.load(config.dataset)
   train_ds, test_ds = datasets["train"], datasets["test"]
   input_shape = train_ds.image_shape
-  model = baseline.build_model(config.model, train_ds.num_classes)
+  model = baseline.build_model(config.model, train_ds.num_classes, train_ds.image_shape)
+  baseline.check_selectors(config, model, train_ds.image_shape)
   config_lib.check_workdir(workdir, config, datasets,  # after the data and model checks
                            sections=("train", "finetune", "scratch"))
   batch = config.report.inference_batch_size

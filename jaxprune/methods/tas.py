@@ -362,7 +362,8 @@ def run(config, workdir: str) -> dict:
   datasets = data.load(config.dataset)
   train_ds = datasets["train"]
   input_shape = train_ds.image_shape
-  base_model = baseline.build_model(config.model, train_ds.num_classes)
+  base_model = baseline.build_model(config.model, train_ds.num_classes, train_ds.image_shape)
+  baseline.check_selectors(config, base_model, train_ds.image_shape)
   search_only = config.tas.get("search_only", False)
   if config.tas.released_shape:
     shape = released_shape(config.tas.released_shapes_file, config.tas.released_shape)

@@ -61,6 +61,7 @@ from flax import nnx
 
 from jaxprune.errors import UserError
 from jaxprune.graph import tracing
+from jaxprune.models import external
 from jaxprune.optim.selection import leaf_path
 
 Slices = Mapping[str, Mapping[int, Any]]
@@ -117,6 +118,8 @@ def rebuild(model: Any, variables: Any, slices: Slices, input_shape: Any = None,
     >>> logits = pruned.model.apply(pruned.variables, x)
   """
   overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+  if isinstance(model, external.FromNNX):
+    return _rebuild_from_nnx(model, variables, slices, input_shape, overrides)
   if isinstance(model, nnx.Module):
     if variables is not None:
       raise UserError("rebuild: an nnx.Module carries its own state; "
@@ -561,6 +564,28 @@ def _rebuild_nnx(model, slices, input_shape, call, overrides):
       raise UserError(f"rebuild: the smaller network does not run: "
                       f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
   return Pruned(model=new, variables=None, shapes=shapes, stale=stale)
+
+
+def _rebuild_from_nnx(model, variables, slices, input_shape, overrides):
+  """An NNX model run through :class:`jaxprune.models.external.FromNNX`: rebuild the NNX
+  module (its paths are the Linen ones without the collection) and wrap it again."""
+  if variables is None:
+    raise UserError("rebuild: a FromNNX model needs its Linen variables.")
+  collection_of, inner = {}, {}
+  for path, spec in slices.items():
+    collection, _, rest = path.partition("/")
+    collection_of[rest], inner[rest] = collection, spec
+  pruned = _rebuild_nnx(model.module(variables), inner, None, None, overrides)
+  wrapper, small = external.from_nnx(pruned.model,
+                                     external.sliced_draw(model.split.draw, inner))
+  if input_shape is not None:
+    try:
+      jax.eval_shape(lambda v: wrapper.apply(v, _example(input_shape), train=False), small)
+    except Exception as e:
+      raise UserError(f"rebuild: the smaller network does not run: "
+                      f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+  shapes = {f"{collection_of[p]}/{p}": s for p, s in pruned.shapes.items()}
+  return Pruned(model=wrapper, variables=small, shapes=shapes, stale=pruned.stale)
 
 
 def _stale_attrs(module, mpath, shapes):

@@ -1,0 +1,204 @@
+"""A user's own Linen or NNX model in the recipes (jaxprune.models.external).
+
+The models are in ``tests/user_models.py``, outside the package, written as Flax's docs
+write them; the command-line runs put this folder on PYTHONPATH and name them
+``user_models:<factory>``.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import user_models
+from conftest import REPO
+from jaxprune import surgery
+from jaxprune.errors import UserError
+from jaxprune.methods import baseline
+from jaxprune.models import external
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _x(shape, seed):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+@pytest.mark.parametrize("spec,kwargs,shape,classes,needle", [
+    ("nope_module:f", None, (8, 8, 3), 10, "cannot import module 'nope_module'"),
+    ("user_models:missing", None, (8, 8, 3), 10, "has no attribute 'missing'"),
+    ("user_models", None, (8, 8, 3), 10, "'<module path>:<factory>'"),
+    ("user_models:not_a_model", None, (8, 8, 3), 10, "returned a dict"),
+    ("user_models:broken_factory", None, (8, 8, 3), 10, "the user's factory is broken"),
+    ("user_models:linen_cnn", "{'feat': 3}", (8, 8, 3), 10, "unexpected keyword"),
+    ("user_models:linen_cnn", "[1, 2]", (8, 8, 3), 10, "dict with string keys"),
+    ("user_models:linen_cnn", "{oops", (8, 8, 3), 10, "not a Python dict literal"),
+    # The NNX CNN is built for 32x32 inputs: its first Linear does not fit 8x8.
+    ("user_models:nnx_cnn", None, (8, 8, 3), 10, "does not run on the dataset's input shape"),
+    # A factory without num_classes: the logits must still match the dataset.
+    ("user_models:fixed_head_mlp", None, (8, 8, 3), 7, "logits of shape (batch, 7)"),
+])
+def test_bad_user_models_are_one_line_errors(spec, kwargs, shape, classes, needle):
+  with pytest.raises(UserError) as e:
+    external.build(spec, kwargs, classes, shape)
+  message = str(e.value)
+  assert needle in message and "\n" not in message, message
+
+
+def test_build_model_routes_a_user_factory_and_keeps_builtin_fields():
+  from jaxprune import config_lib
+  cfg = config_lib.model_config("user_models:linen_mlp", depth=20)
+  cfg.kwargs = "{'hidden': 12}"
+  model = baseline.build_model(cfg, 10, (4, 4, 1))
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), train=False)
+  # The built-in field (depth) is not passed to the user's factory; kwargs are.
+  assert variables["params"]["Dense_0"]["kernel"].shape == (16, 12)
+  cfg = config_lib.model_config("lenet300_100")
+  cfg.kwargs = "{'features': (20, 10)}"
+  lenet = baseline.build_model(cfg, 10, (28, 28, 1))
+  shapes = jax.tree.map(jnp.shape, lenet.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)),
+                                              train=False))
+  assert shapes["params"]["fc1"]["kernel"] == (784, 20)
+
+
+def test_linen_without_train_flag_shares_the_users_variable_tree():
+  user = user_models.LinenMLP(hidden=9, num_classes=5)
+  wrapped = external.build("user_models:linen_mlp", "{'hidden': 9}", 5, (3, 3, 2))
+  x = _x((4, 3, 3, 2), np.random.randint(1 << 30))
+  own = user.init(jax.random.key(3), x)
+  ours = wrapped.init(jax.random.key(3), x, train=True)
+  assert jax.tree.structure(own) == jax.tree.structure(ours)
+  np.testing.assert_array_equal(wrapped.apply(own, x, train=True), user.apply(own, x))
+
+
+def test_nnx_model_through_linen_matches_the_nnx_module():
+  seed = np.random.randint(1 << 30)
+  wrapped = external.build("user_models:nnx_cnn", "{'spatial': 8, 'features': 4}", 10,
+                           (8, 8, 3))
+  x = _x((6, 8, 8, 3), seed)
+  variables = wrapped.init(jax.random.key(seed), x[:1], train=False)
+  again = wrapped.init(jax.random.key(seed), x[:1], train=False)
+  other = wrapped.init(jax.random.key(seed + 1), x[:1], train=False)
+  jax.tree.map(np.testing.assert_array_equal, variables, again)
+  assert not np.allclose(other["params"]["conv1"]["kernel"],
+                         variables["params"]["conv1"]["kernel"])
+  # A fresh draw is the factory's own module made with nnx.Rngs(key).
+  key = jax.random.key(seed)
+  reference = user_models.nnx_cnn(10, spatial=8, features=4, rngs=nnx.Rngs(key))
+  drawn = wrapped.split.draw(key)["params"]
+  for path, leaf in jax.tree_util.tree_leaves_with_path(
+      nnx.to_pure_dict(nnx.state(reference, nnx.Param))):
+    ours = drawn
+    for k in path:
+      ours = ours[str(k.key)]
+    np.testing.assert_array_equal(ours, leaf)
+  variables = {"params": drawn, "batch_stats": variables["batch_stats"]}
+  # Eval mode: the NNX module's own eval forward.
+  reference.eval()
+  np.testing.assert_allclose(wrapped.apply(variables, x, train=False), reference(x),
+                             rtol=1e-6, atol=1e-6)
+  # Train mode: batch statistics move exactly as the NNX module's do (dropout aside:
+  # p = 0 here through a module whose dropout rate is set to 0).
+  reference.train()
+  reference.dropout.rate = 0.0
+  out, updates = wrapped.apply(variables, x, train=True, mutable=["batch_stats"],
+                               rngs={"dropout": jax.random.key(1)})
+  module = wrapped.module(variables)
+  module.train()
+  module.dropout.rate = 0.0
+  expected = module(x)
+  bn_mean = np.asarray(nnx.state(module, nnx.BatchStat)["bn1"]["mean"][...])
+  np.testing.assert_allclose(updates["batch_stats"]["bn1"]["mean"], bn_mean, rtol=1e-6,
+                             atol=1e-7)
+  assert not np.allclose(bn_mean, variables["batch_stats"]["bn1"]["mean"])
+  assert out.shape == expected.shape == (6, 10)
+
+
+def test_nnx_dropout_is_reseeded_per_step_key():
+  wrapped = external.build("user_models:nnx_cnn", "{'spatial': 8, 'features': 4}", 10,
+                           (8, 8, 3))
+  x = _x((4, 8, 8, 3), 0)
+  variables = wrapped.init(jax.random.key(0), x[:1], train=False)
+
+  def run(k):
+    return jax.jit(lambda v: wrapped.apply(v, x, train=True, mutable=["batch_stats"],
+                                           rngs={"dropout": jax.random.key(k)})[0])(variables)
+  np.testing.assert_array_equal(run(5), run(5))
+  assert not np.allclose(run(5), run(6))
+
+
+def test_surgery_on_a_wrapped_nnx_model_matches_surgery_on_the_module():
+  seed = np.random.randint(1 << 30)
+  wrapped = external.build("user_models:nnx_cnn", "{'spatial': 8}", 10, (8, 8, 3))
+  x = _x((3, 8, 8, 3), seed)
+  variables = wrapped.init(jax.random.key(seed), x[:1], train=False)
+  small, info = surgery.prune_to(wrapped, variables, (8, 8, 3), flops_ratio=0.5)
+  # The same channels removed from the NNX module itself (the NNX path of surgery).
+  module = wrapped.module(variables)
+  direct, direct_info = surgery.prune_to(module, None, (8, 8, 3), flops_ratio=0.5)
+  assert {g: list(k) for g, k in info["keep"].items()} == {
+      g: list(k) for g, k in direct_info["keep"].items()}
+  direct.model.eval()
+  np.testing.assert_allclose(small.model.apply(small.variables, x, train=False),
+                             direct.model(x), rtol=1e-5, atol=1e-6)
+  assert small.shapes["params/conv1/kernel"][1][-1] < 16
+  # init of the pruned wrapper: a fresh full-width draw cut to the kept channels.
+  fresh = small.model.init(jax.random.key(7), x[:1], train=False)
+  full = wrapped.init(jax.random.key(7), x[:1], train=False)
+  kept = info["keep"][next(g for g in info["keep"]
+                           if len(info["keep"][g]) == fresh["params"]["conv1"]["bias"].size)]
+  np.testing.assert_array_equal(fresh["params"]["conv1"]["kernel"],
+                                np.asarray(full["params"]["conv1"]["kernel"])[..., kept])
+  assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, small.variables)
+
+
+def _main(tmp_path, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run([sys.executable, "-m", "jaxprune.main", *args,
+                         "--workdir", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=900, check=False)
+  return proc
+
+
+def _report(tmp_path):
+  with open(os.path.join(tmp_path, "report.json"), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def test_cli_prune_recipe_on_a_user_nnx_model(tmp_path):
+  proc = _main(tmp_path, "--config", "configs/prune_resnet.py:smoke",
+               "--config.model.name=user_models:nnx_cnn",
+               "--config.model.kwargs={'features': 8}", "--config.train.max_steps=4",
+               "--config.finetune.max_steps=4", "--config.scratch.max_steps=4")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = _report(tmp_path)
+  assert r["model"] == "user_models:nnx_cnn"
+  assert 0 < r["pruned_flops"] <= 0.5 * r["dense_flops"]
+  assert r["shapes"]["params/conv1/kernel"][1][-1] < 8
+
+
+def test_cli_ista_recipe_on_a_user_linen_model(tmp_path):
+  proc = _main(tmp_path, "--config", "configs/ista_resnet.py:smoke",
+               "--config.model.name=user_models:linen_cnn",
+               "--config.model.kwargs={'features': 8}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = _report(tmp_path)
+  assert r["model"] == "user_models:linen_cnn"
+  assert r["pruned_flops"] < r["base_flops"]
+
+
+def test_cli_user_model_errors_are_one_line(tmp_path):
+  proc = _main(tmp_path, "--config", "configs/ista_resnet.py:smoke",
+               "--config.model.name=user_models:linen_cnn",
+               "--config.sparsify.weight_decay_on=nothing_matches")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "Traceback" not in proc.stderr
+  assert last.startswith("error: config sparsify.weight_decay_on='nothing_matches'"), last
+  assert not os.listdir(tmp_path)  # stopped before any work

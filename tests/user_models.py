@@ -1,0 +1,90 @@
+"""Models written the way Flax's docs write them, outside the jaxprune package.
+
+The CLI tests name them as ``--config.model.name=user_models:<factory>`` with this
+folder on PYTHONPATH (a user's own module).
+"""
+from functools import partial
+
+import flax.linen as nn
+from flax import nnx
+
+
+class LinenCNN(nn.Module):
+  """The Flax docs' CNN (no train flag), with batch norm added as in their examples."""
+  features: int = 16
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Conv(self.features, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    x = nn.relu(x)
+    x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = nn.Conv(2 * self.features, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    x = nn.relu(x)
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dense(32)(x)
+    x = nn.relu(x)
+    return nn.Dense(self.num_classes)(x)
+
+
+class LinenMLP(nn.Module):
+  """No mode flag at all (the Flax docs' MLP)."""
+  hidden: int = 32
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(self.hidden)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+def linen_cnn(num_classes: int, features: int = 16):
+  return LinenCNN(features=features, num_classes=num_classes)
+
+
+def linen_mlp(num_classes: int, hidden: int = 32):
+  return LinenMLP(hidden=hidden, num_classes=num_classes)
+
+
+class NNXCNN(nnx.Module):
+  """The Flax NNX docs' CNN (MNIST tutorial shape), with batch norm and dropout."""
+
+  def __init__(self, in_channels: int, features: int, num_classes: int, spatial: int,
+               *, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(in_channels, features, kernel_size=(3, 3), rngs=rngs)
+    self.bn1 = nnx.BatchNorm(features, rngs=rngs)
+    self.conv2 = nnx.Conv(features, 2 * features, kernel_size=(3, 3), rngs=rngs)
+    self.bn2 = nnx.BatchNorm(2 * features, rngs=rngs)
+    self.avg_pool = partial(nnx.avg_pool, window_shape=(2, 2), strides=(2, 2))
+    self.linear1 = nnx.Linear(2 * features * (spatial // 4) ** 2, 32, rngs=rngs)
+    self.dropout = nnx.Dropout(0.1, rngs=rngs)
+    self.linear2 = nnx.Linear(32, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.avg_pool(nnx.relu(self.bn1(self.conv1(x))))
+    x = self.avg_pool(nnx.relu(self.bn2(self.conv2(x))))
+    x = x.reshape(x.shape[0], -1)
+    x = self.dropout(nnx.relu(self.linear1(x)))
+    return self.linear2(x)
+
+
+def nnx_cnn(num_classes: int, in_channels: int = 3, features: int = 16, spatial: int = 32,
+            rngs: nnx.Rngs | None = None):
+  return NNXCNN(in_channels, features, num_classes, spatial, rngs=rngs or nnx.Rngs(0))
+
+
+def fixed_head_mlp():
+  """A factory that does not take num_classes: its head has 10 outputs."""
+  return LinenMLP(hidden=8, num_classes=10)
+
+
+def not_a_model(num_classes: int):
+  return {"layers": num_classes}
+
+
+def broken_factory(num_classes: int):
+  raise RuntimeError("the user's factory is broken")
+
