@@ -1,0 +1,245 @@
+"""TAS on any model (jaxprune.search): the generic supernet against the dedicated one,
+closed forms of the costs and the mix, and user models in Linen and NNX."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxprune import kernels, models, search
+from jaxprune.models.tas_resnet import Selection
+from jaxprune.optim import selection as selection_lib
+import zoo
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+def _plain_and_tas(seed):
+  """cifar_resnet(8) with random weights and statistics, and the TASResNet holding the
+  same values (every candidate row equal; the search-only shortcut BN an identity)."""
+  rng = np.random.default_rng(seed)
+  plain = models.cifar_resnet(8, 10)
+  tas = models.tas_cifar_resnet(8, 10)
+  x0 = jnp.zeros((1, 32, 32, 3))
+  pv = plain.init(jax.random.key(seed), x0, train=False)
+  pv = jax.tree_util.tree_map_with_path(
+      lambda p, a: (rng.uniform(0.5, 1.5, a.shape) if selection_lib.leaf_path(p).endswith(
+          ("var", "scale")) else rng.normal(0, 0.2, a.shape) if selection_lib.leaf_path(
+              p).endswith(("mean", "bias")) else np.asarray(a)).astype(np.float32), pv)
+  tv = jax.device_get(tas.init(jax.random.key(0), x0, train=False, tau=1.0,
+                               key=jax.random.key(1)))
+  tv = jax.tree.map(np.array, tv)
+
+  def plain_name(tas_path):
+    parts = tas_path.split("/")
+    if parts[0] == "stem":
+      return f"stem_{parts[1]}/{parts[2]}"
+    if parts[0] == "classifier":
+      return tas_path
+    block, layer, kind, leaf = parts
+    if layer == "shortcut":
+      return None if kind == "bn" else f"{block}/shortcut_conv/{leaf}"
+    return f"{block}/{layer if kind == 'conv' else 'bn_' + layer[-1]}/{leaf}"
+
+  for collection in ("params", "batch_stats"):
+    flat = {selection_lib.leaf_path(p): leaf for p, leaf in
+            jax.tree_util.tree_flatten_with_path(tv[collection])[0]}
+    plain_flat = {selection_lib.leaf_path(p): leaf for p, leaf in
+                  jax.tree_util.tree_flatten_with_path(pv[collection])[0]}
+    for path, leaf in flat.items():
+      name = plain_name(path)
+      if name is None:  # the shortcut's search-only BN: identity in eval mode
+        leaf[...] = {"scale": 1.0, "bias": 0.0, "mean": 0.0,
+                     "var": 1.0 - 1e-5}[path.split("/")[-1]]
+        continue
+      src = np.asarray(plain_flat[name])
+      leaf[...] = np.broadcast_to(src, leaf.shape) if leaf.ndim == src.ndim + 1 else src
+  return plain, pv, tas, tv
+
+
+def _fixed(tas_model, selections):
+  """TASResNet that uses given width picks instead of sampling."""
+  class Fixed(type(tas_model)):
+    def sample(self, arch, tau, key):
+      return list(selections), [jnp.ones((1,))] * len(self.full_depths)
+  return Fixed(**{f: getattr(tas_model, f) for f in
+                  ("depth", "block", "num_classes", "num_picks", "dtype", "precision",
+                   "layout")})
+
+
+def test_generic_search_on_cifar_resnet_equals_tas_resnet_with_tied_picks():
+  seed = int(np.random.randint(1 << 30))
+  rng = np.random.default_rng(seed)
+  plain, pv, tas, tv = _plain_and_tas(seed)
+  space = search.SearchSpace(plain, pv, (32, 32, 3))
+  # The graph's groups: the stage-0 residual stream (stem + conv_b) and one per conv_a /
+  # per stage's conv_b + shortcut.
+  assert space.names == ["stem_conv", "stage0_block0/conv_a", "stage1_block0/conv_a",
+                         "stage1_block0/conv_b", "stage2_block0/conv_a",
+                         "stage2_block0/conv_b"]
+  picks = []
+  for cands in space.candidates:
+    idx = rng.choice(len(cands), 2, replace=False)
+    w = rng.dirichlet([1.0, 1.0]).astype(np.float32)
+    picks.append(Selection(jnp.asarray(idx, jnp.int32), jnp.asarray(w),
+                           jnp.asarray(np.asarray(cands)[idx], jnp.int32)))
+  # TASResNet's convs in widths order: stem, s0 a, s0 b, s1 a, s1 b, s2 a, s2 b.
+  group_of_conv = [0, 1, 0, 2, 3, 4, 5]
+  tas_fixed = _fixed(tas, [picks[g] for g in group_of_conv])
+  x = jax.random.normal(jax.random.key(seed), (3, 32, 32, 3))
+
+  def generic(weights, params):
+    sel = [p._replace(weights=w) for p, w in zip(picks, weights)]
+    return space.apply({**pv, "params": params}, x, train=False, selections=sel)
+
+  def dedicated(weights, params):
+    sel = [picks[g]._replace(weights=weights[g]) for g in group_of_conv]
+    return _fixed(tas, sel).apply({**tv, "params": params}, x, train=False, tau=1.0,
+                                  key=jax.random.key(0))
+  weights = [p.weights for p in picks]
+  ours, theirs = generic(weights, pv["params"]), dedicated(weights, tv["params"])
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+  assert float(jnp.abs(ours).max()) > 1e-2
+  # Gradients: of the mixing weights (which carry the architecture gradient, §2) and of
+  # a conv kernel.
+  loss = lambda f: (lambda w, p: jnp.sum(f(w, p) * jnp.arange(10.0)))
+  gw, gp = jax.grad(loss(generic), argnums=(0, 1))(weights, pv["params"])
+  tw, tp = jax.grad(loss(dedicated), argnums=(0, 1))(weights, tv["params"])
+  for a, b in zip(gw, tw):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
+  np.testing.assert_allclose(gp["stage1_block0"]["conv_a"]["kernel"],
+                             tp["stage1_block0"]["conv_a"]["conv"]["kernel"],
+                             rtol=2e-3, atol=2e-4)
+  del tas_fixed
+
+  # Costs: TASResNet's E_cost / F_cost with the logits tied across each group.
+  from jaxprune import flops
+  arch = space.init_arch(jax.random.key(seed))
+  alphas = [rng.normal(0, 1, len(c)).astype(np.float32) for c in space.candidates]
+  arch = {"width_logits": dict(zip(space.names, alphas))}
+  tas_arch = jax.tree.map(np.array, tv["arch"])
+  for path, g in zip(tas.conv_paths(), group_of_conv):
+    node = tas_arch["width_logits"]
+    for k in path[:-1]:
+      node = node[k]
+    node[path[-1]] = alphas[g]
+  np.testing.assert_allclose(space.expected_cost(arch),
+                             flops.tas_expected_cost(tas, tas_arch, (32, 32, 3)), rtol=1e-5)
+  assert int(round(float(space.argmax_cost(arch)))) == flops.tas_argmax_cost(
+      tas, tas_arch, (32, 32, 3))
+  ge = jax.grad(space.expected_cost)(arch)["width_logits"]
+  te = jax.grad(lambda a: flops.tas_expected_cost(tas, a, (32, 32, 3)))(tas_arch)
+  te = [n for n in tas.width_logits(te)]
+  for s, name in enumerate(space.names):
+    summed = sum(te[i] for i, g in enumerate(group_of_conv) if g == s)
+    np.testing.assert_allclose(ge[name], summed, rtol=1e-4, atol=1e-2)
+
+
+def test_expected_cost_is_the_closed_form_of_a_two_layer_net():
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = nn.relu(nn.Conv(10, (3, 3), use_bias=False, name="c1")(x))
+      x = nn.relu(nn.Conv(20, (1, 1), use_bias=False, name="c2")(x))
+      return nn.Dense(3, name="fc")(x.mean((1, 2)))
+  net = Net()
+  v = net.init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))
+  space = search.SearchSpace(net, v, (5, 5, 2))
+  rng = np.random.default_rng(int(np.random.randint(1 << 30)))
+  alphas = [rng.normal(0, 1, len(c)).astype(np.float32) for c in space.candidates]
+  arch = {"width_logits": dict(zip(space.names, alphas))}
+  e = [float(jax.nn.softmax(a) @ np.asarray(c, np.float32))
+       for a, c in zip(alphas, space.candidates)]
+  closed = 9 * 2 * e[0] * 25 + 1 * e[0] * e[1] * 25 + e[1] * 3
+  np.testing.assert_allclose(space.expected_cost(arch), closed, rtol=1e-5)
+  w = [c[int(np.argmax(a))] for a, c in zip(alphas, space.candidates)]
+  exact = 9 * 2 * w[0] * 25 + w[0] * w[1] * 25 + w[1] * 3 + 3
+  assert float(space.argmax_cost(arch)) == pytest.approx(exact)
+  assert space.graph.predict(space.keep(arch))["flops"] == exact
+
+
+def test_the_mix_is_cwi_of_the_picked_prefixes():
+  """The searched producer's output, against CWI written out by hand (tas.md §3-§4)."""
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      y = nn.Dense(10, name="d1")(x)
+      self.sow("intermediates", "mixed", y)
+      return nn.Dense(2, name="d2")(nn.relu(y))
+  net = Net()
+  seed = int(np.random.randint(1 << 30))
+  x = jax.random.normal(jax.random.key(seed), (4, 6))
+  v = net.init(jax.random.key(seed), x)
+  space = search.SearchSpace(net, {"params": v["params"]}, (6,))
+  (cands,) = space.candidates
+  ia, ib = 2, 5
+  wa = 0.3
+  sel = [Selection(jnp.asarray([ia, ib]), jnp.asarray([wa, 1 - wa]),
+                   jnp.asarray([cands[ia], cands[ib]], jnp.int32))]
+  out = space.apply({"params": v["params"]}, x, train=False, selections=sel)
+  y = np.asarray(x @ v["params"]["d1"]["kernel"] + v["params"]["d1"]["bias"])
+  c_max = cands[ib]
+  mixed = np.zeros_like(y)
+  for w, c in ((wa, cands[ia]), (1 - wa, cands[ib])):
+    mixed[:, :c_max] += w * np.asarray(kernels.cwi(jnp.asarray(y[:, :c]), c_max))
+  expected = np.maximum(mixed, 0) @ v["params"]["d2"]["kernel"] + v["params"]["d2"]["bias"]
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["plain_cnn", "resnet_basic", "mobilenet_v2", "vit"])
+def test_search_on_user_models_linen_and_nnx(name):
+  """Any zoo model, Linen and its NNX twin: the full-width picks give the model's own
+  logits exactly; random picks give the same logits in both; a search step's
+  gradients reach every searched group's logits."""
+  arch_def = zoo.BY_NAME[name]
+  lin, lv = zoo.init_linen(arch_def, seed=1)
+  mod = zoo.init_nnx(arch_def, seed=1)
+  x = zoo.example(arch_def, batch=3, seed=2)
+  spaces = [search.SearchSpace(lin, lv, arch_def.input_shape),
+            search.SearchSpace(mod, None, arch_def.input_shape)]
+  assert spaces[0].names == spaces[1].names and spaces[0].names
+  full = [Selection(jnp.asarray([len(c) - 1, 0]), jnp.asarray([1.0, 0.0]),
+                    jnp.asarray([c[-1], c[0]], jnp.int32)) for c in spaces[0].candidates]
+  for sp in spaces:
+    own = sp.model.apply(sp.variables, x, train=False)
+    np.testing.assert_allclose(sp.apply(sp.variables, x, train=False, selections=full), own,
+                               rtol=1e-5, atol=1e-5)
+  arch = spaces[0].init_arch(jax.random.key(0))
+  outs = [sp.apply(sp.variables, x, arch, train=False, tau=1.0, key=jax.random.key(3))
+          for sp in spaces]
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(spaces[0].expected_cost(arch), spaces[1].expected_cost(arch),
+                             rtol=1e-6)
+  sp = spaces[0]
+
+  def loss(a):
+    logits, _ = sp.apply(sp.variables, x, a, train=True, tau=5.0, key=jax.random.key(4))
+    return jnp.mean(logits ** 2) + 1e-7 * sp.expected_cost(a)
+  grads = jax.jit(jax.grad(loss))(arch)
+  for n, g in grads["width_logits"].items():
+    assert np.all(np.isfinite(g)) and np.any(g != 0), n
+  if name == "vit":  # attention heads put channels on two axes: left at full width
+    assert sp.excluded
+
+
+def test_num_picks_and_empty_space_are_errors():
+  from jaxprune.errors import UserError
+  plain = models.cifar_resnet(8, 10)
+  pv = jax.eval_shape(lambda: plain.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                         train=False))
+  with pytest.raises(UserError, match="num_picks"):
+    search.SearchSpace(plain, pv, (32, 32, 3), num_picks=0)
+  # 9 candidates at most per group: |I| = 9 leaves nothing to search.
+  with pytest.raises(UserError, match="no searchable channel group"):
+    search.SearchSpace(plain, pv, (32, 32, 3), num_picks=9)
+
+
+def test_round_to_candidates():
+  assert search.rounded_candidates(64) == (19, 25, 32, 38, 44, 51, 57, 64)
+  assert search.rounded_candidates(64, 8) == (24, 32, 40, 48, 56, 64)
+  assert search.rounded_candidates(20, 16) == (16, 20)
+  del nnx
