@@ -15,6 +15,8 @@ CWI forward+backward 54 ms.
 
   python benchmarks/tas_search.py
   python benchmarks/tas_search.py --depths 20 --batch 128 --repeats 3
+  # The rebuttal's table (the authors: time and memory linear in |I|):
+  python benchmarks/tas_search.py --depths 20 --num_picks 1 2 3 5 8 --batch 128
 """
 import argparse
 import json
@@ -37,10 +39,11 @@ def _median_ms(fn, repeats):
   return timing.median_ms(fn, repeats, warmup=True)  # the first call compiles
 
 
-def one_depth(depth: int, batch: int, small_batches, repeats: int) -> dict:
-  """Times the search step of ResNet-``depth`` in this process."""
+def one_depth(depth: int, batch: int, small_batches, repeats: int, num_picks: int = 2
+              ) -> dict:
+  """Times the search step of ResNet-``depth`` with |I| = ``num_picks`` in this process."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  from jaxprune import data, flops, models, optim  # pylint: disable=g-import-not-at-top
+  from jaxprune import data, optim  # pylint: disable=g-import-not-at-top
   from jaxprune.methods import tas  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location("cfg", os.path.join(root, "configs",
@@ -48,18 +51,14 @@ def one_depth(depth: int, batch: int, small_batches, repeats: int) -> dict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   cfg = module.get_config(f"depth={depth}").tas
-  model = models.tas_cifar_resnet(depth, 10)
   input_shape = (32, 32, 3)
-  plain = model.plain_network()
-  flops_max = flops.count(plain, jax.eval_shape(
-      lambda: plain.init(jax.random.key(0), jnp.zeros((1, *input_shape)))),
-                          input_shape)["flops"]
+  net = tas.ResNetSupernet(depth, 10, num_picks, input_shape)
+  flops_max = net.flops_max
   weight_tx, _ = optim.sgd(cfg, 100, 100 * cfg.epochs)
   arch_tx = tas.arch_optimizer(cfg)
-  state = jax.jit(tas.init_search_state(model, weight_tx, arch_tx, input_shape))(
-      jax.random.key(0))
-  kwargs = dict(cfg=cfg, seed=0, input_shape=input_shape, flops_max=flops_max,
-                steps_per_epoch=100, epochs=cfg.epochs)
+  state = jax.jit(tas.init_search_state(net, weight_tx, arch_tx))(jax.random.key(0))
+  kwargs = dict(cfg=cfg, seed=0, flops_max=flops_max, steps_per_epoch=100,
+                epochs=cfg.epochs)
   ds = data.synthetic(num_train=max(batch, *small_batches), num_test=8, seed=0)["train"]
   batches = {b: jax.device_put(data.batch_at(ds, 0, b, seed=0, train=True))
              for b in {batch, *small_batches}}
@@ -71,11 +70,11 @@ def one_depth(depth: int, batch: int, small_batches, repeats: int) -> dict:
       jax.block_until_ready(metrics)
     return _median_ms(run, repeats)
 
-  iteration = jax.jit(tas.make_search_step(model, weight_tx, arch_tx, **kwargs),
+  iteration = jax.jit(tas.make_search_step(net, weight_tx, arch_tx, **kwargs),
                       donate_argnums=0)
   weight_step, arch_step = (jax.jit(f, donate_argnums=0) for f in
-                            tas.search_steps(model, weight_tx, arch_tx, **kwargs))
-  out = {"depth": depth, "iteration_ms": timed(
+                            tas.search_steps(net, weight_tx, arch_tx, **kwargs))
+  out = {"depth": depth, "num_picks": num_picks, "iteration_ms": timed(
       iteration, {"train": batches[batch], "val": batches[batch]})}
   for b in small_batches:
     out[f"weight_ms_{b}"] = timed(weight_step, batches[b])
@@ -98,26 +97,32 @@ def main(argv):
   parser.add_argument("--batch", type=int, default=256, help="search-iteration batch")
   parser.add_argument("--small_batches", type=int, nargs="+", default=[64, 128])
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--num_picks", type=int, nargs="+", default=[2],
+                       help="|I| values: the rebuttal's table of time and memory against "
+                       "|I| (1 is measured here; the recipe refuses it)")
   parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--picks", type=int, default=2, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.one:
-    print(json.dumps(one_depth(args.one, args.batch, args.small_batches, args.repeats)))
+    print(json.dumps(one_depth(args.one, args.batch, args.small_batches, args.repeats,
+                               args.picks)))
     return
   timing.print_header([sys.argv[0], *argv])
   sb = args.small_batches
   print()
-  print(f"| model | iteration ms (batch {args.batch}) | " +
+  print(f"| model | \\|I\\| | iteration ms (batch {args.batch}) | " +
         " | ".join(f"weight ms ({b}) | arch ms ({b})" for b in sb) + " | peak RSS GB |")
-  print("|---" * (3 + 2 * len(sb)) + "|")
+  print("|---" * (4 + 2 * len(sb)) + "|")
   for depth in args.depths:
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--one", str(depth), "--batch",
-         str(args.batch), "--repeats", str(args.repeats), "--small_batches",
-         *map(str, sb)], capture_output=True, text=True, check=True)
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"| ResNet-{depth} | {r['iteration_ms']:.0f} | " +
-          " | ".join(f"{r[f'weight_ms_{b}']:.0f} | {r[f'arch_ms_{b}']:.0f}" for b in sb) +
-          f" | {r['peak_rss_gb']:.2f} |", flush=True)
+    for k in args.num_picks:
+      proc = subprocess.run(
+          [sys.executable, os.path.abspath(__file__), "--one", str(depth), "--batch",
+           str(args.batch), "--repeats", str(args.repeats), "--picks", str(k),
+           "--small_batches", *map(str, sb)], capture_output=True, text=True, check=True)
+      r = json.loads(proc.stdout.strip().splitlines()[-1])
+      print(f"| ResNet-{depth} | {k} | {r['iteration_ms']:.0f} | " +
+            " | ".join(f"{r[f'weight_ms_{b}']:.0f} | {r[f'arch_ms_{b}']:.0f}" for b in sb) +
+            f" | {r['peak_rss_gb']:.2f} |", flush=True)
   print(f"\nCWI forward+backward (128, 32, 32, 64) -> 48: {cwi_ms(args.repeats * 4):.1f} ms")
 
 

@@ -55,6 +55,10 @@ def get_config(arg=None):
   config.kd = dict(enabled=args.kd, alpha=0.9, temperature=4.0)
   config.tas = config_lib.train_config(epochs=600, warmup_epochs=0, batch_size=256)
   config.tas.update(dict(
+      # space: "resnet" = the dedicated TASResNet supernet (per-conv widths, per-candidate
+      # BN, depth search), "graph" = any model's channel groups (jaxprune.search), "auto":
+      # resnet for cifar_resnet, graph for any other model (--config.model.name=mod:fn).
+      space="auto", round_to=1,
       teacher_dir="", split_seed=0, num_picks=2, derive_epoch="last", search_only=False,
       released_shape=args.shape, released_shapes_file="",  # "": the package's copy
       arch_learning_rate=1e-3, arch_beta1=0.5, arch_beta2=0.999, arch_weight_decay=1e-3,

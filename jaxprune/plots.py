@@ -265,8 +265,9 @@ def _derived_widths_figure(history: Sequence[Mapping]) -> Figure:
   ax.set_xticks(x, labels, rotation=90, fontsize=7)
   ax.set_xlim(-0.6, len(labels) - 0.4)
   ax.set_ylabel("output channels")
-  blocks = ", ".join(f"{k}/{m}" for k, m in zip(kept, max_blocks))
-  ax.set_title(f"derived widths at epoch {last['epoch']}; blocks kept per stage: {blocks}; "
+  blocks = ("blocks kept per stage: " + ", ".join(f"{k}/{m}" for k, m in zip(kept, max_blocks))
+            if max_blocks else "no depth search")
+  ax.set_title(f"derived widths at epoch {last['epoch']}; {blocks}; "
                f"{last['argmax_flops'] / _MFLOPS:.2f} of {last['flops_max'] / _MFLOPS:.2f} "
                "MFLOPs", fontsize=10)
   ax.grid(axis="y", alpha=0.3)
@@ -283,18 +284,17 @@ def tas_search_figures(history: Sequence[Mapping]) -> dict[str, Figure]:
 
   Returns:
     ``{"flops", "width_probs", "depth_probs", "derived_widths"}`` -> Figure, as
-    described in :func:`tas_search`.
+    described in :func:`tas_search` (no ``depth_probs`` without depth candidates).
 
   Raises:
     ValueError: on an empty or inconsistent history.
   """
   _check_history(history)
-  return {
-      "flops": _flops_figure(history),
-      "width_probs": _width_probs_figure(history),
-      "depth_probs": _depth_probs_figure(history),
-      "derived_widths": _derived_widths_figure(history),
-  }
+  figures = {"flops": _flops_figure(history), "width_probs": _width_probs_figure(history)}
+  if history[-1]["depth_candidates"]:  # a graph search (jaxprune.search) has no depths
+    figures["depth_probs"] = _depth_probs_figure(history)
+  figures["derived_widths"] = _derived_widths_figure(history)
+  return figures
 
 
 def tas_search(history: Sequence[Mapping], out_dir: str) -> list[str]:

@@ -23,6 +23,8 @@ import numpy as np
 import optax
 
 from jaxprune import config_lib, data, distill, flops, kernels, models, optim, plots
+from jaxprune import search as search_lib
+from jaxprune import surgery
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import distributed, loop, mesh as mesh_lib, report, steps
 from jaxprune.engine.metrics import read_jsonl
@@ -31,8 +33,10 @@ from jaxprune.engine import metrics as metrics_lib
 from jaxprune.errors import UserError
 from jaxprune.kernels.cost import COST_LOSS_MODES
 from jaxprune.methods import baseline
+from jaxprune.models import external
 
 TAU_SCHEDULES = ("cosine", "linear")
+SPACES = ("auto", "resnet", "graph")
 
 
 def tau_at(epoch, epochs: int, tau_max: float, tau_min: float, schedule: str):
@@ -53,22 +57,148 @@ def arch_optimizer(cfg) -> optax.GradientTransformation:
                                 b2=cfg.arch_beta2))
 
 
-def search_steps(model, weight_tx, arch_tx, *, cfg, seed: int, input_shape,
-                 flops_max: int, steps_per_epoch: int, epochs: int):
+class ResNetSupernet:
+  """The dedicated search space: :class:`jaxprune.models.TASResNet` (the official
+  supernet; widths per conv with per-candidate BN, depths per stage)."""
+  kind = "resnet"
+
+  def __init__(self, depth: int, num_classes: int, num_picks: int, input_shape):
+    self.model = models.tas_cifar_resnet(depth, num_classes, num_picks=num_picks)
+    self.input_shape = tuple(input_shape)
+    plain = self.model.plain_network()
+    self.flops_max = flops.count(plain, jax.eval_shape(
+        lambda: plain.init(jax.random.key(0), jnp.zeros((1, *input_shape)))),
+                                 input_shape)["flops"]
+
+  def init(self, key):
+    """``(params, model_state, arch)`` of a fresh search."""
+    pkey, skey = jax.random.split(key)
+    variables = dict(self.model.init({"params": pkey}, jnp.zeros((1, *self.input_shape)),
+                                     train=False, tau=1.0, key=skey))
+    params, arch = variables.pop("params"), variables.pop("arch")
+    return params, variables, arch
+
+  def forward(self, params, model_state, arch, images, tau, key):
+    logits, updates = self.model.apply({"params": params, **model_state, "arch": arch},
+                                       images, train=True, tau=tau, key=key,
+                                       mutable=list(model_state))
+    return logits, {**model_state, **updates}
+
+  def expected_cost(self, arch):
+    return flops.tas_expected_cost(self.model, arch, self.input_shape)
+
+  def argmax_cost(self, arch):
+    return flops.tas_argmax_cost_traced(self.model, arch, self.input_shape)
+
+  def record(self, arch) -> dict:
+    model = self.model
+    derived = model.derive(arch)
+    return {
+        "expected_flops": float(self.expected_cost(arch)),
+        "argmax_flops": int(flops.tas_argmax_cost(model, arch, self.input_shape)),
+        "width_candidates": [list(c) for c in model.conv_candidates()],
+        "width_probs": [np.asarray(jax.nn.softmax(a)).tolist()
+                        for a in model.width_logits(arch)],
+        "depth_candidates": [list(c) for c in model.stage_candidates()],
+        "depth_probs": [np.asarray(jax.nn.softmax(b)).tolist()
+                        for b in model.depth_logits(arch)],
+        "argmax_widths": derived["widths"], "argmax_blocks": derived["blocks"],
+        "conv_names": ["/".join(p) for p in model.conv_paths()]}
+
+  def derived_network(self, record: dict):
+    """The derived plain ResNet of a history record (§7)."""
+    derived = {"widths": record["argmax_widths"], "blocks": record["argmax_blocks"]}
+    return self.model.plain_network(**derived), derived
+
+
+class GraphSupernet:
+  """The search space of any model: :class:`jaxprune.search.SearchSpace` over the
+  channel groups of its graph (one width per group; no depth search)."""
+  kind = "graph"
+
+  def __init__(self, base_model, input_shape, num_picks: int, round_to: int = 1):
+    self.base_model = base_model
+    self.input_shape = tuple(input_shape)
+    x = jnp.zeros((1, *input_shape))
+    abstract = jax.eval_shape(lambda: base_model.init(jax.random.key(0), x, train=False))
+    self.space = search_lib.SearchSpace(base_model, abstract, input_shape,
+                                        num_picks=num_picks, round_to=round_to)
+    self.flops_max = self.space.flops_max
+
+  def init(self, key):
+    pkey, akey = jax.random.split(key)
+    variables = dict(self.base_model.init(pkey, jnp.zeros((1, *self.input_shape)),
+                                          train=False))
+    params = variables.pop("params")
+    return params, variables, self.space.init_arch(akey)
+
+  def forward(self, params, model_state, arch, images, tau, key):
+    logits, updates = self.space.apply({"params": params, **model_state}, images, arch,
+                                       train=True, tau=tau, key=key,
+                                       rngs={"dropout": jax.random.fold_in(key, 1)})
+    return logits, {**model_state, **updates}
+
+  def expected_cost(self, arch):
+    return self.space.expected_cost(arch)
+
+  def argmax_cost(self, arch):
+    return self.space.argmax_cost(arch)
+
+  def record(self, arch) -> dict:
+    sp = self.space
+    widths = sp.derive(arch)
+    return {
+        "expected_flops": float(sp.expected_cost(arch)),
+        "argmax_flops": int(sp.graph.predict(sp.keep(arch))["flops"]),
+        "width_candidates": [list(c) for c in sp.candidates],
+        "width_probs": [np.asarray(jax.nn.softmax(a)).tolist() for a in sp.width_logits(arch)],
+        "depth_candidates": [], "depth_probs": [],
+        "argmax_widths": [widths[g.id] for g in sp.groups], "argmax_blocks": [],
+        "conv_names": list(sp.names)}
+
+  def derived_network(self, record: dict):
+    """The user's network with every searched group cut to its argmax prefix (§7),
+    built by :func:`jaxprune.surgery.prune` (trained from scratch: only its shape is
+    used)."""
+    sp = self.space
+    keep = {g.id: np.arange(w) for g, w in zip(sp.groups, record["argmax_widths"])}
+    variables = jax.device_get(self.base_model.init(
+        jax.random.key(0), jnp.zeros((1, *self.input_shape)), train=False))
+    pruned = surgery.prune(self.base_model, variables, self.input_shape, keep)
+    return pruned.model, {"widths": dict(zip(record["conv_names"], record["argmax_widths"])),
+                          "blocks": []}
+
+
+def make_supernet(config, base_model, num_classes: int, input_shape):
+  """The search space of ``config.tas.space``: "resnet" (TASResNet), "graph" (any model),
+  "auto" (resnet for jaxprune's cifar_resnet, graph otherwise)."""
+  kind = config.tas.get("space", "auto")
+  if kind == "auto":
+    kind = "resnet" if config.model.name == "cifar_resnet" else "graph"
+  if kind == "resnet":
+    if config.model.name != "cifar_resnet":
+      raise UserError(f"config tas.space='resnet' searches jaxprune's cifar_resnet, not "
+                      f"{config.model.name!r}; use --config.tas.space=graph.")
+    return ResNetSupernet(config.model.depth, num_classes, config.tas.num_picks, input_shape)
+  return GraphSupernet(base_model, input_shape, config.tas.num_picks,
+                       config.tas.get("round_to", 1))
+
+
+def search_steps(net, weight_tx, arch_tx, *, cfg, seed: int, flops_max: int,
+                 steps_per_epoch: int, epochs: int):
   """The two halves of a search iteration (§6), each ``(state, batch) -> (state, metrics)``.
 
-  ``weight_step`` differentiates only ``params`` and updates only the weight
-  optimizer state (the D_train batch); ``arch_step`` runs a fresh forward on the
-  D_val batch with fresh noise and updates only ``arch_params`` and the
-  architecture optimizer state. Neither advances ``state.step``.
+  ``net`` is a :class:`ResNetSupernet` or :class:`GraphSupernet`. ``weight_step``
+  differentiates only ``params`` and updates only the weight optimizer state (the
+  D_train batch); ``arch_step`` runs a fresh forward on the D_val batch with fresh noise
+  and updates only ``arch_params`` and the architecture optimizer state. Neither
+  advances ``state.step``.
   """
   def forward(state, params, arch, images, key):
     tau = tau_at(state.step // steps_per_epoch, epochs, cfg.tau_max, cfg.tau_min,
                  cfg.tau_schedule)
-    logits, updates = model.apply({"params": params, **state.model_state, "arch": arch},
-                                  images, train=True, tau=tau, key=key,
-                                  mutable=list(state.model_state))
-    return logits, {**state.model_state, **updates}, tau
+    logits, model_state = net.forward(params, state.model_state, arch, images, tau, key)
+    return logits, model_state, tau
 
   def keys(state):
     return jax.random.split(steps.step_key(seed, state.step))
@@ -92,8 +222,8 @@ def search_steps(model, weight_tx, arch_tx, *, cfg, seed: int, input_shape,
       logits, model_state, tau = forward(state, state.params, arch, batch["image"],
                                          keys(state)[1])
       ce = steps.cross_entropy(logits, batch)
-      e_cost = flops.tas_expected_cost(model, arch, input_shape)
-      f_cost = flops.tas_argmax_cost_traced(model, arch, input_shape)
+      e_cost = net.expected_cost(arch)
+      f_cost = net.argmax_cost(arch)
       cost = kernels.tas_cost_loss(e_cost, f_cost, flops_max, cfg.ratio, cfg.tolerance,
                                    cfg.cost_mode)
       return ce + cfg.lambda_cost * cost, (logits, model_state, ce, cost, e_cost, f_cost,
@@ -114,10 +244,10 @@ def search_steps(model, weight_tx, arch_tx, *, cfg, seed: int, input_shape,
   return weight_step, arch_step
 
 
-def make_search_step(model, weight_tx, arch_tx, **kwargs):
+def make_search_step(net, weight_tx, arch_tx, **kwargs):
   """``step(state, {"train": batch, "val": batch}) -> (state, metrics)``: one weight
   step on D_train, then one architecture step on D_val with the new weights (§6)."""
-  weight_step, arch_step = search_steps(model, weight_tx, arch_tx, **kwargs)
+  weight_step, arch_step = search_steps(net, weight_tx, arch_tx, **kwargs)
 
   def step(state: TrainState, batch):
     state, weight_metrics = weight_step(state, batch["train"])
@@ -127,45 +257,34 @@ def make_search_step(model, weight_tx, arch_tx, **kwargs):
   return step
 
 
-def init_search_state(model, weight_tx, arch_tx, input_shape):
+def init_search_state(net, weight_tx, arch_tx):
   """``init(key) -> TrainState`` of the search: weights with the SGD state, the
-  ``arch`` collection with its own Adam state (§6)."""
+  architecture parameters with their own Adam state (§6)."""
   def init(key):
-    pkey, skey = jax.random.split(key)
-    variables = dict(model.init({"params": pkey}, jnp.zeros((1, *input_shape)),
-                                train=False, tau=1.0, key=skey))
-    params, arch = variables.pop("params"), variables.pop("arch")
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+    params, model_state, arch = net.init(key)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=weight_tx.init(params), arch_params=arch,
                       arch_opt_state=arch_tx.init(arch))
   return init
 
 
-def arch_record(model, arch, cfg, input_shape, flops_max: int, epoch: int, step: int,
-                epochs: int) -> dict:
+def arch_record(net, arch, cfg, flops_max: int, epoch: int, step: int, epochs: int) -> dict:
   """One line of ``arch_history.jsonl`` (the contract of :mod:`jaxprune.plots`)."""
   arch = jax.device_get(arch)
-  derived = model.derive(arch)
   return {
       "epoch": epoch, "step": step,
       "tau": float(tau_at(epoch - 1, epochs, cfg.tau_max, cfg.tau_min, cfg.tau_schedule)),
-      "expected_flops": float(flops.tas_expected_cost(model, arch, input_shape)),
-      "argmax_flops": int(flops.tas_argmax_cost(model, arch, input_shape)),
+      **net.record(arch),
       "flops_max": flops_max, "target_flops": flops_max * cfg.ratio,
       "tolerance_flops": flops_max * cfg.tolerance, "cost_mode": cfg.cost_mode,
-      "width_candidates": [list(c) for c in model.conv_candidates()],
-      "width_probs": [np.asarray(jax.nn.softmax(a)).tolist()
-                      for a in model.width_logits(arch)],
-      "depth_candidates": [list(c) for c in model.stage_candidates()],
-      "depth_probs": [np.asarray(jax.nn.softmax(b)).tolist()
-                      for b in model.depth_logits(arch)],
-      "argmax_widths": derived["widths"], "argmax_blocks": derived["blocks"],
-      "conv_names": ["/".join(p) for p in model.conv_paths()],
+      "space": net.kind,
   }
 
 
-def search(config, workdir: str, datasets, mesh, on_step=None) -> tuple[dict, list[dict]]:
-  """The search stage; returns the final ``arch`` collection and the history."""
+def search(config, workdir: str, datasets, mesh, on_step=None, net=None
+           ) -> tuple[dict, list[dict]]:
+  """The search stage on ``net`` (default: :func:`make_supernet` of the config); returns
+  the final architecture parameters and the history."""
   cfg = config.tas
   train_ds = datasets["train"]
   if train_ds.labels is None:
@@ -181,20 +300,19 @@ def search(config, workdir: str, datasets, mesh, on_step=None) -> tuple[dict, li
   if cfg.max_steps:
     total = min(total, cfg.max_steps)
 
-  model = models.tas_cifar_resnet(config.model.depth, train_ds.num_classes,
-                                  num_picks=cfg.num_picks)
   input_shape = train_ds.image_shape
-  plain = model.plain_network()
-  flops_max = flops.count(plain, jax.eval_shape(
-      lambda: plain.init(jax.random.key(0), jnp.zeros((1, *input_shape)))), input_shape
-                          )["flops"]
+  if net is None:
+    net = make_supernet(config, baseline.build_model(config.model, train_ds.num_classes,
+                                                     input_shape),
+                        train_ds.num_classes, input_shape)
+  flops_max = net.flops_max
   weight_tx, schedule = optim.sgd(cfg, steps_per_epoch, total)
   arch_tx = arch_optimizer(cfg)
 
-  init = init_search_state(model, weight_tx, arch_tx, input_shape)
-  step = make_search_step(model, weight_tx, arch_tx, cfg=cfg, seed=config.seed,
-                          input_shape=input_shape, flops_max=flops_max,
-                          steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
+  init = init_search_state(net, weight_tx, arch_tx)
+  step = make_search_step(net, weight_tx, arch_tx, cfg=cfg, seed=config.seed,
+                          flops_max=flops_max, steps_per_epoch=steps_per_epoch,
+                          epochs=cfg.epochs)
   repl = mesh_lib.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: repl, jax.eval_shape(init, jax.random.key(0)))
   step = jax.jit(step, in_shardings=(state_sharding, mesh_lib.batch_sharding(mesh)),
@@ -220,8 +338,7 @@ def search(config, workdir: str, datasets, mesh, on_step=None) -> tuple[dict, li
         f.writelines(metrics_lib.dumps(r) + "\n" for r in history)
 
   def on_epoch_end(state, epoch, done, means):
-    rec = arch_record(model, state.arch_params, cfg, input_shape, flops_max, epoch,
-                      done, cfg.epochs)
+    rec = arch_record(net, state.arch_params, cfg, flops_max, epoch, done, cfg.epochs)
     rec["val_accuracy"] = means.get("val_accuracy")
     history.append(rec)
     if distributed.is_main_process():
@@ -237,9 +354,9 @@ def search(config, workdir: str, datasets, mesh, on_step=None) -> tuple[dict, li
   if not history:  # the stage had finished before: nothing ran, read what it wrote
     history = read_jsonl(history_path)
   if not history or history[-1]["step"] != total:  # a run shorter than one epoch
-    history.append(arch_record(model, arch, cfg, input_shape, flops_max,
-                               math.ceil(total / steps_per_epoch), total, cfg.epochs))
-  return {"model": model, "arch": arch, "flops_max": flops_max,
+    history.append(arch_record(net, arch, cfg, flops_max, math.ceil(total / steps_per_epoch),
+                               total, cfg.epochs))
+  return {"net": net, "arch": arch, "flops_max": flops_max,
           "state": result.state}, history
 
 
@@ -325,6 +442,11 @@ def validate(config):
     fail("tau_schedule", cfg.tau_schedule, f"use one of {', '.join(TAU_SCHEDULES)}")
   if cfg.derive_epoch not in DERIVE_EPOCHS:
     fail("derive_epoch", cfg.derive_epoch, f"use one of {', '.join(DERIVE_EPOCHS)}")
+  if cfg.get("space", "auto") not in SPACES:
+    fail("space", cfg.space, f"use one of {', '.join(SPACES)}")
+  if int(cfg.get("round_to", 1)) != cfg.get("round_to", 1) or cfg.get("round_to", 1) < 1:
+    fail("round_to", cfg.round_to, "candidate widths are rounded up to a multiple of this "
+         "positive int")
   if cfg.cost_mode not in COST_LOSS_MODES:
     fail("cost_mode", cfg.cost_mode, f"use one of {', '.join(COST_LOSS_MODES)}")
   if cfg.get("search_only", False) and cfg.released_shape:
@@ -332,7 +454,7 @@ def validate(config):
                     "shape skips the search; choose one.")
   if cfg.released_shape:
     shape = released_shape(cfg.released_shapes_file, cfg.released_shape)
-    if shape["depth"] != config.model.depth:
+    if shape["depth"] != config.model.get("depth"):
       raise UserError(f"Released shape {cfg.released_shape} is a ResNet-"
                       f"{shape['depth']}; add depth={shape['depth']} to the config args.")
   if cfg.teacher_dir and not os.path.isdir(cfg.teacher_dir):
@@ -371,6 +493,10 @@ def run(config, workdir: str) -> dict:
       raise UserError(f"Released shape {config.tas.released_shape} is for "
                       f"{shape['dataset']} with {shape['class_num']} classes; the dataset "
                       f"has {train_ds.num_classes}.")
+  # The search space is built (the graph traced) before any work: an unsupported model
+  # stops here.
+  net = (None if config.tas.released_shape else
+         make_supernet(config, base_model, train_ds.num_classes, input_shape))
   sections = ([] if search_only or config.tas.teacher_dir else ["teacher"]) + \
       ([] if config.tas.released_shape else ["tas"]) + ([] if search_only else ["train"])
   config_lib.check_workdir(workdir, config, datasets, sections)  # after all checks
@@ -384,11 +510,11 @@ def run(config, workdir: str) -> dict:
     derived = {"widths": list(shape["xchannels"][1:]), "blocks": list(shape["xblocks"])}
     source = {"released_shape": config.tas.released_shape}
   else:
-    found, history = search(config, workdir, datasets, mesh)
+    found, history = search(config, workdir, datasets, mesh, net=net)
     chosen = choose_epoch(history, config.tas.derive_epoch)
-    derived = {"widths": chosen["argmax_widths"], "blocks": chosen["argmax_blocks"]}
-    derived_model = found["model"].plain_network(**derived)
-    source = {"search_epoch": chosen["epoch"], "derive_epoch": config.tas.derive_epoch}
+    derived_model, derived = net.derived_network(chosen)
+    source = {"search_epoch": chosen["epoch"], "derive_epoch": config.tas.derive_epoch,
+              "space": net.kind}
   derived_abstract = jax.eval_shape(
       lambda: derived_model.init(jax.random.key(0), jnp.zeros((1, *input_shape)),
                                  train=False))
@@ -396,7 +522,9 @@ def run(config, workdir: str) -> dict:
   base_flops = flops.count(base_model, jax.eval_shape(
       lambda: base_model.init(jax.random.key(0), jnp.zeros((1, *input_shape)),
                               train=False)), input_shape)["flops"]
-  architecture = {"depth": config.model.depth, "widths": derived["widths"],
+  depth = None if external.is_external(config.model.name) else config.model.get("depth")
+  name = f"ResNet-{depth}" if net is None or net.kind == "resnet" else config.model.name
+  architecture = {"model": config.model.name, "depth": depth, "widths": derived["widths"],
                   "blocks": derived["blocks"], "flops": counts["flops"],
                   "params": counts["params"], "flops_max": base_flops,
                   "flops_ratio": counts["flops"] / base_flops,
@@ -406,13 +534,12 @@ def run(config, workdir: str) -> dict:
       f.write(metrics_lib.dumps(architecture, indent=2))
 
   if search_only:  # the searched architecture is the product: no teacher, no retraining
-    out = {"method": "tas", "dataset": config.dataset.name, "depth": config.model.depth,
-           "target_ratio": config.tas.ratio, "search_only": True,
+    out = {"method": "tas", "dataset": config.dataset.name, "model": config.model.name,
+           "depth": depth, "target_ratio": config.tas.ratio, "search_only": True,
            "wall_time_s": time.time() - t0, "architecture": architecture}
     if distributed.is_main_process() and history:
       out["plots"] = plots.tas_search(history, os.path.join(workdir, "plots"))
-    report.write_report(workdir, out, title=f"TAS search, ResNet-{config.model.depth} on "
-                        f"{config.dataset.name}")
+    report.write_report(workdir, out, title=f"TAS search, {name} on {config.dataset.name}")
     return out
 
   kwargs = {}
@@ -429,8 +556,8 @@ def run(config, workdir: str) -> dict:
           "derived": baseline.model_row(derived_model, retrained.state.variables,
                                         input_shape, retrained.summary["eval_accuracy"],
                                         batch)}
-  out = {"method": "tas", "dataset": config.dataset.name, "depth": config.model.depth,
-         "kd": bool(config.kd.enabled), "target_ratio": config.tas.ratio,
+  out = {"method": "tas", "dataset": config.dataset.name, "model": config.model.name,
+         "depth": depth, "kd": bool(config.kd.enabled), "target_ratio": config.tas.ratio,
          "base_accuracy": teacher_acc,
          "derived_accuracy": retrained.summary["eval_accuracy"],
          "base_flops": rows["base"]["flops"], "derived_flops": rows["derived"]["flops"],
@@ -440,6 +567,6 @@ def run(config, workdir: str) -> dict:
          "wall_time_s": time.time() - t0, "architecture": architecture}
   if distributed.is_main_process() and history:
     out["plots"] = plots.tas_search(history, os.path.join(workdir, "plots"))
-  report.write_report(workdir, out, title=f"TAS ResNet-{config.model.depth} on "
-                      f"{config.dataset.name}", models=rows)
+  report.write_report(workdir, out, title=f"TAS {name} on {config.dataset.name}",
+                      models=rows)
   return out
