@@ -202,3 +202,34 @@ def test_cli_user_model_errors_are_one_line(tmp_path):
   assert "Traceback" not in proc.stderr
   assert last.startswith("error: config sparsify.weight_decay_on='nothing_matches'"), last
   assert not os.listdir(tmp_path)  # stopped before any work
+
+
+def test_cli_tas_recipe_on_a_user_nnx_model(tmp_path):
+  """TAS on a model jaxprune did not write: the graph search space, a derived network
+  built by surgery whose counted FLOPs are the search's argmax FLOPs. (A Linen user
+  model's search is tests/test_search.py; its CLI path is the ISTA test's.)"""
+  spec, kwargs = "user_models:nnx_cnn", "{'features': 8, 'spatial': 16}"
+  proc = _main(tmp_path, "--config", "configs/tas_resnet.py:smoke",
+               f"--config.model.name={spec}", f"--config.model.kwargs={kwargs}",
+               "--config.teacher.epochs=1", "--config.train.epochs=1",
+               "--config.tas.epochs=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = _report(tmp_path)
+  arch = r["architecture"]
+  assert r["model"] == spec and arch["space"] == "graph" and r["depth"] is None
+  with open(os.path.join(tmp_path, "search", "arch_history.jsonl"), encoding="utf-8") as f:
+    history = [json.loads(line) for line in f]
+  chosen = next(h for h in history if h["epoch"] == arch["search_epoch"])
+  assert arch["flops"] == chosen["argmax_flops"] == r["derived_flops"]
+  assert list(arch["widths"].values()) == chosen["argmax_widths"]
+  assert r["derived_flops"] < r["base_flops"]
+  assert os.path.exists(os.path.join(tmp_path, "plots", "width_probs.png"))
+
+
+def test_cli_tas_resnet_space_refuses_a_user_model(tmp_path):
+  proc = _main(tmp_path, "--config", "configs/tas_resnet.py:smoke",
+               "--config.model.name=user_models:linen_cnn", "--config.tas.space=resnet")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "tas.space='resnet'" in last and "--config.tas.space=graph" in last, last
+  assert not os.listdir(tmp_path)

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from jaxprune import kernels, models, search
 from jaxprune.models.tas_resnet import Selection
@@ -85,7 +84,6 @@ def test_generic_search_on_cifar_resnet_equals_tas_resnet_with_tied_picks():
                            jnp.asarray(np.asarray(cands)[idx], jnp.int32)))
   # TASResNet's convs in widths order: stem, s0 a, s0 b, s1 a, s1 b, s2 a, s2 b.
   group_of_conv = [0, 1, 0, 2, 3, 4, 5]
-  tas_fixed = _fixed(tas, [picks[g] for g in group_of_conv])
   x = jax.random.normal(jax.random.key(seed), (3, 32, 32, 3))
 
   def generic(weights, params):
@@ -97,20 +95,20 @@ def test_generic_search_on_cifar_resnet_equals_tas_resnet_with_tied_picks():
     return _fixed(tas, sel).apply({**tv, "params": params}, x, train=False, tau=1.0,
                                   key=jax.random.key(0))
   weights = [p.weights for p in picks]
-  ours, theirs = generic(weights, pv["params"]), dedicated(weights, tv["params"])
+  ours = jax.jit(generic)(weights, pv["params"])
+  theirs = jax.jit(dedicated)(weights, tv["params"])
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
   assert float(jnp.abs(ours).max()) > 1e-2
   # Gradients: of the mixing weights (which carry the architecture gradient, §2) and of
   # a conv kernel.
   loss = lambda f: (lambda w, p: jnp.sum(f(w, p) * jnp.arange(10.0)))
-  gw, gp = jax.grad(loss(generic), argnums=(0, 1))(weights, pv["params"])
-  tw, tp = jax.grad(loss(dedicated), argnums=(0, 1))(weights, tv["params"])
+  gw, gp = jax.jit(jax.grad(loss(generic), argnums=(0, 1)))(weights, pv["params"])
+  tw, tp = jax.jit(jax.grad(loss(dedicated), argnums=(0, 1)))(weights, tv["params"])
   for a, b in zip(gw, tw):
     np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
   np.testing.assert_allclose(gp["stage1_block0"]["conv_a"]["kernel"],
                              tp["stage1_block0"]["conv_a"]["conv"]["kernel"],
                              rtol=2e-3, atol=2e-4)
-  del tas_fixed
 
   # Costs: TASResNet's E_cost / F_cost with the logits tied across each group.
   from jaxprune import flops
@@ -190,7 +188,7 @@ def test_the_mix_is_cwi_of_the_picked_prefixes():
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["plain_cnn", "resnet_basic", "mobilenet_v2", "vit"])
+@pytest.mark.parametrize("name", ["plain_cnn", "resnet_basic", "vit"])
 def test_search_on_user_models_linen_and_nnx(name):
   """Any zoo model, Linen and its NNX twin: the full-width picks give the model's own
   logits exactly; random picks give the same logits in both; a search step's
@@ -242,4 +240,3 @@ def test_round_to_candidates():
   assert search.rounded_candidates(64) == (19, 25, 32, 38, 44, 51, 57, 64)
   assert search.rounded_candidates(64, 8) == (24, 32, 40, 48, 56, 64)
   assert search.rounded_candidates(20, 16) == (16, 20)
-  del nnx
