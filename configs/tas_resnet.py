@@ -24,6 +24,11 @@ Commands (from the repository root):
   # Retrain a shape the authors released (no search), e.g. their CIFAR-10 ResNet-56:
   python -m jaxprune.main --config configs/tas_resnet.py:depth=56,shape=C010-ResNet56 \
       --workdir workdirs/tas_r56_released   # the shapes ship with jaxprune (resources/)
+  # Your own Linen or NNX model (a factory on PYTHONPATH; the graph search space, one width
+  # per channel group, candidates rounded to multiples of 8):
+  PYTHONPATH=tests python -m jaxprune.main --config configs/tas_resnet.py:smoke \
+      --config.model.name=user_models:nnx_cnn "--config.model.kwargs={'spatial': 16}" \
+      --config.tas.round_to=8 --workdir /tmp/tas_user
   # Offline on the CIFAR-10 subset in ../shared/data (this machine's offline data, 4000/1000
   # images); epochs=E shortens the schedule to E teacher / 2E search / E retrain epochs:
   python -m jaxprune.main --config configs/tas_resnet.py:dataset=cifar10_subset,epochs=15 \

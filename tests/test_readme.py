@@ -12,7 +12,7 @@ def _section_code(title):
 
 def test_your_own_model_examples_run(capsys):
   blocks = _section_code("Your own model")
-  assert len(blocks) == 2
+  assert len(blocks) == 3
   for code in blocks:
     exec(compile(code, "README.md", "exec"), {})
   out = capsys.readouterr().out
@@ -20,3 +20,5 @@ def test_your_own_model_examples_run(capsys):
   assert "16 4096" in out
   assert "['bn0/scale']" in out
   assert "{'conv0': 24} ['head/kernel']" in out  # the printed comments are what runs
+  assert "['Conv_0', 'Conv_1'] [(16, 24, 32), (24, 32, 40, 48, 56, 64)]" in out
+  assert out.rstrip().endswith("True")
