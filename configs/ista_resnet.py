@@ -62,8 +62,10 @@ def get_config(arg=None):
                                          learning_rate=0.1, schedule="cosine")
   # dense_recipe "pipeline": the dense network gets the stages' optimizer without the prox
   # (lr 0.1, then 0.01 for the last `finetune` steps); "baseline": the `dense` section's SGD.
+  # round_to: the pruned widths a multiple of this (8/16 for CPU SIMD and GPU tensor cores,
+  # 128 for TPU lanes; removable channels are kept back, the network is unchanged).
   config.ista = dict(rho=args.rho, dense_comparison=args.dense, dense_recipe="pipeline",
-                     probe_batch_size=64)
+                     probe_batch_size=64, round_to=1)
   if args.dataset == "cifar10_subset":
     # A short demonstration sized for a few CPU minutes: batch 64 (62 steps per epoch),
     # 3 + 6 + 3 epochs, momentum 0.9 with the prox after it (a documented deviation: it

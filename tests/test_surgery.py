@@ -240,3 +240,26 @@ def test_ista_surgery_is_the_same_for_the_linen_and_nnx_twins(name):
   ref = np.asarray(model.apply(v, x, train=False))
   for out in (model.apply(scaled_l, x, train=False), scaled_n(x)):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_round_to_keeps_widths_multiples_and_the_network_unchanged():
+  rng = np.random.default_rng()
+  model = _models()["convnet"]  # conv widths 12, 16, 10; hidden 24
+  v = _prepare(model, rng, zero_fraction=0.6, positive_beta=True)
+  plain = surgery.shrink(model, v, SHAPE)
+  rounded = surgery.shrink(model, v, SHAPE, round_to=8)
+  for label, w in rounded.widths_after.items():
+    full = rounded.widths_before[label]
+    assert w == full or w % 8 == 0, (label, w)
+    # The smallest multiple of 8 that holds the channels plain shrink keeps.
+    assert w == min(full, -(-plain.widths_after[label] // 8) * 8), label
+  assert rounded.widths_after != rounded.widths_before
+  x = _probe(rng)
+  both = [surgery.check_equivalence(model, v, s, x) for s in (plain, rounded)]
+  for report in both:
+    assert report["interior_max_abs_diff"] <= 2e-5 * report["activation_max_abs"]
+  np.testing.assert_allclose(
+      np.asarray(rounded.model.apply(rounded.variables, x, train=False)),
+      np.asarray(plain.model.apply(plain.variables, x, train=False)), rtol=1e-4, atol=1e-4)
+  with pytest.raises(UserError, match="round_to"):
+    surgery.shrink(model, v, SHAPE, round_to=0)

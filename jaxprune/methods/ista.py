@@ -227,7 +227,7 @@ def run(config, workdir: str) -> dict:
   ckpt_lib.save_variables_once(masked_dir, masked)  # the masked network, e.g. for benchmarks
 
   # Prune (§4).
-  shrunk = surgery.shrink(model, masked, input_shape)
+  shrunk = surgery.shrink(model, masked, input_shape, round_to=cfg.get("round_to", 1))
   equivalence = surgery.check_equivalence(model, masked, shrunk,
                                           _probe(test_ds, cfg.probe_batch_size))
   pruned_acc = baseline.evaluate_accuracy(shrunk.model, shrunk.variables, test_ds,

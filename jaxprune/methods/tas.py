@@ -447,6 +447,9 @@ def validate(config):
   if int(cfg.get("round_to", 1)) != cfg.get("round_to", 1) or cfg.get("round_to", 1) < 1:
     fail("round_to", cfg.round_to, "candidate widths are rounded up to a multiple of this "
          "positive int")
+  if cfg.get("round_to", 1) > 1 and cfg.get("space", "auto") == "resnet":
+    fail("round_to", cfg.round_to, "the dedicated ResNet space has the reference's fixed "
+         "candidates; round them with --config.tas.space=graph")
   if cfg.cost_mode not in COST_LOSS_MODES:
     fail("cost_mode", cfg.cost_mode, f"use one of {', '.join(COST_LOSS_MODES)}")
   if cfg.get("search_only", False) and cfg.released_shape:

@@ -303,7 +303,8 @@ def _measure(layer, m, channels, atol):
 
 
 def shrink(model, variables, input_shape: Sequence[int], call: Callable | None = None, *,
-           fold_constants: bool = True, probe: Any = None, max_rounds: int = 64) -> Shrunk:
+           fold_constants: bool = True, probe: Any = None, max_rounds: int = 64,
+           round_to: int = 1) -> Shrunk:
   """Removes exactly-zero-gamma channels and the channels they make dead (§4).
 
   A channel of a prunable group goes when (repeated until nothing changes): its
@@ -323,6 +324,10 @@ def shrink(model, variables, input_shape: Sequence[int], call: Callable | None =
       what the fold buys).
     probe: inputs (N >= 2, *input_shape) for the measurement (default 2 random ones).
     max_rounds: a bound on the fixpoint iteration.
+    round_to: kept widths a multiple of this (capped at the full width; e.g. 8 for CPU
+      SIMD, 128 for TPU lanes): removable channels are kept back until the count is one,
+      each with its consumers' rows zeroed (its constant, if any, is folded as for a
+      removed channel), so the network is unchanged.
 
   Returns:
     A :class:`Shrunk`; its network equals the original on interior pixels (see
@@ -332,6 +337,8 @@ def shrink(model, variables, input_shape: Sequence[int], call: Callable | None =
     >>> small = surgery.shrink(model, variables, (32, 32, 3))
     >>> small.widths_after, small.removed_fraction
   """
+  if int(round_to) != round_to or round_to < 1:
+    raise UserError(f"shrink: round_to must be a positive int, got {round_to!r}")
   g0 = graph_lib.trace(model, variables, input_shape, call)
   if not _concrete(graph_lib.named_leaves(model, variables)):
     raise UserError("shrink needs the trained variables, not abstract shapes")
@@ -437,6 +444,9 @@ def shrink(model, variables, input_shape: Sequence[int], call: Callable | None =
       for m in consumers:  # a removed channel contributes nothing any more
         _rows(arr(m.path), m)[m.index[dead].ravel()] = 0.0
       kept = np.flatnonzero(~remove)
+      if round_to > 1 and kept.size:  # keep back dead channels up to a multiple
+        extra = min(group.width, -(-kept.size // round_to) * round_to) - kept.size
+        kept = np.union1d(kept, dead[:extra])
       if not kept.size:  # the placeholder: read with zero weights, reads nothing itself
         kept = dead[:1]
         placeholder.add(label)
