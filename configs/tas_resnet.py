@@ -62,7 +62,7 @@ def get_config(arg=None):
   config.tas.update(dict(
       # space: "resnet" = the dedicated TASResNet supernet (per-conv widths, per-candidate
       # BN, depth search), "graph" = any model's channel groups (jaxprune.search), "auto":
-      # resnet for cifar_resnet, graph for any other model (--config.model.name=mod:fn).
+      # resnet for cifar_resnet (round_to=1), graph otherwise (--config.model.name=mod:fn).
       space="auto", round_to=1,
       teacher_dir="", split_seed=0, num_picks=2, derive_epoch="last", search_only=False,
       released_shape=args.shape, released_shapes_file="",  # "": the package's copy

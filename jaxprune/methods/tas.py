@@ -171,10 +171,11 @@ class GraphSupernet:
 
 def make_supernet(config, base_model, num_classes: int, input_shape):
   """The search space of ``config.tas.space``: "resnet" (TASResNet), "graph" (any model),
-  "auto" (resnet for jaxprune's cifar_resnet, graph otherwise)."""
+  "auto" (resnet for jaxprune's cifar_resnet without ``round_to``, graph otherwise)."""
   kind = config.tas.get("space", "auto")
-  if kind == "auto":
-    kind = "resnet" if config.model.name == "cifar_resnet" else "graph"
+  if kind == "auto":  # rounded candidates need the graph space
+    kind = ("resnet" if config.model.name == "cifar_resnet"
+            and config.tas.get("round_to", 1) == 1 else "graph")
   if kind == "resnet":
     if config.model.name != "cifar_resnet":
       raise UserError(f"config tas.space='resnet' searches jaxprune's cifar_resnet, not "
