@@ -233,3 +233,12 @@ def test_cli_tas_resnet_space_refuses_a_user_model(tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert "tas.space='resnet'" in last and "--config.tas.space=graph" in last, last
   assert not os.listdir(tmp_path)
+
+
+def test_dnw_refuses_a_user_model_before_any_work(tmp_path):
+  import ml_collections
+  from jaxprune.methods import dnw
+  config = ml_collections.ConfigDict({"model": {"name": "user_models:linen_cnn"}})
+  with pytest.raises(UserError, match="DNW learns the wiring of its own graph networks"):
+    dnw.run(config, str(tmp_path))
+  assert not os.listdir(tmp_path)

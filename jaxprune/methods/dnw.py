@@ -23,7 +23,9 @@ import numpy as np
 from jaxprune import config_lib, data, plots
 from jaxprune.engine import metrics as metrics_lib, report
 from jaxprune.methods import baseline
+from jaxprune.errors import UserError
 from jaxprune.models import dnw as dnw_models
+from jaxprune.models import external
 
 
 def fixed_mask_network(model, variables, input_shape):
@@ -47,6 +49,10 @@ def fixed_mask_network(model, variables, input_shape):
 
 def run(config, workdir: str) -> dict:
   t0 = time.time()
+  if external.is_external(config.model.name):
+    raise UserError(f"config model.name={config.model.name!r}: DNW learns the wiring of its "
+                    "own graph networks (dnw_static, dnw_discrete, dnw_continuous, "
+                    "dnw_mobilenet); a user model is not one.")
   datasets = data.load(config.dataset)
   train_ds = datasets["train"]
   model = baseline.build_model(config.model, train_ds.num_classes, train_ds.image_shape)
