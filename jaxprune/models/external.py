@@ -87,7 +87,7 @@ def parse_kwargs(text: str | Mapping | None) -> dict[str, Any]:
   return value
 
 
-def _mode_flag(module: nn.Module) -> str | None:
+def mode_flag(module: nn.Module) -> str:
   """How a Linen module's ``__call__`` takes train/eval: the argument name, or ''."""
   try:
     parameters = inspect.signature(type(module).__call__).parameters
@@ -349,7 +349,7 @@ def build(spec: str, kwargs: Mapping[str, Any] | str | None, num_classes: int,
   if isinstance(made, nnx.Module):
     model = FromNNX(split=_Split(made, draw_of(make) if takes_rngs else None))
   elif isinstance(made, nn.Module):
-    flag = _mode_flag(made)
+    flag = mode_flag(made)
     model = made if flag == "train" else WithTrain(made, flag)
   else:
     raise UserError(f"model {spec!r}: the factory returned a {type(made).__name__}, not "
@@ -358,5 +358,5 @@ def build(spec: str, kwargs: Mapping[str, Any] | str | None, num_classes: int,
   return model
 
 
-__all__ = ["is_external", "load_factory", "parse_kwargs", "build", "WithTrain",
+__all__ = ["is_external", "load_factory", "parse_kwargs", "build", "mode_flag", "WithTrain",
            "FromNNX", "from_nnx", "draw_of", "sliced_draw", "OTHER_COLLECTION"]

@@ -95,7 +95,7 @@ def _as_linen(model, variables):
     if variables is None:
       raise UserError(f"the Linen module {type(model).__name__} needs its variables.")
     if not tracing.accepts_train(model):
-      model = external.WithTrain(model, external._mode_flag(model))
+      model = external.WithTrain(model, external.mode_flag(model))
     return model, variables
   raise UserError(f"SearchSpace: {type(model).__name__} is neither a Linen module nor an "
                   "nnx.Module.")
@@ -129,9 +129,9 @@ class SearchSpace:
     found = self._mix_points(jnp.zeros((1, *input_shape), jnp.float32))
     self.excluded: dict[int, str] = {}
     groups = []
+    shapes = dict(zip(self.graph.traced.paths, self.graph.traced.shapes))
     for g in self.graph.prunable():
       cands = rounded_candidates(g.width, round_to)
-      shapes = dict(zip(self.graph.traced.paths, self.graph.traced.shapes))
       # The mix acts on the last axis of a producer's output: the group's channels must
       # be that axis, in order (a kernel's last axis; not attention heads, not a
       # flattened spatial copy).
