@@ -13,12 +13,12 @@ import zoo
 jax.config.update("jax_disable_most_optimizations", True)
 
 
-def _plain_and_tas(seed):
-  """cifar_resnet(8) with random weights and statistics, and the TASResNet holding the
-  same values (every candidate row equal; the search-only shortcut BN an identity)."""
+def _plain_and_tas(seed, depth=8):
+  """cifar_resnet(depth) with random weights and statistics, and the TASResNet holding
+  the same values (every candidate row equal; the search-only shortcut BN an identity)."""
   rng = np.random.default_rng(seed)
-  plain = models.cifar_resnet(8, 10)
-  tas = models.tas_cifar_resnet(8, 10)
+  plain = models.cifar_resnet(depth, 10)
+  tas = models.tas_cifar_resnet(depth, 10)
   x0 = jnp.zeros((1, 32, 32, 3))
   pv = plain.init(jax.random.key(seed), x0, train=False)
   pv = jax.tree_util.tree_map_with_path(
@@ -56,11 +56,12 @@ def _plain_and_tas(seed):
   return plain, pv, tas, tv
 
 
-def _fixed(tas_model, selections):
-  """TASResNet that uses given width picks instead of sampling."""
+def _fixed(tas_model, selections, depth_probs=None):
+  """TASResNet that uses given width picks (and depth weights) instead of sampling."""
   class Fixed(type(tas_model)):
     def sample(self, arch, tau, key):
-      return list(selections), [jnp.ones((1,))] * len(self.full_depths)
+      return list(selections), list(depth_probs) if depth_probs is not None else [
+          jnp.ones((1,))] * len(self.full_depths)
   return Fixed(**{f: getattr(tas_model, f) for f in
                   ("depth", "block", "num_classes", "num_picks", "dtype", "precision",
                    "layout")})
@@ -240,3 +241,75 @@ def test_round_to_candidates():
   assert search.rounded_candidates(64) == (19, 25, 32, 38, 44, 51, 57, 64)
   assert search.rounded_candidates(64, 8) == (24, 32, 40, 48, 56, 64)
   assert search.rounded_candidates(20, 16) == (16, 20)
+
+
+def test_depth_search_on_cifar_resnet_equals_tas_resnet():
+  """ResNet-20: three stages of three blocks, depth candidates (1, 2, 3) each, found in
+  the graph (stage 0 from identity blocks only, stages 1-2 after a projection block);
+  logits, gradients of the width and depth weights, and both costs equal TASResNet's
+  with tied width picks."""
+  seed = int(np.random.randint(1 << 30))
+  rng = np.random.default_rng(seed)
+  plain, pv, tas, tv = _plain_and_tas(seed, depth=20)
+  space = search.SearchSpace(plain, pv, (32, 32, 3))
+  assert space.depth_names == ["stage0_block0..stage0_block2", "stage1_block1..stage1_block2",
+                               "stage2_block1..stage2_block2"]
+  assert space.depth_candidates == [(1, 2, 3)] * 3 == tas.stage_candidates()
+  picks = []
+  for cands in space.candidates:
+    idx = rng.choice(len(cands), 2, replace=False)
+    picks.append(Selection(jnp.asarray(idx, jnp.int32),
+                           jnp.asarray(rng.dirichlet([1.0, 1.0]), jnp.float32),
+                           jnp.asarray(np.asarray(cands)[idx], jnp.int32)))
+  group_of_conv = [space._group_of_kernel[f"params/{n}/kernel"] for n in (
+      ["stem_conv"] + [f"{'/'.join(p)}" for p in tas.conv_paths()[1:]])]
+  probs = [jnp.asarray(rng.dirichlet([1.0] * 3), jnp.float32) for _ in range(3)]
+  x = jax.random.normal(jax.random.key(seed), (2, 32, 32, 3))
+
+  def generic(weights, probs):
+    sel = [p._replace(weights=w) for p, w in zip(picks, weights)]
+    return space.apply(pv, x, train=False, selections=sel, depth_probs=probs)
+
+  def dedicated(weights, probs):
+    sel = [picks[g]._replace(weights=weights[g]) for g in group_of_conv]
+    return _fixed(tas, sel, probs).apply(tv, x, train=False, tau=1.0, key=jax.random.key(0))
+  weights = [p.weights for p in picks]
+  ours, theirs = jax.jit(generic)(weights, probs), jax.jit(dedicated)(weights, probs)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+  full = jax.jit(generic)(weights, [jnp.asarray([0.0, 0.0, 1.0])] * 3)
+  assert float(jnp.abs(ours - full).max()) > 1e-3  # the depth mix matters
+  loss = lambda f: (lambda w, q: jnp.sum(f(w, q) * jnp.arange(10.0)))
+  gw, gq = jax.jit(jax.grad(loss(generic), argnums=(0, 1)))(weights, probs)
+  tw, tq = jax.jit(jax.grad(loss(dedicated), argnums=(0, 1)))(weights, probs)
+  for a, b in zip(gw + gq, tw + tq):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
+
+  # Costs with random width (tied) and depth logits.
+  from jaxprune import flops
+  alphas = [rng.normal(0, 1, len(c)).astype(np.float32) for c in space.candidates]
+  betas = [rng.normal(0, 1, 3).astype(np.float32) for _ in range(3)]
+  arch = {"width_logits": dict(zip(space.names, alphas)),
+          "depth_logits": dict(zip(space.depth_names, betas))}
+  tas_arch = jax.tree.map(np.array, tv["arch"])
+  for path, g in zip(tas.conv_paths(), group_of_conv):
+    node = tas_arch["width_logits"]
+    for k in path[:-1]:
+      node = node[k]
+    node[path[-1]] = alphas[g]
+  for s, b in enumerate(betas):
+    tas_arch["depth_logits"][f"stage{s}"] = b
+  np.testing.assert_allclose(space.expected_cost(arch),
+                             flops.tas_expected_cost(tas, tas_arch, (32, 32, 3)), rtol=1e-5)
+  assert space.predict(arch) == flops.tas_argmax_cost(tas, tas_arch, (32, 32, 3))
+  ge = jax.grad(space.expected_cost)(arch)["depth_logits"]
+  te = jax.grad(lambda a: flops.tas_expected_cost(tas, a, (32, 32, 3)))(tas_arch)
+  for s, name in enumerate(space.depth_names):
+    np.testing.assert_allclose(ge[name], te["depth_logits"][f"stage{s}"], rtol=1e-4,
+                               atol=1e-2)
+  # The derived network skips the blocks beyond the argmax depths; its FLOPs are F_cost.
+  model, variables = space.derived_network(arch)
+  assert flops.count(model, variables, (32, 32, 3))["flops"] == space.predict(arch)
+  kept = {k for k in variables["params"] if k.startswith("stage")}
+  for name, d, cands in zip(["stage0", "stage1", "stage2"], space.derive_depths(arch),
+                            space.depth_candidates):
+    assert {k for k in kept if k.startswith(name)} == {f"{name}_block{b}" for b in range(d)}

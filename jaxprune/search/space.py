@@ -62,6 +62,7 @@ from jaxprune.graph import tracing
 from jaxprune.graph.propagate import _subjaxpr
 from jaxprune.models import external
 from jaxprune.models.tas_resnet import Selection, width_candidates
+from jaxprune.search import depth as depth_lib
 
 _ARCH_INIT_STD = 0.01  # tas.md §1
 _AFFINE = ("add", "sub", "mul", "div")
@@ -117,7 +118,7 @@ class SearchSpace:
   """
 
   def __init__(self, model, variables, input_shape: Sequence[int], *, num_picks: int = 2,
-               round_to: int = 1, ignore: Sequence[str] = ()):
+               round_to: int = 1, ignore: Sequence[str] = (), depth: bool = True):
     if int(num_picks) != num_picks or num_picks < 1:
       raise UserError(f"num_picks must be a positive int, got {num_picks!r} (TAS uses 2).")
     self.model, self.variables = _as_linen(model, variables)
@@ -126,7 +127,8 @@ class SearchSpace:
     self.round_to = int(round_to)
     self.graph = graph_lib.trace(self.model, self.variables, input_shape, ignore=ignore,
                                  round_to=round_to)
-    found = self._mix_points(jnp.zeros((1, *input_shape), jnp.float32))
+    closed, paths, leaves = self._eval_jaxpr(jnp.zeros((1, *input_shape), jnp.float32))
+    found = self._mix_points(closed, paths, leaves)
     self.excluded: dict[int, str] = {}
     groups = []
     shapes = dict(zip(self.graph.traced.paths, self.graph.traced.shapes))
@@ -160,15 +162,118 @@ class SearchSpace:
     if len(set(self.names)) != len(self.names):
       self.names = [f"{n}#{g.id}" for n, g in zip(self.names, groups)]
     self._group_of_kernel = {p: s for s, g in enumerate(groups) for p in g.producers}
+    self.stages, self.depth_names, self.excluded_stages = [], [], {}
+    self.depth_candidates = []
+    if depth:
+      self._find_stages(closed, paths, leaves)
     self._costs = self._cost_table()
+
+  # --- depth (tas.md §1, §4, §5) ----------------------------------------------------
+
+  def _find_stages(self, closed, paths, leaves):
+    """The depth-searched stages: :func:`jaxprune.search.depth.find_stages` of the
+    eval-mode jaxpr, less those the search cannot cost or the derived network cannot
+    skip (``excluded_stages``: name -> reason)."""
+    found = depth_lib.find_stages(closed.jaxpr, paths + [None], len(paths))
+    op_kernels = [op.kernel for op in self.graph.ops]
+    kept = []
+    for st in found:
+      prefixes = [b.prefix for b in st.blocks]
+      name = prefixes[0] if len(prefixes) == 1 else f"{prefixes[0]}..{prefixes[-1]}"
+      if not all(prefixes):
+        name = f"stage{len(kept) + len(self.excluded_stages)}"
+      reason = None
+      if any(not p for p in prefixes) or len(set(prefixes)) != len(prefixes) or any(
+          q.startswith(p + "/") for p in prefixes for q in prefixes if p != q):
+        reason = "its blocks are not modules of their own (the derived network skips modules)"
+      elif any(sum(k in b.params for k in op_kernels) != b.layers for b in st.blocks):
+        reason = "a block has matmuls without parameters (their cost is not mapped)"
+      if reason:
+        self.excluded_stages[name] = reason
+        continue
+      kept.append((name, st))
+    if kept:
+      bad = self._check_skips(closed, paths, [st for _, st in kept])
+      for (name, st), ok in zip(list(kept), bad):
+        if not ok:
+          self.excluded_stages[name] = ("skipping its block modules does not give the "
+                                        "block's input (a block module is not x -> y)")
+      kept = [k for k, ok in zip(kept, bad) if ok]
+    self.stages = [st for _, st in kept]
+    self.depth_names = [name for name, _ in kept]
+    self.depth_candidates = [st.candidates for st in self.stages]
+
+  def _check_skips(self, closed, paths, stages) -> list[bool]:
+    """Per stage: whether skipping its blocks' modules (every block but its first)
+    computes what the jaxpr does with ``y := x`` (random weights, one example)."""
+    rng = np.random.default_rng(0)
+    concrete = []
+    for p, a in zip(paths, jax.tree.leaves(self.variables)):
+      shape, dtype = np.shape(a), jnp.result_type(a)
+      if p.endswith(("var", "scale")):
+        concrete.append(jnp.asarray(rng.uniform(0.5, 1.5, shape), dtype))
+      else:
+        concrete.append(jnp.asarray(rng.normal(0, 0.3, shape), dtype))
+    flat, treedef = jax.tree_util.tree_flatten(self.variables)
+    del flat
+    variables = jax.tree_util.tree_unflatten(treedef, concrete)
+    x = jnp.asarray(rng.normal(0, 1, (1, *self.input_shape)), jnp.float32)
+    out = []
+    for st in stages:
+      blocks = st.blocks[0 if st.merged else 1:]
+      if not blocks:
+        out.append(True)
+        continue
+      skip = {b.y: b.x for b in blocks}
+      want = depth_lib.eval_skipping(closed, concrete + [x], skip)
+      try:
+        model, small = depth_lib.skip_blocks(self.model, variables, [b.prefix for b in blocks])
+        got = jax.tree.leaves(model.apply(small, x, train=False))
+        ok = len(got) == len(want) and all(
+            np.shape(g) == np.shape(w) and np.allclose(g, w, rtol=1e-4, atol=1e-4)
+            for g, w in zip(got, want))
+      except Exception:  # pylint: disable=broad-except
+        ok = False
+      out.append(bool(ok))
+    return out
+
+  def init_depth(self, key: jax.Array) -> dict[str, jax.Array]:
+    return {n: _ARCH_INIT_STD * jax.random.normal(jax.random.fold_in(key, s), (len(c),))
+            for s, (n, c) in enumerate(zip(self.depth_names, self.depth_candidates))}
+
+  def depth_logits(self, arch: Mapping[str, Any]) -> list[jax.Array]:
+    return [arch["depth_logits"][n] for n in self.depth_names]
+
+  def sample_depths(self, arch: Mapping[str, Any], tau, key: jax.Array) -> list[jax.Array]:
+    """The Gumbel-softmax vector over every stage's depth candidates (tas.md §2)."""
+    return [kernels.gumbel_softmax(jax.random.fold_in(key, (1 << 30) + s), beta, tau)
+            for s, beta in enumerate(self.depth_logits(arch))]
+
+  def derive_depths(self, arch: Mapping[str, Any]) -> list[int]:
+    """The argmax depth of every searched stage (tas.md §7), on the host."""
+    return [int(c[int(np.argmax(np.asarray(b)))])
+            for c, b in zip(self.depth_candidates, self.depth_logits(arch))]
+
+  def skipped(self, arch: Mapping[str, Any]) -> list[str]:
+    """Module paths of the blocks the argmax depths drop."""
+    out = []
+    for st, d in zip(self.stages, self.derive_depths(arch)):
+      out += [b.prefix for i, b in enumerate(st.blocks) if st.position(i) > d]
+    return out
 
   # --- architecture parameters -----------------------------------------------------
 
   def init_arch(self, key: jax.Array) -> dict[str, Any]:
-    """A fresh ``arch`` tree: ``{"width_logits": {name: N(0, 0.01) [n_candidates]}}``."""
-    return {"width_logits": {
-        n: _ARCH_INIT_STD * jax.random.normal(jax.random.fold_in(key, s), (len(c),))
+    """A fresh ``arch`` tree: ``{"width_logits": {name: N(0, 0.01) [n_candidates]}}``,
+    and ``"depth_logits": {stage name: N(0, 0.01) [n_depth_candidates]}`` when the
+    model has searched stages."""
+    wkey, dkey = jax.random.split(key)
+    arch = {"width_logits": {
+        n: _ARCH_INIT_STD * jax.random.normal(jax.random.fold_in(wkey, s), (len(c),))
         for s, (n, c) in enumerate(zip(self.names, self.candidates))}}
+    if self.stages:
+      arch["depth_logits"] = self.init_depth(dkey)
+    return arch
 
   def width_logits(self, arch: Mapping[str, Any]) -> list[jax.Array]:
     return [arch["width_logits"][n] for n in self.names]
@@ -224,58 +329,114 @@ class SearchSpace:
                                     np.float32)))
       return _Factor(const / n if n else 1.0, terms)
 
+    reach = {}
+    for t, st in enumerate(self.stages):
+      for b, blk in enumerate(st.blocks):
+        for k in blk.params:
+          reach[k] = (t, st.position(b))
     table = []
     for op in self.graph.ops:
       table.append((float(op.macs), [factor(f) for f in op.factors],
-                    float(op.bias_adds), [factor(f) for f in op.bias_factors]))
+                    float(op.bias_adds), [factor(f) for f in op.bias_factors],
+                    reach.get(op.kernel)))
     return table
 
-  def _cost(self, dists, with_bias: bool) -> jax.Array:
+  def _cost(self, dists, depth_dists, with_bias: bool, xp=jnp):
+    f32 = jnp.float32 if xp is jnp else np.float64
+
     def frac(f: _Factor):
-      out = jnp.asarray(f.const, jnp.float32)
+      out = xp.asarray(f.const, f32)
       for s, m in f.terms:
-        out = out + dists[s] @ jnp.asarray(m)
+        out = out + dists[s] @ xp.asarray(m, f32)
       return out
-    total = jnp.zeros((), jnp.float32)
-    for macs, factors, bias_adds, bias_factors in self._costs:
-      term = jnp.asarray(macs, jnp.float32)
+    # P(the sampled depth reaches position p) per stage: the reverse cumulative sum of
+    # the depth distribution (tas.md §5).
+    reach_of = {}
+    for t, (cands, q) in enumerate(zip(self.depth_candidates, depth_dists)):
+      for p in range(1, max(cands) + 1):
+        reach_of[(t, p)] = sum(q[j] for j, c in enumerate(cands) if c >= p)
+    total = xp.zeros((), f32)
+    for macs, factors, bias_adds, bias_factors, reach in self._costs:
+      term = xp.asarray(macs, f32)
       for f in factors:
         term = term * frac(f)
-      total = total + term
       if with_bias and bias_adds:
-        term = jnp.asarray(bias_adds, jnp.float32)
+        bias = xp.asarray(bias_adds, f32)
         for f in bias_factors:
-          term = term * frac(f)
-        total = total + term
+          bias = bias * frac(f)
+        term = term + bias
+      if reach is not None:
+        term = term * reach_of[reach]
+      total = total + term
     return total
+
+  def _dists(self, arch, argmax: bool, xp=jnp):
+    def one(a):
+      a = xp.asarray(a, jnp.float32 if xp is jnp else np.float64)
+      if argmax:
+        return (xp.arange(a.shape[-1]) == xp.argmax(a)).astype(a.dtype)
+      if xp is jnp:
+        return jax.nn.softmax(a)
+      e = np.exp(a - a.max())
+      return e / e.sum()
+    return ([one(a) for a in self.width_logits(arch)],
+            [one(b) for b in self.depth_logits(arch)])
 
   def expected_cost(self, arch: Mapping[str, Any]) -> jax.Array:
     """E_cost (tas.md §5): every op's MACs times the product of its factors' expected
     kept fractions under ``softmax(alpha)`` (a product of expectations; bias adds left
-    out, as the official expected cost does). Differentiable, jit-safe."""
-    return self._cost([jax.nn.softmax(jnp.asarray(a, jnp.float32))
-                       for a in self.width_logits(arch)], with_bias=False)
+    out, as the official expected cost does), times the probability under
+    ``softmax(beta)`` that the depth reaches the op's block. Differentiable, jit-safe."""
+    return self._cost(*self._dists(arch, False), with_bias=False)
 
   def argmax_cost(self, arch: Mapping[str, Any]) -> jax.Array:
-    """F_cost (tas.md §5): the exact FLOPs of the argmax network (bias adds included),
-    as ``graph.predict(keep(arch))``, as a traced float32 scalar."""
-    return self._cost([jax.nn.one_hot(jnp.argmax(a), a.shape[-1], dtype=jnp.float32)
-                       for a in self.width_logits(arch)], with_bias=True)
+    """F_cost (tas.md §5): the exact FLOPs of the argmax network (bias adds included;
+    the blocks beyond the argmax depths dropped), as a traced float32 scalar."""
+    return self._cost(*self._dists(arch, True), with_bias=True)
+
+  def predict(self, arch: Mapping[str, Any]) -> int:
+    """F_cost on the host, exactly (float64): the FLOPs counter's count of
+    :meth:`derived_network`."""
+    return int(round(float(self._cost(*self._dists(arch, True, np), with_bias=True, xp=np))))
+
+  def derived_network(self, arch: Mapping[str, Any], variables=None):
+    """``(model, variables)`` of the derived network (tas.md §7): every searched group
+    cut to its argmax prefix by :func:`jaxprune.surgery.prune`, the blocks beyond every
+    stage's argmax depth skipped (:func:`jaxprune.search.depth.skip_blocks`).
+
+    ``variables`` default to the space's; the derived network's FLOPs are checked
+    against :meth:`predict`."""
+    from jaxprune import flops, surgery  # pylint: disable=g-import-not-at-top
+    variables = self.variables if variables is None else variables
+    if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(variables)):
+      variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), variables)
+    pruned = surgery.prune(self.model, variables, self.input_shape, self.keep(arch))
+    model, small = depth_lib.skip_blocks(pruned.model, pruned.variables, self.skipped(arch))
+    got = flops.count(model, small, self.input_shape)["flops"]
+    want = self.predict(arch)
+    if got != want:
+      raise UserError(f"derived network: {got} FLOPs counted, {want} predicted by the "
+                      "search space (a bug: please report it with the model).")
+    return model, small
 
   # --- the search-mode forward (tas.md §4) -----------------------------------------
 
   def apply(self, variables, x, arch: Mapping[str, Any] | None = None, *, train: bool,
             tau=None, key: jax.Array | None = None,
-            selections: Sequence[Selection] | None = None, rngs=None):
-    """The model's forward with every searched group's producers CWI-mixed.
+            selections: Sequence[Selection] | None = None,
+            depth_probs: Sequence[jax.Array] | None = None, rngs=None):
+    """The model's forward with every searched group's producers CWI-mixed and every
+    searched stage's output mixed over its depth candidates.
 
     Args:
       variables: the model's variables (``params``, ``batch_stats``, ...).
       x: a batch of inputs.
-      arch: the ``arch`` tree (with ``tau`` and ``key``, picks are sampled), or None
-        with explicit ``selections``.
+      arch: the ``arch`` tree (with ``tau`` and ``key``, picks and depth weights are
+        sampled), or None with explicit ``selections``.
       train: the model's train mode (batch statistics, updated collections).
       selections: one :class:`Selection` per searched group (overrides sampling).
+      depth_probs: one weight vector per searched stage (overrides sampling; with
+        explicit ``selections`` and none given, every stage runs at full depth).
       rngs: Linen rngs for the model (e.g. ``{"dropout": key}``).
 
     Returns:
@@ -283,6 +444,8 @@ class SearchSpace:
     """
     if selections is None:
       selections = self.sample(arch, tau, key)
+      if depth_probs is None and self.stages:
+        depth_probs = self.sample_depths(arch, tau, key)
     mutable = [c for c in variables if c != "params"]
 
     def fn(v, x):
@@ -298,18 +461,37 @@ class SearchSpace:
     if len(selections) != len(self.groups):
       raise UserError(f"apply: {len(selections)} selections for {len(self.groups)} "
                       "searched groups.")
-    outs = _Interpreter(paths, self._group_of_kernel, list(selections)).run(
+    stage_ends = {}
+    if depth_probs is not None and self.stages:
+      if len(depth_probs) != len(self.stages):
+        raise UserError(f"apply: {len(depth_probs)} depth weight vectors for "
+                        f"{len(self.stages)} searched stages.")
+      here = {st.key: st for st in depth_lib.find_stages(
+          closed.jaxpr, paths + [None], len(paths), allow_outputs=train)}
+      for st, probs in zip(self.stages, depth_probs):
+        found = here.get(st.key)
+        if found is None:
+          raise UserError(f"apply: the stage of blocks {[b.prefix for b in st.blocks]} "
+                          f"is not found in the {'train' if train else 'eval'}-mode pass.")
+        outs = found.outputs()
+        stage_ends[outs[-1]] = [(outs[d - 1], probs[j])
+                                for j, d in enumerate(st.candidates)]
+    outs = _Interpreter(paths, self._group_of_kernel, list(selections), stage_ends).run(
         closed, leaves + [x])
     return jax.tree_util.tree_unflatten(jax.tree.structure(out_shape), outs)
 
-  def _mix_points(self, x) -> dict[str, int]:
-    """``{producer kernel path: channel count at its mixing point}`` (abstract run)."""
-    variables = self.variables
-    flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
+  def _eval_jaxpr(self, x):
+    """``(closed eval-mode jaxpr, leaf paths, abstract leaves)`` of the model."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(self.variables)
     paths = [tracing.leaf_name(p) for p, _ in flat]
     leaves = [jax.ShapeDtypeStruct(np.shape(l), jnp.result_type(l)) for _, l in flat]
     closed = jax.make_jaxpr(lambda ls, x: self.model.apply(
         jax.tree_util.tree_unflatten(treedef, ls), x, train=False))(leaves, x)
+    return closed, paths, leaves
+
+  def _mix_points(self, closed, paths, leaves) -> dict[str, int]:
+    """``{producer kernel path: channel count at its mixing point}`` (abstract run)."""
+    x = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
     interp = _Interpreter(paths, None, None)
     jax.eval_shape(lambda ls, x: interp.run(closed, list(ls) + [x]), leaves, x)
     return interp.found
@@ -331,10 +513,12 @@ class _Interpreter:
   points (``found``: kernel path -> channels there).
   """
 
-  def __init__(self, paths, group_of_kernel, mixes):
+  def __init__(self, paths, group_of_kernel, mixes, stage_ends=None):
     self.paths = paths
     self.group_of_kernel = group_of_kernel
     self.mixes = mixes
+    # {the var after a stage's last block: [(var after candidate depth, weight)]}
+    self.stage_ends = stage_ends or {}
     self.found: dict[str, int] = {}
 
   def run(self, closed, args):
@@ -417,6 +601,11 @@ class _Interpreter:
       for v, o in zip(eqn.outvars, outs):
         if v in ends:
           o = self._mix(ends[v], o)
+        if top and v in self.stage_ends:
+          # A stage's output: its candidate depths mixed (tas.md §4; one residual
+          # stream, so the CWI alignment is the identity).
+          o = sum((w * (o if u is v else env[u])).astype(o.dtype)
+                  for u, w in self.stage_ends[v])
         env[v] = o
     return [read(v) for v in jaxpr.outvars]
 

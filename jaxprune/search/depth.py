@@ -1,0 +1,354 @@
+"""Skippable residual blocks of any model, found in its jaxpr, for the TAS depth search.
+
+A **block** is an ``add(x, f(x))`` of two tensors of one shape where ``x`` feeds
+``f`` (an identity shortcut), ``f`` holds at least one conv or matmul of a parameter,
+and nothing outside ``f`` reads ``f``'s intermediate values; its output ``y`` is the
+sum, continued through the elementwise ops that only it feeds (the ReLU after the add).
+Skipping the block replaces ``y`` by ``x``.
+
+A **stage** is a chain of such blocks, each one's ``x`` the previous one's ``y``. A
+chain whose input is the output of a *merge* add (two branches of one input, neither
+an identity: a projection block) counts that block as its first, always kept, as TAS
+counts a stage's first block (tas.md §1): a stage of ``n`` blocks has the depth
+candidates :func:`jaxprune.models.tas_resnet.depth_candidates` ``(n)``.
+
+Only the top level of the jaxpr is searched: blocks inside a ``jax.checkpoint``,
+``jax.jit`` or ``nn.scan`` of the user's model are not found.
+
+The derived network skips blocks by the model's own modules: a block's module is the
+common prefix of its parameters' paths (Linen: the submodule called on ``x``;
+NNX: the attribute). :func:`skip_blocks` builds that network and checks it against
+the jaxpr with ``y := x``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import flax.linen as nn
+from flax import nnx
+import jax
+import jax.extend as jex
+import numpy as np
+
+from jaxprune.errors import UserError
+from jaxprune.graph.propagate import _subjaxpr
+from jaxprune.models import external
+from jaxprune.models.tas_resnet import depth_candidates
+
+_LAYERS = ("conv_general_dilated", "dot_general")
+# Elementwise ops a block's output may pass through (with constant other operands).
+_UNARY = {"max", "min", "convert_element_type", "tanh", "logistic", "abs", "erf", "exp",
+          "integer_pow", "mul", "div", "add", "sub", "custom_jvp_call", "pjit",
+          "custom_vjp_call", "copy", "copy_p"}
+
+
+@dataclasses.dataclass
+class Block:
+  """One identity-shortcut block ``y = post(x + f(x))`` of a jaxpr level."""
+  x: object                  # the block's input var
+  out: object                # the add's output var
+  y: object                  # the block's output var (after the elementwise tail)
+  eqns: frozenset            # indices of f's eqns
+  params: frozenset          # leaf paths f reads
+  prefix: str                # the module path holding the block ("" if none)
+  layers: int                # convs / matmuls in f (nested ones included)
+
+
+@dataclasses.dataclass
+class Stage:
+  """A chain of blocks; ``merged``: its input is a projection block's output (the
+  stage's first block, always kept)."""
+  blocks: list
+  merged: bool
+
+  @property
+  def n(self) -> int:
+    return len(self.blocks) + int(self.merged)
+
+  @property
+  def candidates(self) -> tuple[int, ...]:
+    return depth_candidates(self.n)
+
+  def position(self, b: int) -> int:
+    """The stage position (1-based) of its ``b``-th identity block."""
+    return b + 1 + int(self.merged)
+
+  def outputs(self) -> list:
+    """The vars after 1..n blocks."""
+    first = [self.blocks[0].x] if self.merged else []
+    return first + [blk.y for blk in self.blocks]
+
+  @property
+  def key(self) -> tuple:
+    return tuple(blk.params for blk in self.blocks)
+
+
+def _is_lit(v) -> bool:
+  return isinstance(v, jex.core.Literal)
+
+
+def _count_layers(eqn) -> int:
+  if eqn.primitive.name in _LAYERS:
+    return 1
+  nested = _subjaxpr(eqn)
+  if nested is None:
+    return 0
+  return sum(_count_layers(e) for e in nested[0].eqns)
+
+
+def _common_prefix(paths) -> str:
+  split = [p.split("/")[1:-1] for p in paths]  # drop the collection and the leaf name
+  if not split:
+    return ""
+  out = []
+  for parts in zip(*split):
+    if len(set(parts)) != 1:
+      break
+    out.append(parts[0])
+  return "/".join(out)
+
+
+def find_stages(jaxpr, leaf_paths: Sequence[str | None], data_index: int,
+                allow_outputs: bool = False) -> list[Stage]:
+  """The stages of one jaxpr level.
+
+  Args:
+    jaxpr: the model's forward (an open jaxpr; its invars are the variable leaves
+      and the input).
+    leaf_paths: per invar, its leaf path (None for the input).
+    data_index: the index of the model input among the invars.
+    allow_outputs: only the first output (the logits) counts: ``f``'s values may
+      feed the other outputs (train mode: the updated batch statistics).
+  """
+  eqns = jaxpr.eqns
+  n_eq = len(eqns)
+  defs, uses = {}, {}
+  for i, e in enumerate(eqns):
+    for v in e.outvars:
+      defs[v] = i
+    for v in e.invars:
+      if not _is_lit(v):
+        uses.setdefault(v, []).append(i)
+  outputs = {v for v in jaxpr.outvars if not _is_lit(v)}
+  live = set(range(n_eq))
+  if allow_outputs:  # the eqns the logits depend on
+    outputs = {v for v in jaxpr.outvars[:1] if not _is_lit(v)}
+    need, live = set(outputs), set()
+    for i in range(n_eq - 1, -1, -1):
+      if any(v in need for v in eqns[i].outvars):
+        live.add(i)
+        need.update(v for v in eqns[i].invars if not _is_lit(v))
+  bit = {}  # var -> its own bit
+  anc = {}  # data var -> bits of the data vars it depends on
+  srcs = {}  # non-data var -> leaf paths it derives from
+  data_var = jaxpr.invars[data_index]
+  bit[data_var] = 1 << n_eq
+  anc[data_var] = 0
+  for v, p in zip(jaxpr.invars, leaf_paths):
+    if v is not data_var:
+      srcs[v] = frozenset([p]) if p else frozenset()
+  for v in jaxpr.constvars:
+    srcs[v] = frozenset()
+  for i, e in enumerate(eqns):
+    ins = [v for v in e.invars if not _is_lit(v)]
+    data_ins = [v for v in ins if v in anc]
+    if data_ins:
+      a = 0
+      for v in data_ins:
+        a |= anc[v] | bit[v]
+      for v in e.outvars:
+        anc[v] = a
+        bit[v] = 1 << i
+    else:
+      s = frozenset().union(*[srcs.get(v, frozenset()) for v in ins])
+      for v in e.outvars:
+        srcs[v] = s
+
+  def is_const(v):
+    return _is_lit(v) or v not in anc
+
+  def tail(v):
+    """``v`` continued through the elementwise ops only it feeds."""
+    while v not in outputs and len([k for k in uses.get(v, ()) if k in live]) == 1:
+      e = eqns[[k for k in uses[v] if k in live][0]]
+      if (e.primitive.name not in _UNARY or len(e.outvars) != 1
+          or tuple(e.outvars[0].aval.shape) != tuple(v.aval.shape)
+          or any(u is not v and not is_const(u) for u in e.invars)
+          or sum(u is v for u in e.invars) != 1 or _count_layers(e)):
+        break
+      if e.primitive.name in ("mul", "div", "add", "sub") and any(
+          u is not v and (np.ndim(u.val) if _is_lit(u) else len(u.aval.shape)) != 0
+          for u in e.invars):
+        break  # a per-channel affine op is a layer's, not the block's tail
+      v = e.outvars[0]
+    return v
+
+  blocks, merges = [], set()
+  for i, e in enumerate(eqns):
+    if e.primitive.name != "add" or len(e.invars) != 2:
+      continue
+    a, b = e.invars
+    if is_const(a) or is_const(b) or a is b:
+      continue
+    if tuple(a.aval.shape) != tuple(b.aval.shape):
+      continue
+    a_in_b = bool(anc[b] & bit[a])
+    b_in_a = bool(anc[a] & bit[b])
+    if a_in_b == b_in_a:
+      if not a_in_b:
+        merges.add(tail(e.outvars[0]))
+      continue
+    x, fo = (a, b) if a_in_b else (b, a)
+    inside = set()
+    for j in range(defs.get(x, -1) + 1, i):
+      ej = eqns[j]
+      if not any(v in anc for v in ej.outvars):
+        continue
+      o = ej.outvars[0]
+      dep_x = any(u is x for u in ej.invars) or bool(anc[o] & bit[x])
+      feeds = o is fo or bool(anc[fo] & bit[o])
+      if dep_x and feeds:
+        inside.add(j)
+    ok = True
+    for j in inside:
+      for v in eqns[j].outvars:
+        if v is fo:
+          continue
+        if v in outputs or any(k not in inside and k in live for k in uses.get(v, ())):
+          ok = False
+    layers = sum(_count_layers(eqns[j]) for j in inside)
+    if not ok or not layers:
+      continue
+    params = frozenset().union(*[srcs.get(u, frozenset()) for j in inside
+                                 for u in eqns[j].invars
+                                 if not _is_lit(u) and u not in anc])
+    params = frozenset(p for p in params if p and p.startswith("params/"))
+    if not params:
+      continue
+    blocks.append(Block(x=x, out=e.outvars[0], y=tail(e.outvars[0]),
+                        eqns=frozenset(inside), params=params,
+                        prefix=_common_prefix(params), layers=layers))
+  # Nested blocks (a block inside another's f) are left out.
+  nested = {id(b) for b in blocks for c in blocks
+            if b is not c and defs.get(b.out) in c.eqns}
+  blocks = [b for b in blocks if id(b) not in nested and not any(
+      defs.get(c.out) in b.eqns for c in blocks if c is not b)]
+  by_x = {}
+  for blk in blocks:
+    by_x.setdefault(blk.x, []).append(blk)
+  ys = {blk.y for blk in blocks}
+  stages = []
+  for blk in blocks:
+    if blk.x in ys:
+      continue  # not a chain head
+    chain = [blk]
+    while len(by_x.get(chain[-1].y, ())) == 1:
+      chain.append(by_x[chain[-1].y][0])
+    stages.append(Stage(blocks=chain, merged=blk.x in merges))
+  return [s for s in stages if len(s.candidates) > 1]
+
+
+def eval_skipping(closed, args, skip: Mapping):
+  """Evaluates a closed jaxpr with the vars ``skip`` maps replaced: ``y := x``."""
+  env = dict(zip(closed.jaxpr.constvars, closed.consts))
+  env.update(zip(closed.jaxpr.invars, args))
+  read = lambda v: v.val if _is_lit(v) else env[v]
+  for e in closed.jaxpr.eqns:
+    with e.ctx.manager:
+      outs = e.primitive.bind(*[read(v) for v in e.invars],
+                              **e.primitive.get_bind_params(e.params))
+    if not e.primitive.multiple_results:
+      outs = [outs]
+    for v, o in zip(e.outvars, outs):
+      env[v] = env[skip[v]] if v in skip else o
+  return [read(v) for v in closed.jaxpr.outvars]
+
+
+class SkipBlocks(nn.Module):
+  """A Linen model with some of its submodules skipped (they return their input).
+
+  Attributes:
+    inner: the model (a Linen module taking ``train``); its variables are this
+      module's, without the skipped submodules'.
+    skipped: the ``/``-joined module paths of the skipped blocks.
+  """
+  inner: nn.Module
+  skipped: tuple[str, ...] = ()
+
+  def setup(self):
+    nn.share_scope(self, self.inner)
+
+  def __call__(self, x, train: bool = False):
+    skipped = set(self.skipped)
+
+    def skip(next_fun, args, kwargs, context):
+      if context.method_name == "__call__" and "/".join(context.module.path) in skipped:
+        return args[0]
+      return next_fun(*args, **kwargs)
+    with nn.intercept_methods(skip):
+      return self.inner(x, train=train)
+
+
+class _Identity(nnx.Module):
+  """A skipped NNX block: returns its input."""
+
+  def __call__(self, x, *args, **kwargs):
+    return x
+
+
+def _drop(tree, prefixes):
+  """`tree` (``{collection: nested dict}``) without the subtrees at `prefixes`."""
+  out = {}
+  for collection, sub in tree.items():
+    sub = jax.tree.map(lambda a: a, dict(sub), is_leaf=lambda a: not isinstance(a, Mapping))
+    for prefix in prefixes:
+      *parents, last = prefix.split("/")
+      node = sub
+      for k in parents:
+        node = node.get(k, {}) if isinstance(node, Mapping) else {}
+      if isinstance(node, dict):
+        node.pop(last, None)
+    out[collection] = sub
+  return out
+
+
+def _nnx_parent(module, prefix):
+  *parents, last = prefix.split("/")
+  node = module
+  for k in parents:
+    node = node[int(k)] if k.isdigit() and isinstance(node, (list, tuple, nnx.List)) \
+        else getattr(node, k)
+  return node, last
+
+
+def skip_blocks(model, variables, prefixes: Sequence[str]):
+  """``(model, variables)`` of the network with the blocks at module paths `prefixes`
+  skipped (each returns its input).
+
+  `model` is a Linen module taking ``train`` (a user's NNX model in its
+  :class:`jaxprune.models.external.FromNNX` wrapper: the NNX attributes are
+  replaced by an identity module, and the result wrapped again).
+  """
+  prefixes = tuple(prefixes)
+  if not prefixes:
+    return model, variables
+  small = _drop(dict(variables), prefixes)
+  if isinstance(model, external.FromNNX):
+    module = model.module(variables)
+    for prefix in prefixes:
+      parent, last = _nnx_parent(module, prefix)
+      if last.isdigit() and isinstance(parent, (list, nnx.List)):
+        parent[int(last)] = _Identity()
+      else:
+        setattr(parent, last, _Identity())
+    draw = model.split.draw
+    fresh = None if draw is None else (lambda key: _drop(draw(key), prefixes))
+    wrapper, wvars = external.from_nnx(module, fresh)
+    return wrapper, wvars
+  if not isinstance(model, nn.Module):
+    raise UserError(f"skip_blocks: {type(model).__name__} is not a Linen module.")
+  return SkipBlocks(model, prefixes), small
+
+
+__all__ = ["Block", "SkipBlocks", "Stage", "eval_skipping", "find_stages", "skip_blocks"]
