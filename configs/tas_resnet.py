@@ -63,7 +63,9 @@ def get_config(arg=None):
       # space: "resnet" = the dedicated TASResNet supernet (per-conv widths, per-candidate
       # BN, depth search), "graph" = any model's channel groups (jaxprune.search), "auto":
       # resnet for cifar_resnet (round_to=1), graph otherwise (--config.model.name=mod:fn).
-      space="auto", round_to=1,
+      # depth: the graph space also searches the depth of every stage of skippable
+      # residual blocks it finds (x + f(x), each block a module of its own).
+      space="auto", round_to=1, depth=True,
       teacher_dir="", split_seed=0, num_picks=2, derive_epoch="last", search_only=False,
       released_shape=args.shape, released_shapes_file="",  # "": the package's copy
       arch_learning_rate=1e-3, arch_beta1=0.5, arch_beta2=0.999, arch_weight_decay=1e-3,

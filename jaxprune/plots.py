@@ -234,7 +234,9 @@ def _depth_probs_figure(history: Sequence[Mapping]) -> Figure:
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("search epoch")
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    ax.set_title(f"stage {s} (argmax depth {last['argmax_blocks'][s]})", fontsize=10)
+    names = last.get("stage_names") or []
+    name = names[s] if s < len(names) else f"stage {s}"
+    ax.set_title(f"{name} (argmax depth {last['argmax_blocks'][s]})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
   axes[0].set_ylabel("depth probability")
@@ -250,9 +252,12 @@ def _derived_widths_figure(history: Sequence[Mapping]) -> Figure:
   max_blocks = [max(c) for c in last["depth_candidates"]]
   # Convs of blocks that the depth choice drops (only known from the names).
   dropped = np.zeros(len(labels), dtype=bool)
+  skipped = last.get("skipped_blocks")  # a graph search names the dropped modules
   for i, name in enumerate(labels):
     m = _BLOCK_NAME.search(name)
-    if m and int(m.group(1)) < len(kept):
+    if skipped is not None:
+      dropped[i] = any(name == p or name.startswith(p + "/") for p in skipped)
+    elif m and int(m.group(1)) < len(kept):
       dropped[i] = int(m.group(2)) >= kept[int(m.group(1))]
   x = np.arange(len(labels))
   fig = _new_figure(max(6.0, 0.38 * len(labels) + 2.0), 4.6)

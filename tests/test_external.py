@@ -205,10 +205,11 @@ def test_cli_user_model_errors_are_one_line(tmp_path):
 
 
 def test_cli_tas_recipe_on_a_user_nnx_model(tmp_path):
-  """TAS on a model jaxprune did not write: the graph search space, a derived network
-  built by surgery whose counted FLOPs are the search's argmax FLOPs. (A Linen user
-  model's search is tests/test_search.py; its CLI path is the ISTA test's.)"""
-  spec, kwargs = "user_models:nnx_cnn", "{'features': 8, 'spatial': 16}"
+  """TAS on a model jaxprune did not write: the graph search space with the depth of its
+  stage of residual blocks, a derived network built by surgery (blocks beyond the
+  argmax depth skipped) whose counted FLOPs are the search's argmax FLOPs. (A Linen
+  user model's search is tests/test_search.py; its CLI path is the ISTA test's.)"""
+  spec, kwargs = "user_models:nnx_resnet", "{'features': 8, 'blocks': 3}"
   proc = _main(tmp_path, "--config", "configs/tas_resnet.py:smoke",
                f"--config.model.name={spec}", f"--config.model.kwargs={kwargs}",
                "--config.teacher.epochs=1", "--config.train.epochs=1",
@@ -222,6 +223,11 @@ def test_cli_tas_recipe_on_a_user_nnx_model(tmp_path):
   chosen = next(h for h in history if h["epoch"] == arch["search_epoch"])
   assert arch["flops"] == chosen["argmax_flops"] == r["derived_flops"]
   assert list(arch["widths"].values()) == chosen["argmax_widths"]
+  assert chosen["depth_candidates"] == [[1, 2, 3]] and chosen["stage_names"] == [
+      "blocks/0..blocks/2"]
+  assert arch["blocks"] == {"blocks/0..blocks/2": chosen["argmax_blocks"][0]}
+  assert arch["skipped_blocks"] == [f"blocks/{b}" for b in
+                                    range(chosen["argmax_blocks"][0], 3)]
   assert r["derived_flops"] < r["base_flops"]
   assert os.path.exists(os.path.join(tmp_path, "plots", "width_probs.png"))
 

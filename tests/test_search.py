@@ -221,8 +221,27 @@ def test_search_on_user_models_linen_and_nnx(name):
   grads = jax.jit(jax.grad(loss))(arch)
   for n, g in grads["width_logits"].items():
     assert np.all(np.isfinite(g)) and np.any(g != 0), n
+  for n, g in grads.get("depth_logits", {}).items():
+    assert np.all(np.isfinite(g)) and np.any(g != 0), n
   if name == "vit":  # attention heads put channels on two axes: left at full width
     assert sp.excluded
+    # Its residual adds are inline in the ViT module: no block module to skip.
+    assert not sp.stages and all("modules of their own" in r
+                                 for r in sp.excluded_stages.values())
+  # Depth: the stages of identity blocks (resnet_basic: s1's two blocks; s2's projection
+  # block then one identity block), the same in Linen and NNX.
+  want = {"plain_cnn": [], "vit": [], "resnet_basic": ["s1b0..s1b1", "s2b1"]}[name]
+  assert spaces[0].depth_names == spaces[1].depth_names == want
+  if want:
+    rng = np.random.default_rng(int(np.random.randint(1 << 30)))
+    arch = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 1, a.shape), jnp.float32), arch)
+    from jaxprune import flops
+    counts = []
+    for sp in spaces:
+      model, variables = sp.derived_network(arch)
+      counts.append(flops.count(model, variables, arch_def.input_shape)["flops"])
+      assert counts[-1] == sp.predict(arch) == int(round(float(sp.argmax_cost(arch))))
+    assert counts[0] == counts[1] < spaces[0].flops_max
 
 
 def test_num_picks_and_empty_space_are_errors():

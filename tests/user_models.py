@@ -88,3 +88,38 @@ def not_a_model(num_classes: int):
 def broken_factory(num_classes: int):
   raise RuntimeError("the user's factory is broken")
 
+
+
+class NNXBlock(nnx.Module):
+  """A residual block as the NNX docs write one: ``relu(x + bn(conv(relu(bn(conv(x))))))``."""
+
+  def __init__(self, features: int, *, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(features, features, kernel_size=(3, 3), use_bias=False, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(features, rngs=rngs)
+    self.conv2 = nnx.Conv(features, features, kernel_size=(3, 3), use_bias=False, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(features, rngs=rngs)
+
+  def __call__(self, x):
+    y = nnx.relu(self.bn1(self.conv1(x)))
+    return nnx.relu(x + self.bn2(self.conv2(y)))
+
+
+class NNXResNet(nnx.Module):
+  """A stem, a stage of ``blocks`` residual blocks in an ``nnx.List``, a linear head."""
+
+  def __init__(self, in_channels: int, features: int, blocks: int, num_classes: int, *,
+               rngs: nnx.Rngs):
+    self.stem = nnx.Conv(in_channels, features, kernel_size=(3, 3), rngs=rngs)
+    self.blocks = nnx.List([NNXBlock(features, rngs=rngs) for _ in range(blocks)])
+    self.head = nnx.Linear(features, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.stem(x))
+    for block in self.blocks:
+      x = block(x)
+    return self.head(x.mean(axis=(1, 2)))
+
+
+def nnx_resnet(num_classes: int, in_channels: int = 3, features: int = 8, blocks: int = 3,
+               rngs: nnx.Rngs | None = None):
+  return NNXResNet(in_channels, features, blocks, num_classes, rngs=rngs or nnx.Rngs(0))

@@ -24,7 +24,6 @@ import optax
 
 from jaxprune import config_lib, data, distill, flops, kernels, models, optim, plots
 from jaxprune import search as search_lib
-from jaxprune import surgery
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import distributed, loop, mesh as mesh_lib, report, steps
 from jaxprune.engine.metrics import read_jsonl
@@ -113,16 +112,19 @@ class ResNetSupernet:
 
 class GraphSupernet:
   """The search space of any model: :class:`jaxprune.search.SearchSpace` over the
-  channel groups of its graph (one width per group; no depth search)."""
+  channel groups of its graph (one width per group) and the stages of skippable
+  residual blocks it finds (``depth``: search their depths)."""
   kind = "graph"
 
-  def __init__(self, base_model, input_shape, num_picks: int, round_to: int = 1):
+  def __init__(self, base_model, input_shape, num_picks: int, round_to: int = 1,
+               depth: bool = True):
     self.base_model = base_model
     self.input_shape = tuple(input_shape)
     x = jnp.zeros((1, *input_shape))
     abstract = jax.eval_shape(lambda: base_model.init(jax.random.key(0), x, train=False))
     self.space = search_lib.SearchSpace(base_model, abstract, input_shape,
-                                        num_picks=num_picks, round_to=round_to)
+                                        num_picks=num_picks, round_to=round_to,
+                                        depth=depth)
     self.flops_max = self.space.flops_max
 
   def init(self, key):
@@ -149,40 +151,51 @@ class GraphSupernet:
     widths = sp.derive(arch)
     return {
         "expected_flops": float(sp.expected_cost(arch)),
-        "argmax_flops": int(sp.graph.predict(sp.keep(arch))["flops"]),
+        "argmax_flops": sp.predict(arch),
         "width_candidates": [list(c) for c in sp.candidates],
         "width_probs": [np.asarray(jax.nn.softmax(a)).tolist() for a in sp.width_logits(arch)],
-        "depth_candidates": [], "depth_probs": [],
-        "argmax_widths": [widths[g.id] for g in sp.groups], "argmax_blocks": [],
-        "conv_names": list(sp.names)}
+        "depth_candidates": [list(c) for c in sp.depth_candidates],
+        "depth_probs": [np.asarray(jax.nn.softmax(b)).tolist() for b in sp.depth_logits(arch)],
+        "argmax_widths": [widths[g.id] for g in sp.groups],
+        "argmax_blocks": sp.derive_depths(arch), "skipped_blocks": sp.skipped(arch),
+        "conv_names": list(sp.names), "stage_names": list(sp.depth_names)}
 
   def derived_network(self, record: dict):
-    """The user's network with every searched group cut to its argmax prefix (§7),
-    built by :func:`jaxprune.surgery.prune` (trained from scratch: only its shape is
-    used)."""
+    """The user's network with every searched group cut to its argmax prefix and the
+    blocks beyond every stage's argmax depth skipped (§7), built by
+    :meth:`jaxprune.search.SearchSpace.derived_network` (trained from scratch: only its
+    shape is used)."""
     sp = self.space
-    keep = {g.id: np.arange(w) for g, w in zip(sp.groups, record["argmax_widths"])}
+    one_hot = lambda cands, pick: jnp.asarray([0.0 if c != pick else 1.0 for c in cands])
+    arch = {"width_logits": {n: one_hot(c, w) for n, c, w in
+                             zip(sp.names, sp.candidates, record["argmax_widths"])}}
+    if sp.stages:
+      arch["depth_logits"] = {n: one_hot(c, d) for n, c, d in zip(
+          sp.depth_names, sp.depth_candidates, record["argmax_blocks"])}
     variables = jax.device_get(self.base_model.init(
         jax.random.key(0), jnp.zeros((1, *self.input_shape)), train=False))
-    pruned = surgery.prune(self.base_model, variables, self.input_shape, keep)
-    return pruned.model, {"widths": dict(zip(record["conv_names"], record["argmax_widths"])),
-                          "blocks": []}
+    model, _ = sp.derived_network(arch, variables)
+    return model, {"widths": dict(zip(record["conv_names"], record["argmax_widths"])),
+                   "blocks": dict(zip(sp.depth_names, record["argmax_blocks"])),
+                   "skipped_blocks": sp.skipped(arch)}
 
 
 def make_supernet(config, base_model, num_classes: int, input_shape):
   """The search space of ``config.tas.space``: "resnet" (TASResNet), "graph" (any model),
-  "auto" (resnet for jaxprune's cifar_resnet without ``round_to``, graph otherwise)."""
+  "auto" (resnet for jaxprune's cifar_resnet without ``round_to`` and with ``depth``,
+  graph otherwise)."""
   kind = config.tas.get("space", "auto")
   if kind == "auto":  # rounded candidates need the graph space
     kind = ("resnet" if config.model.name == "cifar_resnet"
-            and config.tas.get("round_to", 1) == 1 else "graph")
+            and config.tas.get("round_to", 1) == 1 and config.tas.get("depth", True)
+            else "graph")
   if kind == "resnet":
     if config.model.name != "cifar_resnet":
       raise UserError(f"config tas.space='resnet' searches jaxprune's cifar_resnet, not "
                       f"{config.model.name!r}; use --config.tas.space=graph.")
     return ResNetSupernet(config.model.depth, num_classes, config.tas.num_picks, input_shape)
   return GraphSupernet(base_model, input_shape, config.tas.num_picks,
-                       config.tas.get("round_to", 1))
+                       config.tas.get("round_to", 1), config.tas.get("depth", True))
 
 
 def search_steps(net, weight_tx, arch_tx, *, cfg, seed: int, flops_max: int,
@@ -448,6 +461,11 @@ def validate(config):
   if int(cfg.get("round_to", 1)) != cfg.get("round_to", 1) or cfg.get("round_to", 1) < 1:
     fail("round_to", cfg.round_to, "candidate widths are rounded up to a multiple of this "
          "positive int")
+  if not isinstance(cfg.get("depth", True), bool):
+    fail("depth", cfg.depth, "true or false (search the depths of the stages)")
+  if not cfg.get("depth", True) and cfg.get("space", "auto") == "resnet":
+    fail("depth", cfg.depth, "the dedicated ResNet space always searches depths; widths "
+         "only with --config.tas.space=graph")
   if cfg.get("round_to", 1) > 1 and cfg.get("space", "auto") == "resnet":
     fail("round_to", cfg.round_to, "the dedicated ResNet space has the reference's fixed "
          "candidates; round them with --config.tas.space=graph")
@@ -529,7 +547,10 @@ def run(config, workdir: str) -> dict:
   depth = None if external.is_external(config.model.name) else config.model.get("depth")
   name = f"ResNet-{depth}" if net is None or net.kind == "resnet" else config.model.name
   architecture = {"model": config.model.name, "depth": depth, "widths": derived["widths"],
-                  "blocks": derived["blocks"], "flops": counts["flops"],
+                  "blocks": derived["blocks"],
+                  **({"skipped_blocks": derived["skipped_blocks"]}
+                     if "skipped_blocks" in derived else {}),
+                  "flops": counts["flops"],
                   "params": counts["params"], "flops_max": base_flops,
                   "flops_ratio": counts["flops"] / base_flops,
                   "target_ratio": config.tas.ratio, **source}
