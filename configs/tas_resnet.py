@@ -21,6 +21,9 @@ Commands (from the repository root):
   # Derive from the best in-band epoch instead of the last: --config.tas.derive_epoch=best
   # Search and derive only (architecture.json; no teacher, no retraining):
   #   --config.tas.search_only=true
+  # Price widths by their measured latency on this device instead of FLOPs (the graph
+  # space; a per-op table timed once, ~20 s for a ResNet-56 at batch 128 on 2 CPU cores):
+  #   --config.tas.cost=latency
   # Retrain a shape the authors released (no search), e.g. their CIFAR-10 ResNet-56:
   python -m jaxprune.main --config configs/tas_resnet.py:depth=56,shape=C010-ResNet56 \
       --workdir workdirs/tas_r56_released   # the shapes ship with jaxprune (resources/)
@@ -70,7 +73,13 @@ def get_config(arg=None):
       released_shape=args.shape, released_shapes_file="",  # "": the package's copy
       arch_learning_rate=1e-3, arch_beta1=0.5, arch_beta2=0.999, arch_weight_decay=1e-3,
       tau_max=5.0, tau_min=0.1, tau_schedule="cosine",
-      ratio=args.ratio, tolerance=0.05, cost_mode="code", lambda_cost=2.0))
+      ratio=args.ratio, tolerance=0.05, cost_mode="code", lambda_cost=2.0,
+      # cost: "flops" (the reference) or "latency": the cost loss uses a per-op latency
+      # table measured once on this run's device (cached in <workdir>/search/; needs the
+      # graph space, which "auto" then picks); ratio is then a fraction of the full
+      # network's table latency. latency_batch: the batch the table is timed at (the
+      # report's inference batch; set both to change both).
+      cost="flops", latency_batch=config.report.inference_batch_size))
   if args.epochs:
     # A shortened schedule (same 1:2:1 teacher:search:retrain proportions, 1 warm-up epoch).
     if args.epochs < 2:
@@ -86,5 +95,8 @@ def get_config(arg=None):
                  checkpoint_every_steps=32)
     config.teacher.update(epochs=3, **small)
     config.train.update(epochs=3, **small)
-    config.tas.update(epochs=6, **small)
+    # 90 architecture steps barely move the logits: the argmax FLOPs of the last
+    # epoch are a coin flip around the band, so the smoke derives from the best
+    # in-band epoch (the last one if none is in the band).
+    config.tas.update(epochs=6, derive_epoch="best", **small)
   return config
