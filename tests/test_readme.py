@@ -20,5 +20,7 @@ def test_your_own_model_examples_run(capsys):
   assert "16 4096" in out
   assert "['bn0/scale']" in out
   assert "{'conv0': 24} ['head/kernel']" in out  # the printed comments are what runs
-  assert "['Conv_0', 'Conv_1'] [(16, 24, 32), (24, 32, 40, 48, 56, 64)]" in out
+  assert ("['Conv_0', 'Block_0/Conv_0', 'Block_1/Conv_0', 'Block_2/Conv_0', 'Conv_1']"
+          in out)
+  assert "['Block_0..Block_2'] [(1, 2, 3)]" in out
   assert out.rstrip().endswith("True")
