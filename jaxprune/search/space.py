@@ -15,13 +15,17 @@ without changing the model's code:
   taken at the end of the producer's per-channel affine chain: after its bias add and
   after a batch norm that follows it (before any activation), where TAS mixes
   ``BN_j(y[:C_j])``;
+- every chain of skippable residual blocks (:mod:`jaxprune.search.depth`) is a stage
+  with the depth candidates of §1 and one logit vector beta; all its blocks run and
+  its output is the Gumbel-softmax mix of its outputs after each candidate depth (§4);
 - :meth:`SearchSpace.expected_cost` and :meth:`SearchSpace.argmax_cost` are E_cost
   and F_cost of §5 from the graph's own op table (the FLOPs counter's convention):
   each op's MACs times the product over its channel factors of the expected (or
-  argmax) kept fraction;
-- :meth:`SearchSpace.derive` gives the argmax width of every group, and
-  :meth:`SearchSpace.keep` the ``keep`` of :func:`jaxprune.surgery.prune` that
-  builds the derived network.
+  argmax) kept fraction, times the probability that the depth reaches its block;
+- :meth:`SearchSpace.derive` gives the argmax width of every group,
+  :meth:`SearchSpace.keep` the ``keep`` of :func:`jaxprune.surgery.prune`,
+  :meth:`SearchSpace.derive_depths` the argmax depths, and
+  :meth:`SearchSpace.derived_network` the derived network (§7).
 
 Differences from the dedicated :class:`jaxprune.models.TASResNet` (the official
 supernet), all consequences of searching the user's network as it is:
