@@ -317,3 +317,18 @@ def test_vgg_like_has_13_bn_convs_2_dense_and_reports_per_layer():
                              {"batch_stats": variables["batch_stats"]})
   assert len(table) == 15 and all(r["kept"] == r["weights"] for r in table.values())
   assert all(r["kept_macs"] == r["macs"] > 0 for r in table.values())
+
+
+@pytest.mark.parametrize("name", ["lenet5", "lenet300_100"])
+def test_neuron_mask_from_the_graph_is_the_lenet_unit_layers(name):
+  """The graph's unit layers (producers of prunable groups) are the LeNets' table."""
+  import re  # pylint: disable=g-import-not-at-top
+  model = models.get_model(name, num_classes=10)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                             jnp.zeros((1, 28, 28, 1))))["params"]
+  leaves = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in
+            jax.tree_util.tree_flatten_with_path(params)[0]]
+  pick = lambda regex: sorted(l for l in leaves if re.search(regex, l))
+  graph_mask = recipe.neuron_mask(name, "out", model, (28, 28, 1))
+  assert pick(graph_mask) == pick(recipe.neuron_mask(name, "out"))
+  assert pick(graph_mask) == [f"{l}/kernel" for l in recipe.NEURON_CHAINS[name][0]]

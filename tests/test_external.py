@@ -208,12 +208,15 @@ def test_cli_tas_recipe_on_a_user_nnx_model(tmp_path):
   """TAS on a model jaxprune did not write: the graph search space with the depth of its
   stage of residual blocks, a derived network built by surgery (blocks beyond the
   argmax depth skipped) whose counted FLOPs are the search's argmax FLOPs. (A Linen
-  user model's search is tests/test_search.py; its CLI path is the ISTA test's.)"""
+  user model's search is tests/test_search.py; its CLI path is the ISTA test's.)
+  The cost is the measured latency (tas.cost=latency): a per-op table timed in the
+  workdir, the history's latency keys and the report's measured speed-up."""
   spec, kwargs = "user_models:nnx_resnet", "{'features': 8, 'blocks': 3}"
   proc = _main(tmp_path, "--config", "configs/tas_resnet.py:smoke",
                f"--config.model.name={spec}", f"--config.model.kwargs={kwargs}",
                "--config.teacher.epochs=1", "--config.train.epochs=1",
-               "--config.tas.epochs=2")
+               "--config.tas.epochs=2", "--config.tas.cost=latency",
+               "--config.tas.latency_batch=8")
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = _report(tmp_path)
   arch = r["architecture"]
@@ -230,6 +233,17 @@ def test_cli_tas_recipe_on_a_user_nnx_model(tmp_path):
                                     range(chosen["argmax_blocks"][0], 3)]
   assert r["derived_flops"] < r["base_flops"]
   assert os.path.exists(os.path.join(tmp_path, "plots", "width_probs.png"))
+  with open(os.path.join(tmp_path, "search", "latency_table.json"), encoding="utf-8") as f:
+    table = json.load(f)
+  assert table["batch_size"] == 8 and all(h["cost"] == "latency" for h in history)
+  for h in history:  # the cost loss's max is the table's full latency
+    assert 0 < h["argmax_latency_ms"] <= h["latency_max_ms"] == pytest.approx(
+        table["full_ms"])
+    assert h["expected_latency_ms"] > 0 and h["argmax_flops"] > 0  # FLOPs still recorded
+  assert r["speedup"] > 0 and r["flops_speedup"] == r["base_flops"] / r["derived_flops"]
+  assert r["predicted_speedup"] == pytest.approx(
+      chosen["latency_max_ms"] / chosen["argmax_latency_ms"])
+  assert "latency_table" in proc.stdout  # the measurement said where it saved the table
 
 
 def test_cli_tas_resnet_space_refuses_a_user_model(tmp_path):
@@ -247,4 +261,29 @@ def test_dnw_refuses_a_user_model_before_any_work(tmp_path):
   config = ml_collections.ConfigDict({"model": {"name": "user_models:linen_cnn"}})
   with pytest.raises(UserError, match="DNW learns the wiring of its own graph networks"):
     dnw.run(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+def test_cli_autoprune_neurons_of_a_user_linen_model(tmp_path):
+  """AutoPrune at neuron granularity on a model jaxprune did not write: the gated units
+  are the graph's (every layer whose output channels can be removed, not the
+  classifier), and the exported smaller network reproduces the masked one."""
+  proc = _main(tmp_path, "--config", "configs/autoprune_lenet.py:smoke,granularity=neuron",
+               "--config.model.name=user_models:linen_cnn", "--config.pretrain.epochs=0",
+               "--config.train.epochs=1", "--config.autoprune.prune_epochs=1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = _report(tmp_path)
+  assert r["model"] == "user_models:linen_cnn" and r["granularity"] == "neuron"
+  assert set(r["layers"]) == {"Conv_0", "Conv_1", "Dense_0"}  # the head is not gated
+  assert set(r["kept_units"]) == {"Conv_0", "Conv_1", "Dense_0", "Dense_1"}
+  assert r["kept_units"]["Dense_1"] == 10 and r["export_max_abs_diff"] < 1e-4
+  assert r["pruned_flops"] <= r["dense_flops"]
+
+
+def test_cli_autoprune_neuron_axis_in_refuses_a_user_model(tmp_path):
+  proc = _main(tmp_path, "--config", "configs/autoprune_lenet.py:smoke,granularity=neuron",
+               "--config.model.name=user_models:linen_cnn", "--config.autoprune.neuron_axis=in")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "Traceback" not in proc.stderr and "neuron_axis='in'" in last, last
   assert not os.listdir(tmp_path)

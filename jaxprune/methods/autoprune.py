@@ -21,6 +21,7 @@ Stages, each resumable in ``<workdir>/<stage>/`` by rerunning the command:
 """
 import math
 import os
+import re
 import time
 
 import jax
@@ -30,7 +31,7 @@ from ml_collections import config_dict
 import numpy as np
 import optax
 
-from jaxprune import config_lib, data, flops, models, plots, surgery
+from jaxprune import config_lib, data, flops, plots, surgery
 from jaxprune import kernels as kernels_lib
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import loop, mesh as mesh_lib, report, steps
@@ -38,6 +39,7 @@ from jaxprune.engine.metrics import read_jsonl
 from jaxprune.engine.state import TrainState, split_variables
 from jaxprune.engine import metrics as metrics_lib
 from jaxprune.errors import UserError
+from jaxprune.graph import group as graph_lib
 from jaxprune.methods import baseline
 from jaxprune.optim import selection
 from jaxprune.optim import autoprune_lib as ap
@@ -85,15 +87,37 @@ NEURON_IN = {"lenet5": {"conv1": "conv2", "fc1": "fc2"},
              "lenet300_100": {"fc1": "fc2", "fc2": "fc3"}}
 
 
-def neuron_mask(model_name: str, neuron_axis: str = "out") -> str:
-  """The default mask of neuron pruning: every unit layer but the classifier
-  (``neuron_axis="out"``), or the layers whose input rows gate those units ("in")."""
-  if model_name not in NEURON_CHAINS:
-    raise UserError(f"Neuron pruning supports {', '.join(NEURON_CHAINS)}; got "
-                    f"{model_name!r}. Use autoprune.granularity='weight'.")
-  layers = (NEURON_CHAINS[model_name][0] if neuron_axis == "out"
-            else tuple(NEURON_IN[model_name].values()))
-  return r"(^|/)(" + "|".join(layers) + r")/kernel$"
+def neuron_mask(model_name: str, neuron_axis: str = "out", model=None,
+                input_shape=None) -> str:
+  """The default mask of neuron pruning (a leaf-path regex).
+
+  ``neuron_axis="out"``: the kernels that produce a prunable channel group of the
+  model's dependency graph, with the group on their last axis (every unit layer but
+  the classifier, whose outputs no layer consumes): any Linen or NNX model (pass
+  ``model`` and ``input_shape``), or jaxprune's LeNets by name. ``"in"``: the layers
+  whose input rows gate those units, for the LeNets (:data:`NEURON_IN`).
+  """
+  if neuron_axis == "in" or model is None:
+    if model_name not in NEURON_CHAINS:
+      raise UserError(f"Neuron pruning with neuron_axis={neuron_axis!r} supports "
+                      f"{', '.join(NEURON_CHAINS)}; got {model_name!r}. Use "
+                      "autoprune.neuron_axis='out' (any model) or granularity='weight'.")
+    layers = (NEURON_CHAINS[model_name][0] if neuron_axis == "out"
+              else tuple(NEURON_IN[model_name].values()))
+    return r"(^|/)(" + "|".join(layers) + r")/kernel$"
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
+  graph = graph_lib.trace(model, abstract, input_shape)
+  shapes = dict(zip(graph.traced.paths, graph.traced.shapes))
+  kernels = sorted({m.path for g in graph.prunable() for m in g.members
+                    if m.role == "producer" and m.path.startswith("params/")
+                    and m.path.endswith("/kernel")
+                    and m.axis == len(shapes[m.path]) - 1})
+  if not kernels:
+    raise UserError(f"Neuron pruning: model {model_name!r} has no layer whose output "
+                    "units can be removed (no prunable channel group); use "
+                    "autoprune.granularity='weight'.")
+  return r"^(" + "|".join(re.escape(k[len("params/"):]) for k in kernels) + r")$"
 
 
 def kept_units(model_name: str, keep, neuron_axis: str = "out") -> dict:
@@ -239,16 +263,28 @@ def validate(config):
   """Builds the pruner and its schedules once from the config (no data needed), so a bad
   option stops the run before the pretraining stage, not after it."""
   a = config.autoprune
-  selector = a.mask or (neuron_mask(config.model.name, a.get("neuron_axis", "out"))
-                        if a.granularity == "neuron" else ap.DEFAULT_MASK)
-  transform(config, 1, max(int(config.train.epochs), 1), selector)
+  if a.granularity == "neuron" and a.get("neuron_axis", "out") == "in" and not a.mask:
+    neuron_mask(config.model.name, "in")  # the LeNets only: one line before any work
+  transform(config, 1, max(int(config.train.epochs), 1), a.mask or ap.DEFAULT_MASK)
   try:  # the surrogate is looked up only when the step is traced
     kernels_lib.step_ste(jnp.zeros((1,)), a.surrogate, a.slope)
   except ValueError as e:
     raise UserError(f"Bad autoprune config: {e}") from None
 
 
-def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None):
+def make_selector(config, model, input_shape) -> str:
+  """The gated leaves (a regex): ``autoprune.mask``, or every kernel (weight
+  granularity), or :func:`neuron_mask` of the model (neuron granularity)."""
+  a = config.autoprune
+  if a.mask:
+    return a.mask
+  if a.granularity == "neuron":
+    return neuron_mask(config.model.name, a.get("neuron_axis", "out"), model, input_shape)
+  return ap.DEFAULT_MASK
+
+
+def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None,
+          selector=None):
   """The prune (+ frozen-mask fine-tune) stage; returns (state, summary, history)."""
   cfg = config.train
   train_ds, test_ds = datasets["train"], datasets["test"]
@@ -259,9 +295,7 @@ def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None):
     total = min(total, cfg.max_steps)
   mesh_lib.check_batch_size(cfg.batch_size, mesh)
   a = config.autoprune
-  selector = a.mask or (neuron_mask(config.model.name, a.get("neuron_axis", "out"))
-                        if a.granularity == "neuron"
-                        else ap.DEFAULT_MASK)
+  selector = selector or make_selector(config, model, input_shape)
   tx, schedule = transform(config, steps_per_epoch, total, selector)
 
   def init(key):
@@ -347,11 +381,12 @@ def run(config, workdir: str) -> dict:
   input_shape = train_ds.image_shape
   model = baseline.build_model(config.model, train_ds.num_classes, train_ds.image_shape)
   baseline.check_selectors(config, model, train_ds.image_shape)
+  selector = make_selector(config, model, input_shape)  # the graph: before any work
   # After the data and model checks: a failed start leaves the workdir untouched.
   config_lib.check_workdir(workdir, config, datasets)
   init_vars, init_acc = load_init(config, workdir, datasets, model, mesh)
   state, summary, history, selector = prune(config, workdir, datasets, model, init_vars,
-                                            mesh)
+                                            mesh, selector=selector)
   state = jax.device_get(state)
   params = state.params
   eff = ap.effective_params(params, state.opt_state)
