@@ -102,8 +102,11 @@ def test_baseline_two_processes_equal_one_process(two_process_baseline, tmp_path
   two, one = _losses(workdir / "baseline"), _losses(tmp_path / "baseline")
   assert [s for s, _ in two] == [s for s, _ in one] and len(two) == 16
   np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=2e-4)
+  # 80 steps of float sums in another order drift by a few 1e-4 (a batch-norm running
+  # mean of ~0.03 measured 3.2e-4 apart on CI's machine); an unsynchronised gradient or
+  # statistic would be off by orders of magnitude more.
   _assert_trees_close(_restored(workdir / "baseline/final"),
-                      _restored(tmp_path / "baseline/final"), rtol=2e-3, atol=2e-4)
+                      _restored(tmp_path / "baseline/final"), rtol=2e-3, atol=1e-3)
   # Process 0 alone wrote the products.
   report = json.loads((workdir / "report.json").read_text())
   assert report["train_steps"] == 80

@@ -90,6 +90,13 @@ def agreed(value: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(value))))
 
 
+def from_main(value) -> np.ndarray:
+  """Process 0's array on every process (e.g. times it measured; same shape on all)."""
+  if not is_multiprocess():
+    return np.asarray(value)
+  return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
 def preemption_requested() -> bool:
   """Whether all processes have reached the agreed stop after a SIGTERM anywhere.
 

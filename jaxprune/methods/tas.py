@@ -36,6 +36,8 @@ from jaxprune.models import external
 
 TAU_SCHEDULES = ("cosine", "linear")
 SPACES = ("auto", "resnet", "graph")
+COSTS = ("flops", "latency")
+LATENCY_TABLE = "latency_table.json"  # in <workdir>/search/
 
 
 def tau_at(epoch, epochs: int, tau_max: float, tau_min: float, schedule: str):
@@ -60,6 +62,7 @@ class ResNetSupernet:
   """The dedicated search space: :class:`jaxprune.models.TASResNet` (the official
   supernet; widths per conv with per-candidate BN, depths per stage)."""
   kind = "resnet"
+  latency = None  # no per-op table here: tas.cost=latency needs the graph space
 
   def __init__(self, depth: int, num_classes: int, num_picks: int, input_shape):
     self.model = models.tas_cifar_resnet(depth, num_classes, num_picks=num_picks)
@@ -115,6 +118,7 @@ class GraphSupernet:
   channel groups of its graph (one width per group) and the stages of skippable
   residual blocks it finds (``depth``: search their depths)."""
   kind = "graph"
+  latency = None  # the search.LatencyTable when tas.cost=latency (set by search())
 
   def __init__(self, base_model, input_shape, num_picks: int, round_to: int = 1,
                depth: bool = True):
@@ -141,9 +145,13 @@ class GraphSupernet:
     return logits, {**model_state, **updates}
 
   def expected_cost(self, arch):
+    if self.latency is not None:  # tas.cost=latency: expected ms from the table
+      return self.latency.expected(self.space, arch)
     return self.space.expected_cost(arch)
 
   def argmax_cost(self, arch):
+    if self.latency is not None:
+      return self.latency.argmax(self.space, arch)
     return self.space.argmax_cost(arch)
 
   def record(self, arch) -> dict:
@@ -188,14 +196,24 @@ def make_supernet(config, base_model, num_classes: int, input_shape):
   if kind == "auto":  # rounded candidates need the graph space
     kind = ("resnet" if config.model.name == "cifar_resnet"
             and config.tas.get("round_to", 1) == 1 and config.tas.get("depth", True)
-            else "graph")
+            and config.tas.get("cost", "flops") == "flops" else "graph")
   if kind == "resnet":
+    if config.tas.get("cost", "flops") == "latency":
+      raise UserError("config tas.cost='latency' needs a per-op latency table, which the "
+                      "dedicated ResNet space has not; use --config.tas.space=graph.")
     if config.model.name != "cifar_resnet":
       raise UserError(f"config tas.space='resnet' searches jaxprune's cifar_resnet, not "
                       f"{config.model.name!r}; use --config.tas.space=graph.")
     return ResNetSupernet(config.model.depth, num_classes, config.tas.num_picks, input_shape)
   return GraphSupernet(base_model, input_shape, config.tas.num_picks,
                        config.tas.get("round_to", 1), config.tas.get("depth", True))
+
+
+def cost_max(net, flops_max):
+  """The cost loss's max (§5): the full network's latency in ms from ``net.latency``
+  (tas.cost=latency), else its FLOPs ``flops_max``."""
+  table = getattr(net, "latency", None)
+  return flops_max if table is None else table.full
 
 
 def search_steps(net, weight_tx, arch_tx, *, cfg, seed: int, flops_max: int,
@@ -206,8 +224,12 @@ def search_steps(net, weight_tx, arch_tx, *, cfg, seed: int, flops_max: int,
   differentiates only ``params`` and updates only the weight optimizer state (the
   D_train batch); ``arch_step`` runs a fresh forward on the D_val batch with fresh noise
   and updates only ``arch_params`` and the architecture optimizer state. Neither
-  advances ``state.step``.
+  advances ``state.step``. With ``net.latency`` set the costs are in ms and the cost
+  loss's max is the table's full latency (:func:`cost_max`).
   """
+  max_cost = cost_max(net, flops_max)
+  unit = "flops" if getattr(net, "latency", None) is None else "latency_ms"
+
   def forward(state, params, arch, images, key):
     tau = tau_at(state.step // steps_per_epoch, epochs, cfg.tau_max, cfg.tau_min,
                  cfg.tau_schedule)
@@ -238,7 +260,7 @@ def search_steps(net, weight_tx, arch_tx, *, cfg, seed: int, flops_max: int,
       ce = steps.cross_entropy(logits, batch)
       e_cost = net.expected_cost(arch)
       f_cost = net.argmax_cost(arch)
-      cost = kernels.tas_cost_loss(e_cost, f_cost, flops_max, cfg.ratio, cfg.tolerance,
+      cost = kernels.tas_cost_loss(e_cost, f_cost, max_cost, cfg.ratio, cfg.tolerance,
                                    cfg.cost_mode)
       return ce + cfg.lambda_cost * cost, (logits, model_state, ce, cost, e_cost, f_cost,
                                            tau)
@@ -252,8 +274,8 @@ def search_steps(net, weight_tx, arch_tx, *, cfg, seed: int, flops_max: int,
                              "val_loss": ce,
                              "val_accuracy": jnp.mean(jnp.argmax(logits, -1) ==
                                                       batch["label"]),
-                             "arch_cost_loss": cost, "arch_expected_flops": e_cost,
-                             "arch_argmax_flops": f_cost, "arch_tau": tau}
+                             "arch_cost_loss": cost, f"arch_expected_{unit}": e_cost,
+                             f"arch_argmax_{unit}": f_cost, "arch_tau": tau}
 
   return weight_step, arch_step
 
@@ -291,8 +313,51 @@ def arch_record(net, arch, cfg, flops_max: int, epoch: int, step: int, epochs: i
       **net.record(arch),
       "flops_max": flops_max, "target_flops": flops_max * cfg.ratio,
       "tolerance_flops": flops_max * cfg.tolerance, "cost_mode": cfg.cost_mode,
-      "space": net.kind,
+      "space": net.kind, "cost": cfg.get("cost", "flops"),
+      **latency_record(net, arch, cfg),
   }
+
+
+def latency_record(net, arch, cfg) -> dict:
+  """The latency keys of a history record (tas.cost=latency; {} otherwise): the
+  table's expected and argmax latency, its full latency and the cost loss's band."""
+  table = getattr(net, "latency", None)
+  if table is None:
+    return {}
+  full = table.full
+  return {"expected_latency_ms": float(table.expected(net.space, arch)),
+          "argmax_latency_ms": float(table.argmax(net.space, arch)),
+          "latency_max_ms": full, "target_latency_ms": full * cfg.ratio,
+          "tolerance_latency_ms": full * cfg.tolerance,
+          "latency_batch": table.batch_size}
+
+
+def latency_batch(config) -> int:
+  """The batch of the latency table: ``tas.latency_batch``, else the report's
+  inference batch."""
+  return int(config.tas.get("latency_batch", 0) or config.report.inference_batch_size)
+
+
+def attach_latency_table(net, config, workdir: str):
+  """Gives ``net`` its latency table (tas.cost=latency) before the search starts.
+
+  Process 0 reads ``<workdir>/search/latency_table.json`` when its fingerprint is this
+  run's (a resumed run does not remeasure) or measures the table on its first device
+  and writes it there; every process then uses process 0's times, so the replicated
+  architecture step is the same program everywhere.
+  """
+  if net.kind != "graph":
+    raise UserError("config tas.cost='latency' needs the graph search space (a per-op "
+                    "latency table); use --config.tas.space=graph.")
+  batch = latency_batch(config)
+  path = os.path.join(workdir, "search", LATENCY_TABLE)
+  if distributed.is_main_process():
+    table = search_lib.latency.load_or_measure(net.space, path, batch)
+  else:
+    table = search_lib.latency.plan(net.space, batch)
+  table.set_program_ms(distributed.from_main(table.program_ms.astype(np.float32)))
+  net.latency = table
+  return table
 
 
 def search(config, workdir: str, datasets, mesh, on_step=None, net=None
@@ -320,6 +385,8 @@ def search(config, workdir: str, datasets, mesh, on_step=None, net=None
                                                      input_shape),
                         train_ds.num_classes, input_shape)
   flops_max = net.flops_max
+  if cfg.get("cost", "flops") == "latency" and net.latency is None:
+    attach_latency_table(net, config, workdir)
   weight_tx, schedule = optim.sgd(cfg, steps_per_epoch, total)
   arch_tx = arch_optimizer(cfg)
 
@@ -378,18 +445,21 @@ DERIVE_EPOCHS = ("last", "best")
 
 
 def in_band(record: dict) -> bool:
-  """Whether an epoch's argmax FLOPs satisfy the cost loss's target band (§5)."""
-  f, target = record["argmax_flops"], record["target_flops"]
-  tol = record["tolerance_flops"]
+  """Whether an epoch's argmax cost (FLOPs, or the table's ms with tas.cost=latency)
+  satisfies the cost loss's target band (§5)."""
+  unit, top = (("latency_ms", "latency_max_ms") if record.get("cost") == "latency"
+               else ("flops", "flops_max"))
+  f, target = record[f"argmax_{unit}"], record[f"target_{unit}"]
+  tol = record[f"tolerance_{unit}"]
   if record["cost_mode"] == "paper":
-    t = tol / record["flops_max"]
+    t = tol / record[top]
     return (1 - t) * target <= f <= (1 + t) * target
   return target - tol <= f <= target
 
 
 def choose_epoch(history: list[dict], derive_epoch: str) -> dict:
   """The history record to derive from (§7): the last epoch (default), or the epoch
-  with the best search-time D_val accuracy among those inside the FLOPs band."""
+  with the best search-time D_val accuracy among those inside the cost band."""
   if derive_epoch not in DERIVE_EPOCHS:
     raise UserError(f"Unknown tas.derive_epoch {derive_epoch!r}; use one of "
                     f"{DERIVE_EPOCHS}.")
@@ -397,7 +467,7 @@ def choose_epoch(history: list[dict], derive_epoch: str) -> dict:
     candidates = [r for r in history if in_band(r) and r.get("val_accuracy") is not None]
     if candidates:
       return max(candidates, key=lambda r: (r["val_accuracy"], r["epoch"]))
-    print("[tas] no search epoch inside the FLOPs band; deriving from the last epoch")
+    print("[tas] no search epoch inside the cost band; deriving from the last epoch")
   return history[-1]
 
 
@@ -471,6 +541,15 @@ def validate(config):
          "candidates; round them with --config.tas.space=graph")
   if cfg.cost_mode not in COST_LOSS_MODES:
     fail("cost_mode", cfg.cost_mode, f"use one of {', '.join(COST_LOSS_MODES)}")
+  if cfg.get("cost", "flops") not in COSTS:
+    fail("cost", cfg.cost, f"use one of {', '.join(COSTS)}")
+  if cfg.get("cost", "flops") == "latency" and cfg.get("space", "auto") == "resnet":
+    fail("cost", cfg.cost, "the dedicated ResNet space has no per-op latency table; "
+         "search with --config.tas.space=graph (or auto)")
+  batch = cfg.get("latency_batch", 0)
+  if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
+    fail("latency_batch", batch, "the batch the latency table is timed at: a positive "
+         "int (0: report.inference_batch_size)")
   if cfg.get("search_only", False) and cfg.released_shape:
     raise UserError("tas.search_only=True and tas.released_shape both set: a released "
                     "shape skips the search; choose one.")
@@ -536,7 +615,12 @@ def run(config, workdir: str) -> dict:
     chosen = choose_epoch(history, config.tas.derive_epoch)
     derived_model, derived = net.derived_network(chosen)
     source = {"search_epoch": chosen["epoch"], "derive_epoch": config.tas.derive_epoch,
-              "space": net.kind}
+              "space": net.kind, "cost": config.tas.get("cost", "flops")}
+    if "argmax_latency_ms" in chosen:  # the table's prediction for the derived network
+      source.update(latency_ms=chosen["argmax_latency_ms"],
+                    latency_max_ms=chosen["latency_max_ms"],
+                    latency_batch=chosen["latency_batch"],
+                    predicted_speedup=chosen["latency_max_ms"] / chosen["argmax_latency_ms"])
   derived_abstract = jax.eval_shape(
       lambda: derived_model.init(jax.random.key(0), jnp.zeros((1, *input_shape)),
                                  train=False))
@@ -589,6 +673,12 @@ def run(config, workdir: str) -> dict:
          "flops_reduction": 1 - rows["derived"]["flops"] / rows["base"]["flops"],
          "base_params": rows["base"]["params"], "derived_params": rows["derived"]["params"],
          "params_reduction": 1 - rows["derived"]["params"] / rows["base"]["params"],
+         # Measured speed next to what the FLOPs promise (and the latency table's
+         # prediction with tas.cost=latency), at report.inference_batch_size.
+         "speedup": rows["base"]["inference_ms"] / rows["derived"]["inference_ms"],
+         "flops_speedup": rows["base"]["flops"] / rows["derived"]["flops"],
+         **({"predicted_speedup": architecture["predicted_speedup"]}
+            if "predicted_speedup" in architecture else {}),
          "wall_time_s": time.time() - t0, "architecture": architecture}
   if distributed.is_main_process() and history:
     out["plots"] = plots.tas_search(history, os.path.join(workdir, "plots"))

@@ -1,0 +1,535 @@
+"""The TAS latency cost: a per-op latency lookup table of a :class:`SearchSpace`.
+
+TAS prices an architecture by its FLOPs (tas.md §5). FLOPs are a poor proxy for speed
+on real hardware: on a CPU a 3x3 conv with 9 channels can take as long as one with
+16. With ``--config.tas.cost=latency`` the cost loss uses measured time instead:
+
+- **The table.** Every conv and dense op of ``space.graph.ops`` is timed alone on the
+  device (a jitted ``lax.conv_general_dilated`` or ``dot``, float32 random inputs,
+  batch ``batch_size``, compile excluded) at every pair (candidate input width,
+  candidate output width) of the searched groups that set its input and output
+  channel counts; an op with no searched channel axis is timed once at full width.
+  Identical programs are timed once (the 58 ops of a ResNet-56 need 464 distinct
+  programs over all their candidate pairs), all programs alternately (one sample of
+  each per round; a sample averages back-to-back calls for at least ~2 ms) and the
+  median over rounds is kept, so slow drifts of the machine hit every entry alike.
+- **Expected latency** (the differentiable E_cost):
+  ``sum_op reach[op] * sum_ij p_in(i) p_out(j) T_op[i, j]`` with
+  ``p = softmax(width logits)`` and ``reach[op]`` the probability that the sampled
+  depth reaches the op's block (tas.md §5; 1 outside searched stages): the exact
+  expectation of the table's latency when the widths are independent (the FLOPs cost
+  is a product of expectations). An op whose input and output channels are one
+  group reads the table's diagonal.
+- **Argmax latency** (F_cost): the same at the one-hot argmax widths and depths,
+  i.e. the table's entries of the derived network, summed.
+- **Full latency** (the cost loss's max): every op at full width.
+
+What the table does not model: only convs and dense layers are timed; batch norm,
+activations, pooling, residual adds and the dispatch of one fused program are not in
+it, and XLA fuses a network's ops in ways an op timed alone does not see. Predicted
+speed-ups (``full / argmax``) therefore differ from a whole network's measured
+speed-up, which the TAS report gives next to them. Products of two activations
+(attention's ``q k^T``) have no widths of their own and are left out.
+
+Approximations (each exact in FLOPs, not timed):
+
+- a channel axis governed by *several* searched groups (a concat of two groups) is
+  timed at full width and the entry scaled by that axis's kept fraction (linear in
+  the widths, like the FLOPs cost); so is an axis the graph's factor order does not
+  identify, and every channel axis of a grouped (not depthwise) conv;
+- an axis set by one searched group plus unsearched channels is timed exactly at its
+  kept count;
+- the op's layout is timed channels-last (NHWC), its padding rebuilt from the input
+  and output sizes, kernel dilation not modelled.
+
+The table is keyed by a fingerprint (backend, device kind, host CPU on a CPU backend,
+JAX version, XLA flags, batch size, the op programs and candidate widths): a cached
+table whose fingerprint differs from the run's is never used; it is remeasured with
+a message that says what differs. This module must not know about configs, workdir
+layout or processes (``jaxprune.methods.tas`` does).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.engine import metrics as metrics_lib
+from jaxprune.errors import UserError
+
+FORMAT = "jaxprune.latency_table/1"
+_MIN_SAMPLE_S = 2e-3  # calls per timing sample: enough to last this long (batch 1 ops)
+_MAX_CALLS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """One distinct timed computation: a conv (NHWC x HWIO) or a dense ``x @ w``."""
+  kind: str                     # "conv" or "dense"
+  x_shape: tuple
+  w_shape: tuple
+  strides: tuple = ()
+  padding: tuple = ()           # ((lo, hi), ...) per spatial axis
+  groups: int = 1
+
+  def key(self) -> list:
+    return [self.kind, list(self.x_shape), list(self.w_shape), list(self.strides),
+            [list(p) for p in self.padding], self.groups]
+
+  def function(self) -> Callable:
+    if self.kind == "dense":
+      return lambda x, w: x @ w
+    n = len(self.strides)
+    spatial = "HWD"[:n] if n <= 3 else None
+    if spatial is None:
+      raise UserError(f"latency table: a conv with {n} spatial axes is not supported.")
+    dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+    return lambda x, w: jax.lax.conv_general_dilated(
+        x, w, self.strides, self.padding, dimension_numbers=dn,
+        feature_group_count=self.groups)
+
+
+@dataclasses.dataclass
+class Entry:
+  """One op of the graph in the table.
+
+  ``ms[i, j]`` is the op's time at candidate ``i`` of ``in_group`` and ``j`` of
+  ``out_group`` (a length-1 axis where no searched group sets that side);
+  ``scaled`` are the ``_Factor`` s (of :class:`SearchSpace`) whose kept fraction
+  multiplies the entry (the approximations of the module docstring).
+  """
+  op: int                       # index into space.graph.ops
+  name: str
+  in_group: int | None
+  out_group: int | None
+  programs: np.ndarray          # [n_in, n_out] indices into LatencyTable.programs
+  scaled: list = dataclasses.field(default_factory=list)
+  ms: np.ndarray | None = None  # [n_in, n_out], filled from the program times
+
+
+class LatencyTable:
+  """Per-op latency of a search space's candidate widths (see the module docstring).
+
+  Attributes:
+    batch_size: the batch the ops were timed at.
+    entries: one :class:`Entry` per conv/dense op, in graph order.
+    programs: the distinct :class:`Program` s.
+    program_ms: each program's median time in ms (NaN until measured).
+    fingerprint: what the times are valid for (a dict; see :func:`fingerprint`).
+    source: "measured", "cache" (read from a file) or "unmeasured".
+  """
+
+  def __init__(self, space, batch_size: int, entries, programs, program_ms=None,
+               source: str = "unmeasured"):
+    self.batch_size = int(batch_size)
+    self.entries = entries
+    self.programs = programs
+    self.names = list(space.names)
+    self.candidates = [tuple(c) for c in space.candidates]
+    self.num_ops = len(space.graph.ops)
+    self.fingerprint = fingerprint(space, batch_size, programs, entries)
+    self.source = source
+    self.set_program_ms(np.full(len(programs), np.nan) if program_ms is None
+                        else program_ms)
+
+  def set_program_ms(self, program_ms):
+    """Fills every entry from the programs' times (e.g. broadcast from process 0)."""
+    program_ms = np.asarray(program_ms, np.float64)
+    if program_ms.shape != (len(self.programs),):
+      raise ValueError(f"{program_ms.shape} program times for {len(self.programs)} "
+                       "programs.")
+    self.program_ms = program_ms
+    for e in self.entries:
+      e.ms = program_ms[e.programs].astype(np.float32)
+
+  @property
+  def full(self) -> float:
+    """Latency (ms) of every op at full width: the cost loss's max."""
+    return float(sum(e.ms[-1, -1] for e in self.entries))
+
+  def _check(self, space):
+    if list(space.names) != self.names or [tuple(c) for c in space.candidates] != \
+        self.candidates:
+      raise ValueError("this latency table was built for another search space "
+                       "(different groups or candidate widths).")
+
+  def _cost(self, dists, reach) -> jax.Array:
+    if reach is not None and len(reach) != self.num_ops:
+      raise ValueError(f"reach has {len(reach)} entries; the graph has {self.num_ops} "
+                       "ops.")
+    one = jnp.ones((1,), jnp.float32)
+    total = jnp.zeros((), jnp.float32)
+    for e in self.entries:
+      t = jnp.asarray(e.ms)
+      if e.in_group is not None and e.in_group == e.out_group:
+        value = dists[e.in_group] @ jnp.diagonal(t)  # one width sets both sides
+      else:
+        p_in = one if e.in_group is None else dists[e.in_group]
+        p_out = one if e.out_group is None else dists[e.out_group]
+        value = p_in @ t @ p_out
+      for f in e.scaled:
+        value = value * _kept_fraction(f, dists)
+      if reach is not None:
+        value = value * reach[e.op]
+      total = total + value
+    return total
+
+  def expected(self, space, arch: Mapping[str, Any], reach=None) -> jax.Array:
+    """Expected latency in ms under ``softmax(width logits)`` (module docstring).
+
+    Args:
+      space: the :class:`SearchSpace` the table was built for.
+      arch: its ``arch`` tree.
+      reach: optional per-op multipliers, one per op of ``space.graph.ops``: the
+        probability that the sampled depth reaches the op's block. Default: the
+        space's own, from ``softmax(depth logits)`` (all ones without depth search).
+        May be traced.
+
+    Returns:
+      A float32 scalar; differentiable in the width (and depth) logits, jit-safe.
+    """
+    self._check(space)
+    soft = lambda a: jax.nn.softmax(jnp.asarray(a, jnp.float32))
+    if reach is None:
+      reach = space_reach(space, [soft(b) for b in space.depth_logits(arch)])
+    return self._cost([soft(a) for a in space.width_logits(arch)], reach)
+
+  def argmax(self, space, arch: Mapping[str, Any], reach=None) -> jax.Array:
+    """Latency in ms of the argmax network: the table's entries at the argmax widths,
+    summed over the ops the argmax depths keep (``reach`` overrides, as in
+    :meth:`expected`)."""
+    self._check(space)
+    hot = lambda a: jax.nn.one_hot(jnp.argmax(a), a.shape[-1], dtype=jnp.float32)
+    if reach is None:
+      reach = space_reach(space, [hot(b) for b in space.depth_logits(arch)])
+    return self._cost([hot(a) for a in space.width_logits(arch)], reach)
+
+  def to_json(self) -> dict:
+    return {"format": FORMAT, "fingerprint": self.fingerprint,
+            "fingerprint_sha256": _digest(self.fingerprint),
+            "batch_size": self.batch_size, "full_ms": self.full,
+            "program_ms": [float(v) for v in self.program_ms],
+            "ops": [{"op": e.op, "name": e.name,
+                     "in_group": None if e.in_group is None else self.names[e.in_group],
+                     "out_group": None if e.out_group is None else self.names[e.out_group],
+                     "scaled_factors": len(e.scaled), "ms": e.ms.tolist()}
+                    for e in self.entries]}
+
+  def save(self, path: str):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    metrics_lib.write_json(path, self.to_json())
+
+
+def space_reach(space, depth_dists) -> list | None:
+  """Per op of ``space.graph.ops``: the probability that a depth drawn from
+  ``depth_dists`` (one distribution per searched stage) reaches the op's block, the
+  reverse cumulative sum at its position (tas.md §5); 1 outside searched stages.
+  None when the space searches no depth."""
+  cands = list(getattr(space, "depth_candidates", []))
+  if not cands:
+    return None
+  reach_of = {}
+  for t, (c, q) in enumerate(zip(cands, depth_dists)):
+    for p in range(1, max(c) + 1):
+      reach_of[(t, p)] = sum(q[j] for j, d in enumerate(c) if d >= p)
+  # The space's cost rows end with the op's (stage, position), None outside stages.
+  return [reach_of[row[4]] if len(row) > 4 and row[4] is not None else 1.0
+          for row in space._costs]  # pylint: disable=protected-access
+
+
+def _kept_fraction(f, dists) -> jax.Array:
+  """A factor's kept fraction (a ``SearchSpace`` ``_Factor``), linear in the dists."""
+  out = jnp.asarray(f.const, jnp.float32)
+  for s, m in f.terms:
+    out = out + dists[s] @ jnp.asarray(m)
+  return out
+
+
+def _digest(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _host() -> str:
+  """The CPU model and usable cores (what a CPU backend's times depend on)."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          model = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:
+    cores = os.cpu_count()
+  return f"{model}, {cores} cores"
+
+
+def fingerprint(space, batch_size: int, programs, entries) -> dict:
+  """What a table's times are valid for: the device and software that ran them and
+  the exact programs and candidate widths they cover."""
+  device = jax.local_devices()[0]
+  return {
+      "backend": jax.default_backend(), "device_kind": device.device_kind,
+      "host": _host() if jax.default_backend() == "cpu" else "",
+      "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "disable_most_optimizations": bool(jax.config.read("jax_disable_most_optimizations")),
+      "batch_size": int(batch_size), "dtype": "float32",
+      "candidates": {n: list(c) for n, c in zip(space.names, space.candidates)},
+      "programs_sha256": _digest([p.key() for p in programs]),
+      "ops_sha256": _digest([[e.op, e.name, e.in_group, e.out_group,
+                              e.programs.tolist(), len(e.scaled)] for e in entries]),
+  }
+
+
+# --- the plan: which programs time which entries ------------------------------------
+
+def _sides(op, factors, c_in: int, c_out: int, groups: int):
+  """``(input factor, output factor, other factors)`` of an op's FLOPs factors (the
+  graph lists the input channel factor first, then the output's)."""
+  sizes = [len(ids) for ids in op.factors]
+  if op.kind == "conv" and groups > 1:
+    if len(factors) == 1 and sizes == [c_out]:
+      return None, factors[0], []
+    return None, None, list(factors)
+  if len(factors) == 2 and sizes == [c_in, c_out]:
+    return factors[0], factors[1], []
+  if len(factors) == 1 and sizes[0] != c_in and sizes[0] == c_out:
+    return None, factors[0], []
+  if len(factors) == 1 and sizes[0] == c_in and sizes[0] != c_out:
+    return factors[0], None, []
+  return None, None, list(factors)
+
+
+def _side(factor, full: int, candidates):
+  """``(group or None, widths per candidate, scaled factor or None)`` of one side."""
+  if factor is None or not factor.terms:
+    return None, [full], None
+  if len(factor.terms) > 1:
+    return None, [full], factor
+  s, m = factor.terms[0]
+  widths = [max(1, int(round(full * (factor.const + float(m[c])))))
+            for c in range(len(candidates[s]))]
+  return s, widths, None
+
+
+def _conv_geometry(op):
+  """``(channel axis, spatial in, spatial out, window, groups)`` of a conv op."""
+  *window, k_in, c_out = op.kernel_shape
+  ins, outs = tuple(op.in_shape), tuple(op.out_shape)
+  if outs[-1] == c_out and ins[-1] % k_in == 0:
+    axis = len(ins) - 1
+  elif outs[1] == c_out and ins[1] % k_in == 0:
+    axis = 1
+  else:
+    raise UserError(f"latency table: cannot find the channel axis of conv {op.name} "
+                    f"(input {ins}, output {outs}, kernel {op.kernel_shape}).")
+  spatial_in = tuple(n for a, n in enumerate(ins) if a not in (0, axis))
+  spatial_out = tuple(n for a, n in enumerate(outs) if a not in (0, axis))
+  return axis, spatial_in, spatial_out, tuple(window), ins[axis] // k_in
+
+
+def _stride_padding(size_in: int, size_out: int, window: int):
+  """A stride and padding giving ``size_out`` (equal to SAME's where it is SAME)."""
+  stride = max(1, -(-size_in // max(size_out, 1)))
+  total = max((size_out - 1) * stride + window - size_in, 0)
+  return stride, (total // 2, total - total // 2)
+
+
+def plan(space, batch_size: int) -> LatencyTable:
+  """The table's structure for ``space`` at ``batch_size``, with no times yet."""
+  if int(batch_size) != batch_size or batch_size < 1:
+    raise UserError(f"latency table: batch size must be a positive int, got "
+                    f"{batch_size!r}.")
+  trace_batch = int(space.graph.traced.input_shape[0]) or 1
+  programs, index, entries = [], {}, []
+
+  def program(p: Program) -> int:
+    key = json.dumps(p.key())
+    if key not in index:
+      index[key] = len(programs)
+      programs.append(p)
+    return index[key]
+
+  # The space's cost rows: (macs, factors, ...), one per op; factors in op.factors order.
+  for i, (op, row) in enumerate(zip(space.graph.ops, space._costs)):  # pylint: disable=protected-access
+    factors = row[1]
+    if op.kind == "conv":
+      _, spatial_in, spatial_out, window, groups = _conv_geometry(op)
+      c_in_full, c_out = op.kernel_shape[-2] * groups, op.kernel_shape[-1]
+    elif op.kind == "dense":
+      (c_in_full, c_out), groups = op.kernel_shape, 1
+    else:  # a product of two activations (attention): not a layer with widths
+      continue
+    fin, fout, rest = _sides(op, factors, c_in_full, c_out, groups)
+    depthwise = op.kind == "conv" and groups > 1 and groups == c_in_full \
+        and op.kernel_shape[-2] == 1
+    g_in, w_in, s_in = _side(fin, c_in_full, space.candidates)
+    g_out, w_out, s_out = _side(fout, c_out, space.candidates)
+    scaled = rest + [f for f in (s_in, s_out) if f is not None]
+    if op.kind == "conv" and groups > 1 and not depthwise:
+      scaled = list(factors)  # a grouped conv: timed at full width, scaled in FLOPs
+      g_in = g_out = None
+      w_in, w_out = [c_in_full], [c_out]
+    ids = np.zeros((len(w_in), len(w_out)), np.int64)
+    for a, d_in in enumerate(w_in):
+      for b, d_out in enumerate(w_out):
+        if op.kind == "dense":
+          rows = max(1, batch_size * math.prod(op.out_shape) // (trace_batch * c_out))
+          p = Program("dense", (rows, d_in), (d_in, d_out))
+        else:
+          if depthwise:  # the input follows the output (channel multiplier kept)
+            d_in, feature_groups = d_out * c_in_full // c_out, d_out * c_in_full // c_out
+          else:
+            feature_groups = groups
+          geometry = [_stride_padding(n_in, n_out, k) for n_in, n_out, k
+                      in zip(spatial_in, spatial_out, window)]
+          p = Program("conv", (batch_size, *spatial_in, d_in),
+                      (*window, d_in // feature_groups, d_out),
+                      tuple(s for s, _ in geometry), tuple(pad for _, pad in geometry),
+                      feature_groups)
+        ids[a, b] = program(p)
+    entries.append(Entry(i, op.name, g_in, g_out, ids, scaled))
+  if not entries:
+    raise UserError("latency table: the model has no conv or dense layer to time.")
+  return LatencyTable(space, batch_size, entries, programs)
+
+
+# --- measuring ----------------------------------------------------------------------
+
+def _print(text: str):
+  if jax.process_index() == 0:
+    print(f"[latency] {text}", flush=True)
+
+
+def time_programs(programs: Sequence[Program], repeats: int = 7,
+                  log: Callable[[str], None] = _print) -> np.ndarray:
+  """Median ms of every program on the first local device: all compiled first, then
+  ``repeats`` rounds of one sample of each (alternately; a sample averages enough
+  back-to-back calls to last about 2 ms)."""
+  device = jax.local_devices()[0]
+  rng = np.random.default_rng(0)
+  arrays = {}
+
+  def array(shape):  # numpy draws: a jax.random draw would compile once per shape
+    if shape not in arrays:
+      arrays[shape] = jax.device_put(rng.standard_normal(shape, np.float32), device)
+    return arrays[shape]
+
+  t0, last = time.perf_counter(), time.perf_counter()
+  compiled = []
+  for n, p in enumerate(programs):
+    x, w = array(p.x_shape), array(p.w_shape)
+    fn = jax.jit(p.function()).lower(x, w).compile()
+    jax.block_until_ready(fn(x, w))
+    compiled.append((fn, x, w))
+    if time.perf_counter() - last > 10:
+      last = time.perf_counter()
+      log(f"compiled {n + 1}/{len(programs)} programs ({last - t0:.0f} s)")
+  calls = []
+  for fn, x, w in compiled:
+    t = time.perf_counter()
+    jax.block_until_ready(fn(x, w))
+    calls.append(int(min(_MAX_CALLS, max(1, math.ceil(
+        _MIN_SAMPLE_S / max(time.perf_counter() - t, 1e-7))))))
+  log(f"timing {len(programs)} programs x {repeats} rounds")
+  samples = np.zeros((repeats, len(programs)))
+  for r in range(repeats):
+    order = range(len(programs)) if r % 2 == 0 else reversed(range(len(programs)))
+    for n in order:
+      fn, x, w = compiled[n]
+      t = time.perf_counter()
+      for _ in range(calls[n]):
+        out = fn(x, w)
+      jax.block_until_ready(out)
+      samples[r, n] = (time.perf_counter() - t) / calls[n]
+  return np.median(samples, axis=0) * 1e3
+
+
+def measure(space, batch_size: int, *, repeats: int = 7,
+            timer: Callable[[Sequence[Program]], Sequence[float]] | None = None,
+            log: Callable[[str], None] = _print) -> LatencyTable:
+  """Times the table of ``space`` at ``batch_size`` on this process's first device.
+
+  Args:
+    space: a :class:`jaxprune.search.SearchSpace`.
+    batch_size: the batch of the timed ops (the run's inference batch).
+    repeats: timing rounds (the median is kept).
+    timer: ``programs -> ms`` (default :func:`time_programs`), e.g. for tests.
+    log: where progress lines go.
+  """
+  table = plan(space, batch_size)
+  t0 = time.perf_counter()
+  log(f"measuring {len(table.programs)} distinct programs for the {len(table.entries)} "
+      f"conv/dense ops at batch {batch_size} on {jax.default_backend()} "
+      f"({jax.local_devices()[0].device_kind}); this runs once per workdir")
+  ms = (timer(table.programs) if timer is not None else
+        time_programs(table.programs, repeats, log))
+  table.set_program_ms(ms)
+  if not np.all(np.isfinite(table.program_ms)) or np.any(table.program_ms <= 0):
+    raise ValueError("latency table: a program's measured time is not positive.")
+  table.source = "measured"
+  log(f"full network {table.full:.3f} ms (sum of {len(table.entries)} ops) in "
+      f"{time.perf_counter() - t0:.0f} s")
+  return table
+
+
+def _differences(old: Mapping, new: Mapping) -> list[str]:
+  out = []
+  for k in sorted(set(old) | set(new)):
+    if old.get(k) != new.get(k):
+      if k.endswith("_sha256") or k == "candidates":
+        out.append(f"{k.removesuffix('_sha256')} (the model's searched ops differ)")
+      else:
+        out.append(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here")
+  return out
+
+
+def load(space, path: str, batch_size: int) -> tuple[LatencyTable | None, str]:
+  """The table cached at ``path`` if its fingerprint is this run's: ``(table, "")``;
+  else ``(None, why not)``. A damaged file is a :class:`UserError`."""
+  table = plan(space, batch_size)
+  if not os.path.exists(path):
+    return None, f"no table at {path}"
+  saved = metrics_lib.read_json(path)
+  if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+    raise UserError(f"{path} is not a jaxprune latency table; delete it (the run "
+                    "measures a new one).")
+  if saved.get("fingerprint") != table.fingerprint:
+    diff = _differences(saved.get("fingerprint") or {}, table.fingerprint)
+    return None, f"the table at {path} was measured for another setting: " + "; ".join(diff)
+  table.set_program_ms(saved["program_ms"])
+  table.source = "cache"
+  return table, ""
+
+
+def load_or_measure(space, path: str, batch_size: int, *, repeats: int = 7,
+                    timer=None, log: Callable[[str], None] = _print) -> LatencyTable:
+  """The cached table at ``path`` when its fingerprint matches; else a new
+  measurement, saved there (a mismatched cache is replaced, with a message)."""
+  table, why = load(space, path, batch_size)
+  if table is not None:
+    log(f"using the table measured before ({path}; full network {table.full:.3f} ms)")
+    return table
+  if os.path.exists(path):
+    log(f"{why}; measuring again")
+  table = measure(space, batch_size, repeats=repeats, timer=timer, log=log)
+  table.save(path)
+  log(f"saved {path}")
+  return table
+
+
+__all__ = ["Entry", "LatencyTable", "Program", "fingerprint", "load", "load_or_measure",
+           "measure", "plan", "space_reach", "time_programs"]
