@@ -246,6 +246,36 @@ def test_cli_tas_recipe_on_a_user_nnx_model(tmp_path):
   assert "latency_table" in proc.stdout  # the measurement said where it saved the table
 
 
+def test_cli_tas_recipe_on_a_user_linen_model_with_rounded_widths(tmp_path):
+  """TAS with the FLOPs cost on a Linen model with no residual blocks (widths only),
+  candidates rounded to multiples of 4 (tas.round_to): every searched width, and so
+  every derived width, is a multiple of 4 or the full width, and the derived network's
+  counted FLOPs are the search's argmax FLOPs."""
+  spec = "user_models:linen_cnn"
+  proc = _main(tmp_path, "--config", "configs/tas_resnet.py:smoke",
+               f"--config.model.name={spec}", "--config.model.kwargs={'features': 12}",
+               "--config.teacher.epochs=1", "--config.train.epochs=1",
+               "--config.tas.epochs=2", "--config.tas.round_to=4")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = _report(tmp_path)
+  arch = r["architecture"]
+  assert r["model"] == spec and arch["space"] == "graph" and arch["cost"] == "flops"
+  with open(os.path.join(tmp_path, "search", "arch_history.jsonl"), encoding="utf-8") as f:
+    history = [json.loads(line) for line in f]
+  chosen = next(h for h in history if h["epoch"] == arch["search_epoch"])
+  assert chosen["depth_candidates"] == [] and arch["skipped_blocks"] == []
+  full = {"Conv_0": 12, "Conv_1": 24, "Dense_0": 32}
+  widths = arch["widths"]
+  assert widths and list(widths.values()) == chosen["argmax_widths"]
+  for name, width in widths.items():
+    layer = next(k for k in full if k in name)
+    assert 0 < width <= full[layer] and (width % 4 == 0 or width == full[layer]), widths
+  for cands in chosen["width_candidates"]:
+    assert all(c % 4 == 0 for c in cands[:-1]), cands
+  assert arch["flops"] == chosen["argmax_flops"] == r["derived_flops"] <= r["base_flops"]
+  assert r["speedup"] > 0 and "predicted_speedup" not in r
+
+
 def test_cli_tas_resnet_space_refuses_a_user_model(tmp_path):
   proc = _main(tmp_path, "--config", "configs/tas_resnet.py:smoke",
                "--config.model.name=user_models:linen_cnn", "--config.tas.space=resnet")
