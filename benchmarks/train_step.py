@@ -12,7 +12,6 @@ and the command that produced it.
 import argparse
 import sys
 import time
-import types
 
 import jax
 
@@ -74,20 +73,19 @@ def main(argv):
   parser.add_argument("--stock_xla_flags", action="store_true",
                       help="skip jaxprune's XLA:CPU flags and allocator settings (for comparison)")
   parser.add_argument("--stock_layers", action="store_true",
-                      help="build the ResNets from flax's nn.Conv/nn.BatchNorm instead of "
-                      "jaxprune.models.layers (for comparison)")
+                      help="run jaxprune.models.layers as the stock flax layers "
+                      "(layers.use('stock'): lax's conv gradient, nn.max_pool), the default "
+                      "on GPU/TPU, instead of the XLA:CPU-tuned ones (for comparison)")
   args = parser.parse_args(argv)
   if not args.stock_xla_flags:
     runtime.configure()
-  if args.stock_layers:
-    import flax.linen as nn  # pylint: disable=g-import-not-at-top
-    from jaxprune.models import resnet  # pylint: disable=g-import-not-at-top
-    resnet.layers = types.SimpleNamespace(Conv=nn.Conv, BatchNorm=nn.BatchNorm)
+  from jaxprune.models import layers  # pylint: disable=g-import-not-at-top
+  chosen = layers.use("stock" if args.stock_layers else "jaxprune")
   timing.print_header([sys.argv[0], *argv])
   ds = data.synthetic(num_train=4096, num_test=16, seed=0)["train"]
   pipe = bench_pipeline(ds, args.batch, max(args.steps, 20))
   print()
-  print(f"layers: {'flax stock' if args.stock_layers else 'jaxprune.models.layers'}")
+  print(f"layers: {chosen} (jaxprune.models.layers.use; backend {jax.default_backend()})")
   print("| model | batch | train step ms | train img/s | forward ms | input pipeline img/s "
         "| compile s |")
   print("|---|---|---|---|---|---|---|")

@@ -23,7 +23,8 @@ from jaxprune.engine import metrics as metrics_lib
 from jaxprune.errors import UserError
 
 # Fields (in any section) that may change between the runs of one workdir: they
-# change how often a run logs or saves, never what it computes.
+# change how often a run logs or saves, never what it computes. So may the whole
+# ``runtime`` section (how it runs on the backend).
 RESUMABLE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                     "eval_every_epochs", "inference_batch_size")
 
@@ -129,6 +130,11 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   config.method = method
   config.seed = 0
   config.report = ml_collections.ConfigDict({"inference_batch_size": 128})
+  # How the program runs on this backend, not what it computes (float rounding aside):
+  # the layer implementation and the XLA:CPU flag and allocator settings, each chosen
+  # from the backend under "auto" (jaxprune.engine.runtime, jaxprune.models.layers).
+  config.runtime = ml_collections.ConfigDict(
+      {"layers": "auto", "xla_cpu_flags": "auto", "malloc_tuning": "auto"})
   return config
 
 
@@ -156,6 +162,15 @@ def validate(config: ml_collections.ConfigDict):
   def fail(key, value, want):
     raise UserError(f"config {key}={value!r}: {want}. Fix it with --config.{key}=...")
 
+  runtime = config.get("runtime") or {}
+  from jaxprune.engine import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
+  from jaxprune.models import layers  # pylint: disable=g-import-not-at-top
+  if runtime.get("layers", "auto") not in layers.CHOICES:
+    fail("runtime.layers", runtime.get("layers"),
+         f"use one of {', '.join(layers.CHOICES)}")
+  for key in ("xla_cpu_flags", "malloc_tuning"):
+    if runtime.get(key, "auto") not in runtime_lib.SWITCHES:
+      fail(f"runtime.{key}", runtime.get(key), f"use one of {', '.join(runtime_lib.SWITCHES)}")
   for key, value in _flatten(config.to_dict()).items():
     name, section = key.split(".")[-1], key.split(".")[0]
     if isinstance(value, bool) or value is None:
@@ -318,7 +333,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, datasets=None
           "new --workdir.")
     a, b = _flatten(old), _flatten(new)
     diff = sorted(k for k in set(a) | set(b)
-                  if a.get(k) != b.get(k) and k.split(".")[-1] not in RESUMABLE_FIELDS)
+                  if a.get(k) != b.get(k) and k.split(".")[-1] not in RESUMABLE_FIELDS
+                  and not k.startswith("runtime."))
     if diff:
       shown = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
       raise UserError(

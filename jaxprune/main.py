@@ -109,7 +109,6 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  runtime.configure()  # before the first computation starts the backend
   if not FLAGS["verbosity"].present:  # keep library INFO chatter (orbax) out of the way
     logging.set_verbosity(logging.WARNING)
     checkpoint.quiet_orbax_errors()  # a failed save is reported in one line instead
@@ -120,6 +119,7 @@ def main(argv):
     print(f"error: {first[-1].strip() if first else e} (loading --config)", file=sys.stderr)
     sys.exit(2)
   try:
+    runtime.configure(config.get("runtime") or {})  # before the backend starts
     distributed.initialize()  # one of several processes? (launch/ sets the environment)
     methods.run(config, FLAGS.workdir)
   except UserError as e:

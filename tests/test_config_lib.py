@@ -52,3 +52,31 @@ def test_every_cifar_config_maps_cifar10_subset_to_the_shared_npz():
     # ../shared beside the repository (as a path: the checkout may reach it through a link).
     assert os.path.normpath(REPO / dataset.path) == os.path.normpath(
         REPO.parent / "shared/data/cifar10-subset" / pathlib.Path(dataset.path).name)
+
+
+def test_runtime_settings_are_checked_and_follow_the_backend(monkeypatch):
+  """config.runtime: bad values are one-line errors before any work; "auto" decides the
+  XLA:CPU flag from the platform JAX will use without starting a backend."""
+  import jaxlib
+  from jaxprune.engine import runtime
+  for key, bad in (("layers", "fast"), ("xla_cpu_flags", "yes"), ("malloc_tuning", "1")):
+    config = config_lib.base_config("baseline")
+    config.runtime[key] = bad
+    with pytest.raises(UserError) as e:
+      config_lib.validate(config)
+    assert f"runtime.{key}={bad!r}" in str(e.value) and "\n" not in str(e.value)
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+  assert not runtime.cpu_expected()
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert runtime.cpu_expected()
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  assert not runtime.configure({"xla_cpu_flags": "off"})
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+  assert not runtime.configure({"xla_cpu_flags": "auto"})  # not a CPU run: left alone
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+  tested = tuple(int(v) for v in jaxlib.__version__.split(".")[:2]) in runtime._TESTED_JAXLIB
+  assert runtime.configure({"xla_cpu_flags": "on"}) == tested  # set even on a TPU host
+  assert all(f in os.environ["XLA_FLAGS"] for f in runtime.CPU_FLAGS) == tested
+  with pytest.raises(UserError, match="runtime.xla_cpu_flags='maybe'"):
+    runtime.configure({"xla_cpu_flags": "maybe"})

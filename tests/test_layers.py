@@ -74,3 +74,47 @@ def test_max_pool_matches_nn_max_pool():
   odd = x[:, :7]
   np.testing.assert_array_equal(layers.max_pool(odd, 2),
                                 nn.max_pool(odd, (2, 2), strides=(2, 2)))
+
+
+def _conv_jaxpr(module, variables, x):
+  return str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(module.apply(v, x) ** 2)))(variables))
+
+
+def test_stock_choice_runs_the_stock_computation_and_auto_follows_the_backend():
+  """layers.use: "stock" makes Conv exactly nn.Conv (the same gradient program) and
+  max_pool nn.max_pool (same gradient, ties to the first maximum); "auto" is the
+  XLA:CPU-tuned set on the CPU backend; the variables do not depend on the choice."""
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+  kwargs = dict(features=4, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  stock, fast = nn.Conv(**kwargs), layers.Conv(**kwargs)
+  variables = stock.init(jax.random.key(int(rng.integers(1 << 30))), x)
+  assert layers.choice() == "auto"
+  try:
+    assert layers.use("auto") == ("jaxprune" if jax.default_backend() == "cpu" else "stock")
+    # the tuned backward: sub-pixel phases (4 small convs) instead of one dilated conv
+    assert _conv_jaxpr(fast, variables, x) != _conv_jaxpr(stock, variables, x)
+    assert layers.use("stock") == "stock" and layers.active() == "stock"
+    assert _conv_jaxpr(fast, variables, x) == _conv_jaxpr(stock, variables, x)
+    assert jax.tree.structure(fast.init(jax.random.key(0), x)) == jax.tree.structure(variables)
+    tied = jnp.ones((1, 4, 4, 1))  # ties: stock gives the gradient to one maximum
+    g_stock = jax.grad(lambda a: jnp.sum(layers.max_pool(a, 2)))(tied)
+    np.testing.assert_array_equal(
+        g_stock, jax.grad(lambda a: jnp.sum(nn.max_pool(a, (2, 2), strides=(2, 2))))(tied))
+    # BatchNorm: nn.BatchNorm's own computation, in train and eval mode.
+    bn_kw = dict(momentum=0.9, epsilon=1e-5)
+    xb = jnp.asarray(rng.normal(size=(4, 3, 3, 5)) * 2 + 1, jnp.float32)
+    bn_vars = nn.BatchNorm(use_running_average=False, **bn_kw).init(jax.random.key(0), xb)
+    for train in (True, False):
+      ours, theirs = (m(use_running_average=not train, **bn_kw) for m in
+                      (layers.BatchNorm, nn.BatchNorm))
+      a = ours.apply(bn_vars, xb, mutable=["batch_stats"])
+      b = theirs.apply(bn_vars, xb, mutable=["batch_stats"])
+      jax.tree.map(np.testing.assert_array_equal, a, b)
+    layers.use("jaxprune")
+    g_fast = jax.grad(lambda a: jnp.sum(layers.max_pool(a, 2)))(tied)
+    np.testing.assert_allclose(g_fast, np.full((1, 4, 4, 1), 0.25))  # split evenly
+    with pytest.raises(layers.UserError, match="use one of auto, jaxprune, stock"):
+      layers.use("fast")
+  finally:
+    layers.use("auto")

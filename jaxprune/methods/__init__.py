@@ -10,7 +10,10 @@ and models are built and checked.
 import importlib
 
 from jaxprune import config_lib
+from jaxprune.engine import distributed
 from jaxprune.engine import loop
+from jaxprune.engine import runtime
+from jaxprune.models import layers
 from jaxprune.errors import UserError
 
 RECIPES = {
@@ -32,7 +35,14 @@ def run(config, workdir: str) -> dict:
   if hasattr(recipe, "validate"):
     recipe.validate(config)
   loop.time_in_stages(reset=True)  # the report's wall time counts this run's stages
+  previous = layers.choice()
+  settings = runtime.apply(config.get("runtime"))
+  if distributed.is_main_process():
+    print(f"[runtime] backend {settings['backend']}: {settings['layers']} layers, XLA:CPU "
+          f"flag {'on' if settings['xla_cpu_flags'] else 'off'}, allocator tuning "
+          f"{'on' if settings['malloc_tuning'] else 'off'} (config.runtime)", flush=True)
   try:
     return recipe.run(config, workdir)
   finally:
+    layers.use(previous)
     config_lib.release_workdir(workdir)

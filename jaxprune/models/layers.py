@@ -19,6 +19,18 @@ from ~680 to ~370 ms and ResNet-56 from ~3000 to ~1180 ms on a loaded 2-core box
 
 This depends on an XLA heuristic (divides are not duplicated into consumers); a
 future XLA may change it, in which case these layers are merely equal in speed.
+
+**Backend-aware.** These tricks were measured on XLA:CPU only. :func:`use` picks the
+implementation: ``"jaxprune"`` (the fast backward and reshape pooling above),
+``"stock"`` (``Conv`` runs ``lax.conv_general_dilated`` with its own gradient and
+``max_pool`` is ``nn.max_pool``: exactly ``nn.Conv`` and ``nn.max_pool``) or
+``"auto"`` (the default: ``"jaxprune"`` on the CPU backend, ``"stock"`` on GPU and TPU,
+where nothing here has been measured faster). The choice is read when a model is
+traced, so it applies to every model built from these layers, and the variables do not
+depend on it (a checkpoint trained with one loads with the other). ``BatchNorm`` is
+the same on every backend: its statistics are ``nn.BatchNorm``'s default ones (mean and
+mean of squares in one pass, float32), only the affine is folded into one multiply-add.
+The command line sets it from ``config.runtime.layers``.
 """
 import functools
 from typing import Any
@@ -28,7 +40,35 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxprune.errors import UserError
+
 _DN = ("NHWC", "HWIO", "NHWC")
+
+CHOICES = ("auto", "jaxprune", "stock")
+_choice = "auto"
+
+
+def use(choice: str) -> str:
+  """Sets the implementation of :class:`Conv` and :func:`max_pool` for every model
+  traced from now on (``"auto"``, ``"jaxprune"`` or ``"stock"``; module docstring);
+  returns the one in effect on this process's default backend."""
+  global _choice  # pylint: disable=global-statement
+  if choice not in CHOICES:
+    raise UserError(f"layers {choice!r}: use one of {', '.join(CHOICES)}.")
+  _choice = choice
+  return active()
+
+
+def choice() -> str:
+  """The setting of :func:`use` (``"auto"`` unless changed)."""
+  return _choice
+
+
+def active() -> str:
+  """``"jaxprune"`` or ``"stock"``: what :class:`Conv` and :func:`max_pool` run now."""
+  if _choice != "auto":
+    return _choice
+  return "jaxprune" if jax.default_backend() == "cpu" else "stock"
 
 
 def _conv_lax(x, w, stride, pad):
@@ -97,7 +137,12 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                           rhs_dilation=None, dimension_numbers=None,
                           feature_group_count=1, precision=None, **kwargs):
-  """``lax.conv_general_dilated``'s signature over :func:`conv2d` where it applies."""
+  """``lax.conv_general_dilated``'s signature over :func:`conv2d` where it applies
+  (and with the ``"stock"`` layers, ``lax.conv_general_dilated`` itself)."""
+  if active() == "stock":
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers or _DN,
+                                    feature_group_count, precision=precision, **kwargs)
   strides = tuple(window_strides)
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], strides, padding)
@@ -121,31 +166,35 @@ class Conv(nn.Conv):
   conv_general_dilated: Any = _conv_general_dilated
 
 
-class BatchNorm(nn.Module):
-  """Batch norm over the last axis, variables as ``nn.BatchNorm``'s.
+class BatchNorm(nn.BatchNorm):
+  """``nn.BatchNorm`` (its fields and variables) with one-pass train statistics.
 
-  Train mode computes mean and mean of squares in one pass over the batch
-  (fewer reductions than ``nn.BatchNorm``) and moves the running averages with
-  ``momentum`` (Flax convention: 0.9 here is PyTorch's 0.1; biased variance, as
-  Flax). Eval mode is the same expression as ``nn.BatchNorm``'s.
+  Train mode computes mean and mean of squares in one pass over the batch and moves the
+  running averages with ``momentum`` (Flax convention: 0.9 here is PyTorch's 0.1;
+  biased variance, as Flax), the affine folded into one multiply-add; eval mode is
+  ``nn.BatchNorm``'s expression. With the ``"stock"`` layers (:func:`use`), or any field
+  this path does not cover (another axis, ``axis_name``, no scale or bias, a mask, a
+  ``param_dtype`` other than float32), it is ``nn.BatchNorm`` itself.
   """
-  use_running_average: bool = False
   momentum: float = 0.9
   epsilon: float = 1e-5
-  dtype: Any = None
-  scale_init: Any = nn.initializers.ones
-  bias_init: Any = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, use_running_average=None, *, mask=None):
+    covered = (self.axis in (-1, x.ndim - 1) and self.axis_name is None and self.use_bias
+               and self.use_scale and mask is None and self.param_dtype == jnp.float32)
+    if active() == "stock" or not covered:
+      return super().__call__(x, use_running_average, mask=mask)
+    use_ra = nn.merge_param("use_running_average", self.use_running_average,
+                            use_running_average)
     c = x.shape[-1]
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
     scale = self.param("scale", self.scale_init, (c,), jnp.float32)
     bias = self.param("bias", self.bias_init, (c,), jnp.float32)
     dtype = self.dtype or x.dtype
     xf = x.astype(jnp.float32)
-    if self.use_running_average:
+    if use_ra:
       mul = scale * lax.rsqrt(ra_var.value + self.epsilon)
       return ((xf - ra_mean.value) * mul + bias).astype(dtype)
     axes = tuple(range(x.ndim - 1))
@@ -166,8 +215,9 @@ def max_pool(x: jax.Array, window: int) -> jax.Array:
   same values as ``nn.max_pool``, but its gradient avoids XLA's select-and-scatter,
   which is about 5x slower on CPU (LeNet-5's training step: 106 -> 63 ms at batch
   128). Ties split the gradient evenly instead of giving it to the first maximum.
+  With the ``"stock"`` layers (:func:`use`) it is ``nn.max_pool``.
   """
   n, h, w, c = x.shape
-  if h % window or w % window:
+  if h % window or w % window or active() == "stock":
     return nn.max_pool(x, (window, window), strides=(window, window))
   return jnp.max(x.reshape(n, h // window, window, w // window, window, c), axis=(2, 4))
