@@ -6,7 +6,8 @@ augmentation, MNIST from a prepared TFDS data_dir if there is one, and the Image
 JPEG decode + random resized crop on generated JPEGs. It never builds a TFDS dataset and
 must not be read as a training-step benchmark.
 
-  python benchmarks/input_pipeline.py            # defaults, under a minute
+  python benchmarks/input_pipeline.py            # defaults, a few minutes
+  python benchmarks/input_pipeline.py --jpeg_threads 1 2 4 8   # decode scaling over cores
   python benchmarks/input_pipeline.py --steps 200 --tfds_data_dir ~/tensorflow_datasets
 """
 
@@ -78,6 +79,12 @@ def main(argv=None):
                       help="TFDS data_dir with a prepared mnist (default: TFDS's default)")
   parser.add_argument("--jpeg_steps", type=int, default=10,
                       help="timed batches of the JPEG row (0 skips it)")
+  parser.add_argument("--jpeg_threads", type=int, nargs="+", default=None,
+                      help="decode thread counts to compare (default: 1 and one per core)")
+  parser.add_argument("--jpeg_rounds", type=int, default=5,
+                      help="alternated rounds over the thread counts (median)")
+  parser.add_argument("--gpu_images_per_s", type=float, default=3000.0,
+                      help="what one modern GPU's ResNet-50 training step consumes")
   args = parser.parse_args(argv)
 
   print("command: python " + " ".join(shlex.quote(a) for a in sys.argv))
@@ -110,11 +117,31 @@ def main(argv=None):
       print(f"{label:<28} {augment:<9} {batch_size:>5} {rate:>10,.0f} {ms:>9.2f}")
   if args.jpeg_steps:
     jpeg = _jpeg_dataset(256, 375, 500)
-    rate, ms = _images_per_second(jpeg, 128, args.jpeg_steps)
-    print(f"{'jpeg 500x375 -> 224x224x3':<28} {'imagenet':<9} {128:>5} {rate:>10,.0f} "
-          f"{ms:>9.2f}")
-    rate, ms = _images_per_second(jpeg, 128, args.jpeg_steps, train=False)
-    print(f"{'jpeg 500x375 -> 224x224x3':<28} {'eval':<9} {128:>5} {rate:>10,.0f} {ms:>9.2f}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = args.jpeg_threads or sorted({1, cores})
+    samples = {}
+    for _ in range(args.jpeg_rounds):  # thread counts alternated, the median kept
+      for n in threads:
+        data.set_decode_threads(n)
+        for train in (True, False):  # train: decode + random resized crop + flip
+          samples.setdefault((n, train), []).append(
+              _images_per_second(jpeg, 128, args.jpeg_steps, train=train)[0])
+    data.set_decode_threads(None)
+    rates = {k: float(np.median(v)) for k, v in samples.items()}
+    for n in threads:
+      for train in (True, False):
+        label = f"jpeg 500x375->224 {n} thr"
+        rate = rates[(n, train)]
+        print(f"{label:<28} {'imagenet' if train else 'eval':<9} {128:>5} {rate:>10,.0f} "
+              f"{128e3 / rate:>9.2f}")
+    one, most = rates[(threads[0], True)], rates[(threads[-1], True)]
+    print()
+    print(f"scaling {threads[0]} -> {threads[-1]} decode threads: {most / one:.2f}x "
+          f"(ideal {threads[-1] / threads[0]:.0f}x); per thread {most / threads[-1]:,.0f} "
+          f"images/s with training augmentation")
+    print(f"one GPU's ResNet-50 step needs ~{args.gpu_images_per_s:,.0f} images/s: "
+          f"{args.gpu_images_per_s / (most / threads[-1]):.0f} such threads (cores) at this "
+          "per-thread rate")
 
 
 if __name__ == "__main__":

@@ -286,11 +286,20 @@ def check_batches(config: ml_collections.ConfigDict, datasets, sections) -> None
     value = config[section].batch_size
     key = f"{section}.batch_size"
     mesh_lib.check_batch_size(value, mesh, f"config {key}")
-    n = train.num_examples // 2 if section == "tas" else train.num_examples
+    n = train.num_examples
+    if section == "tas":  # the smaller half of the search's per-class 50/50 split
+      n //= 2
+      if getattr(train, "labels", None) is not None:
+        from jaxprune import data  # pylint: disable=g-import-not-at-top
+        halves = data.per_class_split(train.labels, 0.5,
+                                      seed=config.tas.get("split_seed", 0))
+        n = min(len(h) for h in halves)
     if value > n:
       raise UserError(f"config {key}={value} exceeds the {n} training examples "
-                      f"{'of the search half ' if section == 'tas' else ''}of "
-                      f"{train.name!r}; lower it with --config.{key}=...")
+                      f"{'of the smaller search half ' if section == 'tas' else ''}of "
+                      f"{train.name!r}; lower it with --config.{key}=..."
+                      + (" (or use more examples per class: the split is per class)"
+                         if section == "tas" else ""))
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict, datasets=None,

@@ -755,13 +755,29 @@ def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
 # ImageNet-style decoding and cropping.
 
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_DECODE_THREADS: int | None = None  # None: one per core
+
+
+def set_decode_threads(threads: int | None) -> None:
+  """Worker threads that decode and crop JPEG batches (default, None: one per core).
+
+  PIL releases the GIL while it decodes and resizes, so the threads run in parallel;
+  ``benchmarks/input_pipeline.py --jpeg_threads`` measures how the rate scales.
+  """
+  global _POOL, _DECODE_THREADS  # pylint: disable=global-statement
+  if threads is not None and (int(threads) != threads or threads < 1):
+    raise UserError(f"decode threads must be a positive int or None, got {threads!r}.")
+  if _POOL is not None:
+    _POOL.shutdown(wait=True)
+  _POOL, _DECODE_THREADS = None, threads
 
 
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
-  global _POOL
+  global _POOL  # pylint: disable=global-statement
   if _POOL is None:
-    _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
-                                                  thread_name_prefix="jaxprune-decode")
+    _POOL = concurrent.futures.ThreadPoolExecutor(
+        max_workers=_DECODE_THREADS or os.cpu_count() or 1,
+        thread_name_prefix="jaxprune-decode")
   return _POOL
 
 

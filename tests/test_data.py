@@ -386,6 +386,47 @@ def test_decode_and_crop_returns_fixed_shapes():
   assert data.decode_and_crop(encoded, 1, None).shape == (224, 224, 1)
 
 
+class _Jpegs:
+  """A random-access source of encoded images (TFDS data_source's interface)."""
+
+  def __init__(self, encoded, labels):
+    self.encoded, self.labels = encoded, labels
+
+  def __len__(self):
+    return len(self.encoded)
+
+  def __getitems__(self, keys):
+    return [{"image": self.encoded[k], "label": self.labels[k]} for k in keys]
+
+
+def test_jpeg_batches_do_not_depend_on_the_decode_threads():
+  """The decode pool's size changes the speed only: the same step gives the same batch
+  with 1 thread and with 3 (every image's crop comes from its own noise)."""
+  rng = np.random.default_rng()
+  encoded = []
+  for _ in range(12):
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8)).save(
+        buffer, format="JPEG")
+    encoded.append(buffer.getvalue())
+  labels = rng.integers(0, 3, size=12)
+  ds = data.Dataset(name="jpegs", num_classes=3, num_examples=12, image_shape=(224, 224, 3),
+                    source=_Jpegs(encoded, labels), augment="imagenet", mean=(0.5,) * 3,
+                    std=(0.5,) * 3)
+  step, seed = int(rng.integers(0, 5)), int(rng.integers(0, 1000))
+  try:
+    data.set_decode_threads(1)
+    one = data.batch_at(ds, step, 6, seed=seed, train=True)
+    data.set_decode_threads(3)
+    three = data.batch_at(ds, step, 6, seed=seed, train=True)
+  finally:
+    data.set_decode_threads(None)
+  np.testing.assert_array_equal(one["image"], three["image"])
+  np.testing.assert_array_equal(one["label"], three["label"])
+  with pytest.raises(data.UserError, match="decode threads"):
+    data.set_decode_threads(0)
+
+
 def test_on_disk_source_path_with_prepared_mnist(mnist):
   """The ImageNet reading path (random access, PIL decode in threads) on real PNGs."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

@@ -190,3 +190,49 @@ def test_released_shape_is_retrained_by_name_with_its_true_flops(tmp_path):
   config.tas.released_shape = "C010-ResNet21"
   with pytest.raises(ValueError, match="C010-ResNet20"):
     tas.run(config, str(tmp_path / "other"))
+
+
+def _imagenet_config(arg: str):
+  spec = importlib.util.spec_from_file_location("tas_cfg", REPO / "configs/tas_resnet.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_imagenet_config_searches_the_dedicated_imagenet_resnet():
+  """dataset=imagenet2012: the torchvision-layout ResNet-18 (or 50) with the reference's
+  ImageNet search options, searched in the dedicated TASResNet space (ImageNet layout,
+  depth candidates (1, 2) per stage for ResNet-18); the argmax network's FLOPs in the
+  record are the derived network's counted FLOPs, here at a small resolution."""
+  config = _imagenet_config("dataset=imagenet2012")
+  assert (config.model.name, config.model.depth) == ("imagenet_resnet", 18)
+  assert (config.tas.epochs, config.tas.warmup_epochs, config.tas.weight_decay) == (
+      115, 5, 1e-4)
+  assert _imagenet_config("dataset=imagenet2012,depth=50").model.depth == 50
+  assert _imagenet_config("").model.name == "cifar_resnet"
+  assert _imagenet_config("").model.depth == 20
+  smoke = _imagenet_config("dataset=imagenet2012,smoke")
+  assert smoke.dataset.synthetic.image_shape == (224, 224, 3)
+  tas.validate(config)
+  shape = (32, 32, 3)
+  base = baseline.build_model(config.model, 5, shape)
+  net = tas.make_supernet(config, base, 5, shape)
+  assert net.kind == "resnet" and net.model.layout == "imagenet"
+  _, _, arch = net.init(jax.random.key(int(np.random.randint(1 << 30))))
+  rng = np.random.default_rng()
+  arch = jax.tree.map(lambda a: jax.numpy.asarray(rng.normal(0, 2, a.shape), a.dtype), arch)
+  record = net.record(arch)
+  assert record["depth_candidates"] == [[1, 2]] * 4
+  derived_model, derived = net.derived_network(record)
+  from jaxprune import flops  # pylint: disable=g-import-not-at-top
+  abstract = jax.eval_shape(lambda: derived_model.init(jax.random.key(0),
+                                                       np.zeros((1, *shape)), train=False))
+  assert flops.count(derived_model, abstract, shape)["flops"] == record["argmax_flops"]
+  assert derived["blocks"] == record["argmax_blocks"]
+  # The authors' released ImageNet shapes validate against the ImageNet configs only.
+  config.tas.released_shape = "ImageNet-ResNet18V1"
+  tas.validate(config)
+  cifar = _imagenet_config("depth=18")
+  cifar.tas.released_shape = "ImageNet-ResNet18V1"
+  with pytest.raises(tas.UserError, match="imagenet ResNet"):
+    tas.validate(cifar)

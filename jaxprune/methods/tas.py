@@ -36,6 +36,8 @@ from jaxprune.models import external
 
 TAU_SCHEDULES = ("cosine", "linear")
 SPACES = ("auto", "resnet", "graph")
+# jaxprune's ResNets with a dedicated TASResNet search space, and its layout.
+DEDICATED = {"cifar_resnet": "cifar", "imagenet_resnet": "imagenet"}
 COSTS = ("flops", "latency")
 LATENCY_TABLE = "latency_table.json"  # in <workdir>/search/
 
@@ -64,8 +66,10 @@ class ResNetSupernet:
   kind = "resnet"
   latency = None  # no per-op table here: tas.cost=latency needs the graph space
 
-  def __init__(self, depth: int, num_classes: int, num_picks: int, input_shape):
-    self.model = models.tas_cifar_resnet(depth, num_classes, num_picks=num_picks)
+  def __init__(self, depth: int, num_classes: int, num_picks: int, input_shape,
+               layout: str = "cifar"):
+    build = models.tas_imagenet_resnet if layout == "imagenet" else models.tas_cifar_resnet
+    self.model = build(depth, num_classes, num_picks=num_picks)
     self.input_shape = tuple(input_shape)
     plain = self.model.plain_network()
     self.flops_max = flops.count(plain, jax.eval_shape(
@@ -190,21 +194,24 @@ class GraphSupernet:
 
 def make_supernet(config, base_model, num_classes: int, input_shape):
   """The search space of ``config.tas.space``: "resnet" (TASResNet), "graph" (any model),
-  "auto" (resnet for jaxprune's cifar_resnet without ``round_to`` and with ``depth``,
+  "auto" (resnet for jaxprune's cifar_resnet and imagenet_resnet without ``round_to``, with ``depth``
+  and the FLOPs cost,
   graph otherwise)."""
   kind = config.tas.get("space", "auto")
   if kind == "auto":  # rounded candidates need the graph space
-    kind = ("resnet" if config.model.name == "cifar_resnet"
+    kind = ("resnet" if config.model.name in DEDICATED
             and config.tas.get("round_to", 1) == 1 and config.tas.get("depth", True)
             and config.tas.get("cost", "flops") == "flops" else "graph")
   if kind == "resnet":
     if config.tas.get("cost", "flops") == "latency":
       raise UserError("config tas.cost='latency' needs a per-op latency table, which the "
                       "dedicated ResNet space has not; use --config.tas.space=graph.")
-    if config.model.name != "cifar_resnet":
-      raise UserError(f"config tas.space='resnet' searches jaxprune's cifar_resnet, not "
+    if config.model.name not in DEDICATED:
+      raise UserError(f"config tas.space='resnet' searches jaxprune's cifar_resnet or "
+                      f"imagenet_resnet, not "
                       f"{config.model.name!r}; use --config.tas.space=graph.")
-    return ResNetSupernet(config.model.depth, num_classes, config.tas.num_picks, input_shape)
+    return ResNetSupernet(config.model.depth, num_classes, config.tas.num_picks, input_shape,
+                          DEDICATED[config.model.name])
   return GraphSupernet(base_model, input_shape, config.tas.num_picks,
                        config.tas.get("round_to", 1), config.tas.get("depth", True))
 
@@ -555,12 +562,27 @@ def validate(config):
                     "shape skips the search; choose one.")
   if cfg.released_shape:
     shape = released_shape(cfg.released_shapes_file, cfg.released_shape)
-    if shape["depth"] != config.model.get("depth"):
+    layout = DEDICATED.get(config.model.name)
+    if shape["dataset"] != layout:
+      raise UserError(f"Released shape {cfg.released_shape} is a {shape['dataset']} ResNet; "
+                      f"this config builds {config.model.name!r} (use a "
+                      f"{'dataset=imagenet2012' if shape['dataset'] == 'imagenet' else 'CIFAR'}"
+                      " config).")
+    if _shape_depth(shape) != config.model.get("depth"):
       raise UserError(f"Released shape {cfg.released_shape} is a ResNet-"
-                      f"{shape['depth']}; add depth={shape['depth']} to the config args.")
+                      f"{_shape_depth(shape)}; add depth={_shape_depth(shape)} to the config "
+                      "args.")
   if cfg.teacher_dir and not os.path.isdir(cfg.teacher_dir):
     raise UserError(f"config tas.teacher_dir: no saved variables at {cfg.teacher_dir} "
                     "(a finished baseline run's <workdir>/baseline/final).")
+
+
+def _shape_depth(shape: dict) -> int:
+  """The ResNet depth of a released shape (ImageNet entries list blocks per stage)."""
+  if "depth" in shape:
+    return shape["depth"]
+  per_block = 3 if shape.get("block_name") == "Bottleneck" else 2
+  return per_block * sum(shape["layers"]) + 2
 
 
 def teacher(config, workdir: str, datasets, model):
@@ -590,7 +612,7 @@ def run(config, workdir: str) -> dict:
   search_only = config.tas.get("search_only", False)
   if config.tas.released_shape:
     shape = released_shape(config.tas.released_shapes_file, config.tas.released_shape)
-    if shape["class_num"] != train_ds.num_classes or shape["dataset"] != "cifar":
+    if shape["class_num"] != train_ds.num_classes:
       raise UserError(f"Released shape {config.tas.released_shape} is for "
                       f"{shape['dataset']} with {shape['class_num']} classes; the dataset "
                       f"has {train_ds.num_classes}.")
@@ -606,8 +628,9 @@ def run(config, workdir: str) -> dict:
 
   history = []
   if config.tas.released_shape:  # retrain a published shape: no search (§10)
-    derived_model = models.cifar_resnet_from_shape(shape["xchannels"], shape["xblocks"],
-                                                   train_ds.num_classes)
+    from_shape = (models.imagenet_resnet_from_shape if shape["dataset"] == "imagenet"
+                  else models.cifar_resnet_from_shape)
+    derived_model = from_shape(shape["xchannels"], shape["xblocks"], train_ds.num_classes)
     derived = {"widths": list(shape["xchannels"][1:]), "blocks": list(shape["xblocks"])}
     source = {"released_shape": config.tas.released_shape}
   else:
