@@ -194,9 +194,8 @@ class GraphSupernet:
 
 def make_supernet(config, base_model, num_classes: int, input_shape):
   """The search space of ``config.tas.space``: "resnet" (TASResNet), "graph" (any model),
-  "auto" (resnet for jaxprune's cifar_resnet and imagenet_resnet without ``round_to``, with ``depth``
-  and the FLOPs cost,
-  graph otherwise)."""
+  "auto" (resnet for jaxprune's cifar_resnet and imagenet_resnet without ``round_to``,
+  with ``depth`` and the FLOPs cost; graph otherwise)."""
   kind = config.tas.get("space", "auto")
   if kind == "auto":  # rounded candidates need the graph space
     kind = ("resnet" if config.model.name in DEDICATED
