@@ -98,7 +98,10 @@ def model_config(name: str, **fields: Any) -> ml_collections.ConfigDict:
   arguments, e.g. ``--config.model.kwargs="{'features': 64}"``; a user factory gets
   only these (the section's other fields are for jaxprune's models).
   """
-  return ml_collections.ConfigDict({"name": name, **fields, "kwargs": ""})
+  # dtype: the compute dtype of convs and matmuls, "float32" (unset) or "bfloat16"
+  # (parameters, optimizer states, batch-norm statistics and losses stay float32).
+  return ml_collections.ConfigDict({"name": name, **fields, "kwargs": "",
+                                    "dtype": config_dict.placeholder(str)})
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
@@ -148,6 +151,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+# Compute dtypes of ``model.dtype``, and where bfloat16 is supported so far.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+BFLOAT16_METHODS = ("baseline", "tas")
+BFLOAT16_MODELS = ("cifar_resnet", "imagenet_resnet")
+
 # Sections whose training may be skipped with epochs=0 (AutoPrune's optional pretraining).
 OPTIONAL_STAGES = ("pretrain",)
 
@@ -162,6 +170,15 @@ def validate(config: ml_collections.ConfigDict):
   def fail(key, value, want):
     raise UserError(f"config {key}={value!r}: {want}. Fix it with --config.{key}=...")
 
+  model = config.get("model") or {}
+  dtype = model.get("dtype") if hasattr(model, "get") else None
+  if dtype not in (None, *COMPUTE_DTYPES):
+    fail("model.dtype", dtype, f"use one of {', '.join(COMPUTE_DTYPES)}")
+  if dtype == "bfloat16" and (config.get("method") not in BFLOAT16_METHODS
+                              or model.get("name") not in BFLOAT16_MODELS):
+    fail("model.dtype", dtype, "bfloat16 runs the baseline and tas recipes on "
+         f"{' and '.join(BFLOAT16_MODELS)} so far (not {config.get('method')} on "
+         f"{model.get('name')}); drop --config.model.dtype")
   runtime = config.get("runtime") or {}
   from jaxprune.engine import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
   from jaxprune.models import layers  # pylint: disable=g-import-not-at-top

@@ -27,6 +27,9 @@ def build_model(model_cfg, num_classes: int, input_shape=None):
   fields = model_cfg.to_dict()
   extra = external.parse_kwargs(fields.pop("kwargs", None))
   name = fields.pop("name")
+  dtype = fields.pop("dtype", None)
+  if dtype not in (None, "float32"):  # compute dtype; parameters stay float32
+    fields["dtype"] = jnp.dtype(dtype)
   if external.is_external(name):
     if input_shape is None:
       raise ValueError("build_model needs the input shape for a user model")

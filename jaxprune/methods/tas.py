@@ -67,9 +67,9 @@ class ResNetSupernet:
   latency = None  # no per-op table here: tas.cost=latency needs the graph space
 
   def __init__(self, depth: int, num_classes: int, num_picks: int, input_shape,
-               layout: str = "cifar"):
+               layout: str = "cifar", dtype=jnp.float32):
     build = models.tas_imagenet_resnet if layout == "imagenet" else models.tas_cifar_resnet
-    self.model = build(depth, num_classes, num_picks=num_picks)
+    self.model = build(depth, num_classes, num_picks=num_picks, dtype=dtype)
     self.input_shape = tuple(input_shape)
     plain = self.model.plain_network()
     self.flops_max = flops.count(plain, jax.eval_shape(
@@ -114,7 +114,7 @@ class ResNetSupernet:
   def derived_network(self, record: dict):
     """The derived plain ResNet of a history record (§7)."""
     derived = {"widths": record["argmax_widths"], "blocks": record["argmax_blocks"]}
-    return self.model.plain_network(**derived), derived
+    return self.model.plain_network(**derived, dtype=self.model.dtype), derived
 
 
 class GraphSupernet:
@@ -210,7 +210,12 @@ def make_supernet(config, base_model, num_classes: int, input_shape):
                       f"imagenet_resnet, not "
                       f"{config.model.name!r}; use --config.tas.space=graph.")
     return ResNetSupernet(config.model.depth, num_classes, config.tas.num_picks, input_shape,
-                          DEDICATED[config.model.name])
+                          DEDICATED[config.model.name],
+                          jnp.dtype(config.model.get("dtype") or "float32"))
+  if config.model.get("dtype") == "bfloat16":
+    raise UserError("config model.dtype='bfloat16' searches the dedicated ResNet space only "
+                    "so far (the graph space's CWI is not audited for it); use "
+                    "--config.tas.space=resnet or drop --config.model.dtype.")
   return GraphSupernet(base_model, input_shape, config.tas.num_picks,
                        config.tas.get("round_to", 1), config.tas.get("depth", True))
 
@@ -629,7 +634,8 @@ def run(config, workdir: str) -> dict:
   if config.tas.released_shape:  # retrain a published shape: no search (§10)
     from_shape = (models.imagenet_resnet_from_shape if shape["dataset"] == "imagenet"
                   else models.cifar_resnet_from_shape)
-    derived_model = from_shape(shape["xchannels"], shape["xblocks"], train_ds.num_classes)
+    derived_model = from_shape(shape["xchannels"], shape["xblocks"], train_ds.num_classes,
+                               dtype=jnp.dtype(config.model.get("dtype") or "float32"))
     derived = {"widths": list(shape["xchannels"][1:]), "blocks": list(shape["xblocks"])}
     source = {"released_shape": config.tas.released_shape}
   else:
