@@ -33,3 +33,20 @@ def require_shared(path: pathlib.Path) -> pathlib.Path:
   """Returns ``path`` from ``../shared``, which must exist (see :func:`require`)."""
   require(path.exists(), f"missing shared data {path} (see ../shared/data/README.md)")
   return path
+
+
+def load_config(path: str, arg: str | None = None, overrides: dict | None = None):
+  """``get_config(arg)`` of the config file ``path`` (relative to the repository), with
+  dotted ``overrides`` such as ``{"model.depth": 8}`` applied."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("_test_config", REPO / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg is not None else module.get_config()
+  for dotted, value in (overrides or {}).items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config

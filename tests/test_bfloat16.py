@@ -1,6 +1,5 @@
 """model.dtype=bfloat16: convs and matmuls in bfloat16, parameters, optimizer states,
 batch-norm statistics, costs and losses in float32 (baseline and TAS on the ResNets)."""
-import importlib.util
 import json
 
 import jax
@@ -8,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import load_config
 from jaxprune import config_lib, methods
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import metrics
@@ -17,17 +16,7 @@ from jaxprune.methods import tas
 
 
 def _config(path, arg, **overrides):
-  spec = importlib.util.spec_from_file_location("cfg", REPO / path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return load_config(path, arg, overrides)
 
 
 SMALL = {"model.depth": 8, "dataset.synthetic.num_train": 256, "dataset.synthetic.num_test": 64,

@@ -1,6 +1,5 @@
 """The TAS latency cost (jaxprune.search.latency, tas.cost=latency): the table's expected
 and argmax latency against a slow reference, its cache, and the recipe's config checks."""
-import importlib.util
 import itertools
 import json
 import math
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import load_config
 from jaxprune import models, search
 from jaxprune.errors import UserError
 from jaxprune.methods import tas
@@ -224,11 +223,7 @@ def test_time_programs_measures_positive_times_that_grow_with_the_work():
 
 
 def _tas_config(**tas):
-  spec = importlib.util.spec_from_file_location("tas_cfg", REPO / "configs/tas_resnet.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("smoke")
-  config.model.depth = 8
+  config = load_config("configs/tas_resnet.py", "smoke", {"model.depth": 8})
   config.tas.update(**tas)
   return config
 

@@ -4,7 +4,6 @@ The 2-process runs are real ``python -m jaxprune.main`` processes joined by
 ``jax.distributed`` on 127.0.0.1; the 1-process references run in this pytest
 process, which has 8 simulated CPU devices (conftest).
 """
-import importlib.util
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_config
 from jaxprune import methods
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import metrics
@@ -34,17 +33,7 @@ TAS = {"model.depth": 8, "dataset.synthetic.num_train": 128,
 
 
 def _config(path: str, arg: str, overrides: dict):
-  spec = importlib.util.spec_from_file_location("cfg", REPO / path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return load_config(path, arg, overrides)
 
 
 def _flag(value) -> str:

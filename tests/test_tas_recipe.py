@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_config
 from jaxprune import data, distill, models
 from jaxprune.engine import loop, mesh as mesh_lib
 from jaxprune.methods import baseline, tas
@@ -193,10 +193,7 @@ def test_released_shape_is_retrained_by_name_with_its_true_flops(tmp_path):
 
 
 def _imagenet_config(arg: str):
-  spec = importlib.util.spec_from_file_location("tas_cfg", REPO / "configs/tas_resnet.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config("configs/tas_resnet.py", arg)
 
 
 def test_imagenet_config_searches_the_dedicated_imagenet_resnet():
