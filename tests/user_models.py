@@ -4,29 +4,32 @@ The CLI tests name them as ``--config.model.name=user_models:<factory>`` with th
 folder on PYTHONPATH (a user's own module).
 """
 from functools import partial
+from typing import Any
 
 import flax.linen as nn
 from flax import nnx
 
 
 class LinenCNN(nn.Module):
-  """The Flax docs' CNN (no train flag), with batch norm added as in their examples."""
+  """The Flax docs' CNN, with batch norm and a compute ``dtype`` field as in Flax's
+  examples (None: the inputs' dtype)."""
   features: int = 16
   num_classes: int = 10
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    x = nn.Conv(self.features, (3, 3))(x)
-    x = nn.BatchNorm(use_running_average=not train)(x)
+    x = nn.Conv(self.features, (3, 3), dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
     x = nn.relu(x)
     x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-    x = nn.Conv(2 * self.features, (3, 3))(x)
-    x = nn.BatchNorm(use_running_average=not train)(x)
+    x = nn.Conv(2 * self.features, (3, 3), dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
     x = nn.relu(x)
     x = x.reshape((x.shape[0], -1))
-    x = nn.Dense(32)(x)
+    x = nn.Dense(32, dtype=self.dtype)(x)
     x = nn.relu(x)
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
 class LinenMLP(nn.Module):
@@ -76,6 +79,15 @@ def nnx_cnn(num_classes: int, in_channels: int = 3, features: int = 16, spatial:
   return NNXCNN(in_channels, features, num_classes, spatial, rngs=rngs or nnx.Rngs(0))
 
 
+class IgnoresDtype(LinenMLP):
+  """Has a ``dtype`` field that its layers never see."""
+  dtype: Any = None
+
+
+def ignores_dtype(num_classes: int):
+  return IgnoresDtype(hidden=8, num_classes=num_classes)
+
+
 def fixed_head_mlp():
   """A factory that does not take num_classes: its head has 10 outputs."""
   return LinenMLP(hidden=8, num_classes=10)
@@ -93,11 +105,12 @@ def broken_factory(num_classes: int):
 class NNXBlock(nnx.Module):
   """A residual block as the NNX docs write one: ``relu(x + bn(conv(relu(bn(conv(x))))))``."""
 
-  def __init__(self, features: int, *, rngs: nnx.Rngs):
-    self.conv1 = nnx.Conv(features, features, kernel_size=(3, 3), use_bias=False, rngs=rngs)
-    self.bn1 = nnx.BatchNorm(features, rngs=rngs)
-    self.conv2 = nnx.Conv(features, features, kernel_size=(3, 3), use_bias=False, rngs=rngs)
-    self.bn2 = nnx.BatchNorm(features, rngs=rngs)
+  def __init__(self, features: int, dtype=None, *, rngs: nnx.Rngs):
+    conv = partial(nnx.Conv, kernel_size=(3, 3), use_bias=False, dtype=dtype, rngs=rngs)
+    self.conv1 = conv(features, features)
+    self.bn1 = nnx.BatchNorm(features, dtype=dtype, rngs=rngs)
+    self.conv2 = conv(features, features)
+    self.bn2 = nnx.BatchNorm(features, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     y = nnx.relu(self.bn1(self.conv1(x)))
@@ -105,13 +118,14 @@ class NNXBlock(nnx.Module):
 
 
 class NNXResNet(nnx.Module):
-  """A stem, a stage of ``blocks`` residual blocks in an ``nnx.List``, a linear head."""
+  """A stem, a stage of ``blocks`` residual blocks in an ``nnx.List``, a linear head;
+  ``dtype`` is the layers' compute dtype (None: the inputs')."""
 
-  def __init__(self, in_channels: int, features: int, blocks: int, num_classes: int, *,
-               rngs: nnx.Rngs):
-    self.stem = nnx.Conv(in_channels, features, kernel_size=(3, 3), rngs=rngs)
-    self.blocks = nnx.List([NNXBlock(features, rngs=rngs) for _ in range(blocks)])
-    self.head = nnx.Linear(features, num_classes, rngs=rngs)
+  def __init__(self, in_channels: int, features: int, blocks: int, num_classes: int,
+               dtype=None, *, rngs: nnx.Rngs):
+    self.stem = nnx.Conv(in_channels, features, kernel_size=(3, 3), dtype=dtype, rngs=rngs)
+    self.blocks = nnx.List([NNXBlock(features, dtype, rngs=rngs) for _ in range(blocks)])
+    self.head = nnx.Linear(features, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     x = nnx.relu(self.stem(x))
@@ -121,5 +135,6 @@ class NNXResNet(nnx.Module):
 
 
 def nnx_resnet(num_classes: int, in_channels: int = 3, features: int = 8, blocks: int = 3,
-               rngs: nnx.Rngs | None = None):
-  return NNXResNet(in_channels, features, blocks, num_classes, rngs=rngs or nnx.Rngs(0))
+               dtype=None, rngs: nnx.Rngs | None = None):
+  return NNXResNet(in_channels, features, blocks, num_classes, dtype,
+                   rngs=rngs or nnx.Rngs(0))

@@ -33,7 +33,7 @@ def build_model(model_cfg, num_classes: int, input_shape=None):
   if external.is_external(name):
     if input_shape is None:
       raise ValueError("build_model needs the input shape for a user model")
-    return external.build(name, extra, num_classes, input_shape)
+    return external.build(name, extra, num_classes, input_shape, fields.get("dtype"))
   kwargs = {k: v for k, v in fields.items() if v is not None}
   return models.get_model(name, num_classes=num_classes, **{**kwargs, **extra})
 

@@ -212,10 +212,6 @@ def make_supernet(config, base_model, num_classes: int, input_shape):
     return ResNetSupernet(config.model.depth, num_classes, config.tas.num_picks, input_shape,
                           DEDICATED[config.model.name],
                           jnp.dtype(config.model.get("dtype") or "float32"))
-  if config.model.get("dtype") == "bfloat16":
-    raise UserError("config model.dtype='bfloat16' searches the dedicated ResNet space only "
-                    "so far (the graph space's CWI is not audited for it); use "
-                    "--config.tas.space=resnet or drop --config.model.dtype.")
   return GraphSupernet(base_model, input_shape, config.tas.num_picks,
                        config.tas.get("round_to", 1), config.tas.get("depth", True))
 

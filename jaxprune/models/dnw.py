@@ -19,7 +19,9 @@ release also ranks never-read slots, which hold top-k places until weight decay
 shrinks them). A node's operation is its norm -> ReLU -> depthwise 3x3; node ops
 and graph contractions are plain ``lax`` calls, so :func:`jaxprune.flops.count`
 sees only the stem and the classifier and the graph is counted by
-:func:`jaxprune.flops.count_graph` from :func:`graph_blocks`.
+:func:`jaxprune.flops.count_graph` from :func:`graph_blocks`. ``dtype`` is the compute
+dtype of the convs and graph contractions; parameters, norms (their statistics in
+float32), the continuous-time net's ODE state and the logits stay float32.
 
 :func:`export_wiring` turns trained variables into per-block edge lists, removes
 dead nodes (nodes that cannot reach an output) and gives the FLOPs actually
@@ -58,23 +60,26 @@ def _check_graph(graph: str):
     raise UserError(f"Unknown graph {graph!r}; use one of {', '.join(GRAPHS)}.")
 
 
-def _depthwise(x, kernel, stride: int = 1):
-  """3x3 depthwise conv, padding 1; ``kernel`` (3, 3, 1, C)."""
+def _depthwise(x, kernel, stride: int = 1, dtype=jnp.float32):
+  """3x3 depthwise conv in ``dtype``, padding 1; ``kernel`` (3, 3, 1, C)."""
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
   return lax.conv_general_dilated(x, kernel, (stride, stride), ((1, 1), (1, 1)),
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                   feature_group_count=x.shape[-1])
 
 
 def _instance_norm(x, scale, bias, eps: float = 1e-5):
-  """Per-example, per-channel norm over H, W with an affine map (PyTorch InstanceNorm2d)."""
+  """Per-example, per-channel norm over H, W with an affine map (PyTorch InstanceNorm2d),
+  computed in float32 (at least)."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mean = jnp.mean(x, axis=(1, 2), keepdims=True)
   var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
   return (x - mean) * lax.rsqrt(var + eps) * scale + bias
 
 
-def _contract(x, w):
-  """The 1x1 graph convolution: ``out[..., v] = sum_u x[..., u] * w[u, v]``."""
-  return jnp.einsum("nhwu,uv->nhwv", x, w)
+def _contract(x, w, dtype=jnp.float32):
+  """The 1x1 graph convolution in ``dtype``: ``out[..., v] = sum_u x[..., u] * w[u, v]``."""
+  return jnp.einsum("nhwu,uv->nhwv", x.astype(dtype), w.astype(dtype))
 
 
 def random_graph_mask(key: jax.Array, valid: np.ndarray, k: int) -> jax.Array:
@@ -122,19 +127,20 @@ class _Downsample(nn.Module):
   (hidden width ``width // 2``; ``width`` 0: ``features``)."""
   features: int = 32
   width: int = 0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     half = (self.width or self.features) // 2
     bn = lambda name: layers.BatchNorm(use_running_average=not train, momentum=0.9,
-                                       epsilon=1e-5, name=name)
+                                       epsilon=1e-5, dtype=self.dtype, name=name)
     x = layers.Conv(half, (3, 3), strides=2, padding=1, kernel_init=_torch_init,
-                    name="conv_stem")(x)
+                    dtype=self.dtype, name="conv_stem")(jnp.asarray(x, self.dtype))
     x = nn.relu(bn("bn_stem")(x))
     x = nn.Conv(half, (3, 3), strides=2, padding=1, feature_group_count=half,
-                kernel_init=_torch_init, name="conv_dw")(x)
+                kernel_init=_torch_init, dtype=self.dtype, name="conv_dw")(x)
     x = layers.Conv(self.features, (1, 1), padding=0, kernel_init=_torch_init,
-                    name="conv_pw")(x)
+                    dtype=self.dtype, name="conv_pw")(x)
     return bn("bn_out")(x)
 
 
@@ -155,6 +161,7 @@ class StaticGraphNet(nn.Module):
     num_edges: the edge count, instead of ``prune_rate`` (0: from prune_rate).
     stem_width: the stem's width before its last 1x1 conv is cut to the live stem
       nodes (0: ``block_sizes[0]``; set by :func:`compact_static`).
+    dtype: compute dtype of the convs and contractions (see the module docstring).
   """
   num_classes: int = 10
   block_sizes: Sequence[int] = (32, 192, 192, 192, 192)
@@ -163,6 +170,7 @@ class StaticGraphNet(nn.Module):
   graph: str = "dnw"
   num_edges: int = 0
   stem_width: int = 0
+  dtype: Any = jnp.float32
 
   def _layout(self):
     sizes = tuple(self.block_sizes)
@@ -188,7 +196,8 @@ class StaticGraphNet(nn.Module):
   def __call__(self, x, train: bool = False):
     _check_graph(self.graph)
     sizes, bounds, nodes, target_start = self._layout()
-    node_input = _Downsample(sizes[0], self.stem_width, name="downsample")(x, train)
+    dt = self.dtype
+    node_input = _Downsample(sizes[0], self.stem_width, dt, name="downsample")(x, train)
     w = EdgeMatrix((nodes, nodes), self.valid_slots(), self.edge_count(), self.graph,
                    name="graph")()
     dw = self.param("node_conv", _torch_init, (3, 3, 1, nodes))
@@ -202,13 +211,14 @@ class StaticGraphNet(nn.Module):
     for i in range(len(sizes)):
       lo, hi = int(bounds[i]), int(bounds[i + 1])
       if i > 0:
-        node_input = _contract(jnp.concatenate(outputs, -1), w[:lo, lo:hi])
+        node_input = _contract(jnp.concatenate(outputs, -1), w[:lo, lo:hi], dt)
       z = _instance_norm(node_input, scale[lo:hi], bias[lo:hi])
-      outputs.append(_depthwise(nn.relu(z), dw[..., lo:hi]))
+      outputs.append(_depthwise(nn.relu(z), dw[..., lo:hi], 1, dt))
     # The output nodes: the last layer's accumulated input plus its contribution.
-    out = _contract(jnp.concatenate(outputs, -1), w[:, first_output:])
+    out = _contract(jnp.concatenate(outputs, -1), w[:, first_output:], dt)
     out = _readout_window(out)
-    return nn.Dense(self.num_classes, kernel_init=_torch_init, name="fc")(out)
+    out = nn.Dense(self.num_classes, kernel_init=_torch_init, dtype=dt, name="fc")(out)
+    return out.astype(jnp.float32)
 
   def graph_blocks(self, input_shape) -> list[dict]:
     """The graph blocks, for :func:`export_wiring` and FLOPs (one per edge matrix).
@@ -236,24 +246,28 @@ class _RecurrentGraphNet(nn.Module):
   num_outputs: int = 100
   prune_rate: float = 0.95
   graph: str = "dnw"
+  dtype: Any = jnp.float32
 
   def edge_count(self) -> int:
     return kept_count(self.nodes * self.nodes, self.prune_rate)
 
   def _pieces(self, x, train):
     _check_graph(self.graph)
-    x = _Downsample(self.stem_width, name="downsample")(x, train)
+    x = _Downsample(self.stem_width, dtype=self.dtype, name="downsample")(x, train)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # the state Z is float32
     z0 = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, self.nodes - self.stem_width)))
     w = EdgeMatrix((self.nodes, self.nodes), np.ones((self.nodes,) * 2, bool),
                    self.edge_count(), self.graph, name="graph")()
     dw = self.param("node_conv", _torch_init, (3, 3, 1, self.nodes))
     scale = self.param("norm_scale", nn.initializers.ones, (self.nodes,))
     bias = self.param("norm_bias", nn.initializers.zeros, (self.nodes,))
-    return z0, (w, dw, scale, bias)
+    return z0, (w.astype(self.dtype), dw.astype(self.dtype), scale, bias)
 
   def _classify(self, z):
     out = _readout_window(z[..., self.nodes - self.num_outputs:])
-    return nn.Dense(self.num_classes, kernel_init=_torch_init, name="fc")(out)
+    out = nn.Dense(self.num_classes, kernel_init=_torch_init, dtype=self.dtype,
+                   name="fc")(out)
+    return out.astype(jnp.float32)
 
   def graph_blocks(self, input_shape) -> list[dict]:
     return [{"name": "graph", "path": ("graph", "edges"),
@@ -265,9 +279,14 @@ class _RecurrentGraphNet(nn.Module):
 
 
 def graph_update(z, args):
-  """One application of the recurrent graph: norm(graph(dw(relu(z)))) (dnw.md §2)."""
+  """One application of the recurrent graph: norm(graph(dw(relu(z)))) (dnw.md §2).
+
+  The conv and the contraction run in the dtype of ``w`` and ``dw``; the norm and the
+  result in float32 (at least), the dtype of the state ``z``.
+  """
   w, dw, scale, bias = args
-  return _instance_norm(_contract(_depthwise(nn.relu(z), dw), w), scale, bias)
+  y = _contract(_depthwise(nn.relu(z), dw, 1, dw.dtype), w, w.dtype)
+  return _instance_norm(y, scale, bias).astype(z.dtype)
 
 
 class DiscreteTimeGraphNet(_RecurrentGraphNet):
@@ -347,6 +366,7 @@ class GraphBlock(nn.Module):
   num_layers: int
   width: float
   graph: str = "dnw"
+  dtype: Any = jnp.float32
 
   def shape(self):
     return (self.inp + self.out * (self.num_layers - 1), self.out * self.num_layers)
@@ -366,20 +386,21 @@ class GraphBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     bn = lambda name: layers.BatchNorm(use_running_average=not train, momentum=0.9,
-                                       epsilon=1e-5, name=name)
-    inp, out, n = self.inp, self.out, self.num_layers
+                                       epsilon=1e-5, dtype=self.dtype, name=name)
+    inp, out, n, dt = self.inp, self.out, self.num_layers, self.dtype
     w = EdgeMatrix(self.shape(), self.valid_slots(), self.edge_count(), self.graph,
                    name="graph")()
     dw_in = self.param("input_conv", _torch_init, (3, 3, 1, inp))
-    z = _depthwise(nn.relu(bn("bn0")(x)), dw_in, self.stride)
-    acc = _contract(z, w[:inp])
+    z = _depthwise(nn.relu(bn("bn0")(x)), dw_in, self.stride, dt)
+    acc = _contract(z, w[:inp], dt)
     if n > 1:
       dw = self.param("node_conv", _torch_init, (3, 3, 1, out * (n - 1)))
     for i in range(n - 1):
       z = nn.relu(bn(f"bn{i + 1}")(acc[..., i * out:(i + 1) * out]))
-      z = _depthwise(z, dw[..., i * out:(i + 1) * out])
+      z = _depthwise(z, dw[..., i * out:(i + 1) * out], 1, dt)
       src = inp + i * out
-      acc = acc.at[..., (i + 1) * out:].add(_contract(z, w[src:src + out, (i + 1) * out:]))
+      acc = acc.at[..., (i + 1) * out:].add(
+          _contract(z, w[src:src + out, (i + 1) * out:], dt))
     return acc[..., -out:]
 
 
@@ -392,11 +413,13 @@ class MobileNetV1Like(nn.Module):
       (0.225, 0.3, 0.49 in the paper).
     graph: "dnw", "random" or "complete".
     blocks: (in, out, stride, layers) per block.
+    dtype: compute dtype of the convs and contractions (see the module docstring).
   """
   num_classes: int = 1000
   width: float = 0.225
   graph: str = "dnw"
   blocks: Sequence[Sequence[int]] = MOBILENET_BLOCKS
+  dtype: Any = jnp.float32
 
   def _stem_stride(self, image_size):
     return 1 if image_size <= 64 else 2  # as the release: small inputs keep their size
@@ -407,13 +430,16 @@ class MobileNetV1Like(nn.Module):
     if not 0.0 < self.width <= 1.0:
       raise UserError(f"width={self.width} must lie in (0, 1].")
     x = layers.Conv(self.blocks[0][0], (3, 3), strides=self._stem_stride(x.shape[1]),
-                    padding=1, use_bias=False, kernel_init=_torch_init, name="conv_stem")(x)
+                    padding=1, use_bias=False, kernel_init=_torch_init, dtype=self.dtype,
+                    name="conv_stem")(jnp.asarray(x, self.dtype))
     for b, (inp, out, stride, n) in enumerate(self.blocks):
-      x = GraphBlock(inp, out, stride, n, self.width, self.graph, name=f"block{b}")(x, train)
+      x = GraphBlock(inp, out, stride, n, self.width, self.graph, self.dtype,
+                     name=f"block{b}")(x, train)
     x = layers.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         name="bn_out")(x)
+                         dtype=self.dtype, name="bn_out")(x)
     x = jnp.mean(nn.relu(x), axis=(1, 2))
-    return nn.Dense(self.num_classes, kernel_init=_torch_init, name="fc")(x)
+    x = nn.Dense(self.num_classes, kernel_init=_torch_init, dtype=self.dtype, name="fc")(x)
+    return x.astype(jnp.float32)
 
   def graph_blocks(self, input_shape) -> list[dict]:
     spatial = input_shape[0] // self._stem_stride(input_shape[0])
@@ -452,13 +478,15 @@ def continuous_graph(num_classes: int = 10, graph: str = "dnw", prune_rate: floa
 
 
 def mobilenet_graph(num_classes: int = 1000, width: float = 0.225, graph: str = "dnw",
-                    blocks: Sequence[Sequence[int]] = MOBILENET_BLOCKS) -> MobileNetV1Like:
+                    blocks: Sequence[Sequence[int]] = MOBILENET_BLOCKS,
+                    dtype: Any = jnp.float32) -> MobileNetV1Like:
   """The MobileNetV1-like DNW network at width multiplier ``width``.
 
-  ``blocks`` ((in, out, stride, layers) per block) defaults to the paper's.
+  ``blocks`` ((in, out, stride, layers) per block) defaults to the paper's; ``dtype`` is
+  the compute dtype.
   """
   return MobileNetV1Like(num_classes=num_classes, width=width, graph=graph,
-                         blocks=tuple(tuple(b) for b in blocks))
+                         blocks=tuple(tuple(b) for b in blocks), dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -597,7 +625,8 @@ def compact_static(model: StaticGraphNet, variables) -> tuple[StaticGraphNet, di
   compact = StaticGraphNet(num_classes=model.num_classes, block_sizes=sizes,
                            num_outputs=model.num_outputs, graph="random",
                            num_edges=int((sub != 0).sum()),
-                           stem_width=model.stem_width or int(model.block_sizes[0]))
+                           stem_width=model.stem_width or int(model.block_sizes[0]),
+                           dtype=model.dtype)
   params = jax.tree.map(np.asarray, variables["params"])
   stem_idx = idx[idx < bounds[1]]
   down = dict(params["downsample"])

@@ -14,13 +14,19 @@ with ``model.kwargs`` and returns such a module:
   ``model.train()`` / ``model.eval()`` switch its mode; in train mode its dropout
   streams are reseeded from the step's ``dropout`` key.
 
+A compute dtype (``model.dtype=bfloat16``) reaches the model the way Flax's own layers
+take it: as the factory's ``dtype`` argument, or else as the ``dtype`` field of the
+Linen module it returns; the model must then run a conv or matmul in that dtype.
+
 Anything wrong (a factory that cannot be imported, returns something else, or whose
-model does not run on the dataset's input shape or gives the wrong number of
-logits) is one :class:`~jaxprune.errors.UserError` line, raised before any work.
+model does not run on the dataset's input shape, gives the wrong number of
+logits, or has no compute dtype to set) is one :class:`~jaxprune.errors.UserError`
+line, raised before any work.
 """
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import inspect
 from collections.abc import Callable, Mapping
@@ -309,8 +315,38 @@ def _check_fits(model: nn.Module, spec: str, num_classes: int, input_shape) -> N
                     f"(batch, {num_classes}).")
 
 
+def _subjaxprs(eqn):
+  for value in eqn.params.values():
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      if hasattr(v, "eqns"):
+        yield v
+      elif hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+        yield v.jaxpr
+
+
+def compute_dtypes(jaxpr) -> set:
+  """Operand dtypes of every conv and matmul in ``jaxpr`` (nested jaxprs included)."""
+  out = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+      out.update(jnp.dtype(v.aval.dtype) for v in eqn.invars)
+    for sub in _subjaxprs(eqn):
+      out |= compute_dtypes(sub)
+  return out
+
+
+def _check_dtype(model: nn.Module, spec: str, dtype, input_shape) -> None:
+  x = jnp.zeros((1, *input_shape), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables)
+  if jnp.dtype(dtype) not in compute_dtypes(jaxpr.jaxpr):
+    raise UserError(f"config model.dtype={jnp.dtype(dtype).name!r}: model {spec!r} was given "
+                    f"dtype={jnp.dtype(dtype).name} but runs no conv or matmul in it; pass "
+                    "its dtype on to its layers (nn.Conv(..., dtype=dtype)).")
+
+
 def build(spec: str, kwargs: Mapping[str, Any] | str | None, num_classes: int,
-          input_shape) -> nn.Module:
+          input_shape, dtype=None) -> nn.Module:
   """The user's model as a Linen module with ``train`` (see the module docstring).
 
   Args:
@@ -320,6 +356,10 @@ def build(spec: str, kwargs: Mapping[str, Any] | str | None, num_classes: int,
       factory that takes ``rngs`` gets ``nnx.Rngs(0)`` (and a fresh draw at ``init``).
     num_classes: the dataset's classes (the model must return that many logits).
     input_shape: one example's shape, e.g. (28, 28, 1).
+    dtype: a compute dtype other than float32 (e.g. ``jnp.bfloat16``): passed as the
+      factory's ``dtype`` argument, or set as the returned Linen module's ``dtype``
+      field; a model with neither, or one that then computes no conv or matmul in it,
+      is a :class:`UserError`.
 
   Returns:
     A Linen module, ``model.apply(variables, x, train=...)``.
@@ -333,6 +373,14 @@ def build(spec: str, kwargs: Mapping[str, Any] | str | None, num_classes: int,
   if "num_classes" in parameters and "num_classes" not in kwargs:
     kwargs["num_classes"] = num_classes
   takes_rngs = "rngs" in parameters and "rngs" not in kwargs
+  if dtype is not None and jnp.dtype(dtype) == jnp.float32:
+    dtype = None
+  if dtype is not None and "dtype" in kwargs:
+    raise UserError(f"model {spec!r}: set the compute dtype once, with config model.dtype, "
+                    "not also in model.kwargs.")
+  dtype_arg = dtype is not None and "dtype" in parameters
+  if dtype_arg:
+    kwargs["dtype"] = jnp.dtype(dtype)
 
   def make(key=None):
     extra = {"rngs": nnx.Rngs(key if key is not None else 0)} if takes_rngs else {}
@@ -347,16 +395,31 @@ def build(spec: str, kwargs: Mapping[str, Any] | str | None, num_classes: int,
     raise UserError(f"model {spec!r}: calling the factory with {kwargs} failed: "
                     f"{type(e).__name__}: {first}") from None
   if isinstance(made, nnx.Module):
+    if dtype is not None and not dtype_arg:
+      raise UserError(f"config model.dtype={jnp.dtype(dtype).name!r}: NNX model {spec!r} has "
+                      "no compute dtype to set (its factory takes no `dtype` argument); add "
+                      "one and pass it to its layers (nnx.Conv(..., dtype=dtype)), or drop "
+                      "--config.model.dtype.")
     model = FromNNX(split=_Split(made, draw_of(make) if takes_rngs else None))
   elif isinstance(made, nn.Module):
+    if dtype is not None and not dtype_arg:
+      if "dtype" not in {f.name for f in dataclasses.fields(made)}:
+        raise UserError(f"config model.dtype={jnp.dtype(dtype).name!r}: model {spec!r} has no "
+                        "compute dtype to set (its factory takes no `dtype` argument and "
+                        f"{type(made).__name__} has no `dtype` field); add one, as Flax's "
+                        "layers do, or drop --config.model.dtype.")
+      made = made.clone(dtype=jnp.dtype(dtype))
     flag = mode_flag(made)
     model = made if flag == "train" else WithTrain(made, flag)
   else:
     raise UserError(f"model {spec!r}: the factory returned a {type(made).__name__}, not "
                     "a Flax Linen module or an nnx.Module.")
   _check_fits(model, spec, num_classes, input_shape)
+  if dtype is not None:
+    _check_dtype(model, spec, dtype, input_shape)
   return model
 
 
-__all__ = ["is_external", "load_factory", "parse_kwargs", "build", "mode_flag", "WithTrain",
+__all__ = ["is_external", "load_factory", "parse_kwargs", "build", "compute_dtypes",
+           "mode_flag", "WithTrain",
            "FromNNX", "from_nnx", "draw_of", "sliced_draw", "OTHER_COLLECTION"]

@@ -4,9 +4,12 @@ These are the MNIST baselines of the pruning papers (AutoPrune, DNW). Widths are
 fields so that a pruned variant (fewer neurons or filters) is the same module
 built with smaller numbers. Inputs are NHWC images (e.g. 28x28x1); ``train`` is
 accepted for a uniform ``model.apply(variables, x, train=...)`` call and unused.
+``dtype`` is the compute dtype of the convs and matmuls (parameters stay float32,
+logits are float32).
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -31,17 +34,20 @@ class LeNet300100(nn.Module):
   Attributes:
     features: widths of the two hidden layers.
     num_classes: classifier outputs.
+    dtype: compute dtype.
   """
   features: Sequence[int] = (300, 100)
   num_classes: int = 10
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train  # No batch-dependent layers.
-    x = jnp.reshape(x, (x.shape[0], -1))
+    x = jnp.reshape(jnp.asarray(x, self.dtype), (x.shape[0], -1))
     for i, width in enumerate(self.features):
-      x = nn.relu(nn.Dense(width, name=f"fc{i + 1}")(x))
-    return nn.Dense(self.num_classes, name=f"fc{len(self.features) + 1}")(x)
+      x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"fc{i + 1}")(x))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name=f"fc{len(self.features) + 1}")(x)
+    return x.astype(jnp.float32)
 
 
 class LeNet5(nn.Module):
@@ -53,35 +59,40 @@ class LeNet5(nn.Module):
   Attributes:
     features: (conv1 filters, conv2 filters, hidden dense width).
     num_classes: classifier outputs.
+    dtype: compute dtype.
   """
   features: Sequence[int] = (20, 50, 500)
   num_classes: int = 10
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train  # No batch-dependent layers.
     conv1, conv2, hidden = self.features
-    x = layers.Conv(conv1, (5, 5), padding="VALID", name="conv1")(x)
+    x = jnp.asarray(x, self.dtype)
+    x = layers.Conv(conv1, (5, 5), padding="VALID", dtype=self.dtype, name="conv1")(x)
     x = layers.max_pool(x, 2)
-    x = layers.Conv(conv2, (5, 5), padding="VALID", name="conv2")(x)
+    x = layers.Conv(conv2, (5, 5), padding="VALID", dtype=self.dtype, name="conv2")(x)
     x = layers.max_pool(x, 2)
     x = jnp.reshape(x, (x.shape[0], -1))
-    x = nn.relu(nn.Dense(hidden, name="fc1")(x))
-    return nn.Dense(self.num_classes, name="fc2")(x)
+    x = nn.relu(nn.Dense(hidden, dtype=self.dtype, name="fc1")(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x).astype(jnp.float32)
 
 
-def lenet300_100(num_classes: int = 10, *,
-                 features: Sequence[int] = (300, 100)) -> LeNet300100:
-  """LeNet-300-100; `features` overrides the two hidden widths."""
+def lenet300_100(num_classes: int = 10, *, features: Sequence[int] = (300, 100),
+                 dtype: Any = jnp.float32) -> LeNet300100:
+  """LeNet-300-100; `features` overrides the two hidden widths, `dtype` is the compute
+  dtype."""
   return LeNet300100(features=_check_features(features, 2, "LeNet-300-100"),
-                     num_classes=num_classes)
+                     num_classes=num_classes, dtype=dtype)
 
 
-def lenet5(num_classes: int = 10, *,
-           features: Sequence[int] = (20, 50, 500)) -> LeNet5:
-  """Caffe LeNet-5; `features` overrides (conv1, conv2, hidden) widths."""
+def lenet5(num_classes: int = 10, *, features: Sequence[int] = (20, 50, 500),
+           dtype: Any = jnp.float32) -> LeNet5:
+  """Caffe LeNet-5; `features` overrides (conv1, conv2, hidden) widths, `dtype` is the
+  compute dtype."""
   return LeNet5(features=_check_features(features, 3, "LeNet-5"),
-                num_classes=num_classes)
+                num_classes=num_classes, dtype=dtype)
 
 
 __all__ = ["LeNet300100", "LeNet5", "lenet300_100", "lenet5"]

@@ -250,7 +250,8 @@ def find_stages(jaxpr, leaf_paths: Sequence[str | None], data_index: int,
 
 
 def eval_skipping(closed, args, skip: Mapping):
-  """Evaluates a closed jaxpr with the vars ``skip`` maps replaced: ``y := x``."""
+  """Evaluates a closed jaxpr with the vars ``skip`` maps replaced: ``y := x`` (in
+  ``y``'s dtype, e.g. a block of a bfloat16 model whose input is float32)."""
   env = dict(zip(closed.jaxpr.constvars, closed.consts))
   env.update(zip(closed.jaxpr.invars, args))
   read = lambda v: v.val if _is_lit(v) else env[v]
@@ -261,7 +262,7 @@ def eval_skipping(closed, args, skip: Mapping):
     if not e.primitive.multiple_results:
       outs = [outs]
     for v, o in zip(e.outvars, outs):
-      env[v] = env[skip[v]] if v in skip else o
+      env[v] = env[skip[v]].astype(o.dtype) if v in skip else o
   return [read(v) for v in closed.jaxpr.outvars]
 
 

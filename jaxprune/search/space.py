@@ -571,6 +571,8 @@ class _Interpreter:
     for v, kernel in starts.items():
       while v not in out_index:
         nxt = [j for j in uses.get(v, ()) if _continues(jaxpr.eqns[j], v, defs, jaxpr)]
+        if len(nxt) > 1:
+          nxt = _past_duplicate_casts(nxt, jaxpr, uses, defs)
         if len(nxt) != 1:
           break
         v = jaxpr.eqns[nxt[0]].outvars[0]
@@ -608,8 +610,9 @@ class _Interpreter:
         if top and v in self.stage_ends:
           # A stage's output: its candidate depths mixed (tas.md §4; one residual
           # stream, so the CWI alignment is the identity).
-          o = sum((w * (o if u is v else env[u])).astype(o.dtype)
-                  for u, w in self.stage_ends[v])
+          # (Summed in float32 at least, like the CWI mix.)
+          o = sum(jnp.asarray(w, jnp.float32) * (o if u is v else env[u])
+                  for u, w in self.stage_ends[v]).astype(o.dtype)
         env[v] = o
     return [read(v) for v in jaxpr.outvars]
 
@@ -649,6 +652,20 @@ def _per_channel(u, shape, defs, jaxpr) -> bool:
   if eqn.primitive.name in _PASS:
     return _per_channel(eqn.invars[0], shape, defs, jaxpr)
   return False
+
+
+def _past_duplicate_casts(nxt, jaxpr, uses, defs) -> list[int]:
+  """Of several identical casts of one value (a norm of a bfloat16 model casts its
+  input once for the statistics, once to normalise it), the one whose result the chain
+  continues from; ``nxt`` unchanged when they are not such casts."""
+  eqns = [jaxpr.eqns[j] for j in nxt]
+  if any(e.primitive.name not in _PASS or e.primitive is not eqns[0].primitive
+         or e.params != eqns[0].params for e in eqns):
+    return nxt
+  onward = [j for j in nxt if any(
+      _continues(jaxpr.eqns[k], jaxpr.eqns[j].outvars[0], defs, jaxpr)
+      for k in uses.get(jaxpr.eqns[j].outvars[0], ()))]
+  return onward if len(onward) == 1 else nxt
 
 
 def _continues(eqn, v, defs, jaxpr) -> bool:
