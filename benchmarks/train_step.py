@@ -8,6 +8,7 @@ and the command that produced it.
 
   python benchmarks/train_step.py                      # ResNet-20 and -56, batch 128
   python benchmarks/train_step.py --depths 20 --batch 256 --steps 20
+  python benchmarks/train_step.py --dtype bfloat16   # config model.dtype=bfloat16
 """
 import argparse
 import sys
@@ -25,8 +26,8 @@ from jaxprune.engine.state import init_train_state
 _median_ms = timing.median_ms
 
 
-def bench_model(depth, batch, repeats, ds):
-  model = models.cifar_resnet(depth, num_classes=10)
+def bench_model(depth, batch, repeats, ds, dtype="float32"):
+  model = models.cifar_resnet(depth, num_classes=10, dtype=jax.numpy.dtype(dtype))
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
   cfg = config_lib.train_config(epochs=1, warmup_epochs=0)
   tx, _ = optim.sgd(cfg, 100, 100)
@@ -76,6 +77,8 @@ def main(argv):
                       help="run jaxprune.models.layers as the stock flax layers "
                       "(layers.use('stock'): lax's conv gradient, nn.max_pool), the default "
                       "on GPU/TPU, instead of the XLA:CPU-tuned ones (for comparison)")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="compute dtype of the convs and matmuls (config model.dtype)")
   args = parser.parse_args(argv)
   if not args.stock_xla_flags:
     runtime.configure()
@@ -85,12 +88,13 @@ def main(argv):
   ds = data.synthetic(num_train=4096, num_test=16, seed=0)["train"]
   pipe = bench_pipeline(ds, args.batch, max(args.steps, 20))
   print()
-  print(f"layers: {chosen} (jaxprune.models.layers.use; backend {jax.default_backend()})")
+  print(f"layers: {chosen} (jaxprune.models.layers.use; backend {jax.default_backend()}), "
+        f"compute dtype {args.dtype}")
   print("| model | batch | train step ms | train img/s | forward ms | input pipeline img/s "
         "| compile s |")
   print("|---|---|---|---|---|---|---|")
   for depth in args.depths:
-    r = bench_model(depth, args.batch, args.steps, ds)
+    r = bench_model(depth, args.batch, args.steps, ds, args.dtype)
     print(f"| ResNet-{depth} | {args.batch} | {r['train_ms']:.0f} | {r['train_img_s']:.0f} | "
           f"{r['infer_ms']:.0f} | {pipe:.0f} | {r['compile_s']:.1f} |", flush=True)
 

@@ -97,8 +97,9 @@ RECIPES = {
         "model.depth": 8, "dataset.synthetic.image_shape": (8, 8, 3),
         "train": _stage(16, 0.05), "finetune": _stage(2), "scratch": _stage(2)}),
     "dnw": ("configs/dnw_cifar.py", "smoke", "train", {
-        "model.block_sizes": (4, 8, 8), "model.num_outputs": 4, "model.prune_rate": 0.75,
-        "dataset.synthetic.image_shape": (16, 16, 3), "train": _stage(16, 0.05)}),
+        "model.block_sizes": (8, 16, 16), "model.num_outputs": 8, "model.prune_rate": 0.8,
+        "dataset.synthetic.image_shape": (16, 16, 3),
+        "train": {**_stage(24, 0.1, batch=32), "epochs": 6, "decay_epochs": (100,)}}),
     "autoprune": ("configs/autoprune_lenet.py", "smoke", "prune", {
         "dataset.synthetic.image_shape": (28, 28, 1), "pretrain.epochs": 0,
         "train": {**_stage(16), "epochs": 2}, "autoprune.prune_epochs": 1}),

@@ -1,8 +1,10 @@
 """Flax model zoo of jaxprune and a by-name registry for configs.
 
 Every model here is a Linen module called as ``model.apply(variables, x,
-train=...)`` on NHWC inputs and returning logits. Configs name a model with
-:func:`get_model`; library users can call the factories directly.
+train=...)`` on NHWC inputs and returning float32 logits. Every factory takes a compute
+``dtype`` (e.g. ``jnp.bfloat16``: convs and matmuls in it; parameters, norm statistics
+and logits float32). Configs name a model with :func:`get_model`; library users can
+call the factories directly.
 """
 
 import inspect
