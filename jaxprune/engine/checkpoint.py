@@ -19,9 +19,23 @@ from jaxprune.engine import distributed
 from jaxprune.errors import UserError
 
 
+def _in_orbax(filename) -> bool:
+  return "/orbax/" in (filename or "").replace(os.sep, "/")
+
+
 class _DropOrbaxErrors(logging.Filter):
+  """Drops records logged by orbax, and asyncio's reports of orbax's failed tasks (e.g.
+  "_GatheringFuture exception was never retrieved" when a background write failed)."""
+
   def filter(self, record: logging.LogRecord) -> bool:
-    return "/orbax/" not in (record.pathname or "").replace(os.sep, "/")
+    if _in_orbax(record.pathname):
+      return False
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:
+      if _in_orbax(tb.tb_frame.f_code.co_filename):
+        return False
+      tb = tb.tb_next
+    return True
 
 
 def quiet_orbax_errors():
@@ -30,7 +44,8 @@ def quiet_orbax_errors():
   unless ``--verbosity`` is given."""
   for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
     handler.addFilter(_DropOrbaxErrors())
-  logging.getLogger("absl").addFilter(_DropOrbaxErrors())
+  for name in ("absl", "asyncio"):  # whichever handler is added later
+    logging.getLogger(name).addFilter(_DropOrbaxErrors())
   previous = sys.unraisablehook
 
   def hook(unraisable):
