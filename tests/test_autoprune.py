@@ -1,5 +1,4 @@
 """AutoPrune: STE surrogates, the update rules, recoverability, masks, neuron export, recipe."""
-import importlib.util
 import json
 import os
 
@@ -9,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO
+from conftest import load_config
 from jaxprune import flops as flops_lib, kernels, models, optim, surgery
 from jaxprune.kernels.ste import step_ste
 from jaxprune.methods import autoprune as recipe
@@ -221,10 +220,7 @@ def test_neuron_export_gives_the_masked_network_outputs(name, axis):
 
 
 def _config(arg="smoke"):
-  spec = importlib.util.spec_from_file_location("ap_cfg", REPO / "configs/autoprune_lenet.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  config = load_config("configs/autoprune_lenet.py", arg)
   config.dataset.synthetic.update(num_train=256, num_test=64)
   config.pretrain.update(epochs=1, batch_size=32, eval_batch_size=64)
   config.train.update(epochs=2, batch_size=32, eval_batch_size=64, log_every_steps=4)

@@ -49,14 +49,11 @@ def test_missing_manual_dir(tmp_path):
 
 
 def test_workdir_with_incompatible_config(tmp_path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
   from jaxprune import config_lib  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "run"
   # A run of the smoke config that has made progress (a checkpoint step directory).
-  spec = importlib.util.spec_from_file_location("c", REPO / "configs/baseline_resnet.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config_lib.check_workdir(str(workdir), module.get_config("smoke"))
+  config_lib.check_workdir(str(workdir), load_config("configs/baseline_resnet.py", "smoke"))
   config_lib.release_workdir(str(workdir))
   (workdir / "baseline" / "checkpoints" / "32").mkdir(parents=True)
   second = _main("--config", "configs/baseline_resnet.py:smoke,depth=32",

@@ -39,15 +39,11 @@ def test_workdir_accepts_logging_changes_and_rejects_others(tmp_path):
 
 
 def test_every_cifar_config_maps_cifar10_subset_to_the_shared_npz():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  from conftest import REPO, load_config  # pylint: disable=g-import-not-at-top
   names = ["baseline_resnet", "tas_resnet", "ista_resnet", "ista_convnet", "dnw_cifar",
            "autoprune_vgg"]
   for name in names:
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    dataset = module.get_config("dataset=cifar10_subset").dataset
+    dataset = load_config(f"configs/{name}.py", "dataset=cifar10_subset").dataset
     assert (dataset.name, dataset.path) == ("npz", config_lib.CIFAR10_SUBSET_NPZ), name
     # ../shared beside the repository (as a path: the checkout may reach it through a link).
     assert os.path.normpath(REPO / dataset.path) == os.path.normpath(

@@ -6,7 +6,6 @@ The real data (../shared/data relative to the project root) is required in CI
 
 import importlib.util
 import io
-import os
 import pathlib
 import shutil
 import subprocess

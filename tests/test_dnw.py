@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import load_config
 
 from jaxprune import flops, kernels, models
 from jaxprune.methods import dnw as dnw_method
@@ -237,14 +237,6 @@ def test_get_model_names_the_dnw_graphs():
   assert isinstance(models.get_model("dnw_mobilenet", 10, width=0.3), dnw.MobileNetV1Like)
 
 
-def _load_config(path, arg):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("_dnw_config", REPO / path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 @pytest.mark.parametrize("path,arg,model", [
     ("configs/dnw_cifar.py", "smoke,graph=dnw",
      dict(block_sizes=(4, 8, 8), num_outputs=4, prune_rate=0.75)),
@@ -252,7 +244,7 @@ def _load_config(path, arg):
      dict(blocks=((32, 16, 1, 1), (16, 32, 2, 2)))),
 ])
 def test_recipe_smoke_writes_wiring_plot_and_report(tmp_path, path, arg, model):
-  config = _load_config(path, arg)
+  config = load_config(path, arg)
   config.model.update(model)
   config.train.max_steps = 2
   workdir = str(tmp_path / "run")

@@ -3,7 +3,6 @@ import os
 import signal
 
 import jax
-import ml_collections
 import numpy as np
 import optax
 import pytest

@@ -1,5 +1,4 @@
 """The channel dependency graph: groups, kept slices and exact predictions."""
-import flax.linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp

@@ -1,5 +1,4 @@
 """ISTA recipe end to end: staged lambda, pruning, fine-tuning, dense comparison, report."""
-import importlib.util
 import json
 import os
 
@@ -8,17 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import load_config
 from jaxprune import flops, methods, models
 from jaxprune.errors import UserError
 from jaxprune.methods import ista as ista_recipe
 
 
 def _config(name="ista_resnet", arg="smoke"):
-  spec = importlib.util.spec_from_file_location(name, REPO / f"configs/{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  config = load_config(f"configs/{name}.py", arg)
   config.dataset.synthetic.update(num_train=64, num_test=16, image_shape=(16, 16, 3),
                                   num_classes=4)
   config.report.inference_batch_size = 8

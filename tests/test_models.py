@@ -2,7 +2,6 @@
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import flax

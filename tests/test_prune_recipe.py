@@ -1,5 +1,4 @@
 """The criterion-pruning recipe end to end: baseline, iterative prune + fine-tune, scratch control."""
-import importlib.util
 import json
 
 import jax
@@ -7,16 +6,13 @@ import numpy as np
 
 import pytest
 
-from conftest import REPO
+from conftest import load_config
 from jaxprune import methods
 from jaxprune.errors import UserError
 
 
 def _config(arg="smoke"):
-  spec = importlib.util.spec_from_file_location("prune_resnet", REPO / "configs/prune_resnet.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  config = load_config("configs/prune_resnet.py", arg)
   config.model.depth = 8
   config.dataset.synthetic.update(num_train=64, num_test=16, image_shape=(16, 16, 3),
                                   num_classes=4)

@@ -4,7 +4,6 @@ import math
 import os
 import signal
 
-import importlib.util
 import jax
 import numpy as np
 import pytest
@@ -16,10 +15,7 @@ from jaxprune.methods import baseline, tas
 
 
 def _config(**tas_overrides):
-  spec = importlib.util.spec_from_file_location("tas_cfg", REPO / "configs/tas_resnet.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("smoke")
+  config = load_config("configs/tas_resnet.py", "smoke")
   config.model.depth = 8  # one block per stage: small and quick to compile
   config.dataset.synthetic.update(num_train=128, num_test=32, image_shape=(16, 16, 3),
                                   num_classes=4)

@@ -3,7 +3,6 @@
 Config values, TAS fields, released shapes, .npz data, the workdir's remembered
 config, its lock and unwritable paths.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_config
 from jaxprune import config_lib, data, methods, models
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.errors import UserError
@@ -21,10 +20,7 @@ from jaxprune.methods import tas
 
 
 def _get_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return load_config(f"configs/{name}.py", arg or None)
 
 
 def _one_line(e) -> str:
