@@ -157,13 +157,15 @@ def test_bfloat16_recipe_starts_like_float32_learns_and_keeps_float32_state(tmp_
     ("convnet", (16, 16, 3), {"features": (8, 8, 8)}),
     ("cifar_resnet", (8, 8, 3), {"depth": 8}),
     ("dnw_static", (16, 16, 3), {"block_sizes": (4, 8, 8), "num_outputs": 4}),
-    ("dnw_discrete", (16, 16, 3), {"nodes": 24, "stem_width": 8, "num_outputs": 4}),
-    ("dnw_continuous", (16, 16, 3), {"nodes": 24, "stem_width": 8, "num_outputs": 4}),
+    # At prune_rate 0.95 a 24-node graph's outputs are often cut off from its inputs
+    # (exactly zero logits on 21% / 2% of seeds, a vacuous comparison); 0.5 keeps them wired.
+    ("dnw_discrete", (16, 16, 3),
+     {"nodes": 24, "stem_width": 8, "num_outputs": 4, "prune_rate": 0.5}),
+    ("dnw_continuous", (16, 16, 3),
+     {"nodes": 24, "stem_width": 8, "num_outputs": 4, "prune_rate": 0.5}),
     ("dnw_mobilenet", (16, 16, 3), {"blocks": ((8, 16, 1, 1), (16, 16, 2, 2))}),
 ])
 def test_every_model_computes_in_bfloat16_close_to_float32(name, shape, kwargs):
-  # Compared in eval mode: at init, train-mode batch norm amplifies any perturbation
-  # with depth (VGG-like's 14 norms turn bf16 rounding into ~10% of the logits).
   assert {name, "imagenet_resnet"} <= set(models.MODELS)
   m32 = models.get_model(name, 5, **kwargs)
   m16 = models.get_model(name, 5, dtype=jnp.bfloat16, **kwargs)
@@ -175,8 +177,25 @@ def test_every_model_computes_in_bfloat16_close_to_float32(name, shape, kwargs):
   l16, s16 = m16.apply(variables, x, train=True, mutable=True)
   assert l16.dtype == jnp.float32 and np.all(np.isfinite(l16))
   assert {a.dtype for a in jax.tree.leaves(s16) if a.dtype != jnp.int32} <= {jnp.dtype("float32")}
-  l16, l32 = (m.apply(variables, x, train=False) for m in (m16, m32))
-  np.testing.assert_allclose(l16, l32, atol=0.05 * float(jnp.abs(l32).max()))
+  # Compared in eval mode: at init, train-mode batch norm amplifies any perturbation with
+  # depth (VGG-like's 14 norms turn bf16 rounding into ~10% of the logits). Judged on the
+  # median over fresh initialisations, because some initialisations are ill-conditioned in
+  # float32 too: the DNW graphs' instance norm divides by the spread of nearly constant
+  # channels, and the continuous graph's adaptive solver (rtol = atol = 1e-3) takes other
+  # steps. On 100 seeds the relative error is ~1.5% typically; at prune_rate 0.95 it is >5%
+  # on 9 in 100 of the continuous graph's (its float32 logits there are as far from a
+  # tight-tolerance solve), at 0.5 on none (at most 4.7%).
+  init = jax.jit(m32.init)
+  apply16, apply32 = (jax.jit(lambda v, x, m=m: m.apply(v, x, train=False)) for m in (m16, m32))
+  errors = []
+  for i in range(9):
+    k = jax.random.fold_in(key, 2 + i)
+    x = jax.random.normal(k, (4, *shape))
+    variables = init(jax.random.fold_in(k, 1), x)
+    l16, l32 = (np.asarray(f(variables, x), np.float64) for f in (apply16, apply32))
+    assert np.all(np.isfinite(l16)) and np.linalg.norm(l32) > 0
+    errors.append(np.linalg.norm(l16 - l32) / np.linalg.norm(l32))
+  assert np.median(errors) < 0.05, np.round(errors, 4)
 
 
 @pytest.mark.parametrize("spec,kwargs", [
