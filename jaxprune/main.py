@@ -29,7 +29,13 @@ def _missing_key(config, dotted: str) -> str | None:
   """The first part of ``dotted`` that ``config`` lacks, with close matches."""
   node, done = config, []
   for part in dotted.split("."):
-    keys = list(node.keys()) if hasattr(node, "keys") else []
+    if not hasattr(node, "keys"):  # a value, e.g. the string model.kwargs
+      where = ".".join(done)
+      hint = (" It is a Python dict literal: --config.model.kwargs=\"{'key': value}\"."
+              if where == "model.kwargs" else "")
+      return (f"The config has no key {dotted!r} (from --config.{dotted}): {where} is a "
+              f"value ({type(node).__name__}), not a group of keys.{hint}")
+    keys = list(node.keys())
     if part not in keys:
       where = ".".join(done) or "the config"
       close = difflib.get_close_matches(part, keys, n=3, cutoff=0.5)
@@ -101,7 +107,7 @@ def parse_flags(argv):
     sys.exit(2)
   try:
     return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError) as e:
+  except (flags.Error, AttributeError, KeyError, TypeError) as e:  # TypeError: into a str
     print(f"error: {_flag_error(e, argv)}", file=sys.stderr)
     sys.exit(2)
 

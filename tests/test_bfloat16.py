@@ -193,9 +193,10 @@ def test_every_model_computes_in_bfloat16_close_to_float32(name, shape, kwargs):
     x = jax.random.normal(k, (4, *shape))
     variables = init(jax.random.fold_in(k, 1), x)
     l16, l32 = (np.asarray(f(variables, x), np.float64) for f in (apply16, apply32))
-    assert np.all(np.isfinite(l16)) and np.linalg.norm(l32) > 0
-    errors.append(np.linalg.norm(l16 - l32) / np.linalg.norm(l32))
-  assert np.median(errors) < 0.05, np.round(errors, 4)
+    assert np.all(np.isfinite(l16))
+    if np.any(l32):  # a rare dead initialisation (~1 in 800 of dnw_static's) has 0 logits
+      errors.append(np.linalg.norm(l16 - l32) / np.linalg.norm(l32))
+  assert len(errors) >= 5 and np.median(errors) < 0.05, np.round(errors, 4)
 
 
 @pytest.mark.parametrize("spec,kwargs", [

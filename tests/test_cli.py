@@ -29,6 +29,15 @@ def test_typo_in_override_names_the_key_and_suggests(tmp_path):
   _assert_clean_error(proc, "train.learning_rat", "--config.train.learning_rate")
 
 
+def test_override_into_a_value_names_it(tmp_path):
+  # model.kwargs is a string (a dict literal); train.epochs an int: neither has keys.
+  for flag, needles in (("--config.model.kwargs.depth=20",
+                         ("model.kwargs is a value (str)", "--config.model.kwargs=")),
+                        ("--config.train.epochs.x=1", ("train.epochs is a value (int)",))):
+    proc = _main("--config", "configs/baseline_resnet.py", flag, "--workdir", str(tmp_path))
+    _assert_clean_error(proc, *needles)
+
+
 def test_unknown_config_argument(tmp_path):
   proc = _main("--config", "configs/baseline_resnet.py:dept=56", "--workdir", str(tmp_path))
   _assert_clean_error(proc, "'dept'", "depth")

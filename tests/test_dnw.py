@@ -10,6 +10,7 @@ import pytest
 from conftest import load_config
 
 from jaxprune import flops, kernels, models
+from jaxprune.errors import UserError
 from jaxprune.methods import dnw as dnw_method
 from jaxprune.models import dnw
 
@@ -115,6 +116,26 @@ def test_tiny_static_graph_keeps_32000_edges_of_its_dag():
   # 100 output nodes: 32*768 + 192*(576 + 384 + 192 + 100) slots.
   assert block["valid"].sum() == 32 * 768 + 192 * (576 + 384 + 192 + 100)
   assert dnw.discrete_graph().graph_blocks((32, 32, 3))[0]["k"] == 32_000
+
+
+def test_static_prune_rate_beyond_the_dag_is_one_line_before_any_work(tmp_path):
+  rng = np.random.default_rng()
+  sizes = tuple(int(n) for n in rng.integers(2, 9, size=3))
+  nodes, outputs = sum(sizes), int(rng.integers(1, sizes[-1] + 1))
+  slots = int(dnw.StaticGraphNet(block_sizes=sizes, num_outputs=outputs).valid_slots().sum())
+  too_low = (1 - slots / nodes ** 2) * rng.uniform(0.2, 0.9)
+  with pytest.raises(UserError, match=f"only {slots} slots") as info:
+    dnw.StaticGraphNet(block_sizes=sizes, num_outputs=outputs, prune_rate=too_low).edge_count()
+  advised = float(str(info.value).rsplit(">= ", 1)[1].rstrip("."))
+  model = dnw.StaticGraphNet(block_sizes=sizes, num_outputs=outputs, prune_rate=advised)
+  assert slots - nodes ** 2 * 1e-4 <= model.edge_count() <= slots  # the advice works
+  x = jnp.zeros((1, 16, 16, 3))
+  assert np.isfinite(model.apply(model.init(jax.random.key(0), x), x)).all()
+  # The recipe refuses it before the workdir is touched.
+  config = load_config("configs/dnw_cifar.py", "smoke", {"model.prune_rate": 0.3})
+  with pytest.raises(UserError, match="use prune_rate >= 0.5861"):
+    dnw_method.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
 
 
 def test_mobilenet_block_prune_rates_follow_reference_formula_x0225():

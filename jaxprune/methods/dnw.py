@@ -57,6 +57,7 @@ def run(config, workdir: str) -> dict:
   train_ds = datasets["train"]
   model = baseline.build_model(config.model, train_ds.num_classes, train_ds.image_shape)
   baseline.check_selectors(config, model, train_ds.image_shape)
+  model.graph_blocks(train_ds.image_shape)  # an impossible edge count stops here
   # After the data and model checks: a failed start leaves the workdir untouched.
   config_lib.check_workdir(workdir, config, datasets)
   result = baseline.train("train", config.train, config.seed, workdir, datasets, model)

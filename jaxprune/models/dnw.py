@@ -190,7 +190,14 @@ class StaticGraphNet(nn.Module):
 
   def edge_count(self) -> int:
     nodes = int(sum(self.block_sizes))
-    return self.num_edges or kept_count(nodes * nodes, self.prune_rate)
+    k = self.num_edges or kept_count(nodes * nodes, self.prune_rate)
+    slots = int(self.valid_slots().sum())
+    if k > slots:  # prune_rate counts the N x N matrix; the DAG reads fewer slots
+      raise UserError(
+          f"dnw_static: {k} edges asked for (prune_rate={self.prune_rate}, num_edges="
+          f"{self.num_edges}), but its DAG over block_sizes={tuple(self.block_sizes)} has "
+          f"only {slots} slots; use prune_rate >= {math.ceil((1 - slots / nodes ** 2) * 1e4) / 1e4}.")
+    return k
 
   @nn.compact
   def __call__(self, x, train: bool = False):
