@@ -131,6 +131,8 @@ def test_static_prune_rate_beyond_the_dag_is_one_line_before_any_work(tmp_path):
   assert slots - nodes ** 2 * 1e-4 <= model.edge_count() <= slots  # the advice works
   x = jnp.zeros((1, 16, 16, 3))
   assert np.isfinite(model.apply(model.init(jax.random.key(0), x), x)).all()
+  with pytest.raises(UserError, match=f"num_edges <= {slots}"):
+    dnw.StaticGraphNet(block_sizes=sizes, num_outputs=outputs, num_edges=slots + 1).edge_count()
   # The recipe refuses it before the workdir is touched.
   config = load_config("configs/dnw_cifar.py", "smoke", {"model.prune_rate": 0.3})
   with pytest.raises(UserError, match="use prune_rate >= 0.5861"):

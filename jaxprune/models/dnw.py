@@ -193,10 +193,12 @@ class StaticGraphNet(nn.Module):
     k = self.num_edges or kept_count(nodes * nodes, self.prune_rate)
     slots = int(self.valid_slots().sum())
     if k > slots:  # prune_rate counts the N x N matrix; the DAG reads fewer slots
-      raise UserError(
-          f"dnw_static: {k} edges asked for (prune_rate={self.prune_rate}, num_edges="
-          f"{self.num_edges}), but its DAG over block_sizes={tuple(self.block_sizes)} has "
-          f"only {slots} slots; use prune_rate >= {math.ceil((1 - slots / nodes ** 2) * 1e4) / 1e4}.")
+      lowest = math.ceil((1 - slots / nodes ** 2) * 1e4) / 1e4
+      asked, fix = ((f"num_edges={self.num_edges}", f"num_edges <= {slots}") if self.num_edges
+                    else (f"prune_rate={self.prune_rate}", f"prune_rate >= {lowest}"))
+      raise UserError(f"dnw_static: {asked} asks for {k} edges, but its DAG over "
+                      f"block_sizes={tuple(self.block_sizes)} has only {slots} slots; "
+                      f"use {fix}.")
     return k
 
   @nn.compact
