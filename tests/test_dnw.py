@@ -140,6 +140,16 @@ def test_static_prune_rate_beyond_the_dag_is_one_line_before_any_work(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("name", ["dnw_static", "dnw_discrete", "dnw_continuous"])
+def test_prune_rate_outside_what_keeps_an_edge_is_one_line(name):
+  rng = np.random.default_rng()
+  for rate in (1.0, 1 + rng.uniform(0.01, 1), -rng.uniform(0.01, 1)):
+    with pytest.raises(UserError, match=f"{name}: prune_rate={rate} must lie in"):
+      models.get_model(name, 10, prune_rate=rate).graph_blocks((32, 32, 3))
+  rate = rng.uniform(0.6, 0.99)  # in range: k edges of the 800 x 800 slots
+  assert models.get_model(name, 10, prune_rate=rate).edge_count() == 640_000 - int(rate * 640_000)
+
+
 def test_mobilenet_block_prune_rates_follow_reference_formula_x0225():
   model = dnw.mobilenet_graph(width=0.225)
   for (inp, out, _, n), block in zip(dnw.MOBILENET_BLOCKS, model.graph_blocks((224, 224, 3))):

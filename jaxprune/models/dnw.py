@@ -60,6 +60,14 @@ def _check_graph(graph: str):
     raise UserError(f"Unknown graph {graph!r}; use one of {', '.join(GRAPHS)}.")
 
 
+def _kept_edges(model: str, numel: int, prune_rate: float) -> int:
+  """Edges kept of ``numel`` at a config's ``prune_rate``: one line if none or it is off."""
+  if not 0.0 <= prune_rate < 1.0 or kept_count(numel, prune_rate) < 1:
+    raise UserError(f"{model}: prune_rate={prune_rate} must lie in [0, 1) and keep at least "
+                    f"one of the {numel} edge slots (0.95 keeps {kept_count(numel, 0.95)}).")
+  return kept_count(numel, prune_rate)
+
+
 def _depthwise(x, kernel, stride: int = 1, dtype=jnp.float32):
   """3x3 depthwise conv in ``dtype``, padding 1; ``kernel`` (3, 3, 1, C)."""
   x, kernel = x.astype(dtype), kernel.astype(dtype)
@@ -190,7 +198,7 @@ class StaticGraphNet(nn.Module):
 
   def edge_count(self) -> int:
     nodes = int(sum(self.block_sizes))
-    k = self.num_edges or kept_count(nodes * nodes, self.prune_rate)
+    k = self.num_edges or _kept_edges("dnw_static", nodes * nodes, self.prune_rate)
     slots = int(self.valid_slots().sum())
     if k > slots:  # prune_rate counts the N x N matrix; the DAG reads fewer slots
       lowest = math.ceil((1 - slots / nodes ** 2) * 1e4) / 1e4
@@ -258,7 +266,7 @@ class _RecurrentGraphNet(nn.Module):
   dtype: Any = jnp.float32
 
   def edge_count(self) -> int:
-    return kept_count(self.nodes * self.nodes, self.prune_rate)
+    return _kept_edges(self.registry_name, self.nodes * self.nodes, self.prune_rate)
 
   def _pieces(self, x, train):
     _check_graph(self.graph)
@@ -300,6 +308,7 @@ def graph_update(z, args):
 
 class DiscreteTimeGraphNet(_RecurrentGraphNet):
   """Discrete-time neural graph: one N x N graph applied ``steps`` times (dnw.md §2)."""
+  registry_name = "dnw_discrete"  # its name in jaxprune.models (for messages)
   steps: int = 5
 
   def _steps(self):
@@ -333,6 +342,7 @@ class ContinuousTimeGraphNet(_RecurrentGraphNet):
 
   The solver's step counts are sown into ``intermediates/ode_num_steps``.
   """
+  registry_name = "dnw_continuous"
   rtol: float = 1e-3
   atol: float = 1e-3
 
