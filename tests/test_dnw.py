@@ -150,6 +150,16 @@ def test_prune_rate_outside_what_keeps_an_edge_is_one_line(name):
   assert models.get_model(name, 10, prune_rate=rate).edge_count() == 640_000 - int(rate * 640_000)
 
 
+def test_mobilenet_width_outside_0_1_is_one_line_in_forward_and_flops():
+  x = jnp.zeros((1, 32, 32, 3))
+  for width in (0.0, -np.random.uniform(0.01, 1), 1 + np.random.uniform(0.01, 4)):
+    model = models.get_model("dnw_mobilenet", 10, width=width)
+    for call in (lambda: model.graph_blocks((32, 32, 3)),
+                 lambda: model.init(jax.random.key(0), x)):
+      with pytest.raises(UserError, match=f"dnw_mobilenet: width={width} must lie in"):
+        call()
+
+
 def test_mobilenet_block_prune_rates_follow_reference_formula_x0225():
   model = dnw.mobilenet_graph(width=0.225)
   for (inp, out, _, n), block in zip(dnw.MOBILENET_BLOCKS, model.graph_blocks((224, 224, 3))):

@@ -443,11 +443,14 @@ class MobileNetV1Like(nn.Module):
   def _stem_stride(self, image_size):
     return 1 if image_size <= 64 else 2  # as the release: small inputs keep their size
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
+  def _check(self):
     _check_graph(self.graph)
     if not 0.0 < self.width <= 1.0:
-      raise UserError(f"width={self.width} must lie in (0, 1].")
+      raise UserError(f"dnw_mobilenet: width={self.width} must lie in (0, 1].")
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    self._check()
     x = layers.Conv(self.blocks[0][0], (3, 3), strides=self._stem_stride(x.shape[1]),
                     padding=1, use_bias=False, kernel_init=_torch_init, dtype=self.dtype,
                     name="conv_stem")(jnp.asarray(x, self.dtype))
@@ -461,6 +464,7 @@ class MobileNetV1Like(nn.Module):
     return x.astype(jnp.float32)
 
   def graph_blocks(self, input_shape) -> list[dict]:
+    self._check()
     spatial = input_shape[0] // self._stem_stride(input_shape[0])
     out = []
     for b, (inp, o, stride, n) in enumerate(self.blocks):
