@@ -245,6 +245,11 @@ def test_recipe_end_to_end_reports_compression_and_plots(tmp_path, arg, pretrain
       sum(r["kept"] for r in gated) / sum(r["weights"] for r in gated))
   if "neuron" in arg:
     assert out["export_max_abs_diff"] < 1e-4
+  else:  # the saved pruned network has exactly the reported kept weights
+    from jaxprune.engine import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    saved = ckpt_lib.load_variables(str(tmp_path / "prune" / "final"))["params"]
+    assert out["kept_weights"] == sum(int(np.count_nonzero(np.asarray(l["kernel"])))
+                                      for l in saved.values())
   again = recipe.run(config, str(tmp_path))  # finished stages are not redone
   assert again["kept_weights"] == out["kept_weights"]
   if "neuron" not in arg:  # fixed-mask retraining keeps exactly the pruned weights out
@@ -328,3 +333,32 @@ def test_neuron_mask_from_the_graph_is_the_lenet_unit_layers(name):
   graph_mask = recipe.neuron_mask(name, "out", model, (28, 28, 1))
   assert pick(graph_mask) == pick(recipe.neuron_mask(name, "out"))
   assert pick(graph_mask) == [f"{l}/kernel" for l in recipe.NEURON_CHAINS[name][0]]
+
+
+
+def test_reported_compression_counts_the_nonzero_effective_weights():
+  """The report's kept weights, compression and pruned FLOPs (``weight_report``, what
+  ``run`` writes) are the nonzero entries of ``W * h(M)``, the network ``prune/final``
+  saves; pruned MACs drop by each removed weight's output positions (LeNet-5: conv1
+  24x24, conv2 8x8, dense 1)."""
+  rng = _rng()
+  model = models.get_model("lenet5", num_classes=10)
+  params = model.init(jax.random.key(int(rng.integers(1 << 30))),
+                      jnp.zeros((1, 28, 28, 1)))["params"]
+  state = optim.autoprune(0.1).init(params)
+  m = {layer: {**leaves, "kernel": jnp.asarray(  # a different kept fraction per layer
+      rng.random(np.shape(leaves["kernel"])) < rng.uniform(0.002, 0.5), jnp.float32) - 0.5}
+       for layer, leaves in state.m.items()}
+  state = state._replace(m=m)
+  out = recipe.weight_report(model, params, state, ap.DEFAULT_MASK, (28, 28, 1))
+  eff = ap.effective_params(params, state)
+  nonzero = {l: int(np.count_nonzero(np.asarray(eff[l]["kernel"]))) for l in eff}
+  sizes = {l: int(np.size(eff[l]["kernel"])) for l in eff}
+  assert {l: (r["kept"], r["weights"]) for l, r in out["layers"].items()} == {
+      l: (nonzero[l], sizes[l]) for l in sizes}
+  assert out["kept_weights"] == sum(nonzero.values()) < sum(sizes.values())
+  assert out["compression"] == pytest.approx(sum(sizes.values()) / sum(nonzero.values()),
+                                             rel=1e-12)
+  positions = {"conv1": 24 * 24, "conv2": 8 * 8, "fc1": 1, "fc2": 1}
+  assert out["dense_flops"] - out["pruned_flops"] == sum(
+      (sizes[l] - nonzero[l]) * positions[l] for l in sizes)

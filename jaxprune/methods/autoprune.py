@@ -240,6 +240,32 @@ def layer_table(model, params, opt_state, selector, input_shape, model_state=Non
   return layers
 
 
+def weight_report(model, params, opt_state, selector, input_shape, model_state=None
+                  ) -> dict:
+  """The numbers the report gives for weight pruning, from the kept weights.
+
+  ``layers`` (:func:`layer_table`), ``weights`` and ``kept_weights`` (the gated
+  kernels' entries and the kept ones), ``compression`` (weights / kept weights),
+  ``compression_all_params`` (biases and other parameters counted as kept),
+  ``dense_flops`` and ``pruned_flops`` (MACs of the kept weights plus bias adds).
+  A kept weight is a nonzero entry of the effective network ``W * h(M)`` that the
+  recipe saves in ``prune/final`` (its dense weights are never exactly zero).
+  """
+  layers = layer_table(model, params, opt_state, selector, input_shape, model_state)
+  eff = ap.effective_params(params, opt_state)
+  dense = flops.count(model, {"params": eff, **(model_state or {})}, input_shape)
+  weights = sum(r["weights"] for r in layers.values())
+  kept = sum(r["kept"] for r in layers.values())
+  other_params = dense["params"] - weights  # biases, BN: counted as kept
+  pruned_flops = dense["flops"] - sum(r["macs"] - r["kept_macs"] for r in layers.values()
+                                      if "macs" in r)
+  return {"layers": layers, "weights": weights, "kept_weights": kept,
+          "other_params": other_params, "compression": weights / max(kept, 1),
+          "compression_all_params": dense["params"] / max(kept + other_params, 1),
+          "dense_params": dense["params"], "dense_flops": dense["flops"],
+          "pruned_flops": pruned_flops}
+
+
 def load_init(config, workdir, datasets, model, mesh):
   """Dense starting variables and their test accuracy (None when from scratch)."""
   input_shape = datasets["train"].image_shape
@@ -391,12 +417,12 @@ def run(config, workdir: str) -> dict:
   params = state.params
   eff = ap.effective_params(params, state.opt_state)
   masked_vars = {"params": eff, **state.model_state}
-  layers = layer_table(model, params, state.opt_state, selector, input_shape,
-                       state.model_state)
-  dense = flops.count(model, masked_vars, input_shape)
-  weights = sum(r["weights"] for r in layers.values())
-  kept = sum(r["kept"] for r in layers.values())
-  other_params = dense["params"] - weights  # biases, BN: counted as kept
+  numbers = weight_report(model, params, state.opt_state, selector, input_shape,
+                          state.model_state)
+  layers = numbers["layers"]
+  dense = {"params": numbers["dense_params"], "flops": numbers["dense_flops"]}
+  weights, kept = numbers["weights"], numbers["kept_weights"]
+  other_params = numbers["other_params"]  # biases, BN: counted as kept
   acc = summary["eval_accuracy"]
   batch = config.report.inference_batch_size
   rows = {}
@@ -405,8 +431,7 @@ def run(config, workdir: str) -> dict:
   masked_row = baseline.model_row(model, masked_vars, input_shape, acc, batch)
   if config.autoprune.granularity == "weight":
     # FLOPs of the pruned network: MACs of the kept weights plus the bias adds.
-    kept_flops = dense["flops"] - sum(r["macs"] - r["kept_macs"] for r in layers.values()
-                                      if "macs" in r)
+    kept_flops = numbers["pruned_flops"]
     masked_row["flops"] = kept_flops
     masked_row["params"] = kept + other_params
     rows["pruned (masked)"] = masked_row
