@@ -239,3 +239,91 @@ def test_zoo_pmap_batchnorm_trains_with_its_axis_bound_after_pruning():
   new = jax.tree.map(lambda p, g: p - 1e-3 * g, small.variables["params"], grads)
   after = jax.jit(loss)(new, x, labels)
   assert float(after) < float(before)
+
+
+TEXT = [m.name for m in Z.ZOO if isinstance(m.inputs, dict)]
+
+
+@pytest.mark.parametrize("name", TEXT)
+def test_zoo_text_models_take_their_inputs_as_a_pytree_of_shape_structs(name):
+  """input_shape = {"input_ids": ShapeDtypeStruct(int32), ...} with the model's own call=:
+  the same count and the same groups as through one float input."""
+  s = setup(name)
+  call = s.spec.call(s.model)
+  assert flops.count(s.model, s.variables, s.spec.inputs, call=call) == s.spec.hand_count()
+  g = graph.trace(s.model, s.variables, s.spec.inputs, call=call)
+  describe = lambda g: sorted((sorted((m.path, m.axis) for m in grp.members), grp.width,
+                               grp.prunable, grp.kind, grp.exactness) for grp in g.groups)
+  assert describe(g) == describe(s.graph)
+
+
+def _member_group(g, path, axis):
+  hits = [grp for grp in g.groups if any(m.path == path and m.axis == axis for m in grp.members)]
+  assert len(hits) <= 1, [str(h) for h in hits]
+  return hits[0] if hits else None
+
+
+@pytest.mark.parametrize("name, tables", [
+    ("bert", ["params/word/embedding", "params/position/embedding",
+              "params/token_type/embedding"]),
+    ("gpt", ["params/wte/embedding", "params/wpe/embedding"]),
+    ("llama", ["embed/embedding"]),
+])
+def test_zoo_embedding_tables_join_the_residual_stream(name, tables):
+  """Embedding lookups (gather) are followed: every table's feature axis is in the one
+  residual group, which is approximate (LayerNorm / RMSNorm statistics) and says where."""
+  s = setup(name)
+  (res,) = [g for g in s.graph.groups if g.kind == "residual"]
+  for t in tables:
+    assert _member_group(s.graph, t, 1) is res, (t, str(s.graph))
+  assert res.prunable and res.exactness == "approximate" and res.effects
+  if name == "gpt":  # the tied head: the table's vocabulary axis is the logits', fixed
+    vocab = _member_group(s.graph, "params/wte/embedding", 0)
+    assert vocab is not None and not vocab.prunable
+
+
+@pytest.mark.parametrize("name, leaves", [
+    ("vit_map", [("params/pos_embedding", 1), ("params/cls", 1)]),
+    ("vit_scan", [("params/pos_embedding", 1)]),
+    ("bert", [("params/position/embedding", 0)]),
+    ("gpt", [("params/wpe/embedding", 0)]),
+])
+def test_zoo_token_and_position_axes_are_never_channel_groups(name, leaves):
+  s = setup(name)
+  for path, axis in leaves:
+    assert _member_group(s.graph, path, axis) is None, (path, axis, str(s.graph))
+
+
+@pytest.mark.parametrize("name", ["vit_map", "vit_scan", "bert", "gpt", "lm1b", "dead_output"])
+def test_zoo_head_dim_under_a_width_scaled_softmax_is_not_claimed_exact(name):
+  """Flax attention scales q by 1/sqrt(head_dim), computed from the shape: narrowing the
+  head dimension changes it, so the group is approximate, or compensated by surgery."""
+  s = setup(name)
+  head_dims = [g for g in s.graph.groups if g.kind == "head_dim"]
+  assert head_dims, str(s.graph)
+  for g in head_dims:
+    assert g.exactness in ("approximate", "compensated") and g.effects, str(g)
+
+
+def test_zoo_grouped_query_heads_are_whole_kv_groups():
+  """Llama-style GQA (4 query heads, 2 KV heads of 8): each layer's head group is its 2 KV
+  heads, each channel one KV head with its k and v columns, its 2 query heads' q columns
+  and their rows of the output projection."""
+  s = setup("llama")
+  heads = [g for g in s.graph.groups if g.kind == "heads"]
+  assert len(heads) == Z.LAYERS and all(g.prunable and g.width == 2 for g in heads)
+  for i, g in enumerate(heads):
+    by = {m.path.split("/")[-2]: m for m in g.members}
+    assert sorted(by) == ["k", "o", "q", "v"]
+    for p, cols in (("k", 8), ("v", 8), ("q", 16), ("o", 16)):
+      index = np.asarray(by[p].index)
+      assert index.shape == (2, cols), (p, index.shape)
+      # Channel c is KV head c: a contiguous block (q: its 2 query heads, adjacent).
+      np.testing.assert_array_equal(index, np.arange(2 * cols).reshape(2, cols))
+
+
+def test_zoo_depth_search_finds_blocks_whose_parameters_sit_in_a_branch_submodule():
+  from jaxprune import search
+  s = setup("branch_resnet")
+  space = search.SearchSpace(s.model, s.variables, s.input_shape)
+  assert space.depth_names == ["block0..block2"] and space.depth_candidates == [(1, 2, 3)]
