@@ -6,6 +6,11 @@ take a moment) through :func:`jaxprune.engine.loop.run_stage` and prints the fin
 weights as JSON. ``--fsize_limit_at`` caps the size of files this process may write
 from that step on (a full disk: writes fail with EFBIG); ``--kill_in_save`` SIGKILLs
 the process just after the checkpoint save of that step has started.
+
+``python tests/fault_stage.py WORKDIR SEED --tas [--kill_at STEP]`` runs instead a small
+TAS search (graph space on a user NNX model, ``derive_epoch=best``, search only) through
+the recipe (:func:`jaxprune.methods.run`, as the CLI), SIGKILLs itself after search step ``--kill_at``, and
+prints the SHA-256 of every final search variable.
 """
 import argparse
 import json
@@ -36,7 +41,11 @@ def main():
   parser.add_argument("--fsize_limit_at", type=int, default=0)
   parser.add_argument("--kill_in_save", type=int, default=0)
   parser.add_argument("--step_sleep", type=float, default=0.0)
+  parser.add_argument("--tas", action="store_true")
+  parser.add_argument("--kill_at", type=int, default=0)
   args = parser.parse_args()
+  if args.tas:
+    return tas_search(args)
 
   rng = np.random.default_rng(args.seed)
   x = rng.normal(size=(TOTAL, 8, 5)).astype(np.float32)
@@ -90,6 +99,52 @@ def main():
   print("RESULT " + json.dumps({"w": state["w"].tolist(), "pad0": float(state["pad"][0]),
                                 "summary": {k: v for k, v in result.summary.items()
                                             if k != "train_time_s"}}))
+
+
+TAS_FLAGS = dict(  # 3 epochs of 5 steps; a log line every 4, a checkpoint every 3 steps
+    **{"model.name": "user_models:nnx_resnet", "model.kwargs": "{'features': 4, 'blocks': 2}",
+       "dataset.synthetic.num_train": 160, "dataset.synthetic.num_test": 16,
+       "dataset.synthetic.image_shape": (8, 8, 3), "dataset.synthetic.num_classes": 4,
+       "tas.search_only": True, "tas.epochs": 3, "tas.batch_size": 16,
+       "tas.log_every_steps": 4, "tas.checkpoint_every_steps": 3, "tas.derive_epoch": "best",
+       # every epoch inside the cost band: the best val_accuracy picks the epoch
+       "tas.ratio": 0.5, "tas.tolerance": 0.9, "tas.cost_mode": "paper"})
+
+
+def tas_search(args):
+  import hashlib  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(__file__))
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from jaxprune import methods  # pylint: disable=g-import-not-at-top
+  from jaxprune.engine import runtime  # pylint: disable=g-import-not-at-top
+  from jaxprune.methods import tas  # pylint: disable=g-import-not-at-top
+  config = load_config("configs/tas_resnet.py", "smoke", {**TAS_FLAGS, "seed": args.seed})
+  run_stage, search, found = loop.run_stage, tas.search, {}
+
+  def run_stage_then_maybe_die(name, *a, on_step=None, **kw):
+    def on_step_or_die(step, state):
+      if on_step is not None:
+        on_step(step, state)
+      if name == "search" and step == args.kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return run_stage(name, *a, on_step=on_step_or_die, **kw)
+
+  def search_and_keep(*a, **kw):
+    out = search(*a, **kw)
+    found.update(out[0])
+    return out
+
+  loop.run_stage, tas.search = run_stage_then_maybe_die, search_and_keep
+  ckpt_lib.quiet_orbax_errors()  # as the CLI does
+  runtime.configure(config.get("runtime") or {})
+  try:
+    methods.run(config, args.workdir)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(found["state"]))
+  print("RESULT " + json.dumps({jax.tree_util.keystr(p): hashlib.sha256(
+      np.asarray(x).tobytes()).hexdigest() for p, x in leaves}))
 
 
 if __name__ == "__main__":

@@ -115,6 +115,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def oldest_step(self) -> int | None:
+    steps = self._manager.all_steps()
+    return min(steps) if steps else None
+
   def save(self, step: int, state: Any, *, force: bool = False) -> bool:
     """Saves ``state`` as ``step`` unless that step is already saved (returns whether).
 
@@ -127,20 +131,22 @@ class Checkpointer:
     try:
       saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
     except Exception as e:  # pylint: disable=broad-except
-      raise self._save_error(step, e) from None
+      raise self.save_error(step, e) from None
     if saved:
       self._saved.add(step)
       self._last_requested = step
     return saved
 
-  def _save_error(self, step: int, e: BaseException) -> UserError:
+  def save_error(self, step: int, e: BaseException, *, own: bool = False) -> UserError:
+    """The one-line error of a failed save of ``step`` (unless ``own``, the failure may
+    be the save's before it)."""
     # The failure may be the previous (asynchronous) save's, reported by this call.
     try:
       finalized = sorted(int(d) for d in os.listdir(self.directory) if d.isdigit())
     except OSError:
       finalized = []
     failed = getattr(self, "_last_requested", None)
-    if failed is None or failed in finalized:
+    if own or failed is None or failed in finalized:
       failed = step
     last = f"step {finalized[-1]}" if finalized else "none yet"
     return UserError(
@@ -153,7 +159,7 @@ class Checkpointer:
     try:
       self._manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
-      raise self._save_error(getattr(self, "_last_requested", None), e) from None
+      raise self.save_error(getattr(self, "_last_requested", None), e) from None
 
   def restore(self, abstract_state: Any, step: int | None = None,
               log=print) -> tuple[int | None, Any]:

@@ -98,6 +98,58 @@ def _elapsed_before(records: list[dict], start_step: int) -> float:
   return float(done[-1]) if done else 0.0
 
 
+PARTIAL_DIR = "partial_means"  # <stage>/partial_means/<step>.json: see _save_partial
+
+
+def _encode(metrics: list) -> list[dict]:
+  # float.hex: exact for every float32/float64 value, NaN and Inf included, in
+  # standard JSON.
+  return [{k: float(v).hex() for k, v in m.items()} for m in metrics]
+
+
+def _decode(metrics: list[dict]) -> list[dict]:
+  return [{k: float.fromhex(v) for k, v in m.items()} for m in metrics]
+
+
+def _save_partial(stage_dir: str, step: int, pending: list, epoch_pending: list,
+                  keep_from: int | None):
+  """Writes the step metrics not yet averaged into a record (``pending``: since the
+  last log line; ``epoch_pending``: since the epoch began) next to the checkpoint of
+  ``step``, before that checkpoint is written: a run resumed from it logs the same
+  records and epoch means as an uninterrupted one. Files of steps older than
+  ``keep_from`` (the oldest checkpoint kept) are removed. Process 0 writes."""
+  if not distributed.is_main_process():
+    return
+  directory = os.path.join(stage_dir, PARTIAL_DIR)
+  os.makedirs(directory, exist_ok=True)
+  metrics_lib.write_json(os.path.join(directory, f"{step}.json"),
+                         {"step": step, "log": _encode(pending),
+                          "epoch": _encode(epoch_pending)})
+  for f in os.listdir(directory):
+    s = f.split(".")[0]
+    if f.endswith(".json") and s.isdigit() and keep_from is not None and \
+        int(s) < min(keep_from, step):
+      with contextlib.suppress(OSError):
+        os.remove(os.path.join(directory, f))
+
+
+def _load_partial(stage_dir: str, step: int, log_every: int, steps_per_epoch: int,
+                  log=print) -> tuple[list, list]:
+  """``(pending, epoch_pending)`` saved with the checkpoint of ``step`` (every process
+  reads process 0's file). Without that file (a checkpoint of an older jaxprune) a
+  step between log lines or inside an epoch says what its first record will cover."""
+  if not step:
+    return [], []
+  path = os.path.join(stage_dir, PARTIAL_DIR, f"{step}.json")
+  saved = metrics_lib.read_json(path) if os.path.exists(path) else None
+  if isinstance(saved, dict) and saved.get("step") == step:
+    return _decode(saved["log"]), _decode(saved["epoch"])
+  if step % log_every or step % steps_per_epoch:
+    log(f"no {PARTIAL_DIR}/{step}.json next to the checkpoint: the first logged record "
+        f"and this epoch's means cover only the steps after step {step}")
+  return [], []
+
+
 def _truncate_metrics(path: str, start_step: int) -> list[dict]:
   """Drops records logged after the checkpoint a run resumes from (process 0's file),
   and a cut-off last line; at step 0 the log starts empty."""
@@ -206,6 +258,8 @@ def _run_stage(name, workdir, *, init, seed, step_fn, load_batch, total_steps,
   metrics_path = os.path.join(stage_dir, "metrics.jsonl")
   records = _truncate_metrics(metrics_path, start)
   elapsed_before = _elapsed_before(records, start)
+  pending, epoch_pending = _load_partial(stage_dir, start, cfg.log_every_steps,
+                                        steps_per_epoch, log=progress.message)
   if on_start is not None:
     on_start(start)
   writer = metrics_lib.MetricWriter(stage_dir)
@@ -228,12 +282,17 @@ def _run_stage(name, workdir, *, init, seed, step_fn, load_batch, total_steps,
     if not bool(jax.device_get(_all_finite(state))):
       stop_non_finite(f"the train state became NaN or Inf by step {step}")
     try:
+      try:
+        _save_partial(stage_dir, step, jax.device_get(pending),
+                      jax.device_get(epoch_pending), ckpt.oldest_step())
+      except OSError as e:
+        raise ckpt.save_error(step, e, own=True) from None
       ckpt.save(step, state, force=force)
     except UserError:
       writer.close()
       raise
 
-  t0, pending, epoch_pending = time.perf_counter(), [], []
+  t0 = time.perf_counter()
   eval_metrics = {}
   with catch_signals() as flag, \
        concurrent.futures.ThreadPoolExecutor(1) as pool:

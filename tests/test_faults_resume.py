@@ -1,0 +1,139 @@
+"""Faults, second round: a resume inside an epoch and a log interval, a cut history line
+after a finished search, a latency table from another machine, a full disk.
+
+Each test compares the interrupted run with an uninterrupted one bit for bit (records,
+epoch means, derived architecture, final variables), or checks the one-line error.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxprune.engine import loop, mesh as mesh_lib
+from jaxprune.engine.metrics import read_jsonl
+
+TOTAL, SPE, LOG = 12, 6, 4  # steps, steps per epoch, log interval (not a divisor of SPE)
+
+
+def _stage():
+  """``run(workdir, on_step=None) -> (StageResult, epoch means)`` of a fresh random
+  regression stage that logs every 4 steps, averages each 6-step epoch and saves a
+  checkpoint every 5 steps (so checkpoints fall inside log intervals and epochs)."""
+  rng = np.random.default_rng()
+  x = rng.normal(size=(TOTAL, 8, 5)).astype(np.float32)
+  y = (x @ rng.normal(size=(5,)) + 0.1 * rng.normal(size=(TOTAL, 8))).astype(np.float32)
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  cfg = ml_collections.ConfigDict(dict(eval_every_epochs=1, log_every_steps=LOG,
+                                       checkpoint_every_steps=5, keep_checkpoints=2))
+
+  def init(key):
+    return {"w": jax.random.normal(key, (5,))}
+
+  @jax.jit
+  def step_fn(state, batch):
+    err = batch["x"] @ state["w"] - batch["y"]
+    loss, g = jax.value_and_grad(lambda w: jnp.mean((batch["x"] @ w - batch["y"]) ** 2))(
+        state["w"])
+    return {"w": state["w"] - 0.05 * g}, {"loss": loss, "val_abs": jnp.mean(jnp.abs(err))}
+
+  def run(workdir, on_step=None):
+    means = {}
+    result = loop.run_stage(
+        "stage", str(workdir), init=init, seed=3, step_fn=step_fn,
+        load_batch=lambda s: {"x": x[s], "y": y[s]}, total_steps=TOTAL,
+        steps_per_epoch=SPE, images_per_step=8, cfg=cfg, mesh=mesh,
+        on_epoch_end=lambda state, epoch, step, m: means.update({epoch: m}),
+        on_step=on_step)
+    return result, means
+  return run
+
+
+def _log(workdir):
+  return [{k: v for k, v in r.items() if k not in ("images_per_s", "elapsed_s")}
+          for r in read_jsonl(os.path.join(workdir, "stage", "metrics.jsonl"))]
+
+
+def test_resume_inside_an_epoch_and_a_log_interval_logs_the_same_records(tmp_path):
+  """SIGINT at a random step that is neither a log step nor an epoch end (its checkpoint
+  is saved there; a SIGKILL resumes from such a checkpoint too, see the TAS test below):
+  every metrics record and every epoch's means equal the uninterrupted run's."""
+  run = _stage()
+  full, full_means = run(tmp_path / "full")
+  inside = [s for s in range(1, TOTAL) if s % LOG and s % SPE]
+  at = int(np.random.default_rng().choice(inside))
+
+  def interrupt(step, state):
+    del state
+    if step == at:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  with pytest.raises(loop.Interrupted):
+    run(tmp_path / "cut", on_step=interrupt)
+
+  resumed, means = run(tmp_path / "cut")
+  np.testing.assert_array_equal(jax.device_get(resumed.state["w"]),
+                                jax.device_get(full.state["w"]))
+  assert _log(tmp_path / "cut") == _log(tmp_path / "full"), at
+  assert means == {e: m for e, m in full_means.items() if e in means} and 2 in means, at
+
+
+# --- The TAS search killed inside an epoch and a log interval (whole processes). --------
+
+FAULT_STAGE = os.path.join(os.path.dirname(__file__), "fault_stage.py")
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """One persistent XLA cache for this module's processes: they compile the same steps."""
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def _tas(workdir, seed, cache, *flags):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONUNBUFFERED="1",
+             JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  proc = subprocess.run([sys.executable, FAULT_STAGE, str(workdir), str(seed), "--tas",
+                         *flags], capture_output=True, text=True, env=env, timeout=600)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+def _files(workdir):
+  strip = lambda r: {k: v for k, v in r.items() if k not in ("images_per_s", "elapsed_s")}
+  return {"metrics": [strip(r) for r in read_jsonl(f"{workdir}/search/metrics.jsonl")],
+          "history": open(f"{workdir}/search/arch_history.jsonl", encoding="utf-8").read(),
+          "architecture": json.loads(open(f"{workdir}/architecture.json",
+                                          encoding="utf-8").read())}
+
+
+def _variables(out):
+  return json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][7:])
+
+
+def test_tas_search_killed_inside_an_epoch_and_a_log_interval_resumes_bit_identical(
+    tmp_path, compile_cache):
+  """SIGKILL of a TAS search (graph space on a user NNX model, derive_epoch=best; 3
+  epochs of 5 steps, a log line every 4 and a checkpoint every 3 steps) at a random step
+  inside an epoch and a log interval, then rerun: metrics.jsonl, arch_history.jsonl,
+  architecture.json and the SHA-256 of every final search variable equal an
+  uninterrupted run's. (Every epoch is inside the cost band, so the derived network is
+  the one of the best epoch's val_accuracy: an epoch mean.)"""
+  seed = int(np.random.default_rng().integers(1 << 20))
+  rc, out, err = _tas(tmp_path / "full", seed, compile_cache)
+  assert rc == 0, err[-3000:]
+  want, want_vars = _files(tmp_path / "full"), _variables(out)
+  assert len(want["history"].splitlines()) == 3
+  at = int(np.random.default_rng().choice([7, 8, 11, 13, 14]))  # after a checkpoint at 6/9
+  rc, _, _ = _tas(tmp_path / "cut", seed, compile_cache, "--kill_at", str(at))
+  assert rc == -signal.SIGKILL
+  rc, out, err = _tas(tmp_path / "cut", seed, compile_cache)
+  assert rc == 0, err[-3000:]
+  resumed_at = int(out.split("[search] resuming at step ")[1].split()[0])
+  assert resumed_at % 4 and resumed_at % 5, resumed_at  # inside a log interval and an epoch
+  assert _files(tmp_path / "cut") == want, (at, resumed_at)
+  assert _variables(out) == want_vars, (at, resumed_at)
