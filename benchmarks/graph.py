@@ -1,15 +1,22 @@
 """Dependency-graph cost and what a 50%-FLOPs L1 pruning buys in measured speed.
 
-Prints two tables:
+Prints three tables:
 1. ``graph.trace`` time (jaxpr trace + propagation + grouping) for an ImageNet
-   ResNet-50 and a ViT-B/16-sized encoder (12 blocks, width 768, 12 heads, MLP 3072,
-   197 tokens), median of ``--repeats`` after one warm-up; target under 10 s each.
-2. A ResNet-50 pruned by ``surgery.prune_to(criterion="l1", flops_ratio=0.5)`` with
+   ResNet-50, a ViT-B/16-sized encoder (12 blocks, width 768, 12 heads, MLP 3072,
+   197 tokens) and a 1B-parameter-shaped Llama-style decoder (16 layers, width 2048,
+   32 query / 8 KV heads, SwiGLU MLP 8192, vocabulary 32,000, 128 tokens), from
+   shapes only (``jax.eval_shape``), median of ``--repeats`` after one warm-up;
+   target under 10 s each.
+2. ``surgery.prune_to(flops_ratio=0.5)`` on the ViT-B encoder and the decoder: the
+   planning (trace, criterion scores, channel selection, predicted counts) from
+   shapes only, then the whole call (rebuild included) from shapes, and with real
+   weights (the ViT-B always; the decoder's 4.4 GB with ``--decoder_weights``).
+3. A ResNet-50 pruned by ``surgery.prune_to(criterion="l1", flops_ratio=0.5)`` with
    ``round_to`` 1 and 8: FLOPs, params, and the eval forward's time at batch
    ``--batch`` against the unpruned network, the programs alternated in one run.
 
-  python benchmarks/graph.py                     # both tables
-  python benchmarks/graph.py --skip_speed        # the trace times only
+  python benchmarks/graph.py                     # all tables
+  python benchmarks/graph.py --skip_speed        # the trace and prune_to times only
 """
 import argparse
 import sys
@@ -21,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import graph, models, surgery
+from jaxprune.surgery import importance, pruner
 from jaxprune.engine import runtime  # noqa: F401  (the XLA:CPU settings of every run)
 import timing
 
@@ -52,11 +60,78 @@ class ViTEncoder(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x[:, 0])
 
 
+class GQAttention(nn.Module):
+  """Grouped-query causal self-attention: `heads` query heads share `kv_heads` K/V heads."""
+  heads: int
+  kv_heads: int
+  head_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    n, t, d = x.shape
+    dense = lambda h, name: nn.DenseGeneral((h, self.head_dim), use_bias=False, name=name)
+    q, k, v = dense(self.heads, "q")(x), dense(self.kv_heads, "k")(x), dense(self.kv_heads, "v")(x)
+    q = q.reshape(n, t, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k) * self.head_dim ** -0.5
+    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -1e9)
+    o = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(s, -1), v)
+    return nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, name="o")(
+        o.reshape(n, t, self.heads, self.head_dim))
+
+
+class Decoder(nn.Module):
+  """A 1.1B-parameter Llama-shaped decoder: RMSNorm, GQA, SwiGLU, untied LM head."""
+  vocab: int = 32000
+  width: int = 2048
+  depth: int = 16
+  heads: int = 32
+  kv_heads: int = 8
+  mlp: int = 8192
+
+  @nn.compact
+  def __call__(self, ids):
+    x = nn.Embed(self.vocab, self.width, name="embed")(ids)
+    for i in range(self.depth):
+      y = nn.RMSNorm(name=f"layer{i}_norm1")(x)
+      x = x + GQAttention(self.heads, self.kv_heads, self.width // self.heads,
+                          name=f"layer{i}_attn")(y)
+      y = nn.RMSNorm(name=f"layer{i}_norm2")(x)
+      gate = nn.Dense(self.mlp, use_bias=False, name=f"layer{i}_gate")(y)
+      up = nn.Dense(self.mlp, use_bias=False, name=f"layer{i}_up")(y)
+      x = x + nn.Dense(self.width, use_bias=False, name=f"layer{i}_down")(nn.silu(gate) * up)
+    return nn.Dense(self.vocab, use_bias=False, name="lm_head")(nn.RMSNorm(name="norm")(x))
+
+
+TOKENS = 128
+
+
+def _models():
+  """(name, model, input spec, abstract variables) of the benchmarked networks."""
+  image = jax.ShapeDtypeStruct((224, 224, 3), jnp.float32)
+  ids = jax.ShapeDtypeStruct((TOKENS,), jnp.int32)
+  out = []
+  for name, model, spec in (("ResNet-50", models.imagenet_resnet(50), image),
+                            ("ViT-B/16", ViTEncoder(), image),
+                            ("decoder 1.1B (GQA)", Decoder(), ids)):
+    example = jnp.zeros((1, *spec.shape), spec.dtype)
+    out.append((name, model, spec,
+                jax.eval_shape(lambda m=model, e=example: m.init(jax.random.key(0), e))))
+  return out
+
+
+def _spec_arg(spec):
+  """The input spec as graph.trace takes it: a plain shape for float inputs."""
+  return spec.shape if spec.dtype == jnp.float32 else spec
+
+
+def _first_line(e):
+  return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+
 def trace_table(repeats):
   rows = []
-  for name, model in (("ResNet-50", models.imagenet_resnet(50)), ("ViT-B/16", ViTEncoder())):
-    shape = (224, 224, 3)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape))))
+  for name, model, spec, variables in _models():
+    shape = _spec_arg(spec)
     graph.trace(model, variables, shape)  # warm-up (imports, caches)
     times, g = [], None
     for _ in range(repeats):
@@ -67,6 +142,49 @@ def trace_table(repeats):
                  f"{g.flops / 1e9:.2f}G", f"{g.params / 1e6:.1f}M"))
   print("| model | trace + grouping (s) | groups | prunable | FLOPs | params |")
   print("|---|---|---|---|---|---|")
+  for r in rows:
+    print("| " + " | ".join(str(v) for v in r) + " |")
+
+
+def prune_table(decoder_weights):
+  """prune_to(flops_ratio=0.5) times: planning from shapes, the whole call from shapes
+  and from real weights."""
+  rows = []
+  for name, model, spec, abstract in _models()[1:]:
+    shape = _spec_arg(spec)
+    t = time.perf_counter()
+    g = graph.trace(model, abstract, shape)
+    scores = importance.group_scores(g, {}, "random", key=jax.random.key(0))
+    keep = pruner.select_channels(g, scores, flops_ratio=0.5)
+    after = g.predict(keep)
+    plan = time.perf_counter() - t
+    rows.append((name, "plan (trace, random scores, select, predict), shapes", f"{plan:.2f}",
+                 f"{after['flops'] / 1e9:.2f}G / {g.flops / 1e9:.2f}G",
+                 f"{after['params'] / 1e6:.0f}M / {g.params / 1e6:.0f}M"))
+    t = time.perf_counter()
+    try:
+      _, info = surgery.prune_to(model, abstract, shape, criterion="random",
+                                 key=jax.random.key(0), flops_ratio=0.5)
+      rows.append((name, "prune_to, shapes", f"{time.perf_counter() - t:.2f}",
+                   f"{info['after']['flops'] / 1e9:.2f}G", f"{info['after']['params'] / 1e6:.0f}M"))
+    except Exception as e:  # pylint: disable=broad-except  (a row of the table)
+      rows.append((name, "prune_to, shapes", f"fails after {time.perf_counter() - t:.1f} s",
+                   _first_line(e), ""))
+    if "decoder" in name and not decoder_weights:
+      continue
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *spec.shape), spec.dtype))
+    t = time.perf_counter()
+    try:
+      small, info = surgery.prune_to(model, variables, shape, criterion="l1", flops_ratio=0.5)
+      jax.block_until_ready(small.variables)
+      rows.append((name, "prune_to (l1), weights", f"{time.perf_counter() - t:.2f}",
+                   f"{info['after']['flops'] / 1e9:.2f}G", f"{info['after']['params'] / 1e6:.0f}M"))
+    except Exception as e:  # pylint: disable=broad-except
+      rows.append((name, "prune_to (l1), weights", f"fails after {time.perf_counter() - t:.1f} s",
+                   _first_line(e), ""))
+    del variables
+  print("\n| model | step (flops_ratio=0.5) | time (s) | FLOPs | params |")
+  print("|---|---|---|---|---|")
   for r in rows:
     print("| " + " | ".join(str(v) for v in r) + " |")
 
@@ -106,9 +224,14 @@ def main():
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--speed_repeats", type=int, default=7)
   parser.add_argument("--skip_speed", action="store_true")
+  parser.add_argument("--skip_prune", action="store_true")
+  parser.add_argument("--decoder_weights", action="store_true",
+                      help="also prune_to the decoder with real weights (4.4 GB)")
   args = parser.parse_args()
   timing.print_header(sys.argv)
   trace_table(args.repeats)
+  if not args.skip_prune:
+    prune_table(args.decoder_weights)
   if not args.skip_speed:
     speed_table(args.batch, args.speed_repeats)
 
