@@ -4,8 +4,10 @@
 runs a least-squares stage (a parameter vector plus a large array, so checkpoint writes
 take a moment) through :func:`jaxprune.engine.loop.run_stage` and prints the final
 weights as JSON. ``--fsize_limit_at`` caps the size of files this process may write
-from that step on (a full disk: writes fail with EFBIG); ``--kill_in_save`` SIGKILLs
-the process just after the checkpoint save of that step has started.
+from that step on (a full disk: writes fail with EFBIG); ``--tb_full_at`` makes the
+TensorBoard event file's flushes fail with ENOSPC from that step on (its events wait in
+a buffer until then); ``--kill_in_save`` SIGKILLs the process just after the checkpoint
+save of that step has started.
 
 ``python tests/fault_stage.py WORKDIR SEED --tas [--kill_at STEP]`` runs instead a small
 TAS search (graph space on a user NNX model, ``derive_epoch=best``, search only) through
@@ -13,6 +15,7 @@ the recipe (:func:`jaxprune.methods.run`, as the CLI), SIGKILLs itself after sea
 prints the SHA-256 of every final search variable.
 """
 import argparse
+import errno
 import json
 import os
 import resource
@@ -41,6 +44,7 @@ def main():
   parser.add_argument("--fsize_limit_at", type=int, default=0)
   parser.add_argument("--kill_in_save", type=int, default=0)
   parser.add_argument("--step_sleep", type=float, default=0.0)
+  parser.add_argument("--tb_full_at", type=int, default=0)
   parser.add_argument("--tas", action="store_true")
   parser.add_argument("--kill_at", type=int, default=0)
   args = parser.parse_args()
@@ -81,6 +85,12 @@ def main():
     if args.fsize_limit_at and step == args.fsize_limit_at:
       signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails: EFBIG
       resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
+    if args.tb_full_at and step == args.tb_full_at:
+      from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+
+      def no_space(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      record_writer.RecordWriter.flush = no_space
     if args.step_sleep:
       time.sleep(args.step_sleep)
 

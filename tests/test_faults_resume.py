@@ -6,6 +6,7 @@ epoch means, derived architecture, final variables), or checks the one-line erro
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,19 +116,27 @@ def _variables(out):
   return json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][7:])
 
 
+@pytest.fixture(scope="module")
+def tas_reference(tmp_path_factory, compile_cache):
+  """An uninterrupted run of fault_stage.py's TAS search: (seed, workdir, files, vars)."""
+  seed = int(np.random.default_rng().integers(1 << 20))
+  workdir = tmp_path_factory.mktemp("tas_reference")
+  rc, out, err = _tas(workdir, seed, compile_cache)
+  assert rc == 0, err[-3000:]
+  files = _files(workdir)
+  assert len(files["history"].splitlines()) == 3
+  return seed, workdir, files, _variables(out)
+
+
 def test_tas_search_killed_inside_an_epoch_and_a_log_interval_resumes_bit_identical(
-    tmp_path, compile_cache):
+    tmp_path, compile_cache, tas_reference):
   """SIGKILL of a TAS search (graph space on a user NNX model, derive_epoch=best; 3
   epochs of 5 steps, a log line every 4 and a checkpoint every 3 steps) at a random step
   inside an epoch and a log interval, then rerun: metrics.jsonl, arch_history.jsonl,
   architecture.json and the SHA-256 of every final search variable equal an
   uninterrupted run's. (Every epoch is inside the cost band, so the derived network is
   the one of the best epoch's val_accuracy: an epoch mean.)"""
-  seed = int(np.random.default_rng().integers(1 << 20))
-  rc, out, err = _tas(tmp_path / "full", seed, compile_cache)
-  assert rc == 0, err[-3000:]
-  want, want_vars = _files(tmp_path / "full"), _variables(out)
-  assert len(want["history"].splitlines()) == 3
+  seed, _, want, want_vars = tas_reference
   at = int(np.random.default_rng().choice([7, 8, 11, 13, 14]))  # after a checkpoint at 6/9
   rc, _, _ = _tas(tmp_path / "cut", seed, compile_cache, "--kill_at", str(at))
   assert rc == -signal.SIGKILL
@@ -137,3 +146,45 @@ def test_tas_search_killed_inside_an_epoch_and_a_log_interval_resumes_bit_identi
   assert resumed_at % 4 and resumed_at % 5, resumed_at  # inside a log interval and an epoch
   assert _files(tmp_path / "cut") == want, (at, resumed_at)
   assert _variables(out) == want_vars, (at, resumed_at)
+
+
+def test_cut_last_history_line_after_a_finished_search_is_rebuilt(
+    tmp_path, compile_cache, tas_reference):
+  """A finished search whose arch_history.jsonl lost part of its last line (at a random
+  byte): the rerun rebuilds that epoch's record, val_accuracy included, rewrites the file
+  byte for byte and derives the same network."""
+  seed, reference, want, _ = tas_reference
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  os.remove(workdir / "architecture.json")
+  path = workdir / "search" / "arch_history.jsonl"
+  text = path.read_text()
+  start = text.rstrip("\n").rindex("\n") + 1
+  cut = int(np.random.default_rng().integers(start, len(text) - 1))  # keep < the newline
+  path.write_text(text[:cut])
+  rc, _, err = _tas(workdir, seed, compile_cache)
+  assert rc == 0, err[-3000:]
+  assert path.read_text() == text
+  assert _files(workdir) == want
+
+
+# --- A disk that fills up while TensorBoard still holds unwritten events. ---------------
+
+def test_full_disk_under_tensorboard_events_is_one_line(tmp_path):
+  """The checkpoint write fails (no file may grow past 64 KiB) and the TensorBoard event
+  file's flush fails with ENOSPC (as with 30-100 KB left): one line naming the step and
+  the last good checkpoint, no traceback (closing the writer in the error handler, or at
+  exit, used to raise again); the rerun resumes and finishes."""
+  from test_faults import _ckpt_steps, _finish, _launch  # pylint: disable=g-import-not-at-top
+  seed = int(np.random.default_rng().integers(1 << 20))
+  workdir = tmp_path / "run"
+  rc, out, err = _finish(_launch(workdir, seed, "--fsize_limit_at", "10", "--tb_full_at",
+                                 "10"))
+  lines = [l for l in err.strip().splitlines() if l.strip()]
+  assert rc == 2 and len(lines) == 1, err[-3000:]
+  assert lines[0].startswith("error: Saving the checkpoint of step "), lines[0]
+  failed = int(lines[0].split()[6])
+  assert f"last good checkpoint is step {failed - 4}" in lines[0], lines[0]
+  assert "[stage] step 24/" not in out and _ckpt_steps(workdir)[-1] == failed - 4
+  rc, out, err = _finish(_launch(workdir, seed))
+  assert rc == 0 and "RESULT " in out, err[-2000:]

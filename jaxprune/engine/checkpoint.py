@@ -49,9 +49,19 @@ def quiet_orbax_errors():
   previous = sys.unraisablehook
 
   def hook(unraisable):
-    # After a failed write, tensorstore's late callbacks find orbax's event loop closed.
-    if "Event loop is closed" not in str(unraisable.exc_value):
-      previous(unraisable)
+    # After a failed write, tensorstore's late callbacks find orbax's event loop closed,
+    # and orbax's unfinished write coroutines are collected at exit (after a full disk).
+    if "Event loop is closed" in str(unraisable.exc_value):
+      return
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and _in_orbax(code.co_filename):
+      return
+    tb = unraisable.exc_traceback
+    while tb is not None:
+      if _in_orbax(tb.tb_frame.f_code.co_filename):
+        return
+      tb = tb.tb_next
+    previous(unraisable)
   sys.unraisablehook = hook
 
 

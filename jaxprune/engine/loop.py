@@ -112,19 +112,21 @@ def _decode(metrics: list[dict]) -> list[dict]:
 
 
 def _save_partial(stage_dir: str, step: int, pending: list, epoch_pending: list,
-                  keep_from: int | None):
+                  last_epoch: dict | None, keep_from: int | None):
   """Writes the step metrics not yet averaged into a record (``pending``: since the
-  last log line; ``epoch_pending``: since the epoch began) next to the checkpoint of
-  ``step``, before that checkpoint is written: a run resumed from it logs the same
-  records and epoch means as an uninterrupted one. Files of steps older than
-  ``keep_from`` (the oldest checkpoint kept) are removed. Process 0 writes."""
+  last log line; ``epoch_pending``: since the epoch began) and the last epoch's means
+  next to the checkpoint of ``step``, before that checkpoint is written: a run resumed
+  from it logs the same records and epoch means as an uninterrupted one. Files of steps
+  older than ``keep_from`` (the oldest checkpoint kept) are removed. Process 0 writes."""
   if not distributed.is_main_process():
     return
   directory = os.path.join(stage_dir, PARTIAL_DIR)
   os.makedirs(directory, exist_ok=True)
   metrics_lib.write_json(os.path.join(directory, f"{step}.json"),
                          {"step": step, "log": _encode(pending),
-                          "epoch": _encode(epoch_pending)})
+                          "epoch": _encode(epoch_pending),
+                          "last_epoch": last_epoch and {
+                              **last_epoch, "means": _encode([last_epoch["means"]])[0]}})
   for f in os.listdir(directory):
     s = f.split(".")[0]
     if f.endswith(".json") and s.isdigit() and keep_from is not None and \
@@ -134,20 +136,23 @@ def _save_partial(stage_dir: str, step: int, pending: list, epoch_pending: list,
 
 
 def _load_partial(stage_dir: str, step: int, log_every: int, steps_per_epoch: int,
-                  log=print) -> tuple[list, list]:
-  """``(pending, epoch_pending)`` saved with the checkpoint of ``step`` (every process
-  reads process 0's file). Without that file (a checkpoint of an older jaxprune) a
+                  log=print) -> tuple[list, list, dict | None]:
+  """``(pending, epoch_pending, last_epoch)`` saved with the checkpoint of ``step`` (every
+  process reads process 0's file). Without that file (a checkpoint of an older jaxprune) a
   step between log lines or inside an epoch says what its first record will cover."""
   if not step:
-    return [], []
+    return [], [], None
   path = os.path.join(stage_dir, PARTIAL_DIR, f"{step}.json")
   saved = metrics_lib.read_json(path) if os.path.exists(path) else None
   if isinstance(saved, dict) and saved.get("step") == step:
-    return _decode(saved["log"]), _decode(saved["epoch"])
+    last = saved.get("last_epoch")
+    if last:
+      last = {**last, "means": _decode([last["means"]])[0]}
+    return _decode(saved["log"]), _decode(saved["epoch"]), last
   if step % log_every or step % steps_per_epoch:
     log(f"no {PARTIAL_DIR}/{step}.json next to the checkpoint: the first logged record "
         f"and this epoch's means cover only the steps after step {step}")
-  return [], []
+  return [], [], None
 
 
 def _truncate_metrics(path: str, start_step: int) -> list[dict]:
@@ -258,7 +263,7 @@ def _run_stage(name, workdir, *, init, seed, step_fn, load_batch, total_steps,
   metrics_path = os.path.join(stage_dir, "metrics.jsonl")
   records = _truncate_metrics(metrics_path, start)
   elapsed_before = _elapsed_before(records, start)
-  pending, epoch_pending = _load_partial(stage_dir, start, cfg.log_every_steps,
+  pending, epoch_pending, last_epoch = _load_partial(stage_dir, start, cfg.log_every_steps,
                                         steps_per_epoch, log=progress.message)
   if on_start is not None:
     on_start(start)
@@ -271,7 +276,7 @@ def _run_stage(name, workdir, *, init, seed, step_fn, load_batch, total_steps,
 
   def stop_non_finite(what: str):
     ckpt.close()  # let the last good checkpoint finish writing
-    writer.close()
+    writer.close(quiet=True)
     good = ckpt.latest_step()
     raise NonFinite(
         f"[{name}] {what}; stopped. The last good checkpoint is "
@@ -282,14 +287,15 @@ def _run_stage(name, workdir, *, init, seed, step_fn, load_batch, total_steps,
     if not bool(jax.device_get(_all_finite(state))):
       stop_non_finite(f"the train state became NaN or Inf by step {step}")
     try:
+      ckpt.check()  # an earlier asynchronous save's failure is the one to report
       try:
         _save_partial(stage_dir, step, jax.device_get(pending),
-                      jax.device_get(epoch_pending), ckpt.oldest_step())
+                      jax.device_get(epoch_pending), last_epoch, ckpt.oldest_step())
       except OSError as e:
         raise ckpt.save_error(step, e, own=True) from None
       ckpt.save(step, state, force=force)
     except UserError:
-      writer.close()
+      writer.close(quiet=True)  # the disk may be full: the save's error is the one line
       raise
 
   t0 = time.perf_counter()
@@ -312,8 +318,9 @@ def _run_stage(name, workdir, *, init, seed, step_fn, load_batch, total_steps,
       if epoch_end and on_epoch_end is not None:
         fetched = jax.device_get(epoch_pending)
         epoch_pending = []
-        on_epoch_end(state, done // steps_per_epoch, done,
-                     {k: float(np.mean([float(p[k]) for p in fetched])) for k in fetched[0]})
+        last_epoch = {"epoch": done // steps_per_epoch, "step": done, "means": {
+            k: float(np.mean([float(p[k]) for p in fetched])) for k in fetched[0]}}
+        on_epoch_end(state, last_epoch["epoch"], done, last_epoch["means"])
       log_now = done % cfg.log_every_steps == 0 or done == total_steps
       eval_now = evaluate is not None and (done == total_steps or (
           epoch_end and (done // steps_per_epoch) % cfg.eval_every_epochs == 0))
@@ -344,14 +351,16 @@ def _run_stage(name, workdir, *, init, seed, step_fn, load_batch, total_steps,
         try:
           ckpt.check()  # a failed asynchronous save stops the run at once
         except UserError:
-          writer.close()
+          writer.close(quiet=True)
           raise
       if distributed.preemption_requested():  # SIGTERM on some process (multi-process)
         flag["signum"] = signal.SIGTERM
       if flag["signum"] is not None and done < total_steps:
         save(done, force=True)
-        ckpt.close()
-        writer.close()
+        try:
+          ckpt.close()
+        finally:
+          writer.close(quiet=True)
         raise Interrupted(flag["signum"], done, ckpt.directory)
 
   save(total_steps, force=True)
@@ -359,10 +368,20 @@ def _run_stage(name, workdir, *, init, seed, step_fn, load_batch, total_steps,
     eval_metrics = evaluate(state)
   summary = {"steps": total_steps, "epochs": total_steps / steps_per_epoch,
              **{f"eval_{k}": v for k, v in eval_metrics.items()},
-             "train_time_s": elapsed_before + time.perf_counter() - t0}
-  ckpt.close()
-  if distributed.is_main_process():
-    metrics_lib.write_json(summary_path, summary)
+             "train_time_s": elapsed_before + time.perf_counter() - t0,
+             # the means of the last epoch (on_epoch_end's): what a lost record is rebuilt from
+             **({"last_epoch": last_epoch} if last_epoch else {})}
+  try:
+    ckpt.close()
+    if distributed.is_main_process():
+      metrics_lib.write_json(summary_path, summary)
+  except OSError as e:  # the summary: the checkpoint is written, a rerun writes it
+    writer.close(quiet=True)
+    raise UserError(f"[{name}] writing {summary_path} failed ({type(e).__name__}: {e}). "
+                    "Free disk space and rerun the same command.") from None
+  except UserError:
+    writer.close(quiet=True)
+    raise
   writer.close()
   progress.message("done" + (f": eval accuracy {summary['eval_accuracy']:.4f}"
                              if "eval_accuracy" in summary else ""))

@@ -29,6 +29,7 @@ class MetricWriter:
     self._tb = None
     if not self._active:
       return
+    self._directory = directory
     os.makedirs(directory, exist_ok=True)
     self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8")
     if tensorboard:
@@ -39,19 +40,57 @@ class MetricWriter:
     if not self._active:
       return
     record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
-    self._jsonl.write(dumps(record) + "\n")
-    self._jsonl.flush()
-    if self._tb is not None:
-      for k, v in record.items():
-        if k != "step" and isinstance(v, (int, float)):
-          self._tb.add_scalar(k, v, int(step))
+    try:
+      self._jsonl.write(dumps(record) + "\n")
+      self._jsonl.flush()
+      if self._tb is not None:
+        for k, v in record.items():
+          if k != "step" and isinstance(v, (int, float)):
+            self._tb.add_scalar(k, v, int(step))
+    except OSError as e:
+      self.close(quiet=True)
+      raise self._error(f"Writing the metrics of step {step}", e) from None
 
-  def close(self):
+  def _error(self, what: str, e: OSError) -> UserError:
+    return UserError(f"{what} to {self._directory} failed ({type(e).__name__}: {e}). "
+                     "Free disk space (or fix the storage) and rerun the same command to "
+                     "resume from the last checkpoint.")
+
+  def close(self, quiet: bool = False):
+    """Closes the files; a failed write (a full disk) is a one-line :class:`UserError`,
+    or nothing with ``quiet`` (an error handler that reports the first failure)."""
     if not self._active or self._jsonl.closed:
       return
-    self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
+    failure = None
+    try:
+      self._jsonl.close()
+    except OSError as e:
+      failure = e
+    tb, self._tb = self._tb, None
+    if tb is not None:
+      try:
+        tb.close()
+      except OSError as e:
+        failure = failure or e
+        _abandon(tb)
+    if failure is not None and not quiet:
+      raise self._error("Closing the metrics", failure) from None
+
+
+def _abandon(tb):
+  """Stops a tensorboardX writer whose flush failed (a full disk) without writing again:
+  its background thread ends and its exit handler finds it closed (it would raise the
+  same error again, with a traceback, at exit)."""
+  for writer in list((getattr(tb, "all_writers", None) or {}).values()):
+    events = getattr(writer, "event_writer", None)
+    if events is None or getattr(events, "_closed", True):
+      continue
+    try:
+      events._worker.stop()  # pylint: disable=protected-access
+    except Exception:  # pylint: disable=broad-except
+      pass
+    events._closed = True  # pylint: disable=protected-access
+  tb.file_writer = tb.all_writers = None
 
 
 def standard(obj: Any) -> Any:

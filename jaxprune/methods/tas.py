@@ -441,11 +441,41 @@ def search(config, workdir: str, datasets, mesh, on_step=None, net=None
   arch = jax.device_get(result.state.arch_params)
   if not history:  # the stage had finished before: nothing ran, read what it wrote
     history = read_jsonl(history_path)
+  history = _complete_history(history, history_path, result, net, arch, cfg, flops_max,
+                              total, steps_per_epoch)
   if not history or history[-1]["step"] != total:  # a run shorter than one epoch
     history.append(arch_record(net, arch, cfg, flops_max, math.ceil(total / steps_per_epoch),
                                total, cfg.epochs))
   return {"net": net, "arch": arch, "flops_max": flops_max,
           "state": result.state}, history
+
+
+def _complete_history(history, path, result, net, arch, cfg, flops_max, total,
+                      steps_per_epoch) -> list[dict]:
+  """The history with one record per epoch: a record lost from ``arch_history.jsonl``
+  (a cut last line) is rebuilt from the final state and the loop's means of that epoch
+  when it is the last epoch's; the file is rewritten (process 0) without the cut line.
+  Any other lost record is a one-line error (it cannot be rebuilt)."""
+  epochs = [r["epoch"] for r in history]
+  want = list(range(1, total // steps_per_epoch + 1))
+  last = result.summary.get("last_epoch") or {}
+  if epochs != want and epochs == want[:-1] and last.get("step") == total == \
+      want[-1] * steps_per_epoch:
+    rec = arch_record(net, arch, cfg, flops_max, want[-1], total, cfg.epochs)
+    rec["val_accuracy"] = last["means"].get("val_accuracy")
+    history = [*history, rec]
+    epochs = want
+  if epochs != want:
+    missing = sorted(set(want) - set(epochs)) or want
+    raise UserError(f"{path} has no record of search epoch {missing[0]} (a cut or deleted "
+                    "line) and it cannot be rebuilt: restore the file, or delete "
+                    f"{os.path.dirname(path)} to redo the search.")
+  if distributed.is_main_process() and os.path.exists(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+      cut = f.read() != "".join(metrics_lib.dumps(r) + "\n" for r in history)
+    if cut:
+      metrics_lib.rewrite_jsonl(path, history)
+  return history
 
 
 DERIVE_EPOCHS = ("last", "best")
