@@ -331,3 +331,19 @@ def test_zoo_depth_search_finds_blocks_whose_parameters_sit_in_a_branch_submodul
   s = setup("branch_resnet")
   space = search.SearchSpace(s.model, s.variables, s.input_shape)
   assert space.depth_names == ["block0..block2"] and space.depth_candidates == [(1, 2, 3)]
+
+
+def test_zoo_stdconv_input_channels_are_approximate_and_really_change_the_logits():
+  """Weight standardisation reads all input channels of a kernel: the group feeding a
+  StdConv is approximate (named at that conv), and indeed its masked removal is not the
+  masked original (the remaining weights are standardised over fewer channels)."""
+  s = setup("stdconv")
+  (g,) = [grp for grp in s.graph.prunable() if "params/conv0/kernel" in grp.producers]
+  assert g.exactness == "approximate" and any("conv1" in e for e in g.effects), str(g)
+  keep = {g.id: np.arange(0, g.width, 2)}
+  model, variables = with_values(s, masked_tree(s, keep))
+  inputs = s.spec.example(2, seed=7)
+  want = logits(s.spec, model, variables, inputs)
+  small = surgery.prune(model, variables, s.input_shape, keep)
+  got = logits(s.spec, small.model, small.variables, inputs)
+  assert not np.allclose(got, want, rtol=1e-3, atol=1e-3)

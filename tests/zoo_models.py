@@ -595,6 +595,28 @@ def pmap_resnet_count(widths=(16, 32), hw=16):
                 norm(b), dense(1, b, CLASSES)])
 
 
+# ================================================================== 11. StdConv after BatchNorm
+
+class StdConvNet(nn.Module):
+  """Weight-standardised convs behind BatchNorm (no GroupNorm): removing a conv's input
+  channels changes the standardisation of every remaining weight."""
+  widths: tuple = (16, 24)
+  num_classes: int = CLASSES
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for i, w in enumerate(self.widths):
+      x = StdConv(w, 3, name=f"conv{i}")(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=not train, name=f"bn{i}")(x))
+    return nn.Dense(self.num_classes, name="head")(x.mean((1, 2)))
+
+
+def stdconv_count(widths=(16, 24), hw=16):
+  a, b = widths
+  return total([conv(hw * hw, 3, 3, a, False), norm(a), conv(hw * hw, 3, a, b, False), norm(b),
+                dense(1, b, CLASSES)])
+
+
 # ================================================================== the zoo
 
 _IMG = jax.ShapeDtypeStruct(IMAGE, jnp.float32)
@@ -636,6 +658,8 @@ ZOO = [
     ZooModel("pmap_resnet", "Flax ImageNet example: BatchNorm(axis_name='batch')", "linen",
              lambda seed: _linen(PmapResNet(), _IMG, seed), _IMG, pmap_resnet_count,
              (CLASSES,)),
+    ZooModel("stdconv", "weight-standardised convs (BiT's StdConv) behind BatchNorm", "linen",
+             lambda seed: _linen(StdConvNet(), _IMG, seed), _IMG, stdconv_count, (CLASSES,)),
 ]
 BY_NAME = {m.name: m for m in ZOO}
 
