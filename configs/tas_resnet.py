@@ -91,8 +91,11 @@ def get_config(arg=None):
       # table measured once on this run's device (cached in <workdir>/search/; needs the
       # graph space, which "auto" then picks); ratio is then a fraction of the full
       # network's table latency. latency_batch: the batch the table is timed at (the
-      # report's inference batch; set both to change both).
-      cost="flops", latency_batch=config.report.inference_batch_size))
+      # report's inference batch; set both to change both). remeasure_latency: a search
+      # with progress keeps its table; true measures again and restarts the search when
+      # the table was measured for another setting (e.g. resumed on another machine).
+      cost="flops", latency_batch=config.report.inference_batch_size,
+      remeasure_latency=False))
   if imagenet:
     # The reference's ImageNet search options (tas.md §6): 115 + 5 warm-up epochs, weight
     # decay 1e-4 (the arch optimizer as on CIFAR). It gives no ImageNet teacher or

@@ -26,7 +26,8 @@ from jaxprune.errors import UserError
 # change how often a run logs or saves, never what it computes. So may the whole
 # ``runtime`` section (how it runs on the backend).
 RESUMABLE_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                    "eval_every_epochs", "inference_batch_size")
+                    "eval_every_epochs", "inference_batch_size",
+                    "remeasure_latency")  # an action: restart the search (methods/tas.py)
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

@@ -9,10 +9,11 @@ TensorBoard event file's flushes fail with ENOSPC from that step on (its events 
 a buffer until then); ``--kill_in_save`` SIGKILLs the process just after the checkpoint
 save of that step has started.
 
-``python tests/fault_stage.py WORKDIR SEED --tas [--kill_at STEP]`` runs instead a small
-TAS search (graph space on a user NNX model, ``derive_epoch=best``, search only) through
-the recipe (:func:`jaxprune.methods.run`, as the CLI), SIGKILLs itself after search step ``--kill_at``, and
-prints the SHA-256 of every final search variable.
+``python tests/fault_stage.py WORKDIR SEED --tas [--kill_at STEP] [--set KEY=VALUE]`` runs
+instead a small TAS search (graph space on a user NNX model, ``derive_epoch=best``,
+search only; ``--set`` overrides a config key) through the recipe
+(:func:`jaxprune.methods.run`, as the CLI), SIGKILLs itself after search step
+``--kill_at``, and prints the SHA-256 of every final search variable.
 """
 import argparse
 import errno
@@ -47,6 +48,8 @@ def main():
   parser.add_argument("--tb_full_at", type=int, default=0)
   parser.add_argument("--tas", action="store_true")
   parser.add_argument("--kill_at", type=int, default=0)
+  parser.add_argument("--set", action="append", default=[],
+                      help="KEY=VALUE: a config override of the TAS run (a Python literal)")
   args = parser.parse_args()
   if args.tas:
     return tas_search(args)
@@ -128,7 +131,10 @@ def tas_search(args):
   from jaxprune import methods  # pylint: disable=g-import-not-at-top
   from jaxprune.engine import runtime  # pylint: disable=g-import-not-at-top
   from jaxprune.methods import tas  # pylint: disable=g-import-not-at-top
-  config = load_config("configs/tas_resnet.py", "smoke", {**TAS_FLAGS, "seed": args.seed})
+  import ast  # pylint: disable=g-import-not-at-top
+  overrides = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.set)}
+  config = load_config("configs/tas_resnet.py", "smoke",
+                       {**TAS_FLAGS, "seed": args.seed, **overrides})
   run_stage, search, found = loop.run_stage, tas.search, {}
 
   def run_stage_then_maybe_die(name, *a, on_step=None, **kw):

@@ -188,3 +188,35 @@ def test_full_disk_under_tensorboard_events_is_one_line(tmp_path):
   assert "[stage] step 24/" not in out and _ckpt_steps(workdir)[-1] == failed - 4
   rc, out, err = _finish(_launch(workdir, seed))
   assert rc == 0 and "RESULT " in out, err[-2000:]
+
+
+# --- A latency table measured for another setting, on a search with progress. ---------
+
+def test_foreign_latency_table_on_a_search_with_progress_is_refused_unless_remeasured(
+    tmp_path, compile_cache):
+  """tas.cost=latency, killed at a random search step after its first checkpoint; the
+  table's fingerprint then says another host measured it. The rerun stops in one line
+  naming the difference and keeps the table; with tas.remeasure_latency=true it measures
+  a new table and restarts the search from step 0 (not from the checkpoint)."""
+  seed = int(np.random.default_rng().integers(1 << 20))
+  latency = ["--set", "tas.cost='latency'", "--set", "tas.latency_batch=4"]
+  rc, _, err = _tas(tmp_path, seed, compile_cache, *latency, "--kill_at",
+                    str(np.random.default_rng().integers(4, 15)))
+  assert rc == -signal.SIGKILL, err[-3000:]
+  path = tmp_path / "search" / "latency_table.json"
+  table = json.loads(path.read_text())
+  here = table["fingerprint"]["host"]
+  table["fingerprint"]["host"] = "Another CPU, 3 cores"
+  path.write_text(json.dumps(table))
+  before = path.read_text()
+  rc, out, err = _tas(tmp_path, seed, compile_cache, *latency)
+  lines = [l for l in err.strip().splitlines() if l.strip()]
+  assert rc == 2 and len(lines) == 1, err[-3000:]
+  assert f"host: 'Another CPU, 3 cores' there, {here!r} here" in lines[0], lines[0]
+  assert "--config.tas.remeasure_latency=true" in lines[0], lines[0]
+  assert path.read_text() == before and "[search] step" not in out
+  rc, out, err = _tas(tmp_path, seed, compile_cache, *latency,
+                      "--set", "tas.remeasure_latency=True")
+  assert rc == 0, err[-3000:]
+  assert "restarting the search" in out and "[search] starting from step 0" in out, out
+  assert json.loads(path.read_text())["fingerprint"]["host"] == here

@@ -11,10 +11,12 @@ Stages, each resumable in ``<workdir>/<stage>/`` by rerunning the command:
 - ``retrain``: the derived plain ResNet from scratch, with KD from the teacher
   (a = 0.9, T = 4) or without (``config.kd.enabled``).
 """
+import contextlib
 import importlib.resources
 import json
 import math
 import os
+import shutil
 import time
 
 import jax
@@ -351,13 +353,35 @@ def attach_latency_table(net, config, workdir: str):
   Process 0 reads ``<workdir>/search/latency_table.json`` when its fingerprint is this
   run's (a resumed run does not remeasure) or measures the table on its first device
   and writes it there; every process then uses process 0's times, so the replicated
-  architecture step is the same program everywhere.
+  architecture step is the same program everywhere. A search with progress keeps the
+  table it started with: a table measured for another setting (another machine) is
+  refused in one line, unless ``tas.remeasure_latency`` restarts the search (and the
+  retraining of what it derived) under a new measurement.
   """
   if net.kind != "graph":
     raise UserError("config tas.cost='latency' needs the graph search space (a per-op "
                     "latency table); use --config.tas.space=graph.")
   batch = latency_batch(config)
   path = os.path.join(workdir, "search", LATENCY_TABLE)
+  foreign = ""
+  if distributed.is_main_process() and _search_progress(workdir):
+    cached, why = search_lib.latency.load(net.space, path, batch)
+    foreign = why if cached is None and os.path.exists(path) else ""
+  if distributed.agreed(bool(foreign)):
+    if not config.tas.get("remeasure_latency", False):
+      raise UserError(
+          f"{foreign or 'the latency table was measured for another setting (see process 0)'}"
+          ". This search has progress under that table's costs: resume it where the table "
+          "was measured, or rerun with --config.tas.remeasure_latency=true to measure "
+          "again and restart the search.")
+    if distributed.is_main_process():
+      print(f"[tas] {foreign}; tas.remeasure_latency: restarting the search "
+            f"({os.path.join(workdir, 'search')} and what was derived from it removed)")
+      for stage in ("search", "retrain"):
+        shutil.rmtree(os.path.join(workdir, stage), ignore_errors=True)
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(workdir, "architecture.json"))
+    distributed.barrier("tas_latency_restart")
   if distributed.is_main_process():
     table = search_lib.latency.load_or_measure(net.space, path, batch)
   else:
@@ -365,6 +389,12 @@ def attach_latency_table(net, config, workdir: str):
   table.set_program_ms(distributed.from_main(table.program_ms.astype(np.float32)))
   net.latency = table
   return table
+
+
+def _search_progress(workdir: str) -> bool:
+  """Whether the search stage has a checkpoint (it computed under the table's costs)."""
+  directory = os.path.join(workdir, "search", "checkpoints")
+  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
 
 
 def search(config, workdir: str, datasets, mesh, on_step=None, net=None
@@ -570,6 +600,12 @@ def validate(config):
          "positive int")
   if not isinstance(cfg.get("depth", True), bool):
     fail("depth", cfg.depth, "true or false (search the depths of the stages)")
+  if not isinstance(cfg.get("remeasure_latency", False), bool):
+    fail("remeasure_latency", cfg.remeasure_latency, "true or false (measure the latency "
+         "table again and restart the search when it was measured for another setting)")
+  if cfg.get("remeasure_latency", False) and cfg.get("cost", "flops") != "latency":
+    fail("remeasure_latency", cfg.remeasure_latency, "only with --config.tas.cost=latency "
+         "(the FLOPs cost has no table)")
   if not cfg.get("depth", True) and cfg.get("space", "auto") == "resnet":
     fail("depth", cfg.depth, "the dedicated ResNet space always searches depths; widths "
          "only with --config.tas.space=graph")
