@@ -143,11 +143,13 @@ def test_zoo_flops_and_params_equal_the_hand_count(name):
 
 
 PRUNE_FAILS = {
-    "vit_map": "the MAP head's probe (1, 1, width) is left out of the residual group: "
-               "rebuild says map/attn/query's kernel is (16, 2, 4) from its inputs, (32, 2, 4) "
-               "from the slices",
-    "llama": "grouped-query attention: v's 16 outputs are one 'heads' group of 16 channels "
-             "(not 2 whole KV heads); the rebuild cannot reshape (1, 8, 8) into (1, 8, 2, 8)",
+    "vit_map": "the MAP head's probe is created (1, 1, x.shape[-1]), i.e. at the residual width, "
+               "but neither it (axis 2) nor map/attn/query/kernel (axis 0) is in any group: the "
+               "rebuild makes the probe 16 wide and finds the query kernel (32, 2, 4) from the "
+               "slices, (16, 2, 4) from its inputs",
+    "llama": "grouped-query attention: the graph's head groups are whole KV groups, but the NNX "
+             "rebuild keeps GQAttention.heads / kv_heads (ints) at 4 / 2: 'the smaller network does "
+             "not run: cannot reshape (1, 8, 16) into (1, 8, 4, 8)', naming no module or attribute",
 }
 
 
