@@ -197,11 +197,12 @@ def test_foreign_latency_table_on_a_search_with_progress_is_refused_unless_remea
   """tas.cost=latency, killed at a random search step after its first checkpoint; the
   table's fingerprint then says another host measured it. The rerun stops in one line
   naming the difference and keeps the table; with tas.remeasure_latency=true it measures
-  a new table and restarts the search from step 0 (not from the checkpoint)."""
+  a new table and restarts the search from step 0 (not from the checkpoint; killed
+  there, to keep the test short)."""
   seed = int(np.random.default_rng().integers(1 << 20))
   latency = ["--set", "tas.cost='latency'", "--set", "tas.latency_batch=4"]
   rc, _, err = _tas(tmp_path, seed, compile_cache, *latency, "--kill_at",
-                    str(np.random.default_rng().integers(4, 15)))
+                    str(np.random.default_rng().integers(4, 9)))
   assert rc == -signal.SIGKILL, err[-3000:]
   path = tmp_path / "search" / "latency_table.json"
   table = json.loads(path.read_text())
@@ -215,8 +216,26 @@ def test_foreign_latency_table_on_a_search_with_progress_is_refused_unless_remea
   assert f"host: 'Another CPU, 3 cores' there, {here!r} here" in lines[0], lines[0]
   assert "--config.tas.remeasure_latency=true" in lines[0], lines[0]
   assert path.read_text() == before and "[search] step" not in out
-  rc, out, err = _tas(tmp_path, seed, compile_cache, *latency,
-                      "--set", "tas.remeasure_latency=True")
-  assert rc == 0, err[-3000:]
+  rc, out, err = _tas(tmp_path, seed, compile_cache, *latency,  # killed once restarted
+                      "--set", "tas.remeasure_latency=True", "--kill_at", "2")
+  assert rc == -signal.SIGKILL, err[-3000:]
   assert "restarting the search" in out and "[search] starting from step 0" in out, out
   assert json.loads(path.read_text())["fingerprint"]["host"] == here
+
+
+def test_remeasure_latency_is_a_bool_and_needs_the_latency_cost():
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from jaxprune.errors import UserError  # pylint: disable=g-import-not-at-top
+  from jaxprune.methods import tas  # pylint: disable=g-import-not-at-top
+
+  def config(**tas_fields):  # a whole new section: a library caller's types unchecked
+    c = load_config("configs/tas_resnet.py", "smoke")
+    c.tas = ml_collections.ConfigDict({**c.tas.to_dict(), **tas_fields})
+    return c
+
+  for fields, needle in [({"cost": "latency", "remeasure_latency": "yes"}, "true or false"),
+                         ({"remeasure_latency": True}, "only with")]:
+    with pytest.raises(UserError, match="config tas.remeasure_latency=") as e:
+      tas.validate(config(**fields))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+  tas.validate(config(cost="latency", remeasure_latency=True))

@@ -44,8 +44,9 @@ Approximations (each exact in FLOPs, not timed):
 
 The table is keyed by a fingerprint (backend, device kind, host CPU on a CPU backend,
 JAX version, XLA flags, batch size, the op programs and candidate widths): a cached
-table whose fingerprint differs from the run's is never used; it is remeasured with
-a message that says what differs. This module must not know about configs, workdir
+table whose fingerprint differs from the run's is never used; :func:`load` says what
+differs and :func:`load_or_measure` remeasures (the TAS recipe first refuses a foreign
+table on a search with progress, unless told to restart it). This module must not know about configs, workdir
 layout or processes (``jaxprune.methods.tas`` does).
 """
 from __future__ import annotations
