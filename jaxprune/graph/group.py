@@ -53,6 +53,20 @@ class Group:
       its share of every conv/dot_general it enters or leaves, and of their
       bias adds).
     params_per_channel: trainable parameter entries one channel holds.
+    exactness: what removing channels does to the function. "exact": a removed
+      channel and a zeroed one give the same outputs; "compensated": surgery makes
+      it so (e.g. a scale folded into a kernel); "approximate": the function
+      changes (a mean or max over the channels, e.g. LayerNorm or RMSNorm
+      statistics, weight standardisation, a softmax over features; a scale
+      computed from the width, e.g. attention's 1/sqrt(head_dim)): fine-tune after.
+    effects: why, one line per op: what changes and where (module path or
+      source line).
+    kind: what the channels are: "heads" (whole attention heads; under
+      grouped-query attention a KV head with its query heads), "head_dim",
+      "residual" (a residual stream, with its embedding tables), "embedding",
+      "tied_lm_head" (the vocabulary of an embedding table that is also the
+      output layer), "mlp" (a dense layer's hidden width) or "channels"
+      (convolutions).
   """
   id: int
   width: int
@@ -62,6 +76,9 @@ class Group:
   flops_per_channel: float
   params_per_channel: int
   channels: np.ndarray = dataclasses.field(repr=False, default=None)  # component per channel
+  exactness: str = "exact"
+  effects: tuple[str, ...] = ()
+  kind: str = "channels"
 
   @property
   def producers(self) -> list[str]:
@@ -72,9 +89,11 @@ class Group:
     return [m.path for m in self.members if m.role == "consumer"]
 
   def __str__(self):
-    state = "prunable" if self.prunable else f"fixed: {self.reason}"
-    lines = [f"group {self.id}: {self.width} channels, {state}; per channel "
+    state = (f"prunable, {self.exactness}" if self.prunable else f"fixed: {self.reason}")
+    lines = [f"group {self.id} ({self.kind}): {self.width} channels, {state}; per channel "
              f"{self.flops_per_channel:,.0f} FLOPs, {self.params_per_channel:,} params"]
+    if self.prunable:
+      lines += [f"    {self.exactness}: {e}" for e in self.effects]
     lines += [f"    {m!r}" for m in self.members]
     return "\n".join(lines)
 
@@ -89,8 +108,10 @@ class Graph:
   components: np.ndarray = dataclasses.field(repr=False, default=None)
   leaf_ids: dict = dataclasses.field(repr=False, default=None)
 
-  def prunable(self) -> list[Group]:
-    return [g for g in self.groups if g.prunable]
+  def prunable(self, exact_only: bool = False) -> list[Group]:
+    """The groups that may be narrowed (`exact_only`: only exact or compensated ones)."""
+    return [g for g in self.groups
+            if g.prunable and not (exact_only and g.exactness == "approximate")]
 
   def _kept_mask(self, keep) -> np.ndarray:
     kept = np.ones(self.components.max() + 1 if self.components.size else 0)
@@ -140,7 +161,8 @@ class Graph:
     return int(sum(math.prod(s) for s, p in zip(self.traced.shapes, self.traced.is_param) if p))
 
   def __str__(self):
-    head = (f"{len(self.groups)} channel groups ({len(self.prunable())} prunable), "
+    head = (f"{len(self.groups)} channel groups ({len(self.prunable())} prunable, "
+            f"{len(self.prunable(exact_only=True))} of them exact), "
             f"{self.flops:,} FLOPs, {self.params:,} params")
     return "\n".join([head] + [str(g) for g in self.groups])
 
@@ -181,11 +203,13 @@ def _tie_attention_head_dims(traced: Traced, w: Walk, leaf_ids: dict) -> None:
   for path, q in index.items():
     m = _ATTENTION_QUERY.match(path)
     v = index.get(m.group(1) + "value/kernel") if m else None
-    if (v is None or len(traced.shapes[q]) != 3 or len(traced.shapes[v]) != 3
-        or traced.shapes[q][2] != traced.shapes[v][2]):
+    # (in, heads, head_dim), or (layers, in, heads, head_dim) stacked by nn.scan
+    if (v is None or len(traced.shapes[q]) not in (3, 4)
+        or traced.shapes[q] != traced.shapes[v]):
       continue
-    if (q, 2) in leaf_ids and (v, 2) in leaf_ids:
-      w.tie(leaf_ids[(q, 2)], leaf_ids[(v, 2)])
+    axis = len(traced.shapes[q]) - 1
+    if (q, axis) in leaf_ids and (v, axis) in leaf_ids:
+      w.tie(leaf_ids[(q, axis)], leaf_ids[(v, axis)])
 
 
 def _components(w: Walk) -> np.ndarray:
@@ -261,7 +285,20 @@ def trace(model, variables, input_shape: Sequence[int], call: Callable | None = 
       if is_channel[c]:
         slices.setdefault(c, []).append((leaf, axis, chunk))
 
-  flops_of = np.zeros(comp.max() + 1 if w.n else 0)
+  n_comp = comp.max() + 1 if w.n else 0
+  effects_of: dict[int, list[str]] = {}
+  for ids, what, where in w.effects:
+    for c in np.unique(comp[ids]):
+      line = f"{what} at {where}" if where else what
+      if line not in effects_of.setdefault(int(c), []):
+        effects_of[int(c)].append(line)
+  marks_of: dict[int, set] = {}
+  for ids, kind in w.marks:
+    for c in np.unique(comp[ids]):
+      marks_of.setdefault(int(c), set()).add(kind)
+  dense = {op.kernel for op in w.ops if op.kind == "dense"}
+
+  flops_of = np.zeros(n_comp)
   for op in w.ops:  # one channel's first-order share of every op it is a factor of
     for factors, amount in ((op.factors, op.macs), (op.bias_factors, op.bias_adds)):
       for ids in factors:
@@ -291,11 +328,19 @@ def trace(model, variables, input_shape: Sequence[int], call: Callable | None = 
       hit = next((m.path for m in members for p in patterns if p.search(m.path)), None)
       if hit is not None:
         reason = f"ignored ({hit})"
+    effects = []
+    for c in comps:
+      effects += [e for e in effects_of.get(c, ()) if e not in effects]
+    marks = set().union(*(marks_of.get(c, set()) for c in comps))
     groups.append(Group(id=0, width=len(comps), members=tuple(members),
                         prunable=reason is None, reason=reason,
                         flops_per_channel=float(np.mean([flops_of[c] for c in comps])),
                         params_per_channel=int(params),
-                        channels=np.asarray(comps, np.int64)))
+                        channels=np.asarray(comps, np.int64),
+                        exactness="approximate" if effects else "exact",
+                        effects=tuple(effects),
+                        kind=_kind(marks, [m.path for m in members if m.role == "producer"],
+                                   dense)))
   # Call order: by the first op that produces the group, then the channel index.
   first_op = {}
   for i, op in enumerate(w.ops):
@@ -306,6 +351,15 @@ def trace(model, variables, input_shape: Sequence[int], call: Callable | None = 
     g.id = i
   return Graph(groups=groups, traced=traced, ops=w.ops, round_to=round_to,
                components=comp, leaf_ids=leaf_ids)
+
+
+def _kind(marks: set, producers: list[str], dense: set) -> str:
+  if "vocabulary" in marks and producers:
+    return "tied_lm_head"  # an embedding table's rows used as the output layer too
+  for kind in ("heads", "head_dim", "residual", "embedding"):
+    if kind in marks:
+      return kind
+  return "mlp" if any(p in dense for p in producers) else "channels"
 
 
 def kept_slices(graph: Graph, keep: Mapping[Any, Sequence[int]]) -> dict[str, dict[int, np.ndarray]]:

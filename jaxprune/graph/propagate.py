@@ -33,6 +33,8 @@ integer_pow square abs erf erfc erf_inv lgamma digamma igamma convert_element_ty
 copy_p reduce_precision real imag conj sharding_constraint mesh_cast reshard
 optimization_barrier stop_gradient
 """.split())
+SHAPE_ONLY = frozenset("reshape broadcast_in_dim convert_element_type squeeze expand_dims "
+                       "transpose copy copy_p".split())
 REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or "
                        "reduce_xor argmax argmin".split())
 CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
@@ -101,6 +103,15 @@ class Walk:
     self.producers: list[np.ndarray] = []
     self.consumers: list[np.ndarray] = []
     self.ops: list[Op] = []
+    # (ids, what, where): channels whose removal changes the function (a mean or a
+    # max over them, a scale computed from their count), see :meth:`effect`.
+    self.effects: list[tuple[np.ndarray, str, str]] = []
+    # (ids, kind): what the channels are in a transformer ("heads", "head_dim",
+    # "residual", "embedding"), from how the jaxpr uses them.
+    self.marks: list[tuple[np.ndarray, str]] = []
+    self._users: dict = {}
+    self._defs: dict = {}
+    self._eqn = None
 
   # --- bookkeeping -------------------------------------------------------------------
   def fresh(self, shape) -> np.ndarray:
@@ -117,13 +128,46 @@ class Walk:
     for ids in label.values():
       self.blocked.append((ids.ravel(), reason))
 
+  def effect(self, label: Label, what: str):
+    """Removing these channels is not the same as zeroing them: `what` changes."""
+    for ids in label.values():
+      self.effects.append((ids.ravel(), what, _where(self._eqn)))
+
+  def mark(self, label: Label, kind: str):
+    for ids in label.values():
+      self.marks.append((ids.ravel(), kind))
+
   def fresh_label(self, shape) -> Label:
     return {(a,): self.fresh((n,)) for a, n in enumerate(shape) if n > 1}
 
   # --- label algebra -----------------------------------------------------------------
-  def merge(self, labels, shapes, out_shape, what: str) -> Label:
-    """Elementwise: ids at the same position of same-shaped operands are tied."""
+  def merge(self, labels, shapes, out_shape, what: str, origins=None) -> Label:
+    """Elementwise: ids at the same position of same-shaped operands are tied.
+
+    With `origins`, ids on an axis that an activation operand has at full size but
+    without ids (token or spatial positions, or channels the graph stopped
+    following), or that a constant has at full size (not broadcast: a table computed
+    from the configuration), are blocked: removing them would leave that operand's
+    axis whole. This keeps a learned position embedding's token axis out of the
+    channels.
+    """
     out: Label = {}
+    if origins is not None:
+      invars = self._eqn.invars if len(self._eqn.invars) == len(labels) else [None] * len(labels)
+      untracked = [{a for a in range(len(s)) if s[a] > 1 and _facet(l, a) is None}
+                   - self._broadcast_axes(v) if o in (None, CONST) else set()
+                   for l, s, o, v in zip(labels, shapes, origins, invars)]
+      for label, shape in zip(labels, shapes):  # blocked, they still flow on
+        for axes, ids in label.items():
+          hit = next((o for s, u, o in zip(shapes, untracked, origins) if len(s) == len(shape)
+                      and any(s[a] == shape[a] and a in u for a in axes)), False)
+          if hit is None:
+            self.block({axes: ids}, f"'{what}' with an activation's token or spatial "
+                       "axis (positions are not channels)")
+          elif hit == CONST:
+            n = ", ".join(str(shape[a]) for a in axes)
+            self.block({axes: ids}, f"'{what}' with a constant of width {n}, computed from "
+                       f"the configuration or a constant, at {_where(self._eqn)}")
     for label, shape in zip(labels, shapes):
       if not label:
         continue
@@ -192,6 +236,14 @@ class Walk:
         return {}, CONST, None
       return env.get(v, {}), origin.get(v, CONST), count.get(v)
 
+    saved = self._users, self._defs
+    self._users, self._defs = {}, {}
+    for eqn in jaxpr.eqns:
+      for v in eqn.invars:
+        if not _is_literal(v):
+          self._users.setdefault(v, []).append(eqn)
+      for v in eqn.outvars:
+        self._defs[v] = eqn
     for eqn in jaxpr.eqns:
       ins = [read(v) for v in eqn.invars]
       in_labels = [i[0] for i in ins]
@@ -200,6 +252,7 @@ class Walk:
       for v, (l, o, c) in zip(eqn.outvars, outs):
         env[v], origin[v], count[v] = l, o, c
     results = [read(v) for v in jaxpr.outvars]
+    self._users, self._defs = saved
     return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
 
   def eqn(self, eqn, labels, origins, counted):
@@ -212,6 +265,11 @@ class Walk:
     else:
       origin = next((o for o in origins if o != CONST), CONST)
     self._eqn_origins = origins
+    self._eqn = eqn
+    if name == "scan":
+      return self.scan(eqn, labels, origins, counted)
+    if name == "while":
+      return self.while_loop(eqn, labels, origins, counted)
     nested = _subjaxpr(eqn)
     if nested is not None:
       inner, consts = nested
@@ -222,11 +280,16 @@ class Walk:
     if rule is not None:
       out_labels = rule(eqn, labels, shapes, out_shapes)
     elif name in ELEMENTWISE:
-      out_labels = [self.merge(labels, shapes, out_shapes[0], name)] * len(out_shapes)
+      out_labels = [self.merge(labels, shapes, out_shapes[0], name, origins)] * len(out_shapes)
+      if name in ("add", "sub", "add_any") and all(o is None for o in origins) and \
+          len(labels) == 2 and any(k in labels[1] and not np.array_equal(v, labels[1][k])
+                                   for k, v in labels[0].items()):
+        self.mark(out_labels[0], "residual")  # two branches summed: a residual stream
       if name == "optimization_barrier":
         out_labels = labels
     elif name in REDUCTIONS:
       axes = set(eqn.params["axes"])
+      self.reduction_effect(eqn, labels[0], axes, shapes[0])
       axis_map = {}
       for a in range(len(shapes[0])):
         if a not in axes:
@@ -252,12 +315,20 @@ class Walk:
     return list(zip(out_labels, [origin] * len(out_shapes), out_counted))
 
   def keep_unless(self, label, axes, what):
+    """Facets that do not touch `axes` pass; one that lies along them is blocked,
+    unless it is split over other axes too (heads x head_dim): then it is coarsened
+    to those (whole heads; rotary embeddings slice the head dimension)."""
     out = {}
     for k, ids in label.items():
-      if set(k) & axes:
-        self.block({k: ids}, f"'{what}' along a channel axis")
-      else:
+      if not set(k) & axes:
         out[k] = ids
+      elif set(k) - axes:
+        kept = [i for i, a in enumerate(k) if a not in axes]
+        first = ids[tuple(slice(None) if i in kept else slice(0, 1) for i in range(len(k)))]
+        self.tie(ids, first)
+        out[tuple(k[i] for i in kept)] = first.reshape([ids.shape[i] for i in kept])
+      else:
+        self.block({k: ids}, f"'{what}' along a channel axis")
     return out
 
   def cond(self, eqn, labels, origins, counted):
@@ -270,6 +341,143 @@ class Walk:
                           _shape(v), "cond")
       outs.append((merged, None, None))
     return outs
+
+  def _broadcast_axes(self, var, depth=8) -> set:
+    """Axes along which `var` is a broadcast (the same value at every position)."""
+    if var is None or _is_literal(var) or depth == 0 or var not in self._defs:
+      return set()
+    e = self._defs[var]
+    name = e.primitive.name
+    if name == "broadcast_in_dim":
+      dims = e.params["broadcast_dimensions"]
+      in_shape = _shape(e.invars[0])
+      real = {d for i, d in enumerate(dims) if in_shape[i] > 1}
+      return {a for a in range(len(_shape(var))) if a not in real}
+    if name in ("convert_element_type", "copy", "copy_p", "neg", "not", "stop_gradient"):
+      return self._broadcast_axes(e.invars[0], depth - 1)
+    if name in ELEMENTWISE and len(e.outvars) == 1:
+      sets = [self._broadcast_axes(v, depth - 1) for v in e.invars
+              if not _is_literal(v) and _shape(v) == _shape(var)]
+      return set.intersection(*sets) if sets else set()
+    return set()
+
+  def _const_value(self, var, depth=6):
+    """The value of a scalar computed from literals only (e.g. ``sqrt 4.0``), or None."""
+    if _is_literal(var):
+      return var.val if np.ndim(var.val) == 0 else None
+    if depth == 0 or var not in self._defs or _shape(var) != ():
+      return None
+    e = self._defs[var]
+    if len(e.outvars) != 1 or e.primitive.name not in ELEMENTWISE:
+      return None
+    vals = [self._const_value(v, depth - 1) for v in e.invars]
+    if any(v is None for v in vals):
+      return None
+    try:
+      return np.asarray(e.primitive.bind(*[np.asarray(v) for v in vals], **e.params))[()]
+    except Exception:  # pylint: disable=broad-except
+      return None
+
+  def reduction_effect(self, eqn, label, axes, shape):
+    """A reduction over channels: a sum is exact (a zeroed channel adds nothing) unless
+    it is then divided by the count (a mean: LayerNorm, RMSNorm, weight standardisation);
+    a max, min, product or arg-max is not (a zeroed channel still takes part)."""
+    reduced = {k: v for k, v in label.items() if set(k) & axes}
+    if not reduced:
+      return
+    name = eqn.primitive.name
+    if name == "reduce_sum":
+      n = math.prod(shape[a] for a in axes)
+      if any(abs(f * n - 1) < 1e-4 for f in self._scales(eqn.outvars[0], forward=True)):
+        self.effect(reduced, f"mean over the channels (sum / {n})")
+      return
+    self.effect(reduced, f"{name} over the channels")
+
+  def _scales(self, var, forward: bool) -> list[float]:
+    """Literal factors that multiply `var` (1/c for a division by c), following
+    shape-only ops forwards (its users) or backwards (what computed it)."""
+    factors, frontier, seen = [], [var], set()
+    while frontier:
+      v = frontier.pop()
+      if forward:
+        eqns = [(e, v) for e in self._users.get(v, [])]
+      else:
+        eqns = [(self._defs[v], None)] if v in self._defs else []
+      for e, _ in eqns:
+        name = e.primitive.name
+        if name in SHAPE_ONLY:
+          nxt = e.outvars[0] if forward else e.invars[0]
+          if not _is_literal(nxt) and nxt not in seen:
+            seen.add(nxt)
+            frontier.append(nxt)
+        elif name in ("mul", "div") and len(e.invars) == 2:
+          a, b = e.invars
+          ca, cb = self._const_value(a), self._const_value(b)
+          if name == "mul":
+            c = cb if cb is not None else ca
+            if c is not None:
+              factors.append(float(c))
+          elif cb is not None and (not forward or a is v):
+            factors.append(1.0 / float(cb) if float(cb) else math.inf)
+    return factors
+
+  def loop_carry(self, ins, outs, shapes, what):
+    """A loop's carry: the ids it enters with are the ids it leaves with."""
+    merged = []
+    for a, b, s in zip(ins, outs, shapes):
+      for one, other in ((a, b), (b, a)):
+        lost = {k: v for k, v in one.items() if k not in other}
+        self.block(lost, f"{what} carry whose channels change between iterations")
+      both = [{k: v for k, v in l.items() if k in a and k in b} for l in (a, b)]
+      merged.append(self.merge(both, [s, s], s, what))
+    return merged
+
+  def scan(self, eqn, labels, origins, counted):
+    """``lax.scan`` (``nn.scan``, ``fori_loop`` with fixed bounds): the body runs once
+    on per-iteration slices. A stacked parameter's leading (layer) axis is dropped, so
+    channel j of every layer is one channel (a stacked parameter has one width for all
+    its layers); the body's FLOPs count ``length`` times."""
+    p = eqn.params
+    body, nc, ncarry, length = p["jaxpr"], p["num_consts"], p["num_carry"], p["length"]
+    in_labels = list(labels[:nc + ncarry])
+    for label in labels[nc + ncarry:]:
+      sliced = {}
+      for axes, ids in label.items():
+        if axes == (0,):
+          continue  # the stacking (layer) axis
+        if 0 in axes:
+          self.block({axes: ids}, "scan over a channel axis")
+          continue
+        sliced[tuple(a - 1 for a in axes)] = ids
+      in_labels.append(sliced)
+    first = len(self.ops)
+    outs, out_origins, _ = self.run(body.jaxpr, in_labels, list(origins),
+                                    [None] * len(labels))
+    for op in self.ops[first:]:
+      op.macs *= length
+      op.bias_adds *= length
+    carry_shapes = [_shape(v) for v in eqn.invars[nc:nc + ncarry]]
+    carry = self.loop_carry(labels[nc:nc + ncarry], outs[:ncarry], carry_shapes, "scan")
+    ys = [{tuple(a + 1 for a in axes): ids for axes, ids in l.items()}
+          for l in outs[ncarry:]]
+    result_origins = [None if origins[nc + i] is None else o
+                      for i, o in enumerate(out_origins[:ncarry])] + list(out_origins[ncarry:])
+    return list(zip(carry + ys, result_origins, [None] * len(eqn.outvars)))
+
+  def while_loop(self, eqn, labels, origins, counted):
+    """``lax.while_loop``: the body runs once (its FLOPs are counted for one iteration:
+    the trip count is not known before running)."""
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    body = p["body_jaxpr"]
+    carry_in = labels[cn + bn:]
+    outs, _, _ = self.run(body.jaxpr, labels[cn:], list(origins[cn:]), [None] * len(labels[cn:]))
+    shapes = [_shape(v) for v in eqn.outvars]
+    cond = p["cond_jaxpr"]
+    self.run(cond.jaxpr, labels[:cn] + carry_in, list(origins[:cn] + origins[cn + bn:]),
+             [None] * (cn + len(carry_in)))
+    carry = self.loop_carry(carry_in, outs, shapes, "while_loop")
+    return [(l, None, None) for l in carry]
 
   def windowed(self, eqn, labels, shapes):
     p = eqn.params
@@ -415,6 +623,34 @@ class Walk:
     reps = eqn.params["reps"]
     return [{axes: np.tile(ids, [reps[a] for a in axes]) for axes, ids in labels[0].items()}]
 
+  def rule_gather(self, eqn, labels, shapes, out_shapes):
+    """An embedding lookup ``table[ids]`` (and any gather): an operand axis taken whole
+    (a table's features) goes to its output axis; the indexed axes (the vocabulary,
+    positions) are no channels that can be followed."""
+    dn = eqn.params["dimension_numbers"]
+    sizes = eqn.params["slice_sizes"]
+    shape = shapes[0]
+    gone = set(dn.collapsed_slice_dims) | set(getattr(dn, "operand_batching_dims", ()))
+    kept_axes = [a for a in range(len(shape)) if a not in gone]
+    axis_map = {a: o for a, o in zip(kept_axes, sorted(dn.offset_dims))
+                if sizes[a] == shape[a]}
+    indexed = set(dn.start_index_map) | gone
+    out = {}
+    for axes, ids in labels[0].items():
+      if all(a in axis_map for a in axes):
+        self._put_sorted(out, [axis_map[a] for a in axes], ids, "gather")
+      elif set(axes) & indexed:
+        self.block({axes: ids}, "gather along it (an embedding's vocabulary or positions)")
+        if self._eqn_origins[0] not in (None, CONST):
+          self.mark({axes: ids}, "vocabulary")
+      else:
+        self.block({axes: ids}, "gather of part of a channel axis")
+    for label in labels[1:]:
+      self.block(label, "gather indices")
+    if self._eqn_origins[0] not in (None, CONST) and out:
+      self.mark(out, "embedding")
+    return [out]
+
   def rule_iota(self, eqn, labels, shapes, out_shapes):
     return [{}]
 
@@ -425,9 +661,18 @@ class Walk:
 
   def rule_dot_general(self, eqn, labels, shapes, out_shapes):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    L, R = labels
+    L, R = dict(labels[0]), dict(labels[1])
     ls, rs = shapes
     pairs = list(zip(lb, rb)) + list(zip(lc, rc))
+    if self._eqn_origins[0] is None and self._eqn_origins[1] is None:
+      L, R = self._whole_heads(L, lb), self._whole_heads(R, rb)
+    for la, ra in pairs:  # paired with an axis the graph does not follow: stays whole
+      for label, a, other, b, size in ((L, la, R, ra, ls[la]), (R, ra, L, la, rs[ra])):
+        f = _facet(label, a)
+        if f is not None and size > 1 and _facet(other, b) is None:
+          self.block({f[0]: f[1]}, "dot_general pairs it with an axis the graph does not "
+                     "follow (a constant's, or token positions)")
+          label.pop(f[0])
     self._tie_pairs(L, R, pairs, "dot_general")
     lfree = [a for a in range(len(ls)) if a not in lb and a not in lc]
     rfree = [a for a in range(len(rs)) if a not in rb and a not in rc]
@@ -440,15 +685,20 @@ class Walk:
     for axes, ids in right.items():
       if axes not in out:
         self._put(out, axes, ids, "dot_general")
-    # Roles: free axes of an operand produce channels, contracted axes consume them.
-    for label, free, contract in ((L, lfree, lc), (R, rfree, rc)):
+    # Roles: free axes of a parameter operand (a kernel) produce channels, contracted
+    # axes consume them. Free axes of two activations (attention's tokens) are no
+    # feature axes: they produce nothing.
+    origins = self._eqn_origins
+    for label, free, contract, o in ((L, lfree, lc, origins[0]), (R, rfree, rc, origins[1])):
       for axes, ids in label.items():
         if set(axes) <= set(free):
-          self.producers.append(ids.ravel())
+          if o not in (None, CONST):
+            self.producers.append(ids.ravel())
         elif set(axes) & set(contract):
           self.consumers.append(ids.ravel())
+    if origins[0] is None and origins[1] is None or lb:
+      self.attention(eqn, L, R, lb, lc, rb, rc, lfree, rfree, ls)
     macs = math.prod(out_shapes[0]) * math.prod(ls[a] for a in lc)
-    origins = self._eqn_origins
     kernel = self._param_name(origins[1]) or self._param_name(origins[0])
     op = Op(kind="dense" if kernel else "dot",
             name=_layer_name(kernel) if kernel else f"dot_general_{len(self.ops)}",
@@ -465,6 +715,50 @@ class Walk:
     op.factors += [ids.ravel() for ids in out.values()]
     self.ops.append(op)
     return [out]
+
+  def _whole_heads(self, label: Label, batch) -> Label:
+    """A facet split into heads (a batch axis of attention) and more (head_dim, or
+    query heads of a KV group) is coarsened to its head axes: the module reshapes
+    with one head_dim, so only whole heads (whole KV groups) can go."""
+    out = {}
+    for k, ids in label.items():
+      if set(k) & set(batch) and set(k) - set(batch):
+        out.update(self.keep_unless({k: ids}, set(k) - set(batch), "attention heads"))
+      else:
+        out[k] = ids
+    return out
+
+  def attention(self, eqn, L, R, lb, lc, rb, rc, lfree, rfree, ls):
+    """A product of two activations (attention's scores q.k and their use on v):
+    batch axes carrying ids are heads, contracted ones the head dimension, free ones
+    (the value's features) too. A literal scale next to it that is computed from the
+    contracted width (1/sqrt(head_dim)) changes when that width does."""
+    for label, batch, contract, free in ((L, lb, lc, lfree), (R, rb, rc, rfree)):
+      for axes, ids in label.items():
+        if set(axes) & set(batch):
+          self.mark({axes: ids}, "heads")
+        elif set(axes) & set(contract) or set(axes) <= set(free):
+          self.mark({axes: ids}, "head_dim")
+    contracted = {}
+    for la, ra in zip(lc, rc):
+      for label, a in ((L, la), (R, ra)):
+        f = _facet(label, a)
+        if f is not None:
+          contracted[f[0], id(label)] = (f, a, label is L)
+    if not contracted:
+      return
+    n = math.prod(ls[la] for la in lc
+                  if _facet(L, la) is not None or _facet(R, rc[lc.index(la)]) is not None)
+    factors = self._scales(eqn.outvars[0], forward=True)
+    for v in eqn.invars:
+      if not _is_literal(v):
+        factors += self._scales(v, forward=False)
+    for f in factors:
+      for power in (-0.5, -1.0, 0.5, 1.0):
+        if n > 1 and abs(f / n ** power - 1) < 1e-4:
+          self.effect({axes: ids for ((axes, ids), _, _) in contracted.values()},
+                      f"scale {f:.6g} = {n}^{power:g} computed from the contracted width")
+          return
 
   def _tie_pairs(self, L, R, pairs, what):
     lr = dict(pairs)
@@ -518,6 +812,9 @@ class Walk:
     elif groups == 1:
       if x_facet is not None and i_facet is not None:
         self.tie(x_facet[1], i_facet[1])
+      elif i_facet is not None and c_in > 1:
+        self.block({i_facet[0]: i_facet[1]}, "conv of input channels the graph does not "
+                   "follow")
       if i_facet is not None:
         self.consumers.append(i_facet[1])
       if o_facet is not None:
@@ -555,6 +852,20 @@ class Walk:
     self.ops.append(op)
     return [out]
 
+
+
+def _where(eqn) -> str:
+  """Where an op is: its module path (Linen's name stack) or its source line."""
+  if eqn is None:
+    return ""
+  stack = str(eqn.source_info.name_stack)
+  if stack:
+    return stack
+  try:
+    from jax._src import source_info_util  # pylint: disable=g-import-not-at-top
+    return source_info_util.summarize(eqn.source_info)
+  except Exception:  # pylint: disable=broad-except
+    return ""
 
 
 def _facet(label: Label, axis: int):

@@ -43,21 +43,37 @@ def prune(model, variables, input_shape: Sequence[int], keep: Mapping[Any, Seque
   Returns:
     A :class:`jaxprune.surgery.Pruned`: ``.model`` runs and trains at the smaller
     widths (a new ``nnx.Module`` for NNX), ``.variables`` are its variables (None
-    for NNX).
+    for NNX), ``.approximate`` the ``{group id: effects}`` of the narrowed groups
+    whose removal is approximate (empty: the result is the masked original's
+    function).
 
   Example:
     >>> g = graph.trace(model, variables, (32, 32, 3))
     >>> small = surgery.prune(model, variables, (32, 32, 3), {g.groups[1].id: [0, 2, 5]})
   """
   g = graph or graph_lib.trace(model, variables, input_shape, call)
-  return apply_slices(model, variables, graph_lib.kept_slices(g, keep), input_shape, call)
+  small = apply_slices(model, variables, graph_lib.kept_slices(g, keep), input_shape, call)
+  small.approximate = approximate_groups(g, keep)
+  return small
+
+
+def approximate_groups(g: graph_lib.Graph, keep: Mapping[Any, Any]) -> dict[int, tuple]:
+  """``{group id: effects}`` of the narrowed groups whose removal is approximate: the
+  pruned network computes a different function than the masked original there (a
+  mean over the channels, a width-derived scale; see :attr:`jaxprune.graph.Group.effects`)."""
+  out = {}
+  for key, kept in keep.items():
+    group = g.groups[key.id if isinstance(key, graph_lib.Group) else int(key)]
+    if np.unique(np.asarray(kept)).size < group.width and group.exactness == "approximate":
+      out[group.id] = group.effects
+  return out
 
 
 def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "l1",
              flops_ratio: float | None = None, params_ratio: float | None = None,
              global_ranking: bool = False, round_to: int = 1, ignore: Sequence[str] = (),
              grads: Any = None, key: jax.Array | None = None,
-             call: Callable | None = None) -> tuple[Pruned, dict]:
+             call: Callable | None = None, exact_only: bool = False) -> tuple[Pruned, dict]:
   """Prunes `model` to a FLOPs or params ratio by a criterion, in one call.
 
   Args:
@@ -73,11 +89,18 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
       :func:`jaxprune.graph.trace`).
     grads: the gradients of a loss, for "taylor".
     key: for "random".
+    exact_only: narrow only groups whose removal is exact or compensated
+      (:attr:`jaxprune.graph.Group.exactness`): the pruned network computes what
+      the original with those channels zeroed does. By default approximate groups
+      (a transformer's residual width under LayerNorm/RMSNorm, a head dimension
+      under a 1/sqrt(head_dim) scale) are pruned too, as Torch-Pruning does, and
+      listed in ``info["approximate"]``.
 
   Returns:
     ``(pruned, info)``: the :class:`Pruned` network and ``{"keep": {group id:
     kept indices}, "before": {"flops", "params"}, "after": {"flops", "params"},
-    "graph": the traced graph}``.
+    "graph": the traced graph, "approximate": {group id: effects} of the narrowed
+    groups whose removal changes the function (fine-tune after)}``.
 
   Example:
     >>> small, info = surgery.prune_to(model, variables, (32, 32, 3), flops_ratio=0.5)
@@ -85,11 +108,16 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
   """
   g = graph_lib.trace(model, variables, input_shape, call, ignore=ignore, round_to=round_to)
   values = graph_lib.named_leaves(model, variables)
-  scores = importance.group_scores(g, values, criterion, grads=grads, key=key)
+  groups = g.prunable(exact_only=exact_only)
+  if exact_only and not groups and g.prunable():
+    raise UserError(f"exact_only=True: none of the {len(g.prunable())} prunable groups "
+                    "can be removed exactly (each is approximate: print the graph for why)")
+  scores = importance.group_scores(g, values, criterion, grads=grads, key=key, groups=groups)
   keep = pruner.select_channels(g, scores, flops_ratio=flops_ratio,
                                 params_ratio=params_ratio, global_ranking=global_ranking)
   small = prune(model, variables, input_shape, keep, call, graph=g)
-  return small, {"keep": keep, "before": g.predict({}), "after": g.predict(keep), "graph": g}
+  return small, {"keep": keep, "before": g.predict({}), "after": g.predict(keep), "graph": g,
+                 "approximate": small.approximate}
 
 
 def _slice_zero(values, member, channel) -> bool:
