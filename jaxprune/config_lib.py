@@ -13,9 +13,11 @@ import math
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
 from jaxprune.engine import distributed
@@ -156,16 +158,91 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 # through its factory's ``dtype`` argument or its module's ``dtype`` field).
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
-# Sections whose training may be skipped with epochs=0 (AutoPrune's optional pretraining).
-OPTIONAL_STAGES = ("pretrain",)
+
+
+# The range of every number a recipe reads, by the key's last part or ``section.name``
+# (the more specific wins): ``(check, requirement)``. One table for every recipe, listed
+# in docs/config_checks.md; methods check their string choices and cross-field rules on
+# top (``methods/<m>.validate``). A number under no rule must still be finite.
+def _int_at_least(low):
+  return lambda v: v == int(v) and v >= low
+
+
+def _interval(lo, hi, lo_open=False, hi_open=False):
+  return lambda v: (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+
+
+RANGES: dict[str, tuple[Any, str]] = {
+    "learning_rate": (_interval(0, 100, lo_open=True), "a learning rate must be in (0, 100]"),
+    "epochs": (_int_at_least(1), "must be an integer, at least 1"),
+    # AutoPrune's optional pretraining may be skipped.
+    "pretrain.epochs": (_int_at_least(0), "must be an integer >= 0 (0 skips the stage)"),
+    "batch_size": (_int_at_least(1), "must be an integer >= 1"),
+    "warmup_epochs": (lambda v: v >= 0, "must be >= 0"),
+    "max_steps": (_int_at_least(0), "must be an integer >= 0 (0: no cap)"),
+    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "momentum": (_interval(0, 1, hi_open=True), "momentum must be in [0, 1)"),
+    "l1": (lambda v: v >= 0, "the L1 strength must be >= 0"),
+    "seed": (_int_at_least(0), "must be an integer >= 0"),
+    "round_to": (_int_at_least(1), "widths are rounded to a multiple of this: an integer >= 1"),
+    "ratio": (_interval(0, 1, lo_open=True, hi_open=True),
+              "the kept share of the dense network, in (0, 1)"),
+    "steps": (_int_at_least(1), "must be an integer >= 1"),
+    "report.inference_batch_size": (_int_at_least(1), "must be an integer >= 1 (it is also "
+                                    "bounded by the device memory once the data is known)"),
+    "kd.alpha": (_interval(0, 1), "the weight of the distillation term, in [0, 1]"),
+    "kd.temperature": (lambda v: v > 0, "the softmax temperature must be > 0"),
+    "tas.num_picks": (_int_at_least(2), "TAS samples at least 2 widths per layer (with 1 "
+                      "the architecture gets no gradient)"),
+    "tas.tau_min": (lambda v: v > 0, "the Gumbel temperature must stay > 0"),
+    "tas.tau_max": (lambda v: v > 0, "the Gumbel temperature must stay > 0"),
+    "tas.tolerance": (_interval(0, 1, hi_open=True), "a fraction of the unpruned FLOPs, in "
+                      "[0, 1)"),
+    "tas.lambda_cost": (lambda v: v >= 0, "must be >= 0"),
+    "tas.arch_beta1": (_interval(0, 1, hi_open=True), "an Adam beta, in [0, 1)"),
+    "tas.arch_beta2": (_interval(0, 1, hi_open=True), "an Adam beta, in [0, 1)"),
+    "tas.latency_batch": (_int_at_least(0), "an integer >= 0 (0: report.inference_batch_size;"
+                          " bounded by the device memory once the data is known)"),
+    "autoprune.prune_epochs": (lambda v: v > 0, "the mask learns this many epochs: > 0"),
+    "autoprune.regularization": (lambda v: v >= 0, "must be >= 0"),
+    "autoprune.regularization_warmup_epochs": (lambda v: v >= 0, "must be >= 0"),
+    "autoprune.slope": (lambda v: v > 0, "the surrogate's slope must be > 0"),
+    "autoprune.m_init": (lambda v: v > 0, "gates start open at m = m_init: must be > 0"),
+    "dataset.num_classes": (_int_at_least(2), "a classifier needs at least 2 classes"),
+    "dataset.synthetic.num_classes": (_int_at_least(2), "a classifier needs at least 2 "
+                                      "classes"),
+    "dataset.synthetic.num_train": (_int_at_least(1), "must be an integer >= 1"),
+    "dataset.synthetic.num_test": (_int_at_least(1), "must be an integer >= 1"),
+}
+for _name in ("eval_batch_size", "log_every_steps", "checkpoint_every_steps",
+              "keep_checkpoints", "eval_every_epochs", "probe_batch_size"):
+  RANGES[_name] = RANGES["batch_size"]
+RANGES["split_seed"] = RANGES["seed"]
+
+
+def range_rule(key: str) -> tuple[str, tuple[Any, str]] | None:
+  """The :data:`RANGES` entry of a dotted config key as ``(rule name, rule)``, or None;
+  ``model.*`` keys have none (the model's builder checks its own fields)."""
+  parts = key.split(".")
+  if parts[0] == "model":
+    return None
+  for n in range(len(parts), 0, -1):  # "dataset.synthetic.num_classes", ..., "num_classes"
+    name = ".".join(parts[-n:])
+    if name in RANGES:
+      return name, RANGES[name]
+  for suffix in ("learning_rate", "weight_decay", "momentum"):  # arch_learning_rate, ...
+    if parts[-1].endswith("_" + suffix):
+      return suffix, RANGES[suffix]
+  return None
 
 
 def validate(config: ml_collections.ConfigDict):
   """Checks the values every recipe shares; raises one :class:`UserError` naming the key.
 
-  Every float must be finite; learning rates in (0, 100]; epochs >= 1 (0 for
-  :data:`OPTIONAL_STAGES`); batch sizes and loop frequencies >= 1; momentum in [0, 1);
-  weight decay >= 0. Methods check their own fields on top (``methods/<m>.validate``).
+  Every float must be finite, and every number under a :data:`RANGES` rule in its
+  range (learning rates in (0, 100], batch sizes and loop frequencies integers >= 1,
+  momentum in [0, 1), kd.alpha in [0, 1], ...). Methods check their own fields on
+  top (``methods/<m>.validate``).
   """
   def fail(key, value, want):
     raise UserError(f"config {key}={value!r}: {want}. Fix it with --config.{key}=...")
@@ -184,35 +261,106 @@ def validate(config: ml_collections.ConfigDict):
     if runtime.get(key, "auto") not in runtime_lib.SWITCHES:
       fail(f"runtime.{key}", runtime.get(key), f"use one of {', '.join(runtime_lib.SWITCHES)}")
   for key, value in _flatten(config.to_dict()).items():
-    name, section = key.split(".")[-1], key.split(".")[0]
+    if key.split(".")[-1] == "decay_epochs" and isinstance(value, (tuple, list)):
+      if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and
+                 math.isfinite(v) and v >= 0 for v in value):
+        fail(key, value, "epochs at which the learning rate decays: numbers >= 0")
+      continue
     if isinstance(value, bool) or value is None:
       continue
     if isinstance(value, float) and not math.isfinite(value):
       fail(key, value, "must be a finite number")
     if not isinstance(value, (int, float)):
       continue
-    if name == "learning_rate" or name.endswith("_learning_rate"):
-      if not 0 < value <= 100:
-        fail(key, value, "a learning rate must be in (0, 100]")
-    elif name == "epochs":
-      if value < (0 if section in OPTIONAL_STAGES else 1):
-        fail(key, value, "must be at least 1" + (" (0 skips the stage)"
-                                                 if section in OPTIONAL_STAGES else ""))
-    elif name in ("batch_size", "eval_batch_size", "log_every_steps",
-                  "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs",
-                  "inference_batch_size"):
-      if value < 1 or value != int(value):
-        fail(key, value, "must be an integer >= 1")
-    elif name in ("warmup_epochs", "max_steps", "weight_decay"):
-      if value < 0:
-        fail(key, value, "must be >= 0")
-    elif name == "momentum":
-      if not 0 <= value < 1:
-        fail(key, value, "momentum must be in [0, 1)")
+    rule = range_rule(key)
+    if rule is not None and not rule[1][0](value):
+      fail(key, value, rule[1][1])
 
 
 # The lock file of each workdir this process holds (see check_workdir).
 _LOCKS: dict[str, Any] = {}
+# When this invocation started (time.time()): set by start_invocation.
+_INVOCATION = {"start": None, "pending": None}
+INVOCATIONS = "invocations.jsonl"  # in <workdir>/.jaxprune: one start and end per run
+
+
+def start_invocation(started: float | None = None):
+  """Marks the start of the invocation the report's ``wall_time_s`` counts.
+
+  The CLI passes its process start (kept until :func:`jaxprune.methods.run` calls this
+  without a time and makes it this invocation's start); a library caller's invocation
+  starts when ``methods.run`` is called.
+  """
+  if started is not None:
+    _INVOCATION["pending"] = started
+    return
+  _INVOCATION["start"] = _INVOCATION["pending"] or time.time()
+  _INVOCATION["pending"] = None
+
+
+def _record_invocation(workdir: str, kind: str):
+  """Appends ``{"start": t}`` or ``{"end": t}`` to the workdir's invocation log (process 0,
+  under the lock); a failed write loses only this run's share of ``wall_time_s``."""
+  if _INVOCATION["start"] is None:
+    return
+  # "locked": when this run took the workdir (a run killed before it wrote last then).
+  record = ({"start": _INVOCATION["start"], "locked": time.time()} if kind == "start" else
+            {"end": time.time()})
+  try:
+    with open(os.path.join(_meta_dir(workdir), INVOCATIONS), "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
+  except OSError:
+    pass
+
+
+def _last_write(workdir: str, before: float) -> float | None:
+  """The newest modification time in ``workdir`` earlier than ``before`` (the end of a run
+  that was killed without a chance to record it)."""
+  last = None
+  for root, dirs, files in os.walk(workdir):
+    dirs[:] = [d for d in dirs if d != ".jaxprune"] if root == workdir else dirs
+    for name in files:
+      try:
+        t = os.stat(os.path.join(root, name)).st_mtime
+      except OSError:
+        continue
+      if t < before and (last is None or t > last):
+        last = t
+  return last
+
+
+def run_wall_time(workdir: str) -> float | None:
+  """Seconds of every invocation that held ``workdir``, this one up to now: from each
+  process start (CLI) or ``methods.run`` call (library) to its exit; a run killed without
+  warning (SIGKILL) counts up to its last write to the workdir. None before
+  :func:`start_invocation`."""
+  if _INVOCATION["start"] is None:
+    return None
+  now = time.time()
+  try:
+    with open(os.path.join(_meta_dir(workdir), INVOCATIONS), encoding="utf-8") as f:
+      records = []
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          continue  # a cut last line (a kill while appending)
+  except OSError:
+    records = []
+  total, start = 0.0, None
+  for r in records:
+    if not isinstance(r, dict):
+      continue
+    if "start" in r:
+      if start is not None:  # killed: no end recorded
+        total += max((_last_write(workdir, r.get("locked", r["start"])) or start) - start, 0.0)
+      start = None if r["start"] == _INVOCATION["start"] else r["start"]
+    elif "end" in r and start is not None:
+      total += max(r["end"] - start, 0.0)
+      start = None
+  if start is not None:  # killed, and this run's start is not in the log
+    total += max((_last_write(workdir, _INVOCATION["start"]) or start) - start, 0.0)
+  return total + now - _INVOCATION["start"]
 
 
 def _meta_dir(workdir: str) -> str:
@@ -239,6 +387,7 @@ def _lock(workdir: str) -> str | None:
           f"{datetime.datetime.now().isoformat(timespec='seconds')}: {' '.join(sys.argv)}\n")
   f.flush()
   _LOCKS[key] = f
+  _record_invocation(workdir, "start")
   return None
 
 
@@ -246,6 +395,7 @@ def release_workdir(workdir: str):
   """Releases the lock :func:`check_workdir` took (process exit releases it too)."""
   f = _LOCKS.pop(os.path.realpath(workdir), None)
   if f is not None:
+    _record_invocation(workdir, "end")
     fcntl.flock(f, fcntl.LOCK_UN)
     f.close()
 
@@ -314,6 +464,53 @@ def check_batches(config: ml_collections.ConfigDict, datasets, sections) -> None
                          if section == "tas" else ""))
 
 
+def check_classes(datasets) -> None:
+  """A classifier needs two classes: a training set with fewer (``num_classes=1``, or
+  in-memory labels that are all one class) would report accuracy 1.0 for anything."""
+  train = datasets["train"]
+  if train.num_classes < 2:
+    raise UserError(f"The dataset {train.name!r} has {train.num_classes} class; a classifier "
+                    "needs at least 2 (set config.dataset.num_classes, or use other data).")
+  labels = getattr(train, "labels", None)
+  if labels is not None and len(labels):
+    present = np.unique(np.asarray(labels))
+    if present.size < 2:
+      raise UserError(f"Every training label of the dataset {train.name!r} is {present[0]}: "
+                      "one class, so any network scores accuracy 1.0; use data with at "
+                      "least 2 classes.")
+
+
+def device_memory_bytes() -> int:
+  """The memory of this process's first device: its allocator's limit on an accelerator,
+  the machine's physical memory on the CPU."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    stats = jax.local_devices()[0].memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  # not every backend has statistics
+    stats = {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_inference_batches(config: ml_collections.ConfigDict, datasets) -> None:
+  """``report.inference_batch_size`` (and ``tas.latency_batch``) are timed as one batch on
+  one device: its float32 input alone must fit in the device's memory."""
+  image_bytes = 4 * math.prod(datasets["train"].image_shape)
+  memory = device_memory_bytes()
+  keys = [("report.inference_batch_size", config.report.inference_batch_size)]
+  if config.get("method") == "tas" and config.tas.get("latency_batch"):
+    keys.append(("tas.latency_batch", config.tas.latency_batch))
+  for key, batch in keys:
+    need = int(batch) * image_bytes
+    if need > memory:
+      raise UserError(
+          f"config {key}={batch!r}: one batch of {batch} inputs of shape "
+          f"{tuple(datasets['train'].image_shape)} is {need / 2**30:.3g} GiB in float32 "
+          f"alone, more than the device's {memory / 2**30:.3g} GiB; lower it with "
+          f"--config.{key}=... (e.g. 128)")
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict, datasets=None,
                   sections=("train",)):
   """Locks the workdir, then writes ``<workdir>/config.json`` or checks it on a rerun.
@@ -324,10 +521,15 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, datasets=None
   :data:`RESUMABLE_FIELDS`; the config is also kept in ``.jaxprune/config.json``, so a
   deleted ``config.json`` is no way around it. A workdir without progress takes the
   new config. A second run on a locked workdir raises :class:`UserError`. With
-  ``datasets``, the batch sizes of ``sections`` are checked first (:func:`check_batches`).
+  ``datasets``, the data's classes (:func:`check_classes`), the batch sizes of
+  ``sections`` (:func:`check_batches`) and the inference batches
+  (:func:`check_inference_batches`) are checked first. Taking the lock starts this
+  invocation's entry in the workdir's invocation log (:func:`run_wall_time`).
   """
   if datasets is not None:
+    check_classes(datasets)
     check_batches(config, datasets, sections)
+    check_inference_batches(config, datasets)
   new = json.loads(config.to_json_best_effort())
   holder = None
   if distributed.is_main_process():

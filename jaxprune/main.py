@@ -3,20 +3,57 @@
 Overrides: ``--config.train.epochs=10``. Rerunning the same command resumes the
 run in DIR. See README.md for the recipes.
 """
-import difflib
-import importlib.util
 import os
+import signal
 import sys
+import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+_STARTED = [time.time()]  # the report's wall_time_s counts from here (before the imports)
 
-from jaxprune import methods
-from jaxprune.engine import checkpoint
-from jaxprune.engine import distributed
-from jaxprune.engine import runtime
-from jaxprune.engine.loop import Interrupted
-from jaxprune.errors import UserError
+
+def _interrupted(where: str):
+  """One line and exit 130 for a Ctrl-C (SIGINT) outside a training stage (a stage saves
+  a checkpoint and reports itself). ``os._exit``: a library's exit handler must not turn
+  it into a traceback, nor Python's own SIGINT exit into another code."""
+  advice = ("rerun the same command to start" if "before any work" in where else
+            "rerun the same command to resume" if "outside" in where else "nothing is lost")
+  print(f"interrupted (SIGINT) {where}; {advice}.", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(128 + signal.SIGINT)  # pylint: disable=protected-access
+
+
+_PHASE = ["before any work"]  # what a Ctrl-C outside the workdir's lock interrupts
+
+
+def _on_sigint(signum, frame):  # pylint: disable=unused-argument
+  """Until the run holds its workdir nothing is written: exit at once (a KeyboardInterrupt
+  raised inside a library's garbage-collection callback would be swallowed). After, unwind
+  (the workdir's lock and files are closed) and :func:`run` says it in one line."""
+  lib = sys.modules.get("jaxprune.config_lib")
+  if lib is not None and getattr(lib, "_LOCKS", None):
+    raise KeyboardInterrupt
+  _interrupted(_PHASE[0])
+
+
+if __name__ == "__main__":  # the command line only, not a program that imports this module
+  signal.signal(signal.SIGINT, _on_sigint)
+
+try:
+  import difflib
+  import importlib.util
+
+  from absl import app, flags, logging
+  from ml_collections import config_flags
+
+  from jaxprune import config_lib
+  from jaxprune import methods
+  from jaxprune.engine import checkpoint
+  from jaxprune.engine import distributed
+  from jaxprune.engine import runtime
+  from jaxprune.engine.loop import Interrupted
+  from jaxprune.errors import UserError
+except KeyboardInterrupt:
+  _interrupted("before any work")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, metrics, report.")
@@ -124,17 +161,34 @@ def main(argv):
     first = str(e).strip().splitlines()
     print(f"error: {first[-1].strip() if first else e} (loading --config)", file=sys.stderr)
     sys.exit(2)
+  run(config, FLAGS.workdir)
+
+
+def run(config, workdir: str):
+  """Runs the config's recipe; every way it can stop short is one line and an exit code."""
   try:
     runtime.configure(config.get("runtime") or {})  # before the backend starts
     distributed.initialize()  # one of several processes? (launch/ sets the environment)
-    methods.run(config, FLAGS.workdir)
+    config_lib.start_invocation(_STARTED.pop() if _STARTED else time.time())
+    methods.run(config, workdir)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except Interrupted as e:
     print(str(e), file=sys.stderr)
     sys.exit(128 + e.signum)
+  except KeyboardInterrupt:  # between stages, or while a stage's results are written
+    _interrupted("outside a training stage; what was finished is kept")
+  finally:
+    # The workdir is released: a Ctrl-C while the interpreter shuts down (library exit
+    # handlers) ends it at once, in one line.
+    _PHASE[0] = "while exiting, after the run ended"
+    if __name__ == "__main__":
+      signal.signal(signal.SIGINT, _on_sigint)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  try:
+    app.run(main, flags_parser=parse_flags)
+  except KeyboardInterrupt:  # while the flags and the config file load
+    _interrupted("before any work")

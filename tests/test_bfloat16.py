@@ -112,6 +112,15 @@ RECIPES = {
 }
 
 
+# "It learns": the mean of the last logged losses is below the mean of the first. Windows
+# (first, last) per recipe, default (2, 3). AutoPrune's 16 steps at its smoke lr jump about
+# in steps 2-7, and (2, 3) failed CI once (1.533 vs 1.506). This test's body run for
+# seeds 0-59 (issue 23): with (2, 3) the margin was 0.65 +- 0.29 (min 0.23; 0 of 60 failed,
+# a normal fit fails ~1.2% of runs); with (4, 4) 0.68 +- 0.18 (min 0.37; 0 of 60, a normal
+# fit ~1e-4 of runs). The same in float32.
+LEARNING_WINDOWS = {"autoprune": (4, 4)}
+
+
 def _apply(config, overrides):
   for dotted, value in overrides.items():
     *parents, leaf = dotted.split(".")
@@ -139,7 +148,8 @@ def test_bfloat16_recipe_starts_like_float32_learns_and_keeps_float32_state(tmp_
   f32, bf16 = runs["float32"], runs["bfloat16"]
   assert len(bf16) == len(f32) >= 12 and np.all(np.isfinite(bf16))
   np.testing.assert_allclose(bf16[:2], f32[:2], rtol=0.05)
-  assert bf16[-3:].mean() < bf16[:2].mean()  # it learns
+  first, last = LEARNING_WINDOWS.get(recipe, (2, 3))
+  assert bf16[-last:].mean() < bf16[:first].mean(), bf16  # it learns
   stages = sorted(d for d in (tmp_path / "bfloat16").iterdir() if (d / "final").exists())
   assert stages
   for stage in stages:

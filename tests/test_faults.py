@@ -302,7 +302,9 @@ def test_asyncio_report_of_a_failed_orbax_write_is_dropped_others_kept():
   assert "never retrieved" not in stderr("/site-packages/orbax/checkpoint/io.py")
 
 
-def test_report_wall_time_covers_every_invocation_and_each_stage(tmp_path):
+def test_report_stage_time_sums_each_stage_over_its_invocations(tmp_path):
+  """``stage_time_s`` counts the interrupted invocation's training too (``wall_time_s``,
+  the whole command's time: tests/test_faults_input.py)."""
   import time  # pylint: disable=g-import-not-at-top
   from jaxprune.engine import report  # pylint: disable=g-import-not-at-top
   run = _problem()
@@ -313,14 +315,12 @@ def test_report_wall_time_covers_every_invocation_and_each_stage(tmp_path):
 
   with pytest.raises(loop.Interrupted):
     run(tmp_path, on_step=slow_then_interrupt)
-  loop.time_in_stages(reset=True)  # what methods.run does at the start of an invocation
   t = time.perf_counter()
   run(tmp_path)
   invocation = time.perf_counter() - t
-  report.write_report(str(tmp_path), {"wall_time_s": invocation}, title="t")
+  report.write_report(str(tmp_path), {"train_time_s": invocation}, title="t")
   out = json.loads((tmp_path / "report.json").read_text())
   assert out["stage_time_s"]["stage"] >= 1.0
-  assert out["wall_time_s"] >= invocation + 0.9  # not just the last invocation
   assert "stage_time_s" in (tmp_path / "report.md").read_text()
 
 

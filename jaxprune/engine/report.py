@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.engine import loop
+from jaxprune import config_lib
 from jaxprune.engine import metrics as metrics_lib
 from jaxprune.errors import UserError
 
@@ -23,9 +23,17 @@ def measure_inference(model, variables, input_shape, batch_size: int = 128,
   # A local copy: the run's variables may be replicated over every process's devices.
   variables = jax.device_put(jax.device_get(variables), device)
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  x = jax.device_put(jax.random.normal(jax.random.key(0), (batch_size, *input_shape),
-                                       jnp.float32), device)
-  jax.block_until_ready(forward(variables, x))
+  try:
+    x = jax.device_put(jax.random.normal(jax.random.key(0), (batch_size, *input_shape),
+                                         jnp.float32), device)
+    jax.block_until_ready(forward(variables, x))
+  except Exception as e:  # pylint: disable=broad-except
+    if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+      raise
+    raise UserError(f"The inference benchmark at batch {batch_size} ran out of device memory"
+                    " (config report.inference_batch_size); the trained stages are kept: "
+                    "rerun with a smaller --config.report.inference_batch_size to write the "
+                    "report.") from None
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
@@ -72,9 +80,11 @@ def write_report(workdir: str, report: dict, *, title: str,
 
   ``models`` maps a model name ("base", "pruned", ...) to its row of numbers
   (accuracy, FLOPs, params, measured time) and becomes the markdown table. A
-  ``wall_time_s`` (this invocation's) becomes the run's total over every invocation:
-  the stages' accumulated training times (``stage_time_s``, also reported) plus this
-  invocation's time outside them.
+  ``wall_time_s`` becomes the whole command's time, summed over every invocation
+  that worked in ``workdir`` (interrupted, failed and resumed ones), each from its
+  process start to its exit, this one up to this report
+  (:func:`jaxprune.config_lib.run_wall_time`); ``stage_time_s`` gives each stage's
+  training time, summed over the invocations that trained it.
   """
   if jax.process_index() != 0:
     return
@@ -82,9 +92,10 @@ def write_report(workdir: str, report: dict, *, title: str,
   times = stage_times(workdir)
   if times:
     report["stage_time_s"] = times
-    if "wall_time_s" in report:
-      outside = max(float(report["wall_time_s"]) - loop.time_in_stages(), 0.0)
-      report["wall_time_s"] = outside + sum(times.values())
+  if "wall_time_s" in report:
+    total = config_lib.run_wall_time(workdir)
+    if total is not None:
+      report["wall_time_s"] = total
   full = dict(report)
   if models:
     full["models"] = {k: dict(v) for k, v in models.items()}

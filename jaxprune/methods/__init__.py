@@ -11,7 +11,6 @@ import importlib
 
 from jaxprune import config_lib
 from jaxprune.engine import distributed
-from jaxprune.engine import loop
 from jaxprune.engine import runtime
 from jaxprune.models import layers
 from jaxprune.errors import UserError
@@ -34,7 +33,7 @@ def run(config, workdir: str) -> dict:
   config_lib.validate(config)
   if hasattr(recipe, "validate"):
     recipe.validate(config)
-  loop.time_in_stages(reset=True)  # the report's wall time counts this run's stages
+  config_lib.start_invocation()  # the report's wall_time_s counts from here (or main's start)
   previous = layers.choice()
   settings = runtime.apply(config.get("runtime"))
   if distributed.is_main_process():

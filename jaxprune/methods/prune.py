@@ -50,6 +50,32 @@ def validate(config):
     raise UserError(f"prune.round_to={cfg.round_to} must be >= 1")
 
 
+def check_prunable(config, model, input_shape) -> None:
+  """The model has a prunable group and the target is reachable, before any training:
+  the graph is traced on freshly initialised variables and the channels of the final
+  target selected on uniform scores (reachability depends on the wiring only)."""
+  cfg = config.prune
+  variables = jax.jit(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, *input_shape)),
+                                         train=False))()
+  try:
+    g = graph.trace(model, variables, input_shape, ignore=tuple(cfg.ignore),
+                    round_to=cfg.round_to)
+  except UserError as e:
+    raise UserError(f"prune: model {config.model.name!r} cannot be traced for pruning: "
+                    f"{e}") from None
+  scores = {group.id: np.ones(group.width) for group in g.prunable()}
+  if not scores:
+    raise UserError(f"prune: model {config.model.name!r} has no prunable group (no conv or "
+                    "dense layer whose output channels can be removed"
+                    f"{', with prune.ignore=' + repr(tuple(cfg.ignore)) if cfg.ignore else ''}"
+                    "); nothing to prune.")
+  try:
+    surgery.select_channels(g, scores, global_ranking=cfg.global_ranking,
+                            **{f"{cfg.target}_ratio": cfg.ratio})
+  except UserError as e:
+    raise UserError(f"prune: config prune.ratio={cfg.ratio}: {e}") from None
+
+
 def taylor_grads(model, variables, ds, batch_size: int, seed: int):
   """Gradients of the cross-entropy on one training batch w.r.t. the params (eval-mode
   batch norm), for the Taylor criterion (Molchanov et al. 2019: ``|sum w * dL/dw|``)."""
@@ -78,6 +104,7 @@ def run(config, workdir: str) -> dict:
   input_shape = train_ds.image_shape
   model = baseline.build_model(config.model, train_ds.num_classes, train_ds.image_shape)
   baseline.check_selectors(config, model, train_ds.image_shape)
+  check_prunable(config, model, input_shape)
   config_lib.check_workdir(workdir, config, datasets,  # after the data and model checks
                            sections=("train", "finetune", "scratch"))
   batch = config.report.inference_batch_size

@@ -387,6 +387,7 @@ def attach_latency_table(net, config, workdir: str):
   else:
     table = search_lib.latency.plan(net.space, batch)
   table.set_program_ms(distributed.from_main(table.program_ms.astype(np.float32)))
+  check_latency_times(table.program_ms, path)
   net.latency = table
   return table
 
@@ -395,6 +396,17 @@ def _search_progress(workdir: str) -> bool:
   """Whether the search stage has a checkpoint (it computed under the table's costs)."""
   directory = os.path.join(workdir, "search", "checkpoints")
   return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+
+
+def check_latency_times(program_ms, path: str) -> None:
+  """Every op time of a latency table is a positive finite number (a zero or negative
+  time would make the cost loss's ratio NaN a few steps later)."""
+  ms = np.asarray(program_ms, np.float64)
+  bad = ~(np.isfinite(ms) & (ms > 0))
+  if bad.any():
+    raise UserError(f"The latency table {path} has {int(bad.sum())} of {ms.size} op times "
+                    f"that are not positive finite ms (e.g. {ms[bad][0]!r}); delete it so "
+                    "that the run measures a new one.")
 
 
 def search(config, workdir: str, datasets, mesh, on_step=None, net=None

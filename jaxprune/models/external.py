@@ -313,6 +313,19 @@ def _check_fits(model: nn.Module, spec: str, num_classes: int, input_shape) -> N
     raise UserError(f"model {spec!r} returns {shape if shape is not None else type(out).__name__}"
                     f" for a batch of 1; the dataset needs logits of shape "
                     f"(batch, {num_classes}).")
+  # A batch of 3 with the batch-1 variables: a model that mixes or flattens the batch
+  # (x.reshape(1, -1), a mean over axis 0) passes at batch 1 only.
+  x3 = jnp.zeros((3, *input_shape), jnp.float32)
+  try:
+    shape = getattr(jax.eval_shape(lambda v: model.apply(v, x3, train=False), variables),
+                    "shape", None)
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    shape = f"{type(e).__name__}: {first}"
+  if shape != (3, num_classes):
+    raise UserError(f"model {spec!r} runs on a batch of 1 but gives {shape} for a batch of "
+                    f"3 (want (3, {num_classes})): it mixes the examples of a batch; keep "
+                    "the batch axis, e.g. x.reshape(x.shape[0], -1).")
 
 
 def _subjaxprs(eqn):

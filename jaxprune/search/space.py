@@ -123,8 +123,14 @@ class SearchSpace:
 
   def __init__(self, model, variables, input_shape: Sequence[int], *, num_picks: int = 2,
                round_to: int = 1, ignore: Sequence[str] = (), depth: bool = True):
-    if int(num_picks) != num_picks or num_picks < 1:
-      raise UserError(f"num_picks must be a positive int, got {num_picks!r} (TAS uses 2).")
+    if (isinstance(num_picks, bool) or not isinstance(num_picks, (int, np.integer))
+        or num_picks < 2):
+      raise UserError(f"num_picks must be an int >= 2, got {num_picks!r}: with one pick the "
+                      "sampled width gets weight 1 and the width logits no gradient "
+                      "(TAS uses 2).")
+    if (isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer))
+        or round_to < 1):
+      raise UserError(f"round_to must be an int >= 1, got {round_to!r}.")
     self.model, self.variables = _as_linen(model, variables)
     self.input_shape = tuple(input_shape)
     self.num_picks = int(num_picks)

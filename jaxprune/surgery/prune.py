@@ -52,6 +52,7 @@ def prune(model, variables, input_shape: Sequence[int], keep: Mapping[Any, Seque
     >>> small = surgery.prune(model, variables, (32, 32, 3), {g.groups[1].id: [0, 2, 5]})
   """
   g = graph or graph_lib.trace(model, variables, input_shape, call)
+  keep = check_keep(g, keep)
   small = apply_slices(model, variables, graph_lib.kept_slices(g, keep), input_shape, call)
   small.approximate = approximate_groups(g, keep)
   return small
@@ -66,6 +67,41 @@ def approximate_groups(g: graph_lib.Graph, keep: Mapping[Any, Any]) -> dict[int,
     group = g.groups[key.id if isinstance(key, graph_lib.Group) else int(key)]
     if np.unique(np.asarray(kept)).size < group.width and group.exactness == "approximate":
       out[group.id] = group.effects
+  return out
+
+
+def check_keep(g: graph_lib.Graph, keep: Mapping[Any, Any]) -> dict[int, np.ndarray]:
+  """``keep`` as ``{group id: int64 indices}``: a boolean mask (the group's width long)
+  becomes the indices it selects; a non-integer key or index is a :class:`UserError`
+  (never truncated: 0.7 is not group 0, and True is not channel 1)."""
+  if not isinstance(keep, Mapping):
+    raise UserError(f"keep must map group ids to kept channels, got {type(keep).__name__}")
+  out = {}
+  for key, kept in keep.items():
+    if isinstance(key, graph_lib.Group):
+      gid = key.id
+    elif isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+      gid = int(key)
+    else:
+      raise UserError(f"keep has the key {key!r}: a group id is an int (or a Group)")
+    if not 0 <= gid < len(g.groups):
+      raise UserError(f"no group {gid}: the graph has {len(g.groups)} groups")
+    width = g.groups[gid].width
+    arr = np.asarray(kept)
+    if arr.dtype == np.bool_:  # a mask over the group's channels
+      if arr.shape != (width,):
+        raise UserError(f"keep[{gid}] is a boolean mask of shape {arr.shape}; group {gid} "
+                        f"has {width} channels, so the mask needs shape ({width},)")
+      arr = np.flatnonzero(arr)
+    elif arr.size and not np.issubdtype(arr.dtype, np.integer):
+      raise UserError(f"keep[{gid}] holds {arr.dtype} values ({arr.ravel()[:4].tolist()}"
+                      f"{'...' if arr.size > 4 else ''}): give int channel indices or a "
+                      "boolean mask")
+    if arr.ndim > 1:
+      raise UserError(f"keep[{gid}] has shape {arr.shape}: give a 1-D list of channels")
+    if gid in out:
+      raise UserError(f"keep names group {gid} twice")
+    out[gid] = arr.astype(np.int64).reshape(-1)
   return out
 
 
@@ -106,6 +142,7 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
     >>> small, info = surgery.prune_to(model, variables, (32, 32, 3), flops_ratio=0.5)
     >>> info["after"]["flops"] / info["before"]["flops"]   # <= 0.5
   """
+  round_to = pruner.check_round_to(round_to)
   g = graph_lib.trace(model, variables, input_shape, call, ignore=ignore, round_to=round_to)
   values = graph_lib.named_leaves(model, variables)
   groups = g.prunable(exact_only=exact_only)

@@ -23,6 +23,15 @@ from jaxprune.errors import UserError
 from jaxprune.graph import Graph
 
 
+def check_round_to(round_to) -> int:
+  """``round_to`` as an int >= 1; anything else (2.5, True, 0) is a :class:`UserError`."""
+  if (isinstance(round_to, (bool, np.bool_)) or not isinstance(round_to, (int, np.integer))
+      or round_to < 1):
+    raise UserError(f"round_to={round_to!r}: kept widths are rounded to a multiple of "
+                    "this; give an int >= 1")
+  return int(round_to)
+
+
 def _round(n: int, width: int, round_to: int) -> int:
   if round_to > 1:
     n = int(math.ceil(n / round_to) * round_to)
@@ -62,7 +71,7 @@ def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
     raise UserError(f"{metric}_ratio must be in (0, 1], got {ratio}")
   if not scores:
     raise UserError("no prunable group to select channels from")
-  round_to = graph.round_to if round_to is None else int(round_to)
+  round_to = check_round_to(graph.round_to if round_to is None else round_to)
   full = graph.predict({})[metric]
   target = ratio * full
   widths = {gid: graph.groups[gid].width for gid in scores}
