@@ -517,7 +517,10 @@ def check_equivalence(model, variables, shrunk: Shrunk, probe,
     ``interior_max_abs_diff`` and ``border_max_abs_diff`` (over every layer),
     ``activation_max_abs`` (scale of those outputs), ``logits_max_abs_diff``,
     ``logits_max_abs`` and ``argmax_agreement`` (fraction of probe inputs with
-    the same predicted class).
+    the same predicted class); ``approximate``: ``{group name: effects}`` of the
+    narrowed groups whose removal changes the function (a mean over the channels
+    such as LayerNorm's, see :attr:`jaxprune.graph.Group.exactness`): there the
+    shrunk network is not the masked one, whatever the differences above.
   """
   probe = np.asarray(probe, np.float32)
   input_shape = probe.shape[1:]
@@ -582,7 +585,15 @@ def check_equivalence(model, variables, shrunk: Shrunk, probe,
       interior = max(interior, float(diff.max()))
   logits = np.asarray(_forward(model, variables, call, probe))
   small = np.asarray(_forward(shrunk.model, shrunk.variables, call, probe))
-  return {"interior_max_abs_diff": interior, "border_max_abs_diff": border,
+  g = graph_lib.trace(model, variables, input_shape, call)
+  approximate = {}
+  for group in g.groups:
+    label = _label(g, group)
+    if (group.exactness == "approximate"
+        and shrunk.widths_after.get(label, group.width) < shrunk.widths_before.get(label, 0)):
+      approximate[label] = group.effects
+  return {"approximate": approximate,
+          "interior_max_abs_diff": interior, "border_max_abs_diff": border,
           "activation_max_abs": scale,
           "logits_max_abs_diff": float(np.abs(logits - small).max()),
           "logits_max_abs": float(np.abs(logits).max()),
