@@ -5,6 +5,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
@@ -181,11 +182,18 @@ def walk(traced: Traced) -> tuple[Walk, dict, np.ndarray, np.ndarray]:
     for (axis,), ids in label.items():
       leaf_ids[(i, axis)] = ids
     labels.append(label)
-  x_shape = traced.input_shape
-  x_ids = w.fresh((x_shape[-1],)) if len(x_shape) > 1 else np.zeros((0,), np.int64)
-  x_label = {(len(x_shape) - 1,): x_ids} if len(x_shape) > 1 and x_shape[-1] > 1 else {}
-  origins = list(range(len(traced.shapes))) + [None]
-  out_labels, _, _ = w.run(jaxpr, labels + [x_label], origins, [None] * len(origins))
+  # Every floating input's last axis is channels; integer inputs (token ids) have none.
+  x_labels, all_x_ids = [], []
+  for x_shape, x_dtype in zip(traced.input_shapes, traced.input_dtypes):
+    if len(x_shape) > 1 and jnp.issubdtype(x_dtype, jnp.inexact):
+      ids = w.fresh((x_shape[-1],))
+      all_x_ids.append(ids)
+      x_labels.append({(len(x_shape) - 1,): ids} if x_shape[-1] > 1 else {})
+    else:
+      x_labels.append({})
+  x_ids = np.concatenate(all_x_ids) if all_x_ids else np.zeros((0,), np.int64)
+  origins = list(range(len(traced.shapes))) + [None] * len(x_labels)
+  out_labels, _, _ = w.run(jaxpr, labels + x_labels, origins, [None] * len(origins))
   out_ids = [ids.ravel() for l in out_labels for ids in l.values()]
   out_ids = np.concatenate(out_ids) if out_ids else np.zeros((0,), np.int64)
   return w, leaf_ids, x_ids, out_ids

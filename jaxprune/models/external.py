@@ -8,6 +8,9 @@ with ``model.kwargs`` and returns such a module:
 - a Linen module that takes ``training``, ``deterministic`` (negated) or no mode flag
   is wrapped in :class:`WithTrain`, which shares its scope (the variable tree is the
   user's own);
+- a Linen model written for ``pmap`` (its train-mode forward uses a collective over
+  an axis name it does not bind, e.g. ``BatchNorm(axis_name='batch')``) is wrapped in
+  :class:`BindAxis`: the name is bound to the global batch;
 - an ``nnx.Module`` is wrapped in :class:`FromNNX`: its ``nnx.Param`` leaves become the
   ``params`` collection and its ``nnx.BatchStat`` leaves ``batch_stats``, under the
   module's own attribute paths (``params/conv1/kernel`` is the NNX ``conv1/kernel``).
@@ -29,6 +32,7 @@ import ast
 import dataclasses
 import importlib
 import inspect
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -109,22 +113,119 @@ class WithTrain(nn.Module):
   """A user's Linen module given the recipes' ``train`` argument (same variables).
 
   Attributes:
-    inner: the user's module.
+    jaxprune_inner: the user's module.
     flag: its own mode argument: "training", "deterministic" (passed ``not train``)
       or "" (it has none; ``train`` is ignored).
   """
-  inner: nn.Module
+  jaxprune_inner: nn.Module  # named so as not to clash with the user's submodules
   flag: str = ""
 
   def setup(self):
-    nn.share_scope(self, self.inner)
+    nn.share_scope(self, self.jaxprune_inner)
 
   def __call__(self, x, train: bool = False):
     if self.flag == "deterministic":
-      return self.inner(x, deterministic=not train)
+      return self.jaxprune_inner(x, deterministic=not train)
     if self.flag:
-      return self.inner(x, **{self.flag: train})
-    return self.inner(x)
+      return self.jaxprune_inner(x, **{self.flag: train})
+    return self.jaxprune_inner(x)
+
+
+def _takes_train(call) -> bool:
+  try:
+    return "train" in inspect.signature(call).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+class WithCall(nn.Module):
+  """A user's Linen module run through the user's ``call(variables, x)`` (token ids,
+  masks, positions unpacked from ``x``), as a Linen module ``apply(variables, x,
+  train)`` with the user's own variable tree.
+
+  ``call`` runs ``model.apply(variables, ...)`` of the original module; the arguments
+  that apply hands to the module's ``__call__`` are passed to this module's copy of it,
+  which reads this module's variables (so the smaller network of a rebuild, its
+  batch statistics and rngs are the ones used). ``call`` gets ``train=`` when it takes
+  it; otherwise it runs as written in both modes.
+
+  Attributes:
+    jaxprune_call_inner: the user's module.
+    call: ``call(variables, x)`` (or ``call(variables, x, train=...)``).
+  """
+  jaxprune_call_inner: nn.Module  # named so as not to clash with the user's submodules
+  call: Callable = None
+
+  def setup(self):
+    nn.share_scope(self, self.jaxprune_call_inner)
+
+  def __call__(self, x, train: bool = False):
+    target, own, seen = self.jaxprune_call_inner, self.scope, []
+
+    def redirect(next_fun, args, kwargs, context):
+      module = context.module
+      if (not seen and not module.path and context.method_name == "__call__"
+          and module.scope is not own):
+        seen.append(True)
+        return target(*args, **kwargs)
+      return next_fun(*args, **kwargs)
+    kwargs = {"train": train} if _takes_train(self.call) else {}
+    with nn.intercept_methods(redirect):
+      out = self.call({"params": {}}, x, **kwargs)
+    if not seen:
+      raise UserError(f"call(variables, x) never calls {type(target).__name__}'s __call__ "
+                      "through model.apply(variables, ...): pass a call that does.")
+    return out
+
+
+class BindAxis(nn.Module):
+  """A Linen model written for ``pmap`` (collectives over a named axis, e.g. Flax's
+  ImageNet ResNet's ``BatchNorm(axis_name='batch')``) run on the global batch.
+
+  In train mode the model runs once per example under a Linen ``vmap`` whose axis is
+  named ``axis_name``: a ``pmean`` over it is a mean over the global batch the jitted
+  step sees (batch statistics of the global batch, as the engine's own models), the
+  parameters and statistics are shared. In eval mode (running averages, no
+  collective) the model runs as it is. The variable tree is the user's own.
+
+  Attributes:
+    jaxprune_axis_inner: the user's module (taking ``train``).
+    axis_name: the axis name its collectives use.
+  """
+  jaxprune_axis_inner: nn.Module  # named so as not to clash with the user's submodules
+  axis_name: str = "batch"
+
+  def setup(self):
+    nn.share_scope(self, self.jaxprune_axis_inner)
+
+  def __call__(self, x, train: bool = False):
+    if not train:
+      return self.jaxprune_axis_inner(x, train=False)
+
+    def one(module, x):
+      return module.jaxprune_axis_inner(x[None], train=True)[0]
+    return nn.vmap(one, in_axes=0, out_axes=0, variable_axes={True: None},
+                   split_rngs={"params": False, "dropout": True},
+                   axis_name=self.axis_name)(self, x)
+
+
+_UNBOUND = re.compile(r"unbound axis name: ([A-Za-z_]\w*)")
+
+
+def _axis_names(model: nn.Module, input_shape) -> tuple[str, ...]:
+  """The axis names the model's train-mode forward uses but does not bind."""
+  x = jnp.zeros((2, *input_shape), jnp.float32)
+  try:
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    jax.eval_shape(lambda v: model.apply(v, x, train=True, mutable=True,
+                                         rngs={"dropout": jax.random.key(0)}), variables)
+  except NameError as e:
+    found = _UNBOUND.search(str(e))
+    if found:
+      return (found.group(1),)
+  except Exception:  # pylint: disable=broad-except
+    pass  # _check_fits says what else is wrong
+  return ()
 
 
 def _str_keys(tree):
@@ -202,6 +303,7 @@ class FromNNX(nn.Module):
     split: the module's graph and leaves (a :class:`_Split`).
   """
   split: Any
+  call: Any = None  # call(module, x), for a forward that needs more than x
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -233,7 +335,7 @@ class FromNNX(nn.Module):
         _reseed(module, self.make_rng("dropout"))
     else:
       module.eval()
-    y = module(x)
+    y = module(x) if self.call is None else self.call(module, x)
     if train and not self.is_initializing() and cells:
       new = _pure(_states(module)[1])
       for (collection, name), cell in cells.items():
@@ -285,15 +387,17 @@ def sliced_draw(draw: Callable | None, slices: Mapping[str, Mapping[int, Any]]):
   return sliced
 
 
-def from_nnx(module: nnx.Module, draw: Callable | None = None
+def from_nnx(module: nnx.Module, draw: Callable | None = None, call: Callable | None = None
              ) -> tuple[FromNNX, dict[str, Any]]:
   """``(FromNNX wrapper, its Linen variables)`` of an NNX module (weights copied).
 
   ``draw`` (``key -> pure leaves``, see :func:`draw_of`) makes ``init`` a fresh draw;
-  without it ``init`` returns the module's own weights.
+  without it ``init`` returns the module's own weights. ``call(module, x)`` runs the
+  module when its forward needs more than ``x`` (default ``module(x)``).
   """
   split = _Split(module, draw)
-  return FromNNX(split=split), jax.tree.map(jnp.asarray, dict(split.pure))
+  return (FromNNX(split=split, call=call),
+          jax.tree.map(jnp.asarray, dict(split.pure)))
 
 
 def _check_fits(model: nn.Module, spec: str, num_classes: int, input_shape) -> None:
@@ -427,6 +531,14 @@ def build(spec: str, kwargs: Mapping[str, Any] | str | None, num_classes: int,
   else:
     raise UserError(f"model {spec!r}: the factory returned a {type(made).__name__}, not "
                     "a Flax Linen module or an nnx.Module.")
+  names = _axis_names(model, input_shape) if isinstance(model, nn.Module) else ()
+  if names:
+    model = BindAxis(model, names[0])
+    more = _axis_names(model, input_shape)
+    if more:
+      raise UserError(f"model {spec!r} uses collectives over the axis names "
+                      f"{names + more}; one axis name (the batch's, as in "
+                      "BatchNorm(axis_name='batch')) is supported.")
   _check_fits(model, spec, num_classes, input_shape)
   if dtype is not None:
     _check_dtype(model, spec, dtype, input_shape)
@@ -434,5 +546,5 @@ def build(spec: str, kwargs: Mapping[str, Any] | str | None, num_classes: int,
 
 
 __all__ = ["is_external", "load_factory", "parse_kwargs", "build", "compute_dtypes",
-           "mode_flag", "WithTrain",
+           "mode_flag", "WithTrain", "WithCall", "BindAxis",
            "FromNNX", "from_nnx", "draw_of", "sliced_draw", "OTHER_COLLECTION"]

@@ -270,15 +270,15 @@ class SkipBlocks(nn.Module):
   """A Linen model with some of its submodules skipped (they return their input).
 
   Attributes:
-    inner: the model (a Linen module taking ``train``); its variables are this
+    jaxprune_skip_inner: the model (a Linen module taking ``train``); its variables are this
       module's, without the skipped submodules'.
     skipped: the ``/``-joined module paths of the skipped blocks.
   """
-  inner: nn.Module
+  jaxprune_skip_inner: nn.Module  # named so as not to clash with the user's submodules
   skipped: tuple[str, ...] = ()
 
   def setup(self):
-    nn.share_scope(self, self.inner)
+    nn.share_scope(self, self.jaxprune_skip_inner)
 
   def __call__(self, x, train: bool = False):
     skipped = set(self.skipped)
@@ -288,7 +288,7 @@ class SkipBlocks(nn.Module):
         return args[0]
       return next_fun(*args, **kwargs)
     with nn.intercept_methods(skip):
-      return self.inner(x, train=train)
+      return self.jaxprune_skip_inner(x, train=train)
 
 
 class _Identity(nnx.Module):
@@ -345,7 +345,7 @@ def skip_blocks(model, variables, prefixes: Sequence[str]):
         setattr(parent, last, _Identity())
     draw = model.split.draw
     fresh = None if draw is None else (lambda key: _drop(draw(key), prefixes))
-    wrapper, wvars = external.from_nnx(module, fresh)
+    wrapper, wvars = external.from_nnx(module, fresh, model.call)
     return wrapper, wvars
   if not isinstance(model, nn.Module):
     raise UserError(f"skip_blocks: {type(model).__name__} is not a Linen module.")

@@ -89,16 +89,18 @@ class _Factor:
   terms: list  # [(searched group index, [n_candidates] fraction of the ids kept)]
 
 
-def _as_linen(model, variables):
+def _as_linen(model, variables, call=None):
   """The engine's model form: a Linen module called with ``train``, and its variables."""
   if isinstance(model, nnx.Module):
     if variables is not None:
       raise UserError("an nnx.Module carries its own variables: pass variables=None.")
-    wrapper, variables = external.from_nnx(model)
+    wrapper, variables = external.from_nnx(model, call=call)
     return wrapper, variables
   if isinstance(model, nn.Module):
     if variables is None:
       raise UserError(f"the Linen module {type(model).__name__} needs its variables.")
+    if call is not None:
+      return external.WithCall(model, call), variables
     if not tracing.accepts_train(model):
       model = external.WithTrain(model, external.mode_flag(model))
     return model, variables
@@ -121,7 +123,7 @@ class SearchSpace:
     num_picks: |I|.
   """
 
-  def __init__(self, model, variables, input_shape: Sequence[int], *, num_picks: int = 2,
+  def __init__(self, model, variables, input_shape: Any, call=None, *, num_picks: int = 2,
                round_to: int = 1, ignore: Sequence[str] = (), depth: bool = True):
     if (isinstance(num_picks, bool) or not isinstance(num_picks, (int, np.integer))
         or num_picks < 2):
@@ -131,13 +133,14 @@ class SearchSpace:
     if (isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer))
         or round_to < 1):
       raise UserError(f"round_to must be an int >= 1, got {round_to!r}.")
-    self.model, self.variables = _as_linen(model, variables)
-    self.input_shape = tuple(input_shape)
+    self.model, self.variables = _as_linen(model, variables, call)
+    self.input_shape = (tuple(input_shape) if tracing._is_shape(input_shape)
+                        else input_shape)
     self.num_picks = int(num_picks)
     self.round_to = int(round_to)
     self.graph = graph_lib.trace(self.model, self.variables, input_shape, ignore=ignore,
                                  round_to=round_to)
-    closed, paths, leaves = self._eval_jaxpr(jnp.zeros((1, *input_shape), jnp.float32))
+    closed, paths, leaves = self._eval_jaxpr(self._example())
     found = self._mix_points(closed, paths, leaves)
     self.excluded: dict[int, str] = {}
     groups = []
@@ -147,12 +150,18 @@ class SearchSpace:
       # The mix acts on the last axis of a producer's output: the group's channels must
       # be that axis, in order (a kernel's last axis; not attention heads, not a
       # flattened spatial copy).
-      wrong = [m.path for m in g.members if m.role == "producer" and (
-          m.path not in found or found[m.path] != g.width or m.index.shape[1] != 1
+      producers = [m for m in g.members if m.role == "producer"]
+      unseen = [m.path for m in producers if m.path not in found]
+      wrong = [m.path for m in producers if m.path in found and (
+          found[m.path] != g.width or m.index.shape[1] != 1
           or m.axis != len(shapes[m.path]) - 1
           or not np.array_equal(m.index[:, 0], np.arange(g.width)))]
       if len(cands) < self.num_picks:
         self.excluded[g.id] = f"{len(cands)} width candidates < num_picks={num_picks}"
+      elif unseen:
+        self.excluded[g.id] = (f"producer {unseen[0]}: no conv or matmul reads it as its "
+                               "kernel alone (computed from other values first), so its "
+                               "output cannot be mixed")
       elif wrong:
         self.excluded[g.id] = (f"producer {wrong[0]} does not put the group's channels on "
                                "its output's last axis")
@@ -184,7 +193,8 @@ class SearchSpace:
     """The depth-searched stages: :func:`jaxprune.search.depth.find_stages` of the
     eval-mode jaxpr, less those the search cannot cost or the derived network cannot
     skip (``excluded_stages``: name -> reason)."""
-    found = depth_lib.find_stages(closed.jaxpr, paths + [None], len(paths))
+    found = depth_lib.find_stages(closed.jaxpr, paths + [None] * self._num_inputs(),
+                                  len(paths))
     op_kernels = [op.kernel for op in self.graph.ops]
     kept = []
     for st in found:
@@ -193,25 +203,53 @@ class SearchSpace:
       if not all(prefixes):
         name = f"stage{len(kept) + len(self.excluded_stages)}"
       reason = None
-      if any(not p for p in prefixes) or len(set(prefixes)) != len(prefixes) or any(
-          q.startswith(p + "/") for p in prefixes for q in prefixes if p != q):
+      # The block's module: the common prefix of its parameters, or a module above it
+      # (a block whose parameters all sit in a submodule of its branch, e.g.
+      # ``layers_1/layer``: the block ``layers_1`` adds its input back).
+      levels = self._block_modules(st, paths)
+      if not levels:
         reason = "its blocks are not modules of their own (the derived network skips modules)"
       elif any(sum(k in b.params for k in op_kernels) != b.layers for b in st.blocks):
         reason = "a block has matmuls without parameters (their cost is not mapped)"
       if reason:
         self.excluded_stages[name] = reason
         continue
-      kept.append((name, st))
-    if kept:
-      bad = self._check_skips(closed, paths, [st for _, st in kept])
-      for (name, st), ok in zip(list(kept), bad):
-        if not ok:
-          self.excluded_stages[name] = ("skipping its block modules does not give the "
-                                        "block's input (a block module is not x -> y)")
-      kept = [k for k, ok in zip(kept, bad) if ok]
+      for level in levels:
+        lifted = dataclasses.replace(st, blocks=[
+            dataclasses.replace(b, prefix=p) for b, p in zip(st.blocks, level)])
+        if self._check_skips(closed, paths, [lifted])[0]:
+          name = level[0] if len(level) == 1 else f"{level[0]}..{level[-1]}"
+          kept.append((name, lifted))
+          break
+      else:
+        self.excluded_stages[name] = ("skipping its block modules does not give the "
+                                      "block's input (a block module is not x -> y)")
     self.stages = [st for _, st in kept]
     self.depth_names = [name for name, _ in kept]
     self.depth_candidates = [st.candidates for st in self.stages]
+
+  @staticmethod
+  def _block_modules(st, paths) -> list[list[str]]:
+    """Candidate module paths of a stage's blocks, innermost first: their parameters'
+    common prefix, then each module above it that holds no other parameter, while the
+    blocks' modules stay distinct and not nested."""
+    params = [p for p in paths if p.startswith("params/")]
+    out = []
+    for lift in range(8):
+      level = []
+      for b in st.blocks:
+        parts = b.prefix.split("/") if b.prefix else []
+        if len(parts) <= lift:
+          return out
+        level.append("/".join(parts[:len(parts) - lift]))
+      if len(set(level)) != len(level) or any(
+          q.startswith(p + "/") for p in level for q in level if p != q):
+        return out
+      if any(p.startswith(f"params/{m}/") and p not in b.params
+             for b, m in zip(st.blocks, level) for p in params):
+        return out
+      out.append(level)
+    return out
 
   def _check_skips(self, closed, paths, stages) -> list[bool]:
     """Per stage: whether skipping its blocks' modules (every block but its first)
@@ -227,7 +265,7 @@ class SearchSpace:
     flat, treedef = jax.tree_util.tree_flatten(self.variables)
     del flat
     variables = jax.tree_util.tree_unflatten(treedef, concrete)
-    x = jnp.asarray(rng.normal(0, 1, (1, *self.input_shape)), jnp.float32)
+    x = self._example(rng)
     out = []
     for st in stages:
       blocks = st.blocks[0 if st.merged else 1:]
@@ -235,7 +273,7 @@ class SearchSpace:
         out.append(True)
         continue
       skip = {b.y: b.x for b in blocks}
-      want = depth_lib.eval_skipping(closed, concrete + [x], skip)
+      want = depth_lib.eval_skipping(closed, concrete + jax.tree.leaves(x), skip)
       try:
         model, small = depth_lib.skip_blocks(self.model, variables, [b.prefix for b in blocks])
         got = jax.tree.leaves(model.apply(small, x, train=False))
@@ -477,7 +515,8 @@ class SearchSpace:
         raise UserError(f"apply: {len(depth_probs)} depth weight vectors for "
                         f"{len(self.stages)} searched stages.")
       here = {st.key: st for st in depth_lib.find_stages(
-          closed.jaxpr, paths + [None], len(paths), allow_outputs=train)}
+          closed.jaxpr, paths + [None] * len(jax.tree.leaves(x)), len(paths),
+          allow_outputs=train)}
       for st, probs in zip(self.stages, depth_probs):
         found = here.get(st.key)
         if found is None:
@@ -487,8 +526,22 @@ class SearchSpace:
         stage_ends[outs[-1]] = [(outs[d - 1], probs[j])
                                 for j, d in enumerate(st.candidates)]
     outs = _Interpreter(paths, self._group_of_kernel, list(selections), stage_ends).run(
-        closed, leaves + [x])
+        closed, leaves + jax.tree.leaves(x))
     return jax.tree_util.tree_unflatten(jax.tree.structure(out_shape), outs)
+
+  def _num_inputs(self) -> int:
+    return len(jax.tree.leaves(tracing.example_inputs(self.input_shape)))
+
+  def _example(self, rng=None):
+    """A batch of one example (zeros; with ``rng``, normal floats, integer inputs and
+    masks zeros and ones)."""
+    def one(a):
+      if rng is None:
+        return jnp.zeros(a.shape, a.dtype)
+      if jnp.issubdtype(a.dtype, jnp.inexact):
+        return jnp.asarray(rng.normal(0, 1, a.shape), a.dtype)
+      return jnp.asarray(rng.integers(0, 2, a.shape), a.dtype)
+    return jax.tree.map(one, tracing.example_inputs(self.input_shape))
 
   def _eval_jaxpr(self, x):
     """``(closed eval-mode jaxpr, leaf paths, abstract leaves)`` of the model."""
@@ -501,9 +554,9 @@ class SearchSpace:
 
   def _mix_points(self, closed, paths, leaves) -> dict[str, int]:
     """``{producer kernel path: channel count at its mixing point}`` (abstract run)."""
-    x = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
+    x = tracing.example_inputs(self.input_shape)
     interp = _Interpreter(paths, None, None)
-    jax.eval_shape(lambda ls, x: interp.run(closed, list(ls) + [x]), leaves, x)
+    jax.eval_shape(lambda ls, x: interp.run(closed, list(ls) + jax.tree.leaves(x)), leaves, x)
     return interp.found
 
 
@@ -532,7 +585,7 @@ class _Interpreter:
     self.found: dict[str, int] = {}
 
   def run(self, closed, args):
-    tags = [("leaf", p) for p in self.paths] + [None]
+    tags = [("leaf", p) for p in self.paths] + [None] * (len(args) - len(self.paths))
     return self._eval(closed.jaxpr, closed.consts, args, tags, top=True)
 
   # Static analysis of one jaxpr level: kernel tags and chain ends.
@@ -560,9 +613,10 @@ class _Interpreter:
         if len(leaf_side) == 1 and _is_kernel(in_tags[leaf_side[0]][1]):
           starts[eqn.outvars[0]] = in_tags[leaf_side[0]][1]
           continue
+      tag = _leaf_tag(eqn, in_tags)
+      if tag is not None:
+        tags[eqn.outvars[0]] = tag
       if name in _PASS or name in _SHAPE:
-        if in_tags and in_tags[0] is not None and in_tags[0][0] == "leaf":
-          tags[eqn.outvars[0]] = in_tags[0]
         continue
       nested = _subjaxpr(eqn)
       if nested is not None and any(t and t[0] == "leaf" for t in in_tags):
@@ -606,10 +660,9 @@ class _Interpreter:
           outs = eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(eqn.params))
         if not eqn.primitive.multiple_results:
           outs = [outs]
-      name = eqn.primitive.name
-      if name in _PASS or name in _SHAPE:
-        if in_tags and in_tags[0] is not None:
-          tag_env[eqn.outvars[0]] = in_tags[0]
+      tag = _leaf_tag(eqn, in_tags)
+      if tag is not None:
+        tag_env[eqn.outvars[0]] = tag
       for v, o in zip(eqn.outvars, outs):
         if v in ends:
           o = self._mix(ends[v], o)
@@ -632,6 +685,22 @@ class _Interpreter:
         sel.widths, sel.out_width, c_full)  # [k, C, C]
     mix = jnp.einsum("k,kcd->cd", sel.weights.astype(jnp.float32), cwi)
     return jnp.matmul(y.astype(jnp.float32), mix).astype(y.dtype)
+
+
+def _leaf_tag(eqn, in_tags):
+  """The leaf an eqn's output is computed from alone: a cast, reshape or transpose of a
+  parameter, or any op on one parameter (a weight-standardised kernel, ``(w -
+  mean(w)) / std(w)``), so that the conv reading it is that kernel's layer."""
+  if len(eqn.outvars) != 1:
+    return None
+  name = eqn.primitive.name
+  if name in _PASS or name in _SHAPE:
+    t = in_tags[0] if in_tags else None
+    return t if t is not None and t[0] == "leaf" else None
+  tags = [t for t, v in zip(in_tags, eqn.invars) if not isinstance(v, jex.core.Literal)]
+  if tags and all(t is not None and t[0] == "leaf" for t in tags) and len(set(tags)) == 1:
+    return tags[0]
+  return None
 
 
 def _is_kernel(path: str) -> bool:

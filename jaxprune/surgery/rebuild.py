@@ -96,14 +96,16 @@ def rebuild(model: Any, variables: Any, slices: Slices, input_shape: Any = None,
     variables: the Linen variables (every collection), or None for NNX.
     slices: ``{leaf path: {axis: sorted kept indices along that axis}}``; leaves
       and axes not named are kept whole.
-    input_shape: one example's shape (e.g. ``(32, 32, 3)``, float32), or an array /
-      ``jax.ShapeDtypeStruct`` of a whole batch (e.g. int tokens). When given, the
-      smaller network is run once (abstractly for Linen) to check it; Linen user
-      layers' attributes are inferred only then.
-    call: NNX: ``call(module, x)`` runs the module for the check (default
-      ``module(x)`` on an ``.eval()`` copy). Linen: unused by the check, which calls
-      ``init``/``apply`` of the pruned module with ``train=False`` when the module
-      takes ``train`` (a Linen ``call`` closes over the original module).
+    input_shape: one example's shape (e.g. ``(32, 32, 3)``, float32), an array /
+      ``jax.ShapeDtypeStruct`` of a whole batch (e.g. int tokens), or a pytree of
+      shapes and structs (several inputs, see
+      :func:`jaxprune.graph.tracing.example_inputs`). When given, the smaller network
+      is run once (abstractly for Linen) to check it; Linen user layers' attributes
+      are inferred only then.
+    call: how the model runs on ``x``: NNX ``call(module, x)`` (default ``module(x)``
+      on an ``.eval()`` copy); Linen ``call(variables, x)`` (default ``apply(variables,
+      x)``, with ``train=False`` when the module takes ``train``). The check calls the
+      pruned module with the arguments the original receives from ``call``.
     overrides: ``{module path: {attribute: value}}`` set on those modules, for user
       layers whose attributes cannot be derived (module path '/'-joined, relative
       to the model, e.g. ``"blocks_0/mlp"``; ``""`` is the model itself).
@@ -129,7 +131,7 @@ def rebuild(model: Any, variables: Any, slices: Slices, input_shape: Any = None,
     if variables is None:
       raise UserError("rebuild: a Linen module needs its variables "
                       "(the dict with 'params', 'batch_stats', ...).")
-    return _rebuild_linen(model, variables, slices, input_shape, overrides)
+    return _rebuild_linen(model, variables, slices, input_shape, overrides, call)
   raise UserError(f"rebuild: {type(model).__name__} is neither a flax.linen.Module nor "
                   "an nnx.Module; a pure function f(params, x) has no module to "
                   "rebuild: slice its params with jaxprune.surgery.slice_tree.")
@@ -184,10 +186,67 @@ def _check_paths(slices, paths):
                     f"leaves: {shown}")
 
 
+def _abstract_example(input_shape):
+  """The input(s) as ``jax.ShapeDtypeStruct`` s: an array / struct is a whole batch
+  as it is; a shape, or a pytree of shapes and structs, as for
+  :func:`jaxprune.graph.tracing.example_inputs` (batch of one)."""
+  if tracing._is_struct(input_shape):
+    return jax.ShapeDtypeStruct(np.shape(input_shape), jnp.dtype(input_shape.dtype))
+  return tracing.example_inputs(input_shape)
+
+
 def _example(input_shape):
-  if hasattr(input_shape, "shape") and hasattr(input_shape, "dtype"):
-    return jnp.zeros(input_shape.shape, input_shape.dtype)
-  return jnp.zeros(tracing.example_shape(input_shape, None), jnp.float32)
+  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), _abstract_example(input_shape))
+
+
+def _is_array(a) -> bool:
+  return hasattr(a, "shape") and hasattr(a, "dtype")
+
+
+def _eval_shape(fn, args, kwargs):
+  """``jax.eval_shape(fn, *args, **kwargs)`` with the non-array leaves (flags such as
+  ``train=False``) passed as they are."""
+  flat, tree = jax.tree.flatten((args, kwargs))
+  dyn = [i for i, a in enumerate(flat) if _is_array(a)]
+
+  def run(values):
+    full = list(flat)
+    for i, v in zip(dyn, values):
+      full[i] = v
+    a, k = jax.tree.unflatten(tree, full)
+    return fn(*a, **k)
+  return jax.eval_shape(run, [jax.ShapeDtypeStruct(np.shape(flat[i]),
+                                                   jnp.result_type(flat[i])) for i in dyn])
+
+
+def _root_call(model, variables, call, x):
+  """``(args, kwargs)`` the Linen `model`'s ``__call__`` receives when ``call(variables,
+  x)`` runs (abstractly; arrays as ``jax.ShapeDtypeStruct`` s): how the rebuild's check
+  calls the pruned module the way the user's ``call`` does (token ids, masks, flags)."""
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if not seen and not context.module.path and context.method_name == "__call__":
+      seen.append(jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if _is_array(a) else a,
+          (tuple(args), dict(kwargs))))
+    return next_fun(*args, **kwargs)
+  try:
+    with nn.intercept_methods(record):
+      jax.eval_shape(lambda v, x: call(v, x), variables, x)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"rebuild: call(variables, x) of the original "
+                    f"{type(model).__name__} failed on the check input: "
+                    f"{type(e).__name__}: {_first_line(e)}") from e
+  if not seen:
+    raise UserError(f"rebuild: call(variables, x) never calls the "
+                    f"{type(model).__name__}'s __call__ (the check calls the pruned "
+                    "module the way call does); call model.apply(variables, ...).")
+  return seen[0]
+
+
+def _first_line(e) -> str:
+  return (str(e).splitlines() or [""])[0]
 
 
 def _int_attrs(obj, names):
@@ -260,20 +319,25 @@ class Rebuilt(nn.Module):
   """The user's Linen module run at pruned widths (see the module docstring).
 
   Attributes:
-    base: the original module (its attributes are not changed).
+    jaxprune_base: the original module (its attributes are not changed; named so as
+      not to clash with the user's submodules; also ``base``).
     shapes: ``((leaf path, old shape, new shape), ...)`` of the changed leaves.
     overrides: ``((module path, ((attribute, value), ...)), ...)``.
   """
-  base: nn.Module
+  jaxprune_base: nn.Module
   shapes: tuple = ()
   overrides: tuple = ()
 
   def setup(self):
-    nn.share_scope(self, self.base)
+    nn.share_scope(self, self.jaxprune_base)
 
   def __call__(self, *args, **kwargs):
     with nn.intercept_methods(self._interceptor()):
-      return self.base(*args, **kwargs)
+      return self.jaxprune_base(*args, **kwargs)
+
+  @property
+  def base(self) -> nn.Module:
+    return self.jaxprune_base
 
   def _interceptor(self):
     new = {p: s for p, _, s in self.shapes}
@@ -297,6 +361,10 @@ class Rebuilt(nn.Module):
         for name, value in attrs.items():
           # A bound module is this call's own clone; its dataclass is frozen.
           object.__setattr__(module, name, value)
+        _RUNNING.append((mpath, module))
+        out = next_fun(*args, **kwargs)
+        _RUNNING.pop()
+        return out
       return next_fun(*args, **kwargs)
     return interceptor
 
@@ -320,7 +388,7 @@ def _rebuilt_class(base_cls):
 _accepts_train = tracing.accepts_train  # one reading of `train`
 
 
-def _rebuild_linen(model, variables, slices, input_shape, overrides):
+def _rebuild_linen(model, variables, slices, input_shape, overrides, call=None):
   variables = jax.tree.map(np.asarray, dict(variables))
   small = jax.tree.map(jnp.asarray, slice_tree(variables, slices))
   old_flat = {leaf_path(kp): np.shape(x)
@@ -336,31 +404,81 @@ def _rebuild_linen(model, variables, slices, input_shape, overrides):
                  if old_flat[p] != new_flat[p])
   wrapped = _linen_wrap(model, shapes, overrides)
   if input_shape is not None:
-    wrapped = _check_linen(wrapped, model, small, input_shape, shapes, overrides)
+    x = _abstract_example(input_shape)
+    if call is not None:
+      args, kwargs = _root_call(model, variables, call, x)
+    else:
+      args, kwargs = (x,), ({"train": False} if _accepts_train(model) else {})
+    wrapped = _check_linen(wrapped, model, small, args, kwargs, shapes, overrides)
   return Pruned(model=wrapped, variables=small,
                 shapes={p: (o, n) for p, o, n in shapes})
 
 
 def _linen_wrap(model, shapes, overrides):
   frozen = tuple(sorted((m, tuple(sorted(a.items()))) for m, a in overrides.items()))
-  return _rebuilt_class(type(model))(base=model, shapes=shapes, overrides=frozen)
+  return _rebuilt_class(type(model))(jaxprune_base=model, shapes=shapes,
+                                           overrides=frozen)
 
 
 def _abstract_init(wrapped, x, kwargs):
-  return jax.eval_shape(lambda: wrapped.init(jax.random.key(0), x, **kwargs))
+  """``init`` of the pruned module, abstractly; ``x`` is the positional args."""
+  return _eval_shape(lambda *a, **k: wrapped.init(jax.random.key(0), *a, **k), x, kwargs)
 
 
-def _check_linen(wrapped, model, small, input_shape, shapes, overrides):
-  """Runs ``init`` and ``apply`` abstractly; infers user layers' attributes."""
-  x = _example(input_shape)
-  kwargs = {"train": False} if _accepts_train(model) else {}
+# The modules whose methods are running in the pruned module (innermost last): after a
+# failed run, the layer that failed.
+_RUNNING: list = []
+
+
+def _run_failed(e, shapes) -> UserError:
+  """One line for a pruned module that fails to run: the innermost layer running and
+  the error, and what to pass (a width computed from a config or a constant)."""
+  mpath, module = _RUNNING[-1] if _RUNNING else ("", None)
+  kind = type(module).__name__ if module is not None else "layer"
+  names = [f.name for f in dataclasses.fields(module)
+           if f.name not in ("parent", "name")] if module is not None else []
+  sizes = sorted({a for _, o, n in shapes for a, b in zip(o, n) if a != b})
+  config = [n for n in names if _holds_size(getattr(module, n, None), sizes)]
+  where = f"layer {mpath or '<model>'!r} ({kind})"
+  hint = (f"pass overrides={{{mpath!r}: {{{(config or ['attribute'])[0]!r}: <value at the "
+          f"pruned width>}}}}" if names else "")
+  return UserError(
+      f"rebuild: {where} fails at the pruned widths: {type(e).__name__}: "
+      f"{_first_line(e)} -- it computes a size (one of {sizes} before pruning) from its "
+      f"configuration or a constant; {hint + ', or ' if hint else ''}keep that group "
+      "whole with ignore=[a leaf-path pattern of its members].")
+
+
+def _holds_size(value, sizes) -> bool:
+  """Whether a config-like attribute (a dataclass, an object, a dict) holds one of the
+  integer `sizes` (e.g. an HF config's ``hidden_size``)."""
+  if isinstance(value, (int, float, str, bool, type(None), type)) or callable(value):
+    return False
+  fields = value if isinstance(value, Mapping) else getattr(value, "__dict__", None)
+  if not isinstance(fields, Mapping):
+    return False
+  return any(isinstance(v, int) and not isinstance(v, bool) and v in sizes
+             for v in fields.values())
+
+
+def _check_linen(wrapped, model, small, x, kwargs, shapes, overrides):
+  """Runs ``init`` and ``apply`` abstractly; infers user layers' attributes. ``x`` is
+  the tuple of positional args of the module's ``__call__``, ``kwargs`` its keywords."""
   want = {p: np.shape(v) for p, v in _flat(small).items()}
 
-  def mismatches(w):
-    got = {p: tuple(v.shape) for p, v in _flat(_abstract_init(w, x, kwargs)).items()}
+  def mismatches(w, strict=False):
+    _RUNNING.clear()
+    try:
+      got = {p: tuple(v.shape) for p, v in _flat(_abstract_init(w, x, kwargs)).items()}
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      if strict:
+        raise _run_failed(e, shapes) from e
+      return {p: (None, s) for p, s in want.items()}
     return {p: (got.get(p), s) for p, s in want.items() if got.get(p) != s}
 
-  bad = mismatches(wrapped)
+  bad = mismatches(wrapped, strict=True)
   if bad:
     modules = _linen_modules(wrapped, x, kwargs)
     for mpath in sorted({_owner(p) for p in bad}):
@@ -371,7 +489,7 @@ def _check_linen(wrapped, model, small, input_shape, shapes, overrides):
       if found is not None:
         overrides = {**overrides, mpath: found}
         wrapped = _linen_wrap(model, shapes, overrides)
-    bad = mismatches(wrapped)
+    bad = mismatches(wrapped, strict=True)
   if bad:
     path, (got, want_shape) = next(iter(sorted(bad.items())))
     mpath = _owner(path)
@@ -392,10 +510,10 @@ def _check_linen(wrapped, model, small, input_shape, shapes, overrides):
         f"derived: pass overrides={{{mpath!r}: {{attribute: value}}}}, or the slices are "
         "not a consistent group.")
   try:
-    jax.eval_shape(lambda v: wrapped.apply(v, x, **kwargs), small)
+    _eval_shape(lambda v, *a, **k: wrapped.apply(v, *a, **k), (small, *x), kwargs)
   except Exception as e:  # an inconsistent set of slices
     raise UserError(f"rebuild: the smaller network does not run: "
-                    f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+                    f"{type(e).__name__}: {_first_line(e)}") from e
   return wrapped
 
 
@@ -408,7 +526,8 @@ def _owner(path: str) -> str:
 
 
 def _linen_modules(wrapped, x, kwargs):
-  """``{module path: bound module}`` seen during an abstract ``init``."""
+  """``{module path: bound module}`` seen during an abstract ``init`` (a failing one
+  too: the modules seen before it failed)."""
   seen = {}
 
   def record(next_fun, args, kw, context):
@@ -416,7 +535,10 @@ def _linen_modules(wrapped, x, kwargs):
       seen.setdefault("/".join(context.module.path), context.module)
     return next_fun(*args, **kw)
   with nn.intercept_methods(record):
-    _abstract_init(wrapped, x, kwargs)
+    try:
+      _abstract_init(wrapped, x, kwargs)
+    except Exception:  # pylint: disable=broad-except
+      pass
   return seen
 
 
@@ -577,7 +699,8 @@ def _rebuild_from_nnx(model, variables, slices, input_shape, overrides):
     collection_of[rest], inner[rest] = collection, spec
   pruned = _rebuild_nnx(model.module(variables), inner, None, None, overrides)
   wrapper, small = external.from_nnx(pruned.model,
-                                     external.sliced_draw(model.split.draw, inner))
+                                     external.sliced_draw(model.split.draw, inner),
+                                     model.call)
   if input_shape is not None:
     try:
       jax.eval_shape(lambda v: wrapper.apply(v, _example(input_shape), train=False), small)
