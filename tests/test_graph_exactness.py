@@ -349,3 +349,20 @@ def test_exact_only_with_no_exact_group_is_one_line():
   p = {"a": jnp.ones((3, 6)), "b": jnp.ones((6, 2))}
   with pytest.raises(UserError, match="exact_only=True: none of the 1 prunable groups"):
     surgery.prune_to(f, p, (3,), flops_ratio=0.5, exact_only=True)
+
+
+def test_l1_importance_scores_whole_kv_groups():
+  """A heads group's l1 score of KV group c is the |w| sum of its k and v head, its query
+  heads and their output-projection rows, by hand from the kernels."""
+  model = GQADecoder(rngs=nnx.Rngs(3))
+  g = graph.trace(model, None, (T,), lambda m, x: m(x.astype(jnp.int32)))
+  (heads,) = by_kind(g, "heads")
+  scores = surgery.importance.group_scores(g, graph.named_leaves(model, None), "l1",
+                                           groups=[heads])[heads.id]
+  a = lambda w: np.abs(np.asarray(w, np.float64))
+  q, k, v, o = (a(m.kernel) for m in (model.q, model.k, model.v, model.o))
+  hd, per = model.hd, model.heads // model.kv * model.hd  # query columns per KV group
+  want = [q[:, c * per:(c + 1) * per].sum() + k[:, c * hd:(c + 1) * hd].sum()
+          + v[:, c * hd:(c + 1) * hd].sum() + o[c * per:(c + 1) * per].sum()
+          for c in range(model.kv)]
+  np.testing.assert_allclose(scores, want, rtol=1e-6)
