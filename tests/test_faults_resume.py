@@ -170,6 +170,25 @@ def test_cut_last_history_line_after_a_finished_search_is_rebuilt(
   assert _files(workdir) == want
 
 
+def test_lost_earlier_history_record_is_one_line(tmp_path, compile_cache, tas_reference):
+  """A finished search whose arch_history.jsonl lost a whole earlier line (epoch 1 or 2)
+  cannot rebuild it (only the last epoch's state is kept): one line naming the epoch,
+  no architecture written."""
+  seed, reference, _, _ = tas_reference
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  os.remove(workdir / "architecture.json")
+  path = workdir / "search" / "arch_history.jsonl"
+  lines = path.read_text().splitlines(keepends=True)
+  lost = int(np.random.default_rng().integers(0, 2))
+  path.write_text("".join(lines[:lost] + lines[lost + 1:]))
+  rc, _, err = _tas(workdir, seed, compile_cache)
+  last = [l for l in err.strip().splitlines() if l.strip()]
+  assert rc == 2 and len(last) == 1, err[-3000:]
+  assert f"has no record of search epoch {lost + 1}" in last[0], last[0]
+  assert not (workdir / "architecture.json").exists()
+
+
 # --- A disk that fills up while TensorBoard still holds unwritten events. ---------------
 
 def test_full_disk_under_tensorboard_events_is_one_line(tmp_path):
