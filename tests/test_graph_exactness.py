@@ -366,3 +366,28 @@ def test_l1_importance_scores_whole_kv_groups():
           + v[:, c * hd:(c + 1) * hd].sum() + o[c * per:(c + 1) * per].sum()
           for c in range(model.kv)]
   np.testing.assert_allclose(scores, want, rtol=1e-6)
+
+
+def test_a_sum_over_channels_is_exact_only_where_zeroed_channels_stay_zero():
+  """l2-normalisation sums squares (a zeroed channel adds 0): exact. A softmax written
+  as exp(y) / sum(exp(y)) sums exp(0) = 1 for a zeroed channel: approximate."""
+  def l2(p, x):
+    y = x @ p["a"]
+    return (y / jnp.sqrt(jnp.sum(y * y, -1, keepdims=True) + 1e-6)) @ p["b"]
+
+  def softmax(p, x):
+    y = jnp.exp(x @ p["a"])
+    return (y / jnp.sum(y, -1, keepdims=True)) @ p["b"]
+  rng = np.random.default_rng(0)
+  p = {"a": jnp.asarray(rng.normal(size=(3, 6)), jnp.float32),
+       "b": jnp.asarray(rng.normal(size=(6, 2)), jnp.float32)}
+  x = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  gone, kept = np.array([1, 4]), np.array([0, 2, 3, 5])
+  masked_p = {"a": p["a"].at[:, gone].set(0), "b": p["b"].at[gone].set(0)}
+  for f, exact in ((l2, True), (softmax, False)):
+    g = graph.trace(f, p, (3,))
+    (hidden,) = g.prunable()
+    assert hidden.exactness == ("exact" if exact else "approximate"), str(hidden)
+    small = surgery.prune(f, p, (3,), {hidden.id: kept}, graph=g)
+    diff = float(np.max(np.abs(f(small.variables, x) - f(masked_p, x))))
+    assert (diff < 1e-5) if exact else (diff > 1e-3 and "exp(...)" in hidden.effects[0])

@@ -33,6 +33,8 @@ integer_pow square abs erf erfc erf_inv lgamma digamma igamma convert_element_ty
 copy_p reduce_precision real imag conj sharding_constraint mesh_cast reshard
 optimization_barrier stop_gradient
 """.split())
+NONZERO_AT_ZERO = frozenset("exp exp2 cos cosh logistic erfc log rsqrt acos ne not "
+                            "lgamma digamma".split())
 SHAPE_ONLY = frozenset("reshape broadcast_in_dim convert_element_type squeeze expand_dims "
                        "transpose copy copy_p".split())
 REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or "
@@ -390,8 +392,32 @@ class Walk:
       n = math.prod(shape[a] for a in axes)
       if any(abs(f * n - 1) < 1e-4 for f in self._scales(eqn.outvars[0], forward=True)):
         self.effect(reduced, f"mean over the channels (sum / {n})")
+        return
+      op = self._nonzero_at_zero(eqn.invars[0])
+      if op is not None:  # a zeroed channel is f(0) != 0 there: it still adds
+        self.effect(reduced, f"sum over the channels of {op}(...)")
       return
     self.effect(reduced, f"{name} over the channels")
+
+  def _nonzero_at_zero(self, var, depth=8):
+    """The elementwise op with f(0) != 0 (exp, cos, logistic, adding a constant...)
+    that computed `var` from zeroed channels, following elementwise ops back; None when
+    a zeroed channel stays zero."""
+    if depth == 0 or _is_literal(var) or var not in self._defs:
+      return None
+    e = self._defs[var]
+    name = e.primitive.name
+    if name in NONZERO_AT_ZERO:
+      return name
+    if name in ("add", "sub", "add_any", "max", "min") and any(
+        (c := self._const_value(v)) is not None and c != 0 for v in e.invars):
+      return name
+    if name in ELEMENTWISE or name in SHAPE_ONLY:
+      for v in e.invars:
+        found = self._nonzero_at_zero(v, depth - 1)
+        if found is not None:
+          return found
+    return None
 
   def _scales(self, var, forward: bool) -> list[float]:
     """Literal factors that multiply `var` (1/c for a division by c), following
