@@ -78,11 +78,14 @@ class Pruned:
     shapes: ``{leaf path: (old shape, new shape)}`` of every leaf that changed.
     stale: NNX: ``{module path: attribute names}`` of user modules whose integer
       attributes may still hold a removed size (see the module docstring).
+    approximate: set by :func:`jaxprune.surgery.prune`: ``{group id: effects}`` of
+      the narrowed groups whose removal changes the function (empty: exact).
   """
   model: Any
   variables: Any
   shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
   stale: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  approximate: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 def rebuild(model: Any, variables: Any, slices: Slices, input_shape: Any = None,
