@@ -460,3 +460,22 @@ def test_search_space_mixes_weight_standardised_nhwc_convs():
                              model.apply(variables, x), rtol=1e-5, atol=1e-5)
   derived, small = space.derived_network(space.init_arch(jax.random.key(1)))
   assert derived.apply(small, x, train=False).shape == (2, 3)
+
+
+def test_search_space_on_a_pmap_model_mixes_with_global_batch_statistics():
+  """The TAS search's train-mode forward of a BindAxis model (BatchNorm over the 'batch'
+  axis, run per example under vmap) equals the same model with a plain BatchNorm, for
+  the same sampled widths: logits and updated statistics."""
+  from jaxprune.models import external  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.normal(size=(4, 6, 6, 2)), jnp.float32)
+  bound, plain = external.BindAxis(AxisBN("batch"), "batch"), AxisBN(None)
+  variables = _randomize(plain.init(jax.random.key(0), x), int(rng.integers(1 << 30)))
+  variables["batch_stats"] = jax.tree.map(jnp.abs, variables["batch_stats"])
+  spaces = [search.SearchSpace(m, variables, (6, 6, 2)) for m in (bound, plain)]
+  assert spaces[0].names == spaces[1].names == ["conv"]
+  picks = spaces[1].sample(spaces[1].init_arch(jax.random.key(1)), 1.0,
+                           jax.random.key(int(rng.integers(1 << 30))))
+  (yb, sb), (yp, sp) = [s.apply(variables, x, train=True, selections=picks) for s in spaces]
+  np.testing.assert_allclose(yb, yp, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sb, sp)

@@ -748,6 +748,10 @@ def _continues(eqn, v, defs, jaxpr) -> bool:
   name = eqn.primitive.name
   if name in _PASS:
     return eqn.invars[0] is v
+  if name == "reshape":  # leading axes regrouped (a vmapped layer), channels kept last
+    out = tuple(eqn.outvars[0].aval.shape)
+    return (eqn.invars[0] is v and bool(out) and bool(v.aval.shape)
+            and out[-1] == v.aval.shape[-1] and eqn.params.get("dimensions") is None)
   if name not in _AFFINE or len(eqn.invars) != 2:
     return False
   a, b = eqn.invars
