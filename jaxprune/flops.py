@@ -7,7 +7,8 @@ builds the channel dependency graph records every ``conv_general_dilated`` and
 ``dot_general`` with its multiply-accumulates, and every add of a parameter to
 one's result (a bias add). The convention is the official TAS counter's (tas.md
 §5): FLOPs are multiply-accumulates of convolutions and matrix products plus one
-add per output element of a bias add; batch norm, activations, pooling and
+add per output element of a bias add (dead code -- values the outputs do not
+depend on -- left out); batch norm, activations, pooling and
 residual adds are not counted. Products between activations (attention's q.k and
 attn.v) are matrix products and count. Numbers are per example.
 
@@ -36,7 +37,7 @@ def _example_batch(input_shape: Sequence[int], batched: bool | None):
   return example_shape(input_shape, batched)
 
 
-def count_layers(model, variables, input_shape: Sequence[int], call: Callable | None = None,
+def count_layers(model, variables, input_shape: Any, call: Callable | None = None,
                  *, batched: bool | None = None,
                  dtype: Any = jnp.float32) -> list[dict[str, Any]]:
   """Per-op FLOPs of every conv and matrix product, in call order.
@@ -48,9 +49,12 @@ def count_layers(model, variables, input_shape: Sequence[int], call: Callable | 
     variables: Linen variables (arrays or ``jax.ShapeDtypeStruct``s, e.g. from
       ``jax.eval_shape(model.init, ...)``), None for NNX, a function's params.
     input_shape: shape of one example without the batch axis, e.g. (32, 32, 3);
-      a leading batch of 1 is accepted.
+      a leading batch of 1 is accepted; a ``jax.ShapeDtypeStruct`` (integer token
+      ids) or a pytree of those and shapes for several inputs
+      (:func:`jaxprune.graph.tracing.example_inputs`).
     call: NNX ``call(module, x)``, Linen ``call(variables, x)``, for a forward
-      that needs more than x.
+      that needs more than x (several inputs, or to select the result among the
+      outputs: only what the outputs depend on is counted).
     batched: whether `input_shape` starts with the batch axis; None guesses
       (a leading 1 on a shape of two or more axes is a batch).
     dtype: dtype of the dummy input.
@@ -97,7 +101,7 @@ def count_params(variables: Mapping[str, Any] | Any) -> int:
   return int(sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(tree)))
 
 
-def count(model, variables, input_shape: Sequence[int], call: Callable | None = None, *,
+def count(model, variables, input_shape: Any, call: Callable | None = None, *,
           batched: bool | None = None) -> dict[str, int]:
   """FLOPs (multiply-accumulates + bias adds) per example and trainable parameters.
 

@@ -364,10 +364,12 @@ class Rebuilt(nn.Module):
         for name, value in attrs.items():
           # A bound module is this call's own clone; its dataclass is frozen.
           object.__setattr__(module, name, value)
-        _RUNNING.append((mpath, module))
-        out = next_fun(*args, **kwargs)
-        _RUNNING.pop()
-        return out
+        try:
+          return next_fun(*args, **kwargs)
+        except Exception:
+          if not _FAILED:  # the innermost layer raises first
+            _FAILED.append((mpath, module))
+          raise
       return next_fun(*args, **kwargs)
     return interceptor
 
@@ -428,15 +430,14 @@ def _abstract_init(wrapped, x, kwargs):
   return _eval_shape(lambda *a, **k: wrapped.init(jax.random.key(0), *a, **k), x, kwargs)
 
 
-# The modules whose methods are running in the pruned module (innermost last): after a
-# failed run, the layer that failed.
-_RUNNING: list = []
+# After a failed run of the pruned module: the innermost layer that raised.
+_FAILED: list = []
 
 
 def _run_failed(e, shapes) -> UserError:
   """One line for a pruned module that fails to run: the innermost layer running and
   the error, and what to pass (a width computed from a config or a constant)."""
-  mpath, module = _RUNNING[-1] if _RUNNING else ("", None)
+  mpath, module = _FAILED[0] if _FAILED else ("", None)
   kind = type(module).__name__ if module is not None else "layer"
   names = [f.name for f in dataclasses.fields(module)
            if f.name not in ("parent", "name")] if module is not None else []
@@ -470,7 +471,7 @@ def _check_linen(wrapped, model, small, x, kwargs, shapes, overrides):
   want = {p: np.shape(v) for p, v in _flat(small).items()}
 
   def mismatches(w, strict=False):
-    _RUNNING.clear()
+    _FAILED.clear()
     try:
       got = {p: tuple(v.shape) for p, v in _flat(_abstract_init(w, x, kwargs)).items()}
     except UserError:
