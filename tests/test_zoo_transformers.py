@@ -150,10 +150,23 @@ PRUNE_FAILS = {
                "but neither it (axis 2) nor map/attn/query/kernel (axis 0) is in any group: the "
                "rebuild makes the probe 16 wide and finds the query kernel (32, 2, 4) from the "
                "slices, (16, 2, 4) from its inputs",
-    "llama": "grouped-query attention: the graph's head groups are whole KV groups, but the NNX "
-             "rebuild keeps GQAttention.heads / kv_heads (ints) at 4 / 2: 'the smaller network does "
-             "not run: cannot reshape (1, 8, 16) into (1, 8, 4, 8)', naming no module or attribute",
 }
+
+
+def overrides_for(s, keep):
+  """What the user passes for attributes the rebuild must not guess: the zoo llama's
+  GQAttention reads its head counts from ints, set from the kept KV groups (each keeps
+  its heads // kv_heads = 2 query heads)."""
+  if s.spec.name != "llama":
+    return None
+  out = {}
+  for g in s.graph.groups:
+    if g.kind == "heads":
+      (q,) = [m for m in g.members if m.path.endswith("/q/kernel")]
+      layer = q.path.rsplit("/", 2)[0]
+      kv = len(keep.get(g.id, range(g.width)))
+      out[layer] = {"heads": 2 * kv, "kv_heads": kv}
+  return out
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
@@ -168,7 +181,8 @@ def test_zoo_half_of_every_group_pruned_runs_trains_and_matches_the_prediction(n
   if name == "lm1b":  # the sinusoid table is sized from the config: the residual stays whole
     groups = [g for g in groups if g.kind != "residual"]
   keep = half_of(groups, rng)
-  small = surgery.prune(s.model, s.variables, s.input_shape, keep, call=s.call, graph=s.graph)
+  small = surgery.prune(s.model, s.variables, s.input_shape, keep, call=s.call, graph=s.graph,
+                        overrides=overrides_for(s, keep))
   predicted = s.graph.predict(keep)
   shape, call = s.spec.single(small.model)
   assert flops.count(small.model, small.variables, shape, call=call) == predicted
@@ -197,7 +211,7 @@ def test_zoo_lm1b_residual_sized_by_a_constant_is_fixed_or_one_line():
   assert "\n" not in message and "LM1B" in message and "32" in message, message
 
 
-MASK_FAILS = {"llama": PRUNE_FAILS["llama"]}
+MASK_FAILS = {}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
@@ -217,7 +231,8 @@ def test_zoo_exact_groups_give_the_masked_originals_logits(name):
   model, variables = with_values(s, masked_tree(s, keep))
   inputs = s.spec.example(2, seed=int(rng.integers(1 << 30)))
   want = logits(s.spec, model, variables, inputs)
-  small = surgery.prune(model, variables, s.input_shape, keep, call=s.call)
+  small = surgery.prune(model, variables, s.input_shape, keep, call=s.call,
+                        overrides=overrides_for(s, keep))
   got = logits(s.spec, small.model, small.variables, inputs)
   np.testing.assert_allclose(got, want, **TOL)
   # The mask mattered.
@@ -353,3 +368,43 @@ def test_zoo_stdconv_input_channels_are_approximate_and_really_change_the_logits
   small = surgery.prune(model, variables, s.input_shape, keep)
   got = logits(s.spec, small.model, small.variables, inputs)
   assert not np.allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_zoo_gqa_heads_pruned_without_overrides_stop_in_one_line_naming_the_module():
+  """The NNX rebuild does not guess which int of GQAttention counts what: narrowing a KV
+  group without overrides= stops in one line naming the module path and type, its int
+  attributes, and kv_heads (equal to the group's old width) as the likely override."""
+  s = setup("llama")
+  heads = [g for g in s.graph.groups if g.kind == "heads"]
+  keep = {heads[-1].id: [1]}
+  with pytest.raises(UserError) as e:
+    surgery.prune(s.model, s.variables, s.input_shape, keep, call=s.call, graph=s.graph)
+  message = str(e.value)
+  layer = f"layers/{len(heads) - 1}/attn"
+  assert "\n" not in message and f"'{layer}' (GQAttention)" in message, message
+  assert "kv_heads=2 equals the 2 heads" in message and "overrides=" in message, message
+  # With the counts given, it runs (and the masked-original check above covers values).
+  small = surgery.prune(s.model, s.variables, s.input_shape, keep, call=s.call, graph=s.graph,
+                        overrides={layer: {"heads": 2, "kv_heads": 1}})
+  assert small.model.layers[-1].attn.heads == 2 and small.model.layers[0].attn.heads == 4
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_zoo_prune_to_on_shapes_only_variables_refuses_in_one_line(name):
+  """jax.eval_shape / nnx.eval_shape variables (ShapeDtypeStruct leaves) carry no
+  weights to rank or slice: prune_to says so in one line before any work."""
+  s = setup(name)
+  if s.variables is None:
+    model = nnx.eval_shape(lambda: nnx.clone(s.model))
+    variables = None
+  else:
+    model = s.model
+    variables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), s.variables)
+  for run in (lambda: surgery.prune_to(model, variables, s.input_shape, call=s.call,
+                                       flops_ratio=0.5),
+              lambda: surgery.prune(model, variables, s.input_shape, {}, call=s.call)):
+    with pytest.raises(UserError) as e:
+      run()
+    message = str(e.value)
+    assert "\n" not in message and "ShapeDtypeStruct" in message, message
+    assert "initialised variables" in message and "has shape ()" not in message, message

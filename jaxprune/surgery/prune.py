@@ -15,19 +15,21 @@ import numpy as np
 from jaxprune import graph as graph_lib
 from jaxprune.errors import UserError
 from jaxprune.surgery import importance, pruner
-from jaxprune.surgery.rebuild import Pruned, Rebuilt, rebuild, slice_tree
+from jaxprune.surgery.rebuild import Pruned, Rebuilt, rebuild, refuse_shapes_only, slice_tree
 
 
-def apply_slices(model, variables, slices, input_shape, call: Callable | None = None) -> Pruned:
+def apply_slices(model, variables, slices, input_shape, call: Callable | None = None,
+                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Pruned:
   """:func:`rebuild` for modules; a pure function's params are sliced as they are."""
   if graph_lib.tracing.model_kind(model, variables) == "function":
     small = slice_tree(variables, slices, path_fn=graph_lib.tracing.leaf_name)
     return Pruned(model=model, variables=small, shapes={})
-  return rebuild(model, variables, slices, input_shape, call)
+  return rebuild(model, variables, slices, input_shape, call, overrides=overrides)
 
 
 def prune(model, variables, input_shape: Sequence[int], keep: Mapping[Any, Sequence[int]],
-          call: Callable | None = None, *, graph: graph_lib.Graph | None = None) -> Pruned:
+          call: Callable | None = None, *, graph: graph_lib.Graph | None = None,
+          overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Pruned:
   """The smaller network that keeps ``keep[group]`` channels of each group.
 
   Args:
@@ -39,6 +41,11 @@ def prune(model, variables, input_shape: Sequence[int], keep: Mapping[Any, Seque
       ``graph.trace(model, variables, input_shape, call)``; other groups keep all.
     call: NNX ``call(module, x)`` / Linen ``call(variables, x)``.
     graph: the traced graph, when the caller has it already.
+    overrides: ``{module path: {attribute: value}}`` for :func:`rebuild`: the int
+      attributes of user modules that the rebuild cannot derive (e.g. an attention's
+      ``heads`` / ``kv_heads`` after a head group is narrowed). Never guessed: when
+      the pruned network fails in such a module, the one-line error names it, its int
+      attributes, and (a hint) one equal to a narrowed head group's old width.
 
   Returns:
     A :class:`jaxprune.surgery.Pruned`: ``.model`` runs and trains at the smaller
@@ -51,11 +58,39 @@ def prune(model, variables, input_shape: Sequence[int], keep: Mapping[Any, Seque
     >>> g = graph.trace(model, variables, (32, 32, 3))
     >>> small = surgery.prune(model, variables, (32, 32, 3), {g.groups[1].id: [0, 2, 5]})
   """
+  refuse_shapes_only("prune", model, variables)
   g = graph or graph_lib.trace(model, variables, input_shape, call)
   keep = check_keep(g, keep)
-  small = apply_slices(model, variables, graph_lib.kept_slices(g, keep), input_shape, call)
+  try:
+    small = apply_slices(model, variables, graph_lib.kept_slices(g, keep), input_shape, call,
+                         overrides)
+  except UserError as e:
+    raise _with_head_hint(e, g, keep, variables) from e
   small.approximate = approximate_groups(g, keep)
   return small
+
+
+def _with_head_hint(e: UserError, g: graph_lib.Graph, keep, variables) -> UserError:
+  """`e` with a hint when the failing module has an int attribute equal to the old
+  width of a narrowed head group inside it (likely the count to override)."""
+  mpath, attrs = getattr(e, "module_path", None), getattr(e, "int_attrs", {})
+  if mpath is None or not attrs:
+    return e
+  hints = []
+  for gid, kept in keep.items():
+    group = g.groups[gid]
+    n = np.unique(kept).size
+    if group.kind != "heads" or n == group.width:
+      continue
+    inside = any((m.path.split("/", 1)[1] if variables is not None else m.path)
+                 .startswith(f"{mpath}/" if mpath else "") for m in group.members)
+    for name, value in attrs.items():
+      if inside and value == group.width:
+        hints.append(f"{name}={value} equals the {group.width} heads of group {gid}, "
+                     f"now {n}")
+  if not hints:
+    return e
+  return UserError(f"{e} Likely to override (a hint, not applied): {'; '.join(hints)}.")
 
 
 def approximate_groups(g: graph_lib.Graph, keep: Mapping[Any, Any]) -> dict[int, tuple]:
@@ -109,7 +144,8 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
              flops_ratio: float | None = None, params_ratio: float | None = None,
              global_ranking: bool = False, round_to: int = 1, ignore: Sequence[str] = (),
              grads: Any = None, key: jax.Array | None = None,
-             call: Callable | None = None, exact_only: bool = False) -> tuple[Pruned, dict]:
+             call: Callable | None = None, exact_only: bool = False,
+             overrides: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Pruned, dict]:
   """Prunes `model` to a FLOPs or params ratio by a criterion, in one call.
 
   Args:
@@ -131,6 +167,7 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
       (a transformer's residual width under LayerNorm/RMSNorm, a head dimension
       under a 1/sqrt(head_dim) scale) are pruned too, as Torch-Pruning does, and
       listed in ``info["approximate"]``.
+    overrides: as for :func:`prune` (passed to :func:`rebuild`).
 
   Returns:
     ``(pruned, info)``: the :class:`Pruned` network and ``{"keep": {group id:
@@ -143,6 +180,7 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
     >>> info["after"]["flops"] / info["before"]["flops"]   # <= 0.5
   """
   round_to = pruner.check_round_to(round_to)
+  refuse_shapes_only("prune_to", model, variables)
   g = graph_lib.trace(model, variables, input_shape, call, ignore=ignore, round_to=round_to)
   values = graph_lib.named_leaves(model, variables)
   groups = g.prunable(exact_only=exact_only)
@@ -152,7 +190,7 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
   scores = importance.group_scores(g, values, criterion, grads=grads, key=key, groups=groups)
   keep = pruner.select_channels(g, scores, flops_ratio=flops_ratio,
                                 params_ratio=params_ratio, global_ranking=global_ranking)
-  small = prune(model, variables, input_shape, keep, call, graph=g)
+  small = prune(model, variables, input_shape, keep, call, graph=g, overrides=overrides)
   return small, {"keep": keep, "before": g.predict({}), "after": g.predict(keep), "graph": g,
                  "approximate": small.approximate}
 

@@ -123,6 +123,7 @@ def rebuild(model: Any, variables: Any, slices: Slices, input_shape: Any = None,
     >>> logits = pruned.model.apply(pruned.variables, x)
   """
   overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+  refuse_shapes_only("rebuild", model, variables)
   if isinstance(model, external.FromNNX):
     return _rebuild_from_nnx(model, variables, slices, input_shape, overrides)
   if isinstance(model, nnx.Module):
@@ -144,7 +145,33 @@ def rebuild(model: Any, variables: Any, slices: Slices, input_shape: Any = None,
 # Slicing (shared).
 
 
+def shapes_only_leaf(model: Any, variables: Any) -> str | None:
+  """The path of a ``jax.ShapeDtypeStruct`` leaf (``jax.eval_shape`` / ``nnx.eval_shape``
+  variables: shapes without weights), or None."""
+  tree = variables
+  if variables is None and isinstance(model, nnx.Module):
+    tree = nnx.state(model)
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      return leaf_path(kp)
+  return None
+
+
+def refuse_shapes_only(what: str, model: Any, variables: Any):
+  """One line when the weights are shapes only: slicing (and ranking) needs values."""
+  path = shapes_only_leaf(model, variables)
+  if path is not None:
+    raise UserError(
+        f"{what}: the variables are shapes only ({path} is a jax.ShapeDtypeStruct, as "
+        "jax.eval_shape / nnx.eval_shape give): pruning slices (and ranks) the weights, "
+        "so pass initialised variables; graph.trace(...).predict(keep) plans FLOPs and "
+        "params from shapes alone.")
+
+
 def _slice_leaf(path: str, x: Any, spec: Mapping[int, Any]) -> np.ndarray:
+  if isinstance(x, jax.ShapeDtypeStruct):
+    raise UserError(f"rebuild: {path} is a jax.ShapeDtypeStruct (shapes only): slicing "
+                    "needs the weights; pass initialised variables.")
   x = np.asarray(x)
   for axis, idx in spec.items():
     axis = int(axis)
@@ -446,11 +473,14 @@ def _run_failed(e, shapes) -> UserError:
   where = f"layer {mpath or '<model>'!r} ({kind})"
   hint = (f"pass overrides={{{mpath!r}: {{{(config or ['attribute'])[0]!r}: <value at the "
           f"pruned width>}}}}" if names else "")
-  return UserError(
+  out = UserError(
       f"rebuild: {where} fails at the pruned widths: {type(e).__name__}: "
       f"{_first_line(e)} -- it computes a size (one of {sizes} before pruning) from its "
       f"configuration or a constant; {hint + ', or ' if hint else ''}keep that group "
       "whole with ignore=[a leaf-path pattern of its members].")
+  out.module_path = mpath
+  out.int_attrs = _int_attrs(module, names) if module is not None else {}
+  return out
 
 
 def _holds_size(value, sizes) -> bool:
@@ -687,9 +717,36 @@ def _rebuild_nnx(model, slices, input_shape, call, overrides):
     try:
       (call or (lambda m, x: m(x)))(check, _example(input_shape))
     except Exception as e:
-      raise UserError(f"rebuild: the smaller network does not run: "
-                      f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+      raise _nnx_run_failed(e, check, shapes, overrides) from e
   return Pruned(model=new, variables=None, shapes=shapes, stale=stale)
+
+
+def _nnx_run_failed(e, check, shapes, overrides) -> UserError:
+  """One line for a pruned NNX module that fails to run, naming the innermost module
+  whose ``__call__`` was running (read from the traceback) and its int attributes."""
+  paths = {id(n): _nnx_path(p) for p, n in nnx.iter_graph(check) if isinstance(n, nnx.Module)}
+  mpath, module, tb = None, None, e.__traceback__
+  while tb is not None:
+    me = tb.tb_frame.f_locals.get("self")
+    if me is not None and id(me) in paths:
+      mpath, module = paths[id(me)], me
+    tb = tb.tb_next
+  if module is None:
+    return UserError(f"rebuild: the smaller network does not run: "
+                     f"{type(e).__name__}: {_first_line(e)}")
+  attrs = {n: v for n, v in _int_attrs(module, sorted(vars(module))).items()
+           if not n.startswith("_")}
+  sizes = sorted({a for o, n in shapes.values() for a, b in zip(o, n) if a != b})
+  kept = (f" -- its int attributes {', '.join(f'{n}={v}' for n, v in attrs.items())} "
+          f"were kept{' (as overridden)' if mpath in overrides else ''}; pass "
+          f"overrides={{{mpath!r}: {{attribute: <value at the pruned widths>}}}}"
+          if attrs else f" -- it computes a size (one of {sizes} before pruning) from its "
+          "configuration or a constant")
+  out = UserError(f"rebuild: layer {mpath or '<model>'!r} ({type(module).__name__}) fails "
+                  f"at the pruned widths: {type(e).__name__}: {_first_line(e)}{kept}, or "
+                  "keep that group whole with ignore=[a leaf-path pattern of its members].")
+  out.module_path, out.int_attrs = mpath, attrs
+  return out
 
 
 def _rebuild_from_nnx(model, variables, slices, input_shape, overrides):
