@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import flax.linen as nn
 from flax import nnx
 
 from jaxprune import flops, graph, surgery
@@ -145,12 +146,7 @@ def test_zoo_flops_and_params_equal_the_hand_count(name):
   assert str(s.graph)  # a readable printout
 
 
-PRUNE_FAILS = {
-    "vit_map": "the MAP head's probe is created (1, 1, x.shape[-1]), i.e. at the residual width, "
-               "but neither it (axis 2) nor map/attn/query/kernel (axis 0) is in any group: the "
-               "rebuild makes the probe 16 wide and finds the query kernel (32, 2, 4) from the "
-               "slices, (16, 2, 4) from its inputs",
-}
+PRUNE_FAILS = {}
 
 
 def overrides_for(s, keep):
@@ -408,3 +404,57 @@ def test_zoo_prune_to_on_shapes_only_variables_refuses_in_one_line(name):
     message = str(e.value)
     assert "\n" not in message and "ShapeDtypeStruct" in message, message
     assert "initialised variables" in message and "has shape ()" not in message, message
+
+
+def test_zoo_map_probe_sized_by_its_input_joins_the_residual_group():
+  """big_vision's MAP head creates its probe at (1, 1, x.shape[-1]) and tiles it over the
+  batch into the query Dense: no op produces the probe's channels, so the graph ties
+  them (and the query kernel's input axis) to the channels entering the head."""
+  s = setup("vit_map")
+  (res,) = [g for g in s.graph.groups if g.kind == "residual"
+            and _member_group(s.graph, "params/pos_embedding", 2) is g]
+  assert _member_group(s.graph, "params/map/probe", 2) is res, str(s.graph)
+  assert _member_group(s.graph, "params/map/attn/query/kernel", 0) is res, str(s.graph)
+
+
+class _Pool(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    probe = self.param("probe", nn.initializers.normal(1.0), (1, 1, x.shape[-1]))
+    return nn.MultiHeadDotProductAttention(2, qkv_features=8, out_features=6, name="attn")(
+        jnp.tile(probe, (x.shape[0], 1, 1)), x)
+
+
+class _ProbePool(nn.Module):
+  """No norms: the width entering the pool is an exact group with the probe in it."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(12, name="embed")(x)
+    return nn.Dense(3, name="head")(_Pool(name="pool")(x)[:, 0])
+
+
+def test_zoo_probe_tied_group_is_exact_and_gives_the_masked_originals_logits():
+  model = _ProbePool()
+  x = jax.random.normal(jax.random.key(int(np.random.default_rng().integers(1 << 30))),
+                        (2, 5, 4))
+  variables = model.init(jax.random.key(0), x)
+  g = graph.trace(model, variables, (5, 4))
+  (grp,) = [grp for grp in g.groups if "params/embed/kernel" in grp.producers]
+  assert grp.prunable and grp.exactness == "exact", str(grp)
+  assert _member_group(g, "params/pool/probe", 2) is grp, str(g)
+  keep = {grp.id: np.sort(np.random.default_rng().choice(12, 5, replace=False))}
+  removed = np.setdiff1d(np.arange(12), keep[grp.id])
+  masked = jax.tree.map(np.array, variables)
+  for m in grp.members:
+    leaf = masked
+    for k in m.path.split("/"):
+      leaf = leaf[k]
+    index = [slice(None)] * leaf.ndim
+    index[m.axis] = np.asarray(m.index)[removed].ravel()
+    leaf[tuple(index)] = 0
+  want = model.apply(masked, x)
+  small = surgery.prune(model, masked, (5, 4), keep, graph=g)
+  assert small.variables["params"]["pool"]["probe"].shape == (1, 1, 5)
+  np.testing.assert_allclose(small.model.apply(small.variables, x), want, **TOL)
+  assert not np.allclose(model.apply(variables, x), want, **TOL)  # the mask mattered

@@ -264,6 +264,8 @@ def trace(model, variables, input_shape: Sequence[int], call: Callable | None = 
   w, leaf_ids, x_ids, out_ids = walk(traced)
   _tie_attention_head_dims(traced, w, leaf_ids)
   comp = _components(w)
+  if w.tie_free_params(leaf_ids, comp):
+    comp = _components(w)
 
   reasons: dict[int, str] = {}
   for ids, reason in [(x_ids, "the model's input channels"),

@@ -114,6 +114,9 @@ class Walk:
     self._users: dict = {}
     self._defs: dict = {}
     self._eqn = None
+    # {module scope (Linen name stack without the root): [channel ids of an activation's
+    # last axis entering that scope]}, for :meth:`tie_free_params`.
+    self.scope_inputs: dict[str, list[np.ndarray]] = {}
 
   # --- bookkeeping -------------------------------------------------------------------
   def fresh(self, shape) -> np.ndarray:
@@ -268,6 +271,7 @@ class Walk:
       origin = next((o for o in origins if o != CONST), CONST)
     self._eqn_origins = origins
     self._eqn = eqn
+    self._record_scope_inputs(eqn, labels, origins, shapes)
     if name == "scan":
       return self.scan(eqn, labels, origins, counted)
     if name == "while":
@@ -315,6 +319,51 @@ class Walk:
     if name in ("conv_general_dilated", "dot_general"):
       out_counted = [len(self.ops) - 1]
     return list(zip(out_labels, [origin] * len(out_shapes), out_counted))
+
+  def _record_scope_inputs(self, eqn, labels, origins, shapes):
+    """Remembers the channels (last axis) of activations that enter a module's scope
+    from outside it (the Linen name stack of the op that uses them is inside the
+    scope, that of the op defining them is not)."""
+    stack = str(eqn.source_info.name_stack).split("/")
+    if len(stack) < 2 or not stack[0]:
+      return
+    for v, label, origin, shape in zip(eqn.invars, labels, origins, shapes):
+      if origin is not None or not label or not shape or _is_literal(v) or v not in self._defs:
+        continue
+      hit = _facet(label, len(shape) - 1)
+      if hit is None or hit[0] != (len(shape) - 1,):
+        continue
+      outer = str(self._defs[v].source_info.name_stack).split("/")
+      for depth in range(2, len(stack) + 1):
+        if outer[:depth] != stack[:depth]:
+          self.scope_inputs.setdefault("/".join(stack[1:depth]), []).append(hit[1])
+
+  def tie_free_params(self, leaf_ids: dict, comp: np.ndarray) -> bool:
+    """Ties a parameter axis that no op produces (a learned probe or token created at
+    ``x.shape[-1]``, e.g. a MAP head's ``probe`` of shape (1, 1, width)) to the channels
+    of the activation entering its module, index by index, when that activation's
+    channel axis has exactly its extent and is one produced group. The module computed
+    the parameter's width from its input, so the rebuild narrows both together; the
+    tie also makes the masked original zero the parameter's removed channels, so the
+    claim of exactness still holds. Returns whether a tie was added."""
+    produced = set()
+    for ids in self.producers:
+      produced.update(np.unique(comp[ids]).tolist())
+    added = False
+    for (leaf, axis), ids in leaf_ids.items():
+      if produced.intersection(np.unique(comp[ids]).tolist()):
+        continue
+      parts = self.leaf_names[leaf].split("/")
+      if len(parts) < 3:  # collection / module ... / name
+        continue
+      candidates = [c for c in self.scope_inputs.get("/".join(parts[1:-1]), ())
+                    if c.size == ids.size]
+      comps = {tuple(np.unique(comp[c])) for c in candidates}
+      if len(comps) != 1 or not produced.issuperset(next(iter(comps))):
+        continue  # none, or several different activations: not guessed
+      self.tie(ids, candidates[0])
+      added = True
+    return added
 
   def keep_unless(self, label, axes, what):
     """Facets that do not touch `axes` pass; one that lies along them is blocked,
