@@ -458,3 +458,28 @@ def test_zoo_probe_tied_group_is_exact_and_gives_the_masked_originals_logits():
   assert small.variables["params"]["pool"]["probe"].shape == (1, 1, 5)
   np.testing.assert_allclose(small.model.apply(small.variables, x), want, **TOL)
   assert not np.allclose(model.apply(variables, x), want, **TOL)  # the mask mattered
+
+
+class _PosEmb(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + self.param("pos", nn.initializers.normal(1.0), (1, x.shape[1], x.shape[-1]))
+
+
+class _TokensEqualWidth(nn.Module):
+  """A position table in a submodule, 8 tokens at width 8: its token axis (no producer,
+  blocked as positions) has the extent of the channels entering the module."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = _PosEmb(name="posemb")(nn.Dense(8, name="embed")(x))
+    return nn.Dense(3, name="head")(nn.relu(nn.Dense(16, name="mlp")(x)).mean(1))
+
+
+def test_zoo_a_position_tables_token_axis_is_never_tied_as_a_probe():
+  model = _TokensEqualWidth()
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 4)))
+  g = graph.trace(model, variables, (8, 4))
+  grp = _member_group(g, "params/embed/kernel", 1)
+  assert grp.prunable and _member_group(g, "params/posemb/pos", 2) is grp, str(g)
+  assert _member_group(g, "params/posemb/pos", 1) is None, str(g)

@@ -346,12 +346,15 @@ class Walk:
     the parameter's width from its input, so the rebuild narrows both together; the
     tie also makes the masked original zero the parameter's removed channels, so the
     claim of exactness still holds. Returns whether a tie was added."""
-    produced = set()
+    produced, blocked = set(), set()
     for ids in self.producers:
       produced.update(np.unique(comp[ids]).tolist())
+    for ids, _ in self.blocked:  # e.g. a position table's token axis: never a channel
+      blocked.update(np.unique(comp[ids]).tolist())
     added = False
     for (leaf, axis), ids in leaf_ids.items():
-      if produced.intersection(np.unique(comp[ids]).tolist()):
+      mine = np.unique(comp[ids]).tolist()
+      if produced.intersection(mine) or blocked.intersection(mine):
         continue
       parts = self.leaf_names[leaf].split("/")
       if len(parts) < 3:  # collection / module ... / name
