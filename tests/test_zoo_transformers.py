@@ -483,3 +483,60 @@ def test_zoo_a_position_tables_token_axis_is_never_tied_as_a_probe():
   grp = _member_group(g, "params/embed/kernel", 1)
   assert grp.prunable and _member_group(g, "params/posemb/pos", 2) is grp, str(g)
   assert _member_group(g, "params/posemb/pos", 1) is None, str(g)
+
+
+class _LinenGQA(nn.Module):
+  """Grouped-query attention reading its head counts from int fields (Linen)."""
+  heads: int = 4
+  kv_heads: int = 2
+  head_dim: int = 8
+
+  @nn.compact
+  def __call__(self, x):
+    n, t, d = x.shape
+    g, hd = self.heads // self.kv_heads, self.head_dim
+    q = nn.Dense(self.heads * hd, use_bias=False, name="q")(x).reshape(n, t, self.kv_heads, g, hd)
+    k = nn.Dense(self.kv_heads * hd, use_bias=False, name="k")(x).reshape(n, t, self.kv_heads, hd)
+    v = nn.Dense(self.kv_heads * hd, use_bias=False, name="v")(x).reshape(n, t, self.kv_heads, hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k) / np.sqrt(hd)
+    out = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(s, -1), v).reshape(n, t, -1)
+    return nn.Dense(d, use_bias=False, name="o")(out)
+
+
+class _LinenGQAModel(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(16, name="embed")(x)
+    x = x + _LinenGQA(name="attn")(x)
+    return nn.Dense(3, name="head")(x.mean(1))
+
+
+def test_zoo_linen_gqa_heads_need_overrides_and_then_equal_the_masked_original():
+  """Linen likewise: one line naming 'attn' (_LinenGQA) with kv_heads as the hint; with
+  the counts overridden the pruned network is the masked original (heads are exact)."""
+  model = _LinenGQAModel()
+  x = jax.random.normal(jax.random.key(int(np.random.default_rng().integers(1 << 30))),
+                        (2, 6, 4))
+  variables = model.init(jax.random.key(0), x)
+  g = graph.trace(model, variables, (6, 4))
+  (heads,) = [grp for grp in g.groups if grp.kind == "heads"]
+  assert heads.width == 2 and heads.exactness == "exact", str(g)
+  kept = int(np.random.default_rng().integers(2))
+  keep = {heads.id: [kept]}
+  with pytest.raises(UserError) as e:
+    surgery.prune(model, variables, (6, 4), keep, graph=g)
+  message = str(e.value)
+  assert "\n" not in message and "'attn' (_LinenGQA)" in message, message
+  assert "kv_heads=2 equals the 2 heads" in message, message
+  masked = jax.tree.map(np.array, variables)
+  for m in heads.members:
+    leaf = masked
+    for k in m.path.split("/"):
+      leaf = leaf[k]
+    index = [slice(None)] * leaf.ndim
+    index[m.axis] = np.asarray(m.index)[1 - kept].ravel()
+    leaf[tuple(index)] = 0
+  small = surgery.prune(model, masked, (6, 4), keep, graph=g,
+                        overrides={"attn": {"heads": 2, "kv_heads": 1}})
+  np.testing.assert_allclose(small.model.apply(small.variables, x), model.apply(masked, x), **TOL)
+  assert not np.allclose(model.apply(variables, x), model.apply(masked, x), **TOL)
