@@ -336,6 +336,17 @@ def test_neuron_mask_from_the_graph_is_the_lenet_unit_layers(name):
 
 
 
+def test_report_of_a_network_with_every_weight_pruned_is_one_line():
+  """h(M) = 0 everywhere keeps no weight: the report refuses rather than divide by 1."""
+  model = models.get_model("lenet5", num_classes=10)
+  params = model.init(jax.random.key(int(_rng().integers(1 << 30))),
+                      jnp.zeros((1, 28, 28, 1)))["params"]
+  state = optim.autoprune(0.1).init(params)
+  state = state._replace(m=jax.tree.map(lambda m: -jnp.abs(m) - 0.5, state.m))
+  with pytest.raises(recipe.UserError, match="every gated weight is pruned"):
+    recipe.weight_report(model, params, state, ap.DEFAULT_MASK, (28, 28, 1))
+
+
 def test_reported_compression_counts_the_nonzero_effective_weights():
   """The report's kept weights, compression and pruned FLOPs (``weight_report``, what
   ``run`` writes) are the nonzero entries of ``W * h(M)``, the network ``prune/final``

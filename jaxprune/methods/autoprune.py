@@ -256,11 +256,15 @@ def weight_report(model, params, opt_state, selector, input_shape, model_state=N
   dense = flops.count(model, {"params": eff, **(model_state or {})}, input_shape)
   weights = sum(r["weights"] for r in layers.values())
   kept = sum(r["kept"] for r in layers.values())
+  if kept == 0:  # a compression of weights / 0 is no number to report
+    raise UserError("autoprune: every gated weight is pruned (h(M) = 0 everywhere), so the "
+                    "network is constant; lower autoprune.regularization (lambda_m) and run "
+                    "again in a new workdir.")
   other_params = dense["params"] - weights  # biases, BN: counted as kept
   pruned_flops = dense["flops"] - sum(r["macs"] - r["kept_macs"] for r in layers.values()
                                       if "macs" in r)
   return {"layers": layers, "weights": weights, "kept_weights": kept,
-          "other_params": other_params, "compression": weights / max(kept, 1),
+          "other_params": other_params, "compression": weights / kept,
           "compression_all_params": dense["params"] / max(kept + other_params, 1),
           "dense_params": dense["params"], "dense_flops": dense["flops"],
           "pruned_flops": pruned_flops}
@@ -468,7 +472,7 @@ def run(config, workdir: str) -> dict:
          "error_before": None if init_acc is None else 1 - init_acc,
          "error_after": 1 - acc, "accuracy_after": acc,
          "weights": weights, "kept_weights": kept,
-         "compression": weights / max(kept, 1),
+         "compression": weights / kept,
          "compression_all_params": dense["params"] / max(kept + other_params, 1),
          "dense_flops": dense["flops"], "pruned_flops": pruned_flops,
          "flops_fraction": pruned_flops / dense["flops"],
