@@ -373,3 +373,35 @@ def test_reported_compression_counts_the_nonzero_effective_weights():
   positions = {"conv1": 24 * 24, "conv2": 8 * 8, "fc1": 1, "fc2": 1}
   assert out["dense_flops"] - out["pruned_flops"] == sum(
       (sizes[l] - nonzero[l]) * positions[l] for l in sizes)
+
+
+def test_lambda_ramp_rises_linearly_then_holds_then_freezes_with_the_mask():
+  """``regularization_warmup_epochs``: lambda_m rises linearly from 0 over the warmup,
+  holds until the end of pruning, and M stops there. With zero loss gradient the
+  L1-on-h(M) rule moves m by -lr_m * lambda_t * sigmoid(m) (softplus surrogate)."""
+  rng = _rng()
+  per_epoch, warmup, prune_epochs = int(rng.integers(3, 9)), 2, 3
+  lam, lr_m = float(rng.uniform(1e-3, 1e-1)), float(rng.uniform(0.5, 2.0))
+  config = _config("smoke,arch=lenet300")
+  config.train.epochs = 5
+  config.autoprune.update(prune_epochs=prune_epochs, regularization=lam,
+                          regularization_warmup_epochs=warmup, m_learning_rate=lr_m)
+  ramp, cut = warmup * per_epoch, prune_epochs * per_epoch
+  tx, _ = recipe.transform(config, per_epoch, 5 * per_epoch, ap.DEFAULT_MASK)
+  params = _params(rng)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  m0 = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+  update = jax.jit(tx.update)
+  for t in (0, 1, ramp // 2, ramp - 1, ramp, cut - 1, cut, cut + 1):
+    state = tx.init(params)
+    pruner = state[0]
+    pruner = pruner._replace(count=jnp.asarray(t, pruner.count.dtype),
+                             m={**pruner.m, "fc1": {**pruner.m["fc1"], "kernel": m0}})
+    _, new = update(grads, (pruner,) + tuple(state[1:]), params)
+    lam_t = lam * min(t / ramp, 1.0) if t < cut else 0.0
+    want = m0 - (lr_m if t < cut else 0.0) * lam_t / (1 + np.exp(-np.asarray(m0)))
+    np.testing.assert_allclose(new[0].m["fc1"]["kernel"], want, rtol=1e-5, atol=1e-7,
+                               err_msg=f"step {t}")
+  config.autoprune.regularization_warmup_epochs = prune_epochs + 0.5
+  with pytest.raises(recipe.UserError, match="longer than prune_epochs"):
+    recipe.transform(config, per_epoch, 5 * per_epoch, ap.DEFAULT_MASK)

@@ -141,6 +141,10 @@ def transform(cfg, steps_per_epoch: int, total_steps: int, mask):
   prune_steps = int(cfg.autoprune.prune_epochs * steps_per_epoch)
   freeze = lambda v: optax.piecewise_constant_schedule(v, {prune_steps: 0.0})
   a = cfg.autoprune
+  if a.get("regularization_warmup_epochs", 0) > a.prune_epochs:
+    raise UserError(f"autoprune.regularization_warmup_epochs="
+                    f"{a.regularization_warmup_epochs} is longer than prune_epochs="
+                    f"{a.prune_epochs}: lambda_m would never reach its value.")
   warmup = int(a.get("regularization_warmup_epochs", 0) * steps_per_epoch)
   lam = freeze(a.regularization)
   if warmup:
