@@ -1,4 +1,11 @@
-"""The TAS latency cost: a per-op latency lookup table of a :class:`SearchSpace`.
+"""Per-op latency lookup tables: candidate widths per channel group, timed on the device.
+
+One mechanism for every latency target: a table is planned from a graph and candidate
+widths per group (:class:`Candidates`; a TAS :class:`SearchSpace` is one, its searched
+groups and their candidates), measured once and cached. TAS's ``tas.cost=latency``
+reads it as a differentiable expectation (:meth:`LatencyTable.expected`); the pruner's
+latency targets (``surgery.prune_to(latency_ratio=...)``) read it at discrete widths
+(:meth:`LatencyTable.at`).
 
 TAS prices an architecture by its FLOPs (tas.md §5). FLOPs are a poor proxy for speed
 on real hardware: on a CPU a 3x3 conv with 9 channels can take as long as one with
@@ -101,15 +108,86 @@ class Program:
 
 
 @dataclasses.dataclass
+class Candidates:
+  """Candidate widths per channel group of a graph: what a table is planned for.
+
+  Attributes:
+    graph: a :class:`jaxprune.graph.Graph`.
+    groups: the groups whose widths vary (others stay whole).
+    candidates: each group's candidate widths, ascending, the last its full width.
+    names: a unique name per group (the table's JSON and fingerprint use them).
+  """
+  graph: Any
+  groups: list
+  candidates: list
+  names: list
+
+  @classmethod
+  def of(cls, graph, candidates: Mapping[int, Sequence[int]]) -> "Candidates":
+    """``candidates``: ``{group id: candidate widths}``; names from the groups'
+    first producers (``"conv1#3"``)."""
+    groups = [graph.groups[int(gid)] for gid in candidates]
+    cands = [tuple(sorted({int(c) for c in candidates[g.id]})) for g in groups]
+    for g, c in zip(groups, cands):
+      if not c or c[0] < 1 or c[-1] != g.width:
+        raise UserError(f"latency table: group {g.id}'s candidate widths {list(c)} must be "
+                        f">= 1 and end at its width {g.width}.")
+    names = [f"{(g.producers or [m.path for m in g.members])[0].rsplit('/', 1)[0]}#{g.id}"
+             for g in groups]
+    return cls(graph, groups, cands, names)
+
+
+def as_candidates(space) -> Candidates:
+  """A :class:`Candidates` as is, or a :class:`SearchSpace`'s searched groups."""
+  if isinstance(space, Candidates):
+    return space
+  return Candidates(space.graph, list(space.groups), [tuple(c) for c in space.candidates],
+                    list(space.names))
+
+
+@dataclasses.dataclass
+class Factor:
+  """The kept fraction of one channel axis (an op's FLOPs factor), linear in the picks:
+  ``const + sum_s terms_s[candidate of group s]``, candidates kept as prefixes."""
+  const: float  # kept fraction of the ids outside every group of the table
+  terms: list   # [(group index, [n_candidates] fraction of the ids kept)]
+
+
+def factors(cands: Candidates) -> list[list[Factor]]:
+  """Per op of ``cands.graph.ops``: a :class:`Factor` per FLOPs factor (the same
+  kept fractions the TAS FLOPs cost uses, tas.md §5)."""
+  comp_to = {}
+  for s, g in enumerate(cands.groups):
+    for c, comp in enumerate(g.channels):
+      comp_to[int(comp)] = (s, c)
+  comps = cands.graph.components
+
+  def factor(ids):
+    ids = np.asarray(ids)
+    n = ids.size
+    const, counts = 0, {}
+    for comp in comps[ids]:
+      hit = comp_to.get(int(comp))
+      if hit is None:
+        const += 1
+      else:
+        counts.setdefault(hit[0], []).append(hit[1])
+    terms = [(s, np.asarray([np.sum(np.asarray(ch) < c) / n for c in cands.candidates[s]],
+                            np.float32)) for s, ch in counts.items()]
+    return Factor(const / n if n else 1.0, terms)
+  return [[factor(f) for f in op.factors] for op in cands.graph.ops]
+
+
+@dataclasses.dataclass
 class Entry:
   """One op of the graph in the table.
 
   ``ms[i, j]`` is the op's time at candidate ``i`` of ``in_group`` and ``j`` of
   ``out_group`` (a length-1 axis where no searched group sets that side);
-  ``scaled`` are the ``_Factor`` s (of :class:`SearchSpace`) whose kept fraction
-  multiplies the entry (the approximations of the module docstring).
+  ``scaled`` are the :class:`Factor` s whose kept fraction multiplies the entry
+  (the approximations of the module docstring).
   """
-  op: int                       # index into space.graph.ops
+  op: int                       # index into graph.ops
   name: str
   in_group: int | None
   out_group: int | None
@@ -119,7 +197,7 @@ class Entry:
 
 
 class LatencyTable:
-  """Per-op latency of a search space's candidate widths (see the module docstring).
+  """Per-op latency of candidate widths per group (see the module docstring).
 
   Attributes:
     batch_size: the batch the ops were timed at.
@@ -132,7 +210,9 @@ class LatencyTable:
 
   def __init__(self, space, batch_size: int, entries, programs, program_ms=None,
                source: str = "unmeasured"):
+    space = as_candidates(space)
     self.batch_size = int(batch_size)
+    self.group_ids = [g.id for g in space.groups]
     self.entries = entries
     self.programs = programs
     self.names = list(space.names)
@@ -157,6 +237,35 @@ class LatencyTable:
   def full(self) -> float:
     """Latency (ms) of every op at full width: the cost loss's max."""
     return float(sum(e.ms[-1, -1] for e in self.entries))
+
+  def index(self, widths: Mapping[int, int]) -> list[int]:
+    """Candidate index per group of the table for ``{group id: width}`` (a group not
+    named is whole); a width that is not a candidate is a :class:`UserError`."""
+    out = []
+    for gid, cands in zip(self.group_ids, self.candidates):
+      w = int(widths.get(gid, cands[-1]))
+      if w not in cands:
+        raise UserError(f"latency table: group {gid} at width {w} is not timed (its "
+                        f"candidates: {list(cands)}).")
+      out.append(cands.index(w))
+    return out
+
+  def at(self, picks: Sequence[int]) -> float:
+    """Latency (ms) at candidate ``picks[s]`` of every group (:meth:`index`): the
+    entries at those widths, each times its scaled factors' kept fractions, summed."""
+    return float(sum(self.entry_ms(e, picks) for e in self.entries))
+
+  def entry_ms(self, e: Entry, picks: Sequence[int]) -> float:
+    """One entry's latency at ``picks`` (see :meth:`at`)."""
+    i = 0 if e.in_group is None else picks[e.in_group]
+    j = 0 if e.out_group is None else picks[e.out_group]
+    if e.in_group is not None and e.in_group == e.out_group:
+      value = float(e.ms[i, i])
+    else:
+      value = float(e.ms[i, j])
+    for f in e.scaled:
+      value *= f.const + sum(float(m[picks[s]]) for s, m in f.terms)
+    return value
 
   def _check(self, space):
     if list(space.names) != self.names or [tuple(c) for c in space.candidates] != \
@@ -249,7 +358,7 @@ def space_reach(space, depth_dists) -> list | None:
 
 
 def _kept_fraction(f, dists) -> jax.Array:
-  """A factor's kept fraction (a ``SearchSpace`` ``_Factor``), linear in the dists."""
+  """A :class:`Factor`'s kept fraction, linear in the dists."""
   out = jnp.asarray(f.const, jnp.float32)
   for s, m in f.terms:
     out = out + dists[s] @ jnp.asarray(m)
@@ -281,6 +390,7 @@ def _host() -> str:
 def fingerprint(space, batch_size: int, programs, entries) -> dict:
   """What a table's times are valid for: the device and software that ran them and
   the exact programs and candidate widths they cover."""
+  space = as_candidates(space)
   device = jax.local_devices()[0]
   return {
       "backend": jax.default_backend(), "device_kind": device.device_kind,
@@ -297,21 +407,21 @@ def fingerprint(space, batch_size: int, programs, entries) -> dict:
 
 # --- the plan: which programs time which entries ------------------------------------
 
-def _sides(op, factors, c_in: int, c_out: int, groups: int):
+def _sides(op, fs, c_in: int, c_out: int, groups: int):
   """``(input factor, output factor, other factors)`` of an op's FLOPs factors (the
   graph lists the input channel factor first, then the output's)."""
   sizes = [len(ids) for ids in op.factors]
   if op.kind == "conv" and groups > 1:
-    if len(factors) == 1 and sizes == [c_out]:
-      return None, factors[0], []
-    return None, None, list(factors)
-  if len(factors) == 2 and sizes == [c_in, c_out]:
-    return factors[0], factors[1], []
-  if len(factors) == 1 and sizes[0] != c_in and sizes[0] == c_out:
-    return None, factors[0], []
-  if len(factors) == 1 and sizes[0] == c_in and sizes[0] != c_out:
-    return factors[0], None, []
-  return None, None, list(factors)
+    if len(fs) == 1 and sizes == [c_out]:
+      return None, fs[0], []
+    return None, None, list(fs)
+  if len(fs) == 2 and sizes == [c_in, c_out]:
+    return fs[0], fs[1], []
+  if len(fs) == 1 and sizes[0] != c_in and sizes[0] == c_out:
+    return None, fs[0], []
+  if len(fs) == 1 and sizes[0] == c_in and sizes[0] != c_out:
+    return fs[0], None, []
+  return None, None, list(fs)
 
 
 def _side(factor, full: int, candidates):
@@ -350,7 +460,14 @@ def _stride_padding(size_in: int, size_out: int, window: int):
 
 
 def plan(space, batch_size: int) -> LatencyTable:
-  """The table's structure for ``space`` at ``batch_size``, with no times yet."""
+  """The table's structure at ``batch_size``, with no times yet.
+
+  Args:
+    space: a :class:`Candidates` (a graph and candidate widths per group) or a
+      :class:`jaxprune.search.SearchSpace` (its searched groups and candidates).
+    batch_size: the batch the ops are timed at.
+  """
+  space = as_candidates(space)
   if int(batch_size) != batch_size or batch_size < 1:
     raise UserError(f"latency table: batch size must be a positive int, got "
                     f"{batch_size!r}.")
@@ -364,9 +481,7 @@ def plan(space, batch_size: int) -> LatencyTable:
       programs.append(p)
     return index[key]
 
-  # The space's cost rows: (macs, factors, ...), one per op; factors in op.factors order.
-  for i, (op, row) in enumerate(zip(space.graph.ops, space._costs)):  # pylint: disable=protected-access
-    factors = row[1]
+  for i, (op, op_factors) in enumerate(zip(space.graph.ops, factors(space))):
     if op.kind == "conv":
       _, spatial_in, spatial_out, window, groups = _conv_geometry(op)
       c_in_full, c_out = op.kernel_shape[-2] * groups, op.kernel_shape[-1]
@@ -374,14 +489,14 @@ def plan(space, batch_size: int) -> LatencyTable:
       (c_in_full, c_out), groups = op.kernel_shape, 1
     else:  # a product of two activations (attention): not a layer with widths
       continue
-    fin, fout, rest = _sides(op, factors, c_in_full, c_out, groups)
+    fin, fout, rest = _sides(op, op_factors, c_in_full, c_out, groups)
     depthwise = op.kind == "conv" and groups > 1 and groups == c_in_full \
         and op.kernel_shape[-2] == 1
     g_in, w_in, s_in = _side(fin, c_in_full, space.candidates)
     g_out, w_out, s_out = _side(fout, c_out, space.candidates)
     scaled = rest + [f for f in (s_in, s_out) if f is not None]
     if op.kind == "conv" and groups > 1 and not depthwise:
-      scaled = list(factors)  # a grouped conv: timed at full width, scaled in FLOPs
+      scaled = list(op_factors)  # a grouped conv: timed at full width, scaled in FLOPs
       g_in = g_out = None
       w_in, w_out = [c_in_full], [c_out]
     ids = np.zeros((len(w_in), len(w_out)), np.int64)
@@ -465,7 +580,7 @@ def measure(space, batch_size: int, *, repeats: int = 7,
   """Times the table of ``space`` at ``batch_size`` on this process's first device.
 
   Args:
-    space: a :class:`jaxprune.search.SearchSpace`.
+    space: a :class:`Candidates` or a :class:`jaxprune.search.SearchSpace`.
     batch_size: the batch of the timed ops (the run's inference batch).
     repeats: timing rounds (the median is kept).
     timer: ``programs -> ms`` (default :func:`time_programs`), e.g. for tests.
@@ -532,5 +647,6 @@ def load_or_measure(space, path: str, batch_size: int, *, repeats: int = 7,
   return table
 
 
-__all__ = ["Entry", "LatencyTable", "Program", "fingerprint", "load", "load_or_measure",
-           "measure", "plan", "space_reach", "time_programs"]
+__all__ = ["Candidates", "Entry", "Factor", "LatencyTable", "Program", "as_candidates",
+           "factors", "fingerprint", "load", "load_or_measure", "measure", "plan",
+           "space_reach", "time_programs"]

@@ -15,7 +15,8 @@ import numpy as np
 from jaxprune import graph as graph_lib
 from jaxprune.errors import UserError
 from jaxprune.surgery import importance, pruner
-from jaxprune.surgery.rebuild import Pruned, Rebuilt, rebuild, refuse_shapes_only, slice_tree
+from jaxprune.surgery.rebuild import (Pruned, Rebuilt, compensate, pruned_call, rebuild,
+                                      refuse_shapes_only, slice_tree)
 
 
 def apply_slices(model, variables, slices, input_shape, call: Callable | None = None,
@@ -66,6 +67,7 @@ def prune(model, variables, input_shape: Sequence[int], keep: Mapping[Any, Seque
                          overrides)
   except UserError as e:
     raise _with_head_hint(e, g, keep, variables) from e
+  small = compensate(g, keep, small, input_shape, call)
   small.approximate = approximate_groups(g, keep)
   return small
 
@@ -142,21 +144,36 @@ def check_keep(g: graph_lib.Graph, keep: Mapping[Any, Any]) -> dict[int, np.ndar
 
 def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "l1",
              flops_ratio: float | None = None, params_ratio: float | None = None,
+             latency_ratio: float | None = None, latency_table=None, batch_size: int = 1,
+             latency_grid: int = pruner.DEFAULT_GRID,
              global_ranking: bool = False, round_to: int = 1, ignore: Sequence[str] = (),
              grads: Any = None, key: jax.Array | None = None,
              call: Callable | None = None, exact_only: bool = False,
              overrides: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Pruned, dict]:
-  """Prunes `model` to a FLOPs or params ratio by a criterion, in one call.
+  """Prunes `model` to a FLOPs, params or latency ratio by a criterion, in one call.
 
   Args:
     model, variables, input_shape, call: as for :func:`prune`.
     criterion: "l1", "l2", "bn_scale", "taylor" (needs `grads`) or "random"
       (needs `key`); see :mod:`jaxprune.surgery.importance`.
     flops_ratio / params_ratio: the target fraction of the unpruned network's
-      FLOPs or params (exactly one).
-    global_ranking: rank channels across groups instead of the same fraction
-      per group.
-    round_to: kept widths a multiple of this.
+      FLOPs or params.
+    latency_ratio: the target fraction of the unpruned network's latency on this
+      device (ask 0.5 for a 2x speed-up), by a per-op latency table
+      (:mod:`jaxprune.search.latency`): every conv and dense op timed alone at
+      ``batch_size`` on each group's :func:`jaxprune.surgery.pruner.latency_grid`
+      candidates (``latency_grid`` allowed widths per group, multiples of
+      ``round_to``). Give exactly one of the three targets.
+    latency_table: a table measured before (``info["latency_table"]`` of an
+      earlier call on the same model, or :func:`jaxprune.search.latency.load`);
+      default: measured now (ResNet-56 at batch 1: ~20 s on a CPU).
+    batch_size: the batch the latency table times (the batch you will serve).
+    latency_grid: latency candidates per group (at most; more is finer and slower
+      to measure).
+    global_ranking: rank channels across groups instead of about the same
+      fraction per group; with a latency target, greedy by importance per ms (see
+      :mod:`jaxprune.surgery.pruner`).
+    round_to: kept widths a multiple of this (or the whole group).
     ignore: leaf-path patterns of groups to leave whole (see
       :func:`jaxprune.graph.trace`).
     grads: the gradients of a loss, for "taylor".
@@ -173,13 +190,22 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
     ``(pruned, info)``: the :class:`Pruned` network and ``{"keep": {group id:
     kept indices}, "before": {"flops", "params"}, "after": {"flops", "params"},
     "graph": the traced graph, "approximate": {group id: effects} of the narrowed
-    groups whose removal changes the function (fine-tune after)}``.
+    groups whose removal changes the function (fine-tune after)}``; with a latency
+    target also ``"latency_table"`` (reuse it) and ``"predicted_speedup"`` (the
+    table's full latency over its latency at the kept widths).
 
   Example:
     >>> small, info = surgery.prune_to(model, variables, (32, 32, 3), flops_ratio=0.5)
-    >>> info["after"]["flops"] / info["before"]["flops"]   # <= 0.5
+    >>> info["after"]["flops"] / info["before"]["flops"]   # <= 0.5, within 0.02 of it
+    >>> fast, info = surgery.prune_to(model, variables, (32, 32, 3), latency_ratio=0.5)
+    >>> info["predicted_speedup"]                          # ~2.0
   """
   round_to = pruner.check_round_to(round_to)
+  if latency_ratio is None and latency_table is not None:
+    raise UserError("latency_table is for latency_ratio; give latency_ratio too")
+  if latency_ratio is not None and (isinstance(batch_size, bool) or not isinstance(
+      batch_size, (int, np.integer)) or batch_size < 1):
+    raise UserError(f"batch_size={batch_size!r}: the latency table's batch, an int >= 1")
   refuse_shapes_only("prune_to", model, variables)
   g = graph_lib.trace(model, variables, input_shape, call, ignore=ignore, round_to=round_to)
   values = graph_lib.named_leaves(model, variables)
@@ -188,11 +214,49 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
     raise UserError(f"exact_only=True: none of the {len(g.prunable())} prunable groups "
                     "can be removed exactly (each is approximate: print the graph for why)")
   scores = importance.group_scores(g, values, criterion, grads=grads, key=key, groups=groups)
+  table = None
+  if latency_ratio is not None and scores:
+    table = latency_table_for(g, list(scores), round_to, batch_size, latency_grid,
+                              latency_table)
   keep = pruner.select_channels(g, scores, flops_ratio=flops_ratio,
-                                params_ratio=params_ratio, global_ranking=global_ranking)
+                                params_ratio=params_ratio, latency_ratio=latency_ratio,
+                                latency_table=table, global_ranking=global_ranking)
   small = prune(model, variables, input_shape, keep, call, graph=g, overrides=overrides)
-  return small, {"keep": keep, "before": g.predict({}), "after": g.predict(keep), "graph": g,
-                 "approximate": small.approximate}
+  info = {"keep": keep, "before": g.predict({}), "after": g.predict(keep), "graph": g,
+          "approximate": small.approximate}
+  if table is not None:
+    info["latency_table"] = table
+    info["predicted_speedup"] = table.full / table.at(
+        table.index({gid: len(kept) for gid, kept in keep.items()}))
+  return small, info
+
+
+def latency_table_for(g: graph_lib.Graph, group_ids, round_to: int, batch_size: int,
+                      grid: int = pruner.DEFAULT_GRID, table=None, **measure_kwargs):
+  """The latency table of a latency target on ``g``: ``table`` when given (checked to
+  be planned for this graph's ops and to cover ``group_ids``), else measured now on
+  :func:`jaxprune.surgery.pruner.latency_candidates`."""
+  from jaxprune.search import latency  # pylint: disable=g-import-not-at-top
+  if table is None:
+    return latency.measure(pruner.latency_candidates(g, group_ids, round_to, grid),
+                           batch_size, **measure_kwargs)
+  if not isinstance(table, latency.LatencyTable):
+    raise UserError(f"latency_table is a {type(table).__name__}; give a "
+                    "search.LatencyTable (info['latency_table'] of an earlier prune_to)")
+  if any(gid >= len(g.groups) for gid in table.group_ids):
+    raise UserError("latency_table was planned for another model (its groups are not "
+                    "this graph's)")
+  same = latency.plan(latency.Candidates.of(g, dict(zip(table.group_ids, table.candidates))),
+                      table.batch_size)
+  for k in ("ops_sha256", "programs_sha256"):
+    if same.fingerprint[k] != table.fingerprint[k]:
+      raise UserError("latency_table was planned for another model or other widths (its "
+                      "ops differ from this graph's); measure a new one")
+  missing = sorted(set(group_ids) - set(table.group_ids))
+  if missing:
+    raise UserError(f"latency_table does not cover the prunable groups {missing}; measure "
+                    "a new one (latency_table=None)")
+  return table
 
 
 def _slice_zero(values, member, channel) -> bool:

@@ -1,26 +1,43 @@
-"""A target-driven pruner: which channels to keep so that the network meets a FLOPs or params ratio.
+"""A target-driven pruner: which channels to keep so that the network meets a FLOPs,
+params or latency ratio.
 
 The pruner knows only targets and rankings; the graph knows the wiring
-(:mod:`jaxprune.graph`), a criterion the scores (:mod:`jaxprune.surgery.importance`).
-Counts are exact at every step: :meth:`jaxprune.graph.Graph.predict` computes the
-FLOPs and params of any narrowing from the trace.
+(:mod:`jaxprune.graph`), a criterion the scores (:mod:`jaxprune.surgery.importance`),
+a latency table the per-op times (:mod:`jaxprune.search.latency`). FLOPs and params
+are exact at every step (:meth:`jaxprune.graph.Graph.predict`); latency is the table's
+sum of per-op times at the kept widths.
 
-- Local ranking: every prunable group keeps the same fraction of its channels,
-  its best-scored ones; the fraction is the largest that meets the target.
-- Global ranking: channels of all groups compete; scores are divided by their
-  group's mean so that layers of different scale compare, and the lowest go
-  first until the target is met.
+Kept widths are *allowed widths*: multiples of ``round_to`` below the group's width,
+or the whole group (a group narrower than ``round_to`` stays whole); for a latency
+target, the table's candidate widths (:func:`latency_grid`). Within a group the
+best-scored channels are kept. A target is met from below: the network is at or under
+it, and then grown one allowed step at a time while it stays under, so it lands
+within one step of the smallest group that can still grow (within 2% of the full
+network on the zoo and the ResNets; the tests pin it).
 
-Kept widths are multiples of ``round_to`` (a group narrower than ``round_to``
-stays whole) and at least one channel.
+- Local ranking: every group keeps about the same fraction ``t`` of its channels
+  (``t * width`` rounded to the *nearest* allowed width, not up), ``t`` the largest
+  meeting the target (bisection); then groups grow one step at a time, the group with
+  the smallest kept fraction first, while the target holds.
+- Global ranking (FLOPs, params): channels of all groups compete; scores are divided
+  by their group's mean so that layers of different scale compare; a threshold keeps
+  the channels above it (counts rounded to the nearest allowed width), the lowest
+  threshold meeting the target; then groups grow, the group whose next step of
+  channels has the highest mean normalised score first.
+- Global ranking, latency (HALP-style, Shen et al. 2022, greedy): from the full
+  network, step the group down whose next step loses the least normalised importance
+  per ms saved (the table's change with the other groups as they are), until the
+  latency is under the budget; then grow back the steps that fit, most importance per
+  ms first.
 """
-import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from jaxprune.errors import UserError
 from jaxprune.graph import Graph
+
+DEFAULT_GRID = 8  # latency candidates per group: ResNet-56 at batch 1 times in ~20 s on CPU
 
 
 def check_round_to(round_to) -> int:
@@ -32,10 +49,41 @@ def check_round_to(round_to) -> int:
   return int(round_to)
 
 
-def _round(n: int, width: int, round_to: int) -> int:
-  if round_to > 1:
-    n = int(math.ceil(n / round_to) * round_to)
-  return int(min(width, max(1, n)))
+def allowed_widths(width: int, round_to: int = 1) -> np.ndarray:
+  """The kept widths a group may have: multiples of ``round_to`` below ``width``, and
+  ``width`` (ascending)."""
+  return np.asarray(list(range(round_to, width, round_to)) + [width], np.int64)
+
+
+def latency_grid(width: int, round_to: int = 1, size: int = DEFAULT_GRID) -> tuple:
+  """A group's latency-table candidates: the allowed widths nearest to
+  ``width * i / size`` for i = 1..size (duplicates merged; the full width last)."""
+  allowed = allowed_widths(width, round_to)
+  return tuple(sorted({int(allowed[_nearest(allowed, width * i / size)])
+                       for i in range(1, size + 1)} | {width}))
+
+
+def latency_candidates(graph: Graph, group_ids, round_to: int = 1,
+                       size: int = DEFAULT_GRID):
+  """The :class:`jaxprune.search.latency.Candidates` of a latency target: the
+  :func:`latency_grid` of every group in ``group_ids``."""
+  from jaxprune.search import latency  # pylint: disable=g-import-not-at-top
+  if (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
+    raise UserError(f"latency_grid={size!r}: the number of latency-table candidates per "
+                    "group; give an int >= 1")
+  return latency.Candidates.of(graph, {int(gid): latency_grid(graph.groups[gid].width,
+                                                               round_to, size)
+                                       for gid in group_ids})
+
+
+def _nearest(allowed: np.ndarray, x: float) -> int:
+  """Index of the allowed width nearest to ``x`` (ties to the larger)."""
+  pos = int(np.searchsorted(allowed, x))
+  if pos <= 0:
+    return 0
+  if pos >= allowed.size:
+    return allowed.size - 1
+  return pos if allowed[pos] - x <= x - allowed[pos - 1] else pos - 1
 
 
 def _top(score: np.ndarray, n: int) -> np.ndarray:
@@ -44,18 +92,25 @@ def _top(score: np.ndarray, n: int) -> np.ndarray:
 
 def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
                     flops_ratio: float | None = None, params_ratio: float | None = None,
+                    latency_ratio: float | None = None, latency_table=None,
                     global_ranking: bool = False,
                     round_to: int | None = None) -> dict[int, np.ndarray]:
-  """The channels to keep, per group, to reach a FLOPs or params ratio.
+  """The channels to keep, per group, to reach a FLOPs, params or latency ratio.
 
   Args:
     graph: from :func:`jaxprune.graph.trace`.
     scores: ``{group id: per-channel importance}`` for the groups that may shrink
       (:func:`jaxprune.surgery.importance.group_scores`).
     flops_ratio: target FLOPs as a fraction of the unpruned network's, in (0, 1].
-    params_ratio: target params fraction instead (give exactly one).
+    params_ratio: target params fraction instead.
+    latency_ratio: target latency as a fraction of the full network's in
+      ``latency_table`` (give exactly one of the three).
+    latency_table: a measured :class:`jaxprune.search.LatencyTable` whose groups
+      include every scored group (:func:`latency_candidates`); its candidates are
+      the allowed widths.
     global_ranking: rank channels across groups (see the module docstring).
-    round_to: kept widths a multiple of this (default the graph's ``round_to``).
+    round_to: kept widths a multiple of this (default the graph's ``round_to``;
+      for latency, the table's candidates already are).
 
   Returns:
     ``{group id: sorted kept channel indices}``.
@@ -64,43 +119,160 @@ def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
     UserError: for a missing or out-of-range target, or one the network cannot
       reach (every group at its smallest allowed width is still above it).
   """
-  if (flops_ratio is None) == (params_ratio is None):
-    raise UserError("give exactly one target: flops_ratio or params_ratio")
-  metric, ratio = ("flops", flops_ratio) if flops_ratio is not None else ("params", params_ratio)
-  if not 0 < ratio <= 1:
-    raise UserError(f"{metric}_ratio must be in (0, 1], got {ratio}")
+  given = {k: v for k, v in (("flops", flops_ratio), ("params", params_ratio),
+                             ("latency", latency_ratio)) if v is not None}
+  if len(given) != 1:
+    raise UserError("give exactly one target: flops_ratio, params_ratio or latency_ratio")
+  (metric, ratio), = given.items()
+  if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.floating)) \
+      or not 0 < ratio <= 1:
+    raise UserError(f"{metric}_ratio must be in (0, 1], got {ratio!r}")
   if not scores:
     raise UserError("no prunable group to select channels from")
   round_to = check_round_to(graph.round_to if round_to is None else round_to)
-  full = graph.predict({})[metric]
-  target = ratio * full
+  scores = {int(gid): np.asarray(s, np.float64) for gid, s in scores.items()}
   widths = {gid: graph.groups[gid].width for gid in scores}
 
-  if global_ranking:
-    normed = {gid: np.asarray(s, np.float64) / max(float(np.mean(s)), 1e-30)
-              for gid, s in scores.items()}
-
-    def keep_at(t):
-      return {gid: _top(s, _round(int((s >= t).sum()), widths[gid], round_to))
-              for gid, s in normed.items()}
-    lo, hi = 0.0, max(float(s.max()) for s in normed.values()) * (1 + 1e-9) + 1e-12
+  if metric == "latency":
+    table = latency_table
+    if table is None:
+      raise UserError("latency_ratio needs a latency_table (surgery.prune_to measures one)")
+    missing = sorted(set(scores) - set(table.group_ids))
+    if missing:
+      raise UserError(f"the latency table does not cover groups {missing}: plan it with "
+                      "surgery.latency_candidates for the groups you prune")
+    if not np.all(np.isfinite(table.program_ms)):
+      raise UserError("the latency table has no times yet: measure it first")
+    allowed = {gid: np.asarray(table.candidates[table.group_ids.index(gid)], np.int64)
+               for gid in scores}
+    full = table.full
+    cost = lambda counts: table.at(table.index(counts))
   else:
-    def keep_at(t):
-      return {gid: _top(s, _round(int(round(widths[gid] * (1 - t))), widths[gid], round_to))
-              for gid, s in scores.items()}
-    lo, hi = 0.0, 1.0
+    allowed = {gid: allowed_widths(w, round_to) for gid, w in widths.items()}
+    full = graph.predict({})[metric]
+    cost = lambda counts: graph.predict(
+        {gid: _top(scores[gid], n) for gid, n in counts.items()})[metric]
+  target = ratio * full
 
-  if graph.predict(keep_at(hi))[metric] > target:
-    smallest = graph.predict(keep_at(hi))[metric]
+  smallest = {gid: int(a[0]) for gid, a in allowed.items()}
+  if cost(smallest) > target * (1 + 1e-12):
+    unit = "of the table's latency" if metric == "latency" else f"of the {metric}"
     raise UserError(f"cannot reach {metric}_ratio={ratio}: the smallest network the "
                     f"prunable groups allow (round_to={round_to}) has "
-                    f"{smallest / full:.3f} of the {metric}")
-  if graph.predict(keep_at(lo))[metric] <= target:
-    return keep_at(lo)
-  for _ in range(50):  # smallest threshold (least pruning) that meets the target
-    mid = (lo + hi) / 2
-    if graph.predict(keep_at(mid))[metric] <= target:
-      hi = mid
+                    f"{cost(smallest) / full:.3f} {unit}")
+  if metric == "latency" and global_ranking:
+    counts = _halp(table, scores, allowed, target)
+  else:
+    counts = _fit(scores, allowed, cost, target, global_ranking)
+  return {gid: _top(scores[gid], counts[gid]) for gid in scores}
+
+
+def _normed(s: np.ndarray) -> np.ndarray:
+  return s / max(float(np.mean(s)), 1e-30)
+
+
+def _fit(scores, allowed, cost: Callable, target: float, global_ranking: bool) -> dict:
+  """Near-uniform fractions (local) or a global threshold, then grow steps that fit."""
+  if global_ranking:
+    normed = {gid: _normed(s) for gid, s in scores.items()}
+
+    def counts_at(t):  # t: a threshold on the normalised scores
+      return {gid: int(allowed[gid][_nearest(allowed[gid], float((s >= t).sum()))])
+              for gid, s in normed.items()}
+    lo, hi = 0.0, max(float(s.max()) for s in normed.values()) * (1 + 1e-9) + 1e-12
+    fits = lambda t: cost(counts_at(t)) <= target
+    least, most = hi, lo      # least kept at hi, most at lo
+  else:
+    def counts_at(t):  # t: the kept fraction
+      return {gid: int(a[_nearest(a, t * a[-1])]) for gid, a in allowed.items()}
+    lo, hi = 0.0, 1.0
+    fits = lambda t: cost(counts_at(t)) <= target
+    least, most = lo, hi
+  if fits(most):
+    return counts_at(most)
+  good, bad = least, most
+  for _ in range(50):  # the setting keeping the most that meets the target
+    mid = (good + bad) / 2
+    if fits(mid):
+      good = mid
     else:
-      lo = mid
-  return keep_at(hi)
+      bad = mid
+  counts = counts_at(good)
+  if global_ranking:
+    sorted_normed = {gid: np.sort(_normed(s))[::-1] for gid, s in scores.items()}
+    # the next step's channels: the best of those not kept; higher mean first
+    priority = lambda gid, n, m: -float(np.mean(sorted_normed[gid][n:m]))
+  else:
+    priority = lambda gid, n, m: n / allowed[gid][-1]
+  while True:  # grow one allowed step at a time while the target holds
+    steps = []
+    for gid, n in counts.items():
+      idx = int(np.searchsorted(allowed[gid], n))
+      if idx + 1 < allowed[gid].size:
+        m = int(allowed[gid][idx + 1])
+        steps.append((priority(gid, n, m), gid, m))
+    for _, gid, m in sorted(steps):
+      trial = {**counts, gid: m}
+      if cost(trial) <= target:
+        counts = trial
+        break
+    else:
+      return counts
+
+
+def _halp(table, scores, allowed, target: float) -> dict:
+  """Greedy by importance per latency (the module docstring), on the table's picks."""
+  order = {gid: s for s, gid in enumerate(table.group_ids)}
+  picks = [len(c) - 1 for c in table.candidates]
+  gain = {}  # normalised importance kept at each candidate of a scored group
+  for gid, s in scores.items():
+    cum = np.concatenate([[0.0], np.cumsum(np.sort(_normed(s))[::-1])])
+    gain[gid] = cum[allowed[gid]]
+  touching = {order[gid]: [e for e in table.entries
+                           if order[gid] in (e.in_group, e.out_group)
+                           or any(t == order[gid] for f in e.scaled for t, _ in f.terms)]
+              for gid in scores}
+
+  def delta(gid, new):  # latency change when group gid moves to candidate `new`
+    s = order[gid]
+    trial = list(picks)
+    trial[s] = new
+    return sum(table.entry_ms(e, trial) - table.entry_ms(e, picks) for e in touching[s])
+
+  now = table.at(picks)
+  while now > target:
+    best = None
+    for gid in scores:
+      i = picks[order[gid]]
+      if i == 0:
+        continue
+      saved = -delta(gid, i - 1)
+      if saved <= 0:
+        continue
+      key = (gain[gid][i] - gain[gid][i - 1]) / saved
+      if best is None or key < best[0]:
+        best = (key, gid)
+    if best is None:  # no step saves time: the smallest network is the answer
+      break
+    picks[order[best[1]]] -= 1
+    now = table.at(picks)
+  while True:
+    best = None
+    for gid in scores:
+      i = picks[order[gid]]
+      if i + 1 >= len(allowed[gid]):
+        continue
+      added = delta(gid, i + 1)
+      if now + added > target:
+        continue
+      key = (gain[gid][i + 1] - gain[gid][i]) / max(added, 1e-12)
+      if best is None or key > best[0]:
+        best = (key, gid)
+    if best is None:
+      break
+    picks[order[best[1]]] += 1
+    now = table.at(picks)
+  if now > target:  # every step down taken and still over: the smallest is reachable
+    picks = [0 if gid in scores else len(c) - 1
+             for gid, c in zip(table.group_ids, table.candidates)]
+  return {gid: int(allowed[gid][picks[order[gid]]]) for gid in scores}
