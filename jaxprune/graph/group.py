@@ -11,7 +11,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 
 from jaxprune.errors import UserError
-from jaxprune.graph.propagate import Walk
+from jaxprune.graph.propagate import Walk, exactness as _exactness
 from jaxprune.graph.tracing import Traced, trace_jaxpr
 
 
@@ -347,7 +347,7 @@ def trace(model, variables, input_shape: Sequence[int], call: Callable | None = 
                         flops_per_channel=float(np.mean([flops_of[c] for c in comps])),
                         params_per_channel=int(params),
                         channels=np.asarray(comps, np.int64),
-                        exactness="approximate" if effects else "exact",
+                        exactness=_exactness(effects),
                         effects=tuple(effects),
                         kind=_kind(marks, [m.path for m in members if m.role == "producer"],
                                    dense)))

@@ -69,6 +69,30 @@ class Op:
     return self.macs + self.bias_adds
 
 
+class Fold(str):
+  """An effect line whose change surgery undoes: attention's scale ``s(n) = n**power``
+  of the contracted width ``n`` (``1/sqrt(head_dim)``). The masked original computes
+  ``s(n0) q.k`` over the kept channels, the pruned network ``s(n1) q.k``; multiplying
+  the query projection (its ``leaves``: kernel and bias) by ``s(n0) / s(n1)`` makes them
+  equal. ``op`` is the contraction's index in :attr:`Walk.ops`, ``scale`` the literal
+  product found there (``s(n0)``): :attr:`Walk.scale_at` of the pruned network gives
+  ``s(n1)`` at the same index (unchanged when the scale is a configured constant).
+  A ``str``, so a group's ``effects`` stay lines of text."""
+  leaves: tuple = ()
+  leaf_ids: tuple = ()
+  power: float = 0.0
+  op: int = -1
+  scale: float = 1.0
+
+
+def exactness(effects) -> str:
+  """"approximate" when an effect is not undone by surgery, "compensated" when every
+  one is a :class:`Fold`, "exact" when there is none."""
+  if any(not isinstance(e, Fold) for e in effects):
+    return "approximate"
+  return "compensated" if effects else "exact"
+
+
 def _is_literal(v) -> bool:
   return isinstance(v, jex.core.Literal)
 
@@ -113,7 +137,13 @@ class Walk:
     self.marks: list[tuple[np.ndarray, str]] = []
     self._users: dict = {}
     self._defs: dict = {}
+    self._origin: dict = {}
+    self._depth = 0
     self._eqn = None
+    # {index in ops: product of the literal scales next to an attention contraction}
+    self.scale_at: dict[int, float] = {}
+    # {leaf: ops that combine it with an activation}: a kernel used once can take a fold.
+    self.leaf_uses: dict[int, int] = {}
     # {module scope (Linen name stack without the root): [channel ids of an activation's
     # last axis entering that scope]}, for :meth:`tie_free_params`.
     self.scope_inputs: dict[str, list[np.ndarray]] = {}
@@ -241,8 +271,9 @@ class Walk:
         return {}, CONST, None
       return env.get(v, {}), origin.get(v, CONST), count.get(v)
 
-    saved = self._users, self._defs
-    self._users, self._defs = {}, {}
+    saved = self._users, self._defs, self._origin
+    self._users, self._defs, self._origin = {}, {}, origin
+    self._depth += 1
     for eqn in jaxpr.eqns:
       for v in eqn.invars:
         if not _is_literal(v):
@@ -257,8 +288,20 @@ class Walk:
       for v, (l, o, c) in zip(eqn.outvars, outs):
         env[v], origin[v], count[v] = l, o, c
     results = [read(v) for v in jaxpr.outvars]
-    self._users, self._defs = saved
+    self._users, self._defs, self._origin = saved
+    self._depth -= 1
+    if not self._depth:
+      self._check_folds()
     return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
+
+  def _check_folds(self):
+    """A fold scales its leaves everywhere they are used: only where this product is
+    their one use (no shared or tied weights) does it change nothing else."""
+    for i, (ids, what, where) in enumerate(self.effects):
+      if isinstance(what, Fold) and any(self.leaf_uses.get(l, 0) != 1 for l in what.leaf_ids):
+        text = what.split(": the pruned width", 1)[0]
+        self.effects[i] = (ids, f"{text} (not folded: the projection's parameters are "
+                           "not read by this product alone)", "")
 
   def eqn(self, eqn, labels, origins, counted):
     name = eqn.primitive.name
@@ -282,6 +325,10 @@ class Walk:
       return list(zip(*self.run(inner, labels, origins, counted)))
     if name == "cond":
       return self.cond(eqn, labels, origins, counted)
+    if None in origins:
+      for o in set(origins):
+        if o is not None and o != CONST:
+          self.leaf_uses[o] = self.leaf_uses.get(o, 0) + 1
     rule = getattr(self, "rule_" + name, None)
     if rule is not None:
       out_labels = rule(eqn, labels, shapes, out_shapes)
@@ -823,20 +870,87 @@ class Walk:
         f = _facet(label, a)
         if f is not None:
           contracted[f[0], id(label)] = (f, a, label is L)
-    if not contracted:
-      return
-    n = math.prod(ls[la] for la in lc
-                  if _facet(L, la) is not None or _facet(R, rc[lc.index(la)]) is not None)
     factors = self._scales(eqn.outvars[0], forward=True)
     for v in eqn.invars:
       if not _is_literal(v):
         factors += self._scales(v, forward=False)
+    if factors:  # read at any width (a pruned network's, down to one channel)
+      self.scale_at[len(self.ops)] = math.prod(factors)
+    if not contracted:
+      return
+    n = math.prod(ls[la] for la in lc
+                  if _facet(L, la) is not None or _facet(R, rc[lc.index(la)]) is not None)
     for f in factors:
       for power in (-0.5, -1.0, 0.5, 1.0):
         if n > 1 and abs(f / n ** power - 1) < 1e-4:
-          self.effect({axes: ids for ((axes, ids), _, _) in contracted.values()},
-                      f"scale {f:.6g} = {n}^{power:g} computed from the contracted width")
+          label = {axes: ids for ((axes, ids), _, _) in contracted.values()}
+          what = f"scale {f:.6g} = {n}^{power:g} computed from the contracted width"
+          leaves, why = None, "no operand is a linear projection used once"
+          for v in eqn.invars:  # fold into the first operand that is one (the query)
+            leaves, why = self._linear_producer(v)
+            if leaves is not None:
+              break
+          if leaves is None:
+            self.effect(label, f"{what} (not folded: {why})")
+            return
+          names = tuple(self.leaf_names[i] for i in leaves)
+          fold = Fold(f"{what} at {_where(self._eqn)}: the pruned width's change "
+                      f"(n0/n1)^{power:g} is folded into {' and '.join(names)}")
+          fold.leaves, fold.power, fold.leaf_ids = names, power, leaves
+          fold.op, fold.scale = len(self.ops), self.scale_at[len(self.ops)]
+          for ids in label.values():
+            self.effects.append((ids.ravel(), fold, ""))
           return
+
+  def _linear_producer(self, var, depth=16):
+    """``((kernel, bias...), None)`` when `var` is a parameter kernel's product with an
+    activation, plus parameter biases, through reshapes and literal scales only, each
+    value and parameter used once (a scalar factor on the kernel and biases then scales
+    `var`); else ``(None, why)``."""
+    leaves, v = [], var
+    for _ in range(depth):
+      if _is_literal(v) or v not in self._defs:
+        return None, "the operand is not computed in the same function as the product"
+      if len(self._users.get(v, ())) != 1:
+        return None, "the projection's output has other uses"
+      e = self._defs[v]
+      name = e.primitive.name
+      if name in SHAPE_ONLY:
+        v = e.invars[0]
+      elif name in ("mul", "div") and len(e.invars) == 2 and \
+          self._const_value(e.invars[1]) is not None:
+        v = e.invars[0]
+      elif name == "mul" and self._const_value(e.invars[0]) is not None:
+        v = e.invars[1]
+      elif name in ("add", "add_any") and len(e.invars) == 2:
+        ps = [self._plain_leaf(u) for u in e.invars]
+        if (ps[0] is None) == (ps[1] is None):
+          return None, f"'{name}' of two activations or two parameters before the product"
+        leaves.append(ps[0] if ps[0] is not None else ps[1])
+        v = e.invars[1] if ps[0] is not None else e.invars[0]
+      elif name == "dot_general":
+        ps = [self._plain_leaf(u) for u in e.invars]
+        if (ps[0] is None) == (ps[1] is None):
+          return None, "the operand is not a parameter kernel's product with an activation"
+        leaves.insert(0, ps[0] if ps[0] is not None else ps[1])
+        return tuple(leaves), None
+      else:
+        return None, f"'{name}' between the projection and the product"
+    return None, "the projection is too far from the product"
+
+  def _plain_leaf(self, var, depth=8):
+    """The leaf `var` is (through reshapes and casts), or None."""
+    for _ in range(depth):
+      if _is_literal(var):
+        return None
+      if var not in self._defs:
+        o = self._origin.get(var)
+        return o if isinstance(o, int) and o != CONST else None
+      e = self._defs[var]
+      if e.primitive.name not in SHAPE_ONLY:
+        return None
+      var = e.invars[0]
+    return None
 
   def _tie_pairs(self, L, R, pairs, what):
     lr = dict(pairs)

@@ -60,7 +60,7 @@ import numpy as np
 from flax import nnx
 
 from jaxprune.errors import UserError
-from jaxprune.graph import tracing
+from jaxprune.graph import propagate, tracing
 from jaxprune.models import external
 from jaxprune.optim.selection import leaf_path
 
@@ -80,12 +80,15 @@ class Pruned:
       attributes may still hold a removed size (see the module docstring).
     approximate: set by :func:`jaxprune.surgery.prune`: ``{group id: effects}`` of
       the narrowed groups whose removal changes the function (empty: exact).
+    folded: set by :func:`compensate`: ``{leaf path: factor}`` each leaf was
+      multiplied by to undo a width-derived scale (a compensated group's fold).
   """
   model: Any
   variables: Any
   shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
   stale: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
   approximate: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  folded: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def rebuild(model: Any, variables: Any, slices: Slices, input_shape: Any = None,
@@ -779,3 +782,93 @@ def _stale_attrs(module, mpath, shapes):
   sizes = {a for o, n in own for a, b in zip(o, n) if a != b}
   return tuple(n for n, v in _int_attrs(module, sorted(vars(module))).items()
                if v in sizes and not n.startswith("_"))
+
+
+# ---------------------------------------------------------------------------------
+# Compensation: scales computed from a narrowed width, folded back.
+
+
+def compensate(graph, keep: Mapping[Any, Any], pruned: Pruned, input_shape: Any,
+               call: Callable | None = None) -> Pruned:
+  """Undoes the width-derived scales of the narrowed "compensated" groups in `pruned`.
+
+  Each such group's :class:`jaxprune.graph.propagate.Fold` names a contraction (the
+  attention scores ``q.k``) with a literal scale ``s(n0) = n0**p`` of its contracted
+  width, and the query projection's kernel and bias. The masked original computes
+  ``s(n0) q.k`` over the kept channels; the pruned network computes ``s(n1) q.k``, with
+  ``s(n1)`` read from its own trace at the same contraction (a scale the module takes
+  from its configuration stays ``s(n0)``: then nothing is folded). The projection is
+  multiplied by ``s(n0) / s(n1)``, so the pruned network equals the masked original.
+
+  Args:
+    graph: the original's :func:`jaxprune.graph.trace`.
+    keep: ``{group id: kept channels}`` that made `pruned`.
+    pruned: :func:`rebuild`'s result (changed in place and returned).
+    input_shape, call: as for :func:`rebuild`.
+  """
+  folds = {}
+  for key, kept in keep.items():
+    group = graph.groups[getattr(key, "id", key)]
+    if group.exactness == "compensated" and np.unique(np.asarray(kept)).size < group.width:
+      folds.update({f.op: f for f in group.effects if isinstance(f, propagate.Fold)})
+  if not folds:
+    return pruned
+  from jaxprune.graph.group import walk  # pylint: disable=g-import-not-at-top
+  traced = tracing.trace_jaxpr(pruned.model, pruned.variables, input_shape,
+                               pruned_call(pruned.model, call))
+  scale_at = walk(traced)[0].scale_at
+  factors = {}
+  for op, fold in sorted(folds.items()):
+    if op not in scale_at:
+      raise UserError(f"compensate: the pruned network has no scale at the contraction "
+                      f"of '{fold}'; prune with exact_only=True or keep that group whole")
+    c = fold.scale / scale_at[op]
+    for leaf in fold.leaves:
+      factors[leaf] = factors.get(leaf, 1.0) * c
+  factors = {p: c for p, c in factors.items() if c != 1.0}
+  scale_leaves(pruned, factors)
+  pruned.folded = {**pruned.folded, **factors}
+  return pruned
+
+
+def scale_leaves(pruned: Pruned, factors: Mapping[str, float]) -> None:
+  """Multiplies the leaves named in `factors` (traced leaf paths) in place."""
+  if not factors:
+    return
+
+  def put(path, leaf):
+    name = tracing.leaf_name(path)
+    if name not in factors:
+      return leaf
+    return jnp.asarray(np.asarray(leaf, np.float64) * factors[name], jnp.result_type(leaf))
+  if pruned.variables is None:  # NNX: the new module's Variables
+    for p, var in nnx.iter_graph(pruned.model):
+      if isinstance(var, nnx.Variable) and _nnx_path(p) in factors:
+        old = var.get_value()
+        var.set_value(jnp.asarray(np.asarray(old, np.float64) * factors[_nnx_path(p)],
+                                  jnp.result_type(old)))
+    return
+  pruned.variables = jax.tree_util.tree_map_with_path(put, pruned.variables)
+
+
+def pruned_call(model: Any, call: Callable | None) -> Callable | None:
+  """The user's ``call`` for the pruned Linen `model` (a :class:`Rebuilt`): ``call``
+  applies the original module, so its root ``__call__`` is run under the rebuilt
+  widths (the interceptor :class:`Rebuilt` uses), with the arguments ``call`` gives it
+  (token ids, masks, flags). NNX modules and functions take ``call`` as it is."""
+  if call is None or not isinstance(model, Rebuilt):
+    return call
+  inner = model._interceptor()  # pylint: disable=protected-access
+
+  def run(variables, x):
+    entered = []
+
+    def root(next_fun, args, kwargs, context):
+      if not entered and not context.module.path and context.method_name == "__call__":
+        entered.append(True)
+        with nn.intercept_methods(inner):
+          return inner(next_fun, args, kwargs, context)
+      return next_fun(*args, **kwargs)
+    with nn.intercept_methods(root):
+      return call(variables, x)
+  return run
