@@ -11,7 +11,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 
 from jaxprune.errors import UserError
-from jaxprune.graph.propagate import Walk, exactness as _exactness
+from jaxprune.graph.propagate import Walk
 from jaxprune.graph.tracing import Traced, trace_jaxpr
 
 
@@ -114,8 +114,10 @@ class Graph:
     return [g for g in self.groups
             if g.prunable and not (exact_only and g.exactness == "approximate")]
 
+  _counts: Any = dataclasses.field(repr=False, default=None, compare=False)
+
   def _kept_mask(self, keep) -> np.ndarray:
-    kept = np.ones(self.components.max() + 1 if self.components.size else 0)
+    kept = np.ones(self._plan().n_comp)
     for key, channels in keep.items():
       g = self.groups[key.id if isinstance(key, Group) else int(key)]
       mask = np.zeros(g.width)
@@ -123,11 +125,18 @@ class Graph:
       kept[g.channels] = mask
     return kept
 
+  def _plan(self) -> "_Counts":
+    if self._counts is None:
+      self._counts = _Counts(self)
+    return self._counts
+
   def predict(self, keep: Mapping[Any, Sequence[int]]) -> dict[str, int]:
     """Exact FLOPs and params of the network that keeps `keep[group]` channels.
 
     Every op's MACs are a product over its channel axes, so the count of any
-    narrowing follows from the trace without building the network.
+    narrowing follows from the trace without building the network: one sparse
+    product gives each factor's kept fraction, a few array products each op's and
+    each leaf's share.
 
     Args:
       keep: ``{group id or Group: kept channel indices}``; others keep all.
@@ -136,22 +145,7 @@ class Graph:
       ``{"flops": int, "params": int}``, as :func:`jaxprune.flops.count` of the
       pruned network would give.
     """
-    kept = self._kept_mask(keep)
-    frac = lambda ids: float(kept[self.components[ids]].mean()) if ids.size else 1.0
-    total = 0.0
-    for op in self.ops:
-      total += op.macs * math.prod(frac(f) for f in op.factors)
-      total += op.bias_adds * math.prod(frac(f) for f in op.bias_factors)
-    params = 0.0
-    for leaf, (shape, is_param) in enumerate(zip(self.traced.shapes, self.traced.is_param)):
-      if is_param:
-        n = math.prod(shape)
-        for axis in range(len(shape)):
-          ids = self.leaf_ids.get((leaf, axis))
-          if ids is not None:
-            n *= frac(ids)
-        params += n
-    return {"flops": int(round(total)), "params": int(round(params))}
+    return self._plan().count(self._kept_mask(keep))
 
   @property
   def flops(self) -> int:
@@ -167,6 +161,75 @@ class Graph:
             f"{self.flops:,} FLOPs, {self.params:,} params")
     return "\n".join([head] + [str(g) for g in self.groups])
 
+
+class _Counts:
+  """What :meth:`Graph.predict` needs, precomputed once per graph.
+
+  Every factor (an op's channel axis, a parameter's tracked axis) is a row of a sparse
+  (factors x components) matrix of id counts, so ``matrix @ kept`` is each factor's
+  kept-id count and that over its size its kept fraction (what the mean of the kept
+  flags over its ids was). An op's FLOPs multiply its MACs by its factors' fractions in
+  order, a leaf's params its entries by its axes' fractions in axis order, and the sums
+  run in op and leaf order: the same floating-point operations as one op at a time.
+  """
+
+  def __init__(self, graph: "Graph"):
+    comp = graph.components
+    self.n_comp = int(comp.max()) + 1 if comp is not None and comp.size else 0
+    rows, cols, sizes = [], [], []
+
+    def factor(ids) -> int:
+      ids = np.asarray(ids).ravel()
+      rows.append(np.full(ids.size, len(sizes), np.int64))
+      cols.append(comp[ids].astype(np.int64))
+      sizes.append(ids.size)
+      return len(sizes) - 1
+
+    def table(lists) -> np.ndarray:  # factor indices, -1 padded
+      out = np.full((len(lists), max((len(l) for l in lists), default=0)), -1, np.int64)
+      for i, l in enumerate(lists):
+        out[i, :len(l)] = l
+      return out
+
+    self.macs = np.asarray([float(op.macs) for op in graph.ops], np.float64)
+    self.bias_adds = np.asarray([float(op.bias_adds) for op in graph.ops], np.float64)
+    self.op_factors = table([[factor(f) for f in op.factors] for op in graph.ops])
+    self.bias_factors = table([[factor(f) for f in op.bias_factors] for op in graph.ops])
+    leaves, leaf_factors = [], []
+    for leaf, (shape, is_param) in enumerate(zip(graph.traced.shapes, graph.traced.is_param)):
+      if is_param:
+        leaves.append(float(math.prod(shape)))
+        leaf_factors.append([factor(graph.leaf_ids[(leaf, axis)]) for axis in range(len(shape))
+                             if (leaf, axis) in graph.leaf_ids])
+    self.entries = np.asarray(leaves, np.float64)
+    self.leaf_factors = table(leaf_factors)
+    self.sizes = np.asarray(sizes, np.float64)
+    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    cols = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    self.matrix = scipy.sparse.csr_matrix(
+        (np.ones(rows.size), (rows, cols)), shape=(len(sizes), self.n_comp))
+
+  @staticmethod
+  def _product(start: np.ndarray, fracs: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    out = start.copy()
+    for k in range(factors.shape[1]):  # left to right, as math.prod over the factors
+      column = factors[:, k]
+      out *= np.where(column >= 0, fracs[column], 1.0)
+    return out
+
+  def count(self, kept: np.ndarray) -> dict[str, int]:
+    with np.errstate(invalid="ignore", divide="ignore"):
+      fracs = np.where(self.sizes > 0, (self.matrix @ kept) / self.sizes, 1.0)
+    macs = self._product(self.macs, fracs, self.op_factors)
+    adds = self._product(self.bias_adds, fracs, self.bias_factors)
+    total = 0.0
+    for m, b in zip(macs.tolist(), adds.tolist()):
+      total += m
+      total += b
+    params = 0.0
+    for n in self._product(self.entries, fracs, self.leaf_factors).tolist():
+      params += n
+    return {"flops": int(round(total)), "params": int(round(params))}
 
 def walk(traced: Traced) -> tuple[Walk, dict, np.ndarray, np.ndarray]:
   """Runs the propagation over a traced model.
@@ -231,6 +294,190 @@ def _components(w: Walk) -> np.ndarray:
   return comp
 
 
+def channels(traced: Traced) -> tuple[Walk, dict, np.ndarray, np.ndarray, np.ndarray]:
+  """The walk of :func:`walk` with its ties complete, and the component (channel) of
+  every id: ``(walk, leaf_ids, x_ids, out_ids, components)``."""
+  w, leaf_ids, x_ids, out_ids = walk(traced)
+  _tie_attention_head_dims(traced, w, leaf_ids)
+  comp = _components(w)
+  if w.tie_free_params(leaf_ids, comp):
+    comp = _components(w)
+  return w, leaf_ids, x_ids, out_ids, comp
+
+def _first_hit(comp: np.ndarray, n_comp: int, lists) -> np.ndarray:
+  """Per component, the index of the first entry of `lists` (ids arrays) that holds
+  one of its ids, -1 for none."""
+  first = np.full(n_comp, -1, np.int64)
+  for i, ids in enumerate(lists):
+    cs = comp[ids].ravel()
+    first[cs[first[cs] < 0]] = i
+  return first
+
+
+def _pairs(comp: np.ndarray, lists) -> tuple[np.ndarray, np.ndarray]:
+  """(entry, component) for every component that entry i of `lists` touches."""
+  entries, comps = [], []
+  for i, ids in enumerate(lists):
+    cs = np.unique(comp[ids])
+    entries.append(np.full(cs.size, i, np.int64))
+    comps.append(cs)
+  if not entries:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+  return np.concatenate(entries), np.concatenate(comps).astype(np.int64)
+
+
+def _signatures(keys_of_runs: np.ndarray, run_start: np.ndarray, n_runs: np.ndarray):
+  """Groups rows of variable length exactly: row i is
+  ``keys_of_runs[run_start[i]:run_start[i] + n_runs[i]]``. Returns (label per row,
+  number of labels); equal rows, and only those, share a label."""
+  label = np.zeros(n_runs.size, np.int64)
+  n = 0
+  for length in np.unique(n_runs):
+    rows = np.flatnonzero(n_runs == length)
+    table = keys_of_runs[run_start[rows][:, None] + np.arange(length)]
+    _, inverse = np.unique(table, axis=0, return_inverse=True)
+    label[rows] = inverse.ravel() + n
+    n += int(inverse.max()) + 1
+  return label, n
+
+
+def _assemble(traced: Traced, w: Walk, comp: np.ndarray, leaf_ids: dict, x_ids: np.ndarray,
+              out_ids: np.ndarray, patterns: list) -> list[Group]:
+  """The groups of a walk, in the order of the components' first leaf axis (numpy over
+  all channels at once: a channel is a component; channels whose members have the same
+  (leaf, axis, copies) are one group)."""
+  n_comp = int(comp.max()) + 1 if w.n else 0
+  reason_list = [(x_ids, "the model's input channels"),
+                 (out_ids, "reaches the model's output")] + list(w.blocked)
+  reason_of = _first_hit(comp, n_comp, [ids for ids, _ in reason_list])
+  produced = np.zeros(w.n, bool)
+  consumed = np.zeros(w.n, bool)
+  for ids in w.producers:
+    produced[ids] = True
+  for ids in w.consumers:
+    consumed[ids] = True
+  is_channel = np.zeros(n_comp, bool)
+  for (leaf, axis), ids in leaf_ids.items():
+    if produced[ids[0]]:
+      is_channel[comp[ids]] = True
+
+  # Every channel id of every leaf axis: (key, position, component), sorted by
+  # component, then leaf axis, then position; a run is one component on one leaf axis.
+  keys = sorted(leaf_ids)
+  parts = []
+  for k, key in enumerate(keys):
+    cs = comp[leaf_ids[key]]
+    pos = np.flatnonzero(is_channel[cs])
+    parts.append((np.full(pos.size, k, np.int64), pos, cs[pos].astype(np.int64)))
+  if not parts or not sum(p[1].size for p in parts):
+    return []
+  K, P, C = (np.concatenate(a) for a in zip(*parts))
+  order = np.lexsort((P, K, C))
+  K, P, C = K[order], P[order], C[order]
+  new_run = np.ones(K.size, bool)
+  new_run[1:] = (K[1:] != K[:-1]) | (C[1:] != C[:-1])
+  run_start = np.flatnonzero(new_run)
+  run_len = np.diff(np.append(run_start, K.size))
+  run_K, run_C = K[run_start], C[run_start]
+  new_comp = np.ones(run_C.size, bool)
+  new_comp[1:] = run_C[1:] != run_C[:-1]
+  first_run = np.flatnonzero(new_comp)          # per channel component: its first run
+  n_runs = np.diff(np.append(first_run, run_C.size))
+  comps = run_C[first_run]                      # the channel components, ascending
+  elem_start = run_start[first_run]             # their first element
+  # A component's signature: its (leaf axis, copies) per run.
+  label, n_sig = _signatures(run_K * (int(run_len.max()) + 1) + run_len, first_run, n_runs)
+  # The groups in the order of the per-channel loop this replaces: by the first leaf
+  # axis of the signature, then the smallest component.
+  sig_first_comp = np.full(n_sig, n_comp, np.int64)
+  np.minimum.at(sig_first_comp, label, comps)
+  sig_key = np.empty(n_sig, np.int64)
+  sig_key[label] = run_K[first_run]
+  sig_order = np.lexsort((sig_first_comp, sig_key))
+
+  # Per group: its components, ordered by their first position on the first leaf axis.
+  by_label = np.lexsort((P[elem_start], label))
+  bounds = np.searchsorted(label[by_label], np.arange(n_sig + 1))
+  group_comps = [by_label[bounds[s]:bounds[s + 1]] for s in sig_order]  # rows of comps
+  group_of = np.full(n_comp, -1, np.int64)
+  rank = np.zeros(n_comp, np.int64)
+  for gi, rows in enumerate(group_comps):
+    group_of[comps[rows]] = gi
+    rank[comps[rows]] = np.arange(rows.size)
+
+  # Effects: per group, each line once, in the order of its first channel's list.
+  lines, line_id = [], {}
+  for ids, what, where in w.effects:
+    line = f"{what} at {where}" if where else what
+    lines.append(line_id.setdefault(line, len(line_id)))
+  line_text = list(line_id)
+  e_entry, e_comp = _pairs(comp, [ids for ids, _, _ in w.effects])
+  e_group = group_of[e_comp]
+  keep = e_group >= 0
+  e_entry, e_comp, e_group = e_entry[keep], e_comp[keep], e_group[keep]
+  e_line = np.asarray(lines, np.int64)[e_entry]
+  e_rank = rank[e_comp]
+  o = np.lexsort((e_entry, e_rank, e_line, e_group))
+  first = np.ones(o.size, bool)
+  first[1:] = (e_group[o][1:] != e_group[o][:-1]) | (e_line[o][1:] != e_line[o][:-1])
+  o = o[first]
+  o = o[np.lexsort((e_entry[o], e_rank[o], e_group[o]))]
+  effects_of: dict[int, list[str]] = {}
+  for gi, li in zip(e_group[o].tolist(), e_line[o].tolist()):
+    effects_of.setdefault(gi, []).append(line_text[li])
+  marks_of: dict[int, set] = {}
+  for ids, kind in w.marks:
+    for gi in np.unique(group_of[np.unique(comp[ids])]).tolist():
+      if gi >= 0:
+        marks_of.setdefault(gi, set()).add(kind)
+  dense = {op.kernel for op in w.ops if op.kind == "dense"}
+
+  flops_of = np.zeros(n_comp)
+  for op in w.ops:  # one channel's first-order share of every op it is a factor of
+    for factors, amount in ((op.factors, op.macs), (op.bias_factors, op.bias_adds)):
+      for ids in factors:
+        np.add.at(flops_of, comp[ids], amount / ids.size)
+
+  groups = []
+  for gi, rows in enumerate(group_comps):
+    cs = comps[rows]
+    first_row = rows[0]
+    span = elem_start[rows][:, None] + np.arange(
+        run_len[first_run[first_row]:first_run[first_row] + n_runs[first_row]].sum())
+    positions = P[span]
+    members, params, offset = [], 0, 0
+    for run in range(first_run[first_row], first_run[first_row] + n_runs[first_row]):
+      leaf, axis = keys[run_K[run]]
+      r = int(run_len[run])
+      index = np.ascontiguousarray(positions[:, offset:offset + r])
+      offset += r
+      ids = leaf_ids[(leaf, axis)]
+      role = ("producer" if produced[ids[0]] else
+              "consumer" if consumed[ids[0]] else "other")
+      members.append(Member(traced.paths[leaf], axis, index, role))
+      if traced.is_param[leaf]:
+        shape = traced.shapes[leaf]
+        params += math.prod(shape) // shape[axis] * r
+    hits = reason_of[cs]
+    hit = np.flatnonzero(hits >= 0)
+    reason = reason_list[hits[hit[0]]][1] if hit.size else None
+    if reason is None:
+      hit = next((m.path for m in members for p in patterns if p.search(m.path)), None)
+      if hit is not None:
+        reason = f"ignored ({hit})"
+    effects = effects_of.get(gi, [])
+    groups.append(Group(id=0, width=int(cs.size), members=tuple(members),
+                        prunable=reason is None, reason=reason,
+                        flops_per_channel=float(np.mean(flops_of[cs])),
+                        params_per_channel=int(params),
+                        channels=cs.astype(np.int64),
+                        exactness="approximate" if effects else "exact",
+                        effects=tuple(effects),
+                        kind=_kind(marks_of.get(gi, set()),
+                                   [m.path for m in members if m.role == "producer"], dense)))
+  return groups
+
+
 def trace(model, variables, input_shape: Sequence[int], call: Callable | None = None, *,
           ignore: Sequence[str] | str = (), round_to: int = 1,
           batched: bool | None = None) -> Graph:
@@ -261,96 +508,8 @@ def trace(model, variables, input_shape: Sequence[int], call: Callable | None = 
   ignore = [ignore] if isinstance(ignore, str) else list(ignore)
   patterns = [re.compile(p) for p in ignore]
   traced = trace_jaxpr(model, variables, input_shape, call, batched=batched)
-  w, leaf_ids, x_ids, out_ids = walk(traced)
-  _tie_attention_head_dims(traced, w, leaf_ids)
-  comp = _components(w)
-  if w.tie_free_params(leaf_ids, comp):
-    comp = _components(w)
-
-  reasons: dict[int, str] = {}
-  for ids, reason in [(x_ids, "the model's input channels"),
-                      (out_ids, "reaches the model's output")] + w.blocked:
-    for c in np.unique(comp[ids]):
-      reasons.setdefault(int(c), reason)
-  produced = np.zeros(w.n, bool)
-  consumed = np.zeros(w.n, bool)
-  for ids in w.producers:
-    produced[ids] = True
-  for ids in w.consumers:
-    consumed[ids] = True
-  is_channel = np.zeros(comp.max() + 1 if w.n else 0, bool)
-  for (leaf, axis), ids in leaf_ids.items():
-    if produced[ids[0]]:
-      is_channel[comp[ids]] = True
-
-  # Per component: its (leaf, axis, indices) slices.
-  slices: dict[int, list] = {}
-  for (leaf, axis), ids in sorted(leaf_ids.items()):
-    comps = comp[ids]
-    order = np.argsort(comps, kind="stable")
-    sorted_comps = comps[order]
-    bounds = np.flatnonzero(np.diff(sorted_comps)) + 1
-    for chunk in np.split(order, bounds):
-      c = int(comps[chunk[0]])
-      if is_channel[c]:
-        slices.setdefault(c, []).append((leaf, axis, chunk))
-
-  n_comp = comp.max() + 1 if w.n else 0
-  effects_of: dict[int, list[str]] = {}
-  for ids, what, where in w.effects:
-    for c in np.unique(comp[ids]):
-      line = f"{what} at {where}" if where else what
-      if line not in effects_of.setdefault(int(c), []):
-        effects_of[int(c)].append(line)
-  marks_of: dict[int, set] = {}
-  for ids, kind in w.marks:
-    for c in np.unique(comp[ids]):
-      marks_of.setdefault(int(c), set()).add(kind)
-  dense = {op.kernel for op in w.ops if op.kind == "dense"}
-
-  flops_of = np.zeros(n_comp)
-  for op in w.ops:  # one channel's first-order share of every op it is a factor of
-    for factors, amount in ((op.factors, op.macs), (op.bias_factors, op.bias_adds)):
-      for ids in factors:
-        np.add.at(flops_of, comp[ids], amount / ids.size)
-
-  by_signature: dict[tuple, list[int]] = {}
-  for c, members in slices.items():
-    signature = tuple((leaf, axis, len(idx)) for leaf, axis, idx in members)
-    by_signature.setdefault(signature, []).append(c)
-
-  groups = []
-  for signature, comps in by_signature.items():
-    first = {c: slices[c][0][2][0] for c in comps}
-    comps = sorted(comps, key=lambda c: first[c])
-    members, params = [], 0
-    for k, (leaf, axis, r) in enumerate(signature):
-      index = np.stack([np.sort(slices[c][k][2]) for c in comps])
-      ids = leaf_ids[(leaf, axis)]
-      role = ("producer" if produced[ids[0]] else
-              "consumer" if consumed[ids[0]] else "other")
-      members.append(Member(traced.paths[leaf], axis, index, role))
-      if traced.is_param[leaf]:
-        shape = traced.shapes[leaf]
-        params += math.prod(shape) // shape[axis] * r
-    reason = next((reasons[c] for c in comps if c in reasons), None)
-    if reason is None:
-      hit = next((m.path for m in members for p in patterns if p.search(m.path)), None)
-      if hit is not None:
-        reason = f"ignored ({hit})"
-    effects = []
-    for c in comps:
-      effects += [e for e in effects_of.get(c, ()) if e not in effects]
-    marks = set().union(*(marks_of.get(c, set()) for c in comps))
-    groups.append(Group(id=0, width=len(comps), members=tuple(members),
-                        prunable=reason is None, reason=reason,
-                        flops_per_channel=float(np.mean([flops_of[c] for c in comps])),
-                        params_per_channel=int(params),
-                        channels=np.asarray(comps, np.int64),
-                        exactness=_exactness(effects),
-                        effects=tuple(effects),
-                        kind=_kind(marks, [m.path for m in members if m.role == "producer"],
-                                   dense)))
+  w, leaf_ids, x_ids, out_ids, comp = channels(traced)
+  groups = _assemble(traced, w, comp, leaf_ids, x_ids, out_ids, patterns)
   # Call order: by the first op that produces the group, then the channel index.
   first_op = {}
   for i, op in enumerate(w.ops):

@@ -13,6 +13,7 @@ coupled layers are judged together, as Torch-Pruning's group importance does:
   the channel's slices (Molchanov et al., 2019), from a batch's gradients;
 - ``"random"``: uniform scores (the baseline every criterion should beat).
 """
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,47 @@ CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random")
 def _rows(array, axis) -> np.ndarray:
   a = np.moveaxis(np.asarray(array, np.float64), axis, 0)
   return a.reshape(a.shape[0], -1)
+
+
+DRAW_LIMIT = 1 << 24  # random draws padded to one shape up to this many (64 MB)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _uniform_rows(key, ids, width):
+  """Row i: ``uniform(fold_in(key, ids[i]), (width,))``."""
+  return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (width,)))(ids)
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _random_scores(key, groups) -> dict[int, np.ndarray]:
+  """``uniform(fold_in(key, group id), (width,))`` per group, drawn in one compiled call
+  per padded shape. Under partitionable threefry (JAX's default) a draw's first w
+  values do not depend on the length drawn, so a prefix of a longer row is the group's
+  own draw; otherwise one draw per group."""
+  if not groups:
+    return {}
+  if not (jax.config.jax_threefry_partitionable
+          and str(jax.random.key_impl(key)) == "threefry2x32"):
+    return {g.id: np.asarray(jax.random.uniform(jax.random.fold_in(key, g.id), (g.width,)))
+            for g in groups}
+  widths = {g.id: _pow2(g.width) for g in groups}
+  if _pow2(len(groups)) * max(widths.values()) > DRAW_LIMIT:
+    buckets = {}
+    for g in groups:
+      buckets.setdefault(widths[g.id], []).append(g)
+  else:
+    buckets = {max(widths.values()): list(groups)}
+  out = {}
+  for width, members in buckets.items():
+    ids = np.zeros(_pow2(len(members)), np.uint32)
+    ids[:len(members)] = [g.id for g in members]
+    rows = np.asarray(_uniform_rows(key, ids, width))
+    for g, row in zip(members, rows):
+      out[g.id] = row[:g.width].copy()
+  return out
 
 
 def _named(tree) -> dict[str, Any]:
@@ -75,12 +117,27 @@ def group_scores(graph: Graph, values: Mapping[str, Any], criterion: str = "l1",
   groups = graph.prunable() if groups is None else groups
   is_param = dict(zip(graph.traced.paths, graph.traced.is_param))
   named_grads = _named(grads)
+  if criterion == "random":
+    return _random_scores(key, groups)
+  reduced = {}  # (leaf, axis) -> per-index reduction, computed once per leaf axis
+
+  def per_index(path, axis):
+    if (path, axis) not in reduced:
+      rows = _rows(values[path], axis)
+      if criterion == "l1":
+        reduced[(path, axis)] = np.abs(rows).sum(1)
+      elif criterion == "l2":
+        reduced[(path, axis)] = (rows ** 2).sum(1)
+      else:  # taylor
+        grad = _lookup(named_grads, path)
+        if grad is None:
+          raise UserError(f"no gradient for {path} in `grads`")
+        reduced[(path, axis)] = (rows * _rows(grad, axis)).sum(1)
+    return reduced[(path, axis)]
+
   out = {}
   for g in groups:
     params = [m for m in g.members if is_param[m.path]]
-    if criterion == "random":
-      out[g.id] = np.asarray(jax.random.uniform(jax.random.fold_in(key, g.id), (g.width,)))
-      continue
     if criterion == "bn_scale":
       scales = [m for m in params if m.path.endswith("scale") and np.ndim(values[m.path]) == 1]
       if not scales:
@@ -90,15 +147,9 @@ def group_scores(graph: Graph, values: Mapping[str, Any], criterion: str = "l1",
       continue
     score = np.zeros(g.width)
     for m in params:
-      rows = _rows(values[m.path], m.axis)
-      if criterion == "l1":
-        score += np.abs(rows).sum(1)[m.index].sum(1)
-      elif criterion == "l2":
-        score += (rows ** 2).sum(1)[m.index].sum(1)
-      else:  # taylor
-        grad = _lookup(named_grads, m.path)
-        if grad is None:
-          raise UserError(f"no gradient for {m.path} in `grads`")
-        score += np.abs((rows * _rows(grad, m.axis)).sum(1)[m.index].sum(1))
+      if criterion == "taylor":
+        score += np.abs(per_index(m.path, m.axis)[m.index].sum(1))
+      else:
+        score += per_index(m.path, m.axis)[m.index].sum(1)
     out[g.id] = np.sqrt(score) if criterion == "l2" else score
   return out
