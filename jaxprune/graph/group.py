@@ -11,7 +11,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 
 from jaxprune.errors import UserError
-from jaxprune.graph.propagate import Walk
+from jaxprune.graph.propagate import Walk, exactness as _exactness
 from jaxprune.graph.tracing import Traced, trace_jaxpr
 
 
@@ -471,7 +471,7 @@ def _assemble(traced: Traced, w: Walk, comp: np.ndarray, leaf_ids: dict, x_ids: 
                         flops_per_channel=float(np.mean(flops_of[cs])),
                         params_per_channel=int(params),
                         channels=cs.astype(np.int64),
-                        exactness="approximate" if effects else "exact",
+                        exactness=_exactness(effects),
                         effects=tuple(effects),
                         kind=_kind(marks_of.get(gi, set()),
                                    [m.path for m in members if m.role == "producer"], dense)))
