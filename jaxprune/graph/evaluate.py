@@ -25,6 +25,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.errors import UserError
 from jaxprune.graph.propagate import _subjaxpr
 from jaxprune.graph.tracing import Traced
 
@@ -110,7 +111,9 @@ def run(traced: Traced, values: dict[str, Any], xs, *,
   Args:
     traced: :func:`jaxprune.graph.tracing.trace_jaxpr` of the model.
     values: ``{leaf path: array}`` for every path of ``traced.paths``.
-    xs: a probe ``(N, *example_shape)``; each example runs with a batch of one.
+    xs: a probe ``(N, *example_shape)``; each example runs with a batch of one. A
+      model with several inputs takes their pytree (``traced.input_tree``), each leaf
+      ``(N, *its example shape)``.
     replace: per :class:`Layer`, in the order :func:`layers_of` lists them,
       ``(N, *layer input shape)`` arrays that replace that layer's input (how a
       smaller network is fed the original's activations), or None.
@@ -119,8 +122,7 @@ def run(traced: Traced, values: dict[str, Any], xs, *,
     A :class:`Result`; each layer's ``x`` and ``out`` carry a leading example axis.
   """
   leaves = [values[p] for p in traced.paths]
-  xs = np.asarray(xs)
-  xs = xs.reshape((xs.shape[0],) + tuple(traced.input_shape))
+  xs = _input_leaves(traced, xs)
   meta: list[Layer] = []
   followers: dict[str, dict[str, str]] = {}
 
@@ -146,9 +148,23 @@ def layers_of(traced: Traced, values: dict[str, Any]) -> list[Layer]:
     return 0
   leaves = [jax.ShapeDtypeStruct(np.shape(values[p]), jnp.result_type(values[p]))
             for p in traced.paths]
-  jax.eval_shape(one, leaves, jax.ShapeDtypeStruct(traced.input_shape, jnp.float32))
+  jax.eval_shape(one, leaves, [jax.ShapeDtypeStruct(s, d) for s, d in
+                               zip(traced.input_shapes, traced.input_dtypes)])
   return [dataclasses.replace(l, x=jax.ShapeDtypeStruct(np.shape(l.x), l.x.dtype),
                               out=None) for l in meta]
+
+
+def _input_leaves(traced, xs) -> list:
+  """The probe's leaves, each ``(N, *that input's traced shape)``."""
+  flat = jax.tree.leaves(xs)
+  if len(flat) != traced.num_inputs:
+    raise UserError(f"the probe has {len(flat)} input(s); the model was traced with "
+                    f"{traced.num_inputs} (its input_shape pytree)")
+  out = []
+  for x, shape in zip(flat, traced.input_shapes):
+    x = np.asarray(x)
+    out.append(x.reshape((x.shape[0],) + tuple(shape)))
+  return out
 
 
 def _interpret(traced, leaves, x, replace, layers, followers):
@@ -224,8 +240,8 @@ def _interpret(traced, leaves, x, replace, layers, followers):
     return [r[0] for r in results], [r[1] for r in results]
 
   closed = traced.jaxpr
-  tags = [("leaf", p) for p in traced.paths] + [None]
-  outputs, _ = evaluate(closed.jaxpr, closed.consts, list(leaves) + [x], tags)
+  tags = [("leaf", p) for p in traced.paths] + [None] * len(x)
+  outputs, _ = evaluate(closed.jaxpr, closed.consts, list(leaves) + list(x), tags)
   return outputs
 
 

@@ -15,8 +15,8 @@ import numpy as np
 from jaxprune import graph as graph_lib
 from jaxprune.errors import UserError
 from jaxprune.surgery import importance, pruner
-from jaxprune.surgery.rebuild import (Pruned, Rebuilt, compensate, pruned_call, rebuild,
-                                      refuse_shapes_only, slice_tree)
+from jaxprune.surgery.rebuild import (Pruned, Rebuilt, compensate, probe_inputs, pruned_call,
+                                      rebuild, refuse_shapes_only, slice_tree)
 
 
 def apply_slices(model, variables, slices, input_shape, call: Callable | None = None,
@@ -302,7 +302,9 @@ def prune_zeros(model, variables, input_shape: Sequence[int], call: Callable | N
   Args:
     model, variables, input_shape, call: as for :func:`prune`, with the masked
       (effective) weights, e.g. ``optim.effective_params`` of AutoPrune.
-    probe: inputs for the check (default a random batch of 4).
+    probe: inputs for the check (default a random batch of 4,
+      :func:`jaxprune.surgery.rebuild.probe_inputs`: a pytree like `input_shape` for
+      several inputs, integer inputs 0 or 1).
     atol: tolerance of the check, relative to the output's scale.
 
   Returns:
@@ -335,8 +337,7 @@ def prune_zeros(model, variables, input_shape: Sequence[int], call: Callable | N
       kept = np.setdiff1d(np.arange(group.width), dead)
       keep[group.id] = kept if kept.size else np.asarray(dead[:1])
   small = prune(model, variables, input_shape, keep, call, graph=g)
-  x = probe if probe is not None else jax.random.normal(
-      jax.random.key(0), (4, *g.traced.input_shape[1:]))
+  x = probe if probe is not None else probe_inputs(input_shape, 4)
   ref, got = _forward(model, variables, call, x), _forward(small.model, small.variables, call, x)
   diff = float(np.max(np.abs(np.asarray(ref) - np.asarray(got))))
   scale = max(float(np.max(np.abs(np.asarray(ref)))), 1.0)
@@ -353,8 +354,8 @@ def _forward(model, variables, call, x):
     copy = graph_lib.tracing.eval_copy(model)
     return call(copy, x) if call is not None else copy(x)
   if kind == "linen":
-    if call is not None and not isinstance(model, Rebuilt):
-      return call(variables, x)
+    if call is not None:  # a pruned (Rebuilt) module runs under the user's call too
+      return pruned_call(model, call)(variables, x)
     kwargs = {"train": False} if graph_lib.tracing.accepts_train(model) else {}
     return model.apply(variables, x, **kwargs)
-  return model(variables, x)
+  return call(model, variables, x) if call is not None else model(variables, x)

@@ -232,6 +232,21 @@ def _example(input_shape):
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), _abstract_example(input_shape))
 
 
+def probe_inputs(input_shape: Any, n: int, seed: int = 0):
+  """`n` random examples of the input(s) :func:`jaxprune.graph.tracing.example_inputs`
+  describes, each leaf ``(n, *one example's shape)``: floats standard normal, integers
+  (token ids, positions, masks) 0 or 1 — in range of every table of two or more rows —
+  and booleans at random. What surgery's own checks run on."""
+  rng = np.random.default_rng(seed)
+
+  def one(a):
+    shape = (n,) + tuple(a.shape[1:])
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+      return jnp.asarray(rng.normal(size=shape), a.dtype)
+    return jnp.asarray(rng.integers(0, 2, size=shape), a.dtype)
+  return jax.tree.map(one, tracing.example_inputs(input_shape))
+
+
 def _is_array(a) -> bool:
   return hasattr(a, "shape") and hasattr(a, "dtype")
 
@@ -263,10 +278,15 @@ def _root_call(model, variables, call, x):
       seen.append(jax.tree.map(
           lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if _is_array(a) else a,
           (tuple(args), dict(kwargs))))
+      # Recorded: the rest is not run (`variables` may be a pruned network's, which the
+      # original module's layers would refuse).
+      raise _Recorded()
     return next_fun(*args, **kwargs)
   try:
     with nn.intercept_methods(record):
       jax.eval_shape(lambda v, x: call(v, x), variables, x)
+  except _Recorded:
+    pass
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f"rebuild: call(variables, x) of the original "
                     f"{type(model).__name__} failed on the check input: "
@@ -276,6 +296,10 @@ def _root_call(model, variables, call, x):
                     f"{type(model).__name__}'s __call__ (the check calls the pruned "
                     "module the way call does); call model.apply(variables, ...).")
   return seen[0]
+
+
+class _Recorded(Exception):
+  """Stops :func:`_root_call` once the root's arguments are seen."""
 
 
 def _first_line(e) -> str:

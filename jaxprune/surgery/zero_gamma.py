@@ -45,6 +45,7 @@ from jaxprune import graph as graph_lib
 from jaxprune.errors import UserError
 from jaxprune.graph import evaluate, tracing
 from jaxprune.surgery.prune import _forward, apply_slices
+from jaxprune.surgery.rebuild import probe_inputs, pruned_call
 
 
 # ---------------------------------------------------------------------------------
@@ -318,11 +319,15 @@ def shrink(model, variables, input_shape: Sequence[int], call: Callable | None =
   Args:
     model: a Linen module, an ``nnx.Module`` (variables None) or ``f(params, x)``.
     variables: its variables (concrete), None for NNX.
-    input_shape: one example's shape, e.g. (32, 32, 3).
+    input_shape: one example's shape, e.g. (32, 32, 3), or a pytree of shapes and
+      ``jax.ShapeDtypeStruct`` s (several inputs: token ids, masks; with `call`), see
+      :func:`jaxprune.graph.tracing.example_inputs`.
     call: as for :func:`jaxprune.graph.trace`.
     fold_constants: False drops constant channels without folding (to measure
       what the fold buys).
-    probe: inputs (N >= 2, *input_shape) for the measurement (default 2 random ones).
+    probe: inputs (N >= 2, *input_shape) for the measurement, a pytree like
+      `input_shape` for several inputs (default 2 random ones,
+      :func:`jaxprune.surgery.rebuild.probe_inputs`: integers 0 or 1).
     max_rounds: a bound on the fixpoint iteration.
     round_to: kept widths a multiple of this (capped at the full width; e.g. 8 for CPU
       SIMD, 128 for TPU lanes): removable channels are kept back until the count is one,
@@ -350,19 +355,18 @@ def shrink(model, variables, input_shape: Sequence[int], call: Callable | None =
   folds: dict[str, dict] = {}
   placeholders: dict[str, tuple] = {}
   cascaded, readers, unfoldable = set(), set(), {}
-  x = probe if probe is not None else np.asarray(jax.random.normal(
-      jax.random.key(0), (2, *g0.traced.input_shape[1:])))
-  x = np.asarray(x, np.float32)
-  if len(x) < 2:
+  x = _probe_arrays(probe if probe is not None else probe_inputs(input_shape, 2))
+  n = len(jax.tree.leaves(x)[0])
+  if n < 2:
     raise UserError(f"shrink needs a probe of at least 2 inputs to check that a removed "
-                    f"channel is constant; got {len(x)}")
+                    f"channel is constant; got {n}")
 
   cur_model, cur_vars, g = model, variables, g0
   rounds = 0
   while rounds < max_rounds:
     rounds += 1
     if rounds > 1:
-      g = graph_lib.trace(cur_model, cur_vars, input_shape, call)
+      g = graph_lib.trace(cur_model, cur_vars, input_shape, pruned_call(cur_model, call))
     values = {p: _numpy(v) for p, v in graph_lib.named_leaves(cur_model, cur_vars).items()}
     result = evaluate.run(g.traced, values, x)
     layers: dict[str, Any] = {}
@@ -493,8 +497,26 @@ def _channels_last(diff, layer):
   return np.transpose(diff, (spec[0], *spec[2:], spec[1]))
 
 
+def _probe_arrays(probe):
+  """A probe as numpy arrays: floats as float32, integer inputs (token ids, masks) as
+  they are."""
+  def one(a):
+    a = np.asarray(a)
+    return a.astype(np.float32) if not np.issubdtype(a.dtype, np.integer) and \
+        a.dtype != np.bool_ else a
+  return jax.tree.map(one, probe)
+
+
+def _probe_shape(probe):
+  """One example's input_shape of a probe (a shape, or a pytree of structs)."""
+  if isinstance(probe, np.ndarray) and probe.dtype == np.float32:
+    return probe.shape[1:]
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), probe)
+
+
 def check_equivalence(model, variables, shrunk: Shrunk, probe,
-                      call: Callable | None = None) -> dict[str, float]:
+                      call: Callable | None = None, *,
+                      input_shape: Any = None) -> dict[str, float]:
   """Compares the masked (original, zero gammas) and the shrunk network on ``probe``.
 
   Two comparisons:
@@ -510,8 +532,10 @@ def check_equivalence(model, variables, shrunk: Shrunk, probe,
   Args:
     model, variables: the original (masked) network.
     shrunk: the result of :func:`shrink` on them.
-    probe: a batch of inputs (N, *input_shape).
+    probe: a batch of inputs (N, *input_shape), or for several inputs (token ids,
+      masks; with `call`) a pytree of such batches.
     call: as for :func:`shrink`.
+    input_shape: as for :func:`shrink` (default: read from the probe).
 
   Returns:
     ``interior_max_abs_diff`` and ``border_max_abs_diff`` (over every layer),
@@ -522,10 +546,11 @@ def check_equivalence(model, variables, shrunk: Shrunk, probe,
     such as LayerNorm's, see :attr:`jaxprune.graph.Group.exactness`): there the
     shrunk network is not the masked one, whatever the differences above.
   """
-  probe = np.asarray(probe, np.float32)
-  input_shape = probe.shape[1:]
+  probe = _probe_arrays(probe)
+  input_shape = _probe_shape(probe) if input_shape is None else input_shape
+  small_call = pruned_call(shrunk.model, call)
   big_t = tracing.trace_jaxpr(model, variables, input_shape, call)
-  small_t = tracing.trace_jaxpr(shrunk.model, shrunk.variables, input_shape, call)
+  small_t = tracing.trace_jaxpr(shrunk.model, shrunk.variables, input_shape, small_call)
   big_v = graph_lib.named_leaves(model, variables)
   small_v = graph_lib.named_leaves(shrunk.model, shrunk.variables)
   interior = border = scale = 0.0
