@@ -102,6 +102,22 @@ class ConfiguredScale(nnx.Module):
     return self.o(jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s), v)).mean(1)
 
 
+class JaxAttention(nnx.Module):
+  """``jax.nn.dot_product_attention`` (its default scale 1/sqrt of the query's last axis)
+  on NNX projections; it needs the value's head_dim equal to the query's, which the graph
+  ties for projections named query/value (as in Flax's attention)."""
+
+  def __init__(self, rngs):
+    self.query = nnx.LinearGeneral(4, (HEADS, D // HEADS), rngs=rngs)
+    self.key = nnx.LinearGeneral(4, (HEADS, D // HEADS), rngs=rngs)
+    self.value = nnx.LinearGeneral(4, (HEADS, D // HEADS), rngs=rngs)
+    self.out = nnx.LinearGeneral((HEADS, D // HEADS), 3, axis=(-2, -1), rngs=rngs)
+
+  def __call__(self, x):
+    o = jax.nn.dot_product_attention(self.query(x), self.key(x), self.value(x))
+    return self.out(o).mean(1)
+
+
 def _head_dim(g):
   """The head dimension group of the query/key contraction."""
   (hd,) = [grp for grp in g.groups if grp.kind == "head_dim"
@@ -155,6 +171,16 @@ def test_nnx_attention_head_dim_is_compensated_and_equals_the_masked_original(se
   assert small.folded["attn/query/kernel"] == pytest.approx(math.sqrt(kept.size / hd.width))
   # The original module is untouched by the fold.
   assert np.asarray(model.attn.query.kernel[...]).shape[-1] == hd.width
+
+
+def test_jax_nn_dot_product_attention_head_dim_is_compensated():
+  model = JaxAttention(nnx.Rngs(3))
+  x = jax.random.normal(jax.random.key(11), (2, T, 4))
+  hd, diff, small, kept = _pruned_vs_masked(model, None, x, 2)
+  assert hd.exactness == "compensated"
+  assert "folded into query/kernel and query/bias" in hd.effects[0]
+  assert diff < 1e-5, diff
+  assert small.folded["query/bias"] == pytest.approx(math.sqrt(kept.size / hd.width))
 
 
 def test_unfolded_removal_would_differ_so_the_fold_is_what_makes_it_exact():
