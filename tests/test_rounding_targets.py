@@ -1,0 +1,108 @@
+"""FLOPs and params targets with round_to (issue 24 item 2): kept widths are allowed
+widths (multiples of round_to, or the whole group) chosen per group, and the network
+lands at or below the target and within 2% of the full network under it (or, on a
+model too small for that, as close as any combination of allowed widths gets)."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import zoo_models
+from jaxprune import graph, models, surgery
+from jaxprune.errors import UserError
+from jaxprune.surgery import pruner
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+def _graph(name, round_to):
+  if name == "resnet20":
+    model = models.cifar_resnet(20, 10)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                                  train=False))
+    return graph.trace(model, variables, (32, 32, 3), round_to=round_to)
+  zm = zoo_models.BY_NAME[name]
+  model, variables = zm.build(0)
+  shape, call = zm.single(model)
+  return graph.trace(model, variables, shape, call, round_to=round_to)
+
+
+def _check_widths(g, keep, round_to):
+  for gid, kept in keep.items():
+    width = g.groups[gid].width
+    assert kept.size == width or (kept.size % round_to == 0 and kept.size > 0)
+
+
+def test_allowed_widths_and_latency_grid_are_multiples_of_round_to():
+  assert pruner.allowed_widths(20, 8).tolist() == [8, 16, 20]
+  assert pruner.allowed_widths(6, 8).tolist() == [6]
+  assert pruner.allowed_widths(5, 1).tolist() == [1, 2, 3, 4, 5]
+  assert pruner.latency_grid(64, 1, 8) == (8, 16, 24, 32, 40, 48, 56, 64)
+  assert pruner.latency_grid(16, 8, 8) == (8, 16)
+  assert pruner.latency_grid(20, 1, 16) == tuple(sorted({round(20 * i / 16 + 1e-9)
+                                                          for i in range(1, 17)}))
+
+
+# The transformer zoo at round_to 2 or 4 and ResNet-20 at round_to 8 (the issue's case):
+# 400 random draws of (model, metric, ranking, ratio in [0.4, 0.8], scores) measured the
+# largest shortfall at 0.015 of the full network (see the report of issue 24).
+@pytest.mark.parametrize("name,round_to", [("vit_scan", 4), ("bert", 2), ("gpt", 4),
+                                           ("lm1b", 4), ("llama", 2), ("resnet20", 8)])
+def test_targets_with_round_to_land_within_two_percent_on_the_zoo(name, round_to):
+  g = _graph(name, round_to)
+  rng = np.random.default_rng()
+  full = g.predict({})
+  for metric in ("flops", "params"):
+    for global_ranking in (False, True):
+      ratio = float(rng.uniform(0.4, 0.8))
+      scores = {grp.id: rng.random(grp.width) for grp in g.prunable()}
+      keep = surgery.select_channels(g, scores, global_ranking=global_ranking,
+                                     **{f"{metric}_ratio": ratio})
+      got = g.predict(keep)[metric] / full[metric]
+      assert got <= ratio + 1e-12, (metric, global_ranking, ratio, got)
+      assert ratio - got <= 0.02, (metric, global_ranking, ratio, got)
+      _check_widths(g, keep, round_to)
+      for gid, kept in keep.items():  # the best-scored channels of each group
+        n = kept.size
+        assert set(kept.tolist()) == set(np.argsort(-scores[gid], kind="stable")[:n].tolist())
+
+
+@pytest.mark.parametrize("name", ["branch_resnet", "pmap_resnet", "stdconv"])
+def test_small_models_get_as_close_as_any_allowed_widths(name):
+  """Brute force over every combination of allowed widths: the pruner is within 2% of
+  the target or at least as close as the best combination under it."""
+  rng = np.random.default_rng()
+  round_to = int(rng.choice([2, 4, 8]))
+  g = _graph(name, round_to)
+  groups = g.prunable()
+  allowed = [pruner.allowed_widths(grp.width, round_to) for grp in groups]
+  full = g.predict({})
+  for metric in ("flops", "params"):
+    reachable = sorted(
+        g.predict({grp.id: np.arange(n) for grp, n in zip(groups, combo)})[metric] / full[metric]
+        for combo in itertools.product(*allowed))
+    for global_ranking in (False, True):
+      ratio = float(rng.uniform(max(0.3, reachable[0]), 0.9))
+      scores = {grp.id: rng.random(grp.width) for grp in groups}
+      keep = surgery.select_channels(g, scores, global_ranking=global_ranking,
+                                     **{f"{metric}_ratio": ratio})
+      got = g.predict(keep)[metric] / full[metric]
+      best = max(r for r in reachable if r <= ratio + 1e-12)
+      assert got <= ratio + 1e-12
+      assert got >= min(ratio - 0.02, best) - 1e-12, (round_to, metric, ratio, got, best)
+      _check_widths(g, keep, round_to)
+
+
+def test_round_to_beyond_reach_and_bad_round_to_are_one_line_errors():
+  g = _graph("pmap_resnet", 8)
+  scores = {grp.id: np.ones(grp.width) for grp in g.prunable()}
+  with pytest.raises(UserError, match="cannot reach flops_ratio=0.05"):
+    surgery.select_channels(g, scores, flops_ratio=0.05)
+  with pytest.raises(UserError, match="exactly one target"):
+    surgery.select_channels(g, scores, flops_ratio=0.5, latency_ratio=0.5)
+  with pytest.raises(UserError, match="latency_table"):
+    surgery.select_channels(g, scores, latency_ratio=0.5)
+  with pytest.raises(UserError, match="round_to"):
+    surgery.select_channels(g, scores, flops_ratio=0.5, round_to=2.5)
