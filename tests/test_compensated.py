@@ -261,3 +261,45 @@ def test_zoo_transformers_report_their_head_dims_compensated(name):
     (line,) = grp.effects
     query = next(m.path for m in grp.members if m.path.endswith("query/kernel"))
     assert f"folded into {query} and {query[:-len('kernel')]}bias" in line, line
+
+
+class ScaledBy(nn.Module):
+  """Hand-written attention whose scores are scaled by `scale(d)` of the query's width d,
+  computed in jnp (`traced`: from a literal d in the jaxpr) or in Python (one literal)."""
+  kind: str = "python"
+
+  @nn.compact
+  def __call__(self, x):
+    q = nn.DenseGeneral((HEADS, D // HEADS), name="query")(x)
+    k = nn.DenseGeneral((HEADS, D // HEADS), name="key")(x)
+    v = nn.DenseGeneral((HEADS, D // HEADS), name="value")(x)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    d = q.shape[-1]
+    if self.kind == "traced":  # 1 / (2 sqrt(d)) from jnp: `sqrt 8.0` in the jaxpr
+      s = s / (2.0 * jnp.sqrt(jnp.float32(d)))
+    elif self.kind == "python":  # 1 / (2 sqrt(d)) as one Python float
+      s = s * (0.5 / math.sqrt(d))
+    else:  # a temperature that does not depend on the width
+      s = s * 0.3
+    o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s), v)
+    return nn.Dense(3, name="head")((x + nn.DenseGeneral(D, axis=(-2, -1), name="out")(o)).mean(1))
+
+
+@pytest.mark.parametrize("kind,factor", [("traced", lambda r: math.sqrt(r)),
+                                         ("python", lambda r: math.sqrt(r)),
+                                         ("constant", lambda r: None)])
+def test_any_literal_scale_of_the_scores_is_folded_by_its_measured_change(kind, factor):
+  """Not a clean power of the width (1 / (2 sqrt(d))), computed in jnp or in Python, or a
+  constant: s(n1) is read from the pruned network, so the fold is its change (none for
+  the constant) and the pruned network equals the masked original in every case."""
+  model = ScaledBy(kind)
+  x = jax.random.normal(jax.random.key(12), (2, T, D))
+  v = model.init(jax.random.key(13), x)
+  hd, diff, small, kept = _pruned_vs_masked(model, v, x, 4)
+  assert hd.exactness == "compensated", str(hd)
+  want = factor(kept.size / hd.width)
+  if want is None:
+    assert small.folded == {}
+  else:
+    assert small.folded["params/query/kernel"] == pytest.approx(want)
+  assert diff < 1e-5, diff

@@ -70,9 +70,11 @@ class Op:
 
 
 class Fold(str):
-  """An effect line whose change surgery undoes: attention's scale ``s(n) = n**power``
-  of the contracted width ``n`` (``1/sqrt(head_dim)``). The masked original computes
-  ``s(n0) q.k`` over the kept channels, the pruned network ``s(n1) q.k``; multiplying
+  """An effect line whose change surgery undoes: a literal scale ``s(n)`` of a product of
+  two activations over ``n`` channels (attention's ``1/sqrt(head_dim)``: ``power`` -0.5;
+  None for another expression of ``n``, or a literal that may be one). The masked
+  original computes ``s(n0) q.k`` over the kept channels, the pruned network
+  ``s(n1) q.k``; multiplying
   the query projection (its ``leaves``: kernel and bias) by ``s(n0) / s(n1)`` makes them
   equal. ``op`` is the contraction's index in :attr:`Walk.ops`, ``scale`` the literal
   product found there (``s(n0)``): :attr:`Walk.scale_at` of the pruned network gives
@@ -80,7 +82,7 @@ class Fold(str):
   A ``str``, so a group's ``effects`` stay lines of text."""
   leaves: tuple = ()
   leaf_ids: tuple = ()
-  power: float = 0.0
+  power: float | None = None  # None: not a clean power of the width
   op: int = -1
   scale: float = 1.0
 
@@ -518,9 +520,10 @@ class Walk:
           return found
     return None
 
-  def _scales(self, var, forward: bool) -> list[float]:
+  def _scales(self, var, forward: bool, terms: list | None = None) -> list[float]:
     """Literal factors that multiply `var` (1/c for a division by c), following
-    shape-only ops forwards (its users) or backwards (what computed it)."""
+    shape-only ops forwards (its users) or backwards (what computed it); `terms` gets
+    the variable holding each."""
     factors, frontier, seen = [], [var], set()
     while frontier:
       v = frontier.pop()
@@ -542,9 +545,22 @@ class Walk:
             c = cb if cb is not None else ca
             if c is not None:
               factors.append(float(c))
+              if terms is not None:
+                terms.append(b if cb is not None else a)
           elif cb is not None and (not forward or a is v):
             factors.append(1.0 / float(cb) if float(cb) else math.inf)
+            if terms is not None:
+              terms.append(b)
     return factors
+
+  def _has_literal(self, var, value, depth=6) -> bool:
+    """Whether the scalar constant `var` is computed from a literal equal to `value`
+    (``sqrt 8.0`` for a width of 8)."""
+    if _is_literal(var):
+      return np.ndim(var.val) == 0 and float(var.val) == value
+    if depth == 0 or var not in self._defs:
+      return False
+    return any(self._has_literal(v, value, depth - 1) for v in self._defs[var].invars)
 
   def loop_carry(self, ins, outs, shapes, what):
     """A loop's carry: the ids it enters with are the ids it leaves with."""
@@ -870,37 +886,54 @@ class Walk:
         f = _facet(label, a)
         if f is not None:
           contracted[f[0], id(label)] = (f, a, label is L)
-    factors = self._scales(eqn.outvars[0], forward=True)
+    terms = []
+    factors = self._scales(eqn.outvars[0], forward=True, terms=terms)
     for v in eqn.invars:
       if not _is_literal(v):
-        factors += self._scales(v, forward=False)
+        factors += self._scales(v, forward=False, terms=terms)
     if factors:  # read at any width (a pruned network's, down to one channel)
       self.scale_at[len(self.ops)] = math.prod(factors)
     if not contracted:
       return
     n = math.prod(ls[la] for la in lc
                   if _facet(L, la) is not None or _facet(R, rc[lc.index(la)]) is not None)
-    for f in factors:
-      for power in (-0.5, -1.0, 0.5, 1.0):
-        if n > 1 and abs(f / n ** power - 1) < 1e-4:
-          label = {axes: ids for ((axes, ids), _, _) in contracted.values()}
-          what = f"scale {f:.6g} = {n}^{power:g} computed from the contracted width"
-          leaves, why = None, "no operand is a linear projection used once"
-          for v in eqn.invars:  # fold into the first operand that is one (the query)
-            leaves, why = self._linear_producer(v)
-            if leaves is not None:
-              break
-          if leaves is None:
-            self.effect(label, f"{what} (not folded: {why})")
-            return
-          names = tuple(self.leaf_names[i] for i in leaves)
-          fold = Fold(f"{what} at {_where(self._eqn)}: the pruned width's change "
-                      f"(n0/n1)^{power:g} is folded into {' and '.join(names)}")
-          fold.leaves, fold.power, fold.leaf_ids = names, power, leaves
-          fold.op, fold.scale = len(self.ops), self.scale_at[len(self.ops)]
-          for ids in label.values():
-            self.effects.append((ids.ravel(), fold, ""))
-          return
+    # A literal scale of the product may be computed from the contracted width: s(n) =
+    # n^p (1/sqrt(head_dim)), an expression of a literal n, or a Python float that
+    # cannot be told from a constant. Folding s(n0)/s(n1), read from the pruned
+    # network's own trace, is right in every case (1 for a constant).
+    def rank(term):
+      f, var = term
+      power = next((p for p in (-0.5, -1.0, 0.5, 1.0) if abs(f / n ** p - 1) < 1e-4), None)
+      return (power is None, not self._has_literal(var, n)), f, power
+    if n <= 1 or not factors:
+      return
+    (no_power, no_literal), f, power = min(map(rank, zip(factors, terms)))
+    label = {axes: ids for ((axes, ids), _, _) in contracted.values()}
+    if not no_power:
+      what = f"scale {f:.6g} = {n}^{power:g} computed from the contracted width"
+      change = f"(n0/n1)^{power:g}"
+    elif not no_literal:
+      what = f"scale {f:.6g} computed from the contracted width {n}"
+      change = "s(n0)/s(n1)"
+    else:
+      what = (f"literal scale {f:.6g} of a product over {n} channels (if computed from "
+              "the width, it changes)")
+      change = "s(n0)/s(n1), if any,"
+    leaves, why = None, "no operand is a linear projection used once"
+    for v in eqn.invars:  # fold into the first operand that is one (the query)
+      leaves, why = self._linear_producer(v)
+      if leaves is not None:
+        break
+    if leaves is None:
+      self.effect(label, f"{what} (not folded: {why})")
+      return
+    names = tuple(self.leaf_names[i] for i in leaves)
+    fold = Fold(f"{what} at {_where(self._eqn)}: the pruned width's change "
+                f"{change} is folded into {' and '.join(names)}")
+    fold.leaves, fold.power, fold.leaf_ids = names, power, leaves
+    fold.op, fold.scale = len(self.ops), self.scale_at[len(self.ops)]
+    for ids in label.values():
+      self.effects.append((ids.ravel(), fold, ""))
 
   def _linear_producer(self, var, depth=16):
     """``((kernel, bias...), None)`` when `var` is a parameter kernel's product with an
