@@ -1,60 +1,269 @@
-r"""Does a pruned ResNet-56 run as much faster as its FLOPs say? Measured latency at batch 1 and 128.
+r"""Does a pruned network run as much faster as asked? Measured latency at batch 1 and 128.
 
-Networks (CIFAR ResNet-56, 10 classes, 32x32x3, eval-mode forward under jax.jit):
-- ``base``: the unpruned ResNet-56 (125.75M FLOPs);
-- ``tas``: the ResNet-56 the TAS authors' search derived with the FLOPs cost (their released
-  C010-ResNet56 shape, jaxprune/resources/tas_released_shapes.json), widths as searched;
-- ``tas round_to=8``: the same shape with every width rounded up to a multiple of 8;
-- ``l1 round_to=8``: ``surgery.prune_to(criterion="l1", flops_ratio=0.5, round_to=8)`` of the
-  base (the graph's groups, widths multiples of 8, the FLOPs target met);
-- ``l1 round_to=1``: the same without rounding;
-- ``tas graph flops``, ``tas graph flops round_to=8``, ``tas graph latency``: ResNet-56s
-  derived by real, short TAS searches (``jaxprune.methods.tas.search``, the graph space
-  with its depth search, target ratio 0.5) on the CIFAR-10 subset in ../shared/data: the
-  FLOPs cost, the FLOPs cost with candidates rounded to multiples of 8, and the latency
-  cost (``tas.cost=latency``, its per-op table timed at batch 128 on this machine). Each
-  search runs ``--search_steps`` iterations (default 310 = 5 epochs of the 2000/2000
-  split at batch 32; the reference runs 600 epochs at batch 256), derives from the best
-  in-band epoch (the last if none is in the band) and is trained for nothing more: only
-  the derived shape is timed. So these shapes are what the cost loss reaches in a short
-  search, not converged TAS architectures; their accuracy is not measured here.
-Programs are timed alternately (one call of each per round, median over rounds), so the
-ratios come from one run on one machine. Prints a table and the command; the searches'
-workdirs are kept under ``--workdir`` (a rerun with the same one reuses them).
+**The zoo table** (the default): ResNet-56 (CIFAR, 32x32x3, 10 classes), MobileNetV2
+(CIFAR layout: stride-1 stem, width 1.0, 1280-wide head) and a ViT-S-shaped encoder (12
+pre-LN blocks, width 384, 6 heads, MLP 1536, 8x8 patches of a 32x32x3 image: 16 tokens
+and a cls token), random weights (speed only). Each is pruned by
+``surgery.prune_to(criterion="l1", ...)`` to
 
-  python benchmarks/pruned_speed.py
-  python benchmarks/pruned_speed.py --rounds 30 --batches 1 128
-  python benchmarks/pruned_speed.py --search_steps 0   # the fixed shapes only
+- a FLOPs target (``flops_ratio=0.5``): the rows ``flops 0.5``;
+- a latency target (``latency_ratio=0.5``, its per-op table timed at the row's batch):
+  the rows ``latency 0.5`` (when ``prune_to`` takes ``latency_ratio``),
+
+with ``round_to`` = :func:`jaxprune.engine.runtime.default_round_to` of the backend
+(``--round_to`` to change it). Each model runs in a process of its own, with the XLA:CPU
+flag that :mod:`jaxprune.engine.runtime`'s rule picks for it (as ``jaxprune.main`` does),
+and times the base and the pruned networks alternately (one call of each per round,
+median over rounds): the ratios come from one run on one machine. Columns: speed-up
+(base ms / pruned ms), speed-up / FLOPs reduction, speed-up / requested speed-up
+(1 / ratio).
+
+**The runtime rule's figures** (``--flags``): the same three unpruned models, each
+program compiled three times in one process, with XLA:CPU's stock settings, with
+convolutions given to Eigen (the flag of :mod:`jaxprune.engine.runtime`, set per
+compile through ``compiler_options``) and with the stock settings again (a control:
+how far two identical programs' medians differ on this machine), timed alternately.
+
+**The ResNet-56 TAS table** (``--tas``): the shapes TAS derives (the authors' released
+C010-ResNet56, rounded; L1 at 0.5 of the FLOPs with round_to 1 and 8; short graph-space
+searches on the CIFAR-10 subset with the FLOPs cost, FLOPs cost + round_to=8 and latency
+cost, ``--search_steps`` iterations each, default 310), timed like the zoo table.
+
+  python benchmarks/pruned_speed.py                 # the zoo table (~25 min on 2 cores)
+  python benchmarks/pruned_speed.py --quick         # 5 rounds, latency rows at batch 1 only
+  python benchmarks/pruned_speed.py --flags         # the rule's figures
+  python benchmarks/pruned_speed.py --tas --search_steps 0   # TAS shapes, no searches
 """
 import argparse
 import importlib.resources
 import importlib.util
+import inspect
 import json
 import math
 import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 import time
 
+import flax.linen as nn
+import jax.numpy as jnp
+
 from jaxprune.engine import runtime
 import timing  # benchmarks/timing.py  # pylint: disable=g-bad-import-order
 
-runtime.configure()
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from jaxprune import data, flops, models, surgery  # pylint: disable=g-import-not-at-top
-from jaxprune.engine import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-from jaxprune.methods import tas  # pylint: disable=g-import-not-at-top
-
 SHAPE = (32, 32, 3)
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SEARCHES = {"tas graph flops": dict(cost="flops", round_to=1),
-            "tas graph flops round_to=8": dict(cost="flops", round_to=8),
-            "tas graph latency": dict(cost="latency", round_to=1)}
+ZOO = ("resnet56", "mobilenetv2", "vit_s")
+
+
+class InvertedResidual(nn.Module):
+  expand: int
+  out: int
+  stride: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    bn = lambda name: nn.BatchNorm(use_running_average=not train, name=name)
+    y = x
+    if self.expand != x.shape[-1]:
+      y = nn.relu6(bn("expand_bn")(nn.Conv(self.expand, (1, 1), use_bias=False,
+                                           name="expand")(y)))
+    y = nn.Conv(self.expand, (3, 3), (self.stride, self.stride),
+                feature_group_count=self.expand, use_bias=False, name="dw")(y)
+    y = nn.relu6(bn("dw_bn")(y))
+    y = bn("project_bn")(nn.Conv(self.out, (1, 1), use_bias=False, name="project")(y))
+    return x + y if self.stride == 1 and x.shape[-1] == self.out else y
+
+
+class MobileNetV2(nn.Module):
+  """MobileNetV2 (width 1.0) in the CIFAR layout: stride-1 stem and first stages."""
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    bn = lambda name: nn.BatchNorm(use_running_average=not train, name=name)
+    x = nn.relu6(bn("bn_stem")(nn.Conv(32, (3, 3), use_bias=False, name="stem")(x)))
+    cin, i = 32, 0
+    for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2),
+                       (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)):
+      for j in range(n):
+        x = InvertedResidual(cin * t, c, s if j == 0 else 1, name=f"block{i}")(x, train)
+        cin, i = c, i + 1
+    x = nn.relu6(bn("bn_head")(nn.Conv(1280, (1, 1), use_bias=False, name="head_conv")(x)))
+    return nn.Dense(self.num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+class EncoderBlock(nn.Module):
+  heads: int
+  mlp: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.MultiHeadDotProductAttention(num_heads=self.heads, deterministic=True,
+                                        name="attn")(nn.LayerNorm(name="ln1")(x))
+    x = x + y
+    y = nn.gelu(nn.Dense(self.mlp, name="mlp1")(nn.LayerNorm(name="ln2")(x)))
+    return x + nn.Dense(x.shape[-1], name="mlp2")(y)
+
+
+class ViTS(nn.Module):
+  """A ViT-S-shaped encoder (width 384, 6 heads, MLP 1536, 12 blocks) on 8x8 patches."""
+  num_classes: int = 10
+  depth: int = 12
+  width: int = 384
+  heads: int = 6
+  mlp: int = 1536
+  patch: int = 8
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    p = self.patch
+    x = nn.Conv(self.width, (p, p), (p, p), padding="VALID", name="patch")(x)
+    n, h, w, e = x.shape
+    x = x.reshape((n, h * w, e))
+    cls = self.param("cls", nn.initializers.zeros_init(), (1, 1, e))
+    x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)), x], axis=1)
+    x = x + self.param("pos", nn.initializers.normal(0.02), (1, x.shape[1], e))
+    for i in range(self.depth):
+      x = EncoderBlock(self.heads, self.mlp, name=f"block{i}")(x)
+    x = nn.LayerNorm(name="ln_f")(x)
+    return nn.Dense(self.num_classes, name="head")(x[:, 0])
+
+
+def build(name: str):
+  """The zoo model ``name`` (a Linen module called as ``apply(v, x, train=False)``)."""
+  if name == "resnet56":
+    from jaxprune import models  # pylint: disable=g-import-not-at-top
+    return models.cifar_resnet(56, 10)
+  return {"mobilenetv2": MobileNetV2, "vit_s": ViTS}[name]()
+
+
+def alternated_ms(fns: dict, x, rounds: int) -> dict:
+  """Median ms of every ``fn(x)`` (compiled, blocking), one call of each per round."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  for f in fns.values():
+    jax.block_until_ready(f(x))
+  times = {n: [] for n in fns}
+  for _ in range(rounds):
+    for name, f in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(f(x))
+      times[name].append(time.perf_counter() - t)
+  return {n: float(np.median(t)) * 1e3 for n, t in times.items()}
+
+
+def forward(model, variables, options=None):
+  import jax  # pylint: disable=g-import-not-at-top
+  f = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options)
+  v = jax.device_put(variables)
+  return lambda x: f(v, x)
+
+
+def zoo_model_rows(name: str, args) -> list:
+  """The zoo table's rows of one model (run in a process of its own: the XLA flag is
+  the rule's for this model)."""
+  model = build(name)
+  profile = runtime.model_profile(model, SHAPE)
+  flag = runtime.configure(profile=profile)  # before the backend starts
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxprune import flops, surgery  # pylint: disable=g-import-not-at-top
+  round_to = args.round_to or runtime.default_round_to()
+  variables = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, *SHAPE)),
+                                        train=False))
+  base_flops = flops.count(model, variables, SHAPE)["flops"]
+  latency = "latency_ratio" in inspect.signature(surgery.prune_to).parameters
+  pruned = {}
+  t0 = time.perf_counter()
+  small, _ = surgery.prune_to(model, variables, SHAPE, criterion="l1",
+                              flops_ratio=args.ratio, round_to=round_to)
+  pruned["flops"] = {b: small for b in args.batches}
+  for b in (args.latency_batches or args.batches) if latency else ():
+    grid = {"latency_grid": args.latency_grid} if args.latency_grid else {}
+    small, info = surgery.prune_to(model, variables, SHAPE, criterion="l1",
+                                   latency_ratio=args.ratio, batch_size=b,
+                                   round_to=round_to, **grid)
+    pruned.setdefault("latency", {})[b] = (small, info["predicted_speedup"])
+  print(f"[{name}] pruned in {time.perf_counter() - t0:.0f} s (XLA:CPU conv flag "
+        f"{'on' if flag else 'off'}, grouped conv share {runtime.grouped_share(profile):.3f}, "
+        f"round_to={round_to})", file=sys.stderr, flush=True)
+  rows = []
+  for b in args.batches:
+    x = jax.random.normal(jax.random.key(1), (b, *SHAPE))
+    nets = {"base": forward(model, variables)}
+    for target, per_batch in pruned.items():
+      if b in per_batch:
+        small = per_batch[b][0] if target == "latency" else per_batch[b]
+        nets[target] = forward(small.model, small.variables)
+    ms = alternated_ms(nets, x, args.rounds)
+    for target, per_batch in pruned.items():
+      if b not in per_batch:
+        continue
+      small = per_batch[b][0] if target == "latency" else per_batch[b]
+      f = flops.count(small.model, small.variables, SHAPE)["flops"]
+      row = {"model": name, "target": f"{target} {args.ratio:g}", "batch": b,
+             "round_to": round_to, "flag": bool(flag), "base_ms": ms["base"],
+             "pruned_ms": ms[target], "flops_reduction": base_flops / f,
+             "base_mflops": base_flops / 1e6, "pruned_mflops": f / 1e6}
+      if target == "latency":
+        row["predicted_speedup"] = per_batch[b][1]
+      rows.append(row)
+  return rows
+
+
+def zoo(args, argv):
+  rows = []
+  for name in args.models:
+    cmd = [sys.executable, __file__, "--model", name, *argv]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+    rows += json.loads(out.strip().splitlines()[-1])
+  print()
+  print("| model | target | batch | XLA:CPU conv flag | MFLOPs base -> pruned | base ms | "
+        "pruned ms | speed-up | FLOPs reduction | speed-up / FLOPs reduction | "
+        "speed-up / requested | table's predicted speed-up |")
+  print("|---" * 12 + "|")
+  for r in rows:
+    s = r["base_ms"] / r["pruned_ms"]
+    pred = f"{r['predicted_speedup']:.2f}x" if "predicted_speedup" in r else ""
+    print(f"| {r['model']} | {r['target']} | {r['batch']} | {'on' if r['flag'] else 'off'} | "
+          f"{r['base_mflops']:.1f} -> {r['pruned_mflops']:.1f} | {r['base_ms']:.2f} | "
+          f"{r['pruned_ms']:.2f} | {s:.2f}x | {r['flops_reduction']:.2f}x | "
+          f"{s / r['flops_reduction']:.2f} | {s * args.ratio:.2f} | {pred} |", flush=True)
+
+
+def flag_figures(args):
+  """Both conv settings per model and batch, alternated in one process (--flags)."""
+  runtime.configure_malloc()  # no process flag: each program picks its own settings
+  import jax  # pylint: disable=g-import-not-at-top
+  print("\n| model | MMACs | conv / grouped conv / dot share | batch | stock ms | "
+        "convs to Eigen ms | stock / Eigen | stock / stock again (noise) | rule picks |")
+  print("|---" * 9 + "|")
+  for name in args.models:
+    model = build(name)
+    profile = runtime.model_profile(model, SHAPE)
+    total = sum(profile.values())
+    variables = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, *SHAPE)),
+                                          train=False))
+    for b in args.batches:
+      x = jax.random.normal(jax.random.key(1), (b, *SHAPE))
+      ms = alternated_ms({"stock": forward(model, variables),
+                          "eigen": forward(model, variables, runtime.EIGEN_CONV_OPTIONS),
+                          "control": forward(model, variables)},  # stock again: the noise
+                         x, args.rounds)
+      shares = " / ".join(f"{profile[k] / total:.3f}" for k in ("conv", "grouped_conv", "dot"))
+      pick = "Eigen" if runtime.eigen_convs_faster(profile) else "stock"
+      print(f"| {name} | {total / 1e6:.1f} | {shares} | {b} | {ms['stock']:.2f} | "
+            f"{ms['eigen']:.2f} | {ms['stock'] / ms['eigen']:.2f} | "
+            f"{ms['stock'] / ms['control']:.2f} | {pick} |", flush=True)
+
+
+TAS_SEARCHES = {"tas graph flops": dict(cost="flops", round_to=1),
+                "tas graph flops round_to=8": dict(cost="flops", round_to=8),
+                "tas graph latency": dict(cost="latency", round_to=1)}
 
 
 def _round_up(widths, k):
@@ -64,6 +273,10 @@ def _round_up(widths, k):
 def searched(name, workdir: str, steps: int, batch: int, cost: str, round_to: int):
   """``(derived model, history record, net)`` of a short TAS search of a ResNet-56 (the
   graph space) at target ratio 0.5 (see the module docstring)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxprune import data  # pylint: disable=g-import-not-at-top
+  from jaxprune.engine import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from jaxprune.methods import tas  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location("tas_cfg", REPO / "configs/tas_resnet.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -84,9 +297,10 @@ def searched(name, workdir: str, steps: int, batch: int, cost: str, round_to: in
   return model, chosen, found["net"]
 
 
-def networks(searches=None):
-  """``{name: (model, variables)}`` of the compared networks (random weights: speed only);
-  ``searches``: ``{name: derived model}`` of the searched rows."""
+def tas_networks(searches=None):
+  """``{name: (model, variables)}`` of the TAS table (random weights: speed only)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxprune import models, surgery  # pylint: disable=g-import-not-at-top
   x = jnp.zeros((1, *SHAPE))
   init = lambda m, seed=0: jax.device_get(m.init(jax.random.key(seed), x, train=False))
   base = models.cifar_resnet(56, 10)
@@ -94,8 +308,8 @@ def networks(searches=None):
   text = importlib.resources.files("jaxprune").joinpath(
       "resources/tas_released_shapes.json").read_text(encoding="utf-8")
   shape = json.loads(text)["C010-ResNet56"]
-  tas = models.cifar_resnet_from_shape(shape["xchannels"], shape["xblocks"], 10)
-  out["tas"] = (tas, init(tas))
+  released = models.cifar_resnet_from_shape(shape["xchannels"], shape["xblocks"], 10)
+  out["tas"] = (released, init(released))
   rounded = models.cifar_resnet_from_shape(
       [shape["xchannels"][0]] + _round_up(shape["xchannels"][1:], 8), shape["xblocks"], 10)
   out["tas round_to=8"] = (rounded, init(rounded))
@@ -108,50 +322,31 @@ def networks(searches=None):
   return out
 
 
-def main(argv):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batches", type=int, nargs="+", default=[1, 128])
-  parser.add_argument("--rounds", type=int, default=20)
-  parser.add_argument("--search_steps", type=int, default=310,
-                      help="iterations of each TAS search (0: no searched rows)")
-  parser.add_argument("--search_batch", type=int, default=32)
-  parser.add_argument("--workdir", default="",
-                      help="where the searches run (default: a new temporary folder)")
-  args = parser.parse_args(argv)
-  timing.print_header([sys.argv[0], *argv])
+def tas_table(args):
+  """The ResNet-56 TAS table (--tas)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxprune import flops  # pylint: disable=g-import-not-at-top
   workdir = args.workdir or tempfile.mkdtemp(prefix="pruned_speed_")
   found = {}
   if args.search_steps:
-    for name, kw in SEARCHES.items():
+    for name, kw in TAS_SEARCHES.items():
       found[name] = searched(name, workdir, args.search_steps, args.search_batch, **kw)
-  nets = networks({name: model for name, (model, _, _) in found.items()})
+  nets = tas_networks({name: model for name, (model, _, _) in found.items()})
   counts = {n: flops.count(m, v, SHAPE)["flops"] for n, (m, v) in nets.items()}
   ms = {}
   for b in args.batches:
     x = jax.random.normal(jax.random.key(1), (b, *SHAPE))
-    fns = {}
-    for name, (m, v) in nets.items():
-      f = jax.jit(lambda v_, x_, m=m: m.apply(v_, x_, train=False))
-      v = jax.device_put(v)
-      jax.block_until_ready(f(v, x))  # compile
-      fns[name] = (f, v)
-    times = {n: [] for n in nets}
-    for _ in range(args.rounds):
-      for name, (f, v) in fns.items():
-        t = time.perf_counter()
-        jax.block_until_ready(f(v, x))
-        times[name].append(time.perf_counter() - t)
-    for name, t in times.items():
-      ms[(name, b)] = float(np.median(t)) * 1e3
+    for name, t in alternated_ms({n: forward(m, v) for n, (m, v) in nets.items()}, x,
+                                 args.rounds).items():
+      ms[(name, b)] = t
   print()
   head = " | ".join(f"ms (batch {b}) | speed-up (batch {b})" for b in args.batches)
   print(f"| network | MFLOPs | FLOPs reduction | {head} | speed-up / FLOPs reduction |")
   print("|---" * (4 + 2 * len(args.batches)) + "|")
   for name in nets:
     reduction = counts["base"] / counts[name]
-    cells = []
-    for b in args.batches:
-      cells.append(f"{ms[(name, b)]:.2f} | {ms[('base', b)] / ms[(name, b)]:.2f}x")
+    cells = [f"{ms[(name, b)]:.2f} | {ms[('base', b)] / ms[(name, b)]:.2f}x"
+             for b in args.batches]
     ratio = " / ".join(f"{ms[('base', b)] / ms[(name, b)] / reduction:.2f}"
                        for b in args.batches)
     print(f"| {name} | {counts[name] / 1e6:.2f} | {reduction:.2f}x | " + " | ".join(cells)
@@ -167,7 +362,53 @@ def main(argv):
                f" (target {record['target_latency_ms']:.1f}), predicted speed-up "
                f"{record['latency_max_ms'] / record['argmax_latency_ms']:.2f}x")
     print(line, flush=True)
-  print(f"searches: {workdir}")
+  if found:
+    print(f"searches: {workdir}")
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument("--flags", action="store_true", help="the runtime rule's figures")
+  mode.add_argument("--tas", action="store_true", help="the ResNet-56 TAS table")
+  mode.add_argument("--model", choices=ZOO, help=argparse.SUPPRESS)  # one model's rows
+  parser.add_argument("--quick", action="store_true",
+                      help="5 rounds; latency rows at batch 1 only, a coarser table grid")
+  parser.add_argument("--models", nargs="+", choices=ZOO, default=list(ZOO))
+  parser.add_argument("--batches", type=int, nargs="+", default=[1, 128])
+  parser.add_argument("--latency_batches", type=int, nargs="+", default=None,
+                      help="batches with latency rows (default: --batches)")
+  parser.add_argument("--latency_grid", type=int, default=None,
+                      help="latency candidates per group (default: prune_to's)")
+  parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 20)")
+  parser.add_argument("--ratio", type=float, default=0.5, help="the FLOPs / latency target")
+  parser.add_argument("--round_to", type=int, default=0,
+                      help="0: runtime.default_round_to() of the backend")
+  parser.add_argument("--search_steps", type=int, default=310,
+                      help="--tas: iterations of each TAS search (0: no searched rows)")
+  parser.add_argument("--search_batch", type=int, default=32)
+  parser.add_argument("--workdir", default="",
+                      help="--tas: where the searches run (default: a new temporary folder)")
+  args = parser.parse_args(argv)
+  if args.rounds is None:
+    args.rounds = 5 if args.quick else 20
+  if args.quick:
+    args.latency_batches = args.latency_batches or [1]
+    args.latency_grid = args.latency_grid or 4
+  if args.model:
+    print(json.dumps(zoo_model_rows(args.model, args)))
+    return
+  if args.flags:
+    runtime.configure_malloc()
+  elif args.tas:
+    runtime.configure(profile=runtime.model_profile(build("resnet56"), SHAPE))
+  timing.print_header([sys.argv[0], *argv])
+  if args.flags:
+    flag_figures(args)
+  elif args.tas:
+    tas_table(args)
+  else:
+    zoo(args, argv)
 
 
 if __name__ == "__main__":

@@ -78,10 +78,14 @@ def get_config(arg=None):
   config.tas.update(dict(
       # space: "resnet" = the dedicated TASResNet supernet (per-conv widths, per-candidate
       # BN, depth search), "graph" = any model's channel groups (jaxprune.search), "auto":
-      # resnet for cifar_resnet (round_to=1), graph otherwise (--config.model.name=mod:fn).
+      # resnet for cifar_resnet and imagenet_resnet, graph otherwise
+      # (--config.model.name=mod:fn). round_to: widths a multiple of this (the graph space
+      # rounds its candidates up, the resnet space its derived widths to the nearest);
+      # 0 = the backend's default, jaxprune.engine.runtime.default_round_to(): 8 on a CPU,
+      # where multiples of 8 run faster for the same FLOPs; 1 = the reference's widths.
       # depth: the graph space also searches the depth of every stage of skippable
       # residual blocks it finds (x + f(x), each block a module of its own).
-      space="auto", round_to=1, depth=True,
+      space="auto", round_to=0, depth=True,
       teacher_dir="", split_seed=0, num_picks=2, derive_epoch="last", search_only=False,
       released_shape=args.shape, released_shapes_file="",  # "": the package's copy
       arch_learning_rate=1e-3, arch_beta1=0.5, arch_beta2=0.999, arch_weight_decay=1e-3,

@@ -185,6 +185,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "l1": (lambda v: v >= 0, "the L1 strength must be >= 0"),
     "seed": (_int_at_least(0), "must be an integer >= 0"),
     "round_to": (_int_at_least(1), "widths are rounded to a multiple of this: an integer >= 1"),
+    "tas.round_to": (_int_at_least(0), "widths are rounded to a multiple of this: an integer "
+                     ">= 0 (0: the backend's default, 8 on a CPU; 1: no rounding)"),
     "ratio": (_interval(0, 1, lo_open=True, hi_open=True),
               "the kept share of the dense network, in (0, 1)"),
     "steps": (_int_at_least(1), "must be an integer >= 1"),

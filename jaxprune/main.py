@@ -167,7 +167,7 @@ def main(argv):
 def run(config, workdir: str):
   """Runs the config's recipe; every way it can stop short is one line and an exit code."""
   try:
-    runtime.configure(config.get("runtime") or {})  # before the backend starts
+    runtime.configure_run(config)  # before the backend starts (the flag follows the model)
     distributed.initialize()  # one of several processes? (launch/ sets the environment)
     config_lib.start_invocation(_STARTED.pop() if _STARTED else time.time())
     methods.run(config, workdir)

@@ -24,6 +24,7 @@ layer implementation the same way (:func:`jaxprune.models.layers.use`).
 """
 import ctypes
 import importlib.metadata
+import math
 import os
 
 import jaxlib
@@ -67,6 +68,173 @@ def configure_malloc() -> bool:
     return False
 
 
+# The rule for the XLA:CPU flag (module docstring): Eigen's convolutions beat YNNPACK's on
+# dense convs and lose badly on grouped (depthwise) ones, whose FLOPs are few but whose
+# time is not. The flag is set when the grouped convs' share of the conv MACs is at most
+# this; the figures behind it are :data:`RECORDED`.
+GROUPED_SHARE_MAX = 0.01
+CONV_SHARE_MIN = 0.5
+
+
+# The flag as one program's ``jax.jit(..., compiler_options=...)``: the same YNNPACK fusion
+# types less the convolutions (to time both settings in one process).
+EIGEN_CONV_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                      "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+# The figures behind the rule: eval-mode forward ms per batch as
+# ``{batch: (stock, convs to Eigen, stock again or None)}`` (the last a control: two
+# identical programs' medians, i.e. the noise), each model's three programs timed
+# alternately in one process (``python benchmarks/pruned_speed.py --flags``; 2-core
+# x86-64 shared with other jobs, load average 8-12; CIFAR 32x32x3 inputs; the models of
+# that benchmark). Two runs for ResNet-56 and MobileNetV2, whose medians differ with the
+# load; only differences beyond the noise count (tests/test_runtime_rule.py).
+RECORDED = {
+    "resnet56": {
+        "profile": {"conv": 125747200, "grouped_conv": 0, "dot": 640},
+        "ms": {1: (17.10, 18.39, 13.26), 8: (104.28, 63.75, 60.63),
+               32: (603.94, 565.57, 554.07), 128: (4039.97, 3068.01, 3575.19)}},
+    "resnet56 (run 1)": {
+        "profile": {"conv": 125747200, "grouped_conv": 0, "dot": 640},
+        "ms": {1: (10.33, 12.47, None), 128: (787.00, 661.34, None)}},
+    "mobilenetv2 (run 1)": {
+        "profile": {"conv": 82083840, "grouped_conv": 5879808, "dot": 12800},
+        "ms": {1: (64.39, 124.07, None), 128: (13949.73, 27022.20, None)}},
+    "vit_s (run 1)": {
+        "profile": {"conv": 1179648, "grouped_conv": 0, "dot": 363639552},
+        "ms": {1: (62.28, 40.61, None), 128: (4434.66, 4520.46, None)}},
+    "vit_s": {
+        "profile": {"conv": 1179648, "grouped_conv": 0, "dot": 363639552},
+        "ms": {1: (39.80, 50.56, 39.19)}},
+}
+NOISE_WITHOUT_CONTROL = 1.3  # the widest stock/control ratio seen at batch >= 32: 1.13
+
+
+def _subjaxprs(params):
+  for v in params.values():
+    for item in (v if isinstance(v, (list, tuple)) else (v,)):
+      if hasattr(item, "eqns"):
+        yield item
+      elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+        yield item.jaxpr
+
+
+def _profile_jaxpr(jaxpr, out: dict, times: int = 1):
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      dn = eqn.params["dimension_numbers"]
+      per_out = math.prod(rhs) // max(rhs[dn.rhs_spec[0]], 1)  # MACs per output element
+      macs = math.prod(eqn.outvars[0].aval.shape) * per_out * times
+      grouped = (eqn.params.get("feature_group_count", 1) > 1
+                 or eqn.params.get("batch_group_count", 1) > 1)
+      out["grouped_conv" if grouped else "conv"] += macs
+    elif name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      out["dot"] += (math.prod(eqn.outvars[0].aval.shape)
+                     * math.prod(lhs[d] for d in lhs_contract) * times)
+    length = eqn.params.get("length", 1) if name == "scan" else 1
+    for sub in _subjaxprs(eqn.params):
+      _profile_jaxpr(sub, out, times * length)
+  return out
+
+
+def op_profile(fn, *args) -> dict:
+  """Multiply-accumulates of ``fn(*args)`` by op class: ``{"conv", "grouped_conv",
+  "dot"}`` (grouped: ``feature_group_count`` or ``batch_group_count`` > 1, e.g.
+  depthwise). Traced to a jaxpr (``args`` may be ``jax.ShapeDtypeStruct``), which
+  starts no backend: usable before :func:`configure`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jaxpr = jax.make_jaxpr(fn)(*args)
+  return _profile_jaxpr(jaxpr.jaxpr, {"conv": 0, "grouped_conv": 0, "dot": 0})
+
+
+def model_profile(model, input_shape) -> dict:
+  """:func:`op_profile` of a Linen model's eval-mode forward on one example (traced
+  through ``init``, so no variables are needed and no backend starts)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxprune.models import layers  # pylint: disable=g-import-not-at-top
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  with layers.chosen("stock"):  # the same forward ops; "auto" would ask the backend
+    return op_profile(
+        lambda x_: model.init_with_output(jax.random.key(0), x_, train=False)[0], x)
+
+
+def grouped_share(profile) -> float:
+  """The grouped convs' share of the conv MACs (0 without convs)."""
+  convs = profile["conv"] + profile["grouped_conv"]
+  return profile["grouped_conv"] / convs if convs else 0.0
+
+
+def eigen_convs_faster(profile) -> bool:
+  """The rule: whether the XLA:CPU flag (convolutions to Eigen) is expected to make a
+  model with this :func:`op_profile` faster: its MACs are mostly dense convs (at least
+  :data:`CONV_SHARE_MIN`) and its grouped convs are at most :data:`GROUPED_SHARE_MAX` of
+  the conv MACs. Elsewhere XLA's stock settings stay: a depthwise network (2x slower
+  with the flag), a transformer (no difference beyond the noise: only a patch conv
+  changes), an MLP."""
+  convs = profile["conv"] + profile["grouped_conv"]
+  total = convs + profile["dot"]
+  return (total > 0 and profile["conv"] >= CONV_SHARE_MIN * total
+          and grouped_share(profile) <= GROUPED_SHARE_MAX)
+
+
+def config_profile(config):
+  """:func:`op_profile` of the model a run's config names, traced without starting a
+  backend (before :func:`configure`); None when it cannot be built so early (the flag
+  then keeps XLA's stock setting under ``"auto"``). The input shape is the dataset's
+  (a synthetic dataset's ``image_shape``, 28x28x1 for the MNISTs, 224x224x3 for ImageNet,
+  32x32x3 otherwise): only the shares of the op classes matter."""
+  try:
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    from jaxprune.methods import baseline  # pylint: disable=g-import-not-at-top
+    from jaxprune.models import layers  # pylint: disable=g-import-not-at-top
+    ds = config.get("dataset") or {}
+    name = ds.get("name", "")
+    if name == "synthetic":
+      shape = tuple((ds.get("synthetic") or {}).get("image_shape", (32, 32, 3)))
+    elif "mnist" in name:
+      shape = (28, 28, 1)
+    elif name.startswith("imagenet"):
+      shape = (224, 224, 3)
+    else:
+      shape = (32, 32, 3)
+
+    def forward(x):  # built inside the trace: an NNX model's Rngs start no backend
+      model = baseline.build_model(config.model, 10, shape)
+      return model.init_with_output(jax.random.key(0), x, train=False)[0]
+    started = xla_bridge.backends_are_initialized()
+    with layers.chosen("stock"):  # the same forward ops; "auto" would ask the backend
+      profile = op_profile(forward, jax.ShapeDtypeStruct((1, *shape), "float32"))
+    # A model whose construction started the backend came too late for the flag.
+    return profile if started or not xla_bridge.backends_are_initialized() else None
+  except Exception:  # pylint: disable=broad-except  (the run reports a bad model itself)
+    return None
+
+
+# Kept widths a multiple of this by default (``round_to`` of TAS and ``prune_to``), per
+# backend. CPU, measured (2-core x86-64, XLA:CPU, batch 128, alternated): the TAS smoke's
+# derived ResNet-20 (16x16 inputs) ran 1.18x faster than its base at 2.29x fewer FLOPs
+# with its searched widths, 1.69x at 1.94x with the widths rounded to multiples of 8 (to
+# 4: 1.33x at 2.26x; to 16: 1.48x at 1.46x); L1-pruned ResNet-56s and ResNet-50s alike
+# (README). GPU and TPU: 8, not measured here (tensor-core and MXU tiles favour multiples
+# of 8 or more).
+ROUND_TO = {"cpu": 8, "gpu": 8, "cuda": 8, "rocm": 8, "tpu": 8}
+
+
+def default_round_to(backend: str | None = None) -> int:
+  """The default ``round_to`` on ``backend`` (default: JAX's default backend, which this
+  starts): :data:`ROUND_TO`, 1 for a backend not listed."""
+  if backend is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    backend = jax.default_backend()
+  return ROUND_TO.get(backend, 1)
+
+
 SWITCHES = ("auto", "on", "off")
 # jaxlib's accelerator plugins: one installed means the default backend is not the CPU.
 _ACCELERATOR_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm60-plugin",
@@ -97,19 +265,35 @@ def _switch(settings, key: str) -> str:
   return value
 
 
-def configure(settings=None) -> bool:
+def configure(settings=None, profile=None) -> bool:
   """The settings needed before the backend starts: the XLA:CPU flag per
   ``settings["xla_cpu_flags"]`` (``config.runtime``; default ``"auto"``); returns
-  whether it is in ``XLA_FLAGS`` now. Without ``settings`` (benchmarks, scripts) it also applies the
+  whether it is in ``XLA_FLAGS`` now. Under ``"auto"`` the flag is set on a CPU when
+  :func:`eigen_convs_faster` says so for ``profile`` (the model's :func:`op_profile`;
+  None: no model known, the flag is set as before the rule, for scripts timing
+  convolutional ResNets). Without ``settings`` (benchmarks, scripts) it also applies the
   allocator settings, as :func:`apply` does under ``"auto"`` on a CPU."""
   flags = _switch(settings, "xla_cpu_flags")
-  on = flags == "on" or (flags == "auto" and cpu_expected())
+  on = flags == "on" or (flags == "auto" and cpu_expected()
+                         and (profile is None or eigen_convs_faster(profile)))
   if on:
     configure_xla_flags()
   if settings is None and cpu_expected():
     configure_malloc()
   flags_now = os.environ.get("XLA_FLAGS", "")
   return on and all(f in flags_now for f in CPU_FLAGS)
+
+
+def configure_run(config) -> bool:
+  """:func:`configure` for a run's config (``main`` calls it before the backend starts):
+  under ``runtime.xla_cpu_flags="auto"`` on a CPU the flag follows the rule
+  (:func:`eigen_convs_faster`) for the model the config names (:func:`config_profile`;
+  a model that cannot be traced this early keeps XLA's stock setting)."""
+  settings = config.get("runtime") or {}
+  profile = None
+  if _switch(settings, "xla_cpu_flags") == "auto" and cpu_expected():
+    profile = config_profile(config) or {"conv": 0, "grouped_conv": 0, "dot": 0}
+  return configure(settings, profile)
 
 
 def apply(settings=None) -> dict:

@@ -69,9 +69,10 @@ class ResNetSupernet:
   latency = None  # no per-op table here: tas.cost=latency needs the graph space
 
   def __init__(self, depth: int, num_classes: int, num_picks: int, input_shape,
-               layout: str = "cifar", dtype=jnp.float32):
+               layout: str = "cifar", dtype=jnp.float32, round_to: int = 1):
     build = models.tas_imagenet_resnet if layout == "imagenet" else models.tas_cifar_resnet
     self.model = build(depth, num_classes, num_picks=num_picks, dtype=dtype)
+    self.round_to = round_to  # the derived widths are rounded (the candidates are not)
     self.input_shape = tuple(input_shape)
     plain = self.model.plain_network()
     self.flops_max = flops.count(plain, jax.eval_shape(
@@ -114,9 +115,33 @@ class ResNetSupernet:
         "conv_names": ["/".join(p) for p in model.conv_paths()]}
 
   def derived_network(self, record: dict):
-    """The derived plain ResNet of a history record (§7)."""
-    derived = {"widths": record["argmax_widths"], "blocks": record["argmax_blocks"]}
-    return self.model.plain_network(**derived, dtype=self.model.dtype), derived
+    """The derived plain ResNet of a history record (§7), every width rounded to the
+    nearest multiple of ``round_to`` (at least ``round_to``, at most the conv's full
+    width): the reference's candidates are fixed, so the rounding happens here; the
+    searched widths are kept as ``searched_widths`` when it changed them."""
+    widths = round_widths(record["argmax_widths"],
+                          [max(c) for c in self.model.conv_candidates()], self.round_to)
+    derived = {"widths": widths, "blocks": record["argmax_blocks"]}
+    if widths != list(record["argmax_widths"]):
+      derived["searched_widths"] = list(record["argmax_widths"])
+    model = self.model.plain_network(widths=widths, blocks=derived["blocks"],
+                                     dtype=self.model.dtype)
+    return model, derived
+
+
+def round_widths(widths, full, round_to: int) -> list[int]:
+  """Each width rounded to the nearest multiple of ``round_to`` (halves up), at least
+  ``round_to`` and at most its full width ``full``."""
+  k = int(round_to)
+  return [int(min(f, max(k, math.floor(w / k + 0.5) * k))) for w, f in zip(widths, full)]
+
+
+def round_to_of(config) -> int:
+  """``config.tas.round_to``, 0 (the default) being the backend's
+  :func:`jaxprune.engine.runtime.default_round_to` (8 on a CPU)."""
+  from jaxprune.engine import runtime  # pylint: disable=g-import-not-at-top
+  k = int(config.tas.get("round_to", 0))
+  return k or runtime.default_round_to()
 
 
 class GraphSupernet:
@@ -196,12 +221,13 @@ class GraphSupernet:
 
 def make_supernet(config, base_model, num_classes: int, input_shape):
   """The search space of ``config.tas.space``: "resnet" (TASResNet), "graph" (any model),
-  "auto" (resnet for jaxprune's cifar_resnet and imagenet_resnet without ``round_to``,
-  with ``depth`` and the FLOPs cost; graph otherwise)."""
+  "auto" (resnet for jaxprune's cifar_resnet and imagenet_resnet with ``depth`` and the
+  FLOPs cost; graph otherwise). ``round_to`` (:func:`round_to_of`): the graph space
+  rounds its candidates, the resnet space its derived widths."""
   kind = config.tas.get("space", "auto")
-  if kind == "auto":  # rounded candidates need the graph space
-    kind = ("resnet" if config.model.name in DEDICATED
-            and config.tas.get("round_to", 1) == 1 and config.tas.get("depth", True)
+  round_to = round_to_of(config)
+  if kind == "auto":
+    kind = ("resnet" if config.model.name in DEDICATED and config.tas.get("depth", True)
             and config.tas.get("cost", "flops") == "flops" else "graph")
   if kind == "resnet":
     if config.tas.get("cost", "flops") == "latency":
@@ -213,9 +239,9 @@ def make_supernet(config, base_model, num_classes: int, input_shape):
                       f"{config.model.name!r}; use --config.tas.space=graph.")
     return ResNetSupernet(config.model.depth, num_classes, config.tas.num_picks, input_shape,
                           DEDICATED[config.model.name],
-                          jnp.dtype(config.model.get("dtype") or "float32"))
-  return GraphSupernet(base_model, input_shape, config.tas.num_picks,
-                       config.tas.get("round_to", 1), config.tas.get("depth", True))
+                          jnp.dtype(config.model.get("dtype") or "float32"), round_to)
+  return GraphSupernet(base_model, input_shape, config.tas.num_picks, round_to,
+                       config.tas.get("depth", True))
 
 
 def cost_max(net, flops_max):
@@ -607,9 +633,10 @@ def validate(config):
     fail("derive_epoch", cfg.derive_epoch, f"use one of {', '.join(DERIVE_EPOCHS)}")
   if cfg.get("space", "auto") not in SPACES:
     fail("space", cfg.space, f"use one of {', '.join(SPACES)}")
-  if int(cfg.get("round_to", 1)) != cfg.get("round_to", 1) or cfg.get("round_to", 1) < 1:
-    fail("round_to", cfg.round_to, "candidate widths are rounded up to a multiple of this "
-         "positive int")
+  round_to = cfg.get("round_to", 0)
+  if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 0:
+    fail("round_to", cfg.round_to, "widths are rounded to a multiple of this int (0: the "
+         "backend's default, 8 on a CPU; 1: no rounding)")
   if not isinstance(cfg.get("depth", True), bool):
     fail("depth", cfg.depth, "true or false (search the depths of the stages)")
   if not isinstance(cfg.get("remeasure_latency", False), bool):
@@ -621,9 +648,6 @@ def validate(config):
   if not cfg.get("depth", True) and cfg.get("space", "auto") == "resnet":
     fail("depth", cfg.depth, "the dedicated ResNet space always searches depths; widths "
          "only with --config.tas.space=graph")
-  if cfg.get("round_to", 1) > 1 and cfg.get("space", "auto") == "resnet":
-    fail("round_to", cfg.round_to, "the dedicated ResNet space has the reference's fixed "
-         "candidates; round them with --config.tas.space=graph")
   if cfg.cost_mode not in COST_LOSS_MODES:
     fail("cost_mode", cfg.cost_mode, f"use one of {', '.join(COST_LOSS_MODES)}")
   if cfg.get("cost", "flops") not in COSTS:
@@ -767,6 +791,14 @@ def run(config, workdir: str) -> dict:
           "derived": baseline.model_row(derived_model, retrained.state.variables,
                                         input_shape, retrained.summary["eval_accuracy"],
                                         batch)}
+  # The speed-up from one alternated measurement (report.compare_inference): timed one
+  # after the other, a loaded machine's drift between the two went into the ratio.
+  both = report.compare_inference(
+      {"base": (base_model, teacher_vars), "derived": (derived_model,
+                                                       retrained.state.variables)},
+      input_shape, batch, rounds=config.report.get("inference_rounds", 20))
+  for key, ms in both.items():
+    rows[key]["inference_ms"] = ms
   out = {"method": "tas", "dataset": config.dataset.name, "model": config.model.name,
          "depth": depth, "kd": bool(config.kd.enabled), "target_ratio": config.tas.ratio,
          "base_accuracy": teacher_acc,

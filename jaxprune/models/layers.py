@@ -32,6 +32,7 @@ the same on every backend: its statistics are ``nn.BatchNorm``'s default ones (m
 mean of squares in one pass, float32), only the affine is folded into one multiply-add.
 The command line sets it from ``config.runtime.layers``.
 """
+import contextlib
 import functools
 from typing import Any
 
@@ -57,6 +58,21 @@ def use(choice: str) -> str:
     raise UserError(f"layers {choice!r}: use one of {', '.join(CHOICES)}.")
   _choice = choice
   return active()
+
+
+@contextlib.contextmanager
+def chosen(choice_: str):
+  """Within the block, :class:`Conv` and :func:`max_pool` run ``choice_`` without asking
+  the backend (``"auto"`` would start it): for tracing a model before the backend
+  starts (:func:`jaxprune.engine.runtime.config_profile`)."""
+  global _choice  # pylint: disable=global-statement
+  if choice_ not in CHOICES:
+    raise UserError(f"layers {choice_!r}: use one of {', '.join(CHOICES)}.")
+  before, _choice = _choice, choice_
+  try:
+    yield
+  finally:
+    _choice = before
 
 
 def choice() -> str:

@@ -1,0 +1,139 @@
+"""The runtime rule (issue 24): the XLA:CPU conv flag per model, from its op profile;
+the backend's default round_to; TAS's rounded derivation; the alternated speed-up."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import conftest
+from jaxprune import models
+from jaxprune.engine import report, runtime
+from jaxprune.methods import tas
+
+
+def test_rule_picks_the_faster_setting_on_recorded_timings():
+  """On every recorded model and batch where the two settings differ beyond the noise
+  (more than 10% and more than twice the stock/control spread of identical programs,
+  or NOISE_WITHOUT_CONTROL where no control ran), the rule picks the faster one; the
+  records include a model the flag speeds up and one it slows down."""
+  differ = {True: 0, False: 0}
+  for name, rec in runtime.RECORDED.items():
+    pick_eigen = runtime.eigen_convs_faster(rec["profile"])
+    for batch, (stock_ms, eigen_ms, control_ms) in rec["ms"].items():
+      noise = (abs(np.log(stock_ms / control_ms)) if control_ms is not None
+               else np.log(runtime.NOISE_WITHOUT_CONTROL))
+      if abs(np.log(stock_ms / eigen_ms)) <= max(np.log(1.1), 2 * noise):
+        continue
+      differ[eigen_ms < stock_ms] += 1
+      assert pick_eigen == (eigen_ms < stock_ms), (name, batch, stock_ms, eigen_ms)
+  assert differ[True] >= 1 and differ[False] >= 1, differ
+
+
+def test_rule_is_a_threshold_on_the_op_shares():
+  """Fresh random profiles: the rule is exactly 'dense convs at least CONV_SHARE_MIN of
+  the MACs, grouped convs at most GROUPED_SHARE_MAX of the conv MACs' (the closed form)."""
+  rng = np.random.default_rng()
+  for _ in range(300):
+    conv, grouped, dot = (int(v) for v in rng.integers(0, 10**6, 3) * rng.integers(0, 2, 3))
+    profile = {"conv": conv, "grouped_conv": grouped, "dot": dot}
+    share = grouped / (conv + grouped) if conv + grouped else 0.0
+    total = conv + grouped + dot
+    assert runtime.eigen_convs_faster(profile) == (
+        total > 0 and conv / total >= runtime.CONV_SHARE_MIN
+        and share <= runtime.GROUPED_SHARE_MAX), profile
+
+
+class _Mixed(nn.Module):
+  c1: int
+  c2: int
+  d: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    x = nn.Conv(self.c1, (3, 3), strides=(2, 2), use_bias=False)(x)
+    x = nn.Conv(self.c1, (3, 3), feature_group_count=self.c1, use_bias=False)(x)
+    x = nn.Conv(self.c2, (1, 1))(x)
+    return nn.Dense(self.d)(x.mean(axis=(1, 2)))
+
+
+def test_op_profile_counts_macs_by_op_class():
+  """Fresh random widths and spatial size: dense conv, depthwise conv and dense-layer
+  MACs equal the closed forms (the eval forward, traced through init)."""
+  rng = np.random.default_rng()
+  c1, c2, d = (int(v) for v in rng.integers(2, 17, 3))
+  h = int(rng.integers(2, 7)) * 2
+  profile = runtime.model_profile(_Mixed(c1, c2, d), (h, h, 3))
+  ho = h // 2  # SAME padding, stride 2
+  assert profile == {"conv": ho * ho * c1 * 9 * 3 + ho * ho * c2 * c1,
+                     "grouped_conv": ho * ho * c1 * 9, "dot": c2 * d}
+
+
+def test_config_profile_gives_the_rule_for_the_configs_model():
+  """The CLI's decision: the TAS smoke's ResNet keeps the flag, a depthwise MobileNet
+  (dnw_mobilenet) drops it; a model that cannot be built is None (stock settings)."""
+  config = conftest.load_config("configs/tas_resnet.py", "smoke")
+  resnet = runtime.config_profile(config)
+  assert resnet["grouped_conv"] == 0 and runtime.eigen_convs_faster(resnet)
+  config = conftest.load_config("configs/dnw_mobilenet.py", "smoke")
+  mobile = runtime.config_profile(config)
+  assert mobile["grouped_conv"] > 0 and not runtime.eigen_convs_faster(mobile)
+  config.model.name = "no_such_model"
+  assert runtime.config_profile(config) is None
+
+
+def test_default_round_to_follows_the_backend():
+  assert runtime.default_round_to("cpu") == 8
+  assert runtime.default_round_to("some_new_backend") == 1
+  assert runtime.default_round_to() == runtime.ROUND_TO[jax.default_backend()]
+  config = conftest.load_config("configs/tas_resnet.py", "smoke")
+  assert config.tas.round_to == 0 and tas.round_to_of(config) == runtime.default_round_to()
+  config.tas.round_to = 1
+  assert tas.round_to_of(config) == 1
+
+
+def test_round_widths_is_the_nearest_multiple_within_the_full_width():
+  """Fresh random widths: nearest multiple of k (halves up), at least k, at most full."""
+  rng = np.random.default_rng()
+  for k in (1, 4, 8):
+    full = [int(v) for v in rng.integers(1, 80, 40)]
+    widths = [int(rng.integers(1, f + 1)) for f in full]
+    got = tas.round_widths(widths, full, k)
+    for w, f, g in zip(widths, full, got):
+      want = max(k, int(np.floor(w / k + 0.5)) * k)
+      assert g == min(f, want)
+      assert g == f or g % k == 0
+
+
+def test_resnet_space_rounds_its_derived_widths():
+  """The dedicated ResNet space accepts round_to: the derived network's convs are the
+  searched widths rounded (searched_widths kept), the reference's when round_to=1."""
+  net = tas.ResNetSupernet(8, 10, 2, (8, 8, 3), round_to=8)
+  full = [max(c) for c in net.model.conv_candidates()]
+  rng = np.random.default_rng()
+  widths = [int(rng.choice(c)) for c in net.model.conv_candidates()]
+  blocks = [int(max(c)) for c in net.model.stage_candidates()]
+  model, derived = net.derived_network({"argmax_widths": widths, "argmax_blocks": blocks})
+  assert derived["widths"] == tas.round_widths(widths, full, 8)
+  assert derived.get("searched_widths", widths) == widths
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),
+                                                train=False))
+  kernels = [leaf.shape[-1] for path, leaf in
+             jax.tree_util.tree_leaves_with_path(variables["params"])
+             if leaf.ndim == 4 and "shortcut" not in jax.tree_util.keystr(path)]
+  assert sorted(kernels) == sorted(derived["widths"])
+  net.round_to = 1
+  assert net.derived_network({"argmax_widths": widths,
+                              "argmax_blocks": blocks})[1]["widths"] == widths
+
+
+def test_compare_inference_times_every_network():
+  """Alternated timing returns a positive median per network (a logic check, no speed)."""
+  x = jnp.zeros((1, 8, 8, 3))
+  nets = {}
+  for name, width in (("a", 3), ("b", 5)):
+    m = _Mixed(width, width, 2)
+    nets[name] = (m, m.init(jax.random.key(0), x))
+  ms = report.compare_inference(nets, (8, 8, 3), batch_size=2, rounds=3)
+  assert set(ms) == {"a", "b"} and all(v > 0 for v in ms.values())
