@@ -114,7 +114,7 @@ class Graph:
     return [g for g in self.groups
             if g.prunable and not (exact_only and g.exactness == "approximate")]
 
-  _counts: Any = dataclasses.field(repr=False, default=None, compare=False)
+  _counts: Any = dataclasses.field(repr=False, default=None, compare=False, init=False)
 
   def _kept_mask(self, keep) -> np.ndarray:
     kept = np.ones(self._plan().n_comp)

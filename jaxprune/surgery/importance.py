@@ -119,21 +119,29 @@ def group_scores(graph: Graph, values: Mapping[str, Any], criterion: str = "l1",
   named_grads = _named(grads)
   if criterion == "random":
     return _random_scores(key, groups)
-  reduced = {}  # (leaf, axis) -> per-index reduction, computed once per leaf axis
-
-  def per_index(path, axis):
-    if (path, axis) not in reduced:
-      rows = _rows(values[path], axis)
+  # Each leaf read once, in float64: |w| (l1), w^2 (l2) or w * dL/dw (taylor) in place,
+  # then summed per index of every axis a group needs (the same sums as row by row).
+  needed: dict[str, list[int]] = {}
+  for g in groups:
+    for m in g.members:
+      if is_param[m.path] and m.axis not in needed.setdefault(m.path, []):
+        needed[m.path].append(m.axis)
+  reduced = {}  # (leaf, axis) -> per-index reduction
+  if criterion in ("l1", "l2", "taylor"):
+    for path, axes in needed.items():
+      a = np.array(values[path], np.float64)  # a copy: changed in place below
       if criterion == "l1":
-        reduced[(path, axis)] = np.abs(rows).sum(1)
+        np.abs(a, out=a)
       elif criterion == "l2":
-        reduced[(path, axis)] = (rows ** 2).sum(1)
-      else:  # taylor
+        np.square(a, out=a)
+      else:
         grad = _lookup(named_grads, path)
         if grad is None:
           raise UserError(f"no gradient for {path} in `grads`")
-        reduced[(path, axis)] = (rows * _rows(grad, axis)).sum(1)
-    return reduced[(path, axis)]
+        a *= np.asarray(grad, np.float64)
+      for axis in axes:
+        reduced[(path, axis)] = _rows(a, axis).sum(1)
+      del a
 
   out = {}
   for g in groups:
@@ -148,8 +156,8 @@ def group_scores(graph: Graph, values: Mapping[str, Any], criterion: str = "l1",
     score = np.zeros(g.width)
     for m in params:
       if criterion == "taylor":
-        score += np.abs(per_index(m.path, m.axis)[m.index].sum(1))
+        score += np.abs(reduced[(m.path, m.axis)][m.index].sum(1))
       else:
-        score += per_index(m.path, m.axis)[m.index].sum(1)
+        score += reduced[(m.path, m.axis)][m.index].sum(1)
     out[g.id] = np.sqrt(score) if criterion == "l2" else score
   return out
