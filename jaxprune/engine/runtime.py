@@ -14,10 +14,28 @@ and dots and gives convs to Eigen. It is set only for the jaxlib versions it was
 measured on (an unknown XLA flag aborts the process) and never overrides a user's
 own choice of the same flag.
 
+**The flag follows the model** (issue 24): Eigen's convolutions beat YNNPACK's on dense
+convs and lose on grouped (depthwise) ones. Measured with ``python
+benchmarks/pruned_speed.py --flags`` (eval forward, CIFAR inputs, both settings and a
+stock control alternated in one process, 2 shared cores under load 8-12, so identical
+programs' medians differed by up to 1.13x at batch >= 32 and 1.85x at batch 1-8):
+ResNet-56 1.32x faster with the flag at batch 128 (run 1: 1.19x), within the noise at
+batch 1-32; MobileNetV2 (6.7% of its conv MACs depthwise) 0.51x at batch 128 (run 1:
+0.52x), at batch 1 0.52x (run 1) and 0.86x (within that run's noise); a ViT-S-shaped
+encoder (0.3% of its MACs in the patch conv) 0.98-1.19x, within the noise. The rule
+(:func:`eigen_convs_faster`): the flag only for a model whose MACs are at least
+:data:`CONV_SHARE_MIN` dense convs with at most :data:`GROUPED_SHARE_MAX` of its conv
+MACs grouped; the figures are :data:`RECORDED`. The command line decides it from the
+config's model before the backend starts (:func:`configure_run`: the model traced to a
+jaxpr, which starts no backend, :func:`config_profile`). A process has one setting; a
+script timing several models passes :data:`EIGEN_CONV_OPTIONS` to one program's
+``jax.jit(compiler_options=...)``.
+
 Both were measured on XLA:CPU only, so both follow the backend (``config.runtime``,
-each ``"auto"``, ``"on"`` or ``"off"``): the XLA:CPU flag is set under ``"auto"`` unless
-a GPU or TPU plugin of jaxlib is installed and ``JAX_PLATFORMS`` does not ask for the CPU
-alone (the flag must be set before the backend starts, so it cannot ask the backend);
+each ``"auto"``, ``"on"`` or ``"off"``): the XLA:CPU flag is set under ``"auto"`` (and the
+rule's yes) unless a GPU or TPU plugin of jaxlib is installed and ``JAX_PLATFORMS`` does
+not ask for the CPU alone (the flag must be set before the backend starts, so it cannot
+ask the backend);
 the allocator settings are applied under ``"auto"`` when the default backend is the CPU
 (:func:`apply`, after the backend has started). ``config.runtime.layers`` picks the
 layer implementation the same way (:func:`jaxprune.models.layers.use`).
@@ -87,8 +105,8 @@ EIGEN_CONV_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
 # identical programs' medians, i.e. the noise), each model's three programs timed
 # alternately in one process (``python benchmarks/pruned_speed.py --flags``; 2-core
 # x86-64 shared with other jobs, load average 8-12; CIFAR 32x32x3 inputs; the models of
-# that benchmark). Two runs for ResNet-56 and MobileNetV2, whose medians differ with the
-# load; only differences beyond the noise count (tests/test_runtime_rule.py).
+# that benchmark). Two runs each (the first without the control); the medians move with
+# the load; only differences beyond the noise count (tests/test_runtime_rule.py).
 RECORDED = {
     "resnet56": {
         "profile": {"conv": 125747200, "grouped_conv": 0, "dot": 640},
@@ -97,15 +115,18 @@ RECORDED = {
     "resnet56 (run 1)": {
         "profile": {"conv": 125747200, "grouped_conv": 0, "dot": 640},
         "ms": {1: (10.33, 12.47, None), 128: (787.00, 661.34, None)}},
+    "mobilenetv2": {
+        "profile": {"conv": 82083840, "grouped_conv": 5879808, "dot": 12800},
+        "ms": {1: (90.35, 105.07, 48.84), 128: (15361.95, 29841.02, 15675.46)}},
     "mobilenetv2 (run 1)": {
         "profile": {"conv": 82083840, "grouped_conv": 5879808, "dot": 12800},
         "ms": {1: (64.39, 124.07, None), 128: (13949.73, 27022.20, None)}},
+    "vit_s": {
+        "profile": {"conv": 1179648, "grouped_conv": 0, "dot": 363639552},
+        "ms": {1: (54.74, 46.14, 45.62), 128: (4283.81, 4215.46, 4509.27)}},
     "vit_s (run 1)": {
         "profile": {"conv": 1179648, "grouped_conv": 0, "dot": 363639552},
         "ms": {1: (62.28, 40.61, None), 128: (4434.66, 4520.46, None)}},
-    "vit_s": {
-        "profile": {"conv": 1179648, "grouped_conv": 0, "dot": 363639552},
-        "ms": {1: (39.80, 50.56, 39.19)}},
 }
 NOISE_WITHOUT_CONTROL = 1.3  # the widest stock/control ratio seen at batch >= 32: 1.13
 

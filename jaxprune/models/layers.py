@@ -31,6 +31,11 @@ depend on it (a checkpoint trained with one loads with the other). ``BatchNorm``
 the same on every backend: its statistics are ``nn.BatchNorm``'s default ones (mean and
 mean of squares in one pass, float32), only the affine is folded into one multiply-add.
 The command line sets it from ``config.runtime.layers``.
+
+The choice is per op, not per model: the fast backward applies to ungrouped 2-D convs with
+equal strides and symmetric padding only; grouped (depthwise) convs always run
+``lax.conv_general_dilated`` with its own gradient, so a depthwise network's depthwise
+convs are the same under both choices (the forward of every conv is the same too).
 """
 import contextlib
 import functools
