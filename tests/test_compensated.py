@@ -303,3 +303,29 @@ def test_any_literal_scale_of_the_scores_is_folded_by_its_measured_change(kind, 
   else:
     assert small.folded["params/query/kernel"] == pytest.approx(want)
   assert diff < 1e-5, diff
+
+
+class LateScale(nn.Module):
+  """The width's scale applied to the softmax's output instead of the scores."""
+
+  @nn.compact
+  def __call__(self, x):
+    q = nn.DenseGeneral((HEADS, D // HEADS), name="query")(x)
+    k = nn.DenseGeneral((HEADS, D // HEADS), name="key")(x)
+    v = nn.DenseGeneral((HEADS, D // HEADS), name="value")(x)
+    p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k)) / math.sqrt(q.shape[-1])
+    o = nn.DenseGeneral(D, axis=(-2, -1), name="out")(jnp.einsum("bhqk,bkhd->bqhd", p, v))
+    return nn.Dense(3, name="head")((x + o).mean(1))
+
+
+def test_a_scale_after_the_softmax_stays_approximate_with_the_reason():
+  model = LateScale()
+  x = jax.random.normal(jax.random.key(14), (2, T, D))
+  v = model.init(jax.random.key(15), x)
+  g = graph.trace(model, v, x.shape[1:])
+  hd = _head_dim(g)
+  assert hd.exactness == "approximate", str(hd)
+  (line,) = hd.effects
+  assert "after a non-linear op (softmax) (not folded" in line, line
+  _, diff, small, _ = _pruned_vs_masked(model, v, x, 6)
+  assert small.folded == {} and diff > 1e-3

@@ -905,10 +905,15 @@ class Walk:
       f, var = term
       power = next((p for p in (-0.5, -1.0, 0.5, 1.0) if abs(f / n ** p - 1) < 1e-4), None)
       return (power is None, not self._has_literal(var, n)), f, power
+    label = {axes: ids for ((axes, ids), _, _) in contracted.values()}
+    late = self._late_scale(eqn.outvars[0], n) if n > 1 else None
+    if late is not None:  # e.g. softmax(q.k) / sqrt(head_dim): not a factor of q
+      self.effect(label, f"scale {late:.6g} computed from the contracted width {n} after a "
+                  "non-linear op (softmax) (not folded: it does not scale the query)")
+      return
     if n <= 1 or not factors:
       return
     (no_power, no_literal), f, power = min(map(rank, zip(factors, terms)))
-    label = {axes: ids for ((axes, ids), _, _) in contracted.values()}
     if not no_power:
       what = f"scale {f:.6g} = {n}^{power:g} computed from the contracted width"
       change = f"(n0/n1)^{power:g}"
@@ -934,6 +939,35 @@ class Walk:
     fold.op, fold.scale = len(self.ops), self.scale_at[len(self.ops)]
     for ids in label.values():
       self.effects.append((ids.ravel(), fold, ""))
+
+  def _late_scale(self, var, n, limit=64):
+    """A literal factor computed from the width `n` (a clean power, or from a literal
+    n) applied to the scores `var` after a non-linear op (their softmax), before the
+    next product; None if there is none."""
+    frontier, seen, steps = [(var, False)], {var}, 0
+    while frontier and steps < limit:
+      v, after = frontier.pop()
+      for e in self._users.get(v, []):
+        steps += 1
+        name = e.primitive.name
+        if name in ("dot_general", "conv_general_dilated") or len(e.outvars) != 1:
+          continue
+        scaled = False
+        if name in ("mul", "div"):
+          for other in e.invars[1:] if name == "div" else e.invars:
+            c = None if other is v else self._const_value(other)
+            if c is None or not float(c):
+              continue
+            scaled = True
+            f = float(c) if name == "mul" else 1.0 / float(c)
+            if after and (self._has_literal(other, n) or any(
+                abs(f / n ** p - 1) < 1e-4 for p in (-0.5, -1.0, 0.5, 1.0))):
+              return f
+        out = e.outvars[0]
+        if out not in seen:
+          seen.add(out)
+          frontier.append((out, after or not (scaled or name in SHAPE_ONLY)))
+    return None
 
   def _linear_producer(self, var, depth=16):
     """``((kernel, bias...), None)`` when `var` is a parameter kernel's product with an
