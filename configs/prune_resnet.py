@@ -16,6 +16,10 @@ Commands (from the repository root):
   # From a finished baseline run instead of training one:
   python -m jaxprune.main --config configs/prune_resnet.py \
       --config.prune.init_from=workdirs/r20/baseline/final --workdir workdirs/p20
+  # Twice as fast on this device (a per-op latency table, measured once, cached in the
+  # workdir's latency/ directory; the report gives its predicted speed-up and the measured one):
+  python -m jaxprune.main --config configs/prune_resnet.py:depth=56,target=latency \
+      --config.prune.ratio=0.5 --workdir workdirs/p56_latency
   # Offline, on the CIFAR-10 subset (4000/1000 images) beside the repository:
   python -m jaxprune.main --config configs/prune_resnet.py:dataset=cifar10_subset \
       --workdir workdirs/p20_subset
@@ -34,7 +38,7 @@ from jaxprune import config_lib
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, depth=20, dataset="cifar10", ratio=0.5, criterion="l1",
                               steps=1, round_to=1, epochs=160, finetune_epochs=40,
-                              smoke=False, **{"global": False})
+                              target="flops", smoke=False, **{"global": False})
   config = config_lib.base_config("prune")
   config.model = config_lib.model_config("cifar_resnet", depth=args.depth)
   config.dataset = config_lib.dataset_config(args.dataset)
@@ -45,7 +49,9 @@ def get_config(arg=None):
   config.scratch = config_lib.train_config(epochs=args.epochs + args.finetune_epochs)
   config.prune = ml_collections.ConfigDict({
       "criterion": args.criterion,       # l1 | l2 | bn_scale | taylor (one batch) | random
-      "target": "flops",                 # flops | params
+      "target": args.target,             # flops | params | latency (this device's)
+      "latency_batch": 0,                # latency table's batch (0: report's inference batch)
+      "latency_grid": 8,                 # latency-table candidate widths per group
       "ratio": args.ratio,               # kept share of the dense network's target
       "steps": args.steps,               # prune + fine-tune rounds (1: one shot)
       "global_ranking": args["global"],

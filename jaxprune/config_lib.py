@@ -205,6 +205,10 @@ RANGES: dict[str, tuple[Any, str]] = {
     "tas.arch_beta2": (_interval(0, 1, hi_open=True), "an Adam beta, in [0, 1)"),
     "tas.latency_batch": (_int_at_least(0), "an integer >= 0 (0: report.inference_batch_size;"
                           " bounded by the device memory once the data is known)"),
+    "prune.latency_batch": (_int_at_least(0), "an integer >= 0 (0: "
+                            "report.inference_batch_size)"),
+    "prune.latency_grid": (_int_at_least(1), "latency-table candidate widths per group: an "
+                           "integer >= 1"),
     "autoprune.prune_epochs": (lambda v: v > 0, "the mask learns this many epochs: > 0"),
     "autoprune.regularization": (lambda v: v >= 0, "must be >= 0"),
     "autoprune.regularization_warmup_epochs": (lambda v: v >= 0, "must be >= 0"),

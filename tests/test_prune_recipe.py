@@ -68,7 +68,8 @@ def test_taylor_criterion_uses_the_gradients_of_a_training_batch(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ({"ratio": 1.5}, "prune.ratio"), ({"criterion": "l3"}, "prune.criterion"),
-    ({"steps": 0}, "prune.steps"), ({"target": "latency"}, "prune.target")])
+    ({"steps": 0}, "prune.steps"), ({"target": "speed"}, "prune.target"),
+    ({"target": "latency", "latency_grid": 0}, "prune.latency_grid")])
 def test_bad_prune_settings_are_one_line_errors_before_any_work(tmp_path, override, message):
   config = _config()
   config.prune.update(override)

@@ -7,8 +7,17 @@ Stages:
   ``<workdir>/baseline/final`` of a baseline recipe).
 - ``finetune1`` .. ``finetuneN`` (``N = prune.steps``): step k prunes the current
   network with :func:`jaxprune.surgery.prune_to` to ``1 - (1 - target) * k / N`` of
-  the dense FLOPs (or params), then fine-tunes it with ``config.finetune``
-  (iterative pruning; ``N = 1`` is one-shot).
+  the dense FLOPs, params or latency (``prune.target``), then fine-tunes it with
+  ``config.finetune`` (iterative pruning; ``N = 1`` is one-shot).
+
+``prune.target=latency``: the latency on this device, from a per-op latency table
+(:mod:`jaxprune.search.latency`, the one TAS's ``tas.cost=latency`` uses) timed at
+``prune.latency_batch`` (default the report's inference batch) on
+``prune.latency_grid`` candidate widths per group (multiples of ``prune.round_to``).
+Step k's network gets its own table, ``<workdir>/latency/step<k>.json``, measured
+once and reused while its fingerprint matches (the same device and software); the
+first is measured before the baseline trains, so an unreachable target stops the run
+first. The report gives the tables' predicted speed-up next to the measured one.
 - ``scratch`` (``prune.scratch_comparison``): the final pruned architecture
   trained from a fresh initialisation with ``config.scratch`` — the control that
   tells whether the kept weights, not only the smaller shape, carry the accuracy.
@@ -27,11 +36,14 @@ import optax
 
 from jaxprune import config_lib, data, graph, surgery
 from jaxprune.engine import checkpoint as ckpt_lib
+from jaxprune.engine import distributed
 from jaxprune.engine import report
+from jaxprune.search import latency as latency_lib
+from jaxprune.surgery import pruner
 from jaxprune.errors import UserError
 from jaxprune.methods import baseline
 
-TARGETS = ("flops", "params")
+TARGETS = ("flops", "params", "latency")
 
 
 def validate(config):
@@ -48,6 +60,39 @@ def validate(config):
     raise UserError(f"prune.steps={cfg.steps} must be >= 1")
   if cfg.round_to < 1:
     raise UserError(f"prune.round_to={cfg.round_to} must be >= 1")
+  if cfg.get("latency_grid", pruner.DEFAULT_GRID) < 1:
+    raise UserError(f"prune.latency_grid={cfg.latency_grid} must be >= 1")
+  if cfg.get("latency_batch", 0) < 0:
+    raise UserError(f"prune.latency_batch={cfg.latency_batch} must be >= 0 (0: the "
+                    "report's inference batch)")
+
+
+def latency_batch(config) -> int:
+  """The batch of the latency tables: ``prune.latency_batch``, else the report's."""
+  return int(config.prune.get("latency_batch", 0) or config.report.inference_batch_size)
+
+
+def latency_table(config, workdir: str, model, variables, input_shape, step: int):
+  """``(table, graph)``: step ``step``'s latency table for ``model``, read from
+  ``<workdir>/latency/step<step>.json`` when its fingerprint is this run's, else
+  measured on process 0's first device and saved there; every process uses process
+  0's times."""
+  cfg = config.prune
+  g = graph.trace(model, variables, input_shape, ignore=tuple(cfg.ignore),
+                  round_to=cfg.round_to)
+  cands = pruner.latency_candidates(g, [grp.id for grp in g.prunable()], cfg.round_to,
+                                    cfg.get("latency_grid", pruner.DEFAULT_GRID))
+  path = os.path.join(workdir, "latency", f"step{step}.json")
+  batch = latency_batch(config)
+  if distributed.is_main_process():
+    table = latency_lib.load_or_measure(cands, path, batch)
+  else:
+    table = latency_lib.plan(cands, batch)
+  table.set_program_ms(distributed.from_main(table.program_ms.astype(np.float32)))
+  if not np.all(np.isfinite(table.program_ms)) or np.any(table.program_ms <= 0):
+    raise UserError(f"{path}: a measured time is not positive; delete the file to measure "
+                    "again")
+  return table, g
 
 
 def check_prunable(config, model, input_shape) -> None:
@@ -69,9 +114,22 @@ def check_prunable(config, model, input_shape) -> None:
                     "dense layer whose output channels can be removed"
                     f"{', with prune.ignore=' + repr(tuple(cfg.ignore)) if cfg.ignore else ''}"
                     "); nothing to prune.")
+  if cfg.target == "latency":  # checked on the measured table (run, before training)
+    return
   try:
     surgery.select_channels(g, scores, global_ranking=cfg.global_ranking,
                             **{f"{cfg.target}_ratio": cfg.ratio})
+  except UserError as e:
+    raise UserError(f"prune: config prune.ratio={cfg.ratio}: {e}") from None
+
+
+def check_latency_reachable(config, g, table) -> None:
+  """The latency target is reachable on the dense network's table (uniform scores)."""
+  cfg = config.prune
+  scores = {gid: np.ones(g.groups[gid].width) for gid in table.group_ids}
+  try:
+    surgery.select_channels(g, scores, latency_ratio=cfg.ratio,
+                            latency_table=table, global_ranking=cfg.global_ranking)
   except UserError as e:
     raise UserError(f"prune: config prune.ratio={cfg.ratio}: {e}") from None
 
@@ -111,10 +169,16 @@ def run(config, workdir: str) -> dict:
   evaluate = lambda m, v: baseline.evaluate_accuracy(m, v, test_ds,
                                                      config.finetune.eval_batch_size)
 
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                               jax.numpy.zeros((1, *input_shape)),
+                                               train=False))
+  tables = {}
+  if cfg.target == "latency":  # the dense table, before any training (same shapes)
+    fresh = jax.jit(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, *input_shape)),
+                                       train=False))()
+    tables[1] = latency_table(config, workdir, model, fresh, input_shape, 1)
+    check_latency_reachable(config, *tables[1][::-1])
   if cfg.init_from:
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                                 jax.numpy.zeros((1, *input_shape)),
-                                                 train=False))
     dense_vars = ckpt_lib.load_variables(cfg.init_from, abstract)
     dense_acc = evaluate(model, dense_vars)
   else:
@@ -126,15 +190,24 @@ def run(config, workdir: str) -> dict:
   key = jax.random.key(config.seed)
   for k in range(1, cfg.steps + 1):
     ratio = 1 - (1 - cfg.ratio) * k / cfg.steps
-    dense_count = rows["dense"][cfg.target]
-    now = rows[f"step {k - 1}"][cfg.target] if k > 1 else dense_count
+    if cfg.target == "latency":  # each step's network timed by its own table
+      if k not in tables:
+        tables[k] = latency_table(config, workdir, current_model, current_vars,
+                                  input_shape, k)
+      table = tables[k][0]
+      target = {"latency_ratio": min(1.0, ratio * tables[1][0].full / table.full),
+                "latency_table": table}
+    else:
+      dense_count = rows["dense"][cfg.target]
+      now = rows[f"step {k - 1}"][cfg.target] if k > 1 else dense_count
+      target = {f"{cfg.target}_ratio": min(1.0, ratio * dense_count / now)}
     small, info = surgery.prune_to(
         current_model, current_vars, input_shape, criterion=cfg.criterion,
         global_ranking=cfg.global_ranking, round_to=cfg.round_to,
         ignore=tuple(cfg.ignore), key=jax.random.fold_in(key, k),
         grads=(taylor_grads(current_model, current_vars, train_ds, config.train.batch_size,
                             config.seed + k) if cfg.criterion == "taylor" else None),
-        **{f"{cfg.target}_ratio": min(1.0, ratio * dense_count / now)})
+        **target)
     pruned_acc = evaluate(small.model, small.variables)
     fine = baseline.train(f"finetune{k}", config.finetune, config.seed, workdir, datasets,
                           small.model, init_variables=small.variables)
@@ -145,6 +218,8 @@ def run(config, workdir: str) -> dict:
                   "accuracy_finetuned": fine.summary["eval_accuracy"],
                   "flops": info["after"]["flops"], "params": info["after"]["params"],
                   "widths": {str(gid): int(kept.size) for gid, kept in info["keep"].items()}})
+    if "predicted_speedup" in info:
+      steps[-1]["predicted_speedup"] = info["predicted_speedup"]
 
   out = {"method": "prune", "dataset": config.dataset.name, "model": config.model.name,
          "criterion": cfg.criterion, "target": cfg.target, "ratio": cfg.ratio,
@@ -157,6 +232,15 @@ def run(config, workdir: str) -> dict:
          "shapes": _changed_shapes(dense_vars, current_vars)}
   out["flops_ratio"] = out["pruned_flops"] / out["dense_flops"]
   out["params_ratio"] = out["pruned_params"] / out["dense_params"]
+  final = rows[f"step {cfg.steps}"]
+  out["flops_speedup"] = out["dense_flops"] / out["pruned_flops"]
+  out["speedup"] = rows["dense"]["inference_ms"] / final["inference_ms"]  # measured
+  if cfg.target == "latency":
+    # the tables' prediction: each step's full latency over its pruned widths', chained
+    out["predicted_speedup"] = float(np.prod([st["predicted_speedup"] for st in steps]))
+    out["requested_speedup"] = 1 / cfg.ratio
+    out["latency_batch"] = latency_batch(config)
+    out["inference_batch"] = final["inference_batch"]
   if cfg.scratch_comparison:
     scratch = baseline.train("scratch", config.scratch, config.seed, workdir, datasets,
                              current_model)
