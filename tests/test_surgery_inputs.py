@@ -82,3 +82,27 @@ def test_check_equivalence_with_a_probe_missing_an_input_is_one_line():
     surgery.check_equivalence(model, variables, unchanged, probe, call,
                               input_shape=SPEC.inputs)
   assert "\n" not in str(e.value) and "2 input(s)" in str(e.value), str(e.value)
+
+
+def test_shrink_of_dead_head_dim_channels_folds_the_scale_and_checks_equal():
+  """Head-dimension channels of layer 0 with no fan-in (query, key and value columns and
+  biases zero) are removed; the 1/sqrt(head_dim) fold (a compensated group) keeps the
+  network the masked one's, and check_equivalence accounts for the scaled query."""
+  model, variables = SPEC.build(3)
+  hd = Z.WIDTH // Z.HEADS
+  dead = np.sort(np.random.default_rng(3).choice(hd, 3, replace=False))
+  params = jax.tree.map(np.array, variables["params"])
+  for name in ("query", "key", "value"):
+    params["layer0_attn"][name]["kernel"][..., dead] = 0
+    params["layer0_attn"][name]["bias"][..., dead] = 0
+  variables = {"params": jax.tree.map(jnp.asarray, params)}
+  call = SPEC.call(model)
+  shrunk = surgery.shrink(model, variables, SPEC.inputs, call)
+  (label,) = [k for k, w in shrunk.widths_after.items() if w < shrunk.widths_before[k]]
+  assert shrunk.widths_before[label] == hd and shrunk.widths_after[label] == hd - dead.size
+  assert shrunk.scaled["params/layer0_attn/query/kernel"] == pytest.approx(
+      np.sqrt((hd - dead.size) / hd))
+  report = surgery.check_equivalence(model, variables, shrunk, SPEC.example(4, seed=5), call)
+  assert report["logits_max_abs_diff"] < 1e-5 * max(report["logits_max_abs"], 1)
+  assert report["interior_max_abs_diff"] < 1e-5 * max(report["activation_max_abs"], 1)
+  assert report["approximate"] == {}

@@ -45,7 +45,7 @@ from jaxprune import graph as graph_lib
 from jaxprune.errors import UserError
 from jaxprune.graph import evaluate, tracing
 from jaxprune.surgery.prune import _forward, apply_slices
-from jaxprune.surgery.rebuild import probe_inputs, pruned_call
+from jaxprune.surgery.rebuild import compensate, probe_inputs, pruned_call
 
 
 # ---------------------------------------------------------------------------------
@@ -255,6 +255,9 @@ class Shrunk:
     cascade_readers: consumer kernels of the ``cascaded`` groups.
     placeholders: ``{producer kernel path: (axis, original index)}`` of the
       placeholder channels (their producer slices are zeroed: they read nothing).
+    scaled: ``{leaf path: factor}`` of the leaves a compensated group's fold
+      multiplied (a narrowed head dimension's ``1/sqrt(head_dim)``, see
+      :func:`jaxprune.surgery.rebuild.compensate`).
   """
   model: Any
   variables: Any
@@ -269,6 +272,7 @@ class Shrunk:
   cascade_readers: list[str] = dataclasses.field(default_factory=list)
   placeholders: dict = dataclasses.field(default_factory=dict)
   ista_groups: list[str] = dataclasses.field(default_factory=list)
+  scaled: dict = dataclasses.field(default_factory=dict)
 
   @property
   def removed_fraction(self) -> float:
@@ -362,6 +366,7 @@ def shrink(model, variables, input_shape: Sequence[int], call: Callable | None =
                     f"channel is constant; got {n}")
 
   cur_model, cur_vars, g = model, variables, g0
+  scaled: dict[str, float] = {}
   rounds = 0
   while rounds < max_rounds:
     rounds += 1
@@ -471,6 +476,9 @@ def shrink(model, variables, input_shape: Sequence[int], call: Callable | None =
         done = composed.setdefault(path, {}).get(axis, np.arange(shape0[path][axis]))
         composed[path][axis] = done[idx]
     small = apply_slices(cur_model, cur_vars, slices, input_shape, call)
+    small = compensate(g, keep, small, input_shape, call)  # e.g. 1/sqrt(head_dim)
+    for path, factor in small.folded.items():
+      scaled[path] = scaled.get(path, 1.0) * factor
     cur_model, cur_vars = small.model, small.variables
   else:
     raise UserError(f"shrink did not reach a fixpoint in {max_rounds} rounds")
@@ -481,7 +489,7 @@ def shrink(model, variables, input_shape: Sequence[int], call: Callable | None =
                 widths_after={label: int(k.size) for label, k in kept.items()},
                 rounds=rounds, cascaded=sorted(cascaded), folds=folds, slices=composed,
                 unfoldable=unfoldable, cascade_readers=sorted(readers),
-                placeholders=placeholders,
+                placeholders=placeholders, scaled=scaled,
                 ista_groups=[_label(g0, grp) for grp, _ in _ista_groups(g0, None)])
 
 
@@ -578,7 +586,7 @@ def check_equivalence(model, variables, shrunk: Shrunk, probe,
       out_axis = ref.output_axis(axis)
       if out_axis is not None:
         want = np.take(want, idx, axis=out_axis + 1)
-    diff = want - np.asarray(layer.out, np.float64)
+    diff = want - np.asarray(layer.out, np.float64) / shrunk.scaled.get(ref.kernel, 1.0)
     if ref.kernel in shrunk.placeholders:  # read with zero weights: not compared
       axis, original = shrunk.placeholders[ref.kernel]
       kept = shrunk.slices.get(ref.kernel, {}).get(axis)
