@@ -19,8 +19,8 @@ def test_rule_picks_the_faster_setting_on_recorded_timings():
   records include a model the flag speeds up and one it slows down."""
   differ = {True: 0, False: 0}
   for name, rec in runtime.RECORDED.items():
-    pick_eigen = runtime.eigen_convs_faster(rec["profile"])
     for batch, (stock_ms, eigen_ms, control_ms) in rec["ms"].items():
+      pick_eigen = runtime.eigen_convs_faster(rec["profile"], batch)
       noise = (abs(np.log(stock_ms / control_ms)) if control_ms is not None
                else np.log(runtime.NOISE_WITHOUT_CONTROL))
       if abs(np.log(stock_ms / eigen_ms)) <= max(np.log(1.1), 2 * noise):
@@ -30,18 +30,21 @@ def test_rule_picks_the_faster_setting_on_recorded_timings():
   assert differ[True] >= 1 and differ[False] >= 1, differ
 
 
-def test_rule_is_a_threshold_on_the_op_shares():
-  """Fresh random profiles: the rule is exactly 'dense convs at least CONV_SHARE_MIN of
-  the MACs, grouped convs at most GROUPED_SHARE_MAX of the conv MACs' (the closed form)."""
+def test_rule_is_a_threshold_on_the_op_shares_and_the_work_per_call():
+  """Fresh random profiles and batches: the rule is exactly 'dense convs at least
+  CONV_SHARE_MIN of the MACs, grouped convs at most GROUPED_SHARE_MAX of the conv MACs,
+  at least CONV_MACS_MIN conv MACs per call' (the closed form)."""
   rng = np.random.default_rng()
   for _ in range(300):
-    conv, grouped, dot = (int(v) for v in rng.integers(0, 10**6, 3) * rng.integers(0, 2, 3))
+    conv, grouped, dot = (int(v) for v in rng.integers(0, 10**8, 3) * rng.integers(0, 2, 3))
+    batch = int(rng.choice([1, 8, 32, 128, 512]))
     profile = {"conv": conv, "grouped_conv": grouped, "dot": dot}
     share = grouped / (conv + grouped) if conv + grouped else 0.0
     total = conv + grouped + dot
-    assert runtime.eigen_convs_faster(profile) == (
+    assert runtime.eigen_convs_faster(profile, batch) == (
         total > 0 and conv / total >= runtime.CONV_SHARE_MIN
-        and share <= runtime.GROUPED_SHARE_MAX), profile
+        and share <= runtime.GROUPED_SHARE_MAX
+        and conv * batch >= runtime.CONV_MACS_MIN), (profile, batch)
 
 
 class _Mixed(nn.Module):
@@ -71,11 +74,14 @@ def test_op_profile_counts_macs_by_op_class():
 
 
 def test_config_profile_gives_the_rule_for_the_configs_model():
-  """The CLI's decision: the TAS smoke's ResNet keeps the flag, a depthwise MobileNet
-  (dnw_mobilenet) drops it; a model that cannot be built is None (stock settings)."""
-  config = conftest.load_config("configs/tas_resnet.py", "smoke")
+  """The CLI's decision: a CIFAR ResNet-56 at batch 128 gets the flag, the TAS smoke's
+  16x16 ResNet-20 (too little work a call) and a depthwise MobileNet (dnw_mobilenet)
+  do not; a model that cannot be built is None (stock settings)."""
+  config = conftest.load_config("configs/tas_resnet.py", "depth=56")
   resnet = runtime.config_profile(config)
-  assert resnet["grouped_conv"] == 0 and runtime.eigen_convs_faster(resnet)
+  assert resnet["grouped_conv"] == 0 and runtime.eigen_convs_faster(resnet, 128)
+  smoke = runtime.config_profile(conftest.load_config("configs/tas_resnet.py", "smoke"))
+  assert smoke["conv"] == 10203136 and not runtime.eigen_convs_faster(smoke, 128)
   config = conftest.load_config("configs/dnw_mobilenet.py", "smoke")
   mobile = runtime.config_profile(config)
   assert mobile["grouped_conv"] > 0 and not runtime.eigen_convs_faster(mobile)

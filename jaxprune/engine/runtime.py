@@ -22,10 +22,13 @@ programs' medians differed by up to 1.13x at batch >= 32 and 1.85x at batch 1-8)
 ResNet-56 1.32x faster with the flag at batch 128 (run 1: 1.19x), within the noise at
 batch 1-32; MobileNetV2 (6.7% of its conv MACs depthwise) 0.51x at batch 128 (run 1:
 0.52x), at batch 1 0.52x (run 1) and 0.86x (within that run's noise); a ViT-S-shaped
-encoder (0.3% of its MACs in the patch conv) 0.98-1.19x, within the noise. The rule
-(:func:`eigen_convs_faster`): the flag only for a model whose MACs are at least
-:data:`CONV_SHARE_MIN` dense convs with at most :data:`GROUPED_SHARE_MAX` of its conv
-MACs grouped; the figures are :data:`RECORDED`. The command line decides it from the
+encoder (0.3% of its MACs in the patch conv) 0.98-1.19x, within the noise; the TAS
+smoke's ResNet-20 on 16x16 inputs at batch 128 (1.3G conv MACs a call) 1.11x, its
+derived network (0.67G) 0.91x, so the smoke's speed-up was 0.70 of its FLOPs reduction
+with the flag and 0.80-0.85 without. The rule (:func:`eigen_convs_faster`): the flag
+only for a model whose MACs are at least :data:`CONV_SHARE_MIN` dense convs, with at
+most :data:`GROUPED_SHARE_MAX` of its conv MACs grouped, and whose call at the run's
+batch does at least :data:`CONV_MACS_MIN` conv MACs; the figures are :data:`RECORDED`. The command line decides it from the
 config's model before the backend starts (:func:`configure_run`: the model traced to a
 jaxpr, which starts no backend, :func:`config_profile`). A process has one setting; a
 script timing several models passes :data:`EIGEN_CONV_OPTIONS` to one program's
@@ -92,6 +95,7 @@ def configure_malloc() -> bool:
 # this; the figures behind it are :data:`RECORDED`.
 GROUPED_SHARE_MAX = 0.01
 CONV_SHARE_MIN = 0.5
+CONV_MACS_MIN = 4e9  # ResNet-56 at batch 32 (4.0G): no difference; at 128 (16.1G): faster
 
 
 # The flag as one program's ``jax.jit(..., compiler_options=...)``: the same YNNPACK fusion
@@ -124,6 +128,14 @@ RECORDED = {
     "vit_s": {
         "profile": {"conv": 1179648, "grouped_conv": 0, "dot": 363639552},
         "ms": {1: (54.74, 46.14, 45.62), 128: (4283.81, 4215.46, 4509.27)}},
+    # The TAS smoke (configs/tas_resnet.py:smoke): ResNet-20 on 16x16x3 and its derived
+    # network (widths rounded to 8), alternated with the control in one process.
+    "tas smoke base": {
+        "profile": {"conv": 10203136, "grouped_conv": 0, "dot": 640},
+        "ms": {128: (341.3, 307.6, None)}},
+    "tas smoke derived": {
+        "profile": {"conv": 5249024, "grouped_conv": 0, "dot": 160},
+        "ms": {128: (207.2, 228.4, 219.3)}},
     "vit_s (run 1)": {
         "profile": {"conv": 1179648, "grouped_conv": 0, "dot": 363639552},
         "ms": {1: (62.28, 40.61, None), 128: (4434.66, 4520.46, None)}},
@@ -190,17 +202,20 @@ def grouped_share(profile) -> float:
   return profile["grouped_conv"] / convs if convs else 0.0
 
 
-def eigen_convs_faster(profile) -> bool:
+def eigen_convs_faster(profile, batch: int = 128) -> bool:
   """The rule: whether the XLA:CPU flag (convolutions to Eigen) is expected to make a
-  model with this :func:`op_profile` faster: its MACs are mostly dense convs (at least
-  :data:`CONV_SHARE_MIN`) and its grouped convs are at most :data:`GROUPED_SHARE_MAX` of
-  the conv MACs. Elsewhere XLA's stock settings stay: a depthwise network (2x slower
-  with the flag), a transformer (no difference beyond the noise: only a patch conv
-  changes), an MLP."""
+  model with this :func:`op_profile` faster at ``batch``: its MACs are mostly dense
+  convs (at least :data:`CONV_SHARE_MIN`), its grouped convs at most
+  :data:`GROUPED_SHARE_MAX` of the conv MACs, and one call does at least
+  :data:`CONV_MACS_MIN` conv MACs (``batch`` times the profile's). Elsewhere XLA's stock
+  settings stay: a depthwise network (2x slower with the flag), a transformer (no
+  difference beyond the noise: only a patch conv changes), a small call (the TAS smoke's
+  ResNet-20s on 16x16 inputs at batch 128, whose derived network was slower with it)."""
   convs = profile["conv"] + profile["grouped_conv"]
   total = convs + profile["dot"]
   return (total > 0 and profile["conv"] >= CONV_SHARE_MIN * total
-          and grouped_share(profile) <= GROUPED_SHARE_MAX)
+          and grouped_share(profile) <= GROUPED_SHARE_MAX
+          and profile["conv"] * batch >= CONV_MACS_MIN)
 
 
 def config_profile(config):
@@ -286,17 +301,17 @@ def _switch(settings, key: str) -> str:
   return value
 
 
-def configure(settings=None, profile=None) -> bool:
+def configure(settings=None, profile=None, batch: int = 128) -> bool:
   """The settings needed before the backend starts: the XLA:CPU flag per
   ``settings["xla_cpu_flags"]`` (``config.runtime``; default ``"auto"``); returns
   whether it is in ``XLA_FLAGS`` now. Under ``"auto"`` the flag is set on a CPU when
-  :func:`eigen_convs_faster` says so for ``profile`` (the model's :func:`op_profile`;
-  None: no model known, the flag is set as before the rule, for scripts timing
-  convolutional ResNets). Without ``settings`` (benchmarks, scripts) it also applies the
+  :func:`eigen_convs_faster` says so for ``profile`` (the model's :func:`op_profile`) at
+  ``batch`` (``profile`` None: no model known, the flag is set as before the rule, for
+  scripts timing convolutional ResNets). Without ``settings`` (benchmarks, scripts) it also applies the
   allocator settings, as :func:`apply` does under ``"auto"`` on a CPU."""
   flags = _switch(settings, "xla_cpu_flags")
   on = flags == "on" or (flags == "auto" and cpu_expected()
-                         and (profile is None or eigen_convs_faster(profile)))
+                         and (profile is None or eigen_convs_faster(profile, batch)))
   if on:
     configure_xla_flags()
   if settings is None and cpu_expected():
@@ -309,12 +324,14 @@ def configure_run(config) -> bool:
   """:func:`configure` for a run's config (``main`` calls it before the backend starts):
   under ``runtime.xla_cpu_flags="auto"`` on a CPU the flag follows the rule
   (:func:`eigen_convs_faster`) for the model the config names (:func:`config_profile`;
-  a model that cannot be traced this early keeps XLA's stock setting)."""
+  a model that cannot be traced this early keeps XLA's stock setting) at the report's
+  batch (``report.inference_batch_size``, the speed the run reports)."""
   settings = config.get("runtime") or {}
   profile = None
   if _switch(settings, "xla_cpu_flags") == "auto" and cpu_expected():
     profile = config_profile(config) or {"conv": 0, "grouped_conv": 0, "dot": 0}
-  return configure(settings, profile)
+  batch = (config.get("report") or {}).get("inference_batch_size", 128)
+  return configure(settings, profile, batch if isinstance(batch, int) else 128)
 
 
 def apply(settings=None) -> dict:

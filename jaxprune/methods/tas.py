@@ -760,6 +760,9 @@ def run(config, workdir: str) -> dict:
                   "blocks": derived["blocks"],
                   **({"skipped_blocks": derived["skipped_blocks"]}
                      if "skipped_blocks" in derived else {}),
+                  # the resnet space rounds the searched widths at derivation (round_to)
+                  **({"searched_widths": derived["searched_widths"],
+                      "round_to": net.round_to} if "searched_widths" in derived else {}),
                   "flops": counts["flops"],
                   "params": counts["params"], "flops_max": base_flops,
                   "flops_ratio": counts["flops"] / base_flops,
