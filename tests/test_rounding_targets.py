@@ -46,8 +46,8 @@ def test_allowed_widths_and_latency_grid_are_multiples_of_round_to():
 
 
 # The transformer zoo at round_to 2 or 4 and ResNet-20 at round_to 8 (the issue's case):
-# 400 random draws of (model, metric, ranking, ratio in [0.4, 0.8], scores) measured the
-# largest shortfall at 0.015 of the full network (see the report of issue 24).
+# 800 random draws of (model, round_to, metric, ranking, ratio in [0.4, 0.8], scores):
+# none more than 2% under (the adjust step stops once within 2%; largest 0.0191).
 @pytest.mark.parametrize("name,round_to", [("vit_scan", 4), ("bert", 2), ("gpt", 4),
                                            ("lm1b", 4), ("llama", 2), ("resnet20", 8)])
 def test_targets_with_round_to_land_within_two_percent_on_the_zoo(name, round_to):
