@@ -590,7 +590,7 @@ def measure(space, batch_size: int, *, repeats: int = 7,
   t0 = time.perf_counter()
   log(f"measuring {len(table.programs)} distinct programs for the {len(table.entries)} "
       f"conv/dense ops at batch {batch_size} on {jax.default_backend()} "
-      f"({jax.local_devices()[0].device_kind}); this runs once per workdir")
+      f"({jax.local_devices()[0].device_kind}); the CLI caches it in the workdir")
   ms = (timer(table.programs) if timer is not None else
         time_programs(table.programs, repeats, log))
   table.set_program_ms(ms)

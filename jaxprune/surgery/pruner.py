@@ -148,7 +148,7 @@ def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
     missing = sorted(set(scores) - set(table.group_ids))
     if missing:
       raise UserError(f"the latency table does not cover groups {missing}: plan it with "
-                      "surgery.latency_candidates for the groups you prune")
+                      "surgery.pruner.latency_candidates for the groups you prune")
     if not np.all(np.isfinite(table.program_ms)):
       raise UserError("the latency table has no times yet: measure it first")
     allowed = {gid: np.asarray(table.candidates[table.group_ids.index(gid)], np.int64)
