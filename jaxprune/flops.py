@@ -64,7 +64,12 @@ def count_layers(model, variables, input_shape: Any, call: Callable | None = Non
     ``kind`` ("conv", "dense": a product with a parameter, "dot": between
     activations), ``kernel`` (leaf path or None), ``in_shape``, ``out_shape``
     (with the batch axis of 1), ``kernel_shape`` (HWIO for a conv, (in, out) for
-    a product), ``macs``, ``bias_adds`` and ``flops`` = macs + bias_adds.
+    a product), ``macs``, ``bias_adds``, ``flops`` = macs + bias_adds and ``note``:
+    "" when the count is exact, else why not (an op inside a ``while_loop`` whose trip
+    count is unknown before running is counted for one iteration; a
+    :class:`jaxprune.graph.propagate.LoopCountWarning` names the loop). Loops with a
+    known trip count (``scan``, ``nn.scan``, ``fori_loop`` with constant bounds)
+    count every iteration.
 
   Raises:
     UserError: when the forward pass has no conv or matrix product to count.
@@ -77,7 +82,8 @@ def count_layers(model, variables, input_shape: Any, call: Callable | None = Non
   return [{"name": op.name, "kind": op.kind, "kernel": op.kernel,
            "in_shape": tuple(op.in_shape), "out_shape": tuple(op.out_shape),
            "kernel_shape": tuple(op.kernel_shape), "macs": int(op.macs),
-           "bias_adds": int(op.bias_adds), "flops": int(op.flops)} for op in w.ops]
+           "bias_adds": int(op.bias_adds), "flops": int(op.flops), "note": op.note}
+          for op in w.ops]
 
 
 def _name(model) -> str:
@@ -120,7 +126,10 @@ def count(model, variables, input_shape: Any, call: Callable | None = None, *,
     batched: see :func:`count_layers`.
 
   Returns:
-    ``{"flops": int, "params": int}``.
+    ``{"flops": int, "params": int}``; when the FLOPs are only a lower bound (a
+    ``while_loop`` with a trip count unknown before running, counted for one
+    iteration) also ``"exact": False`` and ``"note"``, the first such loop's line
+    (every one is in :func:`count_layers`' ``note`` and warned about).
 
   Example:
     >>> model = models.cifar_resnet(20)
@@ -131,8 +140,12 @@ def count(model, variables, input_shape: Any, call: Callable | None = None, *,
     >>> flops.count(nnx_model, None, (28, 28, 1))       # an nnx.Module
   """
   layers = count_layers(model, variables, input_shape, call, batched=batched)
-  return {"flops": int(sum(layer["flops"] for layer in layers)),
-          "params": count_params(model if variables is None else variables)}
+  out = {"flops": int(sum(layer["flops"] for layer in layers)),
+         "params": count_params(model if variables is None else variables)}
+  notes = [layer["note"] for layer in layers if layer["note"]]
+  if notes:
+    out.update(exact=False, note=notes[0])
+  return out
 
 
 def _positions(record):

@@ -17,6 +17,8 @@ and every bias add after one (:class:`Op`): :mod:`jaxprune.flops` counts from it
 """
 import dataclasses
 import math
+import operator
+import warnings
 
 import jax.extend as jex
 import numpy as np
@@ -63,10 +65,18 @@ class Op:
   bias_adds: int = 0
   factors: list = dataclasses.field(default_factory=list)
   bias_factors: list = dataclasses.field(default_factory=list)
+  # Why ``macs`` is not exact ("" when it is): e.g. inside a while_loop whose trip count
+  # is unknown before running, counted for one iteration.
+  note: str = ""
 
   @property
   def flops(self) -> int:
     return self.macs + self.bias_adds
+
+
+class LoopCountWarning(UserWarning):
+  """A FLOPs count that is a lower bound: a loop whose trip count is unknown before
+  running was counted for one iteration."""
 
 
 class Fold(str):
@@ -131,6 +141,8 @@ class Walk:
     self.producers: list[np.ndarray] = []
     self.consumers: list[np.ndarray] = []
     self.ops: list[Op] = []
+    # One line per loop whose ops are counted for one iteration (see :meth:`while_loop`).
+    self.loops: list[str] = []
     # (ids, what, where): channels whose removal changes the function (a mean or a
     # max over them, a scale computed from their count), see :meth:`effect`.
     self.effects: list[tuple[np.ndarray, str, str]] = []
@@ -606,17 +618,37 @@ class Walk:
     return list(zip(carry + ys, result_origins, [None] * len(eqn.outvars)))
 
   def while_loop(self, eqn, labels, origins, counted):
-    """``lax.while_loop``: the body runs once (its FLOPs are counted for one iteration:
-    the trip count is not known before running)."""
+    """``lax.while_loop``: the body and the condition are walked once. When the trip
+    count is known before running (a ``fori_loop`` whose bounds are constants but not
+    Python ints, lowered to a while over a counter: see :func:`_trip_count`), the
+    body's FLOPs count that many times and the condition's one more; otherwise they
+    count once, each such op carries a :attr:`Op.note` and the loop is listed in
+    :attr:`Walk.loops` and warned about in one line (the count is a lower bound)."""
     p = eqn.params
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
     body = p["body_jaxpr"]
+    trips = _trip_count(eqn, self._const_value)
     carry_in = labels[cn + bn:]
+    first = len(self.ops)
     outs, _, _ = self.run(body.jaxpr, labels[cn:], list(origins[cn:]), [None] * len(labels[cn:]))
+    after_body = len(self.ops)
     shapes = [_shape(v) for v in eqn.outvars]
     cond = p["cond_jaxpr"]
     self.run(cond.jaxpr, labels[:cn] + carry_in, list(origins[:cn] + origins[cn + bn:]),
              [None] * (cn + len(carry_in)))
+    if trips is not None:
+      for i, op in enumerate(self.ops[first:], first):
+        times = trips if i < after_body else trips + 1
+        op.macs *= times
+        op.bias_adds *= times
+    elif len(self.ops) > first:
+      where = _where(eqn) or "the forward pass"
+      note = (f"inside the while_loop at {where}, counted for one iteration (its trip "
+              "count is not known before running): a lower bound")
+      for op in self.ops[first:]:
+        op.note = op.note or note
+      self.loops.append(note)
+      warnings.warn(f"FLOPs: {note}", LoopCountWarning, stacklevel=2)
     carry = self.loop_carry(carry_in, outs, shapes, "while_loop")
     return [(l, None, None) for l in carry]
 
@@ -1125,6 +1157,80 @@ def _where(eqn) -> str:
     return source_info_util.summarize(eqn.source_info)
   except Exception:  # pylint: disable=broad-except
     return ""
+
+
+_COMPARE = {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
+            "ne": operator.ne}
+_MIRROR = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "ne": "ne"}
+
+
+def _trip_count(eqn, const_value, limit=10**7) -> int | None:
+  """The iterations of a ``while`` known before running, or None.
+
+  Recognised: a condition that is one comparison (``lt le gt ge ne``) of a counter in
+  the carry with a bound; the body adds a literal step to the counter and returns the
+  bound unchanged (a carry) or the bound is a literal or a condition constant; the
+  counter's and the bound's initial values are constants. That is ``fori_loop(a, b,
+  ...)`` with constant bounds that are not Python ints (those lower to a ``scan``)."""
+  p = eqn.params
+  cn, bn = p["cond_nconsts"], p["body_nconsts"]
+  cond, body = p["cond_jaxpr"].jaxpr, p["body_jaxpr"].jaxpr
+  if len(cond.eqns) != 1 or cond.eqns[0].primitive.name not in _COMPARE \
+      or cond.eqns[0].outvars[0] is not cond.outvars[0]:
+    return None
+  cmp = cond.eqns[0]
+  carry_vars = list(cond.invars[cn:])
+
+  def start(v):
+    """(carry index or None, initial value or None) of a comparison operand."""
+    if _is_literal(v):
+      return None, (v.val if np.ndim(v.val) == 0 else None)
+    if v in carry_vars:
+      i = carry_vars.index(v)
+      return i, const_value(eqn.invars[cn + bn + i])
+    if v in cond.invars[:cn]:
+      return None, const_value(eqn.invars[cond.invars.index(v)])
+    return None, None
+
+  def step(i):
+    """The literal the body adds to carry i each iteration (0: passed through)."""
+    out, var = body.outvars[i], body.invars[bn + i]
+    if out is var:
+      return 0
+    e = next((e for e in body.eqns if out in e.outvars), None)
+    if e is None or e.primitive.name not in ("add", "sub"):
+      return None
+    a, b = e.invars
+    if a is var and _is_literal(b) and np.ndim(b.val) == 0:
+      return b.val if e.primitive.name == "add" else -b.val
+    if b is var and _is_literal(a) and np.ndim(a.val) == 0 and e.primitive.name == "add":
+      return a.val
+    return None
+
+  (ia, a0), (ib, b0) = (start(v) for v in cmp.invars)
+  if a0 is None or b0 is None:
+    return None
+  sa = 0 if ia is None else step(ia)
+  sb = 0 if ib is None else step(ib)
+  if sa is None or sb is None or (sa != 0) == (sb != 0):
+    return None  # exactly one counter, the other side fixed
+  name = cmp.primitive.name
+  if sa == 0:  # the counter is on the right: mirror the comparison
+    name, a0, b0, sa = _MIRROR[name], b0, a0, sb
+  test = _COMPARE[name]
+  if not np.issubdtype(np.asarray(a0).dtype, np.integer) or \
+      not np.issubdtype(np.asarray(sa).dtype, np.integer):
+    return None  # a float counter: rounding makes the count unsure
+  a0, b0, sa = int(a0), int(b0), int(sa)
+  if name == "ne":
+    return (b0 - a0) // sa if (b0 - a0) % sa == 0 and (b0 - a0) // sa >= 0 else None
+  if not test(a0, b0):
+    return 0
+  if (name in ("lt", "le")) != (sa > 0):
+    return None  # runs away from the bound: unbounded (or until overflow)
+  n = (b0 - a0) // sa if name in ("le", "ge") else -((a0 - b0) // sa)
+  n = n + 1 if name in ("le", "ge") else n
+  return n if 0 <= n <= limit else None
 
 
 def _facet(label: Label, axis: int):
