@@ -8,6 +8,7 @@ random small networks and on the model zoo: the same groups in the same order wi
 same members, reasons, exactness, effects, kinds and per-channel costs; the same
 predicted counts; bit-identical scores.
 """
+import dataclasses
 import math
 
 import jax
@@ -306,20 +307,22 @@ def test_zoo_models_give_the_per_channel_groups_and_predictions(name):
   _check(model, variables, inputs, call, np.random.default_rng())
 
 
-@pytest.mark.parametrize("draw", ["one call", "per width", "rbg key"])
-def test_random_scores_are_the_per_group_draws(draw, monkeypatch):
-  """The padded, batched draws are each group's own ``uniform(fold_in(key, id))``: in one
-  call, in one call per padded width (a network too large for one), and one per group
-  for a key whose draws depend on their length (rbg)."""
+@pytest.mark.parametrize("draw", ["key", "raw uint32 key", "rbg key"])
+def test_random_scores_are_the_per_group_draws(draw):
+  """The scores drawn in numpy for all groups at once are each group's own
+  ``jax.random.uniform(fold_in(key, id))``, for a typed and a raw threefry key; an
+  rbg key's are drawn by JAX."""
   rng = np.random.default_rng()
   f, params, shape = _random_net(rng)
   g = graph.trace(f, params, shape)
-  key = jax.random.key(int(rng.integers(2 ** 31)), impl="rbg" if draw == "rbg key" else None)
-  if draw == "per width":
-    monkeypatch.setattr(importance, "DRAW_LIMIT", 1)
-  got = importance.group_scores(g, {}, "random", key=key)
-  assert got.keys() == {grp.id for grp in g.prunable()}
-  for grp in g.prunable():
+  seed = int(rng.integers(2 ** 31))
+  key = {"key": lambda: jax.random.key(seed), "raw uint32 key": lambda: jax.random.PRNGKey(seed),
+         "rbg key": lambda: jax.random.key(seed, impl="rbg")}[draw]()
+  groups = g.prunable() + [dataclasses.replace(g.groups[0], id=int(rng.integers(2 ** 31)),
+                                               width=int(rng.integers(1, 5000)))]
+  got = importance.group_scores(g, {}, "random", key=key, groups=groups)
+  assert list(got) == [grp.id for grp in groups]
+  for grp in groups:
     want = np.asarray(jax.random.uniform(jax.random.fold_in(key, grp.id), (grp.width,)))
-    assert got[grp.id].dtype == want.dtype
+    assert got[grp.id].dtype == want.dtype and got[grp.id].shape == want.shape
     np.testing.assert_array_equal(got[grp.id], want)

@@ -13,7 +13,6 @@ coupled layers are judged together, as Torch-Pruning's group importance does:
   the channel's slices (Molchanov et al., 2019), from a batch's gradients;
 - ``"random"``: uniform scores (the baseline every criterion should beat).
 """
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,45 +31,49 @@ def _rows(array, axis) -> np.ndarray:
   return a.reshape(a.shape[0], -1)
 
 
-DRAW_LIMIT = 1 << 24  # random draws padded to one shape up to this many (64 MB)
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _uniform_rows(key, ids, width):
-  """Row i: ``uniform(fold_in(key, ids[i]), (width,))``."""
-  return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (width,)))(ids)
-
-
-def _pow2(n: int) -> int:
-  return 1 << max(0, int(n) - 1).bit_length()
+def _threefry2x32(k1, k2, x0, x1):
+  """Threefry-2x32, 20 rounds (Salmon et al., 2011), on uint32 arrays: the block
+  cipher behind JAX's default generator."""
+  rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+  ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+  x0, x1 = x0 + ks[0], x1 + ks[1]
+  for i in range(5):
+    for r in rotations[i % 2]:
+      x0 = x0 + x1
+      x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
+    x0 = x0 + ks[(i + 1) % 3]
+    x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x0, x1
 
 
 def _random_scores(key, groups) -> dict[int, np.ndarray]:
-  """``uniform(fold_in(key, group id), (width,))`` per group, drawn in one compiled call
-  per padded shape. Under partitionable threefry (JAX's default) a draw's first w
-  values do not depend on the length drawn, so a prefix of a longer row is the group's
-  own draw; otherwise one draw per group."""
+  """``jax.random.uniform(jax.random.fold_in(key, group id), (width,))`` per group.
+
+  Under JAX's default generator (threefry, partitionable) the draws are computed here
+  in numpy, all groups at once and with nothing to compile: ``fold_in`` is the cipher
+  of ``(0, id)`` under the key, and position ``i`` of a draw is the xor of the cipher
+  of ``(0, i)`` under that key, its top 23 bits the mantissa of a float in [1, 2),
+  minus 1. (A test compares them with JAX's.) Any other generator: JAX, group by group.
+  """
   if not groups:
     return {}
   if not (jax.config.jax_threefry_partitionable
           and str(jax.random.key_impl(key)) == "threefry2x32"):
     return {g.id: np.asarray(jax.random.uniform(jax.random.fold_in(key, g.id), (g.width,)))
             for g in groups}
-  widths = {g.id: _pow2(g.width) for g in groups}
-  if _pow2(len(groups)) * max(widths.values()) > DRAW_LIMIT:
-    buckets = {}
-    for g in groups:
-      buckets.setdefault(widths[g.id], []).append(g)
-  else:
-    buckets = {max(widths.values()): list(groups)}
-  out = {}
-  for width, members in buckets.items():
-    ids = np.zeros(_pow2(len(members)), np.uint32)
-    ids[:len(members)] = [g.id for g in members]
-    rows = np.asarray(_uniform_rows(key, ids, width))
-    for g, row in zip(members, rows):
-      out[g.id] = row[:g.width].copy()
-  return out
+  data = key if key.dtype == np.uint32 else jax.random.key_data(key)
+  k1, k2 = (np.uint32(v) for v in np.asarray(data).ravel())
+  ids = np.asarray([g.id for g in groups], np.uint32)
+  f1, f2 = _threefry2x32(np.full(ids.size, k1), np.full(ids.size, k2),
+                         np.zeros(ids.size, np.uint32), ids)
+  widths = np.asarray([g.width for g in groups], np.int64)
+  row = np.repeat(np.arange(ids.size), widths)
+  position = (np.arange(row.size) - np.repeat(np.cumsum(widths) - widths, widths))
+  b1, b2 = _threefry2x32(f1[row], f2[row], np.zeros(row.size, np.uint32),
+                         position.astype(np.uint32))
+  floats = ((b1 ^ b2) >> np.uint32(9) | np.uint32(0x3F800000)).view(np.float32) \
+      - np.float32(1.0)
+  return {g.id: part for g, part in zip(groups, np.split(floats, np.cumsum(widths)[:-1]))}
 
 
 def _named(tree) -> dict[str, Any]:
