@@ -92,3 +92,38 @@ def test_data_dependent_while_loop_is_reported_as_a_lower_bound():
   with pytest.warns(LoopCountWarning):
     g = graph.trace(f, p, (d_in,))
   assert [op.note != "" for op in g.ops] == [False, True]
+
+
+def test_dead_outputs_of_nested_jits_are_not_counted():
+  # inner (a jit inside a jit) returns two products and a sum; the caller keeps only the
+  # first. The dead product, the dead head and the caller's product that only feeds
+  # them (u) are not counted: hand count x@a, h@b, y@e (each MACs + bias adds).
+  rng = np.random.default_rng()
+  n, d, k, m, o = (int(v) for v in rng.integers(2, 9, size=5))
+  keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 8)
+  shapes = {"a": (n, d), "b": (d, k), "c": (d, m), "u": (n, m), "e": (k, o),
+            "head": (m, o), "ba": (d,), "be": (o,)}
+  p = {name: jax.random.normal(key, s) for (name, s), key in zip(shapes.items(), keys)}
+
+  @jax.jit
+  def deeper(p, h, u):
+    return h @ p["b"], (h @ p["c"]) * u
+
+  @jax.jit
+  def inner(p, x, u):
+    h = jnp.tanh(x @ p["a"] + p["ba"])
+    y, z = deeper(p, h, u)
+    return y, z @ p["head"], jnp.sum(y)
+
+  def f(p, x):
+    u = x @ p["u"]
+    y, _, _ = inner(p, x, u)
+    return jnp.tanh(y) @ p["e"] + p["be"]
+  want = (n * d + d) + d * k + (k * o + o)
+  got = flops.count(f, p, (n,))
+  assert got == {"flops": want, "params": sum(int(np.prod(s)) for s in shapes.values())}
+  assert [l["kernel"] for l in flops.count_layers(f, p, (n,))] == ["a", "b", "e"]
+  g = graph.trace(f, p, (n,))
+  assert g.flops == want
+  (hidden,) = [grp for grp in g.groups if "a" in grp.producers]
+  assert g.predict({hidden.id: [0]})["flops"] == (n + 1) + k + (k * o + o)

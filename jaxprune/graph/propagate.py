@@ -154,6 +154,7 @@ class Walk:
     self._origin: dict = {}
     self._depth = 0
     self._eqn = None
+    self._live: set = set()  # the variables of the jaxpr being walked that are used
     # {index in ops: product of the literal scales next to an attention contraction}
     self.scale_at: dict[int, float] = {}
     # {leaf: ops that combine it with an activation}: a kernel used once can take a fold.
@@ -272,8 +273,14 @@ class Walk:
     self._put(out, tuple(int(new_axes[i]) for i in order), np.transpose(ids, order), what)
 
   # --- the walk ----------------------------------------------------------------------
-  def run(self, jaxpr, labels, origins, counted):
-    """Walks `jaxpr`; returns the (labels, origins, counted ops) of its outputs."""
+  def run(self, jaxpr, labels, origins, counted, live_outs=None):
+    """Walks `jaxpr`; returns the (labels, origins, counted ops) of its outputs.
+
+    Only the eqns that an output in `live_outs` (default: every output) depends on, or
+    that have effects, are walked: dead code -- also inside a nested ``jit``, whose
+    unused outputs are dead in the caller -- is neither counted nor part of the graph
+    (see :func:`_liveness`)."""
+    live_eqns, live_vars = _liveness(jaxpr, live_outs)
     env, origin, count = {}, {}, {}
     for v in jaxpr.constvars:
       env[v], origin[v], count[v] = {}, CONST, None
@@ -285,16 +292,17 @@ class Walk:
         return {}, CONST, None
       return env.get(v, {}), origin.get(v, CONST), count.get(v)
 
-    saved = self._users, self._defs, self._origin
-    self._users, self._defs, self._origin = {}, {}, origin
+    saved = self._users, self._defs, self._origin, self._live
+    self._users, self._defs, self._origin, self._live = {}, {}, origin, live_vars
     self._depth += 1
-    for eqn in jaxpr.eqns:
+    eqns = [e for e, live in zip(jaxpr.eqns, live_eqns) if live]
+    for eqn in eqns:
       for v in eqn.invars:
         if not _is_literal(v):
           self._users.setdefault(v, []).append(eqn)
       for v in eqn.outvars:
         self._defs[v] = eqn
-    for eqn in jaxpr.eqns:
+    for eqn in eqns:
       ins = [read(v) for v in eqn.invars]
       in_labels = [i[0] for i in ins]
       in_origins = [i[1] for i in ins]
@@ -302,7 +310,7 @@ class Walk:
       for v, (l, o, c) in zip(eqn.outvars, outs):
         env[v], origin[v], count[v] = l, o, c
     results = [read(v) for v in jaxpr.outvars]
-    self._users, self._defs, self._origin = saved
+    self._users, self._defs, self._origin, self._live = saved
     self._depth -= 1
     if not self._depth:
       self._check_folds()
@@ -336,7 +344,8 @@ class Walk:
     nested = _subjaxpr(eqn)
     if nested is not None:
       inner, consts = nested
-      return list(zip(*self.run(inner, labels, origins, counted)))
+      live_outs = [v in self._live for v in eqn.outvars]
+      return list(zip(*self.run(inner, labels, origins, counted, live_outs)))
     if name == "cond":
       return self.cond(eqn, labels, origins, counted)
     if None in origins:
@@ -1157,6 +1166,31 @@ def _where(eqn) -> str:
     return source_info_util.summarize(eqn.source_info)
   except Exception:  # pylint: disable=broad-except
     return ""
+
+
+def _liveness(jaxpr, live_outs=None) -> tuple[list[bool], set]:
+  """Which eqns of `jaxpr` the outputs marked in `live_outs` (default all) depend on
+  (effectful eqns always count), and the set of variables they read or return. A
+  nested call (``jit``/``pjit``, ``closed_call``, custom derivatives, remat) only reads
+  the operands its live outputs need; loops and ``cond`` read all of theirs."""
+  if live_outs is None:
+    live_outs = [True] * len(jaxpr.outvars)
+  live = {v for v, keep in zip(jaxpr.outvars, live_outs) if keep and not _is_literal(v)}
+  flags = [False] * len(jaxpr.eqns)
+  for i in range(len(jaxpr.eqns) - 1, -1, -1):
+    eqn = jaxpr.eqns[i]
+    used = [v in live for v in eqn.outvars]
+    if not (eqn.effects or any(used)):
+      continue
+    flags[i] = True
+    reads = eqn.invars
+    nested = None if eqn.effects else _subjaxpr(eqn)
+    if nested is not None:
+      inner = nested[0]
+      _, inner_live = _liveness(inner, used)
+      reads = [v for v, iv in zip(eqn.invars, inner.invars) if iv in inner_live]
+    live.update(v for v in reads if not _is_literal(v))
+  return flags, live
 
 
 _COMPARE = {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
