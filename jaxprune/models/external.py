@@ -15,7 +15,11 @@ with ``model.kwargs`` and returns such a module:
   ``params`` collection and its ``nnx.BatchStat`` leaves ``batch_stats``, under the
   module's own attribute paths (``params/conv1/kernel`` is the NNX ``conv1/kernel``).
   ``model.train()`` / ``model.eval()`` switch its mode; in train mode its dropout
-  streams are reseeded from the step's ``dropout`` key.
+  streams are reseeded from the step's ``dropout`` key. An NNX model written for
+  ``pmap`` (a layer's ``axis_name``, e.g. ``nnx.BatchNorm(axis_name='batch')``, not
+  bound where it runs) runs in train mode once per example under a ``vmap`` with that
+  axis name: its statistics are the global batch's; the wrapper does this itself, so
+  the pruned, rebuilt or depth-searched model keeps it.
 
 A compute dtype (``model.dtype=bfloat16``) reaches the model the way Flax's own layers
 take it: as the factory's ``dtype`` argument, or else as the ``dtype`` field of the
@@ -328,16 +332,37 @@ class FromNNX(nn.Module):
                                lambda c=collection, n=name: initial(c, n))
           cells[(collection, name)] = cell
           pure[collection][name] = cell.value
-    module = s.merge(pure)
-    if train:
-      module.train()
-      if jax.tree.leaves(s.rng_state) and self.has_rng("dropout"):
-        _reseed(module, self.make_rng("dropout"))
+    key = None
+    if train and jax.tree.leaves(s.rng_state) and self.has_rng("dropout"):
+      key = self.make_rng("dropout")
+
+    def forward(x, key):
+      module = s.merge(pure)
+      if train:
+        module.train()
+        if key is not None:
+          _reseed(module, key)
+      else:
+        module.eval()
+      y = module(x) if self.call is None else self.call(module, x)
+      return y, (_pure(_states(module)[1]) if train else None)
+
+    names = unbound_axis_names(s.merge(pure)) if train else ()
+    if len(names) > 1:
+      raise UserError(f"the NNX model uses collectives over the axis names {names}; one "
+                      "axis name (the batch's, as in BatchNorm(axis_name='batch')) is "
+                      "supported.")
+    if names:  # written for pmap: one example per position of the named (batch) axis
+
+      def one(x1, k1):
+        y, new = forward(jax.tree.map(lambda a: a[None], x1), k1)
+        return jax.tree.map(lambda a: a[0], y), new
+      keys = None if key is None else jax.random.split(key, jax.tree.leaves(x)[0].shape[0])
+      y, new = jax.vmap(one, in_axes=(0, None if keys is None else 0), out_axes=(0, None),
+                        axis_name=names[0])(x, keys)
     else:
-      module.eval()
-    y = module(x) if self.call is None else self.call(module, x)
+      y, new = forward(x, key)
     if train and not self.is_initializing() and cells:
-      new = _pure(_states(module)[1])
       for (collection, name), cell in cells.items():
         if self.is_mutable_collection(collection):
           cell.value = new[collection][name]
@@ -347,6 +372,24 @@ class FromNNX(nn.Module):
     """The NNX module holding `variables` (host or device arrays)."""
     pure = {c: dict(v) for c, v in variables.items()}
     return self.split.merge(pure)
+
+
+def unbound_axis_names(module: nnx.Module) -> tuple[str, ...]:
+  """The axis names an NNX module's layers take (``axis_name``, e.g. a BatchNorm
+  written for ``pmap``) that are not bound where it is called."""
+  names = []
+  for _, node in nnx.iter_graph(module):
+    value = getattr(node, "axis_name", None) if isinstance(node, nnx.Module) else None
+    for name in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(name, str) and name not in names:
+        names.append(name)
+  unbound = []
+  for name in names:
+    try:
+      jax.lax.axis_size(name)
+    except NameError:
+      unbound.append(name)
+  return tuple(unbound)
 
 
 def _reseed(module: nnx.Module, key) -> None:
@@ -517,6 +560,10 @@ def build(spec: str, kwargs: Mapping[str, Any] | str | None, num_classes: int,
                       "no compute dtype to set (its factory takes no `dtype` argument); add "
                       "one and pass it to its layers (nnx.Conv(..., dtype=dtype)), or drop "
                       "--config.model.dtype.")
+    if len(unbound_axis_names(made)) > 1:
+      raise UserError(f"model {spec!r} uses collectives over the axis names "
+                      f"{unbound_axis_names(made)}; one axis name (the batch's, as in "
+                      "BatchNorm(axis_name='batch')) is supported.")
     model = FromNNX(split=_Split(made, draw_of(make) if takes_rngs else None))
   elif isinstance(made, nn.Module):
     if dtype is not None and not dtype_arg:
@@ -547,4 +594,5 @@ def build(spec: str, kwargs: Mapping[str, Any] | str | None, num_classes: int,
 
 __all__ = ["is_external", "load_factory", "parse_kwargs", "build", "compute_dtypes",
            "mode_flag", "WithTrain", "WithCall", "BindAxis",
-           "FromNNX", "from_nnx", "draw_of", "sliced_draw", "OTHER_COLLECTION"]
+           "FromNNX", "from_nnx", "draw_of", "sliced_draw", "unbound_axis_names",
+           "OTHER_COLLECTION"]

@@ -1,0 +1,103 @@
+"""NNX models written for pmap (``nnx.BatchNorm(axis_name='batch')``) from the CLI: the
+axis is bound to the global batch, as for Linen ones (tests/test_real_models.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprune.errors import UserError
+from jaxprune.models import external
+
+NNX_PMAP_MODEL = '''
+from flax import nnx
+
+
+class Net(nnx.Module):
+  """An NNX model written for pmap: BatchNorm statistics over the 'batch' axis."""
+
+  def __init__(self, num_classes, axis_name, rngs):
+    self.conv = nnx.Conv(3, 6, (3, 3), use_bias=False, rngs=rngs)
+    self.bn = nnx.BatchNorm(6, momentum=0.5, axis_name=axis_name, rngs=rngs)
+    self.conv2 = nnx.Conv(6, 6, (3, 3), use_bias=False, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(6, momentum=0.5, axis_name=axis_name, rngs=rngs)
+    self.head = nnx.Linear(6, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.relu(self.bn(self.conv(x)))
+    h = nnx.relu(self.bn2(self.conv2(h)))
+    return self.head(h.mean((1, 2)))
+
+
+def make(num_classes, rngs, axis_name="batch"):
+  return Net(num_classes, axis_name, rngs)
+'''
+
+
+def test_nnx_pmap_model_gets_its_axis_bound_to_the_global_batch(tmp_path, monkeypatch):
+  """FromNNX binds the axis name of an NNX model with BatchNorm(axis_name='batch'): a
+  train step's logits and batch statistics equal those of the same model with plain
+  BatchNorm over the whole batch; eval mode is unchanged."""
+  (tmp_path / "nnx_pmap_t.py").write_text(NNX_PMAP_MODEL)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  built = external.build("nnx_pmap_t:make", None, 5, (6, 6, 3))
+  plain = external.build("nnx_pmap_t:make", {"axis_name": None}, 5, (6, 6, 3))
+  assert isinstance(built, external.FromNNX) and isinstance(plain, external.FromNNX)
+  assert external.unbound_axis_names(built.split.merge(built.split.pure)) == ("batch",)
+  assert external.unbound_axis_names(plain.split.merge(plain.split.pure)) == ()
+
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.normal(size=(4, 6, 6, 3)), jnp.float32)
+  variables = built.init(jax.random.key(0), x, train=False)
+  assert jax.tree.structure(variables) == jax.tree.structure(
+      plain.init(jax.random.key(0), x, train=False))
+  variables = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.5, np.shape(a)), a.dtype),
+                           variables)
+  variables["batch_stats"] = jax.tree.map(jnp.abs, variables["batch_stats"])
+  got, got_stats = jax.jit(lambda v, x: built.apply(v, x, train=True,
+                                                    mutable=["batch_stats"]))(variables, x)
+  want, want_stats = plain.apply(variables, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               got_stats, want_stats)
+  assert not np.allclose(got_stats["batch_stats"]["bn"]["mean"],
+                         variables["batch_stats"]["bn"]["mean"])  # the step updated them
+  np.testing.assert_allclose(built.apply(variables, x, train=False),
+                             plain.apply(variables, x, train=False), rtol=1e-6)
+
+
+def test_cli_prune_recipe_on_an_nnx_pmap_model(tmp_path):
+  """--config.model.name with an NNX model written for pmap trains, prunes and
+  fine-tunes from the CLI."""
+  code = tmp_path / "code"
+  code.mkdir()
+  (code / "nnx_pmap_cli.py").write_text(NNX_PMAP_MODEL)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             PYTHONPATH=os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")]))
+  work = tmp_path / "work"
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxprune.main", "--config", "configs/prune_resnet.py:smoke",
+       "--config.model.name=nnx_pmap_cli:make", "--config.train.max_steps=2",
+       "--config.finetune.max_steps=2", "--config.scratch.max_steps=2",
+       "--workdir", str(work)], cwd=repo, env=env, capture_output=True, text=True,
+      timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(work / "report.json", encoding="utf-8") as f:
+    report = json.load(f)
+  assert 0 < report["pruned_flops"] <= 0.5 * report["dense_flops"]
+
+
+def test_nnx_model_with_two_axis_names_is_one_line_before_any_work(tmp_path, monkeypatch):
+  (tmp_path / "nnx_pmap_two.py").write_text(
+      NNX_PMAP_MODEL + "\n\ndef two(num_classes, rngs):\n"
+      "  net = Net(num_classes, 'batch', rngs)\n"
+      "  net.bn2 = nnx.BatchNorm(6, axis_name='model', rngs=rngs)\n  return net\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  with pytest.raises(UserError, match=r"axis names \('batch', 'model'\); one axis name"):
+    external.build("nnx_pmap_two:two", None, 5, (6, 6, 3))
