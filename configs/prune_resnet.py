@@ -52,6 +52,8 @@ def get_config(arg=None):
       "target": args.target,             # flops | params | latency (this device's)
       "latency_batch": 0,                # latency table's batch (0: report's inference batch)
       "latency_grid": 8,                 # latency-table candidate widths per group
+      "calibrate": True,                 # latency: time the whole network, tighten to meet
+      "calibration_rounds": 4,           # latency: most selections timed per step
       "ratio": args.ratio,               # kept share of the dense network's target
       "steps": args.steps,               # prune + fine-tune rounds (1: one shot)
       "global_ranking": args["global"],

@@ -110,7 +110,7 @@ def test_prune_to_latency_target_on_an_injected_table(global_ranking):
   ratio = float(rng.uniform(0.45, 0.8))
   small, info = surgery.prune_to(model, variables, (32, 32, 3), latency_ratio=ratio,
                                  latency_table=table, round_to=4,
-                                 global_ranking=global_ranking)
+                                 global_ranking=global_ranking, calibrate=False)
   assert info["latency_table"] is table
   counts = {gid: kept.size for gid, kept in info["keep"].items()}
   for gid, n in counts.items():

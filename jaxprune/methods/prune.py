@@ -17,7 +17,14 @@ Stages:
 Step k's network gets its own table, ``<workdir>/latency/step<k>.json``, measured
 once and reused while its fingerprint matches (the same device and software); the
 first is measured before the baseline trains, so an unreachable target stops the run
-first. The report gives the tables' predicted speed-up next to the measured one.
+first. With ``prune.calibrate`` (default True) each step's selection is then
+calibrated on the measured speed-up (:func:`jaxprune.surgery.prune_to`'s
+``calibrate``: the whole network timed against the step's input network at the
+table's batch, the budget tightened until the speed-up is met, at most
+``prune.calibration_rounds`` timings); step k asks for its share of the dense
+network's latency measured so far (the earlier steps' measured speed-ups). The report
+gives the tables' predicted speed-up, the calibration's measured one and the
+report's own measured ``speedup`` (at the report's inference batch).
 - ``scratch`` (``prune.scratch_comparison``): the final pruned architecture
   trained from a fresh initialisation with ``config.scratch`` — the control that
   tells whether the kept weights, not only the smaller shape, carry the accuracy.
@@ -62,6 +69,11 @@ def validate(config):
     raise UserError(f"prune.round_to={cfg.round_to} must be >= 1")
   if cfg.get("latency_grid", pruner.DEFAULT_GRID) < 1:
     raise UserError(f"prune.latency_grid={cfg.latency_grid} must be >= 1")
+  if not isinstance(cfg.get("calibrate", True), bool):
+    raise UserError(f"prune.calibrate={cfg.calibrate!r} must be True or False")
+  rounds = cfg.get("calibration_rounds", pruner.CALIBRATION_ROUNDS)
+  if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+    raise UserError(f"prune.calibration_rounds={rounds!r} must be an int >= 1")
   if cfg.get("latency_batch", 0) < 0:
     raise UserError(f"prune.latency_batch={cfg.latency_batch} must be >= 0 (0: the "
                     "report's inference batch)")
@@ -187,6 +199,7 @@ def run(config, workdir: str) -> dict:
   rows = {"dense": baseline.model_row(model, dense_vars, input_shape, dense_acc, batch)}
 
   current_model, current_vars, steps = model, jax.device_get(dense_vars), []
+  calibrate = cfg.target == "latency" and cfg.get("calibrate", True)
   key = jax.random.key(config.seed)
   for k in range(1, cfg.steps + 1):
     ratio = 1 - (1 - cfg.ratio) * k / cfg.steps
@@ -195,8 +208,13 @@ def run(config, workdir: str) -> dict:
         tables[k] = latency_table(config, workdir, current_model, current_vars,
                                   input_shape, k)
       table = tables[k][0]
-      target = {"latency_ratio": min(1.0, ratio * tables[1][0].full / table.full),
-                "latency_table": table}
+      # the step's input latency over the dense network's: measured where calibrated
+      now = (1 / float(np.prod([st["measured_speedup"] for st in steps]))
+             if calibrate else table.full / tables[1][0].full)
+      target = {"latency_ratio": min(1.0, ratio / now), "latency_table": table,
+                "batch_size": latency_batch(config), "calibrate": calibrate,
+                "calibration_rounds": cfg.get("calibration_rounds",
+                                              pruner.CALIBRATION_ROUNDS)}
     else:
       dense_count = rows["dense"][cfg.target]
       now = rows[f"step {k - 1}"][cfg.target] if k > 1 else dense_count
@@ -220,6 +238,9 @@ def run(config, workdir: str) -> dict:
                   "widths": {str(gid): int(kept.size) for gid, kept in info["keep"].items()}})
     if "predicted_speedup" in info:
       steps[-1]["predicted_speedup"] = info["predicted_speedup"]
+    if "calibration" in info:
+      steps[-1]["measured_speedup"] = info["measured_speedup"]
+      steps[-1]["calibration"] = {k: v for k, v in info["calibration"].items()}
 
   out = {"method": "prune", "dataset": config.dataset.name, "model": config.model.name,
          "criterion": cfg.criterion, "target": cfg.target, "ratio": cfg.ratio,
@@ -239,6 +260,10 @@ def run(config, workdir: str) -> dict:
     # the tables' prediction: each step's full latency over its pruned widths', chained
     out["predicted_speedup"] = float(np.prod([st["predicted_speedup"] for st in steps]))
     out["requested_speedup"] = 1 / cfg.ratio
+    if calibrate:  # the calibration's own timings (the latency batch), chained
+      out["calibrated_speedup"] = float(np.prod([st["measured_speedup"] for st in steps]))
+      out["calibration_rounds"] = int(sum(st["calibration"]["rounds"] for st in steps))
+      out["calibration_met"] = all(st["calibration"]["met"] for st in steps)
     out["latency_batch"] = latency_batch(config)
     out["inference_batch"] = final["inference_batch"]
   if cfg.scratch_comparison:

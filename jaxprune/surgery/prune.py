@@ -6,6 +6,7 @@ and rebuild the network at those widths (:func:`jaxprune.surgery.rebuild`).
 ``prune_to`` puts a criterion (:mod:`jaxprune.surgery.importance`) and a target
 (:mod:`jaxprune.surgery.pruner`) in front of it.
 """
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -149,7 +150,9 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
              global_ranking: bool = False, round_to: int = 1, ignore: Sequence[str] = (),
              grads: Any = None, key: jax.Array | None = None,
              call: Callable | None = None, exact_only: bool = False,
-             overrides: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Pruned, dict]:
+             overrides: Mapping[str, Mapping[str, Any]] | None = None,
+             calibrate: bool = True, calibration_rounds: int = pruner.CALIBRATION_ROUNDS,
+             latency_timer: Callable | None = None) -> tuple[Pruned, dict]:
   """Prunes `model` to a FLOPs, params or latency ratio by a criterion, in one call.
 
   Args:
@@ -185,6 +188,19 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
       under a 1/sqrt(head_dim) scale) are pruned too, as Torch-Pruning does, and
       listed in ``info["approximate"]``.
     overrides: as for :func:`prune` (passed to :func:`rebuild`).
+    calibrate: with ``latency_ratio``, close the loop on the measured speed-up
+      (default): the table leaves out what is not a conv or dense (norms,
+      activations, adds, fusion), so the selection is rebuilt and the whole network
+      timed against the base (``latency_timer``); while the measured speed-up is
+      under the requested one, the table budget is tightened (a secant step, see
+      :func:`jaxprune.surgery.pruner.calibrate_budget`), at most
+      ``calibration_rounds`` timings. When no round meets it, the fastest is kept
+      and one line says what was reached. False: the table's selection, untimed.
+    calibration_rounds: the most selections timed (each a rebuild and a timing).
+    latency_timer: ``timer(pruned) -> (base ms, pruned ms)`` for the calibration;
+      default :func:`jaxprune.engine.report.compare_inference` on the jitted
+      eval-mode forwards at ``batch_size`` (base and pruned alternated, median of
+      ``CALIBRATION_TIMING_ROUNDS`` rounds, compile excluded).
 
   Returns:
     ``(pruned, info)``: the :class:`Pruned` network and ``{"keep": {group id:
@@ -192,17 +208,36 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
     "graph": the traced graph, "approximate": {group id: effects} of the narrowed
     groups whose removal changes the function (fine-tune after)}``; with a latency
     target also ``"latency_table"`` (reuse it) and ``"predicted_speedup"`` (the
-    table's full latency over its latency at the kept widths).
+    table's full latency over its latency at the kept widths); calibrated, also
+    ``"measured_speedup"`` (base ms over pruned ms, whole networks),
+    ``"measured_ms"`` (``{"base", "pruned"}``) and ``"calibration"``
+    (``{"rounds", "met", "requested_speedup", "budget", "tries": [{"budget",
+    "predicted_speedup", "measured_speedup"}], "timing"}``).
 
   Example:
     >>> small, info = surgery.prune_to(model, variables, (32, 32, 3), flops_ratio=0.5)
     >>> info["after"]["flops"] / info["before"]["flops"]   # <= 0.5, within 0.02 of it
     >>> fast, info = surgery.prune_to(model, variables, (32, 32, 3), latency_ratio=0.5)
-    >>> info["predicted_speedup"]                          # ~2.0
+    >>> info["measured_speedup"]                           # >= 2.0 (or one line why not)
   """
   round_to = pruner.check_round_to(round_to)
   if latency_ratio is None and latency_table is not None:
     raise UserError("latency_table is for latency_ratio; give latency_ratio too")
+  if latency_ratio is None and latency_timer is not None:
+    raise UserError("latency_timer is for latency_ratio; give latency_ratio too")
+  if not isinstance(calibrate, (bool, np.bool_)):
+    raise UserError(f"calibrate={calibrate!r}: give True (time the whole network and "
+                    "tighten the latency budget until the speed-up is met) or False")
+  if (isinstance(calibration_rounds, bool) or not isinstance(calibration_rounds, (
+      int, np.integer)) or calibration_rounds < 1):
+    raise UserError(f"calibration_rounds={calibration_rounds!r}: the most selections "
+                    "timed, an int >= 1")
+  if latency_timer is not None and not callable(latency_timer):
+    raise UserError(f"latency_timer is a {type(latency_timer).__name__}; give "
+                    "timer(pruned) -> (base ms, pruned ms)")
+  calibrating = latency_ratio is not None and bool(calibrate)
+  if calibrating and latency_timer is None:
+    _check_timeable(model, variables, input_shape)
   if latency_ratio is not None and (isinstance(batch_size, bool) or not isinstance(
       batch_size, (int, np.integer)) or batch_size < 1):
     raise UserError(f"batch_size={batch_size!r}: the latency table's batch, an int >= 1")
@@ -218,17 +253,142 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
   if latency_ratio is not None and scores:
     table = latency_table_for(g, list(scores), round_to, batch_size, latency_grid,
                               latency_table)
-  keep = pruner.select_channels(g, scores, flops_ratio=flops_ratio,
-                                params_ratio=params_ratio, latency_ratio=latency_ratio,
-                                latency_table=table, global_ranking=global_ranking)
-  small = prune(model, variables, input_shape, keep, call, graph=g, overrides=overrides)
+  calibration = None
+  if table is not None and calibrating:
+    timer = latency_timer or _default_timer(model, variables, input_shape, call, batch_size)
+    small, keep, calibration = _calibrated(
+        g, scores, table, latency_ratio, global_ranking, calibration_rounds, timer,
+        lambda kp: prune(model, variables, input_shape, kp, call, graph=g,
+                         overrides=overrides),
+        "latency_timer (given)" if latency_timer is not None else TIMING)
+  else:
+    keep = pruner.select_channels(g, scores, flops_ratio=flops_ratio,
+                                  params_ratio=params_ratio, latency_ratio=latency_ratio,
+                                  latency_table=table, global_ranking=global_ranking)
+    small = prune(model, variables, input_shape, keep, call, graph=g, overrides=overrides)
   info = {"keep": keep, "before": g.predict({}), "after": g.predict(keep), "graph": g,
           "approximate": small.approximate}
   if table is not None:
     info["latency_table"] = table
     info["predicted_speedup"] = table.full / table.at(
         table.index({gid: len(kept) for gid, kept in keep.items()}))
+  if calibration is not None:
+    info["measured_speedup"] = calibration.pop("measured_speedup")
+    info["measured_ms"] = calibration.pop("measured_ms")
+    info["calibration"] = calibration
   return small, info
+
+
+CALIBRATION_TIMING_ROUNDS = 15  # alternated rounds of base and pruned per calibration timing
+
+
+def _calibrated(g, scores, table, ratio: float, global_ranking: bool, rounds: int,
+                timer: Callable, build: Callable, description: str):
+  """``(pruned, keep, calibration)``: the latency selection whose whole network,
+  timed by ``timer``, meets ``ratio`` (:func:`jaxprune.surgery.pruner.calibrate_budget`)."""
+  from jaxprune.search import latency  # pylint: disable=g-import-not-at-top
+  floor = table.at(table.index({gid: int(table.candidates[table.group_ids.index(gid)][0])
+                                for gid in scores})) / table.full
+  keeps, timed = {}, {}
+  pruner.select_channels(g, scores, latency_ratio=ratio, latency_table=table,
+                         global_ranking=global_ranking)  # the table can reach it (else one line)
+
+  def select(b):
+    keep = pruner.select_channels(g, scores, latency_ratio=min(1.0, max(b, floor)),
+                                  latency_table=table, global_ranking=global_ranking)
+    sel = tuple(sorted((gid, int(kept.size)) for gid, kept in keep.items()))
+    keeps.setdefault(sel, keep)
+    return sel
+
+  def measure(sel):
+    small = build(keeps[sel])
+    base_ms, ms = (float(v) for v in timer(small))
+    if not (np.isfinite(base_ms) and np.isfinite(ms) and base_ms > 0 and ms > 0):
+      raise UserError(f"latency_timer returned ({base_ms}, {ms}) ms: give two positive times")
+    predicted = table.full / table.at(table.index(dict(sel)))
+    timed[sel] = (small, base_ms, ms)
+    latency._print(f"calibration round {len(timed)}: predicted {predicted:.2f}x, measured "
+                   f"{base_ms / ms:.2f}x (base {base_ms:.3g} ms, pruned {ms:.3g} ms; "
+                   f"requested {1 / ratio:.2f}x)")
+    return ms / base_ms
+
+  chosen, tries = pruner.calibrate_budget(ratio, floor, select, measure, rounds)
+  sel = tries[chosen]["selection"]
+  small, base_ms, ms = timed[sel]
+  met = ms / base_ms <= ratio
+  if not met:
+    latency._print(f"calibration: reached {base_ms / ms:.2f}x of the requested "
+                   f"{1 / ratio:.2f}x after {len(tries)} rounds (the fastest selection is "
+                   f"kept{'; the smallest network the table allows' if tries[chosen]['budget'] <= floor * (1 + 1e-9) else ''})")
+  return small, keeps[sel], {
+      "rounds": len(tries), "met": bool(met), "requested_speedup": 1 / ratio,
+      "budget": tries[chosen]["budget"], "measured_speedup": base_ms / ms,
+      "measured_ms": {"base": base_ms, "pruned": ms},
+      "tries": [{"budget": t["budget"],
+                 "predicted_speedup": table.full / table.at(table.index(dict(t["selection"]))),
+                 "measured_speedup": 1 / t["measured"]} for t in tries],
+      "timing": description}
+
+
+def _check_timeable(model, variables, input_shape):
+  """The default calibration timer runs one float input of ``(batch, *input_shape)``."""
+  if not (isinstance(input_shape, (tuple, list)) and all(
+      isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in input_shape)):
+    raise UserError("latency_ratio calibration times one float input of shape (batch, "
+                    "*input_shape); for several inputs give latency_timer=, or "
+                    "calibrate=False")
+
+
+class _EvalForward:
+  """A model's eval-mode forward as ``apply(variables, x, train=False)`` (what
+  :func:`jaxprune.engine.report.compare_inference` calls), for any model kind."""
+
+  def __init__(self, model, variables, call):
+    self.kind = graph_lib.tracing.model_kind(model, variables)
+    self.model, self.call = model, call
+    if self.kind == "nnx":
+      from flax import nnx  # pylint: disable=g-import-not-at-top
+      self.graphdef, self.state = nnx.split(graph_lib.tracing.eval_copy(model))
+    else:
+      self.state = variables
+
+  def apply(self, v, x, train: bool = False):
+    del train
+    if self.kind == "nnx":
+      from flax import nnx  # pylint: disable=g-import-not-at-top
+      module = nnx.merge(self.graphdef, v)
+      return self.call(module, x) if self.call is not None else module(x)
+    return _forward(self.model, v, self.call, x)
+
+
+def _default_timer(model, variables, input_shape, call, batch_size: int) -> Callable:
+  """``timer(pruned) -> (base ms, pruned ms)`` by :func:`report.compare_inference`."""
+  from jaxprune.engine import report  # pylint: disable=g-import-not-at-top
+  base = _EvalForward(model, variables, call)
+
+  rounds = [CALIBRATION_TIMING_ROUNDS]
+
+  def timer(small):
+    fast = _EvalForward(small.model, small.variables, call)
+    nets = {"base": (base, base.state), "pruned": (fast, fast.state)}
+    while True:
+      ms = report.compare_inference(nets, tuple(input_shape), batch_size, rounds[0])
+      want = int(min(CALIBRATION_TIMING_MAX_ROUNDS, max(CALIBRATION_TIMING_ROUNDS, math.ceil(
+          CALIBRATION_TIMING_S * 1e3 / (ms["base"] + ms["pruned"])))))
+      if want <= rounds[0] or rounds[0] * (ms["base"] + ms["pruned"]) >= 500:
+        rounds[0] = max(rounds[0], want)
+        return ms["base"], ms["pruned"]
+      rounds[0] = want  # fast networks: time again with more rounds (noise)
+  return timer
+
+
+CALIBRATION_TIMING_S = 2.0  # about this long per calibration timing (more rounds for fast nets)
+CALIBRATION_TIMING_MAX_ROUNDS = 200
+TIMING = (
+    "report.compare_inference: jitted eval-mode forwards of the base and the pruned "
+    f"network at the table's batch, alternated, median of {CALIBRATION_TIMING_ROUNDS} to "
+    f"{CALIBRATION_TIMING_MAX_ROUNDS} rounds (about {CALIBRATION_TIMING_S:g} s of calls), "
+    "compile excluded")
 
 
 def latency_table_for(g: graph_lib.Graph, group_ids, round_to: int, batch_size: int,

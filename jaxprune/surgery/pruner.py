@@ -391,3 +391,82 @@ def _improve(table, picks, now, target, free, gain, touching, rounds: int = 100)
       picks[s] = j
     now = table.at(picks)
   return picks
+
+
+# --- calibration: a latency target that the measured speed-up meets -----------------
+
+CALIBRATION_ROUNDS = 4  # selections timed at most (each a rebuild + a whole-network timing)
+AIM = 0.97  # a tightened budget aims this far under the requested latency (timing noise)
+OVERSHOOT = 1.15  # a met target more than this over the request is loosened while rounds last
+
+
+def calibrate_budget(ratio: float, floor: float, select: Callable, measure: Callable,
+                     rounds: int = CALIBRATION_ROUNDS) -> tuple[int, list[dict]]:
+  """The table budget whose selection *measures* at or under ``ratio`` of the base.
+
+  The per-op table leaves out what is not a conv or dense (norms, activations,
+  adds, fusion), so a table budget and the measured latency differ. ``select(b)``
+  is the selection under ``b`` of the table's full latency (hashable, cheap: no
+  timing); ``measure(selection)`` rebuilds and times it against the base and returns
+  the measured ratio pruned / base. Round 1 tries ``ratio``; then, while the measured
+  ratio is above ``ratio`` (too slow), or under ``ratio / OVERSHOOT`` with a too-slow
+  budget known above it, the next budget is a secant step towards ``AIM * ratio`` on
+  the last two tries (the first step proportional: ``b * AIM * ratio / measured``;
+  a budget loosens the same way when the first try is far faster than asked), kept
+  inside the bracket of tried budgets (its middle 80%) and at or above ``floor``
+  (the smallest network's budget). A budget whose selection was timed already moves
+  on by 3% steps until it selects another network (or leaves the bracket: stop). At
+  most ``rounds`` timings.
+
+  Returns ``(index of the chosen try, tries)``, a try being ``{"budget", "selection",
+  "measured"}``: the met try with the largest budget (the least pruned that meets the
+  target), else the fastest measured one.
+  """
+  tries, aim, b = [], AIM * ratio, min(1.0, max(ratio, floor))
+  while True:
+    sel = select(b)
+    tries.append({"budget": b, "selection": sel, "measured": float(measure(sel))})
+    slow = [t["budget"] for t in tries if t["measured"] > ratio]
+    met = [t for t in tries if t["measured"] <= ratio]
+    hi = min(slow, default=None)                          # smallest too-slow budget
+    lo = max((t["budget"] for t in met), default=None)    # largest fast-enough budget
+    if len(tries) >= rounds:
+      break
+    if met and (max(met, key=lambda t: t["budget"])["measured"] * OVERSHOOT >= ratio
+                or lo >= 1.0):
+      break  # met, and not far under the request
+    if lo is None and hi <= floor * (1 + 1e-9):
+      break  # the smallest network the table allows is still too slow
+    nb = _next_budget(tries, aim)
+    lower, upper = (floor, hi) if lo is None else (lo, hi if hi is not None else 1.0)
+    if lo is not None and hi is not None:
+      lower, upper = lo + 0.1 * (hi - lo), hi - 0.1 * (hi - lo)
+    nb = min(max(nb, lower), upper)
+    down = lo is None  # tighten while nothing met; else loosen towards hi
+    seen = {t["selection"] for t in tries}
+    while nb is not None and select(nb) in seen:
+      nb = nb * (0.97 if down else 1 / 0.97)
+      if nb < floor * (1 - 1e-9):
+        nb = floor if select(floor) not in seen else None
+      elif nb > 1 or (hi is not None and nb >= hi) or (lo is not None and nb <= lo):
+        nb = None
+    if nb is None:
+      break  # no untried selection left between the tried budgets
+    b = nb
+  met = [i for i, t in enumerate(tries) if t["measured"] <= ratio]
+  if met:
+    return max(met, key=lambda i: tries[i]["budget"]), tries
+  return min(range(len(tries)), key=lambda i: tries[i]["measured"]), tries
+
+
+def _next_budget(tries, aim: float) -> float:
+  """A secant step to ``measured(b) = aim`` on the last try and the latest earlier one
+  with another budget and a measured ratio rising with the budget; else a
+  proportional step from the last."""
+  last = tries[-1]
+  for prev in reversed(tries[:-1]):
+    db = last["budget"] - prev["budget"]
+    dm = last["measured"] - prev["measured"]
+    if abs(db) > 1e-12 and dm / db > 0:
+      return last["budget"] + (aim - last["measured"]) * db / dm
+  return last["budget"] * aim / last["measured"]
