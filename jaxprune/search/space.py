@@ -67,6 +67,7 @@ from jaxprune.graph.propagate import _subjaxpr
 from jaxprune.models import external
 from jaxprune.models.tas_resnet import Selection, width_candidates
 from jaxprune.search import depth as depth_lib
+from jaxprune.surgery.rebuild import probe_inputs
 
 _ARCH_INIT_STD = 0.01  # tas.md §1
 _AFFINE = ("add", "sub", "mul", "div")
@@ -533,15 +534,13 @@ class SearchSpace:
     return len(jax.tree.leaves(tracing.example_inputs(self.input_shape)))
 
   def _example(self, rng=None):
-    """A batch of one example (zeros; with ``rng``, normal floats, integer inputs and
-    masks zeros and ones)."""
-    def one(a):
-      if rng is None:
-        return jnp.zeros(a.shape, a.dtype)
-      if jnp.issubdtype(a.dtype, jnp.inexact):
-        return jnp.asarray(rng.normal(0, 1, a.shape), a.dtype)
-      return jnp.asarray(rng.integers(0, 2, a.shape), a.dtype)
-    return jax.tree.map(one, tracing.example_inputs(self.input_shape))
+    """A batch of one example of the input(s) (:func:`tracing.example_inputs`): zeros,
+    or with ``rng`` surgery's probe (:func:`jaxprune.surgery.rebuild.probe_inputs`:
+    normal floats, integer inputs and masks zeros and ones) seeded from it."""
+    if rng is None:
+      return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                          tracing.example_inputs(self.input_shape))
+    return probe_inputs(self.input_shape, 1, seed=int(rng.integers(1 << 31)))
 
   def _eval_jaxpr(self, x):
     """``(closed eval-mode jaxpr, leaf paths, abstract leaves)`` of the model."""
