@@ -101,3 +101,28 @@ def test_nnx_model_with_two_axis_names_is_one_line_before_any_work(tmp_path, mon
   monkeypatch.syspath_prepend(str(tmp_path))
   with pytest.raises(UserError, match=r"axis names \('batch', 'model'\); one axis name"):
     external.build("nnx_pmap_two:two", None, 5, (6, 6, 3))
+
+
+def test_search_space_on_an_nnx_pmap_model_mixes_with_global_batch_statistics(
+    tmp_path, monkeypatch):
+  """The TAS search's train-mode forward of an NNX model with BatchNorm over the 'batch'
+  axis equals the same model with a plain BatchNorm, for the same sampled widths:
+  logits and updated statistics."""
+  from jaxprune import search  # pylint: disable=g-import-not-at-top
+  (tmp_path / "nnx_pmap_s.py").write_text(NNX_PMAP_MODEL)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  bound = external.build("nnx_pmap_s:make", None, 5, (6, 6, 3))
+  plain = external.build("nnx_pmap_s:make", {"axis_name": None}, 5, (6, 6, 3))
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.normal(size=(4, 6, 6, 3)), jnp.float32)
+  variables = plain.init(jax.random.key(0), x, train=False)
+  variables = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.5, np.shape(a)), a.dtype),
+                           variables)
+  variables["batch_stats"] = jax.tree.map(jnp.abs, variables["batch_stats"])
+  spaces = [search.SearchSpace(m, variables, (6, 6, 3)) for m in (bound, plain)]
+  assert spaces[0].names == spaces[1].names and spaces[0].names
+  picks = spaces[1].sample(spaces[1].init_arch(jax.random.key(1)), 1.0,
+                           jax.random.key(int(rng.integers(1 << 30))))
+  (yb, sb), (yp, sp) = [s.apply(variables, x, train=True, selections=picks) for s in spaces]
+  np.testing.assert_allclose(yb, yp, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sb, sp)
