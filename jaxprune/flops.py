@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxprune.errors import UserError
 from jaxprune.graph import group as graph_group
+from jaxprune.graph.propagate import LoopCountWarning
 from jaxprune.graph.tracing import example_shape, trace_jaxpr
 
 
@@ -67,7 +68,7 @@ def count_layers(model, variables, input_shape: Any, call: Callable | None = Non
     a product), ``macs``, ``bias_adds``, ``flops`` = macs + bias_adds and ``note``:
     "" when the count is exact, else why not (an op inside a ``while_loop`` whose trip
     count is unknown before running is counted for one iteration; a
-    :class:`jaxprune.graph.propagate.LoopCountWarning` names the loop). Loops with a
+    :class:`LoopCountWarning` names the loop). Loops with a
     known trip count (``scan``, ``nn.scan``, ``fori_loop`` with constant bounds)
     count every iteration.
 
@@ -371,5 +372,5 @@ def count_graph(model, variables: Mapping[str, Any],
           "graph_params": graph_params, "params": count_params(variables)}
 
 
-__all__ = ["count", "count_layers", "count_params", "tas_expected_cost",
+__all__ = ["LoopCountWarning", "count", "count_layers", "count_params", "tas_expected_cost",
            "tas_argmax_cost", "tas_argmax_cost_traced", "graph_macs", "count_graph"]

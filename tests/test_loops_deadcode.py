@@ -9,7 +9,7 @@ import pytest
 
 from jaxprune import flops
 from jaxprune import graph
-from jaxprune.graph.propagate import LoopCountWarning
+from jaxprune.flops import LoopCountWarning
 
 
 def _params(rng, d_in, d):
