@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import surgery
+from jaxprune import graph, surgery
 from jaxprune.errors import UserError
 from jaxprune.surgery.rebuild import probe_inputs
 import zoo_models as Z
@@ -106,3 +106,31 @@ def test_shrink_of_dead_head_dim_channels_folds_the_scale_and_checks_equal():
   assert report["logits_max_abs_diff"] < 1e-5 * max(report["logits_max_abs"], 1)
   assert report["interior_max_abs_diff"] < 1e-5 * max(report["activation_max_abs"], 1)
   assert report["approximate"] == {}
+
+
+def test_one_token_id_struct_is_one_example_for_the_trace_and_the_rebuild():
+  """`input_shape=jax.ShapeDtypeStruct((T,), int32)` (no call=) is one example of T ids
+  for the rebuild's check as it is for the trace (the check used to call the module with
+  a 1-D batch and fail with a misleading 'width from a configuration' error)."""
+  spec = Z.BY_NAME["gpt"]
+  seed = int(np.random.default_rng().integers(1 << 16))
+  model, variables = spec.build(seed)
+  ids = jax.ShapeDtypeStruct((Z.TOKENS,), jnp.int32)
+  g = graph.trace(model, variables, ids)
+  mlp = next(gr for gr in g.prunable() if gr.kind == "mlp")
+  rng = np.random.default_rng(seed)
+  kept = np.sort(rng.choice(mlp.width, mlp.width // 2, replace=False))
+  small = surgery.prune(model, variables, ids, {mlp.id: kept}, graph=g)
+  x = jnp.asarray(rng.integers(0, Z.VOCAB, size=(2, Z.TOKENS)), jnp.int32)
+  # The masked original: the removed MLP units' fan-in (kernel columns and bias) zeroed.
+  params = jax.tree.map(np.array, variables["params"])
+  masked = np.setdiff1d(np.arange(mlp.width), kept)
+  for m in mlp.members:
+    if m.role == "producer":
+      owner = m.path.split("/")[1]
+      params[owner]["kernel"][..., m.index[masked].ravel()] = 0
+      params[owner]["bias"][m.index[masked].ravel()] = 0
+  want = model.apply({"params": params}, x)
+  got = small.model.apply(small.variables, x)
+  assert got.shape == want.shape == (2, Z.TOKENS, Z.VOCAB)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)

@@ -220,11 +220,10 @@ def _check_paths(slices, paths):
 
 
 def _abstract_example(input_shape):
-  """The input(s) as ``jax.ShapeDtypeStruct`` s: an array / struct is a whole batch
-  as it is; a shape, or a pytree of shapes and structs, as for
-  :func:`jaxprune.graph.tracing.example_inputs` (batch of one)."""
-  if tracing._is_struct(input_shape):
-    return jax.ShapeDtypeStruct(np.shape(input_shape), jnp.dtype(input_shape.dtype))
+  """The input(s) as ``jax.ShapeDtypeStruct`` s of a batch of one, read exactly as
+  :func:`jaxprune.graph.tracing.example_inputs` reads them for the trace (a single
+  struct ``(T,)`` of token ids is one example, as a shape is): the rebuild's check
+  must call the pruned module with what the trace called the original with."""
   return tracing.example_inputs(input_shape)
 
 
