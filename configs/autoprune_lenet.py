@@ -41,7 +41,8 @@ fine-tuning epochs: 331.4x at 1.28%. Past 300x the error still rises 0.1-0.2 poi
 bar of >= 300x within 0.1 points on 3 seeds is not met, and the default stays flat 4e-4 (the
 only setting run on 3 seeds). Ablations at 5.1e-4 (docs/methods/autoprune.md): flat instead of
 ramped, 371.8x at 1.33% (the ramp moves along the same error-compression curve, it does not
-improve it); the naive rule (dL/dt * w), 2,002x at 4.54%.
+improve it); the naive rule (dL/dt * w), 2,002x at 4.54%; weight decay on W instead of
+W * h(M) (decay_on=weights), 322.5x at 1.19%.
 """
 from jaxprune import config_lib
 from jaxprune.methods.autoprune import autoprune_config
