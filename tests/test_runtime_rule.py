@@ -143,3 +143,28 @@ def test_compare_inference_times_every_network():
     nets[name] = (m, m.init(jax.random.key(0), x))
   ms = report.compare_inference(nets, (8, 8, 3), batch_size=2, rounds=3)
   assert set(ms) == {"a", "b"} and all(v > 0 for v in ms.values())
+
+
+def test_default_round_to_never_leaves_a_narrow_group_unsearchable():
+  """TAS's backend-default round_to (8 on a CPU) searches a group too narrow for it at the
+  largest power-of-two fraction of it that still gives num_picks candidates; wider groups
+  are rounded as asked (reference: the candidates enumerated at every multiple)."""
+  from jaxprune.search import space
+  rng = np.random.default_rng()
+  for _ in range(40):
+    width, picks = int(rng.integers(2, 80)), int(rng.integers(2, 4))
+    round_to = int(rng.choice([2, 4, 8, 16]))
+    got = space.fitted_candidates(width, round_to, picks)
+    want = None
+    for r in (round_to, round_to // 2, round_to // 4, round_to // 8, round_to // 16, 1):
+      r = max(r, 1)
+      cands = sorted({min(width, -(-c // r) * r) for c in space.width_candidates(width)})
+      if len(cands) >= picks or r == 1:
+        want = tuple(cands)
+        break
+    assert got == want, (width, round_to, picks)
+    if len(space.rounded_candidates(width, round_to)) >= picks:
+      assert got == space.rounded_candidates(width, round_to)
+  # An 8-channel group at round_to=8: one candidate rounded, searchable fitted.
+  assert len(space.rounded_candidates(8, 8)) == 1
+  assert len(space.fitted_candidates(8, 8, 2)) >= 2

@@ -152,14 +152,14 @@ class GraphSupernet:
   latency = None  # the search.LatencyTable when tas.cost=latency (set by search())
 
   def __init__(self, base_model, input_shape, num_picks: int, round_to: int = 1,
-               depth: bool = True):
+               depth: bool = True, fit_round_to: bool = False):
     self.base_model = base_model
     self.input_shape = tuple(input_shape)
     x = jnp.zeros((1, *input_shape))
     abstract = jax.eval_shape(lambda: base_model.init(jax.random.key(0), x, train=False))
     self.space = search_lib.SearchSpace(base_model, abstract, input_shape,
                                         num_picks=num_picks, round_to=round_to,
-                                        depth=depth)
+                                        depth=depth, fit_round_to=fit_round_to)
     self.flops_max = self.space.flops_max
 
   def init(self, key):
@@ -240,8 +240,11 @@ def make_supernet(config, base_model, num_classes: int, input_shape):
     return ResNetSupernet(config.model.depth, num_classes, config.tas.num_picks, input_shape,
                           DEDICATED[config.model.name],
                           jnp.dtype(config.model.get("dtype") or "float32"), round_to)
+  # The backend's default (round_to 0) never excludes a narrow group: it searches at a
+  # finer multiple (search.space.fitted_candidates); an explicit round_to is kept as given.
   return GraphSupernet(base_model, input_shape, config.tas.num_picks, round_to,
-                       config.tas.get("depth", True))
+                       config.tas.get("depth", True),
+                       fit_round_to=not int(config.tas.get("round_to", 0)))
 
 
 def cost_max(net, flops_max):

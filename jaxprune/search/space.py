@@ -84,6 +84,16 @@ def rounded_candidates(width: int, round_to: int = 1) -> tuple[int, ...]:
   return tuple(sorted({min(width, int(math.ceil(c / round_to) * round_to)) for c in base}))
 
 
+def fitted_candidates(width: int, round_to: int, num_picks: int) -> tuple[int, ...]:
+  """:func:`rounded_candidates` at the largest of ``round_to, round_to // 2, ..., 1`` that
+  leaves the group ``num_picks`` candidates: a backend-default ``round_to`` (8 on a CPU)
+  never makes a narrow group (8 channels or fewer) unsearchable."""
+  r = int(round_to)
+  while r > 1 and len(rounded_candidates(width, r)) < num_picks:
+    r //= 2
+  return rounded_candidates(width, max(r, 1))
+
+
 @dataclasses.dataclass
 class _Factor:
   const: float  # kept fraction of the ids outside every searched group
@@ -122,10 +132,16 @@ class SearchSpace:
     candidates: each searched group's candidate widths.
     excluded: ``{group id: reason}`` of prunable groups left at full width.
     num_picks: |I|.
+
+  ``round_to`` rounds every group's candidates up to its multiples; with
+  ``fit_round_to=True`` (TAS's backend-default ``round_to``) a group it would leave with
+  fewer than ``num_picks`` candidates uses the largest of ``round_to // 2, ..., 1`` that
+  does not (:func:`fitted_candidates`), instead of being excluded.
   """
 
   def __init__(self, model, variables, input_shape: Any, call=None, *, num_picks: int = 2,
-               round_to: int = 1, ignore: Sequence[str] = (), depth: bool = True):
+               round_to: int = 1, ignore: Sequence[str] = (), depth: bool = True,
+               fit_round_to: bool = False):
     if (isinstance(num_picks, bool) or not isinstance(num_picks, (int, np.integer))
         or num_picks < 2):
       raise UserError(f"num_picks must be an int >= 2, got {num_picks!r}: with one pick the "
@@ -145,9 +161,13 @@ class SearchSpace:
     found = self._mix_points(closed, paths, leaves)
     self.excluded: dict[int, str] = {}
     groups = []
+
+    def candidates_of(width):
+      return (fitted_candidates(width, round_to, self.num_picks) if fit_round_to
+              else rounded_candidates(width, round_to))
     shapes = dict(zip(self.graph.traced.paths, self.graph.traced.shapes))
     for g in self.graph.prunable():
-      cands = rounded_candidates(g.width, round_to)
+      cands = candidates_of(g.width)
       # The mix acts on the last axis of a producer's output: the group's channels must
       # be that axis, in order (a kernel's last axis; not attention heads, not a
       # flattened spatial copy).
@@ -173,7 +193,7 @@ class SearchSpace:
                       f"({len(self.graph.prunable())} prunable; excluded: "
                       f"{self.excluded or 'none'}).")
     self.groups = groups
-    self.candidates = [rounded_candidates(g.width, round_to) for g in groups]
+    self.candidates = [candidates_of(g.width) for g in groups]
     first_op = {}
     for i, op in enumerate(self.graph.ops):
       first_op.setdefault(op.kernel, i)
