@@ -157,9 +157,11 @@ class Graph:
 
   def __str__(self):
     head = (f"{len(self.groups)} channel groups ({len(self.prunable())} prunable, "
-            f"{len(self.prunable(exact_only=True))} of them exact), "
+            f"{len(self.prunable(exact_only=True))} of them exact or compensated), "
             f"{self.flops:,} FLOPs, {self.params:,} params")
-    return "\n".join([head] + [str(g) for g in self.groups])
+    loops = sorted({op.note for op in self.ops if getattr(op, "note", "")})
+    return "\n".join([head] + [f"FLOPs not exact: {n}" for n in loops]
+                     + [str(g) for g in self.groups])
 
 
 class _Counts:
