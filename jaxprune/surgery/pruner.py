@@ -164,8 +164,11 @@ def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
   else:
     allowed = {gid: allowed_widths(w, round_to) for gid, w in widths.items()}
     full = graph.predict({})[metric]
+    # Each group's ranking once: a selection's hundreds of predictions take prefixes of it
+    # (the same kept channels as _top).
+    order = {gid: np.argsort(-s, kind="stable") for gid, s in scores.items()}
     cost = lambda counts: graph.predict(
-        {gid: _top(scores[gid], n) for gid, n in counts.items()})[metric]
+        {gid: np.sort(order[gid][:n]) for gid, n in counts.items()})[metric]
   target = ratio * full
 
   smallest = {gid: int(a[0]) for gid, a in allowed.items()}
