@@ -467,7 +467,8 @@ def _rebuild_linen(model, variables, slices, input_shape, overrides, call=None):
       args, kwargs = _root_call(model, variables, call, x)
     else:
       args, kwargs = (x,), ({"train": False} if _accepts_train(model) else {})
-    wrapped = _check_linen(wrapped, model, small, args, kwargs, shapes, overrides)
+    wrapped = _check_linen(wrapped, model, small, args, kwargs, shapes, overrides,
+                           variables)
   return Pruned(model=wrapped, variables=small,
                 shapes={p: (o, n) for p, o, n in shapes})
 
@@ -521,9 +522,106 @@ def _holds_size(value, sizes) -> bool:
              for v in fields.values())
 
 
-def _check_linen(wrapped, model, small, x, kwargs, shapes, overrides):
-  """Runs ``init`` and ``apply`` abstractly; infers user layers' attributes. ``x`` is
-  the tuple of positional args of the module's ``__call__``, ``kwargs`` its keywords."""
+def _check_linen(wrapped, model, small, x, kwargs, shapes, overrides, variables=None):
+  """Runs ``init`` and ``apply`` abstractly; infers user layers' attributes; checks the
+  smaller network computes the original's graph (:func:`_structure`). ``x`` is the
+  tuple of positional args of the module's ``__call__``, ``kwargs`` its keywords."""
+  if variables is None:
+    return _check_linen_shapes(wrapped, model, small, x, kwargs, shapes, overrides)
+  base = _structure(model, variables, x, kwargs)
+  first = None
+  try:
+    out = _check_linen_shapes(wrapped, model, small, x, kwargs, shapes, overrides)
+    if _structure(out, small, x, kwargs) == base:
+      return out
+  except UserError as e:
+    first = e
+  # A user layer that decides its structure from an integer attribute compared with a
+  # width (``if self.expand != x.shape[-1]``: an expand conv; ``x.shape[-1] ==
+  # self.out``: the residual) computes another graph at the pruned widths unless that
+  # attribute follows the width: set every user layer's int attribute equal to an old
+  # size of its own changed leaves to the new size, and accept only the original's graph.
+  derived = _derived_attrs(model, variables, x, kwargs, shapes, overrides)
+  if derived:
+    merged = {**derived, **overrides}
+    try:
+      out = _check_linen_shapes(_linen_wrap(model, shapes, merged), model, small, x,
+                                kwargs, shapes, merged)
+      if _structure(out, small, x, kwargs) == base:
+        return out
+    except UserError:
+      pass
+  if first is not None:
+    raise first
+  names = "; ".join(f"{m or '<model>'}: {', '.join(f'{k}={v}' for k, v in a.items())}"
+                    for m, a in sorted(derived.items())) or "none found"
+  raise UserError(
+      "rebuild: the smaller network computes another graph than the original's (a layer "
+      "adds or drops operations at the pruned widths, e.g. a residual or an expand conv "
+      "chosen by comparing an int attribute with a width; int attributes set to the "
+      f"pruned sizes: {names}); pass overrides={{module path: {{attribute: value}}}}, or "
+      "keep that group whole with ignore=[a leaf-path pattern of its members].")
+
+
+def _structure(model, variables, x, kwargs) -> tuple[str, ...]:
+  """The primitives (sub-jaxprs' included) that ``model.apply(variables, *x, **kwargs)``
+  runs, in order: shapes aside, a pruned network's graph is its original's."""
+  flat, tree = jax.tree.flatten((variables, x, kwargs))
+  dyn = [i for i, a in enumerate(flat) if _is_array(a)]
+
+  def run(values):
+    full = list(flat)
+    for i, v in zip(dyn, values):
+      full[i] = v
+    v, a, k = jax.tree.unflatten(tree, full)
+    return model.apply(v, *a, **k)
+  jaxpr = jax.make_jaxpr(run)([jax.ShapeDtypeStruct(np.shape(flat[i]),
+                                                   jnp.result_type(flat[i])) for i in dyn])
+  out = []
+
+  def visit(j):
+    for eqn in j.eqns:
+      out.append(eqn.primitive.name)
+      for p in eqn.params.values():
+        for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            visit(inner)
+  visit(jaxpr.jaxpr)
+  return tuple(out)
+
+
+def _derived_attrs(model, variables, x, kwargs, shapes, overrides):
+  """``{module path: {attribute: new size}}``: each user layer's int attributes equal
+  to the old size of a changed axis of its own leaves (one new size for it)."""
+  seen = {}
+
+  def record(next_fun, args, kw, context):
+    seen.setdefault("/".join(context.module.path), context.module)
+    return next_fun(*args, **kw)
+  with nn.intercept_methods(record):
+    _eval_shape(lambda v, *a, **k: model.apply(v, *a, **k), (variables, *x), kwargs)
+  derived = {}
+  for mpath, module in sorted(seen.items()):
+    if mpath in overrides or type(module).__module__.startswith("flax."):
+      continue
+    sizes = {}
+    for p, o, n in shapes:
+      if mpath and not _owner(p).startswith(f"{mpath}/") and _owner(p) != mpath:
+        continue
+      for a, b in zip(o, n):
+        if a != b:
+          sizes.setdefault(a, set()).add(b)
+    names = [f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name")]
+    attrs = {n: next(iter(sizes[v])) for n, v in _int_attrs(module, names).items()
+             if len(sizes.get(v, ())) == 1}
+    if attrs:
+      derived[mpath] = attrs
+  return derived
+
+
+def _check_linen_shapes(wrapped, model, small, x, kwargs, shapes, overrides):
+  """Runs ``init`` and ``apply`` abstractly; infers user layers' attributes."""
   want = {p: np.shape(v) for p, v in _flat(small).items()}
 
   def mismatches(w, strict=False):
