@@ -165,10 +165,10 @@ def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
     allowed = {gid: allowed_widths(w, round_to) for gid, w in widths.items()}
     full = graph.predict({})[metric]
     # Each group's ranking once: a selection's hundreds of predictions take prefixes of it
-    # (the same kept channels as _top).
+    # (the same kept channels as _top; predict reads them as a set, unsorted).
     order = {gid: np.argsort(-s, kind="stable") for gid, s in scores.items()}
     cost = lambda counts: graph.predict(
-        {gid: np.sort(order[gid][:n]) for gid, n in counts.items()})[metric]
+        {gid: order[gid][:n] for gid, n in counts.items()})[metric]
   target = ratio * full
 
   smallest = {gid: int(a[0]) for gid, a in allowed.items()}
