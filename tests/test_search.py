@@ -323,8 +323,11 @@ def test_depth_search_on_cifar_resnet_equals_tas_resnet():
   ge = jax.grad(space.expected_cost)(arch)["depth_logits"]
   te = jax.grad(lambda a: flops.tas_expected_cost(tas, a, (32, 32, 3)))(tas_arch)
   for s, name in enumerate(space.depth_names):
-    np.testing.assert_allclose(ge[name], te["depth_logits"][f"stage{s}"], rtol=1e-4,
-                               atol=1e-2)
+    want = np.asarray(te["depth_logits"][f"stage{s}"])
+    # float32 sums of terms ~1e5 that cancel: the error scales with the largest entry
+    # (a middle entry of -976.375 vs -976.5 next to +-2.3e5 failed a fixed atol of 1e-2).
+    np.testing.assert_allclose(ge[name], want, rtol=1e-4,
+                               atol=1e-2 + 4e-6 * float(np.abs(want).max()))
   # The derived network skips the blocks beyond the argmax depths; its FLOPs are F_cost.
   model, variables = space.derived_network(arch)
   assert flops.count(model, variables, (32, 32, 3))["flops"] == space.predict(arch)
