@@ -150,6 +150,24 @@ def test_linen_mobilenetv2_stem_depthwise_residual_groups_equal_masked(members):
   assert jax.tree.map(np.shape, fresh) == jax.tree.map(np.shape, small.variables)
 
 
+def test_linen_width_meeting_an_attribute_by_chance_keeps_the_expand_conv():
+  """block1's depthwise group narrowed to 16 channels, as wide as its input: its
+  ``expand != x.shape[-1]`` must still hold (the attribute stays 96), while block0's
+  ``expand`` follows the narrowed stem; the result equals the masked original."""
+  rng = np.random.default_rng()
+  model = MobileNetV2()
+  variables = randomized(model.init(jax.random.key(0), jnp.zeros((1, *SHAPE))), rng)
+  g = graph.trace(model, variables, SHAPE)
+  groups = [group_of(g, "params/stem/kernel"), group_of(g, "params/block1/dw/kernel")]
+  keep = {grp.id: np.sort(rng.choice(grp.width, n, replace=False))
+          for grp, n in zip(groups, (int(rng.integers(1, 32)), 16))}
+  small = surgery.prune(model, variables, SHAPE, keep, graph=g)
+  assert small.variables["params"]["block1"]["expand"]["kernel"].shape[-1] == 16
+  x = jnp.asarray(rng.normal(size=(3, *SHAPE)), jnp.float32)
+  want = model.apply(masked(variables, groups, keep), x)
+  assert rel_gap(small.model.apply(small.variables, x), want) < 1e-5
+
+
 def test_nnx_depthwise_group_equals_masked():
   """NNX: the stem / depthwise group narrowed at random kept channels: the depthwise
   conv gets the new feature_group_count and equals the masked original."""

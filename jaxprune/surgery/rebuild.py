@@ -453,6 +453,7 @@ def _rebuild_linen(model, variables, slices, input_shape, overrides, call=None):
               for kp, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
   new_flat = {leaf_path(kp): np.shape(x)
               for kp, x in jax.tree_util.tree_flatten_with_path(small)[0]}
+  given = model  # what `variables` fit (a Rebuilt runs them at its widths)
   if isinstance(model, Rebuilt):  # pruning a pruned network: one wrapper, widths composed
     first = {p: o for p, o, _ in model.shapes}
     old_flat.update(first)
@@ -468,7 +469,7 @@ def _rebuild_linen(model, variables, slices, input_shape, overrides, call=None):
     else:
       args, kwargs = (x,), ({"train": False} if _accepts_train(model) else {})
     wrapped = _check_linen(wrapped, model, small, args, kwargs, shapes, overrides,
-                           variables)
+                           variables, given)
   return Pruned(model=wrapped, variables=small,
                 shapes={p: (o, n) for p, o, n in shapes})
 
@@ -522,13 +523,15 @@ def _holds_size(value, sizes) -> bool:
              for v in fields.values())
 
 
-def _check_linen(wrapped, model, small, x, kwargs, shapes, overrides, variables=None):
+def _check_linen(wrapped, model, small, x, kwargs, shapes, overrides, variables=None,
+                 given=None):
   """Runs ``init`` and ``apply`` abstractly; infers user layers' attributes; checks the
   smaller network computes the original's graph (:func:`_structure`). ``x`` is the
   tuple of positional args of the module's ``__call__``, ``kwargs`` its keywords."""
   if variables is None:
     return _check_linen_shapes(wrapped, model, small, x, kwargs, shapes, overrides)
-  base = _structure(model, variables, x, kwargs)
+  given = model if given is None else given  # the module `variables` fit
+  base = _structure(given, variables, x, kwargs)
   first = None
   try:
     out = _check_linen_shapes(wrapped, model, small, x, kwargs, shapes, overrides)
@@ -541,16 +544,36 @@ def _check_linen(wrapped, model, small, x, kwargs, shapes, overrides, variables=
   # self.out``: the residual) computes another graph at the pruned widths unless that
   # attribute follows the width: set every user layer's int attribute equal to an old
   # size of its own changed leaves to the new size, and accept only the original's graph.
-  derived = _derived_attrs(model, variables, x, kwargs, shapes, overrides)
-  if derived:
-    merged = {**derived, **overrides}
+  derived = _derived_attrs(given, variables, x, kwargs, shapes, overrides)
+
+  def attempt(chosen):
+    merged = {**chosen, **overrides}
     try:
       out = _check_linen_shapes(_linen_wrap(model, shapes, merged), model, small, x,
                                 kwargs, shapes, merged)
-      if _structure(out, small, x, kwargs) == base:
-        return out
+      return out if _structure(out, small, x, kwargs) == base else None
     except UserError:
-      pass
+      return None
+
+  def agree(chosen):  # how far the pruned graph follows the original's (-1: fails)
+    try:
+      got = _structure(_linen_wrap(model, shapes, {**chosen, **overrides}), small, x,
+                       kwargs)
+    except Exception:  # pylint: disable=broad-except
+      return -1
+    return next((i for i, (a, b) in enumerate(zip(got, base)) if a != b),
+                min(len(got), len(base)) + (len(got) == len(base)))
+  if derived:
+    out = attempt(derived)
+    if out is None:  # a layer whose attribute must stay (its width met another by chance)
+      chosen = dict(derived)
+      for mpath in list(derived):  # in call order, by the first divergence
+        without = {m: a for m, a in chosen.items() if m != mpath}
+        if agree(without) > agree(chosen):
+          chosen = without
+      out = attempt(chosen)
+    if out is not None:
+      return out
   if first is not None:
     raise first
   names = "; ".join(f"{m or '<model>'}: {', '.join(f'{k}={v}' for k, v in a.items())}"
@@ -561,6 +584,12 @@ def _check_linen(wrapped, model, small, x, kwargs, shapes, overrides, variables=
       "chosen by comparing an int attribute with a width; int attributes set to the "
       f"pruned sizes: {names}); pass overrides={{module path: {{attribute: value}}}}, or "
       "keep that group whole with ignore=[a leaf-path pattern of its members].")
+
+
+# Primitives that jax.numpy leaves out when they would not change the array (a reshape
+# or broadcast to the same shape, a cast to the same dtype): not part of the structure.
+_SHAPE_ONLY = frozenset({"reshape", "broadcast_in_dim", "squeeze", "expand_dims",
+                         "convert_element_type", "copy", "copy_p", "transpose"})
 
 
 def _structure(model, variables, x, kwargs) -> tuple[str, ...]:
@@ -581,7 +610,8 @@ def _structure(model, variables, x, kwargs) -> tuple[str, ...]:
 
   def visit(j):
     for eqn in j.eqns:
-      out.append(eqn.primitive.name)
+      if eqn.primitive.name not in _SHAPE_ONLY:
+        out.append(eqn.primitive.name)
       for p in eqn.params.values():
         for sub in (p if isinstance(p, (tuple, list)) else (p,)):
           inner = getattr(sub, "jaxpr", sub)
@@ -602,8 +632,9 @@ def _derived_attrs(model, variables, x, kwargs, shapes, overrides):
   with nn.intercept_methods(record):
     _eval_shape(lambda v, *a, **k: model.apply(v, *a, **k), (variables, *x), kwargs)
   derived = {}
-  for mpath, module in sorted(seen.items()):
-    if mpath in overrides or type(module).__module__.startswith("flax."):
+  for mpath, module in seen.items():  # call order
+    if (mpath in overrides or isinstance(module, Rebuilt)
+        or type(module).__module__.startswith("flax.")):
       continue
     sizes = {}
     for p, o, n in shapes:
