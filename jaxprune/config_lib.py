@@ -209,6 +209,8 @@ RANGES: dict[str, tuple[Any, str]] = {
                             "report.inference_batch_size)"),
     "prune.latency_grid": (_int_at_least(1), "latency-table candidate widths per group: an "
                            "integer >= 1"),
+    "prune.calibration_rounds": (_int_at_least(1), "whole-network timings of the latency "
+                                 "calibration: an integer >= 1"),
     "autoprune.prune_epochs": (lambda v: v > 0, "the mask learns this many epochs: > 0"),
     "autoprune.regularization": (lambda v: v >= 0, "must be >= 0"),
     "autoprune.regularization_warmup_epochs": (lambda v: v >= 0, "must be >= 0"),
