@@ -32,8 +32,10 @@ network, step down the group whose next step loses the least normalised importan
 per ms saved (the table's change with the other groups as they are) until under the
 budget; grow back the steps that fit, most importance per ms first; then a local
 search over moves of one or two groups that keep more importance within the budget;
-then step 3. On random tables of a 4-group network it finds the optimum of a brute
-force 92% of the time, and at worst 0.89 of its kept importance (1500 draws).
+then step 3, which on a small network takes, of the combinations within 2% under
+the budget, the one keeping the most importance. On random tables of a 4-group
+network it finds that optimum of a brute force 93% of the time, and at worst 0.82 of
+its kept importance (2100 draws).
 
 Calibration (:func:`calibrate_budget`, ``prune_to``'s default for a latency target):
 the table times convs and denses alone, so it over-predicts the speed-up (ResNet-56
@@ -178,8 +180,11 @@ def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
                     f"prunable groups allow (round_to={round_to}) has "
                     f"{cost(smallest) / full:.3f} {unit}")
   if metric == "latency" and global_ranking:
+    kept = {gid: np.concatenate([[0.0], np.cumsum(np.sort(_normed(s))[::-1])])
+            for gid, s in scores.items()}
+    value = lambda counts: sum(float(kept[gid][n]) for gid, n in counts.items())
     counts = _adjust(_halp(table, scores, allowed, target), allowed, cost, target,
-                     SLACK * full)
+                     SLACK * full, value=value)
   else:
     counts = _fit(scores, allowed, cost, target, global_ranking, SLACK * full)
   return {gid: _top(scores[gid], counts[gid]) for gid in scores}
@@ -242,17 +247,18 @@ def _fit(scores, allowed, cost: Callable, target: float, global_ranking: bool,
 
 def _adjust(counts, allowed, cost: Callable, target: float, slack: float,
             window: int = 4, rounds: int = 20, max_moves: int = 5000,
-            max_combos: int = 2048) -> dict:
+            max_combos: int = 2048, value: Callable | None = None) -> dict:
   """While the network is more than ``slack`` under the target: the best move of one
   or two groups to other allowed widths (any, when that is at most about ``max_moves``
   moves; else each within ``window`` steps of its own) that
   stays within the target and comes closest to it. Single steps up no longer fit, so
   a move trades width between groups. A network with at most ``max_combos`` width
-  combinations is searched whole (:func:`_closest`)."""
+  combinations is searched whole (:func:`_closest`, which prefers the most ``value``,
+  the kept importance, when it is given)."""
   now = cost(counts)
   gids = list(counts)
   if target - now > slack and math.prod(allowed[g].size for g in gids) <= max_combos:
-    return _closest(counts, allowed, cost, target, slack)
+    return _closest(counts, allowed, cost, target, slack, value)
   for _ in range(rounds):
     if target - now <= slack:
       break
@@ -276,10 +282,12 @@ def _adjust(counts, allowed, cost: Callable, target: float, slack: float,
   return counts
 
 
-def _closest(counts, allowed, cost: Callable, target: float, slack: float) -> dict:
+def _closest(counts, allowed, cost: Callable, target: float, slack: float,
+             value: Callable | None = None) -> dict:
   """Every combination of allowed widths: of those within ``slack`` under the target,
-  the one nearest ``counts`` (sum of the groups' kept-fraction differences); if none
-  is, the one closest to the target from below."""
+  the one that keeps the most ``value`` if given, else the one nearest ``counts`` (sum
+  of the groups' kept-fraction differences); if none is, the one closest to the
+  target from below."""
   gids = list(counts)
   start = np.asarray([counts[g] / allowed[g][-1] for g in gids])
   best = None
@@ -288,8 +296,13 @@ def _closest(counts, allowed, cost: Callable, target: float, slack: float) -> di
     c = cost(trial)
     if c > target:
       continue
-    frac = np.asarray([trial[g] / allowed[g][-1] for g in gids])
-    key = ((0, float(np.abs(frac - start).sum())) if target - c <= slack else (1, target - c))
+    if target - c > slack:
+      key = (1, target - c)
+    elif value is not None:
+      key = (0, -value(trial))
+    else:
+      frac = np.asarray([trial[g] / allowed[g][-1] for g in gids])
+      key = (0, float(np.abs(frac - start).sum()))
     if best is None or key < best[0]:
       best = (key, trial)
   return counts if best is None else best[1]
