@@ -243,6 +243,15 @@ def test_recipe_end_to_end_reports_compression_and_plots(tmp_path, arg, pretrain
   gated = out["layers"].values()
   assert history[-1]["total_kept_fraction"] == pytest.approx(
       sum(r["kept"] for r in gated) / sum(r["weights"] for r in gated))
+  # Recoverability counts: between two records a layer's kept weights change by those
+  # that returned minus those masked; the dense start has no earlier mask.
+  assert history[0]["returned"] is None and history[0]["masked"] is None
+  for before, after in zip(history, history[1:]):
+    for layer, n in after["kept_weights"].items():
+      assert n == (before["kept_weights"][layer] - after["masked"][layer]
+                   + after["returned"][layer]), (after["epoch"], layer)
+  assert sum(history[1]["masked"].values()) > 0
+  assert history[-1]["kept_weights"] == {l: r["kept"] for l, r in out["layers"].items()}
   if "neuron" in arg:
     assert out["export_max_abs_diff"] < 1e-4
   else:  # the saved pruned network has exactly the reported kept weights

@@ -366,14 +366,25 @@ def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None,
                          process_count=jax.process_count())
 
   history_path = os.path.join(workdir, "prune", "kept_history.jsonl")
+  previous = {}  # the last record's keep-masks (host), for the mask changes between records
+  layer_name = lambda k: k[:-len("/kernel")] if k.endswith("/kernel") else k
 
   def record(state, epoch, done, means=None):
     fr = ap.kept_fractions(state.params, state.opt_state, selector)
     kept, tot = jax.device_get(kept_counts(state.params, state.opt_state, selector))
-    return {"epoch": epoch, "step": done, "kept": {k[:-len("/kernel")] if
-                                                   k.endswith("/kernel") else k: v
-                                                   for k, v in fr.items()},
-            "total_kept_fraction": float(kept) / tot,
+    keep = {layer_name(path): np.asarray(k) for path, k in selection.named_leaves(
+        jax.device_get(ap.masks(state.params, state.opt_state))) if path in fr}
+    # Recoverability: masked weights whose m turned positive again since the last
+    # record ("returned"), and kept weights masked since ("masked"); None after a
+    # resume (no earlier mask in memory). Changes undone within one epoch are not seen.
+    changes = ({"returned": {l: int(np.sum(k & ~previous[l])) for l, k in keep.items()},
+                "masked": {l: int(np.sum(previous[l] & ~k)) for l, k in keep.items()}}
+               if previous else {"returned": None, "masked": None})
+    previous.clear()
+    previous.update(keep)
+    return {"epoch": epoch, "step": done, "kept": {layer_name(k): v for k, v in fr.items()},
+            "kept_weights": {l: int(np.sum(k)) for l, k in keep.items()},
+            **changes, "total_kept_fraction": float(kept) / tot,
             "train_accuracy": (means or {}).get("accuracy")}
 
   def on_start(start):
