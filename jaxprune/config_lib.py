@@ -211,7 +211,8 @@ RANGES: dict[str, tuple[Any, str]] = {
                            "integer >= 1"),
     "prune.calibration_rounds": (_int_at_least(1), "whole-network timings of the latency "
                                  "calibration: an integer >= 1"),
-    "autoprune.prune_epochs": (lambda v: v > 0, "the mask learns this many epochs: > 0"),
+    "autoprune.prune_epochs": (lambda v: v >= 0, "the mask learns this many epochs: >= 0 "
+                               "(0: fixed-mask retraining, with zeros_start_pruned)"),
     "autoprune.regularization": (lambda v: v >= 0, "must be >= 0"),
     "autoprune.regularization_warmup_epochs": (lambda v: v >= 0, "must be >= 0"),
     "autoprune.slope": (lambda v: v > 0, "the surrogate's slope must be > 0"),
