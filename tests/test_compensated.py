@@ -201,7 +201,8 @@ def test_prune_to_exact_only_narrows_the_compensated_head_dim():
   model = LinenAttention()
   x = jax.random.normal(jax.random.key(5), (2, T, 4))
   v = model.init(jax.random.key(6), x)
-  small, info = surgery.prune_to(model, v, x.shape[1:], flops_ratio=0.7, exact_only=True)
+  small, info = surgery.prune_to(model, v, x.shape[1:], flops_ratio=0.7, exact_only=True,
+                                 round_to=1)
   hd = _head_dim(info["graph"])
   assert hd in info["graph"].prunable(exact_only=True)
   assert info["keep"][hd.id].size < hd.width

@@ -330,12 +330,13 @@ def test_prune_to_exact_only_keeps_approximate_groups_whole():
   model = TinyViT()
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
   v = model.init(jax.random.key(0), x)
-  small, info = surgery.prune_to(model, v, (8, 8, 3), flops_ratio=0.8)
+  small, info = surgery.prune_to(model, v, (8, 8, 3), flops_ratio=0.8, round_to=1)
   g = info["graph"]
   narrowed = {gid for gid, kept in info["keep"].items() if len(kept) < g.groups[gid].width}
   approx = {grp.id for grp in g.groups if grp.exactness == "approximate"}
   assert narrowed & approx and set(info["approximate"]) == narrowed & approx
-  small, info = surgery.prune_to(model, v, (8, 8, 3), flops_ratio=0.8, exact_only=True)
+  small, info = surgery.prune_to(model, v, (8, 8, 3), flops_ratio=0.8, exact_only=True,
+                                 round_to=1)
   narrowed = {gid for gid, kept in info["keep"].items() if len(kept) < g.groups[gid].width}
   assert narrowed and not narrowed & approx and info["approximate"] == {}
   assert info["after"]["flops"] <= 0.8 * info["before"]["flops"]

@@ -147,7 +147,8 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
              flops_ratio: float | None = None, params_ratio: float | None = None,
              latency_ratio: float | None = None, latency_table=None, batch_size: int = 1,
              latency_grid: int = pruner.DEFAULT_GRID,
-             global_ranking: bool = False, round_to: int = 1, ignore: Sequence[str] = (),
+             global_ranking: bool = False, round_to: int | None = None,
+             ignore: Sequence[str] = (),
              grads: Any = None, key: jax.Array | None = None,
              call: Callable | None = None, exact_only: bool = False,
              overrides: Mapping[str, Mapping[str, Any]] | None = None,
@@ -176,7 +177,12 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
     global_ranking: rank channels across groups instead of about the same
       fraction per group; with a latency target, greedy by importance per ms (see
       :mod:`jaxprune.surgery.pruner`).
-    round_to: kept widths a multiple of this (or the whole group).
+    round_to: kept widths a multiple of this (or the whole group). Default None:
+      the backend's, :func:`jaxprune.engine.runtime.default_round_to` (8 on a CPU),
+      where a group not wider than it is pruned at the largest of
+      ``round_to // 2, ..., 1`` below its width
+      (:func:`jaxprune.surgery.pruner.fitted_round_to`) instead of staying whole;
+      an int is used as given (1: any width).
     ignore: leaf-path patterns of groups to leave whole (see
       :func:`jaxprune.graph.trace`).
     grads: the gradients of a loss, for "taylor".
@@ -206,7 +212,9 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
     ``(pruned, info)``: the :class:`Pruned` network and ``{"keep": {group id:
     kept indices}, "before": {"flops", "params"}, "after": {"flops", "params"},
     "graph": the traced graph, "approximate": {group id: effects} of the narrowed
-    groups whose removal changes the function (fine-tune after)}``; with a latency
+    groups whose removal changes the function (fine-tune after), "round_to": the
+    multiple used, "fitted_round_to": {group id: its finer multiple} of the groups
+    narrower than a default round_to}``; with a latency
     target also ``"latency_table"`` (reuse it) and ``"predicted_speedup"`` (the
     table's full latency over its latency at the kept widths); calibrated, also
     ``"measured_speedup"`` (base ms over pruned ms, whole networks),
@@ -220,6 +228,10 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
     >>> fast, info = surgery.prune_to(model, variables, (32, 32, 3), latency_ratio=0.5)
     >>> info["measured_speedup"]                           # >= 2.0 (or one line why not)
   """
+  fit_round_to = round_to is None  # the backend's default, fitted to narrow groups
+  if fit_round_to:
+    from jaxprune.engine import runtime  # pylint: disable=g-import-not-at-top
+    round_to = runtime.default_round_to()
   round_to = pruner.check_round_to(round_to)
   if latency_ratio is None and latency_table is not None:
     raise UserError("latency_table is for latency_ratio; give latency_ratio too")
@@ -252,7 +264,7 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
   table = None
   if latency_ratio is not None and scores:
     table = latency_table_for(g, list(scores), round_to, batch_size, latency_grid,
-                              latency_table)
+                              latency_table, fit_round_to=fit_round_to)
   calibration = None
   if table is not None and calibrating:
     timer = latency_timer or _default_timer(model, variables, input_shape, call, batch_size)
@@ -264,10 +276,13 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
   else:
     keep = pruner.select_channels(g, scores, flops_ratio=flops_ratio,
                                   params_ratio=params_ratio, latency_ratio=latency_ratio,
-                                  latency_table=table, global_ranking=global_ranking)
+                                  latency_table=table, global_ranking=global_ranking,
+                                  fit_round_to=fit_round_to)
     small = prune(model, variables, input_shape, keep, call, graph=g, overrides=overrides)
   info = {"keep": keep, "before": g.predict({}), "after": g.predict(keep), "graph": g,
-          "approximate": small.approximate}
+          "approximate": small.approximate, "round_to": round_to,
+          "fitted_round_to": {gid: r for gid, r in pruner.group_round_to(
+              g, scores, round_to, fit_round_to).items() if r != round_to}}
   if table is not None:
     info["latency_table"] = table
     info["predicted_speedup"] = table.full / table.at(
@@ -392,13 +407,15 @@ TIMING = (
 
 
 def latency_table_for(g: graph_lib.Graph, group_ids, round_to: int, batch_size: int,
-                      grid: int = pruner.DEFAULT_GRID, table=None, **measure_kwargs):
+                      grid: int = pruner.DEFAULT_GRID, table=None,
+                      fit_round_to: bool = False, **measure_kwargs):
   """The latency table of a latency target on ``g``: ``table`` when given (checked to
   be planned for this graph's ops and to cover ``group_ids``), else measured now on
   :func:`jaxprune.surgery.pruner.latency_candidates`."""
   from jaxprune.search import latency  # pylint: disable=g-import-not-at-top
   if table is None:
-    return latency.measure(pruner.latency_candidates(g, group_ids, round_to, grid),
+    return latency.measure(pruner.latency_candidates(g, group_ids, round_to, grid,
+                                                     fit_round_to),
                            batch_size, **measure_kwargs)
   if not isinstance(table, latency.LatencyTable):
     raise UserError(f"latency_table is a {type(table).__name__}; give a "

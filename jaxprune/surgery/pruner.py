@@ -8,9 +8,11 @@ are exact at every step (:meth:`jaxprune.graph.Graph.predict`); latency is the t
 sum of per-op times at the kept widths.
 
 Kept widths are *allowed widths*: multiples of ``round_to`` below the group's width,
-or the whole group (a group narrower than ``round_to`` stays whole); for a latency
-target, the table's candidates (:func:`latency_grid`: at most 8 per group by default,
-evenly spaced multiples of ``round_to``). Within a group the best-scored channels are
+or the whole group (a group narrower than ``round_to`` stays whole, unless
+``fit_round_to``: a backend-default ``round_to`` steps down to the largest of
+``round_to // 2, ..., 1`` below such a group's width, :func:`fitted_round_to`); for a
+latency target, the table's candidates (:func:`latency_grid`: at most 8 per group by
+default, evenly spaced multiples of ``round_to``). Within a group the best-scored channels are
 kept. Every target is met from below (at or under it) and, where the allowed widths
 permit, within 2% of the full network under it (``SLACK``):
 
@@ -65,6 +67,25 @@ def check_round_to(round_to) -> int:
   return int(round_to)
 
 
+def fitted_round_to(width: int, round_to: int) -> int:
+  """The multiple a group of ``width`` channels is pruned at under a backend-default
+  ``round_to`` (``prune_to(round_to=None)``): the largest of ``round_to, round_to // 2,
+  ..., 1`` below ``width``, so that a group as narrow as the default can still shrink
+  (as :func:`jaxprune.search.space.fitted_candidates` does for TAS); 1 for ``width`` 1."""
+  r = int(round_to)
+  while r > 1 and r >= width:
+    r //= 2
+  return max(r, 1)
+
+
+def group_round_to(graph: Graph, group_ids, round_to: int,
+                   fit_round_to: bool = False) -> dict[int, int]:
+  """``{group id: the multiple its kept widths take}``: ``round_to``, or with
+  ``fit_round_to`` the :func:`fitted_round_to` of the group's width."""
+  return {int(gid): (fitted_round_to(graph.groups[gid].width, round_to) if fit_round_to
+                     else int(round_to)) for gid in group_ids}
+
+
 def allowed_widths(width: int, round_to: int = 1) -> np.ndarray:
   """The kept widths a group may have: multiples of ``round_to`` below ``width``, and
   ``width`` (ascending)."""
@@ -80,16 +101,17 @@ def latency_grid(width: int, round_to: int = 1, size: int = DEFAULT_GRID) -> tup
 
 
 def latency_candidates(graph: Graph, group_ids, round_to: int = 1,
-                       size: int = DEFAULT_GRID):
+                       size: int = DEFAULT_GRID, fit_round_to: bool = False):
   """The :class:`jaxprune.search.latency.Candidates` of a latency target: the
-  :func:`latency_grid` of every group in ``group_ids``."""
+  :func:`latency_grid` of every group in ``group_ids`` (at its
+  :func:`group_round_to`)."""
   from jaxprune.search import latency  # pylint: disable=g-import-not-at-top
   if (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
     raise UserError(f"latency_grid={size!r}: the number of latency-table candidates per "
                     "group; give an int >= 1")
-  return latency.Candidates.of(graph, {int(gid): latency_grid(graph.groups[gid].width,
-                                                               round_to, size)
-                                       for gid in group_ids})
+  steps = group_round_to(graph, group_ids, round_to, fit_round_to)
+  return latency.Candidates.of(graph, {gid: latency_grid(graph.groups[gid].width, r, size)
+                                       for gid, r in steps.items()})
 
 
 def _nearest(allowed: np.ndarray, x: float) -> int:
@@ -109,8 +131,8 @@ def _top(score: np.ndarray, n: int) -> np.ndarray:
 def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
                     flops_ratio: float | None = None, params_ratio: float | None = None,
                     latency_ratio: float | None = None, latency_table=None,
-                    global_ranking: bool = False,
-                    round_to: int | None = None) -> dict[int, np.ndarray]:
+                    global_ranking: bool = False, round_to: int | None = None,
+                    fit_round_to: bool = False) -> dict[int, np.ndarray]:
   """The channels to keep, per group, to reach a FLOPs, params or latency ratio.
 
   Args:
@@ -127,6 +149,9 @@ def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
     global_ranking: rank channels across groups (see the module docstring).
     round_to: kept widths a multiple of this (default the graph's ``round_to``;
       for latency, the table's candidates already are).
+    fit_round_to: a group not wider than ``round_to`` is pruned at the largest of
+      ``round_to // 2, ..., 1`` below its width (:func:`fitted_round_to`) instead of
+      staying whole (``prune_to``'s backend-default ``round_to``).
 
   Returns:
     ``{group id: sorted kept channel indices}``.
@@ -164,7 +189,8 @@ def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
     full = table.full
     cost = lambda counts: table.at(table.index(counts))
   else:
-    allowed = {gid: allowed_widths(w, round_to) for gid, w in widths.items()}
+    steps = group_round_to(graph, widths, round_to, fit_round_to)
+    allowed = {gid: allowed_widths(w, steps[gid]) for gid, w in widths.items()}
     full = graph.predict({})[metric]
     # Each group's ranking once: a selection's hundreds of predictions take prefixes of it
     # (the same kept channels as _top; predict reads them as a set, unsorted).

@@ -1,0 +1,118 @@
+"""prune_to's default round_to (issue 24 item 4): None is the backend's
+(``runtime.default_round_to``), and a group not wider than it is pruned at a finer
+multiple (``pruner.fitted_round_to``) instead of staying whole; an int is kept as
+given. No timing here (latency tables come from an injected timer)."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprune import graph, surgery
+from jaxprune.engine import runtime
+from jaxprune.errors import UserError
+from jaxprune.search import latency
+from jaxprune.surgery import pruner
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+class _Net(nn.Module):
+  """Three prunable groups of the given widths (one narrower than 8), then a head."""
+  widths: tuple = (6, 24, 16)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for i, w in enumerate(self.widths):
+      x = nn.relu(nn.Conv(w, (3, 3), name=f"c{i}")(x))
+    return nn.Dense(3, name="fc")(x.mean((1, 2)))
+
+
+def _net(rng, widths):
+  model = _Net(tuple(widths))
+  variables = model.init(jax.random.key(int(rng.integers(1 << 30))), jnp.zeros((1, 8, 8, 3)))
+  return model, variables
+
+
+def test_fitted_round_to_is_the_largest_halving_below_the_width():
+  """Against the definition, on random widths and multiples (not only powers of 2)."""
+  rng = np.random.default_rng()
+  for _ in range(300):
+    width, round_to = int(rng.integers(1, 70)), int(rng.integers(1, 40))
+    halvings = {round_to // 2 ** k for k in range(8)} | {1}
+    below = [r for r in halvings if 1 <= r < width]
+    assert pruner.fitted_round_to(width, round_to) == (max(below) if below else 1)
+    # It leaves the group a narrower allowed width whenever the group has one at all.
+    allowed = pruner.allowed_widths(width, pruner.fitted_round_to(width, round_to))
+    assert (allowed.size >= 2) == (width >= 2)
+
+
+@pytest.mark.parametrize("default", [8, 4])
+def test_prune_to_defaults_to_the_backend_round_to_fitted_to_narrow_groups(
+    monkeypatch, default):
+  """round_to=None: the backend's multiple (patched to 4 too: it is read, not assumed);
+  wide groups keep multiples of it, a group not wider than it is kept at a multiple of
+  its fitted one, ``info`` names both; an explicit round_to keeps the narrow group
+  whole, so a target only reachable by narrowing it is refused (one line)."""
+  monkeypatch.setitem(runtime.ROUND_TO, jax.default_backend(), default)
+  rng = np.random.default_rng()
+  widths = (int(rng.integers(3, default + 1)), 8 * int(rng.integers(2, 5)),
+            8 * int(rng.integers(2, 5)))
+  model, variables = _net(rng, widths)
+  ratio = float(rng.uniform(0.25, 0.45))
+  small, info = surgery.prune_to(model, variables, (8, 8, 3), flops_ratio=ratio)
+  assert info["round_to"] == default == runtime.default_round_to()
+  g = info["graph"]
+  (narrow,) = [grp.id for grp in g.prunable() if grp.width == widths[0]]
+  fitted = pruner.fitted_round_to(widths[0], default)
+  assert fitted < default and info["fitted_round_to"] == {narrow: fitted}
+  for gid, kept in info["keep"].items():
+    step = fitted if gid == narrow else default
+    assert kept.size == g.groups[gid].width or kept.size % step == 0
+  assert info["after"]["flops"] <= ratio * info["before"]["flops"]
+  assert info["after"] == graph.trace(small.model, small.variables, (8, 8, 3)).predict({})
+  _, given = surgery.prune_to(model, variables, (8, 8, 3), flops_ratio=ratio,
+                              round_to=default)
+  assert given["round_to"] == default and given["fitted_round_to"] == {}
+  assert given["keep"][narrow].size == widths[0]
+  # A target between the smallest network with the narrow group whole and the smallest
+  # with it at its fitted multiple: only the default reaches it, by narrowing that group.
+  smallest = {grp.id: np.arange(pruner.fitted_round_to(grp.width, default))
+              for grp in g.prunable()}
+  full = g.predict({})["flops"]
+  low = g.predict(smallest)["flops"] / full
+  high = g.predict({**smallest, narrow: np.arange(widths[0])})["flops"] / full
+  between = float(rng.uniform(low + 0.1 * (high - low), high - 0.1 * (high - low)))
+  _, tight = surgery.prune_to(model, variables, (8, 8, 3), flops_ratio=between)
+  assert tight["keep"][narrow].size < widths[0]
+  assert tight["after"]["flops"] <= between * full
+  with pytest.raises(UserError, match=f"cannot reach flops_ratio.*round_to={default}"):
+    surgery.prune_to(model, variables, (8, 8, 3), flops_ratio=between, round_to=default)
+
+
+def test_latency_candidates_of_the_default_round_to_are_fitted():
+  """The latency table's candidates follow the same per-group multiples, and prune_to's
+  default accepts such a table (an injected one: no timing)."""
+  rng = np.random.default_rng()
+  model, variables = _net(rng, (int(rng.integers(3, 9)), 32, 24))
+  g = graph.trace(model, variables, (8, 8, 3))
+  gids = [grp.id for grp in g.prunable()]
+  r = runtime.default_round_to()
+  cands = pruner.latency_candidates(g, gids, r, 8, fit_round_to=True)
+  for grp, c in zip(cands.groups, cands.candidates):
+    width = grp.width
+    assert c == pruner.latency_grid(width, pruner.fitted_round_to(width, r), 8)
+    assert len(c) >= 2
+  a = rng.uniform(0.5, 2)
+  timer = lambda programs: [a * 1e-4 * math.prod(p.x_shape) * p.w_shape[-1] + 0.01
+                            for p in programs]
+  table = latency.measure(cands, 1, timer=timer, log=lambda _: None)
+  ratio = float(rng.uniform(0.5, 0.8))
+  _, info = surgery.prune_to(model, variables, (8, 8, 3), latency_ratio=ratio,
+                             latency_table=table, calibrate=False)
+  assert info["round_to"] == r
+  for gid, kept in info["keep"].items():
+    assert kept.size in table.candidates[table.group_ids.index(gid)]
+  assert 1 / info["predicted_speedup"] <= ratio * (1 + 1e-9)
