@@ -10,23 +10,41 @@ import numpy as np
 import pytest
 
 import zoo_models
-from jaxprune import graph, models, surgery
+from jaxprune import flops, graph, models, surgery
 from jaxprune.errors import UserError
 from jaxprune.surgery import pruner
 
 jax.config.update("jax_disable_most_optimizations", True)
 
 
-def _graph(name, round_to):
+def _graph(name, round_to, built=None):
   if name == "resnet20":
     model = models.cifar_resnet(20, 10)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                                   train=False))
     return graph.trace(model, variables, (32, 32, 3), round_to=round_to)
   zm = zoo_models.BY_NAME[name]
-  model, variables = zm.build(0)
+  model, variables = built or zm.build(0)
   shape, call = zm.single(model)
   return graph.trace(model, variables, shape, call, round_to=round_to)
+
+
+def _rebuilt_counts(name, built, g, keep):
+  """FLOPs and params of the zoo model `built` pruned to `keep` (rebuilt, then counted)."""
+  zm = zoo_models.BY_NAME[name]
+  model, variables = built
+  shape, call = zm.single(model)
+  small = surgery.prune(model, variables, shape, keep, call=call, graph=g,
+                        overrides=zoo_models.overrides_for(name, g, keep))
+  shape, call = zm.single(small.model)
+  counted = flops.count(small.model, small.variables, shape, call=call)
+  assert zoo_models.param_entries(small.model, small.variables) == counted["params"]
+  return counted
+
+
+def _apart(g, keep) -> int:
+  """How many different (width, kept width) pairs the groups have."""
+  return len({(grp.width, len(keep.get(grp.id, range(grp.width)))) for grp in g.prunable()})
 
 
 def _check_widths(g, keep, round_to):
@@ -48,25 +66,36 @@ def test_allowed_widths_and_latency_grid_are_multiples_of_round_to():
 # The transformer zoo at round_to 2 or 4 and ResNet-20 at round_to 8 (the issue's case):
 # 800 random draws of (model, round_to, metric, ranking, ratio in [0.4, 0.8], scores):
 # none more than 2% under (the adjust step stops once within 2%; largest 0.0191).
-@pytest.mark.parametrize("name,round_to", [("vit_scan", 4), ("bert", 2), ("gpt", 4),
-                                           ("lm1b", 4), ("llama", 2), ("resnet20", 8)])
+# One of each zoo model's four selections is rebuilt and counted: the selection narrows
+# groups apart (vit_map's residual group 0 without the MAP head's group 9 once failed
+# the rebuild; tests/test_zoo_transformers.py pins that case).
+@pytest.mark.parametrize("name,round_to", [("vit_scan", 4), ("vit_map", 4), ("bert", 2),
+                                           ("gpt", 4), ("lm1b", 4), ("llama", 2),
+                                           ("resnet20", 8)])
 def test_targets_with_round_to_land_within_two_percent_on_the_zoo(name, round_to):
-  g = _graph(name, round_to)
+  built = zoo_models.BY_NAME[name].build(0) if name != "resnet20" else None
+  g = _graph(name, round_to, built)
   rng = np.random.default_rng()
   full = g.predict({})
-  for metric in ("flops", "params"):
-    for global_ranking in (False, True):
-      ratio = float(rng.uniform(0.4, 0.8))
-      scores = {grp.id: rng.random(grp.width) for grp in g.prunable()}
-      keep = surgery.select_channels(g, scores, global_ranking=global_ranking,
-                                     **{f"{metric}_ratio": ratio})
-      got = g.predict(keep)[metric] / full[metric]
-      assert got <= ratio + 1e-12, (metric, global_ranking, ratio, got)
-      assert ratio - got <= 0.02, (metric, global_ranking, ratio, got)
-      _check_widths(g, keep, round_to)
-      for gid, kept in keep.items():  # the best-scored channels of each group
-        n = kept.size
-        assert set(kept.tolist()) == set(np.argsort(-scores[gid], kind="stable")[:n].tolist())
+  keeps = []
+  for metric, global_ranking in itertools.product(("flops", "params"), (False, True)):
+    ratio = float(rng.uniform(0.4, 0.8))
+    scores = {grp.id: rng.random(grp.width) for grp in g.prunable()}
+    keep = surgery.select_channels(g, scores, global_ranking=global_ranking,
+                                   **{f"{metric}_ratio": ratio})
+    got = g.predict(keep)[metric] / full[metric]
+    assert got <= ratio + 1e-12, (metric, global_ranking, ratio, got)
+    assert ratio - got <= 0.02, (metric, global_ranking, ratio, got)
+    _check_widths(g, keep, round_to)
+    for gid, kept in keep.items():  # the best-scored channels of each group
+      n = kept.size
+      assert set(kept.tolist()) == set(np.argsort(-scores[gid], kind="stable")[:n].tolist())
+    keeps.append(keep)
+  if built is not None:  # resnet20: shapes only, not rebuilt
+    # The selection whose groups of one width keep the most different widths (where a
+    # layer that sizes itself from another group shows) is rebuilt and counted.
+    keep = max(keeps, key=lambda k: _apart(g, k))
+    assert _rebuilt_counts(name, built, g, keep) == g.predict(keep)
 
 
 @pytest.mark.parametrize("name", ["branch_resnet", "pmap_resnet", "stdconv"])

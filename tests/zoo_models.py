@@ -664,6 +664,22 @@ ZOO = [
 BY_NAME = {m.name: m for m in ZOO}
 
 
+def overrides_for(name, graph, keep):
+  """What the user passes for attributes the rebuild must not guess: the zoo llama's
+  GQAttention reads its head counts from ints, set from the kept KV groups (each keeps
+  its heads // kv_heads = 2 query heads). None for the other models."""
+  if name != "llama":
+    return None
+  out = {}
+  for g in graph.groups:
+    if g.kind == "heads":
+      (q,) = [m for m in g.members if m.path.endswith("/q/kernel")]
+      layer = q.path.rsplit("/", 2)[0]
+      kv = len(keep.get(g.id, range(g.width)))
+      out[layer] = {"heads": 2 * kv, "kv_heads": kv}
+  return out
+
+
 def param_entries(model, variables) -> int:
   """Trainable entries by leaf count (Linen ``params``, NNX ``nnx.Param``)."""
   tree = variables["params"] if variables is not None else nnx.state(model, nnx.Param)

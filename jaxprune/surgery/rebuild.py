@@ -377,7 +377,9 @@ class Rebuilt(nn.Module):
   Attributes:
     jaxprune_base: the original module (its attributes are not changed; named so as
       not to clash with the user's submodules; also ``base``).
-    shapes: ``((leaf path, old shape, new shape), ...)`` of the changed leaves.
+    shapes: ``((leaf path, old shape, new shape), ...)`` of the changed leaves and of
+      every ``params`` leaf (unchanged: old == new; a Flax layer's size attributes
+      are set from them).
     overrides: ``((module path, ((attribute, value), ...)), ...)``.
   """
   jaxprune_base: nn.Module
@@ -459,8 +461,11 @@ def _rebuild_linen(model, variables, slices, input_shape, overrides, call=None):
     old_flat.update(first)
     overrides = {**{m: dict(a) for m, a in model.overrides}, **overrides}
     model = model.base
+  # Every Flax layer's size attributes follow its variables, an unchanged layer's too: a
+  # layer whose code derives its width from another (an attention's out_features from
+  # its query input, ``Dense(x.shape[-1])``) must not follow a group it is not in.
   shapes = tuple((p, old_flat[p], new_flat[p]) for p in sorted(new_flat)
-                 if old_flat[p] != new_flat[p])
+                 if old_flat[p] != new_flat[p] or p.startswith("params/"))
   wrapped = _linen_wrap(model, shapes, overrides)
   if input_shape is not None:
     x = _abstract_example(input_shape)
@@ -471,7 +476,7 @@ def _rebuild_linen(model, variables, slices, input_shape, overrides, call=None):
     wrapped = _check_linen(wrapped, model, small, args, kwargs, shapes, overrides,
                            variables, given)
   return Pruned(model=wrapped, variables=small,
-                shapes={p: (o, n) for p, o, n in shapes})
+                shapes={p: (o, n) for p, o, n in shapes if o != n})
 
 
 def _linen_wrap(model, shapes, overrides):
