@@ -4,7 +4,7 @@
 constant into the next layer also needs *values*: what a removed channel holds
 where a layer reads it, and which bias or running mean a layer's output meets.
 :func:`run` evaluates the jaxpr of :func:`jaxprune.graph.tracing.trace_jaxpr`
-equation by equation (descending into nested jit/custom_vjp/remat jaxprs) and
+equation by equation (through :mod:`jaxprune.graph.interpret`) and
 reports each *layer*: a ``conv_general_dilated`` or ``dot_general`` one of whose
 operands is a parameter leaf (its kernel), with the other operand's value. A
 callback may replace that operand, which is how a smaller network is fed the
@@ -21,17 +21,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.errors import UserError
-from jaxprune.graph.propagate import _subjaxpr
+from jaxprune.graph import interpret
 from jaxprune.graph.tracing import Traced
-
-_SHAPE_ONLY = {"reshape", "broadcast_in_dim", "convert_element_type", "squeeze",
-               "expand_dims", "copy", "copy_p", "transpose"}
-
 
 @dataclasses.dataclass
 class Layer:
@@ -167,19 +162,25 @@ def _input_leaves(traced, xs) -> list:
   return out
 
 
-def _interpret(traced, leaves, x, replace, layers, followers):
-  is_param = dict(zip(traced.paths, traced.is_param))
+class _Probe(interpret.Interpreter):
+  """Evaluates with tags (("leaf", path) or ("out", kernel)) and reports the layers."""
 
-  def layer_of(eqn, vals, tags):
+  def __init__(self, is_param, replace, layers, followers):
+    self.is_param = is_param
+    self.replace = replace
+    self.layers = layers
+    self.followers = followers
+
+  def layer_of(self, eqn, vals, tags):
     name = eqn.primitive.name
-    if name not in ("conv_general_dilated", "dot_general"):
+    if name not in interpret.LAYERS:
       return None
     sides = (1, 0) if name == "dot_general" else (1,)
     for side in sides:
       tag = tags[side]
-      if tag and tag[0] == "leaf" and is_param.get(tag[1]):
+      if tag and tag[0] == "leaf" and self.is_param.get(tag[1]):
         other = tags[1 - side]
-        if other and other[0] == "leaf" and is_param.get(other[1]):
+        if other and other[0] == "leaf" and self.is_param.get(other[1]):
           return None  # a product of two parameters is not a layer
         return Layer(kernel=tag[1], primitive=name, params=dict(eqn.params),
                      kernel_operand=side, x=vals[1 - side],
@@ -188,61 +189,39 @@ def _interpret(traced, leaves, x, replace, layers, followers):
                      x_shape=tuple(np.shape(vals[1 - side])))
     return None
 
-  def evaluate(jaxpr, consts, args, arg_tags):
-    env, tag_of = {}, {}
-    for v, c in zip(jaxpr.constvars, consts):
-      env[v], tag_of[v] = c, None
-    for v, a, t in zip(jaxpr.invars, args, arg_tags):
-      env[v], tag_of[v] = a, t
+  def equation(self, frame, i, eqn, vals, tags):
+    if interpret.call_body(eqn) is not None:
+      return super().equation(frame, i, eqn, vals, tags)  # entered, tags carried in
+    name = eqn.primitive.name
+    out_tags = [None] * len(eqn.outvars)
+    layer = self.layer_of(eqn, vals, tags)
+    if layer is not None:
+      if self.replace is not None:
+        vals = list(vals)
+        vals[1 - layer.kernel_operand] = self.replace[len(self.layers)]
+      self.layers.append(layer)
+      out_tags = [("out", layer.kernel)]
+    elif name in interpret.SHAPE_ONLY and tags and tags[0] is not None:
+      out_tags = [tags[0]]
+    elif name in ("add", "sub") and len(tags) == 2:
+      for a, b in ((0, 1), (1, 0)):
+        ta, tb = tags[a], tags[b]
+        if ta and tb and ta[0] == "out" and tb[0] == "leaf":
+          kind = "bias" if name == "add" else "mean"
+          if tb[1].endswith("/" + kind) and not (name == "sub" and a == 1):
+            self.followers.setdefault(ta[1], {}).setdefault(kind, tb[1])
+          if name == "add" and tb[1].endswith("/bias"):
+            out_tags = [ta]  # conv + bias is still the layer's output
+    outs = interpret.bind(eqn, vals)
+    if layer is not None:
+      layer.out = outs[0]
+    return outs, out_tags
 
-    def read(v):
-      if isinstance(v, jex.core.Literal):
-        return v.val, None
-      return env[v], tag_of.get(v)
 
-    for eqn in jaxpr.eqns:
-      vals, tags = zip(*[read(v) for v in eqn.invars]) if eqn.invars else ((), ())
-      vals, tags = list(vals), list(tags)
-      name = eqn.primitive.name
-      nested = _subjaxpr(eqn)
-      out_tags = [None] * len(eqn.outvars)
-      if nested is not None:
-        inner, inner_consts = nested
-        outs, out_tags = evaluate(inner, inner_consts, vals, tags)
-      else:
-        layer = layer_of(eqn, vals, tags)
-        if layer is not None:
-          if replace is not None:
-            vals[1 - layer.kernel_operand] = replace[len(layers)]
-          layers.append(layer)
-          out_tags = [("out", layer.kernel)]
-        elif name in _SHAPE_ONLY and tags and tags[0] is not None:
-          out_tags = [tags[0]]
-        elif name in ("add", "sub") and len(tags) == 2:
-          for a, b in ((0, 1), (1, 0)):
-            ta, tb = tags[a], tags[b]
-            if ta and tb and ta[0] == "out" and tb[0] == "leaf":
-              kind = "bias" if name == "add" else "mean"
-              if tb[1].endswith("/" + kind) and not (name == "sub" and a == 1):
-                followers.setdefault(ta[1], {}).setdefault(kind, tb[1])
-              if name == "add" and tb[1].endswith("/bias"):
-                out_tags = [ta]  # conv + bias is still the layer's output
-        bind_params = eqn.primitive.get_bind_params(eqn.params)
-        with eqn.ctx.manager:
-          outs = eqn.primitive.bind(*vals, **bind_params)
-        if not eqn.primitive.multiple_results:
-          outs = [outs]
-        if layer is not None:
-          layer.out = outs[0]
-      for v, o, t in zip(eqn.outvars, outs, out_tags):
-        env[v], tag_of[v] = o, t
-    results = [read(v) for v in jaxpr.outvars]
-    return [r[0] for r in results], [r[1] for r in results]
-
-  closed = traced.jaxpr
+def _interpret(traced, leaves, x, replace, layers, followers):
+  probe = _Probe(dict(zip(traced.paths, traced.is_param)), replace, layers, followers)
   tags = [("leaf", p) for p in traced.paths] + [None] * len(x)
-  outputs, _ = evaluate(closed.jaxpr, closed.consts, list(leaves) + list(x), tags)
-  return outputs
+  return probe.interpret(traced.jaxpr, list(leaves) + list(x), tags)
 
 
 def kernel_output_axes(layer: Layer, kernel_ndim: int) -> list[int]:
