@@ -64,6 +64,8 @@ def get_config(arg=None):
   # (lr 0.1, then 0.01 for the last `finetune` steps); "baseline": the `dense` section's SGD.
   # round_to: the pruned widths a multiple of this (8/16 for CPU SIMD and GPU tensor cores,
   # 128 for TPU lanes; removable channels are kept back, the network is unchanged).
+  # No FLOPs, params or latency target (by design: the zero gammas decide the widths;
+  # --config.ista.target=... is refused in one line): for a target, configs/prune_resnet.py.
   config.ista = dict(rho=args.rho, dense_comparison=args.dense, dense_recipe="pipeline",
                      probe_batch_size=64, round_to=1)
   if args.dataset == "cifar10_subset":

@@ -10,8 +10,9 @@ Commands (from the repository root):
 
   # CIFAR-10 ResNet-56, L1 to 50% FLOPs, one shot; TFDS downloads CIFAR-10.
   python -m jaxprune.main --config configs/prune_resnet.py:depth=56 --workdir workdirs/p56
-  # Iterative (5 prune + fine-tune steps), global ranking, widths multiples of 8:
-  python -m jaxprune.main --config configs/prune_resnet.py:depth=56,steps=5,global,round_to=8 \
+  # Iterative (5 prune + fine-tune steps), global ranking, widths multiples of 16 (default
+  # round_to=0: the backend's multiple, 8 on a CPU; round_to=1: any width):
+  python -m jaxprune.main --config configs/prune_resnet.py:depth=56,steps=5,global,round_to=16 \
       --workdir workdirs/p56_iter
   # From a finished baseline run instead of training one:
   python -m jaxprune.main --config configs/prune_resnet.py \
@@ -37,7 +38,7 @@ from jaxprune import config_lib
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, depth=20, dataset="cifar10", ratio=0.5, criterion="l1",
-                              steps=1, round_to=1, epochs=160, finetune_epochs=40,
+                              steps=1, round_to=0, epochs=160, finetune_epochs=40,
                               target="flops", smoke=False, **{"global": False})
   config = config_lib.base_config("prune")
   config.model = config_lib.model_config("cifar_resnet", depth=args.depth)
@@ -57,7 +58,8 @@ def get_config(arg=None):
       "ratio": args.ratio,               # kept share of the dense network's target
       "steps": args.steps,               # prune + fine-tune rounds (1: one shot)
       "global_ranking": args["global"],
-      "round_to": args.round_to,
+      "round_to": args.round_to,         # kept widths a multiple of this (0: the backend's,
+                                         # 8 on a CPU; a group not wider at a finer one)
       "ignore": (),                      # leaf-path patterns of groups to keep whole
       "init_from": "",                   # variables of a trained dense network
       "scratch_comparison": True,

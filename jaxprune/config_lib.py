@@ -205,6 +205,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "tas.arch_beta2": (_interval(0, 1, hi_open=True), "an Adam beta, in [0, 1)"),
     "tas.latency_batch": (_int_at_least(0), "an integer >= 0 (0: report.inference_batch_size;"
                           " bounded by the device memory once the data is known)"),
+    "prune.round_to": (_int_at_least(0), "widths are rounded to a multiple of this: an "
+                       "integer >= 0 (0: the backend's default, 8 on a CPU; 1: no rounding)"),
     "prune.latency_batch": (_int_at_least(0), "an integer >= 0 (0: "
                             "report.inference_batch_size)"),
     "prune.latency_grid": (_int_at_least(1), "latency-table candidate widths per group: an "
@@ -227,6 +229,29 @@ for _name in ("eval_batch_size", "log_every_steps", "checkpoint_every_steps",
               "keep_checkpoints", "eval_every_epochs", "probe_batch_size"):
   RANGES[_name] = RANGES["batch_size"]
 RANGES["split_seed"] = RANGES["seed"]
+
+
+# Methods with no FLOPs, params or latency target by design (the papers): their own
+# sparsity decides the widths. A ``<method>.target`` key is refused in one line saying
+# why (by ``validate``, and by the CLI, where the key does not exist).
+NO_TARGET = {
+    "ista": ("ISTA has no target: the zero BN gammas decide the widths (lambda and rho_l "
+             "set how many; docs/methods/ista.md)"),
+    "autoprune": ("AutoPrune has no target: the gates h(M) decide what is kept "
+                  "(autoprune.regularization, lambda_m, sets how much; "
+                  "docs/methods/autoprune.md)"),
+}
+
+
+def no_target(key: str) -> str | None:
+  """The one line refusing ``key`` when it is ``<method>.target`` of a method in
+  :data:`NO_TARGET`, else None."""
+  method, _, rest = key.partition(".")
+  if rest != "target" or method not in NO_TARGET:
+    return None
+  return (f"config {key}: {NO_TARGET[method]}. For a FLOPs, params or latency target "
+          "prune with the prune recipe: configs/prune_resnet.py, "
+          "--config.prune.target=latency (or flops, params)")
 
 
 def range_rule(key: str) -> tuple[str, tuple[Any, str]] | None:
@@ -256,6 +281,10 @@ def validate(config: ml_collections.ConfigDict):
   def fail(key, value, want):
     raise UserError(f"config {key}={value!r}: {want}. Fix it with --config.{key}=...")
 
+  for method in NO_TARGET:
+    section = config.get(method)
+    if hasattr(section, "get") and section.get("target") is not None:
+      raise UserError(no_target(f"{method}.target"))
   model = config.get("model") or {}
   dtype = model.get("dtype") if hasattr(model, "get") else None
   if dtype not in (None, *COMPUTE_DTYPES):

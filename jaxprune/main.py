@@ -73,6 +73,8 @@ def _missing_key(config, dotted: str) -> str | None:
       return (f"The config has no key {dotted!r} (from --config.{dotted}): {where} is a "
               f"value ({type(node).__name__}), not a group of keys.{hint}")
     keys = list(node.keys())
+    if part not in keys and config_lib.no_target(dotted):
+      return config_lib.no_target(dotted)  # ista.target, autoprune.target: why not
     if part not in keys:
       where = ".".join(done) or "the config"
       close = difflib.get_close_matches(part, keys, n=3, cutoff=0.5)

@@ -83,7 +83,8 @@ def test_cli_prune_recipe_on_an_nnx_pmap_model(tmp_path):
   work = tmp_path / "work"
   proc = subprocess.run(
       [sys.executable, "-m", "jaxprune.main", "--config", "configs/prune_resnet.py:smoke",
-       "--config.model.name=nnx_pmap_cli:make", "--config.train.max_steps=2",
+       "--config.model.name=nnx_pmap_cli:make", "--config.prune.round_to=1",  # 6-wide groups
+       "--config.train.max_steps=2",
        "--config.finetune.max_steps=2", "--config.scratch.max_steps=2",
        "--workdir", str(work)], cwd=repo, env=env, capture_output=True, text=True,
       timeout=600, check=False)

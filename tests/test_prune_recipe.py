@@ -45,6 +45,14 @@ def test_taylor_criterion_uses_the_gradients_of_a_training_batch(tmp_path):
   config = _config("smoke,criterion=taylor")
   out = methods.run(config, str(tmp_path))
   assert out["criterion"] == "taylor" and out["flops_ratio"] <= 0.5
+  # prune.round_to=0 (the config's default): the backend's multiple, reported.
+  from jaxprune.engine import runtime  # pylint: disable=g-import-not-at-top
+  assert config.prune.round_to == 0 and out["round_to_source"] == "backend default"
+  assert out["round_to"] == runtime.default_round_to()
+  (step,) = out["steps"]
+  dense_widths = {16, 32, 64}  # cifar_resnet(8): every group wider than 8
+  assert not step["fitted_round_to"] and all(
+      w % out["round_to"] == 0 or w in dense_widths for w in step["widths"].values())
   # The gradients are those of the cross-entropy on batch 0 of the training split.
   from jaxprune import data, models  # pylint: disable=g-import-not-at-top
   from jaxprune.methods import prune as recipe  # pylint: disable=g-import-not-at-top
@@ -69,7 +77,8 @@ def test_taylor_criterion_uses_the_gradients_of_a_training_batch(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ({"ratio": 1.5}, "prune.ratio"), ({"criterion": "l3"}, "prune.criterion"),
     ({"steps": 0}, "prune.steps"), ({"target": "speed"}, "prune.target"),
-    ({"target": "latency", "latency_grid": 0}, "prune.latency_grid")])
+    ({"target": "latency", "latency_grid": 0}, "prune.latency_grid"),
+    ({"round_to": -1}, "prune.round_to")])
 def test_bad_prune_settings_are_one_line_errors_before_any_work(tmp_path, override, message):
   config = _config()
   config.prune.update(override)

@@ -19,6 +19,13 @@ Stages (reference ista.md §5), each resumable in ``<workdir>/<stage>/``:
   ``finetune`` for as many steps as fine-tuning had; ``ista.dense_recipe =
   "baseline"`` uses the ``dense`` section's SGD recipe instead).
 
+No FLOPs, params or latency target, by design: the zero gammas decide the widths
+(lambda and rho_l set how many), so ``ista.target`` is refused in one line
+(:data:`jaxprune.config_lib.NO_TARGET`); a target is the prune recipe's
+(``prune.target=latency``). The report gives the measured speed-up of the pruned
+network over the masked one (``speedup``, at ``report.inference_batch_size``) next to
+``flops_speedup``.
+
 Per-layer penalties rho_l come from the network's structure (§2,
 :func:`jaxprune.surgery.ista_rho`), or are 1 everywhere (``ista.rho = "uniform"``).
 ``<stage>/gamma_history.jsonl`` records every epoch's gammas (zero fractions, values);
@@ -273,6 +280,9 @@ def run(config, workdir: str) -> dict:
          "base_flops": base_counts["flops"], "pruned_flops": small_counts["flops"],
          "params_reduction": 1 - small_counts["params"] / base_counts["params"],
          "flops_reduction": 1 - small_counts["flops"] / base_counts["flops"],
+         "flops_speedup": base_counts["flops"] / small_counts["flops"],
+         # measured: the masked network's inference time over the pruned one's
+         "speedup": rows["base (masked)"]["inference_ms"] / rows["pruned"]["inference_ms"],
          "equivalence": equivalence, "rho": rho, "architecture": architecture}
   if cfg.dense_comparison:
     dense_model, multiplier = dense_equal_params(model, small_counts["params"],

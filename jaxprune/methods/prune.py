@@ -14,6 +14,10 @@ Stages:
 (:mod:`jaxprune.search.latency`, the one TAS's ``tas.cost=latency`` uses) timed at
 ``prune.latency_batch`` (default the report's inference batch) on
 ``prune.latency_grid`` candidate widths per group (multiples of ``prune.round_to``).
+``prune.round_to`` 0 (the default) is the backend's multiple
+(:func:`jaxprune.engine.runtime.default_round_to`, 8 on a CPU; a group not wider than
+it at a finer one, as ``prune_to(round_to=None)``); the run prints and reports the
+multiple used.
 Step k's network gets its own table, ``<workdir>/latency/step<k>.json``, measured
 once and reused while its fingerprint matches (the same device and software); the
 first is measured before the baseline trains, so an unreachable target stops the run
@@ -45,6 +49,7 @@ from jaxprune import config_lib, data, graph, surgery
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import distributed
 from jaxprune.engine import report
+from jaxprune.engine import runtime
 from jaxprune.search import latency as latency_lib
 from jaxprune.surgery import pruner
 from jaxprune.errors import UserError
@@ -65,8 +70,8 @@ def validate(config):
                     f"dense network's {cfg.target}")
   if cfg.steps < 1:
     raise UserError(f"prune.steps={cfg.steps} must be >= 1")
-  if cfg.round_to < 1:
-    raise UserError(f"prune.round_to={cfg.round_to} must be >= 1")
+  if cfg.round_to < 0:
+    raise UserError(f"prune.round_to={cfg.round_to} must be >= 0 (0: the backend's default)")
   if cfg.get("latency_grid", pruner.DEFAULT_GRID) < 1:
     raise UserError(f"prune.latency_grid={cfg.latency_grid} must be >= 1")
   if not isinstance(cfg.get("calibrate", True), bool):
@@ -77,6 +82,15 @@ def validate(config):
   if cfg.get("latency_batch", 0) < 0:
     raise UserError(f"prune.latency_batch={cfg.latency_batch} must be >= 0 (0: the "
                     "report's inference batch)")
+
+
+def round_to(config) -> tuple[int, bool]:
+  """``(multiple, fitted)``: ``prune.round_to``, or for 0 the backend's default
+  (:func:`jaxprune.engine.runtime.default_round_to`, which starts the backend: call it
+  after ``runtime.apply``) fitted to narrow groups."""
+  if config.prune.round_to:
+    return int(config.prune.round_to), False
+  return runtime.default_round_to(), True
 
 
 def latency_batch(config) -> int:
@@ -90,10 +104,10 @@ def latency_table(config, workdir: str, model, variables, input_shape, step: int
   measured on process 0's first device and saved there; every process uses process
   0's times."""
   cfg = config.prune
-  g = graph.trace(model, variables, input_shape, ignore=tuple(cfg.ignore),
-                  round_to=cfg.round_to)
-  cands = pruner.latency_candidates(g, [grp.id for grp in g.prunable()], cfg.round_to,
-                                    cfg.get("latency_grid", pruner.DEFAULT_GRID))
+  multiple, fitted = round_to(config)
+  g = graph.trace(model, variables, input_shape, ignore=tuple(cfg.ignore), round_to=multiple)
+  cands = pruner.latency_candidates(g, [grp.id for grp in g.prunable()], multiple,
+                                    cfg.get("latency_grid", pruner.DEFAULT_GRID), fitted)
   path = os.path.join(workdir, "latency", f"step{step}.json")
   batch = latency_batch(config)
   if distributed.is_main_process():
@@ -114,9 +128,10 @@ def check_prunable(config, model, input_shape) -> None:
   cfg = config.prune
   variables = jax.jit(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, *input_shape)),
                                          train=False))()
+  multiple, fitted = round_to(config)
   try:
     g = graph.trace(model, variables, input_shape, ignore=tuple(cfg.ignore),
-                    round_to=cfg.round_to)
+                    round_to=multiple)
   except UserError as e:
     raise UserError(f"prune: model {config.model.name!r} cannot be traced for pruning: "
                     f"{e}") from None
@@ -130,7 +145,7 @@ def check_prunable(config, model, input_shape) -> None:
     return
   try:
     surgery.select_channels(g, scores, global_ranking=cfg.global_ranking,
-                            **{f"{cfg.target}_ratio": cfg.ratio})
+                            fit_round_to=fitted, **{f"{cfg.target}_ratio": cfg.ratio})
   except UserError as e:
     raise UserError(f"prune: config prune.ratio={cfg.ratio}: {e}") from None
 
@@ -175,6 +190,11 @@ def run(config, workdir: str) -> dict:
   model = baseline.build_model(config.model, train_ds.num_classes, train_ds.image_shape)
   baseline.check_selectors(config, model, train_ds.image_shape)
   check_prunable(config, model, input_shape)
+  multiple, fitted = round_to(config)
+  if jax.process_index() == 0:
+    why = (f"the {jax.default_backend()} backend's default (prune.round_to=0); a group not "
+           "wider than it at a finer multiple" if fitted else "prune.round_to")
+    print(f"[prune] kept widths are multiples of {multiple}: {why}", flush=True)
   config_lib.check_workdir(workdir, config, datasets,  # after the data and model checks
                            sections=("train", "finetune", "scratch"))
   batch = config.report.inference_batch_size
@@ -221,7 +241,7 @@ def run(config, workdir: str) -> dict:
       target = {f"{cfg.target}_ratio": min(1.0, ratio * dense_count / now)}
     small, info = surgery.prune_to(
         current_model, current_vars, input_shape, criterion=cfg.criterion,
-        global_ranking=cfg.global_ranking, round_to=cfg.round_to,
+        global_ranking=cfg.global_ranking, round_to=None if fitted else multiple,
         ignore=tuple(cfg.ignore), key=jax.random.fold_in(key, k),
         grads=(taylor_grads(current_model, current_vars, train_ds, config.train.batch_size,
                             config.seed + k) if cfg.criterion == "taylor" else None),
@@ -235,7 +255,8 @@ def run(config, workdir: str) -> dict:
     steps.append({"step": k, "target_ratio": ratio, "accuracy_pruned": pruned_acc,
                   "accuracy_finetuned": fine.summary["eval_accuracy"],
                   "flops": info["after"]["flops"], "params": info["after"]["params"],
-                  "widths": {str(gid): int(kept.size) for gid, kept in info["keep"].items()}})
+                  "widths": {str(gid): int(kept.size) for gid, kept in info["keep"].items()},
+                  "fitted_round_to": {str(gid): r for gid, r in info["fitted_round_to"].items()}})
     if "predicted_speedup" in info:
       steps[-1]["predicted_speedup"] = info["predicted_speedup"]
     if "calibration" in info:
@@ -244,7 +265,8 @@ def run(config, workdir: str) -> dict:
 
   out = {"method": "prune", "dataset": config.dataset.name, "model": config.model.name,
          "criterion": cfg.criterion, "target": cfg.target, "ratio": cfg.ratio,
-         "round_to": cfg.round_to, "global_ranking": cfg.global_ranking,
+         "round_to": multiple, "round_to_source": "backend default" if fitted else "config",
+         "global_ranking": cfg.global_ranking,
          "dense_accuracy": dense_acc, "steps": steps,
          "pruned_accuracy": rows[f"step {cfg.steps}"]["accuracy"],
          "dense_flops": rows["dense"]["flops"], "pruned_flops": rows[f"step {cfg.steps}"]["flops"],

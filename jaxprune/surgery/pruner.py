@@ -202,9 +202,10 @@ def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
   smallest = {gid: int(a[0]) for gid, a in allowed.items()}
   if cost(smallest) > target * (1 + 1e-12):
     unit = "of the table's latency" if metric == "latency" else f"of the {metric}"
+    why = (f"round_to={round_to}, the backend's default, narrower groups at a finer "
+           "multiple; round_to=1 allows any width" if fit_round_to else f"round_to={round_to}")
     raise UserError(f"cannot reach {metric}_ratio={ratio}: the smallest network the "
-                    f"prunable groups allow (round_to={round_to}) has "
-                    f"{cost(smallest) / full:.3f} {unit}")
+                    f"prunable groups allow ({why}) has {cost(smallest) / full:.3f} {unit}")
   if metric == "latency" and global_ranking:
     kept = {gid: np.concatenate([[0.0], np.cumsum(np.sort(_normed(s))[::-1])])
             for gid, s in scores.items()}
