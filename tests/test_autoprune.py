@@ -414,3 +414,38 @@ def test_lambda_ramp_rises_linearly_then_holds_then_freezes_with_the_mask():
   config.autoprune.regularization_warmup_epochs = prune_epochs + 0.5
   with pytest.raises(recipe.UserError, match="longer than prune_epochs"):
     recipe.transform(config, per_epoch, 5 * per_epoch, ap.DEFAULT_MASK)
+
+
+def test_cosine_m_schedule_decays_the_m_step_to_zero_at_the_end_of_pruning():
+  """``m_schedule="cosine"``: M's learning rate is lr_m * (1 + cos(pi t / T)) / 2 over
+  the T pruning steps and 0 after; with zero loss gradient m moves by
+  -lr_m(t) * lambda_m * sigmoid(m)."""
+  rng = _rng()
+  per_epoch, prune_epochs = int(rng.integers(3, 9)), 3
+  lam, lr_m = float(rng.uniform(1e-3, 1e-1)), float(rng.uniform(0.5, 2.0))
+  config = _config("smoke,arch=lenet300")
+  config.train.epochs = 5
+  config.autoprune.update(prune_epochs=prune_epochs, regularization=lam,
+                          m_learning_rate=lr_m, m_schedule="cosine")
+  cut = prune_epochs * per_epoch
+  tx, _ = recipe.transform(config, per_epoch, 5 * per_epoch, ap.DEFAULT_MASK)
+  params = _params(rng)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  m0 = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+  update = jax.jit(tx.update)
+  for t in (0, 1, cut // 2, cut - 1, cut, cut + 1):
+    state = tx.init(params)
+    at_t = lambda x: (jnp.asarray(t, x.dtype) if jnp.ndim(x) == 0 and
+                      jnp.issubdtype(x.dtype, jnp.integer) else x)  # M's optimizer count
+    pruner = state[0]._replace(count=jnp.asarray(t, state[0].count.dtype),
+                               m={**state[0].m, "fc1": {**state[0].m["fc1"], "kernel": m0}},
+                               m_opt_state=jax.tree.map(at_t, state[0].m_opt_state))
+    _, new = update(grads, (pruner,) + tuple(state[1:]), params)
+    lr_t = lr_m * 0.5 * (1 + np.cos(np.pi * t / cut)) if t < cut else 0.0
+    lam_t = lam if t < cut else 0.0
+    want = m0 - lr_t * lam_t / (1 + np.exp(-np.asarray(m0)))
+    np.testing.assert_allclose(new[0].m["fc1"]["kernel"], want, rtol=1e-5, atol=1e-7,
+                               err_msg=f"step {t}")
+  config.autoprune.m_schedule = "linear"
+  with pytest.raises(recipe.UserError, match="m_schedule"):
+    recipe.transform(config, per_epoch, 5 * per_epoch, ap.DEFAULT_MASK)

@@ -64,6 +64,9 @@ def autoprune_config(**overrides) -> ml_collections.ConfigDict:
       "finetune_learning_rate": config_dict.placeholder(float),  # "restart" peak; None: train's
       "finetune_weight_decay": config_dict.placeholder(float),  # None: train.weight_decay
       "m_learning_rate": 1.0,
+      # M's lr over the pruning: "constant" (then 0: the mask freezes), or "cosine"
+      # (decays to 0 at the end of pruning, so the mask settles before it freezes).
+      "m_schedule": "constant",
       "regularization": 1e-4,      # lambda_m
       "regularizer": "l1_step",
       "surrogate": "softplus",
@@ -151,13 +154,19 @@ def transform(cfg, steps_per_epoch: int, total_steps: int, mask):
     ramp = optax.linear_schedule(0.0, a.regularization, warmup)
     lam = optax.join_schedules([ramp, optax.piecewise_constant_schedule(
         a.regularization, {prune_steps - warmup: 0.0})], [warmup])
+  m_lr = freeze(a.m_learning_rate)
+  m_schedule = a.get("m_schedule", "constant")
+  if m_schedule not in ("constant", "cosine"):
+    raise UserError(f"autoprune.m_schedule={m_schedule!r}: use 'constant' or 'cosine'.")
+  if m_schedule == "cosine" and prune_steps > 0:
+    m_lr = optax.cosine_decay_schedule(a.m_learning_rate, prune_steps)  # 0 from prune_steps
   decay = cfg.train.weight_decay
   if a.get("finetune_weight_decay") is not None:
     wd0, wd1 = float(decay), float(a.finetune_weight_decay)
     decay = lambda t: jnp.where(t < prune_steps, wd0, wd1)
   try:
     pruner = ap.autoprune(
-        freeze(a.m_learning_rate), regularization=lam,
+        m_lr, regularization=lam,
         regularizer=a.regularizer, surrogate=a.surrogate, slope=a.slope, rule=a.rule,
         granularity=a.granularity, neuron_axis=a.get("neuron_axis", "out"), mask=mask,
         m_init=a.m_init,
