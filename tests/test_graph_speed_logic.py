@@ -243,6 +243,24 @@ def _slow_scores(g, values, criterion, grads=None):
   return out
 
 
+def _slow_kept_slices(g, keep):
+  """Per leaf axis: every index minus the union, as Python ints, of the removed
+  channels' indices of every member there."""
+  removed = {}
+  for gid, kept in keep.items():
+    grp = g.groups[gid]
+    gone = sorted(set(range(grp.width)) - set(int(c) for c in kept))
+    for m in grp.members:
+      for c in gone:
+        removed.setdefault((m.path, m.axis), set()).update(int(i) for i in m.index[c].ravel())
+  sizes = dict(zip(g.traced.paths, g.traced.shapes))
+  out = {}
+  for (path, axis), gone in removed.items():
+    out.setdefault(path, {})[axis] = np.asarray(
+        [i for i in range(sizes[path][axis]) if i not in gone], np.int64)
+  return out
+
+
 # ------------------------------------------------------------ comparisons
 
 def _assert_same_scores(got, want):
@@ -290,6 +308,12 @@ def _check(model, variables, input_shape, call, rng):
   _assert_same_groups(g.groups, _slow_groups(g.traced, w, comp, leaf_ids, x_ids, out_ids))
   for keep in _random_keeps(g, rng, 6):
     assert g.predict(keep) == _slow_predict(g, keep)
+    want, got = _slow_kept_slices(g, keep), graph.kept_slices(g, keep)
+    assert {p: sorted(a) for p, a in got.items()} == {p: sorted(a) for p, a in want.items()}
+    for path, axes in want.items():
+      for axis, idx in axes.items():
+        assert got[path][axis].dtype == np.int64
+        np.testing.assert_array_equal(got[path][axis], idx)
   return g
 
 

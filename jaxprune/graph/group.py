@@ -549,7 +549,7 @@ def kept_slices(graph: Graph, keep: Mapping[Any, Sequence[int]]) -> dict[str, di
     UserError: for an unknown or unprunable group, an index out of range, or a
       group left with no channel.
   """
-  removed: dict[tuple[str, int], set] = {}
+  removed: dict[tuple[str, int], list] = {}
   sizes = dict(zip(graph.traced.paths, graph.traced.shapes))
   for key, kept in keep.items():
     gid = key.id if isinstance(key, Group) else int(key)
@@ -567,9 +567,10 @@ def kept_slices(graph: Graph, keep: Mapping[Any, Sequence[int]]) -> dict[str, di
       raise UserError(f"group {gid} would keep no channel; keep at least one")
     gone = np.setdiff1d(np.arange(g.width), kept)
     for m in g.members:
-      removed.setdefault((m.path, m.axis), set()).update(m.index[gone].ravel().tolist())
+      removed.setdefault((m.path, m.axis), []).append(m.index[gone].ravel())
   out: dict[str, dict[int, np.ndarray]] = {}
-  for (path, axis), gone in removed.items():
-    n = sizes[path][axis]
-    out.setdefault(path, {})[axis] = np.setdiff1d(np.arange(n), np.fromiter(gone, np.int64))
+  for (path, axis), gone in removed.items():  # a mask per leaf axis (no Python ints)
+    mask = np.ones(sizes[path][axis], bool)
+    mask[np.concatenate(gone)] = False
+    out.setdefault(path, {})[axis] = np.flatnonzero(mask).astype(np.int64)
   return out
