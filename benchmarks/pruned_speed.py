@@ -14,9 +14,14 @@ with ``round_to`` = :func:`jaxprune.engine.runtime.default_round_to` of the back
 (``--round_to`` to change it). Each model runs in a process of its own, with the XLA:CPU
 flag that :mod:`jaxprune.engine.runtime`'s rule picks for it (as ``jaxprune.main`` does),
 and times the base and the pruned networks alternately (one call of each per round,
-median over rounds): the ratios come from one run on one machine. Columns: speed-up
+median over at least ``--rounds`` rounds and ``--min_timing_s`` seconds of calls): the
+ratios come from one run on one machine. Columns: speed-up
 (base ms / pruned ms), speed-up / FLOPs reduction, speed-up / requested speed-up
-(1 / ratio).
+(1 / ratio); latency rows also give the table's predicted speed-up and what
+``prune_to``'s calibration measured while pruning (its own alternated timing at the
+row's batch, its rounds and whether it met the request). A latency target the table
+cannot reach at ``round_to`` is a row with ``prune_to``'s one-line refusal; the other
+rows are kept.
 
 **The runtime rule's figures** (``--flags``): the same three unpruned models, each
 program compiled three times in one process, with XLA:CPU's stock settings, with
@@ -145,12 +150,26 @@ def build(name: str):
   return {"mobilenetv2": MobileNetV2, "vit_s": ViTS}[name]()
 
 
-def alternated_ms(fns: dict, x, rounds: int) -> dict:
-  """Median ms of every ``fn(x)`` (compiled, blocking), one call of each per round."""
+MIN_TIMING_S = 10.0  # at least this long of timed calls per table (more rounds for fast nets)
+MAX_ROUNDS = 400
+
+
+def alternated_ms(fns: dict, x, rounds: int, min_s: float = MIN_TIMING_S) -> dict:
+  """Median ms of every ``fn(x)`` (compiled, blocking), one call of each per round;
+  at least ``rounds`` rounds and about ``min_s`` seconds of calls (at most
+  :data:`MAX_ROUNDS` rounds): at batch 1 ten rounds are a fraction of a second, which a
+  loaded machine's noise swamps (as ``prune_to``'s calibration timer does)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  for f in fns.values():
+  for f in fns.values():  # compiles
     jax.block_until_ready(f(x))
+  t = time.perf_counter()
+  for f in fns.values():  # one untimed round: how many rounds fill min_s
+    jax.block_until_ready(f(x))
+  once = time.perf_counter() - t
+  rounds = int(min(MAX_ROUNDS, max(rounds, math.ceil(min_s / max(once, 1e-6)))))
+  print(f"[timing] {rounds} alternated rounds of {', '.join(fns)} (batch {x.shape[0]}, "
+        f"load average {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
   times = {n: [] for n in fns}
   for _ in range(rounds):
     for name, f in fns.items():
@@ -175,12 +194,13 @@ def zoo_model_rows(name: str, args) -> list:
   flag = runtime.configure(profile=profile)  # before the backend starts
   import jax  # pylint: disable=g-import-not-at-top
   from jaxprune import flops, surgery  # pylint: disable=g-import-not-at-top
+  from jaxprune.errors import UserError  # pylint: disable=g-import-not-at-top
   round_to = args.round_to or runtime.default_round_to()
   variables = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, *SHAPE)),
                                         train=False))
   base_flops = flops.count(model, variables, SHAPE)["flops"]
   latency = "latency_ratio" in inspect.signature(surgery.prune_to).parameters
-  pruned = {}
+  pruned, refused = {}, []
   t0 = time.perf_counter()
   ignore = IGNORE.get(name, ())
   small, _ = surgery.prune_to(model, variables, SHAPE, criterion="l1",
@@ -188,10 +208,15 @@ def zoo_model_rows(name: str, args) -> list:
   pruned["flops"] = {b: small for b in args.batches}
   for b in (args.latency_batches or args.batches) if latency else ():
     grid = {"latency_grid": args.latency_grid} if args.latency_grid else {}
-    small, info = surgery.prune_to(model, variables, SHAPE, criterion="l1",
-                                   latency_ratio=args.ratio, batch_size=b,
-                                   round_to=round_to, ignore=ignore, **grid)
-    pruned.setdefault("latency", {})[b] = (small, info["predicted_speedup"])
+    try:
+      small, info = surgery.prune_to(model, variables, SHAPE, criterion="l1",
+                                     latency_ratio=args.ratio, batch_size=b,
+                                     round_to=round_to, ignore=ignore, **grid)
+    except UserError as e:  # a target the table cannot reach: a row that says so
+      refused.append({"model": name, "target": f"latency {args.ratio:g}", "batch": b,
+                      "round_to": round_to, "flag": bool(flag), "refused": str(e)})
+      continue
+    pruned.setdefault("latency", {})[b] = (small, _latency_info(info))
   print(f"[{name}] pruned in {time.perf_counter() - t0:.0f} s (XLA:CPU conv flag "
         f"{'on' if flag else 'off'}, grouped conv share {runtime.grouped_share(profile):.3f}, "
         f"round_to={round_to})", file=sys.stderr, flush=True)
@@ -203,7 +228,7 @@ def zoo_model_rows(name: str, args) -> list:
       if b in per_batch:
         small = per_batch[b][0] if target == "latency" else per_batch[b]
         nets[target] = forward(small.model, small.variables)
-    ms = alternated_ms(nets, x, args.rounds)
+    ms = alternated_ms(nets, x, args.rounds, args.min_timing_s)
     for target, per_batch in pruned.items():
       if b not in per_batch:
         continue
@@ -214,9 +239,21 @@ def zoo_model_rows(name: str, args) -> list:
              "pruned_ms": ms[target], "flops_reduction": base_flops / f,
              "base_mflops": base_flops / 1e6, "pruned_mflops": f / 1e6}
       if target == "latency":
-        row["predicted_speedup"] = per_batch[b][1]
+        row.update(per_batch[b][1])
       rows.append(row)
-  return rows
+  return rows + refused
+
+
+def _latency_info(info) -> dict:
+  """What a latency row records of ``prune_to``'s info: the table's prediction and, when
+  calibrated (the default), the calibration's own measured speed-up (at the row's batch,
+  timed while pruning) and its rounds."""
+  out = {"predicted_speedup": float(info["predicted_speedup"])}
+  if "calibration" in info:
+    out.update(measured_speedup=float(info["measured_speedup"]),
+               calibration_rounds=int(info["calibration"]["rounds"]),
+               calibration_met=bool(info["calibration"]["met"]))
+  return out
 
 
 def zoo(args, argv):
@@ -229,18 +266,26 @@ def zoo(args, argv):
       print(f"[{name}] failed (exit {run.returncode}); its rows are missing", flush=True)
       continue
     rows += json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"[{name}] rows: {run.stdout.strip().splitlines()[-1]}", flush=True)
   print()
   print("| model | target | batch | XLA:CPU conv flag | MFLOPs base -> pruned | base ms | "
         "pruned ms | speed-up | FLOPs reduction | speed-up / FLOPs reduction | "
-        "speed-up / requested | table's predicted speed-up |")
-  print("|---" * 12 + "|")
+        "speed-up / requested | table's predicted speed-up | calibration: measured speed-up "
+        "(rounds, met) |")
+  print("|---" * 13 + "|")
   for r in rows:
+    if "refused" in r:
+      print(f"| {r['model']} | {r['target']} | {r['batch']} | {'on' if r['flag'] else 'off'} | "
+            f"refused: {r['refused']} |" + " |" * 8, flush=True)
+      continue
     s = r["base_ms"] / r["pruned_ms"]
     pred = f"{r['predicted_speedup']:.2f}x" if "predicted_speedup" in r else ""
+    cal = (f"{r['measured_speedup']:.2f}x ({r['calibration_rounds']}, "
+           f"{'met' if r['calibration_met'] else 'not met'})" if "measured_speedup" in r else "")
     print(f"| {r['model']} | {r['target']} | {r['batch']} | {'on' if r['flag'] else 'off'} | "
           f"{r['base_mflops']:.1f} -> {r['pruned_mflops']:.1f} | {r['base_ms']:.2f} | "
           f"{r['pruned_ms']:.2f} | {s:.2f}x | {r['flops_reduction']:.2f}x | "
-          f"{s / r['flops_reduction']:.2f} | {s * args.ratio:.2f} | {pred} |", flush=True)
+          f"{s / r['flops_reduction']:.2f} | {s * args.ratio:.2f} | {pred} | {cal} |", flush=True)
 
 
 def flag_figures(args):
@@ -389,6 +434,9 @@ def main(argv):
   parser.add_argument("--latency_grid", type=int, default=None,
                       help="latency candidates per group (default: prune_to's)")
   parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 20)")
+  parser.add_argument("--min_timing_s", type=float, default=MIN_TIMING_S,
+                      help="zoo table: at least this many seconds of timed calls per "
+                      "model and batch (more rounds for fast networks)")
   parser.add_argument("--ratio", type=float, default=0.5, help="the FLOPs / latency target")
   parser.add_argument("--round_to", type=int, default=0,
                       help="0: runtime.default_round_to() of the backend")
