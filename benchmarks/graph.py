@@ -152,10 +152,14 @@ def _prune_decoder(model, variables, shape):
   attributes: the rebuild takes them from ``overrides=`` (never guessed), set here from
   the kept KV groups (4 query heads each). Its one ``head_dim`` serves both q.k and v,
   which the graph finds as two groups: they stay whole here."""
+  steps = [time.perf_counter()]
   g = graph.trace(model, variables, shape)
+  steps.append(time.perf_counter())
   scores = importance.group_scores(g, graph.named_leaves(model, variables), "l1")
   scores = {gid: s for gid, s in scores.items() if g.groups[gid].kind != "head_dim"}
+  steps.append(time.perf_counter())
   keep = pruner.select_channels(g, scores, flops_ratio=0.5)
+  steps.append(time.perf_counter())
   overrides = {}
   for grp in g.groups:
     if grp.kind == "heads":
@@ -164,7 +168,9 @@ def _prune_decoder(model, variables, shape):
       overrides[k.path.split("/", 1)[1].rsplit("/", 2)[0]] = {
           "kv_heads": n, "heads": n * model.heads // model.kv_heads}
   small = surgery.prune(model, variables, shape, keep, graph=g, overrides=overrides)
-  return small, g.predict(keep)
+  jax.block_until_ready(small.variables)
+  steps.append(time.perf_counter())
+  return small, g.predict(keep), np.diff(steps)
 
 
 def prune_table(decoder_weights):
@@ -200,8 +206,10 @@ def prune_table(decoder_weights):
                                        flops_ratio=0.5)
         after = info["after"]
       else:  # token ids with their batch of one: the rebuild reads a struct as a batch
-        small, after = _prune_decoder(model, variables,
-                                      jax.ShapeDtypeStruct((1, *spec.shape), spec.dtype))
+        small, after, parts = _prune_decoder(
+            model, variables, jax.ShapeDtypeStruct((1, *spec.shape), spec.dtype))
+        step += (": trace / l1 scores / select / prune (slice, rebuild check) "
+                 f"({' / '.join(f'{p:.2f}' for p in parts)})")
       jax.block_until_ready(small.variables)
       rows.append((name, step, f"{time.perf_counter() - t:.2f}",
                    f"{after['flops'] / 1e9:.2f}G", f"{after['params'] / 1e6:.0f}M"))

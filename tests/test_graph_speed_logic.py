@@ -332,10 +332,11 @@ def test_random_networks_give_the_per_channel_groups_predictions_and_scores():
       if criterion == "bn_scale" and len(want) < len(g.prunable()):
         continue  # a group without a scale is an error there, tested elsewhere
       importance.CHUNK = int(rng.choice([1, 3, 64, 1 << 17]))  # leaves read in chunks
+      rebuild_lib.PARALLEL_BYTES = int(rng.choice([0, 1 << 26]))  # 0: on threads
       try:
         got = importance.group_scores(g, values, criterion, grads=grads)
       finally:
-        importance.CHUNK = 1 << 17
+        importance.CHUNK, rebuild_lib.PARALLEL_BYTES = 1 << 17, 1 << 26
       assert got.keys() == want.keys()
       for k in want:
         _assert_same_scores(got[k], want[k])
@@ -378,7 +379,8 @@ def test_one_pass_slicing_is_take_axis_by_axis():
   blocks of the first axis through a small intermediate) gives, bit for bit, what
   ``np.take`` axis after axis gives: random shapes, axes, kept sets, dtypes, strided
   inputs, tiny blocks, and a leaf past the 4 MiB mmap threshold. The input is untouched;
-  on a CPU the JAX array is the result itself (no copy)."""
+  on a CPU the JAX array is the result itself (no copy). ``slice_tree`` of many leaves
+  at once, on threads, gives the same arrays, and the first bad leaf's error."""
   rng = np.random.default_rng()
   cases = [tuple(int(n) for n in rng.integers(1, 7, rng.integers(1, 5))) for _ in range(40)]
   cases.append((1100, 1000))  # 4.4 MB of float32: the mmap path
@@ -409,6 +411,21 @@ def test_one_pass_slicing_is_take_axis_by_axis():
     np.testing.assert_array_equal(np.asarray(on_device), want)
     if jax.default_backend() == "cpu" and got.dtype != np.float64:
       assert on_device.unsafe_buffer_pointer() == got.ctypes.data
+  tree = {f"leaf{i}": np.asarray(rng.normal(size=shape), np.float32)
+          for i, shape in enumerate(cases[:20])}
+  slices = {k: {0: np.sort(rng.choice(v.shape[0], int(rng.integers(1, v.shape[0] + 1)),
+                                      replace=False))} for k, v in tree.items()}
+  want = {k: np.take(v, slices[k][0], axis=0) for k, v in tree.items()}
+  bad = sorted(rng.choice(list(tree), 2, replace=False))  # a dict's leaves: sorted keys
+  rebuild_lib.PARALLEL_BYTES = 0
+  try:
+    got = rebuild_lib.slice_tree(tree, slices)
+    for k in tree:
+      np.testing.assert_array_equal(got[k], want[k])
+    with pytest.raises(UserError, match=f"kept indices of {bad[0]} axis 0 must be sorted"):
+      rebuild_lib.slice_tree(tree, {**slices, **{k: {0: np.array([0, 0])} for k in bad}})
+  finally:
+    rebuild_lib.PARALLEL_BYTES = 1 << 26
 
 
 class _Mlp(nn.Module):

@@ -22,6 +22,7 @@ import numpy as np
 from jaxprune.errors import UserError
 from jaxprune.graph import Graph, Group
 from jaxprune.graph.tracing import leaf_name
+from jaxprune.surgery.rebuild import parallel_map
 
 CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random")
 
@@ -171,14 +172,18 @@ def group_scores(graph: Graph, values: Mapping[str, Any], criterion: str = "l1",
         needed[m.path].append(m.axis)
   reduced = {}  # (leaf, axis) -> per-index reduction
   if criterion in ("l1", "l2", "taylor"):
-    for path, axes in needed.items():
-      grad = None
-      if criterion == "taylor":
-        grad = _lookup(named_grads, path)
-        if grad is None:
+    grads_of = {}
+    if criterion == "taylor":
+      for path in needed:
+        grads_of[path] = _lookup(named_grads, path)
+        if grads_of[path] is None:
           raise UserError(f"no gradient for {path} in `grads`")
-      for axis, sums in _reduce_axes(values[path], axes, criterion, grad).items():
-        reduced[(path, axis)] = sums
+    sums = parallel_map(
+        lambda item: _reduce_axes(values[item[0]], item[1], criterion, grads_of.get(item[0])),
+        needed.items(), sum(getattr(values[p], "nbytes", 0) for p in needed))
+    for (path, _), per_axis in zip(needed.items(), sums):
+      for axis, s in per_axis.items():
+        reduced[(path, axis)] = s
 
   out = {}
   for g in groups:

@@ -45,11 +45,13 @@ names it, and ``overrides=`` sets it.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import inspect
 import itertools
 import mmap
+import os
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -265,9 +267,28 @@ def slice_tree(tree: Any, slices: Slices, *, path_fn: Callable = leaf_path) -> A
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
   paths = [path_fn(kp) for kp, _ in flat]
   _check_paths(slices, paths)
-  leaves = [_slice_leaf(p, x, slices[p]) if p in slices else x
-            for p, (_, x) in zip(paths, flat)]
+  todo = [(p, x) for p, (_, x) in zip(paths, flat) if p in slices]
+  done = dict(zip([p for p, _ in todo], parallel_map(
+      lambda t: _slice_leaf(t[0], t[1], slices[t[0]]), todo,
+      sum(getattr(x, "nbytes", 0) for _, x in todo))))
+  leaves = [done[p] if p in done else x for p, (_, x) in zip(paths, flat)]
   return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+PARALLEL_BYTES = 1 << 26  # from this much data up, leaves are processed on threads
+
+
+def parallel_map(fn: Callable, items, nbytes: int) -> list:
+  """``[fn(item) for item in items]``, on up to ``os.cpu_count()`` (at most 8) threads
+  when the items hold ``PARALLEL_BYTES`` or more (numpy's take, casts and reductions
+  release the GIL: a large model's leaves are sliced and scored side by side). The
+  first item's error in order is the one raised, as in the loop."""
+  items = list(items)
+  workers = min(8, os.cpu_count() or 1, len(items))
+  if workers < 2 or nbytes < PARALLEL_BYTES:
+    return [fn(item) for item in items]
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return list(pool.map(fn, items))
 
 
 def _check_paths(slices, paths):
