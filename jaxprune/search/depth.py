@@ -28,19 +28,17 @@ from collections.abc import Mapping, Sequence
 import flax.linen as nn
 from flax import nnx
 import jax
-import jax.extend as jex
 import numpy as np
 
 from jaxprune.errors import UserError
-from jaxprune.graph.propagate import _subjaxpr
+from jaxprune.graph import interpret
 from jaxprune.models import external
 from jaxprune.models.tas_resnet import depth_candidates
 
-_LAYERS = ("conv_general_dilated", "dot_general")
-# Elementwise ops a block's output may pass through (with constant other operands).
-_UNARY = {"max", "min", "convert_element_type", "tanh", "logistic", "abs", "erf", "exp",
-          "integer_pow", "mul", "div", "add", "sub", "custom_jvp_call", "pjit",
-          "custom_vjp_call", "copy", "copy_p"}
+# Elementwise ops a block's output may pass through (with constant other operands),
+# also inside a call (jax.nn.relu is a custom_jvp call).
+_UNARY = {"max", "min", "tanh", "logistic", "abs", "erf", "exp", "integer_pow", "mul", "div",
+          "add", "sub"} | interpret.CASTS
 
 
 @dataclasses.dataclass
@@ -84,17 +82,15 @@ class Stage:
     return tuple(blk.params for blk in self.blocks)
 
 
-def _is_lit(v) -> bool:
-  return isinstance(v, jex.core.Literal)
+_is_lit = interpret.is_literal
 
 
 def _count_layers(eqn) -> int:
-  if eqn.primitive.name in _LAYERS:
+  """The convs and matmuls of `eqn` and of every jaxpr nested in it (once per body,
+  as the graph's op table lists them)."""
+  if eqn.primitive.name in interpret.LAYERS:
     return 1
-  nested = _subjaxpr(eqn)
-  if nested is None:
-    return 0
-  return sum(_count_layers(e) for e in nested[0].eqns)
+  return sum(_count_layers(e) for body in interpret.bodies(eqn) for e in body.jaxpr.eqns)
 
 
 def _common_prefix(paths) -> str:
@@ -123,22 +119,13 @@ def find_stages(jaxpr, leaf_paths: Sequence[str | None], data_index: int,
   """
   eqns = jaxpr.eqns
   n_eq = len(eqns)
-  defs, uses = {}, {}
-  for i, e in enumerate(eqns):
-    for v in e.outvars:
-      defs[v] = i
-    for v in e.invars:
-      if not _is_lit(v):
-        uses.setdefault(v, []).append(i)
+  uses, defs = interpret.uses_defs(jaxpr)
   outputs = {v for v in jaxpr.outvars if not _is_lit(v)}
   live = set(range(n_eq))
   if allow_outputs:  # the eqns the logits depend on
     outputs = {v for v in jaxpr.outvars[:1] if not _is_lit(v)}
-    need, live = set(outputs), set()
-    for i in range(n_eq - 1, -1, -1):
-      if any(v in need for v in eqns[i].outvars):
-        live.add(i)
-        need.update(v for v in eqns[i].invars if not _is_lit(v))
+    flags, _ = interpret.liveness(jaxpr, [True] + [False] * (len(jaxpr.outvars) - 1))
+    live = {i for i, f in enumerate(flags) if f}
   bit = {}  # var -> its own bit
   anc = {}  # data var -> bits of the data vars it depends on
   srcs = {}  # non-data var -> leaf paths it derives from
@@ -172,7 +159,8 @@ def find_stages(jaxpr, leaf_paths: Sequence[str | None], data_index: int,
     """``v`` continued through the elementwise ops only it feeds."""
     while v not in outputs and len([k for k in uses.get(v, ()) if k in live]) == 1:
       e = eqns[[k for k in uses[v] if k in live][0]]
-      if (e.primitive.name not in _UNARY or len(e.outvars) != 1
+      if ((e.primitive.name not in _UNARY and interpret.call_body(e) is None)
+          or len(e.outvars) != 1
           or tuple(e.outvars[0].aval.shape) != tuple(v.aval.shape)
           or any(u is not v and not is_const(u) for u in e.invars)
           or sum(u is v for u in e.invars) != 1 or _count_layers(e)):
@@ -249,21 +237,25 @@ def find_stages(jaxpr, leaf_paths: Sequence[str | None], data_index: int,
   return [s for s in stages if len(s.candidates) > 1]
 
 
+class _Skipping(interpret.Interpreter):
+  """Binds the top level's eqns (calls whole), replacing the outputs ``skip`` maps."""
+
+  def __init__(self, skip: Mapping):
+    self.skip = skip
+
+  def descend(self, frame, i, eqn, tags) -> bool:
+    return False
+
+  def equation(self, frame, i, eqn, vals, tags):
+    outs, out_tags = super().equation(frame, i, eqn, vals, tags)
+    return [frame.env[self.skip[v]].astype(o.dtype) if v in self.skip else o
+            for v, o in zip(eqn.outvars, outs)], out_tags
+
+
 def eval_skipping(closed, args, skip: Mapping):
   """Evaluates a closed jaxpr with the vars ``skip`` maps replaced: ``y := x`` (in
   ``y``'s dtype, e.g. a block of a bfloat16 model whose input is float32)."""
-  env = dict(zip(closed.jaxpr.constvars, closed.consts))
-  env.update(zip(closed.jaxpr.invars, args))
-  read = lambda v: v.val if _is_lit(v) else env[v]
-  for e in closed.jaxpr.eqns:
-    with e.ctx.manager:
-      outs = e.primitive.bind(*[read(v) for v in e.invars],
-                              **e.primitive.get_bind_params(e.params))
-    if not e.primitive.multiple_results:
-      outs = [outs]
-    for v, o in zip(e.outvars, outs):
-      env[v] = env[skip[v]].astype(o.dtype) if v in skip else o
-  return [read(v) for v in closed.jaxpr.outvars]
+  return _Skipping(skip).interpret(closed, args)
 
 
 class SkipBlocks(nn.Module):

@@ -153,14 +153,15 @@ class Factor:
   terms: list   # [(group index, [n_candidates] fraction of the ids kept)]
 
 
-def factors(cands: Candidates) -> list[list[Factor]]:
-  """Per op of ``cands.graph.ops``: a :class:`Factor` per FLOPs factor (the same
-  kept fractions the TAS FLOPs cost uses, tas.md §5)."""
+def channel_factor(graph, groups, candidates) -> Callable[[Any], Factor]:
+  """The :class:`Factor` of a channel axis (its ids) when each of `groups` keeps a
+  prefix of its channels, one of its `candidates`: the one rule for the FLOPs cost of
+  TAS (tas.md §5) and the latency table."""
   comp_to = {}
-  for s, g in enumerate(cands.groups):
+  for s, g in enumerate(groups):
     for c, comp in enumerate(g.channels):
       comp_to[int(comp)] = (s, c)
-  comps = cands.graph.components
+  comps = graph.components
 
   def factor(ids):
     ids = np.asarray(ids)
@@ -172,9 +173,16 @@ def factors(cands: Candidates) -> list[list[Factor]]:
         const += 1
       else:
         counts.setdefault(hit[0], []).append(hit[1])
-    terms = [(s, np.asarray([np.sum(np.asarray(ch) < c) / n for c in cands.candidates[s]],
+    terms = [(s, np.asarray([np.sum(np.asarray(ch) < c) / n for c in candidates[s]],
                             np.float32)) for s, ch in counts.items()]
     return Factor(const / n if n else 1.0, terms)
+  return factor
+
+
+def factors(cands: Candidates) -> list[list[Factor]]:
+  """Per op of ``cands.graph.ops``: a :class:`Factor` per FLOPs factor (the same
+  kept fractions the TAS FLOPs cost uses, tas.md §5)."""
+  factor = channel_factor(cands.graph, cands.groups, cands.candidates)
   return [[factor(f) for f in op.factors] for op in cands.graph.ops]
 
 

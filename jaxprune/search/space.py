@@ -55,7 +55,6 @@ from typing import Any
 import flax.linen as nn
 from flax import nnx
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
@@ -63,16 +62,16 @@ from jaxprune import kernels
 from jaxprune.errors import UserError
 from jaxprune.graph import group as graph_lib
 from jaxprune.graph import tracing
-from jaxprune.graph.propagate import _subjaxpr
+from jaxprune.graph import interpret
 from jaxprune.models import external
 from jaxprune.models.tas_resnet import Selection, width_candidates
 from jaxprune.search import depth as depth_lib
+from jaxprune.search import latency as latency_lib
 from jaxprune.surgery.rebuild import probe_inputs
 
 _ARCH_INIT_STD = 0.01  # tas.md §1
 _AFFINE = ("add", "sub", "mul", "div")
-_PASS = ("convert_element_type", "copy", "copy_p")
-_SHAPE = ("reshape", "transpose", "broadcast_in_dim")
+_PASS = interpret.CASTS
 
 
 def rounded_candidates(width: int, round_to: int = 1) -> tuple[int, ...]:
@@ -92,12 +91,6 @@ def fitted_candidates(width: int, round_to: int, num_picks: int) -> tuple[int, .
   while r > 1 and len(rounded_candidates(width, r)) < num_picks:
     r //= 2
   return rounded_candidates(width, max(r, 1))
-
-
-@dataclasses.dataclass
-class _Factor:
-  const: float  # kept fraction of the ids outside every searched group
-  terms: list  # [(searched group index, [n_candidates] fraction of the ids kept)]
 
 
 def _as_linen(model, variables, call=None):
@@ -375,29 +368,7 @@ class SearchSpace:
     return self.graph.flops
 
   def _cost_table(self):
-    comp_to = {}
-    for s, g in enumerate(self.groups):
-      for c, comp in enumerate(g.channels):
-        comp_to[int(comp)] = (s, c)
-    comps = self.graph.components
-
-    def factor(ids):
-      ids = np.asarray(ids)
-      n = ids.size
-      const, counts = 0, {}
-      for comp in comps[ids]:
-        hit = comp_to.get(int(comp))
-        if hit is None:
-          const += 1
-        else:
-          counts.setdefault(hit[0], []).append(hit[1])
-      terms = []
-      for s, channels in counts.items():
-        channels = np.asarray(channels)
-        terms.append((s, np.asarray([np.sum(channels < c) / n for c in self.candidates[s]],
-                                    np.float32)))
-      return _Factor(const / n if n else 1.0, terms)
-
+    factor = latency_lib.channel_factor(self.graph, self.groups, self.candidates)
     reach = {}
     for t, st in enumerate(self.stages):
       for b, blk in enumerate(st.blocks):
@@ -413,7 +384,7 @@ class SearchSpace:
   def _cost(self, dists, depth_dists, with_bias: bool, xp=jnp):
     f32 = jnp.float32 if xp is jnp else np.float64
 
-    def frac(f: _Factor):
+    def frac(f: latency_lib.Factor):
       out = xp.asarray(f.const, f32)
       for s, m in f.terms:
         out = out + dists[s] @ xp.asarray(m, f32)
@@ -587,7 +558,7 @@ def _group_name(path: str) -> str:
   return "/".join(parts[:-1]) or path
 
 
-class _Interpreter:
+class _Interpreter(interpret.Interpreter):
   """Evaluates a jaxpr, replacing every searched producer's output by its CWI mix.
 
   ``group_of_kernel`` maps a producer's kernel path to its searched group; ``mixes``
@@ -605,7 +576,7 @@ class _Interpreter:
 
   def run(self, closed, args):
     tags = [("leaf", p) for p in self.paths] + [None] * (len(args) - len(self.paths))
-    return self._eval(closed.jaxpr, closed.consts, args, tags, top=True)
+    return self.interpret(closed, args, tags)
 
   # Static analysis of one jaxpr level: kernel tags and chain ends.
   def _analyse(self, jaxpr, arg_tags, top: bool = False):
@@ -613,21 +584,16 @@ class _Interpreter:
     chains that leave through an output ``{out index: kernel}`` (the parent continues
     them: a conv wrapped in a custom_vjp is a producer of its caller), and the nested
     eqns to evaluate inside (they hold an end)."""
-    tags, defs, uses = {}, {}, {}
+    tags = {}
     for v, t in zip(jaxpr.invars, arg_tags):
       tags[v] = t
-    for i, eqn in enumerate(jaxpr.eqns):
-      for v in eqn.invars:
-        if not isinstance(v, jex.core.Literal):
-          uses.setdefault(v, []).append(i)
-      for v in eqn.outvars:
-        defs[v] = i
+    uses, defs = interpret.uses_defs(jaxpr)
     starts = {}  # var produced by a layer -> kernel path
     recurse = set()
     for i, eqn in enumerate(jaxpr.eqns):
-      in_tags = [None if isinstance(v, jex.core.Literal) else tags.get(v) for v in eqn.invars]
+      in_tags = [None if interpret.is_literal(v) else tags.get(v) for v in eqn.invars]
       name = eqn.primitive.name
-      if name in ("conv_general_dilated", "dot_general"):
+      if name in interpret.LAYERS:
         leaf_side = [s for s, t in enumerate(in_tags) if t and t[0] == "leaf"]
         if len(leaf_side) == 1 and _is_kernel(in_tags[leaf_side[0]][1]):
           starts[eqn.outvars[0]] = in_tags[leaf_side[0]][1]
@@ -635,18 +601,17 @@ class _Interpreter:
       tag = _leaf_tag(eqn, in_tags)
       if tag is not None:
         tags[eqn.outvars[0]] = tag
-      if name in _PASS or name in _SHAPE:
+      if name in interpret.SHAPE_ONLY:
         continue
-      nested = _subjaxpr(eqn)
-      if nested is not None and any(t and t[0] == "leaf" for t in in_tags):
-        inner_ends, inner_open, _ = self._analyse(nested[0], in_tags)
+      body = interpret.call_body(eqn)
+      if body is not None and any(t and t[0] == "leaf" for t in in_tags):
+        inner_ends, inner_open, _ = self._analyse(body.jaxpr, in_tags)
         if inner_ends:
           recurse.add(i)
         for k, kernel in inner_open.items():
           starts[eqn.outvars[k]] = kernel
     ends, open_ends = {}, {}
-    out_index = {v: k for k, v in enumerate(jaxpr.outvars)
-                 if not isinstance(v, jex.core.Literal)}
+    out_index = {v: k for k, v in enumerate(jaxpr.outvars) if not interpret.is_literal(v)}
     for v, kernel in starts.items():
       while v not in out_index:
         nxt = [j for j in uses.get(v, ()) if _continues(jaxpr.eqns[j], v, defs, jaxpr)]
@@ -661,38 +626,29 @@ class _Interpreter:
         ends[v] = kernel
     return ends, open_ends, recurse
 
-  def _eval(self, jaxpr, consts, args, arg_tags, top: bool = False):
-    ends, _, recurse = self._analyse(jaxpr, arg_tags, top)
-    env = dict(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
-    tag_env = dict(zip(jaxpr.invars, arg_tags))
-    read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]
-    for i, eqn in enumerate(jaxpr.eqns):
-      vals = [read(v) for v in eqn.invars]
-      in_tags = [None if isinstance(v, jex.core.Literal) else tag_env.get(v)
-                 for v in eqn.invars]
-      if i in recurse:
-        inner, inner_consts = _subjaxpr(eqn)
-        outs = self._eval(inner, inner_consts, vals, in_tags)
-      else:
-        with eqn.ctx.manager:
-          outs = eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(eqn.params))
-        if not eqn.primitive.multiple_results:
-          outs = [outs]
-      tag = _leaf_tag(eqn, in_tags)
-      if tag is not None:
-        tag_env[eqn.outvars[0]] = tag
-      for v, o in zip(eqn.outvars, outs):
-        if v in ends:
-          o = self._mix(ends[v], o)
-        if top and v in self.stage_ends:
-          # A stage's output: its candidate depths mixed (tas.md §4; one residual
-          # stream, so the CWI alignment is the identity).
-          # (Summed in float32 at least, like the CWI mix.)
-          o = sum(jnp.asarray(w, jnp.float32) * (o if u is v else env[u])
-                  for u, w in self.stage_ends[v]).astype(o.dtype)
-        env[v] = o
-    return [read(v) for v in jaxpr.outvars]
+  def enter(self, frame):
+    arg_tags = [frame.tags.get(v) for v in frame.jaxpr.invars]
+    frame.data = self._analyse(frame.jaxpr, arg_tags, frame.top)
+
+  def descend(self, frame, i, eqn, tags) -> bool:
+    return i in frame.data[2]
+
+  def equation(self, frame, i, eqn, vals, tags):
+    outs, _ = super().equation(frame, i, eqn, vals, tags)
+    ends = frame.data[0]
+    tag = _leaf_tag(eqn, tags)
+    mixed = []
+    for v, o in zip(eqn.outvars, outs):
+      if v in ends:
+        o = self._mix(ends[v], o)
+      if frame.top and v in self.stage_ends:
+        # A stage's output: its candidate depths mixed (tas.md §4; one residual
+        # stream, so the CWI alignment is the identity).
+        # (Summed in float32 at least, like the CWI mix.)
+        o = sum(jnp.asarray(w, jnp.float32) * (o if u is v else frame.env[u])
+                for u, w in self.stage_ends[v]).astype(o.dtype)
+      mixed.append(o)
+    return mixed, [tag] + [None] * (len(outs) - 1)
 
   def _mix(self, kernel, y):
     self.found[kernel] = int(y.shape[-1]) if y.ndim else 0
@@ -713,10 +669,10 @@ def _leaf_tag(eqn, in_tags):
   if len(eqn.outvars) != 1:
     return None
   name = eqn.primitive.name
-  if name in _PASS or name in _SHAPE:
+  if name in interpret.SHAPE_ONLY:
     t = in_tags[0] if in_tags else None
     return t if t is not None and t[0] == "leaf" else None
-  tags = [t for t, v in zip(in_tags, eqn.invars) if not isinstance(v, jex.core.Literal)]
+  tags = [t for t, v in zip(in_tags, eqn.invars) if not interpret.is_literal(v)]
   if tags and all(t is not None and t[0] == "leaf" for t in tags) and len(set(tags)) == 1:
     return tags[0]
   return None
@@ -729,7 +685,7 @@ def _is_kernel(path: str) -> bool:
 def _per_channel(u, shape, defs, jaxpr) -> bool:
   """Whether `u` is constant along every axis of `shape` but the last (a scalar, a
   ``[C]`` / ``[1, ..., C]`` vector, or one broadcast to the full shape)."""
-  if isinstance(u, jex.core.Literal):
+  if interpret.is_literal(u):
     return np.ndim(u.val) == 0
   ushape = tuple(u.aval.shape)
   if not ushape or all(d == 1 for d in ushape[:-1]):
@@ -741,7 +697,7 @@ def _per_channel(u, shape, defs, jaxpr) -> bool:
   if eqn.primitive.name == "broadcast_in_dim":
     operand = eqn.invars[0]
     dims = eqn.params["broadcast_dimensions"]
-    oshape = () if isinstance(operand, jex.core.Literal) else tuple(operand.aval.shape)
+    oshape = () if interpret.is_literal(operand) else tuple(operand.aval.shape)
     return all(d == 1 or out_axis == len(ushape) - 1 for d, out_axis in zip(oshape, dims))
   if eqn.primitive.name in _PASS:
     return _per_channel(eqn.invars[0], shape, defs, jaxpr)
