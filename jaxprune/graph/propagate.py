@@ -162,6 +162,7 @@ class Walk:
     # {module scope (Linen name stack without the root): [channel ids of an activation's
     # last axis entering that scope]}, for :meth:`tie_free_params`.
     self.scope_inputs: dict[str, list[np.ndarray]] = {}
+    self.taps: list[np.ndarray] = []  # conv kernels' spatial axes: never channels
 
   # --- bookkeeping -------------------------------------------------------------------
   def fresh(self, shape) -> np.ndarray:
@@ -422,10 +423,16 @@ class Walk:
     for ids, _ in self.blocked:  # e.g. a position table's token axis: never a channel
       blocked.update(np.unique(comp[ids]).tolist())
     added = False
+    taps, last = set(), {}
+    for leaf, axis in leaf_ids:
+      last[leaf] = max(axis, last.get(leaf, axis))
+    for ids in self.taps:
+      taps.update(np.unique(comp[ids]).tolist())
     for (leaf, axis), ids in leaf_ids.items():
       mine = np.unique(comp[ids]).tolist()
-      if produced.intersection(mine) or blocked.intersection(mine):
-        continue
+      if produced.intersection(mine) or blocked.intersection(mine) \
+          or taps.intersection(mine) or axis != last[leaf]:
+        continue  # a channel axis is the parameter's last (x.shape[-1]); taps never are
       parts = self.leaf_names[leaf].split("/")
       if len(parts) < 3:  # collection / module ... / name
         continue
@@ -1137,6 +1144,7 @@ class Walk:
       self.block(R, reason)
       if o_facet is not None:
         out[(oc,)] = o_facet[1]
+    self.taps.extend(ids for axes, ids in R.items() if set(axes) & set(rhs_spec[2:]))
     taps = math.prod(rs[a] for a in rhs_spec[2:])
     macs = math.prod(os_) * taps * (c_in // groups)
     kernel = self._param_name(self._eqn_origins[1])
