@@ -143,17 +143,9 @@ RECORDED = {
 NOISE_WITHOUT_CONTROL = 1.3  # the widest stock/control ratio seen at batch >= 32: 1.13
 
 
-def _subjaxprs(params):
-  for v in params.values():
-    for item in (v if isinstance(v, (list, tuple)) else (v,)):
-      if hasattr(item, "eqns"):
-        yield item
-      elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
-        yield item.jaxpr
-
-
 def _profile_jaxpr(jaxpr, out: dict, times: int = 1):
-  for eqn in jaxpr.eqns:
+  from jaxprune.graph import interpret  # pylint: disable=g-import-not-at-top
+  for eqn, times in interpret.all_eqns(jaxpr, times):  # nested jaxprs, scans' lengths
     name = eqn.primitive.name
     if name == "conv_general_dilated":
       rhs = eqn.invars[1].aval.shape
@@ -168,9 +160,6 @@ def _profile_jaxpr(jaxpr, out: dict, times: int = 1):
       lhs = eqn.invars[0].aval.shape
       out["dot"] += (math.prod(eqn.outvars[0].aval.shape)
                      * math.prod(lhs[d] for d in lhs_contract) * times)
-    length = eqn.params.get("length", 1) if name == "scan" else 1
-    for sub in _subjaxprs(eqn.params):
-      _profile_jaxpr(sub, out, times * length)
   return out
 
 

@@ -475,23 +475,13 @@ def _check_fits(model: nn.Module, spec: str, num_classes: int, input_shape) -> N
                     "the batch axis, e.g. x.reshape(x.shape[0], -1).")
 
 
-def _subjaxprs(eqn):
-  for value in eqn.params.values():
-    for v in value if isinstance(value, (tuple, list)) else (value,):
-      if hasattr(v, "eqns"):
-        yield v
-      elif hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
-        yield v.jaxpr
-
-
 def compute_dtypes(jaxpr) -> set:
   """Operand dtypes of every conv and matmul in ``jaxpr`` (nested jaxprs included)."""
+  from jaxprune.graph import interpret  # pylint: disable=g-import-not-at-top
   out = set()
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+  for eqn, _ in interpret.all_eqns(jaxpr):
+    if eqn.primitive.name in interpret.LAYERS:
       out.update(jnp.dtype(v.aval.dtype) for v in eqn.invars)
-    for sub in _subjaxprs(eqn):
-      out |= compute_dtypes(sub)
   return out
 
 
