@@ -25,7 +25,13 @@ batch 1-32; MobileNetV2 (6.7% of its conv MACs depthwise) 0.51x at batch 128 (ru
 encoder (0.3% of its MACs in the patch conv) 0.98-1.19x, within the noise; the TAS
 smoke's ResNet-20 on 16x16 inputs at batch 128 (1.3G conv MACs a call) 1.11x, its
 derived network (0.67G) 0.91x, so the smoke's speed-up was 0.70 of its FLOPs reduction
-with the flag and 0.80-0.85 without. The rule (:func:`eigen_convs_faster`): the flag
+with the flag and 0.80-0.85 without in that run. Without the flag, its work (process CPU
+time of one XLA thread, which other jobs' load hardly moves: 1.38-1.42x at 1.94x fewer
+FLOPs in six runs at loads 10-16, batch 16 or 128) is 0.72 of the FLOPs reduction, and
+two CLI runs reported 0.71 and 0.77 (loads ~15 and ~10): the 0.80-0.85 were within the
+noise. The gap is the network's, not the measurement's: a 3x3 conv at 16x16 and batch
+128 costs about as much with 8 channels as with 16 (a quarter of the FLOPs), and the
+derived widths add four 1x1 conv + BN shortcuts. The rule (:func:`eigen_convs_faster`): the flag
 only for a model whose MACs are at least :data:`CONV_SHARE_MIN` dense convs, with at
 most :data:`GROUPED_SHARE_MAX` of its conv MACs grouped, and whose call at the run's
 batch does at least :data:`CONV_MACS_MIN` conv MACs; the figures are :data:`RECORDED`. The command line decides it from the
