@@ -26,8 +26,8 @@ encoder (0.3% of its MACs in the patch conv) 0.98-1.19x, within the noise; the T
 smoke's ResNet-20 on 16x16 inputs at batch 128 (1.3G conv MACs a call) 1.11x, its
 derived network (0.67G) 0.91x, so the smoke's speed-up was 0.70 of its FLOPs reduction
 with the flag and 0.80-0.85 without in that run. Without the flag, its work (process CPU
-time of one XLA thread, which other jobs' load hardly moves: 1.38-1.42x at 1.94x fewer
-FLOPs in six runs at loads 10-16, batch 16 or 128) is 0.72 of the FLOPs reduction, and
+time, which other jobs' load hardly moves: 1.38-1.42x at 1.94x fewer FLOPs in five runs
+with one XLA thread and one with two, loads 10-16, batch 16 or 128) is 0.72 of the FLOPs reduction, and
 two CLI runs reported 0.71 and 0.77 (loads ~15 and ~10): the 0.80-0.85 were within the
 noise. The gap is the network's, not the measurement's: a 3x3 conv at 16x16 and batch
 128 costs about as much with 8 channels as with 16 (a quarter of the FLOPs), and the
