@@ -77,9 +77,11 @@ def test_targets_with_round_to_land_within_two_percent_on_the_zoo(name, round_to
   g = _graph(name, round_to, built)
   rng = np.random.default_rng()
   full = g.predict({})
+  smallest = g.predict({grp.id: np.arange(pruner.allowed_widths(grp.width, round_to)[0])
+                        for grp in g.prunable()})  # lm1b's params: 0.437 of the full
   keeps = []
   for metric, global_ranking in itertools.product(("flops", "params"), (False, True)):
-    ratio = float(rng.uniform(0.4, 0.8))
+    ratio = float(rng.uniform(max(0.4, smallest[metric] / full[metric] + 0.01), 0.8))
     scores = {grp.id: rng.random(grp.width) for grp in g.prunable()}
     keep = surgery.select_channels(g, scores, global_ranking=global_ranking,
                                    **{f"{metric}_ratio": ratio})

@@ -173,9 +173,6 @@ def test_zoo_every_group_narrowed_to_its_own_width_runs_trains_and_matches_the_p
   s = setup(name)
   rng = np.random.default_rng()
   groups = s.graph.prunable()
-  if name == "bit":  # GroupNorm couples channels in groups: every group is fixed today
-    assert not groups and all(g.reason for g in s.graph.groups), str(s.graph)
-    return
   if name == "lm1b":  # the sinusoid table is sized from the config: the residual stays whole
     groups = [g for g in groups if g.kind != "residual"]
   keep = own_widths(groups, rng)
@@ -366,6 +363,29 @@ def test_zoo_stdconv_input_channels_are_approximate_and_really_change_the_logits
   small = surgery.prune(model, variables, s.input_shape, keep)
   got = logits(s.spec, small.model, small.variables, inputs)
   assert not np.allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_zoo_bit_groupnorm_channels_go_in_whole_groups_and_stdconv_inputs_stay_approximate():
+  """BiT (GroupNorm(4) before every weight-standardised conv): each group's channel is
+  one norm group (its members' slices are blocks of width / 4 channels); a group that
+  enters a StdConv is approximate, named at that conv (its kernel is standardised over
+  the input channels); the last one (GroupNorm, then the Dense head) is exact."""
+  s = setup("bit")
+  groups = s.graph.prunable()
+  assert len(groups) == len(s.graph.groups) - 1, str(s.graph)  # all but the logits
+  for g in groups:
+    assert g.width == 4, str(g)
+    for m in g.members:
+      r = m.index.shape[1]
+      np.testing.assert_array_equal(m.index, np.arange(4 * r).reshape(4, r))
+    std = sorted(p for p in g.consumers if "head" not in p)
+    if std:
+      assert g.exactness == "approximate", str(g)
+      for p in std:
+        layer = p.split("/", 1)[1].rsplit("/", 1)[0]
+        assert any(e.endswith(f"at BiT/{layer}") for e in g.effects), (p, str(g))
+    else:
+      assert g.exactness == "exact" and "params/head/kernel" in g.consumers, str(g)
 
 
 def test_zoo_gqa_heads_pruned_without_overrides_stop_in_one_line_naming_the_module():

@@ -60,6 +60,8 @@ class Group:
       changes (a mean or max over the channels, e.g. LayerNorm or RMSNorm
       statistics, weight standardisation, a softmax over features; a scale
       computed from the width, e.g. attention's 1/sqrt(head_dim)): fine-tune after.
+      GroupNorm's statistics are exact: its channels go a whole norm group at a
+      time (a channel of the group is one GroupNorm group).
     effects: why, one line per op: what changes and where (module path or
       source line).
     kind: what the channels are: "heads" (whole attention heads; under
@@ -264,25 +266,16 @@ def walk(traced: Traced) -> tuple[Walk, dict, np.ndarray, np.ndarray]:
   return w, leaf_ids, x_ids, out_ids
 
 
-_ATTENTION_QUERY = re.compile(r"^(.*?)query/kernel$")
-
-
-def _tie_attention_head_dims(traced: Traced, w: Walk, leaf_ids: dict) -> None:
-  """Flax attention (Linen ``MultiHeadDotProductAttention``, ``nnx.MultiHeadAttention``)
-  has one ``qkv_features``: its value head dim is the query/key head dim. The data flow
-  alone would let the value's be pruned apart, which the module (and NNX's
-  ``jax.nn.dot_product_attention``) cannot represent, so they are one group."""
-  index = {p: i for i, p in enumerate(traced.paths)}
-  for path, q in index.items():
-    m = _ATTENTION_QUERY.match(path)
-    v = index.get(m.group(1) + "value/kernel") if m else None
-    # (in, heads, head_dim), or (layers, in, heads, head_dim) stacked by nn.scan
-    if (v is None or len(traced.shapes[q]) not in (3, 4)
-        or traced.shapes[q] != traced.shapes[v]):
-      continue
-    axis = len(traced.shapes[q]) - 1
-    if (q, axis) in leaf_ids and (v, axis) in leaf_ids:
-      w.tie(leaf_ids[(q, axis)], leaf_ids[(v, axis)])
+def _tie_attention_head_dims(w: Walk) -> None:
+  """Attention modules have one head_dim for q, k and v (Flax's ``qkv_features``,
+  ``jax.nn.dot_product_attention``'s (..., heads, head_dim) operands, most hand-written
+  ones): the data flow alone would let the value's be pruned apart, which they cannot
+  represent, so it is one group with the query/key head_dim. Found by structure
+  (:meth:`Walk._value_head_dim`: scores q.k -> softmax -> their product with v), so any
+  projection names (and none) are covered; a value head_dim of another size stays its
+  own group."""
+  for q_ids, v_ids, _ in w.value_head_dims:
+    w.tie(q_ids, v_ids)
 
 
 def _components(w: Walk) -> np.ndarray:
@@ -300,7 +293,7 @@ def channels(traced: Traced) -> tuple[Walk, dict, np.ndarray, np.ndarray, np.nda
   """The walk of :func:`walk` with its ties complete, and the component (channel) of
   every id: ``(walk, leaf_ids, x_ids, out_ids, components)``."""
   w, leaf_ids, x_ids, out_ids = walk(traced)
-  _tie_attention_head_dims(traced, w, leaf_ids)
+  _tie_attention_head_dims(w)
   comp = _components(w)
   if w.tie_free_params(leaf_ids, comp):
     comp = _components(w)

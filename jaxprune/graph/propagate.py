@@ -163,6 +163,11 @@ class Walk:
     # last axis entering that scope]}, for :meth:`tie_free_params`.
     self.scope_inputs: dict[str, list[np.ndarray]] = {}
     self.taps: list[np.ndarray] = []  # conv kernels' spatial axes: never channels
+    # (query head_dim ids, value head_dim ids, where) of each attention: scores q.k, a
+    # softmax, then their product with v (see :meth:`_value_head_dim`).
+    self.value_head_dims: list[tuple[np.ndarray, np.ndarray, str]] = []
+    self._scores: dict = {}  # {q.k product's output variable: its head_dim ids}
+    self._scores_by_ids: dict = {}  # {its heads' ids: its head_dim ids}
 
   # --- bookkeeping -------------------------------------------------------------------
   def fresh(self, shape) -> np.ndarray:
@@ -360,8 +365,11 @@ class Walk:
       out_labels = [self.merge(labels, shapes, out_shapes[0], name, origins)] * len(out_shapes)
       if name in ("add", "sub", "add_any") and all(o is None for o in origins) and \
           len(labels) == 2 and any(k in labels[1] and not np.array_equal(v, labels[1][k])
+                                   and _distinct(v) and _distinct(labels[1][k])
                                    for k, v in labels[0].items()):
-        self.mark(out_labels[0], "residual")  # two branches summed: a residual stream
+        # two branches summed: a residual stream (not a GroupNorm's statistic, whose ids
+        # repeat over each norm group)
+        self.mark(out_labels[0], "residual")
       if name == "optimization_barrier":
         out_labels = labels
     elif name in REDUCTIONS:
@@ -527,6 +535,27 @@ class Walk:
         self.effect(reduced, f"sum over the channels of {op}(...)")
       return
     self.effect(reduced, f"{name} over the channels")
+
+  def rule_reduce_sum(self, eqn, labels, shapes, out_shapes):
+    """A sum. Over part of a split channel axis -- GroupNorm's statistics: the channels
+    reshaped to (..., groups, channels per group) and summed over the second -- each
+    norm group's channels become one channel, removed a whole group at a time. That
+    removal is exact: the kept groups' statistics run over the same channels as before,
+    and a zeroed group normalises to its zeroed bias, 0 (weight standardisation or a
+    LayerNorm on the same channels is still reported where it happens). Other facets
+    as any reduction (:meth:`reduction_effect`)."""
+    axes = set(eqn.params["axes"])
+    whole = {k: v for k, v in labels[0].items() if not (set(k) & axes and set(k) - axes)}
+    groups = {k: v for k, v in labels[0].items() if k not in whole}
+    self.reduction_effect(eqn, whole, axes, shapes[0])
+    axis_map = {}
+    for a in range(len(shapes[0])):
+      if a not in axes:
+        axis_map[a] = len(axis_map)
+    out = self.remap(whole, axis_map, "reduce_sum", coarsen=False)
+    for k, ids in self.remap(groups, axis_map, "reduce_sum", coarsen=True).items():
+      self._put(out, k, ids, "reduce_sum")
+    return [out]
 
   def _nonzero_at_zero(self, var, depth=8):
     """The elementwise op with f(0) != 0 (exp, cos, logistic, adding a constant...)
@@ -928,6 +957,7 @@ class Walk:
           self.mark({axes: ids}, "heads")
         elif set(axes) & set(contract) or set(axes) <= set(free):
           self.mark({axes: ids}, "head_dim")
+    self._value_head_dim(eqn, L, R, lb, lc, rb, rc, lfree, rfree)
     contracted = {}
     for la, ra in zip(lc, rc):
       for label, a in ((L, la), (R, ra)):
@@ -987,6 +1017,47 @@ class Walk:
     fold.op, fold.scale = len(self.ops), self.scale_at[len(self.ops)]
     for ids in label.values():
       self.effects.append((ids.ravel(), fold, ""))
+
+  def _value_head_dim(self, eqn, L, R, lb, lc, rb, rc, lfree, rfree, limit=64):
+    """Records the attention pattern by structure, not by names: a product of two
+    activations one of which is computed from the scores of an earlier one without
+    another product between (their softmax, a mask, a scale) pairs that product's
+    contracted head_dim with the other operand's (the value's) free channel axis of the
+    same size, in :attr:`value_head_dims`; else, a product that contracts channel ids
+    (the scores q.k, over head_dim) is recorded as scores. The scores are found back
+    through the jaxpr where both products are in one function, else by the ids on their
+    batch (heads) axes (``einsum`` puts each product in a nested ``jit``)."""
+    if any(self._plain_leaf(v) is not None for v in eqn.invars):
+      return  # a kernel: a projection, not attention (a MAP head's probe-made query is)
+    for var, label, batch, other, free in ((eqn.invars[0], L, lb, R, rfree),
+                                           (eqn.invars[1], R, rb, L, lfree)):
+      q_ids = self._scores_by_ids.get(_ids_key(label, batch))
+      frontier, seen = [var], {var}
+      while frontier and len(seen) < limit and q_ids is None:
+        v = frontier.pop()
+        if v in self._scores:
+          q_ids = self._scores[v]
+        elif v in self._defs and self._defs[v].primitive.name not in (
+            "dot_general", "conv_general_dilated"):
+          for u in self._defs[v].invars:
+            if not _is_literal(u) and u not in seen:
+              seen.add(u)
+              frontier.append(u)
+      if q_ids is None:
+        continue
+      for axes, ids in other.items():
+        if len(axes) == 1 and axes[0] in free and ids.size == q_ids.size:
+          self.value_head_dims.append((q_ids.ravel(), ids.ravel(), _where(eqn)))
+      return
+    for label, contract, batch in ((L, lc, lb), (R, rc, rb)):
+      for a in contract:
+        f = _facet(label, a)
+        if f is not None and len(f[0]) == 1:
+          self._scores[eqn.outvars[0]] = f[1]
+          key = _ids_key(label, batch)
+          if key:
+            self._scores_by_ids[key] = f[1]
+          return
 
   def _late_scale(self, var, n, limit=64):
     """A literal factor computed from the width `n` (a clean power, or from a literal
@@ -1273,6 +1344,15 @@ def _trip_count(eqn, const_value, limit=10**7) -> int | None:
   n = (b0 - a0) // sa if name in ("le", "ge") else -((a0 - b0) // sa)
   n = n + 1 if name in ("le", "ge") else n
   return n if 0 <= n <= limit else None
+
+
+def _ids_key(label: Label, axes) -> tuple:
+  """The ids a label carries on `axes` (empty: none), whatever positions they are at."""
+  return tuple(sorted(ids.tobytes() for k, ids in label.items() if set(k) <= set(axes)))
+
+
+def _distinct(ids: np.ndarray) -> bool:
+  return np.unique(ids).size == ids.size
 
 
 def _facet(label: Label, axis: int):

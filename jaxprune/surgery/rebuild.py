@@ -423,7 +423,10 @@ def _linen_rule(module: nn.Module, shape: Callable, args) -> dict[str, Any]:
     if s[-1] % size:
       raise UserError(f"rebuild: GroupNorm {'/'.join(module.path)} keeps {s[-1]} "
                       f"channels, not whole groups of {size}.")
-    return {"num_groups": int(s[-1] // size)}
+    # From the input where it holds whole groups: before a user layer upstream has its
+    # width inferred, the input has the old width -- a shape mismatch, not a crash.
+    n = args[0].shape[-1] if args and hasattr(args[0], "shape") else s[-1]
+    return {"num_groups": int((n if n % size == 0 else s[-1]) // size)}
   k = shape("kernel")
   if k is None:
     return {}
@@ -871,15 +874,14 @@ def _nnx_rule(module: nnx.Module) -> dict[str, Any]:
   if isinstance(module, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.InstanceNorm,
                          nnx.GroupNorm)):
     s = shape("scale") or shape("bias") or shape("mean") or shape("var")
-    if s is None or len(s) != 1 or not isinstance(module.num_features, int):
-      return {}
-    out = {"num_features": s[0]}
-    if isinstance(module, nnx.GroupNorm):
-      if s[0] % module.group_size:
+    if isinstance(module, nnx.GroupNorm) and s is not None and len(s) == 1:
+      if s[0] % module.group_size:  # (it keeps no num_features)
         raise UserError(f"rebuild: a GroupNorm keeps {s[0]} channels, not whole groups "
                         f"of {module.group_size}.")
-      out["num_groups"] = s[0] // module.group_size
-    return out
+      return {"num_groups": s[0] // module.group_size}
+    if s is None or len(s) != 1 or not isinstance(getattr(module, "num_features", None), int):
+      return {}
+    return {"num_features": s[0]}
   k = shape("kernel")
   if k is None:
     return {}
