@@ -1,4 +1,7 @@
 """The one jaxpr interpreter (jaxprune.graph.interpret): evaluation, liveness, ownership."""
+import pathlib
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -131,3 +134,20 @@ def test_liveness_keeps_every_operand_of_a_loop():
   closed = jax.make_jaxpr(f)(jnp.ones(()), jnp.ones(4))
   flags, live = interpret.liveness(closed.jaxpr)
   assert flags == [True] and set(closed.jaxpr.invars) <= live
+
+
+def test_no_module_but_interpret_defines_a_nested_primitive_table():
+  root = pathlib.Path(interpret.__file__).resolve().parents[1]
+  # What entering a nested jaxpr needs: the params that hold bodies, the call
+  # primitives' names.
+  pattern = re.compile(r"""["'](call_jaxpr|fun_jaxpr|body_jaxpr|cond_jaxpr|branches|pjit|"""
+                       r"""closed_call|custom_vjp_call|custom_jvp_call|remat2)["']""")
+  offenders = []
+  for path in sorted(root.rglob("*.py")):
+    if path.name == "interpret.py" and path.parent.name == "graph":
+      continue
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+      if pattern.search(line):
+        offenders.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+  assert not offenders, "\n".join(offenders)
+  assert pattern.search(pathlib.Path(interpret.__file__).read_text())

@@ -23,6 +23,8 @@ import warnings
 import jax.extend as jex
 import numpy as np
 
+from jaxprune.graph import interpret
+
 Label = dict  # {tuple of axes (sorted): np.ndarray of ids}
 
 CONST = -1  # origin of a value computed from constants only
@@ -37,8 +39,7 @@ optimization_barrier stop_gradient
 """.split())
 NONZERO_AT_ZERO = frozenset("exp exp2 cos cosh logistic erfc log rsqrt acos ne not "
                             "lgamma digamma".split())
-SHAPE_ONLY = frozenset("reshape broadcast_in_dim convert_element_type squeeze expand_dims "
-                       "transpose copy copy_p".split())
+SHAPE_ONLY = interpret.SHAPE_ONLY
 REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or "
                        "reduce_xor argmax argmin".split())
 CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
@@ -113,25 +114,21 @@ def _shape(v) -> tuple:
   return tuple(getattr(v.aval, "shape", ()))
 
 
-def _subjaxpr(eqn):
-  """(jaxpr, consts) of a call-like primitive whose invars map 1:1 to the eqn's."""
-  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-    j = eqn.params.get(key)
-    if j is None:
-      continue
-    if isinstance(j, jex.core.ClosedJaxpr):
-      inner, consts = j.jaxpr, j.consts
-    elif isinstance(j, jex.core.Jaxpr):
-      inner, consts = j, ()
-    else:
-      continue
-    if len(inner.invars) == len(eqn.invars) and len(inner.outvars) == len(eqn.outvars):
-      return inner, consts
-  return None
+class _Origins:
+  """The origins of one level's values (read-only view of the walker's env)."""
+
+  def __init__(self, env):
+    self.env = env
+
+  def get(self, var, default=None):
+    value = self.env.get(var)
+    return default if value is None else value[1]
 
 
-class Walk:
-  """Walks a jaxpr once, collecting ties, blocked ids, producers, consumers and ops."""
+class Walk(interpret.Interpreter):
+  """Walks a jaxpr once, collecting ties, blocked ids, producers, consumers and ops;
+  an abstract client of the shared walker (:class:`jaxprune.graph.interpret.Interpreter`)."""
+  prune_dead = True
 
   def __init__(self, leaf_names: list[str]):
     self.leaf_names = leaf_names
@@ -285,42 +282,40 @@ class Walk:
     Only the eqns that an output in `live_outs` (default: every output) depends on, or
     that have effects, are walked: dead code -- also inside a nested ``jit``, whose
     unused outputs are dead in the caller -- is neither counted nor part of the graph
-    (see :func:`_liveness`)."""
-    live_eqns, live_vars = _liveness(jaxpr, live_outs)
-    env, origin, count = {}, {}, {}
-    for v in jaxpr.constvars:
-      env[v], origin[v], count[v] = {}, CONST, None
-    for v, l, o, c in zip(jaxpr.invars, labels, origins, counted):
-      env[v], origin[v], count[v] = l, o, c
+    (see :func:`jaxprune.graph.interpret.liveness`)."""
+    results, _ = self.eval_jaxpr(jaxpr, (), list(zip(labels, origins, counted)),
+                                 live_outs=live_outs)
+    return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
 
-    def read(v):
-      if _is_literal(v):
-        return {}, CONST, None
-      return env.get(v, {}), origin.get(v, CONST), count.get(v)
-
-    saved = self._users, self._defs, self._origin, self._live
-    self._users, self._defs, self._origin, self._live = {}, {}, origin, live_vars
+  # The shared walker's hooks: a value is (label, origin, counted op).
+  def enter(self, frame):
+    frame.data = self._users, self._defs, self._origin, self._live
+    self._users, self._defs = {}, {}
+    self._origin, self._live = _Origins(frame.env), frame.live_vars
     self._depth += 1
-    eqns = [e for e, live in zip(jaxpr.eqns, live_eqns) if live]
-    for eqn in eqns:
+    for i, eqn in enumerate(frame.jaxpr.eqns):
+      if not frame.live[i]:
+        continue
       for v in eqn.invars:
         if not _is_literal(v):
           self._users.setdefault(v, []).append(eqn)
       for v in eqn.outvars:
         self._defs[v] = eqn
-    for eqn in eqns:
-      ins = [read(v) for v in eqn.invars]
-      in_labels = [i[0] for i in ins]
-      in_origins = [i[1] for i in ins]
-      outs = self.eqn(eqn, in_labels, in_origins, [i[2] for i in ins])
-      for v, (l, o, c) in zip(eqn.outvars, outs):
-        env[v], origin[v], count[v] = l, o, c
-    results = [read(v) for v in jaxpr.outvars]
-    self._users, self._defs, self._origin, self._live = saved
+
+  def leave(self, frame):
+    self._users, self._defs, self._origin, self._live = frame.data
     self._depth -= 1
     if not self._depth:
       self._check_folds()
-    return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
+
+  def read(self, frame, v):
+    if _is_literal(v):
+      return {}, CONST, None
+    return frame.env.get(v, ({}, CONST, None))
+
+  def equation(self, frame, i, eqn, vals, tags):
+    outs = self.eqn(eqn, [i[0] for i in vals], [i[1] for i in vals], [i[2] for i in vals])
+    return outs, [None] * len(eqn.outvars)
 
   def _check_folds(self):
     """A fold scales its leaves everywhere they are used: only where this product is
@@ -347,11 +342,10 @@ class Walk:
       return self.scan(eqn, labels, origins, counted)
     if name == "while":
       return self.while_loop(eqn, labels, origins, counted)
-    nested = _subjaxpr(eqn)
-    if nested is not None:
-      inner, consts = nested
+    body = interpret.call_body(eqn)
+    if body is not None:
       live_outs = [v in self._live for v in eqn.outvars]
-      return list(zip(*self.run(inner, labels, origins, counted, live_outs)))
+      return list(zip(*self.run(body.jaxpr, labels, origins, counted, live_outs)))
     if name == "cond":
       return self.cond(eqn, labels, origins, counted)
     if None in origins:
@@ -472,8 +466,9 @@ class Walk:
 
   def cond(self, eqn, labels, origins, counted):
     results = []
-    for branch in eqn.params["branches"]:
-      results.append(self.run(branch.jaxpr, labels[1:], origins[1:], counted[1:]))
+    for branch in interpret.bodies(eqn):
+      take = lambda xs: [xs[k] for k in branch.operands]  # pylint: disable=cell-var-from-loop
+      results.append(self.run(branch.jaxpr, take(labels), take(origins), take(counted)))
     outs = []
     for i, v in enumerate(eqn.outvars):
       merged = self.merge([r[0][i] for r in results], [_shape(v)] * len(results),
@@ -636,7 +631,8 @@ class Walk:
     channel j of every layer is one channel (a stacked parameter has one width for all
     its layers); the body's FLOPs count ``length`` times."""
     p = eqn.params
-    body, nc, ncarry, length = p["jaxpr"], p["num_consts"], p["num_carry"], p["length"]
+    (body,), nc, ncarry = interpret.bodies(eqn), p["num_consts"], p["num_carry"]
+    length = interpret.scan_length(eqn)
     in_labels = list(labels[:nc + ncarry])
     for label in labels[nc + ncarry:]:
       sliced = {}
@@ -671,16 +667,16 @@ class Walk:
     :attr:`Walk.loops` and warned about in one line (the count is a lower bound)."""
     p = eqn.params
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
-    body = p["body_jaxpr"]
+    cond, body = interpret.bodies(eqn)  # each takes its operands of the eqn
     trips = _trip_count(eqn, self._const_value)
     carry_in = labels[cn + bn:]
     first = len(self.ops)
-    outs, _, _ = self.run(body.jaxpr, labels[cn:], list(origins[cn:]), [None] * len(labels[cn:]))
+    outs, _, _ = self.run(body.jaxpr, [labels[k] for k in body.operands],
+                          [origins[k] for k in body.operands], [None] * len(body.operands))
     after_body = len(self.ops)
     shapes = [_shape(v) for v in eqn.outvars]
-    cond = p["cond_jaxpr"]
-    self.run(cond.jaxpr, labels[:cn] + carry_in, list(origins[:cn] + origins[cn + bn:]),
-             [None] * (cn + len(carry_in)))
+    self.run(cond.jaxpr, [labels[k] for k in cond.operands],
+             [origins[k] for k in cond.operands], [None] * len(cond.operands))
     if trips is not None:
       for i, op in enumerate(self.ops[first:], first):
         times = trips if i < after_body else trips + 1
@@ -1247,31 +1243,6 @@ def _where(eqn) -> str:
     return ""
 
 
-def _liveness(jaxpr, live_outs=None) -> tuple[list[bool], set]:
-  """Which eqns of `jaxpr` the outputs marked in `live_outs` (default all) depend on
-  (effectful eqns always count), and the set of variables they read or return. A
-  nested call (``jit``/``pjit``, ``closed_call``, custom derivatives, remat) only reads
-  the operands its live outputs need; loops and ``cond`` read all of theirs."""
-  if live_outs is None:
-    live_outs = [True] * len(jaxpr.outvars)
-  live = {v for v, keep in zip(jaxpr.outvars, live_outs) if keep and not _is_literal(v)}
-  flags = [False] * len(jaxpr.eqns)
-  for i in range(len(jaxpr.eqns) - 1, -1, -1):
-    eqn = jaxpr.eqns[i]
-    used = [v in live for v in eqn.outvars]
-    if not (eqn.effects or any(used)):
-      continue
-    flags[i] = True
-    reads = eqn.invars
-    nested = None if eqn.effects else _subjaxpr(eqn)
-    if nested is not None:
-      inner = nested[0]
-      _, inner_live = _liveness(inner, used)
-      reads = [v for v, iv in zip(eqn.invars, inner.invars) if iv in inner_live]
-    live.update(v for v in reads if not _is_literal(v))
-  return flags, live
-
-
 _COMPARE = {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
             "ne": operator.ne}
 _MIRROR = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "ne": "ne"}
@@ -1287,7 +1258,7 @@ def _trip_count(eqn, const_value, limit=10**7) -> int | None:
   ...)`` with constant bounds that are not Python ints (those lower to a ``scan``)."""
   p = eqn.params
   cn, bn = p["cond_nconsts"], p["body_nconsts"]
-  cond, body = p["cond_jaxpr"].jaxpr, p["body_jaxpr"].jaxpr
+  cond, body = (b.jaxpr for b in interpret.bodies(eqn))
   if len(cond.eqns) != 1 or cond.eqns[0].primitive.name not in _COMPARE \
       or cond.eqns[0].outvars[0] is not cond.outvars[0]:
     return None
