@@ -43,6 +43,17 @@ only setting run on 3 seeds). Ablations at 5.1e-4 (docs/methods/autoprune.md): f
 ramped, 371.8x at 1.33% (the ramp moves along the same error-compression curve, it does not
 improve it); the naive rule (dL/dt * w), 2,002x at 4.54%; weight decay on W instead of
 W * h(M) (decay_on=weights), 322.5x at 1.19%.
+
+Issue 27, third pass (docs/methods/autoprune.md, "Third pass"): flat 4.2e-4 on seeds 0-2 gives
+300.0x / 290.9x / 299.4x at +0.14 / +0.04 / +0.19 points (neither bar). Recovery: retraining a
+pruned run's network with its mask fixed for 10 more epochs (init_from=<run>/prune/final,
+zeros_start_pruned=True, prune_epochs=0, finetune_weight_decay=0, train.epochs=10) after the
+ramped 5.1e-4 recipe: seed 0 312.4x, 1.20% -> 1.13% (+0.13); seed 1 314.0x, 1.19% -> 1.08%
+(+0.05; dense 1.03%); seed 2 not run. autoprune.m_schedule=cosine (M's lr decays to 0 over
+the pruning; the ramped 5.1e-4 recipe, no retraining): seed 0 312.4x at 1.05% (+0.05), seed 1
+317.0x at 1.28% (+0.25), seed 2 289.9x at 1.11% (+0.11). No setting is shown at >= 300x within 0.1 points on
+three seeds yet; the run-to-run spread (about 0.1 point) is as large as the differences.
+The default stays flat 4e-4 (the only setting within 0.1 points on three seeds, at 290-293x).
 """
 from jaxprune import config_lib
 from jaxprune.methods.autoprune import autoprune_config
