@@ -63,7 +63,7 @@ import numpy as np
 from flax import nnx
 
 from jaxprune.errors import UserError
-from jaxprune.graph import propagate, tracing
+from jaxprune.graph import interpret, propagate, tracing
 from jaxprune.models import external
 from jaxprune.optim.selection import leaf_path
 
@@ -680,10 +680,6 @@ def _check_linen(wrapped, model, small, x, kwargs, shapes, overrides, variables=
 
 # Primitives that jax.numpy leaves out when they would not change the array (a reshape
 # or broadcast to the same shape, a cast to the same dtype): not part of the structure.
-_SHAPE_ONLY = frozenset({"reshape", "broadcast_in_dim", "squeeze", "expand_dims",
-                         "convert_element_type", "copy", "copy_p", "transpose"})
-
-
 def _structure(model, variables, x, kwargs) -> tuple[str, ...]:
   """The primitives (sub-jaxprs' included) that ``model.apply(variables, *x, **kwargs)``
   runs, in order: shapes aside, a pruned network's graph is its original's."""
@@ -698,19 +694,8 @@ def _structure(model, variables, x, kwargs) -> tuple[str, ...]:
     return model.apply(v, *a, **k)
   jaxpr = jax.make_jaxpr(run)([jax.ShapeDtypeStruct(np.shape(flat[i]),
                                                    jnp.result_type(flat[i])) for i in dyn])
-  out = []
-
-  def visit(j):
-    for eqn in j.eqns:
-      if eqn.primitive.name not in _SHAPE_ONLY:
-        out.append(eqn.primitive.name)
-      for p in eqn.params.values():
-        for sub in (p if isinstance(p, (tuple, list)) else (p,)):
-          inner = getattr(sub, "jaxpr", sub)
-          if hasattr(inner, "eqns"):
-            visit(inner)
-  visit(jaxpr.jaxpr)
-  return tuple(out)
+  return tuple(eqn.primitive.name for eqn, _ in interpret.all_eqns(jaxpr.jaxpr)
+               if eqn.primitive.name not in interpret.SHAPE_ONLY)
 
 
 def _derived_attrs(model, variables, x, kwargs, shapes, overrides):
