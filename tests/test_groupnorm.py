@@ -82,3 +82,16 @@ def test_groupnorm_groups_are_removed_whole_and_give_the_masked_originals_logits
   want = _apply(masked_model, masked_vars, x)
   np.testing.assert_allclose(_apply(small.model, small.variables, x), want, **TOL)
   assert not np.allclose(_apply(model, variables, x), want, **TOL)  # the mask mattered
+
+
+def test_the_width_search_says_why_it_leaves_out_groupnorm_groups():
+  """TAS's width mix acts on single output channels: a group whose channels are whole
+  norm groups is excluded with that reason (it was 'does not put the group's channels
+  on its output's last axis', which was not the cause)."""
+  from jaxprune import search  # pylint: disable=g-import-not-at-top
+  from jaxprune.errors import UserError  # pylint: disable=g-import-not-at-top
+  model, variables = _build("linen", int(np.random.default_rng().integers(1 << 30)))
+  with pytest.raises(UserError) as e:
+    search.SearchSpace(model, variables, (HW, HW, C_IN), num_picks=2)
+  for width, groups in zip(WIDTHS, GROUPS):
+    assert f"spans {width // groups} of its output channels" in str(e.value)

@@ -23,8 +23,8 @@ class Member:
     path: leaf path, e.g. ``params/conv1/kernel``.
     axis: the leaf axis the group's channels live on.
     index: int array (width, r): channel c of the group is the indices ``index[c]``
-      along ``axis`` (r > 1 where a channel was flattened into a Dense input:
-      its spatial copies).
+      along ``axis`` (r > 1 where a channel was flattened into a Dense input: its
+      spatial copies; or where a channel is a whole GroupNorm group or head).
     role: "producer" (output features of a conv/dot_general), "consumer" (the
       contracted input axis of one) or "other" (a bias, a norm's scale, bias or
       statistics, any elementwise parameter).

@@ -177,8 +177,12 @@ class SearchSpace:
                                "kernel alone (computed from other values first), so its "
                                "output cannot be mixed")
       elif wrong:
-        self.excluded[g.id] = (f"producer {wrong[0]} does not put the group's channels on "
-                               "its output's last axis")
+        spans = [m for m in producers if m.path == wrong[0]][0].index.shape[1]
+        self.excluded[g.id] = (
+            f"producer {wrong[0]}: a channel of the group spans {spans} of its output "
+            "channels (a whole GroupNorm group or head), and the width mix acts on single "
+            "channels" if spans > 1 else
+            f"producer {wrong[0]} does not put the group's channels on its output's last axis")
       else:
         groups.append(g)
     if not groups:
