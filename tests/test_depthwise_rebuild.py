@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import masking
 from jaxprune import graph, surgery
 from jaxprune.errors import UserError
 from jaxprune.graph.tracing import leaf_name
@@ -86,23 +87,6 @@ def randomized(tree, rng):
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def masked(tree, groups, keep):
-  """`tree` with every member's slices of the removed channels set to zero."""
-  zero = {}
-  for g in groups:
-    gone = np.setdiff1d(np.arange(g.width), keep[g.id])
-    for m in g.members:
-      zero.setdefault(m.path, []).append((m.axis, np.asarray(m.index)[gone].ravel()))
-
-  def fix(path, leaf):
-    for axis, idx in zero.get(leaf_name(path), ()):
-      leaf = np.moveaxis(np.array(leaf), axis, 0)
-      leaf[idx] = 0
-      leaf = jnp.asarray(np.moveaxis(leaf, 0, axis))
-    return leaf
-  return jax.tree_util.tree_map_with_path(fix, tree)
-
-
 def group_of(g, path):
   """The group whose producers include the kernel `path` (its output channels)."""
   hits = [grp for grp in g.groups
@@ -143,7 +127,7 @@ def test_linen_mobilenetv2_stem_depthwise_residual_groups_equal_masked(members):
       3, 3, 1, len(keep[groups[0].id]))
   x = jnp.asarray(rng.normal(size=(3, *SHAPE)), jnp.float32)
   got = small.model.apply(small.variables, x)
-  want = model.apply(masked(variables, groups, keep), x)
+  want = model.apply(masking.masked(model, variables, g, keep)[1], x)
   assert rel_gap(got, want) < 1e-5
   # init at the pruned widths builds the same tree (no extra expand conv).
   fresh = small.model.init(jax.random.key(1), x)
@@ -164,7 +148,7 @@ def test_linen_width_meeting_an_attribute_by_chance_keeps_the_expand_conv():
   small = surgery.prune(model, variables, SHAPE, keep, graph=g)
   assert small.variables["params"]["block1"]["expand"]["kernel"].shape[-1] == 16
   x = jnp.asarray(rng.normal(size=(3, *SHAPE)), jnp.float32)
-  want = model.apply(masked(variables, groups, keep), x)
+  want = model.apply(masking.masked(model, variables, g, keep)[1], x)
   assert rel_gap(small.model.apply(small.variables, x), want) < 1e-5
 
 
@@ -184,8 +168,7 @@ def test_nnx_depthwise_group_equals_masked():
   assert (small.model.dw.in_features, small.model.dw.out_features,
           small.model.dw.feature_group_count) == (n, n, n)
   x = jnp.asarray(rng.normal(size=(3, *SHAPE)), jnp.float32)
-  ref = nnx.merge(*nnx.split(model))
-  nnx.update(ref, masked(nnx.state(ref), [group], keep))
+  ref, _ = masking.masked(model, None, g, keep)
   small.model.eval()
   assert rel_gap(small.model(x), ref(x)) < 1e-5
 
