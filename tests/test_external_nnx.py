@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxprune.errors import UserError
+from jaxprune.graph import adapters
 from jaxprune.models import external
 
 NNX_PMAP_MODEL = '''
@@ -46,9 +47,9 @@ def test_nnx_pmap_model_gets_its_axis_bound_to_the_global_batch(tmp_path, monkey
   monkeypatch.syspath_prepend(str(tmp_path))
   built = external.build("nnx_pmap_t:make", None, 5, (6, 6, 3))
   plain = external.build("nnx_pmap_t:make", {"axis_name": None}, 5, (6, 6, 3))
-  assert isinstance(built, external.FromNNX) and isinstance(plain, external.FromNNX)
-  assert external.unbound_axis_names(built.split.merge(built.split.pure)) == ("batch",)
-  assert external.unbound_axis_names(plain.split.merge(plain.split.pure)) == ()
+  assert isinstance(built, adapters.FromNNX) and isinstance(plain, adapters.FromNNX)
+  assert adapters.unbound_axis_names(built.split.merge(built.split.pure)) == ("batch",)
+  assert adapters.unbound_axis_names(plain.split.merge(plain.split.pure)) == ()
 
   rng = np.random.default_rng()
   x = jnp.asarray(rng.normal(size=(4, 6, 6, 3)), jnp.float32)

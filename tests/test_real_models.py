@@ -15,6 +15,7 @@ import pytest
 
 from jaxprune import flops, graph, search, surgery
 from jaxprune.errors import UserError
+from jaxprune.graph import adapters
 
 
 def _randomize(variables, seed):
@@ -323,11 +324,11 @@ def test_pmap_model_gets_its_axis_bound_to_the_global_batch(tmp_path, monkeypatc
   (tmp_path / "pmap_models_t.py").write_text(PMAP_MODEL.replace("PmapNet", "Net"))
   monkeypatch.syspath_prepend(str(tmp_path))
   built = external.build("pmap_models_t:make", None, 10, (6, 6, 3))
-  assert isinstance(built, external.BindAxis) and built.axis_name == "batch"
+  assert isinstance(built, adapters.BindAxis) and built.axis_name == "batch"
 
   rng = np.random.default_rng()
   x = jnp.asarray(rng.normal(size=(4, 6, 6, 2)), jnp.float32)
-  bound = external.BindAxis(AxisBN("batch"), "batch")
+  bound = adapters.BindAxis(AxisBN("batch"), "batch")
   variables = _randomize(bound.init(jax.random.key(0), x, train=False),
                          int(rng.integers(1 << 30)))
   variables["batch_stats"] = jax.tree.map(jnp.abs, variables["batch_stats"])
@@ -466,10 +467,9 @@ def test_search_space_on_a_pmap_model_mixes_with_global_batch_statistics():
   """The TAS search's train-mode forward of a BindAxis model (BatchNorm over the 'batch'
   axis, run per example under vmap) equals the same model with a plain BatchNorm, for
   the same sampled widths: logits and updated statistics."""
-  from jaxprune.models import external  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng()
   x = jnp.asarray(rng.normal(size=(4, 6, 6, 2)), jnp.float32)
-  bound, plain = external.BindAxis(AxisBN("batch"), "batch"), AxisBN(None)
+  bound, plain = adapters.BindAxis(AxisBN("batch"), "batch"), AxisBN(None)
   variables = _randomize(plain.init(jax.random.key(0), x), int(rng.integers(1 << 30)))
   variables["batch_stats"] = jax.tree.map(jnp.abs, variables["batch_stats"])
   spaces = [search.SearchSpace(m, variables, (6, 6, 2)) for m in (bound, plain)]

@@ -28,7 +28,7 @@ Layering: this package knows wiring only. ``jaxprune.surgery`` removes groups an
 rebuilds the network, ``jaxprune.flops`` counts from the same trace.
 """
 from jaxprune.graph.tracing import Traced, named_leaves, trace_jaxpr
-from jaxprune.graph import tracing
+from jaxprune.graph import adapters, tracing
 from jaxprune.graph.group import Graph, Group, Member, kept_slices, trace
 
 __all__ = ["Graph", "Group", "Member", "Traced", "kept_slices", "named_leaves", "trace",

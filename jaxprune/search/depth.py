@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxprune.errors import UserError
 from jaxprune.graph import interpret
-from jaxprune.models import external
+from jaxprune.graph import adapters
 from jaxprune.models.tas_resnet import depth_candidates
 
 # Elementwise ops a block's output may pass through (with constant other operands),
@@ -320,14 +320,14 @@ def skip_blocks(model, variables, prefixes: Sequence[str]):
   skipped (each returns its input).
 
   `model` is a Linen module taking ``train`` (a user's NNX model in its
-  :class:`jaxprune.models.external.FromNNX` wrapper: the NNX attributes are
+  :class:`jaxprune.models.adapters.FromNNX` wrapper: the NNX attributes are
   replaced by an identity module, and the result wrapped again).
   """
   prefixes = tuple(prefixes)
   if not prefixes:
     return model, variables
   small = _drop(dict(variables), prefixes)
-  if isinstance(model, external.FromNNX):
+  if isinstance(model, adapters.FromNNX):
     module = model.module(variables)
     for prefix in prefixes:
       parent, last = _nnx_parent(module, prefix)
@@ -337,7 +337,7 @@ def skip_blocks(model, variables, prefixes: Sequence[str]):
         setattr(parent, last, _Identity())
     draw = model.split.draw
     fresh = None if draw is None else (lambda key: _drop(draw(key), prefixes))
-    wrapper, wvars = external.from_nnx(module, fresh, model.call)
+    wrapper, wvars = adapters.from_nnx(module, fresh, model.call)
     return wrapper, wvars
   if not isinstance(model, nn.Module):
     raise UserError(f"skip_blocks: {type(model).__name__} is not a Linen module.")

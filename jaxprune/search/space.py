@@ -63,7 +63,7 @@ from jaxprune.errors import UserError
 from jaxprune.graph import group as graph_lib
 from jaxprune.graph import tracing
 from jaxprune.graph import interpret
-from jaxprune.models import external
+from jaxprune.graph import adapters
 from jaxprune.models.tas_resnet import Selection, width_candidates
 from jaxprune.search import depth as depth_lib
 from jaxprune.search import latency as latency_lib
@@ -98,15 +98,15 @@ def _as_linen(model, variables, call=None):
   if isinstance(model, nnx.Module):
     if variables is not None:
       raise UserError("an nnx.Module carries its own variables: pass variables=None.")
-    wrapper, variables = external.from_nnx(model, call=call)
+    wrapper, variables = adapters.from_nnx(model, call=call)
     return wrapper, variables
   if isinstance(model, nn.Module):
     if variables is None:
       raise UserError(f"the Linen module {type(model).__name__} needs its variables.")
     if call is not None:
-      return external.WithCall(model, call), variables
+      return adapters.WithCall(model, call), variables
     if not tracing.accepts_train(model):
-      model = external.WithTrain(model, external.mode_flag(model))
+      model = adapters.WithTrain(model, adapters.mode_flag(model))
     return model, variables
   raise UserError(f"SearchSpace: {type(model).__name__} is neither a Linen module nor an "
                   "nnx.Module.")
@@ -117,7 +117,7 @@ class SearchSpace:
 
   Attributes:
     model: the model as a Linen module taking ``train`` (an NNX model is wrapped
-      in :class:`jaxprune.models.external.FromNNX`).
+      in :class:`jaxprune.models.adapters.FromNNX`).
     variables: its variables (for an NNX model, the wrapper's).
     graph: the dependency graph the space was built from.
     groups: the searched :class:`jaxprune.graph.Group` s, in call order.

@@ -64,7 +64,7 @@ from flax import nnx
 
 from jaxprune.errors import UserError
 from jaxprune.graph import interpret, propagate, tracing
-from jaxprune.models import external
+from jaxprune.graph import adapters
 from jaxprune.optim.selection import leaf_path
 
 Slices = Mapping[str, Mapping[int, Any]]
@@ -130,7 +130,7 @@ def rebuild(model: Any, variables: Any, slices: Slices, input_shape: Any = None,
   """
   overrides = {k: dict(v) for k, v in (overrides or {}).items()}
   refuse_shapes_only("rebuild", model, variables)
-  if isinstance(model, external.FromNNX):
+  if isinstance(model, adapters.FromNNX):
     return _rebuild_from_nnx(model, variables, slices, input_shape, overrides)
   if isinstance(model, nnx.Module):
     if variables is not None:
@@ -985,7 +985,7 @@ def _nnx_run_failed(e, check, shapes, overrides) -> UserError:
 
 
 def _rebuild_from_nnx(model, variables, slices, input_shape, overrides):
-  """An NNX model run through :class:`jaxprune.models.external.FromNNX`: rebuild the NNX
+  """An NNX model run through :class:`jaxprune.models.adapters.FromNNX`: rebuild the NNX
   module (its paths are the Linen ones without the collection) and wrap it again."""
   if variables is None:
     raise UserError("rebuild: a FromNNX model needs its Linen variables.")
@@ -994,8 +994,8 @@ def _rebuild_from_nnx(model, variables, slices, input_shape, overrides):
     collection, _, rest = path.partition("/")
     collection_of[rest], inner[rest] = collection, spec
   pruned = _rebuild_nnx(model.module(variables), inner, None, None, overrides)
-  wrapper, small = external.from_nnx(pruned.model,
-                                     external.sliced_draw(model.split.draw, inner),
+  wrapper, small = adapters.from_nnx(pruned.model,
+                                     adapters.sliced_draw(model.split.draw, inner),
                                      model.call)
   if input_shape is not None:
     try:
