@@ -13,7 +13,7 @@ import pytest
 from jaxprune import graph, surgery
 from jaxprune.engine import runtime
 from jaxprune.errors import UserError
-from jaxprune.search import latency
+from jaxprune import latency
 from jaxprune.surgery import pruner
 
 jax.config.update("jax_disable_most_optimizations", True)

@@ -1,4 +1,4 @@
-"""The TAS latency cost (jaxprune.search.latency, tas.cost=latency): the table's expected
+"""The TAS latency cost (jaxprune.latency, tas.cost=latency): the table's expected
 and argmax latency against a slow reference, its cache, and the recipe's config checks."""
 import itertools
 import json
@@ -14,7 +14,7 @@ from conftest import load_config
 from jaxprune import models, search
 from jaxprune.errors import UserError
 from jaxprune.methods import tas
-from jaxprune.search import latency
+from jaxprune import latency
 
 jax.config.update("jax_disable_most_optimizations", True)
 

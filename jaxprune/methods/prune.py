@@ -11,7 +11,7 @@ Stages:
   ``config.finetune`` (iterative pruning; ``N = 1`` is one-shot).
 
 ``prune.target=latency``: the latency on this device, from a per-op latency table
-(:mod:`jaxprune.search.latency`, the one TAS's ``tas.cost=latency`` uses) timed at
+(:mod:`jaxprune.latency`, the one TAS's ``tas.cost=latency`` uses) timed at
 ``prune.latency_batch`` (default the report's inference batch) on
 ``prune.latency_grid`` candidate widths per group (multiples of ``prune.round_to``).
 ``prune.round_to`` 0 (the default) is the backend's multiple
@@ -50,7 +50,7 @@ from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import distributed
 from jaxprune.engine import report
 from jaxprune.engine import runtime
-from jaxprune.search import latency as latency_lib
+from jaxprune import latency as latency_lib
 from jaxprune.surgery import pruner
 from jaxprune.errors import UserError
 from jaxprune.methods import baseline

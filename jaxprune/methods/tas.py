@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from jaxprune import config_lib, data, distill, flops, kernels, models, optim, plots
+from jaxprune import latency as latency_lib
 from jaxprune import search as search_lib
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import distributed, loop, mesh as mesh_lib, report, steps
@@ -149,7 +150,7 @@ class GraphSupernet:
   channel groups of its graph (one width per group) and the stages of skippable
   residual blocks it finds (``depth``: search their depths)."""
   kind = "graph"
-  latency = None  # the search.LatencyTable when tas.cost=latency (set by search())
+  latency = None  # the latency.LatencyTable when tas.cost=latency (set by search())
 
   def __init__(self, base_model, input_shape, num_picks: int, round_to: int = 1,
                depth: bool = True, fit_round_to: bool = False):
@@ -394,7 +395,7 @@ def attach_latency_table(net, config, workdir: str):
   path = os.path.join(workdir, "search", LATENCY_TABLE)
   foreign = ""
   if distributed.is_main_process() and _search_progress(workdir):
-    cached, why = search_lib.latency.load(net.space, path, batch)
+    cached, why = latency_lib.load(net.space, path, batch)
     foreign = why if cached is None and os.path.exists(path) else ""
   if distributed.agreed(bool(foreign)):
     if not config.tas.get("remeasure_latency", False):
@@ -412,9 +413,9 @@ def attach_latency_table(net, config, workdir: str):
         os.remove(os.path.join(workdir, "architecture.json"))
     distributed.barrier("tas_latency_restart")
   if distributed.is_main_process():
-    table = search_lib.latency.load_or_measure(net.space, path, batch)
+    table = latency_lib.load_or_measure(net.space, path, batch)
   else:
-    table = search_lib.latency.plan(net.space, batch)
+    table = latency_lib.plan(net.space, batch)
   table.set_program_ms(distributed.from_main(table.program_ms.astype(np.float32)))
   check_latency_times(table.program_ms, path)
   net.latency = table

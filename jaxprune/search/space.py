@@ -66,7 +66,7 @@ from jaxprune.graph import interpret
 from jaxprune.graph import adapters
 from jaxprune.models.tas_resnet import Selection, width_candidates
 from jaxprune.search import depth as depth_lib
-from jaxprune.search import latency as latency_lib
+from jaxprune import latency as latency_lib
 from jaxprune.surgery.rebuild import probe_inputs
 
 _ARCH_INIT_STD = 0.01  # tas.md §1

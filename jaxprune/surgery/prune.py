@@ -164,12 +164,12 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
       FLOPs or params.
     latency_ratio: the target fraction of the unpruned network's latency on this
       device (ask 0.5 for a 2x speed-up), by a per-op latency table
-      (:mod:`jaxprune.search.latency`): every conv and dense op timed alone at
+      (:mod:`jaxprune.latency`): every conv and dense op timed alone at
       ``batch_size`` on each group's :func:`jaxprune.surgery.pruner.latency_grid`
       candidates (``latency_grid`` allowed widths per group, multiples of
       ``round_to``). Give exactly one of the three targets.
     latency_table: a table measured before (``info["latency_table"]`` of an
-      earlier call on the same model, or :func:`jaxprune.search.latency.load`);
+      earlier call on the same model, or :func:`jaxprune.latency.load`);
       default: measured now (ResNet-56 at batch 1: ~20 s on a CPU).
     batch_size: the batch the latency table times (the batch you will serve).
     latency_grid: latency candidates per group (at most; more is finer and slower
@@ -301,7 +301,7 @@ def _calibrated(g, scores, table, ratio: float, global_ranking: bool, rounds: in
                 timer: Callable, build: Callable, description: str):
   """``(pruned, keep, calibration)``: the latency selection whose whole network,
   timed by ``timer``, meets ``ratio`` (:func:`jaxprune.surgery.pruner.calibrate_budget`)."""
-  from jaxprune.search import latency  # pylint: disable=g-import-not-at-top
+  from jaxprune import latency  # pylint: disable=g-import-not-at-top
   floor = table.at(table.index({gid: int(table.candidates[table.group_ids.index(gid)][0])
                                 for gid in scores})) / table.full
   keeps, timed = {}, {}
@@ -412,14 +412,14 @@ def latency_table_for(g: graph_lib.Graph, group_ids, round_to: int, batch_size: 
   """The latency table of a latency target on ``g``: ``table`` when given (checked to
   be planned for this graph's ops and to cover ``group_ids``), else measured now on
   :func:`jaxprune.surgery.pruner.latency_candidates`."""
-  from jaxprune.search import latency  # pylint: disable=g-import-not-at-top
+  from jaxprune import latency  # pylint: disable=g-import-not-at-top
   if table is None:
     return latency.measure(pruner.latency_candidates(g, group_ids, round_to, grid,
                                                      fit_round_to),
                            batch_size, **measure_kwargs)
   if not isinstance(table, latency.LatencyTable):
     raise UserError(f"latency_table is a {type(table).__name__}; give a "
-                    "search.LatencyTable (info['latency_table'] of an earlier prune_to)")
+                    "latency.LatencyTable (info['latency_table'] of an earlier prune_to)")
   if any(gid >= len(g.groups) for gid in table.group_ids):
     raise UserError("latency_table was planned for another model (its groups are not "
                     "this graph's)")

@@ -3,7 +3,7 @@ params or latency ratio.
 
 The pruner knows only targets and rankings; the graph knows the wiring
 (:mod:`jaxprune.graph`), a criterion the scores (:mod:`jaxprune.surgery.importance`),
-a latency table the per-op times (:mod:`jaxprune.search.latency`). FLOPs and params
+a latency table the per-op times (:mod:`jaxprune.latency`). FLOPs and params
 are exact at every step (:meth:`jaxprune.graph.Graph.predict`); latency is the table's
 sum of per-op times at the kept widths.
 
@@ -102,10 +102,10 @@ def latency_grid(width: int, round_to: int = 1, size: int = DEFAULT_GRID) -> tup
 
 def latency_candidates(graph: Graph, group_ids, round_to: int = 1,
                        size: int = DEFAULT_GRID, fit_round_to: bool = False):
-  """The :class:`jaxprune.search.latency.Candidates` of a latency target: the
+  """The :class:`jaxprune.latency.Candidates` of a latency target: the
   :func:`latency_grid` of every group in ``group_ids`` (at its
   :func:`group_round_to`)."""
-  from jaxprune.search import latency  # pylint: disable=g-import-not-at-top
+  from jaxprune import latency  # pylint: disable=g-import-not-at-top
   if (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
     raise UserError(f"latency_grid={size!r}: the number of latency-table candidates per "
                     "group; give an int >= 1")
@@ -143,7 +143,7 @@ def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
     params_ratio: target params fraction instead.
     latency_ratio: target latency as a fraction of the full network's in
       ``latency_table`` (give exactly one of the three).
-    latency_table: a measured :class:`jaxprune.search.LatencyTable` whose groups
+    latency_table: a measured :class:`jaxprune.latency.LatencyTable` whose groups
       include every scored group (:func:`latency_candidates`); its candidates are
       the allowed widths.
     global_ranking: rank channels across groups (see the module docstring).
