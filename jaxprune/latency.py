@@ -59,6 +59,7 @@ layout or processes (``jaxprune.methods.tas`` does).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -72,12 +73,93 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.engine import metrics as metrics_lib
+from jaxprune import jsonio
 from jaxprune.errors import UserError
 
 FORMAT = "jaxprune.latency_table/1"
 _MIN_SAMPLE_S = 2e-3  # calls per timing sample: enough to last this long (batch 1 ops)
 _MAX_CALLS = 64
+
+
+# Kept widths a multiple of this by default (``round_to`` of TAS and ``prune_to``), per
+# backend. CPU, measured (2-core x86-64, XLA:CPU, batch 128, alternated): the TAS smoke's
+# derived ResNet-20 (16x16 inputs) ran 1.18x faster than its base at 2.29x fewer FLOPs
+# with its searched widths, 1.69x at 1.94x with the widths rounded to multiples of 8 (to
+# 4: 1.33x at 2.26x; to 16: 1.48x at 1.46x); L1-pruned ResNet-56s and ResNet-50s alike
+# (README). GPU and TPU: 8, not measured here (tensor-core and MXU tiles favour multiples
+# of 8 or more).
+ROUND_TO = {"cpu": 8, "gpu": 8, "cuda": 8, "rocm": 8, "tpu": 8}
+
+
+def default_round_to(backend: str | None = None) -> int:
+  """The default ``round_to`` on ``backend`` (default: JAX's default backend, which this
+  starts): :data:`ROUND_TO`, 1 for a backend not listed."""
+  if backend is None:
+    backend = jax.default_backend()
+  return ROUND_TO.get(backend, 1)
+
+
+def measure_inference(model, variables, input_shape, batch_size: int = 128,
+                      repeats: int = 10) -> dict:
+  """Median wall time of a jitted eval-mode forward pass on one device.
+
+  Returns ``{"batch_size", "ms_per_batch", "images_per_s"}``; compile time excluded.
+  """
+  device = jax.local_devices()[0]
+  # A local copy: the run's variables may be replicated over every process's devices.
+  variables = jax.device_put(jax.device_get(variables), device)
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (batch_size, *input_shape),
+                                       jnp.float32), device)
+  _first_call(functools.partial(forward, variables), x, batch_size)
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(forward(variables, x))
+    times.append(time.perf_counter() - t)
+  ms = float(np.median(times)) * 1e3
+  return {"batch_size": batch_size, "ms_per_batch": ms,
+          "images_per_s": batch_size / ms * 1e3, "device": device.device_kind}
+
+
+def compare_inference(nets: Mapping[str, tuple[Any, Any]], input_shape,
+                      batch_size: int = 128, rounds: int = 20) -> dict[str, float]:
+  """Median ms per batch of every network's jitted eval-mode forward, timed alternately.
+
+  ``nets`` maps a name to ``(model, variables)``. Each round calls every network once,
+  in turn, on the same input, so the machine's drift (other jobs, clock changes) hits
+  all of them alike and their ratios (a speed-up) come from the same moments; the
+  median over ``rounds`` rounds is kept, compile time excluded.
+  """
+  device = jax.local_devices()[0]
+  x = jax.device_put(jax.random.normal(jax.random.key(0), (batch_size, *input_shape),
+                                       jnp.float32), device)
+  calls = {}
+  for name, (model, variables) in nets.items():
+    forward = jax.jit(lambda v, x_, m=model: m.apply(v, x_, train=False))
+    local = jax.device_put(jax.device_get(variables), device)
+    calls[name] = functools.partial(forward, local)
+    _first_call(calls[name], x, batch_size)
+  times = {name: [] for name in calls}
+  for _ in range(rounds):
+    for name, call in calls.items():
+      t = time.perf_counter()
+      jax.block_until_ready(call(x))
+      times[name].append(time.perf_counter() - t)
+  return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+
+
+def _first_call(call, x, batch_size: int):
+  """Compiles and runs ``call(x)`` once; running out of device memory is one line."""
+  try:
+    jax.block_until_ready(call(x))
+  except Exception as e:  # pylint: disable=broad-except
+    if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+      raise
+    raise UserError(f"The inference benchmark at batch {batch_size} ran out of device memory"
+                    " (config report.inference_batch_size); the trained stages are kept: "
+                    "rerun with a smaller --config.report.inference_batch_size to write the "
+                    "report.") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,7 +427,7 @@ class LatencyTable:
 
   def save(self, path: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    metrics_lib.write_json(path, self.to_json())
+    jsonio.write_json(path, self.to_json())
 
 
 def space_reach(space, depth_dists) -> list | None:
@@ -627,7 +709,7 @@ def load(space, path: str, batch_size: int) -> tuple[LatencyTable | None, str]:
   table = plan(space, batch_size)
   if not os.path.exists(path):
     return None, f"no table at {path}"
-  saved = metrics_lib.read_json(path)
+  saved = jsonio.read_json(path)
   if not isinstance(saved, dict) or saved.get("format") != FORMAT:
     raise UserError(f"{path} is not a jaxprune latency table; delete it (the run "
                     "measures a new one).")

@@ -56,6 +56,8 @@ import os
 
 import jaxlib
 
+from jaxprune import latency
+
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 _TESTED_JAXLIB = ((0, 10),)
 
@@ -247,23 +249,9 @@ def config_profile(config):
     return None
 
 
-# Kept widths a multiple of this by default (``round_to`` of TAS and ``prune_to``), per
-# backend. CPU, measured (2-core x86-64, XLA:CPU, batch 128, alternated): the TAS smoke's
-# derived ResNet-20 (16x16 inputs) ran 1.18x faster than its base at 2.29x fewer FLOPs
-# with its searched widths, 1.69x at 1.94x with the widths rounded to multiples of 8 (to
-# 4: 1.33x at 2.26x; to 16: 1.48x at 1.46x); L1-pruned ResNet-56s and ResNet-50s alike
-# (README). GPU and TPU: 8, not measured here (tensor-core and MXU tiles favour multiples
-# of 8 or more).
-ROUND_TO = {"cpu": 8, "gpu": 8, "cuda": 8, "rocm": 8, "tpu": 8}
-
-
-def default_round_to(backend: str | None = None) -> int:
-  """The default ``round_to`` on ``backend`` (default: JAX's default backend, which this
-  starts): :data:`ROUND_TO`, 1 for a backend not listed."""
-  if backend is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    backend = jax.default_backend()
-  return ROUND_TO.get(backend, 1)
+# The default ``round_to`` per backend lives with the other hardware costs.
+ROUND_TO = latency.ROUND_TO
+default_round_to = latency.default_round_to
 
 
 SWITCHES = ("auto", "on", "off")
