@@ -13,6 +13,7 @@
   (``rescale_gamma``) and the masked == shrunk check (``check_equivalence``).
 """
 from jaxprune.surgery.rebuild import Pruned, Rebuilt, rebuild, slice_tree
+from jaxprune.surgery.rules import register_rule, rule_for
 from jaxprune.surgery.importance import CRITERIA, group_scores
 from jaxprune.surgery.pruner import select_channels
 from jaxprune.surgery.prune import prune, prune_to, prune_zeros

@@ -65,6 +65,7 @@ from flax import nnx
 from jaxprune.errors import UserError
 from jaxprune.graph import interpret, propagate, tracing
 from jaxprune.graph import adapters
+from jaxprune.surgery import rules
 from jaxprune.optim.selection import leaf_path
 
 Slices = Mapping[str, Mapping[int, Any]]
@@ -396,61 +397,6 @@ def _int_attrs(obj, names):
 # Linen.
 
 
-def _tuple_like(template, values):
-  values = tuple(int(v) for v in values)
-  return values[0] if isinstance(template, int) else values
-
-
-def _linen_rule(module: nn.Module, shape: Callable, args) -> dict[str, Any]:
-  """Feature attributes of a Flax layer from its (new) parameter shapes."""
-  if isinstance(module, nn.MultiHeadDotProductAttention):
-    q, o = shape("query/kernel"), shape("out/kernel")
-    out = {}
-    if q is not None:
-      out.update(num_heads=int(q[-2]), qkv_features=int(q[-2] * q[-1]))
-    if o is not None:
-      out["out_features"] = int(o[-1])
-    return out
-  if isinstance(module, nn.Embed):
-    e = shape("embedding")
-    return {} if e is None else {"num_embeddings": int(e[0]), "features": int(e[1])}
-  if isinstance(module, nn.GroupNorm):
-    s = shape("scale") or shape("bias")
-    old = shape("scale", old=True) or shape("bias", old=True)
-    if s is None or module.num_groups is None:
-      return {}
-    size = old[-1] // module.num_groups
-    if s[-1] % size:
-      raise UserError(f"rebuild: GroupNorm {'/'.join(module.path)} keeps {s[-1]} "
-                      f"channels, not whole groups of {size}.")
-    # From the input where it holds whole groups: before a user layer upstream has its
-    # width inferred, the input has the old width -- a shape mismatch, not a crash.
-    n = args[0].shape[-1] if args and hasattr(args[0], "shape") else s[-1]
-    return {"num_groups": int((n if n % size == 0 else s[-1]) // size)}
-  k = shape("kernel")
-  if k is None:
-    return {}
-  if isinstance(module, nn.Einsum):
-    return {"shape": tuple(int(d) for d in k)}
-  if isinstance(module, nn.DenseGeneral):
-    f = module.features
-    n = 1 if isinstance(f, int) else len(f)
-    return {"features": _tuple_like(f, k[-n:])}
-  if isinstance(module, nn.Dense):
-    return {"features": int(k[-1])}
-  if isinstance(module, nn.ConvTranspose):
-    return {"features": int(k[-2] if module.transpose_kernel else k[-1])}
-  if isinstance(module, (nn.Conv, nn.ConvLocal)):
-    out = {"features": int(k[-1])}
-    groups = getattr(module, "feature_group_count", 1)
-    if groups != 1 and args and hasattr(args[0], "shape"):
-      out["feature_group_count"] = int(args[0].shape[-1] // k[-2])
-    return out
-  return {}
-
-
-_RULE_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvLocal,
-               nn.ConvTranspose, nn.Embed, nn.MultiHeadDotProductAttention, nn.GroupNorm)
 # Layers whose parameter shapes follow their input (no size attribute to update).
 _INPUT_SIZED = (nn.BatchNorm, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 
@@ -494,11 +440,12 @@ class Rebuilt(nn.Module):
       if module is not self:
         mpath = "/".join(module.path)
         attrs = {}
-        if mpath in prefixes and isinstance(module, _RULE_TYPES):
+        rule = rules.rule_for(module) if mpath in prefixes else None
+        if rule is not None:
           def shape(rel, old=False, mpath=mpath):
             key = f"params/{mpath}/{rel}" if mpath else f"params/{rel}"
             return (old_shapes if old else new).get(key)
-          attrs = _linen_rule(module, shape, args)
+          attrs = dict(rule(module, shape, args))
         attrs.update(overrides.get(mpath, {}))
         for name, value in attrs.items():
           # A bound module is this call's own clone; its dataclass is frozen.
@@ -710,7 +657,7 @@ def _derived_attrs(model, variables, x, kwargs, shapes, overrides):
     _eval_shape(lambda v, *a, **k: model.apply(v, *a, **k), (variables, *x), kwargs)
   derived = {}
   for mpath, module in seen.items():  # call order
-    if (mpath in overrides or isinstance(module, Rebuilt)
+    if (mpath in overrides or isinstance(module, Rebuilt) or rules.rule_for(module)
         or type(module).__module__.startswith("flax.")):
       continue
     sizes = {}
@@ -759,14 +706,19 @@ def _check_linen_shapes(wrapped, model, small, x, kwargs, shapes, overrides):
         wrapped = _linen_wrap(model, shapes, overrides)
     bad = mismatches(wrapped, strict=True)
   if bad:
-    path, (got, want_shape) = next(iter(sorted(bad.items())))
+    modules = _linen_modules(wrapped, x, kwargs)
+
+    def sized(module):  # by a rule or its input: not where the sizes went wrong
+      return module is not None and (rules.rule_for(module) is not None or isinstance(
+          module, _INPUT_SIZED) or type(module).__module__.startswith("flax."))
+    path, (got, want_shape) = min(sorted(bad.items()),
+                                  key=lambda kv: sized(modules.get(_owner(kv[0]))))
     mpath = _owner(path)
-    module = _linen_modules(wrapped, x, kwargs).get(mpath)
+    module = modules.get(mpath)
     kind = type(module).__name__ if module is not None else "layer"
     attrs = (_int_attrs(module, [f.name for f in dataclasses.fields(module)])
              if module is not None else {})
-    if isinstance(module, _RULE_TYPES + _INPUT_SIZED) or (
-        type(module).__module__.startswith("flax.")):
+    if sized(module):
       raise UserError(
           f"rebuild: the slices are not consistent: layer {mpath or '<model>'!r} "
           f"({kind}) builds {path} with shape {got} from its inputs, but the slices "
@@ -775,8 +727,8 @@ def _check_linen_shapes(wrapped, model, small, x, kwargs, shapes, overrides):
     raise UserError(
         f"rebuild: layer {mpath or '<model>'!r} ({kind}) builds {path} with shape {got} "
         f"but the slices make it {want_shape}; its size attributes {attrs} cannot be "
-        f"derived: pass overrides={{{mpath!r}: {{attribute: value}}}}, or the slices are "
-        "not a consistent group.")
+        f"derived: pass overrides={{{mpath!r}: {{attribute: value}}}}, register a rule "
+        f"for {kind} (surgery.register_rule), or the slices are not a consistent group.")
   try:
     structure = _structure(wrapped, small, x, kwargs)
   except Exception as e:  # an inconsistent set of slices
@@ -842,64 +794,30 @@ def _infer_linen_attrs(module, mpath, shapes, overrides, wrapped, model, mismatc
 # NNX.
 
 
-def _nnx_rule(module: nnx.Module) -> dict[str, Any]:
-  """Feature attributes of an NNX Flax layer from its (new) Variables."""
-  def shape(name, obj=module):
-    v = getattr(obj, name, None)
-    return tuple(v[...].shape) if isinstance(v, nnx.Variable) else None
-
-  if isinstance(module, nnx.MultiHeadAttention):
-    q, k, o = (shape("kernel", getattr(module, n)) for n in ("query", "key", "out"))
-    return dict(in_features=q[0], num_heads=q[-2], head_dim=q[-1],
-                qkv_features=q[-2] * q[-1], in_kv_features=k[0], num_kv_heads=k[-2],
-                out_features=o[-1])
-  if isinstance(module, nnx.Embed):
-    e = shape("embedding")
-    return {"num_embeddings": e[0], "features": e[1]}
-  if isinstance(module, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.InstanceNorm,
-                         nnx.GroupNorm)):
-    s = shape("scale") or shape("bias") or shape("mean") or shape("var")
-    if isinstance(module, nnx.GroupNorm) and s is not None and len(s) == 1:
-      if s[0] % module.group_size:  # (it keeps no num_features)
-        raise UserError(f"rebuild: a GroupNorm keeps {s[0]} channels, not whole groups "
-                        f"of {module.group_size}.")
-      return {"num_groups": s[0] // module.group_size}
-    if s is None or len(s) != 1 or not isinstance(getattr(module, "num_features", None), int):
-      return {}
-    return {"num_features": s[0]}
-  k = shape("kernel")
-  if k is None:
-    return {}
-  if isinstance(module, nnx.Einsum):
-    b = shape("bias")
-    return {"kernel_shape": k, **({"bias_shape": b} if b is not None else {})}
-  if isinstance(module, nnx.LinearGeneral):
-    n_in, n_out = len(module.in_features), len(module.out_features)
-    return {"in_features": k[len(k) - n_in - n_out:len(k) - n_out],
-            "out_features": k[len(k) - n_out:]}
-  if isinstance(module, nnx.Linear):
-    return {"in_features": k[-2], "out_features": k[-1]}
-  if isinstance(module, nnx.ConvTranspose):
-    i, o = (k[-1], k[-2]) if module.transpose_kernel else (k[-2], k[-1])
-    return {"in_features": i, "out_features": o, "kernel_shape": k}
-  if isinstance(module, nnx.Conv):
-    groups = module.feature_group_count
-    if groups != 1:
-      # Whole groups go: the per-group output width stays (depthwise: the multiplier).
-      per_group = module.out_features // groups
-      groups = k[-1] // per_group
-    return {"in_features": k[-2] * groups, "out_features": k[-1],
-            "feature_group_count": groups, "kernel_shape": k}
-  return {}
-
-
-_NNX_RULE_TYPES = (nnx.MultiHeadAttention, nnx.Embed, nnx.BatchNorm, nnx.LayerNorm,
-                   nnx.RMSNorm, nnx.InstanceNorm, nnx.GroupNorm, nnx.Einsum,
-                   nnx.LinearGeneral, nnx.Linear, nnx.ConvTranspose, nnx.Conv)
-
-
 def _nnx_path(path) -> str:
   return "/".join(str(p) for p in path)
+
+
+def _nnx_shape(module, mpath, shapes):
+  """``shape(name, old=False)`` of an NNX layer's own Variables (a rule's argument)."""
+  def shape(name, old=False):
+    obj = module
+    for part in name.split("/"):
+      obj = getattr(obj, part, None)
+    if not isinstance(obj, nnx.Variable):
+      return None
+    path = f"{mpath}/{name}" if mpath else name
+    return shapes[path][0] if old and path in shapes else tuple(obj[...].shape)
+  return shape
+
+
+def _nnx_value(old, value):
+  """A rule's value as the attribute holds it: ints (a tuple where the attribute is)."""
+  if isinstance(value, tuple) and all(isinstance(v, (int, np.integer)) for v in value):
+    return tuple(int(v) for v in value)
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    return (int(value),) if isinstance(old, tuple) else int(value)
+  return value
 
 
 def _rebuild_nnx(model, slices, input_shape, call, overrides):
@@ -923,13 +841,10 @@ def _rebuild_nnx(model, slices, input_shape, call, overrides):
     touched = any(p.startswith(f"{mpath}/") or not mpath for p in shapes)
     if not touched:
       continue
-    if isinstance(module, _NNX_RULE_TYPES):
-      for name, value in _nnx_rule(module).items():
-        old_value = getattr(module, name)
-        if isinstance(old_value, tuple) and not isinstance(value, tuple):
-          value = (value,)
-        setattr(module, name, tuple(int(v) for v in value) if isinstance(value, tuple)
-                else int(value))
+    rule = rules.rule_for(module)
+    if rule is not None:
+      for name, value in rule(module, _nnx_shape(module, mpath, shapes), ()).items():
+        setattr(module, name, _nnx_value(getattr(module, name, None), value))
     else:
       names = _stale_attrs(module, mpath, shapes)
       if names and mpath not in overrides:
@@ -978,7 +893,8 @@ def _nnx_run_failed(e, check, shapes, overrides) -> UserError:
           if attrs else f" -- it computes a size (one of {sizes} before pruning) from its "
           "configuration or a constant")
   out = UserError(f"rebuild: layer {mpath or '<model>'!r} ({type(module).__name__}) fails "
-                  f"at the pruned widths: {type(e).__name__}: {_first_line(e)}{kept}, or "
+                  f"at the pruned widths: {type(e).__name__}: {_first_line(e)}{kept}, "
+                  f"register a rule for {type(module).__name__} (surgery.register_rule), or "
                   "keep that group whole with ignore=[a leaf-path pattern of its members].")
   out.module_path, out.int_attrs = mpath, attrs
   return out
