@@ -1,0 +1,146 @@
+"""Every ```python block of docs/ runs, and every command line in README.md and docs/ is valid.
+
+A page's blocks run in order in one namespace, as a reader pastes them into one session. A block
+right after a line `<!-- not run: REASON -->` is skipped (the reason must be given). The
+command lines (`python -m jaxprune.main --config X[:args] --config.key=value ...`) are parsed by
+the CLI's own config machinery (ml_collections' config flags) and checked by
+`config_lib.validate`, without running the job. Figures are not pinned here: measured results
+live in docs/results.md with their commands.
+"""
+import re
+import shlex
+
+from absl import flags
+from ml_collections import config_flags
+import pytest
+
+from conftest import REPO
+
+from jaxprune import config_lib
+
+# docs/transformers.md's block runs in tests/test_docs_transformers.py (which also checks
+# its printed output); README.md's in tests/test_readme.py.
+RUN_ELSEWHERE = {"transformers.md"}
+PAGES = sorted(p for p in (REPO / "docs").rglob("*.md"))
+SKIP = re.compile(r"<!-- not run: (.*?) -->\s*$")
+
+
+def python_blocks(path):
+  """``(first line number, code, skip reason or None)`` of each ```python block."""
+  lines = path.read_text().split("\n")
+  blocks, i = [], 0
+  while i < len(lines):
+    if lines[i].strip() == "```python":
+      start, j = i + 1, i + 1
+      while lines[j].strip() != "```":
+        j += 1
+      prev = next((l for l in reversed(lines[:i]) if l.strip()), "")
+      skip = SKIP.search(prev)
+      blocks.append((start, "\n".join(lines[start:j]), skip.group(1).strip() if skip else None))
+      i = j
+    i += 1
+  return blocks
+
+
+def run_page(path, name):
+  """Runs the page's blocks in one namespace; tracebacks point at the page's own lines."""
+  namespace = {"__name__": "docs_example"}
+  for start, code, skip in python_blocks(path):
+    if skip is not None:
+      assert skip, f"{path}:{start}: a skipped block must say why"
+      continue
+    compiled = compile("\n" * start + code, name, "exec")
+    exec(compiled, namespace)  # pylint: disable=exec-used
+  return namespace
+
+
+@pytest.mark.parametrize("page", [p.relative_to(REPO).as_posix() for p in PAGES
+                                  if p.name not in RUN_ELSEWHERE])
+def test_docs_python_blocks_run(page):
+  run_page(REPO / page, page)
+
+
+def command_lines(text):
+  """Every ``--config configs/...`` command in ```bash blocks and `inline code`."""
+  found = []
+  for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+    joined = re.sub(r"\\\n\s*", " ", block)
+    found += [line for line in joined.split("\n") if "--config configs/" in line]
+  for span in re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S)):
+    if "--config configs/" in span:
+      found.append(span)
+  # Placeholders such as configs/<recipe>.py name no config.
+  return [line.split(" #", 1)[0] for line in found if "<" not in line.split("--config ")[1]]
+
+
+def all_commands():
+  for page in [REPO / "README.md", *PAGES]:
+    for line in command_lines(page.read_text()):
+      yield page.relative_to(REPO).as_posix(), line
+
+
+def check_command(line):
+  """Parses ``line``'s --config and --config.key=value as `python -m jaxprune.main` does."""
+  tokens = shlex.split(line)
+  start = tokens.index("--config")
+  config = tokens[start + 1]
+  overrides = [t for t in tokens[start + 2:] if t.startswith("--config.")]
+  argv = ["jaxprune", f"--config={config}", *overrides]
+  values = flags.FlagValues()
+  # sys_argv: config_flags defines the --config.key flags it finds there.
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  config_lib.validate(values.config)
+  return values.config
+
+
+COMMANDS = sorted(set(all_commands()))
+
+
+def test_docs_name_commands():
+  pages = {page for page, _ in COMMANDS}
+  assert "README.md" in pages and "docs/cli.md" in pages
+  assert len(COMMANDS) >= 20
+
+
+@pytest.mark.parametrize("page,line", COMMANDS)
+def test_docs_command_parses_with_valid_keys(page, line, monkeypatch):
+  monkeypatch.chdir(REPO)  # configs/ paths are relative to the repository root
+  config = check_command(line)
+  assert config.method in {"baseline", "tas", "ista", "prune", "dnw", "autoprune"}, page
+
+
+def test_command_check_rejects_an_unknown_key(monkeypatch):
+  monkeypatch.chdir(REPO)
+  with pytest.raises(Exception, match="trian"):
+    check_command("python -m jaxprune.main --config configs/tas_resnet.py:smoke "
+                  "--config.trian.epochs=3 --workdir /tmp/x")
+  with pytest.raises(Exception):
+    check_command("python -m jaxprune.main --config configs/tas_resnet.py:smoke "
+                  "--config.train.learning_rate=-1 --workdir /tmp/x")
+
+
+def test_docs_links_resolve():
+  """Every relative link of README.md and docs/ names a file of the repository."""
+  for page in [REPO / "README.md", *PAGES]:
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+      if "://" in target:
+        continue
+      assert (page.parent / target).exists(), f"{page.relative_to(REPO)}: {target}"
+
+
+def test_every_cited_section_exists():
+  """Code citing ``<method>.md §n`` finds that § heading in docs/methods/<method>.md."""
+  headings = {}
+  for page in (REPO / "docs" / "methods").glob("*.md"):
+    headings[page.name] = set(re.findall(r"^#+ §(\d+)", page.read_text(), re.M))
+  cited = []
+  for path in [*(REPO / "jaxprune").rglob("*.py"), *(REPO / "configs").glob("*.py")]:
+    for doc, sections in re.findall(r"(tas|ista|dnw|autoprune)\.md,? (§[\d§, -]+)",
+                                    path.read_text()):
+      for number in re.findall(r"\d+", sections):
+        cited.append((path.relative_to(REPO).as_posix(), f"{doc}.md", number))
+  assert cited
+  missing = [c for c in cited if c[2] not in headings[c[1]]]
+  assert not missing, missing
