@@ -1,10 +1,6 @@
 """Any Flax model called as a Linen ``apply(variables, x, train=...)``: NNX, ``call=``, pmap axes.
 
-The graph, the search spaces and surgery trace and rebuild one kind of model; these
-wrappers bring the others to it (their variables are the user's own tree):
-:class:`WithTrain` (a ``training``/``deterministic``/no mode flag), :class:`WithCall`
-(a forward that takes more than ``x``), :class:`BindAxis` (a Linen model written for
-``pmap``) and :class:`FromNNX` (an ``nnx.Module``; see docs/your_model.md).
+:class:`WithTrain`, :class:`WithCall`, :class:`BindAxis`, :class:`FromNNX` (docs/design/graph.md).
 """
 from __future__ import annotations
 

@@ -1,20 +1,6 @@
-"""Running a traced model's jaxpr with concrete values, seeing every layer's input.
+"""Evaluates a traced jaxpr with concrete values, reporting (or replacing) each layer's input.
 
-:mod:`jaxprune.graph.propagate` follows channel *indices*; surgery that folds a
-constant into the next layer also needs *values*: what a removed channel holds
-where a layer reads it, and which bias or running mean a layer's output meets.
-:func:`run` evaluates the jaxpr of :func:`jaxprune.graph.tracing.trace_jaxpr`
-equation by equation (through :mod:`jaxprune.graph.interpret`) and
-reports each *layer*: a ``conv_general_dilated`` or ``dot_general`` one of whose
-operands is a parameter leaf (its kernel), with the other operand's value. A
-callback may replace that operand, which is how a smaller network is fed the
-original's activations, one layer at a time.
-
-Values carry a tag through shape-only primitives (reshape, broadcast, dtype
-casts): the leaf they come from, or the layer whose output they are. A layer's
-output that meets a ``.../bias`` leaf in an ``add`` or a ``.../mean`` leaf in a
-``sub`` records it as that layer's *affine follower* (Dense/Conv bias, the
-BatchNorm after it): where a folded constant goes.
+Surgery uses it to measure folded constants and affine followers (docs/design/graph.md).
 """
 import dataclasses
 from collections.abc import Sequence

@@ -1,9 +1,6 @@
 """The one interpreter of jaxprs: nested jaxprs, liveness, evaluation with hooks.
 
-Every reader of a model's jaxpr (channel propagation, the value probe, the TAS
-search's mixing, the depth search's skipping) enters nested jaxprs, decides what
-reaches the outputs and evaluates equations through this module, and shares its
-primitive classes: a new primitive is taught here once.
+Every reader of a model's jaxpr goes through it; a new primitive is taught here once.
 """
 import dataclasses
 from typing import Any

@@ -1,19 +1,6 @@
-"""Channel propagation through a jaxpr: which indices of which values must go together.
+"""Channel propagation through a jaxpr: a small rule per primitive ties indices that go together.
 
-A *label* says which axes of a value carry tracked indices: ``{axes: ids}``, where
-``axes`` is a sorted tuple of axes and ``ids`` an int array with those axes' sizes
-holding one id per position (one axis almost always; several after a reshape that
-splits a channel axis, e.g. fused q/k/v heads). Each axis of each variable leaf of
-size > 1 and the input's channel axis start with fresh ids. A rule per primitive
-says which ids of its operands are the same channel (:meth:`Walk.tie`) and where
-the ids go in its outputs; the connected components of all ties are the channels.
-
-Rules are local and small, one per primitive family, like Torch-Pruning's
-per-operation handlers. A primitive without a rule that receives tracked ids marks
-them unprunable with its name (:meth:`Walk.block`): the graph never guesses.
-
-The same walk records every conv and ``dot_general`` with its multiply-accumulates
-and every bias add after one (:class:`Op`): :mod:`jaxprune.flops` counts from it.
+A primitive without a rule blocks the channels it touches, never guesses (docs/design/graph.md).
 """
 import dataclasses
 import math
