@@ -1,9 +1,17 @@
 """jaxprune: structured pruning and differentiable structure search in JAX/Flax."""
+import pathlib
+import re
+
 import setuptools
+
+# One copy of the version: jaxprune/__init__.py (read, not imported: no dependencies needed).
+VERSION = re.search(r'^__version__ = "([^"]+)"',
+                    (pathlib.Path(__file__).parent / "jaxprune" / "__init__.py").read_text(),
+                    re.M).group(1)
 
 setuptools.setup(
     name="jaxprune",
-    version="0.1.0",
+    version=VERSION,
     description=("Neural-network pruning and structure search in JAX/Flax: TAS, ISTA on "
                  "batch-norm gamma, DNW and AutoPrune, as pure kernels, optax transforms, "
                  "Flax modules and a config-driven training program."),

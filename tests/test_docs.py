@@ -144,3 +144,19 @@ def test_every_cited_section_exists():
   assert cited
   missing = [c for c in cited if c[2] not in headings[c[1]]]
   assert not missing, missing
+
+
+def test_version_is_defined_once():
+  """setup.py reads ``jaxprune.__version__``; no second copy of the number."""
+  import jaxprune  # pylint: disable=g-import-not-at-top
+  assert re.fullmatch(r"\d+\.\d+\.\d+", jaxprune.__version__)
+  setup = (REPO / "setup.py").read_text()
+  assert jaxprune.__version__ not in setup and "__version__" in setup
+
+
+def test_package_docstring_names_every_subpackage():
+  import jaxprune  # pylint: disable=g-import-not-at-top
+  packages = [p.parent.name for p in (REPO / "jaxprune").glob("*/__init__.py")]
+  assert len(packages) >= 8
+  for name in [*packages, "flops", "latency", "main"]:
+    assert f"``{name}``" in jaxprune.__doc__, name
