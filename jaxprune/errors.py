@@ -1,8 +1,4 @@
-"""The one exception type for mistakes a user can fix.
-
-Anything raised as :class:`UserError` reaches the command line as a single line,
-``error: <message>``, without a traceback. The message must say what to change
-(the config key, the path, the flag). Library callers get an ordinary exception.
+"""``UserError``: a mistake a user can fix, shown by the command line as one ``error:`` line.
 """
 
 

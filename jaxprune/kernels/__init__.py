@@ -1,24 +1,6 @@
-"""Pure ``jnp`` math of the pruning and search methods: no Flax, no state.
+"""Pure ``jnp`` math of the methods (TAS, ISTA, DNW, AutoPrune): no Flax, no state.
 
-Each kernel is a function of arrays (and a PRNG key where it samples), jit- and
-vmap-safe, with shapes in its docstring. Modules, optimizers and recipes build
-on these; nothing here may import from ``jaxprune.models``, ``optim`` or
-``methods``.
-
-TAS (reference/tas.md):
-  ``gumbel_softmax``, ``gumbel_select`` — Gumbel sampling of depths and widths.
-  ``cwi``, ``cwi_masked``, ``cwi_matrix``, ``cwi_matrix_traced`` — channel-wise
-  interpolation, with static or traced (sampled) widths.
-  ``tas_cost_loss`` — the FLOPs cost loss (code and paper variants).
-
-AutoPrune (reference/autoprune.md):
-  ``step_ste`` — unit-step gate forward, surrogate derivative backward.
-
-DNW (reference/dnw.md):
-  ``topk_ste`` — top-k |w| forward, identity backward; ``topk_mask`` its exact-k mask.
-
-ISTA (reference/ista.md):
-  ``soft_threshold`` — the L1 prox that gives exact-zero batch-norm scales.
+Must not import ``models``, ``optim`` or ``methods``. Notes: docs/design/kernels.md.
 """
 from jaxprune.kernels.cost import tas_cost_loss
 from jaxprune.kernels.cwi import cwi

@@ -1,11 +1,4 @@
-"""The TAS FLOPs cost loss (reference/tas.md §5), a pure ``jnp`` function.
-
-Given the differentiable expected cost E_cost and the exact cost F_cost of the
-argmax architecture, the loss pushes E_cost down when the argmax network is too
-expensive and up when it is too cheap. The sign is chosen with ``jnp.where`` so
-that F_cost may be traced: one compiled architecture step serves every case.
-This module must not compute either cost (``jaxprune.flops`` does) nor hold
-state.
+"""The TAS FLOPs cost loss (docs/methods/tas.md §5); computes neither cost, holds no state.
 """
 import jax
 import jax.numpy as jnp

@@ -1,21 +1,7 @@
-"""Channel-wise interpolation (CWI) of TAS (reference/tas.md §3), channels last.
+"""Channel-wise interpolation (CWI) of TAS (docs/methods/tas.md §3), channels last.
 
-CWI maps ``C`` channels to ``C'`` channels by adaptive average pooling along the
-channel axis only: output channel ``i`` is the mean of input channels
-``s..e-1`` with ``s = floor(i*C/C')`` and ``e = ceil((i+1)*C/C')``. Every form
-here is a linear map by a ``[C, C']`` averaging matrix, so forward and backward
-are each one small GEMM (or, for static widths with a tiny repeating window
-pattern, one fused elementwise pass; see ``cwi``).
-
-Two forms:
-  * static widths: ``cwi(x, out_channels)`` (``cwi_matrix`` builds the matrix in
-    numpy at trace time);
-  * traced widths inside one compiled search step: ``cwi_masked(x, in_width,
-    out_width)`` on a static full-width channel buffer (``cwi_matrix_traced``
-    builds the ``[C_full, C_full]`` matrix from iota comparisons).
-
-Pure ``jnp``/``numpy``: this module must not hold state, import Flax, or branch
-in Python on traced values (no recompilation per sampled width).
+Static widths (``cwi``) or traced widths in a full-width buffer (``cwi_masked``), never a
+recompile per sampled width; notes: docs/design/kernels.md.
 """
 import math
 

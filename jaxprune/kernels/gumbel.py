@@ -1,14 +1,6 @@
-"""Gumbel-softmax sampling for TAS width and depth search (reference/tas.md §2).
+"""Gumbel-softmax sampling for TAS width and depth search (docs/methods/tas.md §2).
 
-Pure ``jnp`` functions of a PRNG key and a logit array: no Flax, no state, no
-Python branching on traced values, so they work under ``jax.jit`` and
-``jax.vmap`` (e.g. one call for a whole stack of layers' logits ``[..., n]``).
-This module must not hold architecture parameters, schedules for ``tau`` or any
-other state; callers pass the key and ``tau`` in.
-
-The Gumbel noise comes from ``jax.random.gumbel``, which draws its uniform in
-``[tiny, 1)`` and so never yields ``inf`` or ``nan``; the official code's
-"redraw until finite" loop is unnecessary.
+The caller passes the key and ``tau``; no architecture state lives here.
 """
 from typing import Tuple
 

@@ -1,8 +1,4 @@
-"""Proximal operators: the exact-zero half of a proximal-gradient step.
-
-ISTA (Ye et al., ICLR 2018; reference ista.md §1) follows each gradient step on
-the batch-norm scales with the proximal operator of the L1 norm, which sets
-small entries to exactly zero instead of merely shrinking them. Pure ``jnp``.
+"""Proximal operators: the L1 prox that gives ISTA its exact zeros (docs/methods/ista.md §1).
 """
 import jax
 import jax.numpy as jnp

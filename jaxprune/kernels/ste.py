@@ -1,13 +1,6 @@
-"""AutoPrune's gate: the unit step with a straight-through surrogate gradient.
+"""AutoPrune's gate: the unit step with a surrogate gradient (docs/methods/autoprune.md §1-§2).
 
-AutoPrune (reference/autoprune.md §1-2) gates a weight or a neuron with
-``h(m) = 1 if m > 0 else 0`` of an auxiliary parameter ``m``. The step has zero
-derivative almost everywhere, so the backward pass replaces ``h'(m)`` by the
-derivative ``s'(m)`` of a surrogate ``s`` (a straight-through estimator).
-
-Pure ``jnp``: no Flax, no state. This module must not know about weights,
-layers or optimizers; :mod:`jaxprune.optim.autoprune_lib` builds the update rule on
-top of it.
+Knows no weights, layers or optimizers; :mod:`jaxprune.optim.autoprune_lib` builds on it.
 """
 import functools
 

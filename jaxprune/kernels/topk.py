@@ -1,21 +1,6 @@
-"""DNW's edge selection: keep the top-k edges by magnitude, train every edge.
+"""DNW's edge selection: top-k |w| forward, every edge trained (docs/methods/dnw.md §1).
 
-Discovering Neural Wirings (dnw.md §1) runs the forward pass on the k edges of
-largest |w| of a weight tensor (the "real graph") and passes the gradient
-straight through to every edge, so that a hallucinated edge whose magnitude
-overtakes a real one swaps into the graph.
-
-The k-th largest magnitude is found by a radix select on the float bit pattern
-(31 counting passes over the tensor, no sort, no index array): |w| as int32 bits
-is monotone in |w|, so the threshold is built bit by bit from the most
-significant one. Memory is O(numel) int32 and time O(31 * numel), which keeps
-the per-step selection cheap for the multi-million-entry edge matrices of the
-ImageNet network on every backend.
-
-Tie rule: among entries of equal |w| at the threshold, those with the lowest
-row-major (flat) index are kept, so exactly k entries are always kept and the
-result is deterministic. ``-0.0`` and ``0.0`` tie; a NaN counts as larger than
-any number.
+An O(numel) radix select, exactly k kept, ties to the lowest flat index (docs/design/kernels.md).
 """
 import jax
 import jax.numpy as jnp

@@ -1,21 +1,6 @@
-"""Optax transforms of the pruning methods and the shared leaf selection.
+"""Optax transforms of the methods (``ista``, ``autoprune``, ``sgd``) and the one leaf selection.
 
-Names (functions are what DESIGN.md's public API calls; modules have their own names so that
-no function hides a module):
-
-- ``optim.ista(...)``, ``optim.autoprune(...)``: the transform factories (functions);
-- ``jaxprune.optim.ista_lib``, ``jaxprune.optim.autoprune_lib``: their modules
-  (``import jaxprune.optim.autoprune_lib as ap; ap.effective_params``);
-- ``jaxprune.optim.selection``: :func:`leaf_path` and :func:`select`, one path convention for
-  Linen params, NNX state (trailing ``value`` dropped), ``nnx.as_pure`` / ``nnx.to_pure_dict``
-  trees and plain dicts;
-- ``jaxprune.optim.sgd_lib``: the recipes' SGD (``optim.sgd``, ``optim.learning_rate_schedule``).
-
-Deprecated: the old module paths ``jaxprune.optim.autoprune`` / ``.ista`` / ``.sgd`` stay
-importable for ``importlib.import_module(...)`` and ``from jaxprune.optim.autoprune import
-effective_params`` (they name the ``*_lib`` modules in ``sys.modules``), but the attribute
-``jaxprune.optim.autoprune`` (and so ``import jaxprune.optim.autoprune as ap``) is the function.
-Use the ``*_lib`` names.
+The factories are functions; their modules are the ``*_lib`` names (docs/design/kernels.md).
 """
 import sys
 

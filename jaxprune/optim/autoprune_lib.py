@@ -1,57 +1,7 @@
-"""AutoPrune (Xiao, Wang & Rajasekaran, NeurIPS 2019) as an optax transform.
+"""AutoPrune as an optax transform: gates ``W * h(M)``, ``M`` in the optimizer state.
 
-Every pruned weight (or neuron) ``w`` has an auxiliary parameter ``m``; the
-forward pass uses the effective weight ``t = w * h(m)`` with ``h`` the unit step.
-The auxiliary parameters live in this transform's state (``AutoPruneState.m``),
-so checkpoints and sharding cover them. A training step:
-
-  1. ``eff = effective_params(params, opt_state)``  (``W * h(M)``);
-  2. ``grads = jax.grad(loss)(eff)``  (the gradient with respect to ``T``);
-  3. ``updates, opt_state = tx.update(grads, opt_state, params)``;
-  4. ``params = optax.apply_updates(params, updates)``.
-
-The transform turns ``dL/dT`` into the weight direction ``dL/dT * h(M)`` (plus
-weight decay), which later transforms of an ``optax.chain`` (e.g. ``optax.sgd``)
-turn into the step, and it updates ``M`` itself with its own optimizer and
-learning rate (reference/autoprune.md §2, all *reconstructed*; every choice is
-an argument):
-
-  naive rule:      g_m = sum(dL/dt * w)       * s'(m)
-  decoupled rule:  g_m = sum(dL/dt * sign(w)) * s'(m)     (default)
-  regulariser:     + lambda_m * s'(m)  (L1 on h(M) through the same STE, default),
-                   or lambda_m * sign(m) ("l1"), or lambda_m * m ("l2")
-
-with ``s'`` the surrogate's derivative (:func:`jaxprune.kernels.step_ste`) and
-the sum over the weights a neuron's ``m`` gates (one term for weight pruning).
-A masked weight keeps its value (no update reaches it unless decay targets
-``W``), so if its ``m`` turns positive again it returns (recoverability).
-
-**NNX.** With ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` the forward must run on
-``W * h(M)`` too; :func:`autoprune_value_and_grad` is ``nnx.value_and_grad`` for
-that: it runs ``loss_fn`` on a copy of the model holding the effective weights,
-returns ``dL/dT`` and writes the copy's other state (BN statistics, RNG counts)
-back into the model::
-
-    tx = optax.chain(optim.autoprune(0.5, regularization=1e-4), optax.sgd(0.05))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    @nnx.jit
-    def train_step(model, optimizer, x, y):
-      grad_fn = optim.autoprune_value_and_grad(loss_fn)   # loss_fn(model, x, y)
-      loss, grads = grad_fn(model, optimizer, x, y)       # dL/dT
-      optimizer.update(model, grads)                      # W and M
-      return loss
-
-The model keeps the dense ``W``; evaluate the pruned network with
-:func:`effective_model` (a copy holding ``W * h(M)``).
-
-Every function here matches leaves by path (:func:`jaxprune.optim.leaf_path`),
-so Linen params, ``nnx.state(model, nnx.Param)``, ``nnx.as_pure`` trees and an
-``nnx.Optimizer``'s state all work and give the same numbers.
-
-The module is ``jaxprune.optim.autoprune_lib``; ``jaxprune.optim.autoprune`` is the
-transform factory (:func:`autoprune`). This module must not know about models or
-recipes; it works on any params pytree (Flax or not).
+The update rule is reconstructed (docs/methods/autoprune.md §2; docs/design/kernels.md); knows
+no models or recipes.
 """
 from typing import Any, Callable, NamedTuple, Union
 

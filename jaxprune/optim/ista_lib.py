@@ -1,25 +1,6 @@
-"""ISTA on batch-norm scales as an optax transform (Ye et al., ICLR 2018).
+"""ISTA on batch-norm scales as an optax transform: the L1 prox, last in a chain.
 
-The method minimises ``L(theta) + l1 * sum_l rho_l * ||gamma_l||_1`` over the
-batch-norm scales ``gamma_l`` of the prunable layers with a proximal gradient
-step (reference ista.md §1): a plain gradient step on every variable, then on
-gamma only ``gamma <- sign(gamma) * max(|gamma| - lr_t * l1 * rho_l, 0)``. The
-prox produces exact zeros, which an L1 subgradient (Network Slimming and the
-PyTorch pruning libraries) never does; channels with a zero gamma output a
-constant and :mod:`jaxprune.surgery` removes them.
-
-:func:`ista` is the prox alone, written to sit *last* in an ``optax.chain``: it
-turns the update the chain has produced into the proximal one. The per-layer
-penalties ``rho_l`` come from the network's structure
-(:func:`jaxprune.surgery.ista_rho`, reference §2), not from a table.
-
-This module holds no model knowledge: which leaves it touches is a selector
-(:func:`jaxprune.optim.select`) or the keys of a ``rho`` mapping. It works the
-same on Linen params and on NNX state (``nnx.Optimizer``): leaves are matched by
-their path (:func:`jaxprune.optim.leaf_path`).
-
-The module is ``jaxprune.optim.ista_lib``; ``jaxprune.optim.ista`` is the
-transform factory (:func:`ista`).
+docs/methods/ista.md §1. Knows no model: the leaves it touches are a selector or ``rho``'s keys.
 """
 import re
 from collections.abc import Callable, Mapping

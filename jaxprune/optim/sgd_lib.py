@@ -1,8 +1,4 @@
-"""The SGD recipe shared by every stage that trains weights (PyTorch semantics).
-
-Weight decay is added to the gradient before momentum, as ``torch.optim.SGD``
-does; the learning rate is a linear warm-up followed by cosine decay to zero (the
-reference's retraining recipe) or a step schedule.
+"""The SGD recipe of every weight-training stage (PyTorch semantics: decay before momentum).
 """
 import ml_collections
 import optax
