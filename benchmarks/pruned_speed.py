@@ -346,8 +346,8 @@ def searched(name, workdir: str, steps: int, batch: int, cost: str, round_to: in
   found, history = tas.search(config, os.path.join(workdir, name.replace(" ", "_")),
                               datasets, mesh_lib.make_mesh(jax.devices()[:1]))
   chosen = tas.choose_epoch(history, "best")
-  model, _ = found["net"].derived_network(chosen)
-  return model, chosen, found["net"]
+  model, _ = found["space"].derived_from(chosen)
+  return model, chosen, found["space"]
 
 
 def tas_networks(searches=None):
@@ -405,12 +405,12 @@ def tas_table(args):
     print(f"| {name} | {counts[name] / 1e6:.2f} | {reduction:.2f}x | " + " | ".join(cells)
           + f" | {ratio} |", flush=True)
   print()
-  for name, (_, record, net) in found.items():
+  for name, (_, record, _) in found.items():
     line = (f"{name}: search epoch {record['epoch']}, argmax FLOPs "
             f"{record['argmax_flops'] / 1e6:.2f}M (target {record['target_flops'] / 1e6:.2f}M), "
             f"blocks per stage {record['argmax_blocks']}")
-    if net.latency is not None:
-      line += (f"; latency table (batch {net.latency.batch_size}): full "
+    if "latency_batch" in record:
+      line += (f"; latency table (batch {record['latency_batch']}): full "
                f"{record['latency_max_ms']:.1f} ms, derived {record['argmax_latency_ms']:.1f} ms"
                f" (target {record['target_latency_ms']:.1f}), predicted speed-up "
                f"{record['latency_max_ms'] / record['argmax_latency_ms']:.2f}x")

@@ -58,7 +58,7 @@ def one_depth(depth: int, batch: int, small_batches, repeats: int, num_picks: in
   spec.loader.exec_module(module)
   cfg = module.get_config(f"depth={depth}").tas
   input_shape = (32, 32, 3)
-  net = tas.ResNetSupernet(depth, 10, num_picks, input_shape, "cifar", jnp.dtype(dtype))
+  net = tas.resnet_space(depth, 10, num_picks, input_shape, "cifar", jnp.dtype(dtype))
   flops_max = net.flops_max
   weight_tx, _ = optim.sgd(cfg, 100, 100 * cfg.epochs)
   arch_tx = tas.arch_optimizer(cfg)

@@ -1,26 +1,8 @@
-"""Analytic FLOPs and parameter counts of any model, from the jaxpr of its forward pass.
-
-One counter serves every model in jaxprune and any model a user brings, Linen,
-NNX or a pure function: the forward pass on one example is traced once
-(:func:`jaxprune.graph.trace_jaxpr`, no arithmetic is run) and the same walk that
-builds the channel dependency graph records every ``conv_general_dilated`` and
-``dot_general`` with its multiply-accumulates, and every add of a parameter to
-one's result (a bias add). The convention is the official TAS counter's (tas.md
-§5): FLOPs are multiply-accumulates of convolutions and matrix products plus one
-add per output element of a bias add (dead code -- values the outputs do not
-depend on -- left out); batch norm, activations, pooling and
-residual adds are not counted. Products between activations (attention's q.k and
-attn.v) are matrix products and count. Numbers are per example.
-
-This module must not hold per-architecture tables: a pruned or searched network
-is counted by building it and tracing it like any other. The TAS costs (tas.md
-§5) read their layer geometry (kernel sizes, output positions) from this counter
-run on the standard network, and their widths from the architecture parameters.
+"""Analytic FLOPs and parameter counts of any model, from the jaxpr of its forward pass
+(the official TAS counter's convention, tas.md §5). No per-architecture tables here.
 """
 
-import bisect
 from collections.abc import Callable, Mapping, Sequence
-import functools
 import math
 from typing import Any
 
@@ -31,11 +13,7 @@ import numpy as np
 from jaxprune.errors import UserError
 from jaxprune.graph import group as graph_group
 from jaxprune.graph.propagate import LoopCountWarning
-from jaxprune.graph.tracing import example_shape, trace_jaxpr
-
-
-def _example_batch(input_shape: Sequence[int], batched: bool | None):
-  return example_shape(input_shape, batched)
+from jaxprune.graph.tracing import trace_jaxpr
 
 
 def count_layers(model, variables, input_shape: Any, call: Callable | None = None,
@@ -149,183 +127,6 @@ def count(model, variables, input_shape: Any, call: Callable | None = None, *,
   return out
 
 
-def _positions(record):
-  """Output positions (H_out * W_out) of a conv record."""
-  return math.prod(record["out_shape"][1:-1])
-
-
-def _taps(record):
-  """Kernel taps (k_h * k_w) of a conv record."""
-  return math.prod(record["kernel_shape"][:-2])
-
-
-@functools.lru_cache(maxsize=32)
-def _tas_geometry(model, batch_shape):
-  """Layer geometry of a TAS search space, from the standard network's layers.
-
-  Returns a dict: ``in_channels``; ``stem`` = (taps, positions); ``blocks`` =
-  one dict per block of the full-depth network, in order, with ``stage``,
-  ``position`` (1-based within the stage), ``convs`` [(taps, positions)],
-  ``shortcut`` (the search network has a shortcut conv: the standard one has)
-  and ``strided`` (the block changes the spatial size); ``classifier`` = its
-  (num_classes, bias_adds).
-  """
-  plain = model.plain_network()
-  variables = jax.eval_shape(
-      plain.init, jax.random.key(0),
-      jax.ShapeDtypeStruct(batch_shape, jnp.float32))
-  records = {r["name"]: r for r in count_layers(plain, variables, batch_shape,
-                                                batched=True)}
-  stem = records["stem_conv"]
-  blocks = []
-  letters = "abc"[:model.convs_per_block]
-  for s, n in enumerate(model.full_depths):
-    for b in range(n):
-      name = f"stage{s}_block{b}"
-      convs = [records[f"{name}/conv_{letter}"] for letter in letters]
-      # From the block's own input: the ImageNet stem's max pool sits between
-      # the stem conv and the first block.
-      in_positions = math.prod(convs[0]["in_shape"][1:-1])
-      blocks.append({
-          "stage": s, "position": b + 1,
-          "convs": [(_taps(r), _positions(r)) for r in convs],
-          "shortcut": f"{name}/shortcut_conv" in records,
-          "strided": _positions(convs[-1]) != in_positions,
-      })
-  classifier = records["classifier"]
-  return {"in_channels": batch_shape[-1],
-          "stem": (_taps(stem), _positions(stem)),
-          "blocks": blocks,
-          "classifier": (classifier["kernel_shape"][-1],
-                         classifier["bias_adds"])}
-
-
-def _reach_probabilities(probs, choices, position):
-  """P(sampled depth >= position): reverse cumulative sum of `probs` (§5)."""
-  reach = jnp.cumsum(probs[::-1])[::-1]
-  return reach[bisect.bisect_left(list(choices), position)]
-
-
-def tas_expected_cost(model, arch_params: Mapping[str, Any],
-                      input_shape: Sequence[int]) -> jax.Array:
-  """Expected FLOPs E_cost of a TAS search space (tas.md §5), differentiable.
-
-  Per conv ``E[c_out] = sum_j softmax(alpha)_j * C_j`` (plain softmax, no
-  Gumbel noise) and ``E[c_in]`` is the previous conv's ``E[c_out]`` in the
-  full-depth order (the input channels for the stem); a conv costs
-  ``k_h * k_w * E[c_in] * E[c_out] * H_out * W_out``. A block's cost is
-  multiplied by the probability that the sampled depth reaches it, the reverse
-  cumulative sum of ``softmax(beta)`` at the smallest depth candidate >= the
-  block's position. The classifier adds ``E[c_last] * num_classes`` (no bias
-  add, as in the official code). A block's shortcut conv enters where the
-  search network has one (the standard network's shortcut convs), with
-  ``E[c_in]`` of the block's input and ``E[c_out]`` of its last conv, inside
-  the block's depth-weighted cost, as in the official ``get_flops`` of a
-  searchable block. It is a product of expectations, not the exact expected
-  FLOPs.
-
-  Args:
-    model: a :class:`jaxprune.models.TASResNet`.
-    arch_params: its ``arch`` collection (may be traced).
-    input_shape: one example's shape, e.g. (32, 32, 3).
-
-  Returns:
-    A float32 scalar (FLOPs per example); jit- and grad-safe in `arch_params`.
-  """
-  geometry = _tas_geometry(model, _example_batch(input_shape, None))
-  e_out = [jax.nn.softmax(jnp.asarray(a, jnp.float32)) @
-           jnp.asarray(c, jnp.float32)
-           for a, c in zip(model.width_logits(arch_params),
-                           model.conv_candidates())]
-  depth_probs = [jax.nn.softmax(jnp.asarray(b, jnp.float32))
-                 for b in model.depth_logits(arch_params)]
-  choices = model.stage_candidates()
-
-  taps, positions = geometry["stem"]
-  cost = taps * geometry["in_channels"] * e_out[0] * positions
-  e_in, index = e_out[0], 1
-  for block in geometry["blocks"]:
-    block_in, block_cost = e_in, 0.0
-    for taps, positions in block["convs"]:
-      block_cost += taps * e_in * e_out[index] * positions
-      e_in, index = e_out[index], index + 1
-    if block["shortcut"]:
-      block_cost += block_in * e_in * block["convs"][-1][1]
-    s = block["stage"]
-    cost += _reach_probabilities(depth_probs[s], choices[s],
-                                 block["position"]) * block_cost
-  num_classes, _ = geometry["classifier"]
-  return cost + e_in * num_classes
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_flops(model, batch_shape):
-  variables = jax.eval_shape(
-      model.init, jax.random.key(0),
-      jax.ShapeDtypeStruct(batch_shape, jnp.float32))
-  return count(model, variables, batch_shape, batched=True)["flops"]
-
-
-def tas_argmax_cost(model, arch_params: Mapping[str, Any],
-                    input_shape: Sequence[int]) -> int:
-  """F_cost: exact FLOPs of the argmax architecture (tas.md §5), on the host.
-
-  The :func:`count` of ``model.derived_network(arch_params)``, the plain
-  ResNet of the argmax width of every conv and argmax depth of every stage,
-  with the 1x1 shortcut convs it needs (cached per shape). Not jit-safe: pass
-  the number into a jitted step, or use :func:`tas_argmax_cost_traced` inside
-  one. (The official code's estimate instead keeps the search network's
-  shortcuts and its full-depth input widths.)
-
-  Args:
-    model: a :class:`jaxprune.models.TASResNet`.
-    arch_params: its ``arch`` collection (concrete arrays).
-    input_shape: one example's shape, e.g. (32, 32, 3).
-
-  Returns:
-    FLOPs per example, an int.
-  """
-  return _cached_flops(model.derived_network(arch_params),
-                       _example_batch(input_shape, None))
-
-
-def tas_argmax_cost_traced(model, arch_params: Mapping[str, Any],
-                           input_shape: Sequence[int]) -> jax.Array:
-  """F_cost of :func:`tas_argmax_cost` as a jit-safe float32 scalar.
-
-  The same number computed from traced argmaxes: each kept block costs its
-  convs at the argmax widths, fed by the output width of the last kept block,
-  plus a 1x1 shortcut conv where the derived network has one (stride 2 or an
-  input width that differs from the block's output width); the classifier
-  reads the last kept block's width and adds its bias. Equal to the exact count
-  up to float32 rounding. Not differentiable (argmax).
-  """
-  geometry = _tas_geometry(model, _example_batch(input_shape, None))
-  widths = [jnp.asarray(c, jnp.float32)[jnp.argmax(a)]
-            for a, c in zip(model.width_logits(arch_params),
-                            model.conv_candidates())]
-  blocks = [jnp.asarray(c)[jnp.argmax(b)]
-            for b, c in zip(model.depth_logits(arch_params),
-                            model.stage_candidates())]
-
-  taps, positions = geometry["stem"]
-  cost = taps * geometry["in_channels"] * widths[0] * positions
-  current, index = widths[0], 1
-  for block in geometry["blocks"]:
-    c_in, block_cost = current, 0.0
-    for taps, positions in block["convs"]:
-      block_cost += taps * c_in * widths[index] * positions
-      c_in, index = widths[index], index + 1
-    needs_shortcut = block["strided"] or (current != c_in)
-    block_cost += jnp.where(needs_shortcut,
-                            current * c_in * block["convs"][-1][1], 0.0)
-    kept = block["position"] <= blocks[block["stage"]]
-    cost += jnp.where(kept, block_cost, 0.0)
-    current = jnp.where(kept, c_in, current)
-  num_classes, bias_adds = geometry["classifier"]
-  return cost + current * num_classes + bias_adds
-
-
 def graph_macs(edges: int, nodes: int, spatial: int, steps: int = 1,
                taps: int = 9) -> int:
   """MACs of a DNW graph block (dnw.md §2): ``(edges + taps * nodes) * spatial^2``.
@@ -372,5 +173,5 @@ def count_graph(model, variables: Mapping[str, Any],
           "graph_params": graph_params, "params": count_params(variables)}
 
 
-__all__ = ["LoopCountWarning", "count", "count_layers", "count_params", "tas_expected_cost",
-           "tas_argmax_cost", "tas_argmax_cost_traced", "graph_macs", "count_graph"]
+__all__ = ["LoopCountWarning", "count", "count_layers", "count_params", "graph_macs",
+           "count_graph"]

@@ -241,8 +241,8 @@ def test_bad_cost_settings_are_one_line_errors():
   tas.validate(_tas_config(cost="latency"))
   # "auto" searches the graph space when the cost is latency (TASResNet has no table).
   config = _tas_config(cost="latency")
-  net = tas.make_supernet(config, models.cifar_resnet(8, 10), 10, (8, 8, 3))
-  assert net.kind == "graph"
+  space = tas.make_space(config, models.cifar_resnet(8, 10), 10, (8, 8, 3))
+  assert space.kind == "graph" and isinstance(space, search.SearchSpace)
   with pytest.raises(UserError, match="graph"):
-    tas.attach_latency_table(tas.make_supernet(_tas_config(), models.cifar_resnet(8, 10),
-                                               10, (8, 8, 3)), config, "/nonexistent")
+    tas.latency_table(tas.make_space(_tas_config(), models.cifar_resnet(8, 10),
+                                     10, (8, 8, 3)), config, "/nonexistent")

@@ -10,6 +10,7 @@ import conftest
 from jaxprune import models
 from jaxprune.engine import report, runtime
 from jaxprune.methods import tas
+from jaxprune.search.resnet import round_widths
 
 
 def test_rule_picks_the_faster_setting_on_recorded_timings():
@@ -105,7 +106,7 @@ def test_round_widths_is_the_nearest_multiple_within_the_full_width():
   for k in (1, 4, 8):
     full = [int(v) for v in rng.integers(1, 80, 40)]
     widths = [int(rng.integers(1, f + 1)) for f in full]
-    got = tas.round_widths(widths, full, k)
+    got = round_widths(widths, full, k)
     for w, f, g in zip(widths, full, got):
       want = max(k, int(np.floor(w / k + 0.5)) * k)
       assert g == min(f, want)
@@ -115,13 +116,13 @@ def test_round_widths_is_the_nearest_multiple_within_the_full_width():
 def test_resnet_space_rounds_its_derived_widths():
   """The dedicated ResNet space accepts round_to: the derived network's convs are the
   searched widths rounded (searched_widths kept), the reference's when round_to=1."""
-  net = tas.ResNetSupernet(8, 10, 2, (8, 8, 3), round_to=8)
+  net = tas.resnet_space(8, 10, 2, (8, 8, 3), round_to=8)
   full = [max(c) for c in net.model.conv_candidates()]
   rng = np.random.default_rng()
   widths = [int(rng.choice(c)) for c in net.model.conv_candidates()]
   blocks = [int(max(c)) for c in net.model.stage_candidates()]
-  model, derived = net.derived_network({"argmax_widths": widths, "argmax_blocks": blocks})
-  assert derived["widths"] == tas.round_widths(widths, full, 8)
+  model, derived = net.derived_from({"argmax_widths": widths, "argmax_blocks": blocks})
+  assert derived["widths"] == round_widths(widths, full, 8)
   assert derived.get("searched_widths", widths) == widths
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),
                                                 train=False))
@@ -130,7 +131,7 @@ def test_resnet_space_rounds_its_derived_widths():
              if leaf.ndim == 4 and "shortcut" not in jax.tree_util.keystr(path)]
   assert sorted(kernels) == sorted(derived["widths"])
   net.round_to = 1
-  assert net.derived_network({"argmax_widths": widths,
+  assert net.derived_from({"argmax_widths": widths,
                               "argmax_blocks": blocks})[1]["widths"] == widths
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxprune import kernels, models, search
-from jaxprune.models.tas_resnet import Selection
+from jaxprune.search import Selection
 from jaxprune.optim import selection as selection_lib
 import zoo
 
@@ -112,7 +112,6 @@ def test_generic_search_on_cifar_resnet_equals_tas_resnet_with_tied_picks():
                              rtol=2e-3, atol=2e-4)
 
   # Costs: TASResNet's E_cost / F_cost with the logits tied across each group.
-  from jaxprune import flops
   arch = space.init_arch(jax.random.key(seed))
   alphas = [rng.normal(0, 1, len(c)).astype(np.float32) for c in space.candidates]
   arch = {"width_logits": dict(zip(space.names, alphas))}
@@ -123,11 +122,11 @@ def test_generic_search_on_cifar_resnet_equals_tas_resnet_with_tied_picks():
       node = node[k]
     node[path[-1]] = alphas[g]
   np.testing.assert_allclose(space.expected_cost(arch),
-                             flops.tas_expected_cost(tas, tas_arch, (32, 32, 3)), rtol=1e-5)
-  assert int(round(float(space.argmax_cost(arch)))) == flops.tas_argmax_cost(
+                             search.tas_expected_cost(tas, tas_arch, (32, 32, 3)), rtol=1e-5)
+  assert int(round(float(space.argmax_cost(arch)))) == search.tas_argmax_cost(
       tas, tas_arch, (32, 32, 3))
   ge = jax.grad(space.expected_cost)(arch)["width_logits"]
-  te = jax.grad(lambda a: flops.tas_expected_cost(tas, a, (32, 32, 3)))(tas_arch)
+  te = jax.grad(lambda a: search.tas_expected_cost(tas, a, (32, 32, 3)))(tas_arch)
   te = [n for n in tas.width_logits(te)]
   for s, name in enumerate(space.names):
     summed = sum(te[i] for i, g in enumerate(group_of_conv) if g == s)
@@ -318,10 +317,10 @@ def test_depth_search_on_cifar_resnet_equals_tas_resnet():
   for s, b in enumerate(betas):
     tas_arch["depth_logits"][f"stage{s}"] = b
   np.testing.assert_allclose(space.expected_cost(arch),
-                             flops.tas_expected_cost(tas, tas_arch, (32, 32, 3)), rtol=1e-5)
-  assert space.predict(arch) == flops.tas_argmax_cost(tas, tas_arch, (32, 32, 3))
+                             search.tas_expected_cost(tas, tas_arch, (32, 32, 3)), rtol=1e-5)
+  assert space.predict(arch) == search.tas_argmax_cost(tas, tas_arch, (32, 32, 3))
   ge = jax.grad(space.expected_cost)(arch)["depth_logits"]
-  te = jax.grad(lambda a: flops.tas_expected_cost(tas, a, (32, 32, 3)))(tas_arch)
+  te = jax.grad(lambda a: search.tas_expected_cost(tas, a, (32, 32, 3)))(tas_arch)
   for s, name in enumerate(space.depth_names):
     want = np.asarray(te["depth_logits"][f"stage{s}"])
     # float32 sums of terms ~1e5 that cancel: the error scales with the largest entry

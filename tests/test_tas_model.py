@@ -10,12 +10,13 @@ import pytest
 
 from jaxprune import flops
 from jaxprune import kernels
+from jaxprune import search
 from jaxprune import models
 from jaxprune.errors import UserError
 from jaxprune.kernels.cost import tas_cost_loss
 from jaxprune.models.tas_resnet import CandidateBatchNorm
 from jaxprune.models.tas_resnet import SearchConv
-from jaxprune.models.tas_resnet import Selection
+from jaxprune.search import Selection
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -98,12 +99,12 @@ def _assert_all_max_costs(model, arch, depth, layout, shape, expected):
   """The all-max architecture derives the plain network and costs its FLOPs."""
   assert model.derive(arch) == {"widths": models.default_widths(depth, layout),
                                 "blocks": models.default_blocks(depth, layout)}
-  assert flops.tas_argmax_cost(model, arch, shape) == expected
-  np.testing.assert_allclose(flops.tas_argmax_cost_traced(model, arch, shape),
+  assert search.tas_argmax_cost(model, arch, shape) == expected
+  np.testing.assert_allclose(search.tas_argmax_cost_traced(model, arch, shape),
                              expected, rtol=1e-6)
   # Softmax of one-hot-ish logits: E_cost is the plain count less the
   # classifier's bias adds (the official E_cost has none).
-  np.testing.assert_allclose(flops.tas_expected_cost(model, arch, shape),
+  np.testing.assert_allclose(search.tas_expected_cost(model, arch, shape),
                              expected - 10, rtol=1e-5)
 
 
@@ -127,8 +128,8 @@ def test_argmax_cost_of_random_architecture_equals_derived_count(depth, seed):
                                 blocks=shape["blocks"])
   expected = flops.count(derived, _abstract_init(derived, (32, 32, 3)),
                          (32, 32, 3))["flops"]
-  assert flops.tas_argmax_cost(model, arch, (32, 32, 3)) == expected
-  traced = jax.jit(lambda a: flops.tas_argmax_cost_traced(
+  assert search.tas_argmax_cost(model, arch, (32, 32, 3)) == expected
+  traced = jax.jit(lambda a: search.tas_argmax_cost_traced(
       model, a, (32, 32, 3)))(arch)
   np.testing.assert_allclose(traced, expected, rtol=1e-6)
 
@@ -162,7 +163,7 @@ def test_expected_cost_matches_slow_reference():
   arch = _arch_tree(model, lambda n: rng.normal(size=n) * 2,
                     lambda n: rng.normal(size=n) * 2)
   np.testing.assert_allclose(
-      jax.jit(lambda a: flops.tas_expected_cost(model, a, (32, 32, 3)))(arch),
+      jax.jit(lambda a: search.tas_expected_cost(model, a, (32, 32, 3)))(arch),
       _slow_expected_cost_resnet20(arch, model), rtol=1e-5)
 
 
@@ -171,7 +172,7 @@ def test_expected_cost_gradient_has_the_right_sign():
   model = models.tas_cifar_resnet(20)
   arch = _arch_tree(model, lambda n: rng.normal(size=n) * 0.01,
                     lambda n: rng.normal(size=n) * 0.01)
-  grads = jax.grad(lambda a: flops.tas_expected_cost(model, a, (32, 32, 3)))(
+  grads = jax.grad(lambda a: search.tas_expected_cost(model, a, (32, 32, 3)))(
       arch)
   for g in model.width_logits(grads):
     # Favouring the widest candidate raises the cost, the narrowest lowers it.
@@ -509,8 +510,8 @@ def test_imagenet_argmax_cost_of_random_architecture_equals_derived_count(
   assert shape["blocks"] != models.default_blocks(depth, "imagenet")
   expected = flops.count(derived, _abstract_init(derived, (64, 64, 3)),
                          (64, 64, 3))["flops"]
-  assert flops.tas_argmax_cost(model, arch, (64, 64, 3)) == expected
-  traced = jax.jit(lambda a: flops.tas_argmax_cost_traced(
+  assert search.tas_argmax_cost(model, arch, (64, 64, 3)) == expected
+  traced = jax.jit(lambda a: search.tas_argmax_cost_traced(
       model, a, (64, 64, 3)))(arch)
   np.testing.assert_allclose(traced, expected, rtol=1e-6)
 

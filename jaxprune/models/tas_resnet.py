@@ -29,7 +29,7 @@ the expected and argmax costs, §5) nor hold training state or schedules.
 """
 
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -42,80 +42,11 @@ from jaxprune.models import layers
 from jaxprune.models import resnet
 from jaxprune.models.resnet import conv_init
 from jaxprune.models.resnet import dense_init
-
-# §1: a conv with c output channels may keep int(c * r) of them.
-WIDTH_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-# Architecture logits start at N(0, 0.01) (§1).
-_ARCH_INIT_STD = 0.01
-
-
-def width_candidates(c: int) -> tuple[int, ...]:
-  """Width candidates of a conv with `c` output channels (tas.md §1).
-
-  The sorted set of ``int(c * r)`` for r in 0.3, 0.4, ..., 1.0, e.g.
-  ``width_candidates(16) == (4, 6, 8, 9, 11, 12, 14, 16)``. Small `c` can give
-  fewer than 8 distinct candidates (and 0, for c < 4, is dropped).
-  """
-  if not isinstance(c, (int, np.integer)) or c < 1:
-    raise UserError(f"width_candidates: channels must be a positive int, got "
-                    f"{c!r}.")
-  return tuple(sorted({int(c * r) for r in WIDTH_RATIOS} - {0}))
-
-
-def depth_candidates(n: int) -> tuple[int, ...]:
-  """Depth candidates of a CIFAR stage with `n` blocks (tas.md §1).
-
-  n=2 -> (1, 2); n=3 -> (1, 2, 3); n>3 -> 1, 3, 5, ... up to n, n included
-  (ResNet-110: (1, 3, ..., 17, 18)). n=1 (ResNet-8, used in tests) gives (1,),
-  which the official code rejects.
-  """
-  if not isinstance(n, (int, np.integer)) or n < 1:
-    raise UserError(f"depth_candidates: a stage needs >= 1 block, got {n!r}.")
-  if n <= 3:
-    return tuple(range(1, n + 1))
-  choices = list(range(1, n + 1, 2))
-  if choices[-1] != n:
-    choices.append(n)
-  return tuple(choices)
-
-
-def imagenet_depth_candidates(
-    full_depths: Sequence[int]) -> list[tuple[int, ...]]:
-  """Depth candidates of every stage of an ImageNet ResNet (tas.md §1).
-
-  Stage s with ``n`` blocks keeps ``int(n * j / min_depth)`` blocks for
-  j = 1..min_depth, where ``min_depth`` is the smallest stage depth:
-  ResNet-18 [2, 2, 2, 2] -> (1, 2) per stage; ResNet-50 [3, 4, 6, 3] ->
-  (1, 2, 3), (1, 2, 4), (2, 4, 6), (1, 2, 3).
-  """
-  full_depths = list(full_depths)
-  if not full_depths or any(
-      not isinstance(n, (int, np.integer)) or n < 1 for n in full_depths):
-    raise UserError(f"imagenet_depth_candidates: every stage needs >= 1 block, "
-                    f"got {full_depths!r}.")
-  min_depth = min(full_depths)
-  # n >= min_depth, so the steps n / min_depth >= 1 keep the choices distinct.
-  return [tuple(int(n * j / min_depth) for j in range(1, min_depth + 1))
-          for n in full_depths]
-
-
-class Selection(NamedTuple):
-  """Two sampled width candidates of a conv (all traced).
-
-  Attributes:
-    indices: ``[k]`` int32 candidate indices, distinct.
-    weights: ``[k]`` mixing weights (sum to 1; carry the gradient to alpha).
-    widths: ``[k]`` int32 channel counts ``C_j`` of the picks.
-  """
-  indices: jax.Array
-  weights: jax.Array
-  widths: jax.Array
-
-  @property
-  def out_width(self) -> jax.Array:
-    """``max_j C_j``: the valid width of the mixed output (§4)."""
-    return jnp.max(self.widths)
-
+from jaxprune.search.base import ARCH_INIT_STD
+from jaxprune.search.base import depth_candidates
+from jaxprune.search.base import imagenet_depth_candidates
+from jaxprune.search.base import Selection
+from jaxprune.search.base import width_candidates
 
 class CandidateBatchNorm(nn.Module):
   """One batch norm per width candidate, as ``[n_candidates, C_full]`` rows.
@@ -444,10 +375,10 @@ class TASResNet(nn.Module):
       node = width_logits
       for name in path[:-1]:
         node = node.setdefault(name, {})
-      node[path[-1]] = _ARCH_INIT_STD * jax.random.normal(
+      node[path[-1]] = ARCH_INIT_STD * jax.random.normal(
           jax.random.fold_in(width_key, i), (len(candidates),))
     depth_logits = {
-        f"stage{s}": _ARCH_INIT_STD * jax.random.normal(
+        f"stage{s}": ARCH_INIT_STD * jax.random.normal(
             jax.random.fold_in(depth_key, s), (len(choices),))
         for s, choices in enumerate(self.stage_candidates())}
     return {"width_logits": width_logits, "depth_logits": depth_logits}
@@ -695,7 +626,7 @@ def tas_imagenet_resnet(depth: int, num_classes: int = 1000, *,
 
 
 __all__ = [
-    "WIDTH_RATIOS", "width_candidates", "depth_candidates",
+    "width_candidates", "depth_candidates",
     "imagenet_depth_candidates", "Selection", "CandidateBatchNorm",
     "SearchConv", "SearchBlock", "depth_mix", "TASResNet", "tas_cifar_resnet",
     "tas_imagenet_resnet",

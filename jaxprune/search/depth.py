@@ -33,7 +33,7 @@ import numpy as np
 from jaxprune.errors import UserError
 from jaxprune.graph import interpret
 from jaxprune.graph import adapters
-from jaxprune.models.tas_resnet import depth_candidates
+from jaxprune.search.base import depth_candidates
 
 # Elementwise ops a block's output may pass through (with constant other operands),
 # also inside a call (jax.nn.relu is a custom_jvp call).

@@ -64,12 +64,11 @@ from jaxprune.graph import group as graph_lib
 from jaxprune.graph import tracing
 from jaxprune.graph import interpret
 from jaxprune.graph import adapters
-from jaxprune.models.tas_resnet import Selection, width_candidates
+from jaxprune.search.base import ARCH_INIT_STD, Selection, width_candidates
 from jaxprune.search import depth as depth_lib
 from jaxprune import latency as latency_lib
 from jaxprune.surgery.rebuild import probe_inputs
 
-_ARCH_INIT_STD = 0.01  # tas.md §1
 _AFFINE = ("add", "sub", "mul", "div")
 _PASS = interpret.CASTS
 
@@ -131,6 +130,7 @@ class SearchSpace:
   fewer than ``num_picks`` candidates uses the largest of ``round_to // 2, ..., 1`` that
   does not (:func:`fitted_candidates`), instead of being excluded.
   """
+  kind = "graph"  # its name in the Space protocol (tas.space=graph)
 
   def __init__(self, model, variables, input_shape: Any, call=None, *, num_picks: int = 2,
                round_to: int = 1, ignore: Sequence[str] = (), depth: bool = True,
@@ -304,7 +304,7 @@ class SearchSpace:
     return out
 
   def init_depth(self, key: jax.Array) -> dict[str, jax.Array]:
-    return {n: _ARCH_INIT_STD * jax.random.normal(jax.random.fold_in(key, s), (len(c),))
+    return {n: ARCH_INIT_STD * jax.random.normal(jax.random.fold_in(key, s), (len(c),))
             for s, (n, c) in enumerate(zip(self.depth_names, self.depth_candidates))}
 
   def depth_logits(self, arch: Mapping[str, Any]) -> list[jax.Array]:
@@ -335,7 +335,7 @@ class SearchSpace:
     model has searched stages."""
     wkey, dkey = jax.random.split(key)
     arch = {"width_logits": {
-        n: _ARCH_INIT_STD * jax.random.normal(jax.random.fold_in(wkey, s), (len(c),))
+        n: ARCH_INIT_STD * jax.random.normal(jax.random.fold_in(wkey, s), (len(c),))
         for s, (n, c) in enumerate(zip(self.names, self.candidates))}}
     if self.stages:
       arch["depth_logits"] = self.init_depth(dkey)
@@ -462,6 +462,57 @@ class SearchSpace:
       raise UserError(f"derived network: {got} FLOPs counted, {want} predicted by the "
                       "search space (a bug: please report it with the model).")
     return model, small
+
+  # --- the search recipe's protocol (jaxprune.search.Space) -------------------------
+
+  def init(self, key: jax.Array):
+    """``(params, model_state, arch)`` of a fresh search: the model's own init."""
+    pkey, akey = jax.random.split(key)
+    variables = dict(self.model.init(pkey, self._example(), train=False))
+    params = variables.pop("params")
+    return params, variables, self.init_arch(akey)
+
+  def forward(self, params, model_state, arch, x, tau, key: jax.Array):
+    """The train-mode search forward (:meth:`apply`): ``(logits, new model_state)``."""
+    logits, updates = self.apply({"params": params, **model_state}, x, arch, train=True,
+                                 tau=tau, key=key,
+                                 rngs={"dropout": jax.random.fold_in(key, 1)})
+    return logits, {**model_state, **updates}
+
+  def record(self, arch: Mapping[str, Any]) -> dict:
+    """The space's keys of an ``arch_history.jsonl`` line (concrete ``arch``)."""
+    widths = self.derive(arch)
+    return {
+        "expected_flops": float(self.expected_cost(arch)),
+        "argmax_flops": self.predict(arch),
+        "width_candidates": [list(c) for c in self.candidates],
+        "width_probs": [np.asarray(jax.nn.softmax(a)).tolist()
+                        for a in self.width_logits(arch)],
+        "depth_candidates": [list(c) for c in self.depth_candidates],
+        "depth_probs": [np.asarray(jax.nn.softmax(b)).tolist()
+                        for b in self.depth_logits(arch)],
+        "argmax_widths": [widths[g.id] for g in self.groups],
+        "argmax_blocks": self.derive_depths(arch), "skipped_blocks": self.skipped(arch),
+        "conv_names": list(self.names), "stage_names": list(self.depth_names)}
+
+  def derived_from(self, record: Mapping[str, Any]):
+    """``(model, architecture)`` of a :meth:`record`: the user's network with every
+    searched group cut to its argmax prefix and the blocks beyond every stage's argmax
+    depth skipped (:meth:`derived_network` of the record's one-hot ``arch``; the
+    variables are a fresh init's: only the shape is used, it is retrained)."""
+    def one_hot(cands, pick):
+      return jnp.asarray([0.0 if c != pick else 1.0 for c in cands])
+    arch = {"width_logits": {n: one_hot(c, w) for n, c, w in
+                             zip(self.names, self.candidates, record["argmax_widths"])}}
+    if self.stages:
+      arch["depth_logits"] = {n: one_hot(c, d) for n, c, d in zip(
+          self.depth_names, self.depth_candidates, record["argmax_blocks"])}
+    variables = jax.device_get(self.model.init(jax.random.key(0), self._example(),
+                                               train=False))
+    model, _ = self.derived_network(arch, variables)
+    return model, {"widths": dict(zip(record["conv_names"], record["argmax_widths"])),
+                   "blocks": dict(zip(self.depth_names, record["argmax_blocks"])),
+                   "skipped_blocks": self.skipped(arch)}
 
   # --- the search-mode forward (tas.md §4) -----------------------------------------
 
