@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import graph, models, surgery
-from jaxprune.surgery import importance, pruner
+from jaxprune.surgery import importance, targets
 from jaxprune.engine import runtime  # noqa: F401  (the XLA:CPU settings of every run)
 import timing
 
@@ -158,7 +158,7 @@ def _prune_decoder(model, variables, shape):
   scores = importance.group_scores(g, graph.named_leaves(model, variables), "l1")
   scores = {gid: s for gid, s in scores.items() if g.groups[gid].kind != "head_dim"}
   steps.append(time.perf_counter())
-  keep = pruner.select_channels(g, scores, flops_ratio=0.5)
+  keep = targets.select_channels(g, scores, flops_ratio=0.5)
   steps.append(time.perf_counter())
   overrides = {}
   for grp in g.groups:
@@ -185,7 +185,7 @@ def prune_table(decoder_weights):
     steps.append(time.perf_counter() - t)
     scores = importance.group_scores(g, {}, "random", key=jax.random.key(0))
     steps.append(time.perf_counter() - t - sum(steps))
-    keep = pruner.select_channels(g, scores, flops_ratio=0.5)
+    keep = targets.select_channels(g, scores, flops_ratio=0.5)
     steps.append(time.perf_counter() - t - sum(steps))
     after = g.predict(keep)
     steps.append(time.perf_counter() - t - sum(steps))

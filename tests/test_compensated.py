@@ -15,29 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import masking
 from jaxprune import graph, surgery
 from jaxprune.graph.tracing import leaf_name
 
 D, T, HEADS = 16, 5, 2
-
-
-def masked(model, variables, group, gone):
-  """The model with the removed channels' slices of every member zeroed."""
-  zero = {}
-  for m in group.members:
-    zero.setdefault(m.path, []).append((m.axis, m.index[np.asarray(gone)].ravel()))
-
-  def fix(path, leaf):
-    for axis, idx in zero.get(leaf_name(path), ()):
-      leaf = np.moveaxis(np.array(leaf), axis, 0)
-      leaf[idx] = 0
-      leaf = jnp.asarray(np.moveaxis(leaf, 0, axis))
-    return leaf
-  if variables is not None:
-    return model, jax.tree_util.tree_map_with_path(fix, variables)
-  copy = nnx.clone(model)
-  nnx.update(copy, jax.tree_util.tree_map_with_path(fix, nnx.state(copy)))
-  return copy, None
 
 
 def run(model, variables, x):
@@ -134,7 +116,7 @@ def _pruned_vs_masked(model, variables, x, seed):
   gone = rng.choice(hd.width, int(rng.integers(1, hd.width)), replace=False)
   kept = np.setdiff1d(np.arange(hd.width), gone)
   small = surgery.prune(model, variables, x.shape[1:], {hd.id: kept}, graph=g)
-  ref = run(*masked(model, variables, hd, gone), x)
+  ref = run(*masking.masked(model, variables, g, {hd.id: kept}), x)
   got = run(small.model, small.variables, x)
   assert got.shape == ref.shape
   return hd, float(np.max(np.abs(got - ref)) / np.max(np.abs(ref))), small, kept
@@ -191,8 +173,8 @@ def test_unfolded_removal_would_differ_so_the_fold_is_what_makes_it_exact():
   hd, diff, small, kept = _pruned_vs_masked(model, v, x, 5)
   unfolded = jax.tree_util.tree_map_with_path(
       lambda p, l: l / small.folded.get(leaf_name(p), 1.0), small.variables)
-  gone = np.setdiff1d(np.arange(hd.width), kept)
-  ref = run(*masked(model, v, hd, gone), x)
+  g = graph.trace(model, v, x.shape[1:])
+  ref = run(*masking.masked(model, v, g, {hd.id: kept}), x)
   off = np.max(np.abs(run(small.model, unfolded, x) - ref)) / np.max(np.abs(ref))
   assert diff < 1e-5 < 1e-3 < off, (diff, off)
 

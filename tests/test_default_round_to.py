@@ -1,6 +1,6 @@
 """prune_to's default round_to (issue 24 item 4): None is the backend's
 (``runtime.default_round_to``), and a group not wider than it is pruned at a finer
-multiple (``pruner.fitted_round_to``) instead of staying whole; an int is kept as
+multiple (``targets.fitted_round_to``) instead of staying whole; an int is kept as
 given. No timing here (latency tables come from an injected timer)."""
 import math
 
@@ -14,7 +14,7 @@ from jaxprune import graph, surgery
 from jaxprune.engine import runtime
 from jaxprune.errors import UserError
 from jaxprune import latency
-from jaxprune.surgery import pruner
+from jaxprune.surgery import targets
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -43,9 +43,9 @@ def test_fitted_round_to_is_the_largest_halving_below_the_width():
     width, round_to = int(rng.integers(1, 70)), int(rng.integers(1, 40))
     halvings = {round_to // 2 ** k for k in range(8)} | {1}
     below = [r for r in halvings if 1 <= r < width]
-    assert pruner.fitted_round_to(width, round_to) == (max(below) if below else 1)
+    assert targets.fitted_round_to(width, round_to) == (max(below) if below else 1)
     # It leaves the group a narrower allowed width whenever the group has one at all.
-    allowed = pruner.allowed_widths(width, pruner.fitted_round_to(width, round_to))
+    allowed = targets.allowed_widths(width, targets.fitted_round_to(width, round_to))
     assert (allowed.size >= 2) == (width >= 2)
 
 
@@ -68,7 +68,7 @@ def test_prune_to_defaults_to_the_backend_round_to_fitted_to_narrow_groups(
   assert info["round_to"] == default == runtime.default_round_to()
   g = info["graph"]
   (narrow,) = [grp.id for grp in g.prunable() if grp.width == widths[0]]
-  fitted = pruner.fitted_round_to(widths[0], default)
+  fitted = targets.fitted_round_to(widths[0], default)
   assert fitted < default and info["fitted_round_to"] == {narrow: fitted}
   for gid, kept in info["keep"].items():
     step = fitted if gid == narrow else default
@@ -81,7 +81,7 @@ def test_prune_to_defaults_to_the_backend_round_to_fitted_to_narrow_groups(
   assert given["keep"][narrow].size == widths[0]
   # A target between the smallest network with the narrow group whole and the smallest
   # with it at its fitted multiple: only the default reaches it, by narrowing that group.
-  smallest = {grp.id: np.arange(pruner.fitted_round_to(grp.width, default))
+  smallest = {grp.id: np.arange(targets.fitted_round_to(grp.width, default))
               for grp in g.prunable()}
   full = g.predict({})["flops"]
   low = g.predict(smallest)["flops"] / full
@@ -110,10 +110,10 @@ def test_latency_candidates_of_the_default_round_to_are_fitted():
   g = graph.trace(model, variables, (8, 8, 3))
   gids = [grp.id for grp in g.prunable()]
   r = runtime.default_round_to()
-  cands = pruner.latency_candidates(g, gids, r, 8, fit_round_to=True)
+  cands = targets.latency_candidates(g, gids, r, 8, fit_round_to=True)
   for grp, c in zip(cands.groups, cands.candidates):
     width = grp.width
-    assert c == pruner.latency_grid(width, pruner.fitted_round_to(width, r), 8)
+    assert c == targets.latency_grid(width, targets.fitted_round_to(width, r), 8)
     assert len(c) >= 2
   a = rng.uniform(0.5, 2)
   timer = lambda programs: [a * 1e-4 * math.prod(p.x_shape) * p.w_shape[-1] + 0.01

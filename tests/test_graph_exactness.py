@@ -14,30 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import masking
 from jaxprune import graph, surgery
 from jaxprune.errors import UserError
-from jaxprune.graph.tracing import leaf_name
 
 D, T = 16, 5
-
-
-def masked(model, variables, group, gone):
-  """The model with the removed channels' slices of every member zeroed."""
-  zero = {}
-  for m in group.members:
-    zero.setdefault(m.path, []).append((m.axis, m.index[np.asarray(gone)].ravel()))
-
-  def fix(path, leaf):
-    for axis, idx in zero.get(leaf_name(path), ()):
-      leaf = np.moveaxis(np.array(leaf), axis, 0)
-      leaf[idx] = 0
-      leaf = jnp.asarray(np.moveaxis(leaf, 0, axis))
-    return leaf
-  if variables is not None:
-    return model, jax.tree_util.tree_map_with_path(fix, variables)
-  copy = nnx.merge(*nnx.split(model))
-  nnx.update(copy, jax.tree_util.tree_map_with_path(fix, nnx.state(copy)))
-  return copy, None
 
 
 def run(model, variables, x):
@@ -53,7 +34,7 @@ def gap(model, variables, x, group, n_gone=1, seed=0):
   gone = np.random.default_rng(seed).choice(group.width, n_gone, replace=False)
   kept = np.setdiff1d(np.arange(group.width), gone)
   small = surgery.prune(model, variables, x.shape[1:], {group.id: kept}, graph=g)
-  ref = run(*masked(model, variables, group, gone), x)
+  ref = run(*masking.masked(model, variables, g, {group.id: kept}), x)
   got = run(small.model, small.variables, x)
   assert got.shape == ref.shape
   return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref))), small
@@ -233,9 +214,9 @@ def test_gqa_decoder_heads_are_whole_kv_groups_and_exact():
   assert mlp.width == 24 and mlp.exactness == "exact"
   for grp, n in ((heads, 1), (mlp, 12)):
     gone = np.random.default_rng(0).choice(grp.width, n, replace=False)
-    small = surgery.prune(model, None, spec, {grp.id: np.setdiff1d(np.arange(grp.width), gone)},
-                          call, graph=g)
-    ref = np.asarray(masked(model, None, grp, gone)[0](ids))
+    kept = np.setdiff1d(np.arange(grp.width), gone)
+    small = surgery.prune(model, None, spec, {grp.id: kept}, call, graph=g)
+    ref = np.asarray(masking.masked(model, None, g, {grp.id: kept})[0](ids))
     got = np.asarray(small.model(ids))
     assert np.max(np.abs(got - ref)) < 1e-5 * np.max(np.abs(ref))
   small = surgery.prune(model, None, spec, {heads.id: [1]}, call, graph=g)
@@ -265,8 +246,9 @@ def test_embedding_lookups_join_the_residual_group():
   assert all(m.axis == 1 for m in res.members if m.path in tables)
   ids = jax.random.randint(jax.random.key(1), (2, T), 0, 11).astype(jnp.float32)
   gone = [0, 5, 9]
-  small = surgery.prune(model, v, (T,), {res.id: np.setdiff1d(np.arange(D), gone)}, graph=g)
-  ref = np.asarray(model.apply(masked(model, v, res, gone)[1], ids))
+  kept = np.setdiff1d(np.arange(D), gone)
+  small = surgery.prune(model, v, (T,), {res.id: kept}, graph=g)
+  ref = np.asarray(model.apply(masking.masked(model, v, g, {res.id: kept})[1], ids))
   got = np.asarray(small.model.apply(small.variables, ids))
   assert np.max(np.abs(got - ref)) < 1e-5 * np.max(np.abs(ref))
 

@@ -14,7 +14,7 @@ import pytest
 from jaxprune import graph, surgery
 from jaxprune.errors import UserError
 from jaxprune import latency
-from jaxprune.surgery import pruner
+from jaxprune.surgery import targets
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -59,7 +59,7 @@ def _setup(rng):
   model = _Net()
   variables = model.init(jax.random.key(int(rng.integers(1 << 30))), jnp.zeros((1, 8, 8, 3)))
   g = graph.trace(model, variables, (8, 8, 3))
-  cands = pruner.latency_candidates(g, [grp.id for grp in g.prunable()], 2, 8)
+  cands = targets.latency_candidates(g, [grp.id for grp in g.prunable()], 2, 8)
   a = float(rng.uniform(0.5, 2.0))
   table = latency.measure(cands, 1, timer=_table_timer(a), log=lambda _: None)
   return model, variables, table, a
@@ -110,10 +110,10 @@ def test_calibrate_budget_on_a_monotone_latency_curve():
     def measure(sel):
       timed.append(sel)
       return p + q * sel / 40
-    i, tries = pruner.calibrate_budget(ratio, 1 / 40, select, measure, 4)
+    i, tries = targets.calibrate_budget(ratio, 1 / 40, select, measure, 4)
     assert tries[0]["budget"] == ratio and len(set(timed)) == len(timed) <= 4
     assert tries[i]["measured"] <= ratio, (p, ratio, tries)
-    assert tries[i]["measured"] * pruner.OVERSHOOT >= ratio or len(tries) == 4
+    assert tries[i]["measured"] * targets.OVERSHOOT >= ratio or len(tries) == 4
 
 
 def test_an_unreachable_measured_target_keeps_the_fastest_and_says_so(capsys):
@@ -126,7 +126,7 @@ def test_an_unreachable_measured_target_keeps_the_fastest_and_says_so(capsys):
   small, info = surgery.prune_to(model, variables, (8, 8, 3), latency_ratio=0.25,
                                  latency_table=table, round_to=2, latency_timer=timer)
   cal = info["calibration"]
-  assert not cal["met"] and cal["rounds"] <= pruner.CALIBRATION_ROUNDS
+  assert not cal["met"] and cal["rounds"] <= targets.CALIBRATION_ROUNDS
   assert info["measured_speedup"] == max(t["measured_speedup"] for t in cal["tries"])
   assert info["measured_speedup"] < 4
   assert info["measured_speedup"] == pytest.approx(

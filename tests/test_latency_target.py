@@ -13,7 +13,7 @@ import pytest
 from jaxprune import graph, models, search, surgery
 from jaxprune.errors import UserError
 from jaxprune import latency
-from jaxprune.surgery import pruner
+from jaxprune.surgery import targets
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -66,7 +66,7 @@ def test_latency_budget_selector_against_brute_force_on_random_tables():
   and >= 0.7 each cannot fail by chance in practice)."""
   _, _, g = _net_graph()
   gids = [grp.id for grp in g.prunable()]
-  cands = pruner.latency_candidates(g, gids, 1, 4)
+  cands = targets.latency_candidates(g, gids, 1, 4)
   rng = np.random.default_rng()
   optimal, ratios = 0, []
   while len(ratios) < 12:
@@ -76,7 +76,7 @@ def test_latency_budget_selector_against_brute_force_on_random_tables():
       continue
     ratio = float(rng.uniform(lowest, 1.0))
     scores = {gid: rng.exponential(size=g.groups[gid].width) for gid in gids}
-    keep = pruner.select_channels(g, scores, latency_ratio=ratio, latency_table=table,
+    keep = targets.select_channels(g, scores, latency_ratio=ratio, latency_table=table,
                                   global_ranking=True)
     norm = {gid: np.sort(s / s.mean())[::-1] for gid, s in scores.items()}
     kept_importance = lambda counts: sum(norm[gid][:n].sum() for gid, n in counts.items())
@@ -91,7 +91,7 @@ def test_latency_budget_selector_against_brute_force_on_random_tables():
       if ms <= ratio * table.full:
         fits.append((ms, kept_importance({gid: table.candidates[s][i] for s, (gid, i)
                                           in enumerate(zip(table.group_ids, combo))})))
-    near = [v for ms, v in fits if ms >= (ratio - pruner.SLACK) * table.full]
+    near = [v for ms, v in fits if ms >= (ratio - targets.SLACK) * table.full]
     best = max(near or [v for _, v in fits])
     got = kept_importance(counts)
     assert got <= best + 1e-9
@@ -111,7 +111,7 @@ def test_prune_to_latency_target_on_an_injected_table(global_ranking):
   variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)
   g = graph.trace(model, variables, (32, 32, 3))
   rng = np.random.default_rng()
-  cands = pruner.latency_candidates(g, [grp.id for grp in g.prunable()], 4, 8)
+  cands = targets.latency_candidates(g, [grp.id for grp in g.prunable()], 4, 8)
   table = latency.measure(cands, 2, timer=_random_timer(rng), log=lambda _: None)
   ratio = float(rng.uniform(0.45, 0.8))
   small, info = surgery.prune_to(model, variables, (32, 32, 3), latency_ratio=ratio,
@@ -130,7 +130,7 @@ def test_prune_to_latency_target_on_an_injected_table(global_ranking):
 
 def test_a_table_for_another_model_or_target_is_refused_in_one_line():
   model, variables, g = _net_graph()
-  other = pruner.latency_candidates(g, [grp.id for grp in g.prunable()][:2], 1, 4)
+  other = targets.latency_candidates(g, [grp.id for grp in g.prunable()][:2], 1, 4)
   table = latency.measure(other, 1, timer=_random_timer(np.random.default_rng(0)),
                           log=lambda _: None)
   with pytest.raises(UserError, match="does not cover"):
@@ -142,7 +142,7 @@ def test_a_table_for_another_model_or_target_is_refused_in_one_line():
   with pytest.raises(UserError, match="batch_size"):
     surgery.prune_to(model, variables, (8, 8, 3), latency_ratio=0.5, batch_size=0)
   with pytest.raises(UserError, match="cannot reach latency_ratio=0.01"):
-    full = pruner.latency_candidates(g, [grp.id for grp in g.prunable()], 1, 4)
+    full = targets.latency_candidates(g, [grp.id for grp in g.prunable()], 1, 4)
     surgery.prune_to(model, variables, (8, 8, 3), latency_ratio=0.01, latency_table=latency.measure(
         full, 1, timer=_random_timer(np.random.default_rng(0)), log=lambda _: None))
 

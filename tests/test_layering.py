@@ -36,14 +36,10 @@ KNOWN = {
     ("layer", "jaxprune.engine.report", "jaxprune.config_lib"): "CORE",
     ("layer", "jaxprune.engine.runtime", "jaxprune.methods"): "CORE",
     ("layer", "jaxprune.engine.runtime", "jaxprune.methods.baseline"): "CORE",
-    ("layer", "jaxprune.surgery.prune", "jaxprune.engine"): "SURGERY",
-    ("layer", "jaxprune.surgery.prune", "jaxprune.engine.report"): "SURGERY",
-    ("layer", "jaxprune.surgery.prune", "jaxprune.engine.runtime"): "SURGERY",
     ("private", "jaxprune.methods.dnw", "jaxprune.models.dnw._edge_values"): "CORE",
     ("private", "jaxprune.optim.autoprune_lib", "jaxprune.optim.selection._listing"): "CORE",
     ("private", "jaxprune.search.space", "jaxprune.graph.tracing._is_shape"): "SEARCH",
-    ("private", "jaxprune.surgery.prune", "jaxprune.latency._print"): "SURGERY",
-    ("private", "jaxprune.surgery.zero_gamma", "jaxprune.surgery.prune._forward"): "SURGERY",
+    ("private", "jaxprune.surgery.remove", "jaxprune.latency._print"): "SURGERY",
 }
 
 # NamedTuple's public API starts with an underscore.

@@ -12,7 +12,7 @@ import pytest
 import zoo_models
 from jaxprune import flops, graph, models, surgery
 from jaxprune.errors import UserError
-from jaxprune.surgery import pruner
+from jaxprune.surgery import targets
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -54,12 +54,12 @@ def _check_widths(g, keep, round_to):
 
 
 def test_allowed_widths_and_latency_grid_are_multiples_of_round_to():
-  assert pruner.allowed_widths(20, 8).tolist() == [8, 16, 20]
-  assert pruner.allowed_widths(6, 8).tolist() == [6]
-  assert pruner.allowed_widths(5, 1).tolist() == [1, 2, 3, 4, 5]
-  assert pruner.latency_grid(64, 1, 8) == (8, 16, 24, 32, 40, 48, 56, 64)
-  assert pruner.latency_grid(16, 8, 8) == (8, 16)
-  assert pruner.latency_grid(20, 1, 16) == tuple(sorted({round(20 * i / 16 + 1e-9)
+  assert targets.allowed_widths(20, 8).tolist() == [8, 16, 20]
+  assert targets.allowed_widths(6, 8).tolist() == [6]
+  assert targets.allowed_widths(5, 1).tolist() == [1, 2, 3, 4, 5]
+  assert targets.latency_grid(64, 1, 8) == (8, 16, 24, 32, 40, 48, 56, 64)
+  assert targets.latency_grid(16, 8, 8) == (8, 16)
+  assert targets.latency_grid(20, 1, 16) == tuple(sorted({round(20 * i / 16 + 1e-9)
                                                           for i in range(1, 17)}))
 
 
@@ -77,7 +77,7 @@ def test_targets_with_round_to_land_within_two_percent_on_the_zoo(name, round_to
   g = _graph(name, round_to, built)
   rng = np.random.default_rng()
   full = g.predict({})
-  smallest = g.predict({grp.id: np.arange(pruner.allowed_widths(grp.width, round_to)[0])
+  smallest = g.predict({grp.id: np.arange(targets.allowed_widths(grp.width, round_to)[0])
                         for grp in g.prunable()})  # lm1b's params: 0.437 of the full
   keeps = []
   for metric, global_ranking in itertools.product(("flops", "params"), (False, True)):
@@ -108,7 +108,7 @@ def test_small_models_get_as_close_as_any_allowed_widths(name):
   round_to = int(rng.choice([2, 4, 8]))
   g = _graph(name, round_to)
   groups = g.prunable()
-  allowed = [pruner.allowed_widths(grp.width, round_to) for grp in groups]
+  allowed = [targets.allowed_widths(grp.width, round_to) for grp in groups]
   full = g.predict({})
   for metric in ("flops", "params"):
     reachable = sorted(

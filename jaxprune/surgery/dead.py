@@ -1,230 +1,25 @@
-"""ISTA's surgery on any model, on the channel dependency graph (reference ista.md §2-§4).
-
-After ISTA a channel whose norm scale (gamma) is exactly 0 outputs a constant
-(``beta_c`` after the norm, ``relu(beta_c)`` after a ReLU). :func:`shrink` removes
-such channels from any Linen, NNX or pure-function model: it traces the graph
-(:func:`jaxprune.graph.trace`), *measures* the constant each consumer layer reads
-(the jaxpr is evaluated on a probe, :mod:`jaxprune.graph.evaluate`, so whatever
-sits between the norm and the consumer — ReLU, pooling, a user's ``jnp`` code — is
-accounted for), folds ``sum W[..., c, ..., :] * v_c`` into that layer's bias or the
-running mean of the norm after it, removes the channels that became dead (a
-filter with no fan-in left outputs a constant too; a channel no surviving filter
-reads is useless), and repeats to a fixpoint. The smaller network is built by the
-one mechanism, :func:`jaxprune.surgery.prune`.
-
-The fold is exact on interior pixels only: zero padding of the consumer conv pads
-with 0 where the removed channel held ``v_c``, so border pixels deviate (the
-original code ignores this). :func:`check_equivalence` measures both.
-
-Which scales ISTA may sparsify (:func:`ista_scales`) is read from the same graph:
-a norm scale whose group is prunable and has exactly one producer. In a ResNet
-the channels on the residual stream are tied across every block of a stage by the
-additions, so (as the original does) only the norms *inside* a residual block
-qualify: ``bn_a`` of a basic block, ``bn_a`` and ``bn_b`` of a bottleneck; in a
-plain conv stack every conv's BN does.
-
-A group whose channels all go keeps one *placeholder* channel, read with zero
-weights: a layer of width 0 is not a module, and the placeholder computes exactly
-what the empty layer would.
-
-The per-layer ISTA penalties (:func:`ista_rho`, §2) and the gamma-W rescaling
-trick (:func:`rescale_gamma`, §3) read the same graph.
-"""
+"""Dead channels (zero gamma, no fan-in, unread) removed in three steps — measure,
+fold, remove: ``shrink`` (constants folded), ``prune_zeros`` (no fold), and the
+masked == shrunk check."""
 import dataclasses
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from jaxprune import flops
 from jaxprune import graph as graph_lib
 from jaxprune.errors import UserError
 from jaxprune.graph import evaluate, tracing
-from jaxprune.surgery.prune import _forward, apply_slices
-from jaxprune.surgery.rebuild import compensate, probe_inputs, pruned_call
+from jaxprune.surgery.norm_scales import (channel_rows, concrete, group_label, ista_groups,
+                                          norm_scales, with_values)
+from jaxprune.surgery.rebuild import Pruned, compensate, forward, probe_inputs, pruned_call
+from jaxprune.surgery.remove import apply_slices, approximate_groups
 
 
 # ---------------------------------------------------------------------------------
-# Reading the graph.
-
-
-def _param_path(g, path: str) -> str:
-  """A leaf path without the Linen collection (``params/``): ``optim``'s key."""
-  return path.split("/", 1)[1] if g.traced.kind == "linen" else path
-
-
-def _owner(path: str) -> str:
-  return path.rsplit("/", 1)[0]
-
-
-def _label(g, group) -> str:
-  """A group's name: the module path of its first producer, e.g. ``stage0_block0/conv_a``."""
-  return _owner(_param_path(g, group.producers[0]))
-
-
-def _scales(g, group) -> list:
-  """The group's 1-D norm scale parameters (``.../scale``)."""
-  info = dict(zip(g.traced.paths, zip(g.traced.shapes, g.traced.is_param)))
-  return [m for m in group.members
-          if m.role == "other" and info[m.path][1] and m.path.endswith("/scale")
-          and len(info[m.path][0]) == 1]
-
-
-def _concrete(values) -> bool:
-  return not any(isinstance(v, jax.ShapeDtypeStruct) for v in values.values())
-
-
-def _ista_groups(g, values):
-  """(group, scales) that ISTA may sparsify: prunable, one producer, a norm scale,
-  not zero everywhere already (zero-initialised residual gammas; not tested
-  when `values` is None)."""
-  concrete = values is not None and _concrete(values)
-  for group in g.prunable():
-    if len(group.producers) != 1:
-      continue
-    scales = _scales(g, group)
-    if not scales:
-      continue
-    if concrete and not any(np.any(np.asarray(values[m.path]) != 0) for m in scales):
-      continue
-    yield group, scales
-
-
-def ista_scales(model, variables, input_shape: Sequence[int], call=None) -> list[str]:
-  """Norm scales ISTA may sparsify in any model, by the dependency graph.
-
-  The rule: a norm scale (a 1-D ``.../scale`` parameter of a channel group) is
-  selected when its group is prunable and has exactly one producer, i.e. the
-  normalised channels are not tied to another layer's by a residual add or a
-  shared consumer (a zero gamma there would not make a channel removable), and
-  when it is not zero everywhere already (zero-initialised residual gammas;
-  abstract variables skip that test).
-
-  Returns:
-    Param-tree paths (no collection), e.g. ``stage0_block0/bn_a/scale``, for
-    ``optim.ista(..., mask=...)`` or ``rho``.
-
-  Example:
-    >>> mask = surgery.ista_scales(model, variables, (32, 32, 3))
-  """
-  g = graph_lib.trace(model, variables, input_shape, call)
-  values = graph_lib.named_leaves(model, variables)
-  return sorted(_param_path(g, m.path) for _, scales in _ista_groups(g, values)
-                for m in scales)
-
-
-def ista_rho(model, variables, input_shape: Sequence[int],
-             call: Callable | None = None) -> dict[str, float]:
-  """Per-layer ISTA penalties rho_l from the network's structure (memory priority, §2).
-
-  ``rho_l = (H_out * W_out + k_h * k_w * C_in + sum_{l' reads l} k'_h * k'_w * C_out(l'))
-  / (H_img * W_img)``, for every scale :func:`ista_scales` selects, with the
-  geometry of the traced layers. A dense consumer reading a flattened conv output
-  counts its spatial positions as its kernel taps (each channel meets
-  ``positions * C_out`` weights).
-
-  Args:
-    model, variables, input_shape, call: as for :func:`jaxprune.graph.trace`
-      (variables may be abstract).
-
-  Returns:
-    ``{scale path: rho_l}``, ready for ``optim.ista(..., rho=...)``. For the CIFAR
-    ResNet-20 the values are 1.28125 (stage 1), 0.671875 / 0.8125 (stage 2 first /
-    other blocks) and 0.90625 / 1.1875 (stage 3).
-  """
-  g = graph_lib.trace(model, variables, input_shape, call)
-  values = graph_lib.named_leaves(model, variables)
-  shapes = dict(zip(g.traced.paths, g.traced.shapes))
-  out_shape = {r["kernel"]: r["out_shape"]
-               for r in flops.count_layers(model, variables, input_shape, call)}
-  area = math.prod(g.traced.input_shape[1:-1]) or 1
-  rho = {}
-  for group, scales in _ista_groups(g, values):
-    producer = next(m for m in group.members if m.role == "producer")
-    kernel = shapes[producer.path]
-    total = math.prod(out_shape[producer.path][1:-1]) + math.prod(kernel) // kernel[producer.axis]
-    for m in group.members:
-      if m.role == "consumer":
-        s = shapes[m.path]
-        total += m.index.shape[1] * math.prod(s) // s[m.axis]
-    for m in scales:
-      rho[_param_path(g, m.path)] = total / area
-  return rho
-
-
-# ---------------------------------------------------------------------------------
-# Writing values back.
-
-
-def _with_values(model, variables, new: Mapping[str, np.ndarray]):
-  """(model, variables) holding ``new[path]`` in place of those leaves."""
-  if not new:
-    return model, variables
-
-  def put(path, leaf):
-    name = tracing.leaf_name(path)
-    return jnp.asarray(new[name], jnp.result_type(leaf)) if name in new else leaf
-  if isinstance(model, nnx.Module):
-    copy = nnx.clone(model)
-    nnx.update(copy, jax.tree_util.tree_map_with_path(put, nnx.state(copy)))
-    return copy, None
-  return model, jax.tree_util.tree_map_with_path(put, variables)
-
-
-def _rows(arr: np.ndarray, m) -> np.ndarray:
-  """A view of ``arr`` with the member's axis first."""
-  return np.moveaxis(arr, m.axis, 0)
-
-
-def rescale_gamma(model, variables, alpha: float | Mapping[str, float],
-                  input_shape: Sequence[int], call: Callable | None = None):
-  """The gamma-W rescaling trick (§3): gamma, beta * alpha, consumer weights / alpha.
-
-  With a ReLU (and max pooling) between a selected norm (:func:`ista_scales`)
-  and its consumers, ``relu(alpha * x) = alpha * relu(x)`` for alpha > 0, so the
-  network function is unchanged. alpha < 1 speeds up the sparsification of a
-  pre-trained network; :func:`rescale_gamma` with ``1 / alpha`` undoes it after
-  pruning.
-
-  Args:
-    model, variables, input_shape, call: as for :func:`jaxprune.graph.trace`.
-    alpha: one positive factor, or ``{scale path: factor}`` (missing: 1).
-
-  Returns:
-    New variables (same tree) for a Linen model or a function's params; a new
-    ``nnx.Module`` for NNX.
-  """
-  g = graph_lib.trace(model, variables, input_shape, call)
-  values = graph_lib.named_leaves(model, variables)
-  new = {}
-
-  def arr(path):
-    if path not in new:
-      new[path] = np.array(values[path], np.float64)
-    return new[path]
-  for group, scales in _ista_groups(g, values):
-    key = _param_path(g, scales[0].path)
-    a = alpha.get(key, 1.0) if isinstance(alpha, Mapping) else alpha
-    if not a > 0:
-      raise UserError(f"rescale_gamma needs alpha > 0 (ReLU is only positively "
-                      f"homogeneous); got {a} for {key}.")
-    norms = {_owner(m.path) for m in scales}
-    for m in group.members:
-      rows = m.index.ravel()
-      if _owner(m.path) in norms and m.path.rsplit("/", 1)[1] in ("scale", "bias"):
-        _rows(arr(m.path), m)[rows] *= a
-      elif m.role == "consumer":
-        _rows(arr(m.path), m)[rows] /= a
-  small, small_vars = _with_values(model, variables, new)
-  return small if isinstance(model, nnx.Module) else small_vars
-
-
-# ---------------------------------------------------------------------------------
-# Channel removal (§4).
+# Dead channels: measure, fold, remove.
 
 
 @dataclasses.dataclass
@@ -291,12 +86,12 @@ def _numpy(leaf):
 
 def _zero_slices(values, m) -> np.ndarray:
   """Per channel of the member's group: whether its slice of the leaf is all zero."""
-  rows = _rows(np.asarray(values[m.path]), m)
+  rows = channel_rows(np.asarray(values[m.path]), m)
   sub = rows[m.index.ravel()].reshape(m.index.shape + rows.shape[1:])
   return ~np.any(sub.reshape(m.index.shape[0], -1) != 0, axis=1)
 
 
-def _measure(layer, m, channels, atol):
+def _reads(layer, m, channels, atol):
   """The value each probe example feeds the consumer on ``m.index[channels]``,
   read at the middle position; (values (n, r), agree mask per channel)."""
   axis = layer.input_axis(m.axis) + 1  # + the example axis
@@ -307,10 +102,217 @@ def _measure(layer, m, channels, atol):
   return reads[0], agree
 
 
+@dataclasses.dataclass
+class Dead:
+  """:func:`measure`'s answer for one group: per channel (bool arrays of its width)."""
+  gamma_zero: np.ndarray  # its norm scale is exactly 0
+  no_fan_in: np.ndarray   # every producer slice is zero
+  unread: np.ndarray      # every consumer slice is zero: nobody reads it
+
+  @property
+  def constant(self) -> np.ndarray:
+    """Channels that output a constant (to fold, or to remove where it reads as 0)."""
+    return (self.gamma_zero | self.no_fan_in) & ~self.unread
+
+
+def measure(g, values, group, *, gammas: bool = True) -> Dead:
+  """Step 1: which channels of `group` are dead, read from the zero slices of its
+  leaves (`values`: ``{leaf path: array}``); ``gammas=False`` ignores zero norm scales."""
+  producers = [m for m in group.members if m.role == "producer"]
+  consumers = [m for m in group.members if m.role == "consumer"]
+  scales = norm_scales(g, group) if gammas else []
+  none = np.zeros(group.width, bool)
+  return Dead(
+      gamma_zero=np.all([_zero_slices(values, m) for m in scales], axis=0) if scales else none,
+      no_fan_in=np.all([_zero_slices(values, m) for m in producers], axis=0),
+      unread=(np.all([_zero_slices(values, m) for m in consumers], axis=0) if consumers
+              else none))
+
+
+@dataclasses.dataclass
+class _Removal:
+  """What the rounds of :func:`_remove_dead` share and record."""
+  shape0: dict
+  values: dict = dataclasses.field(default_factory=dict)
+  layers: dict = dataclasses.field(default_factory=dict)
+  followers: dict = dataclasses.field(default_factory=dict)
+  new: dict = dataclasses.field(default_factory=dict)
+  composed: dict = dataclasses.field(default_factory=dict)
+  folds: dict = dataclasses.field(default_factory=dict)
+  unfoldable: dict = dataclasses.field(default_factory=dict)
+  placeholders: dict = dataclasses.field(default_factory=dict)
+
+  def arr(self, path):
+    if path not in self.new:
+      self.new[path] = np.array(self.values[path], np.float64)
+    return self.new[path]
+
+
+def fold(st: _Removal, label: str, consumers, channels: np.ndarray, *,
+         into_next: bool = True) -> np.ndarray:
+  """Step 2: the constant `channels` that may go (a mask over them). Each one's value
+  where each consumer reads it is measured on the probe (the same for every example,
+  else it stays); with ``into_next`` ``sum W[..., c, ..., :] * v_c`` is added to the
+  consumer's bias or subtracted from the running mean of the norm after it. Without
+  (or with nothing to fold into) only channels that read as 0 go."""
+  ok, plan = np.ones(channels.size, bool), []
+  for m in consumers:
+    seen = st.layers.get(m.path)
+    if seen is None:
+      st.unfoldable[label] = f"{m.path} is not a conv/matmul input"
+      ok[:] = False
+      break
+    scale = max(1.0, float(np.max(np.abs(seen.x))))
+    reads, agree = _reads(seen, m, channels, 1e-6 * scale)
+    if not agree.all():
+      st.unfoldable[label] = f"the channels {m.path} reads are not constant"
+    ok &= agree
+    out_axes = evaluate.kernel_output_axes(seen, len(st.values[m.path].shape))
+    target = st.followers.get(m.path, {})
+    into = (target.get("bias") or target.get("mean")) if into_next else None
+    if len(out_axes) != 1 or into is None:  # only channels that read as 0 may go
+      zero = ~np.any(reads != 0, axis=1)
+      if not zero.all():
+        st.unfoldable[label] = (f"{m.path} has no bias or norm right after it to fold "
+                                "a constant into" if into_next else
+                                f"{m.path} reads a nonzero constant (no fold)")
+      ok &= zero
+      continue
+    plan.append((m, out_axes[0], into, reads))
+  channels = channels[ok]
+  for m, out_axis, into, reads in plan:
+    reads = reads[ok]
+    if not channels.size:
+      break
+    rows = m.index[channels].ravel()
+    w = np.moveaxis(np.take(np.asarray(st.values[m.path], np.float64), rows, axis=m.axis),
+                    [m.axis, out_axis], [0, -1])
+    delta = np.einsum("nto,n->o", w.reshape(rows.size, -1, w.shape[-1]), reads.ravel())
+    target = st.arr(into)
+    if target.shape != delta.shape:
+      raise UserError(f"shrink: {into} has shape {target.shape}, the fold of "
+                      f"{m.path} {delta.shape}")
+    target += delta if into.endswith("/bias") else -delta
+    out_index = st.composed.get(m.path, {}).get(out_axis,
+                                                np.arange(st.shape0[m.path][out_axis]))
+    entry = st.folds.setdefault(m.path, {"into": into,
+                                         "delta": np.zeros(st.shape0[m.path][out_axis])})
+    entry["delta"][out_index] += delta
+  return ok
+
+
+def remove(st: _Removal, group, remove_mask: np.ndarray, round_to: int = 1):
+  """Step 3: the kept channels of `group` once the `remove_mask` ones go (their
+  consumer rows zeroed). Kept widths are a multiple of `round_to` (dead channels kept
+  back); a group that would lose every channel keeps one *placeholder*, its producer
+  slices zeroed. Returns ``(kept, whether it is the placeholder)``."""
+  producers = [m for m in group.members if m.role == "producer"]
+  dead = np.flatnonzero(remove_mask)
+  for m in group.members:  # a removed channel contributes nothing any more
+    if m.role == "consumer":
+      channel_rows(st.arr(m.path), m)[m.index[dead].ravel()] = 0.0
+  kept = np.flatnonzero(~remove_mask)
+  if round_to > 1 and kept.size:  # keep back dead channels up to a multiple
+    extra = min(group.width, -(-kept.size // round_to) * round_to) - kept.size
+    kept = np.union1d(kept, dead[:extra])
+  if kept.size:
+    return kept, False
+  kept = dead[:1]  # the placeholder: read with zero weights, reads nothing itself
+  for m in producers:
+    channel_rows(st.arr(m.path), m)[m.index[kept].ravel()] = 0.0
+    done = st.composed.get(m.path, {}).get(m.axis, np.arange(st.shape0[m.path][m.axis]))
+    st.placeholders[m.path] = (m.axis, done[m.index[kept].ravel()])
+  return kept, True
+
+
+def _remove_dead(model, variables, input_shape, call, x, *, fold_mode: str, gammas: bool,
+                 max_rounds: int, round_to: int, fixpoint: bool = True):
+  """measure -> fold -> remove per prunable group, the network rebuilt, repeated to a
+  fixpoint (or once). ``fold_mode``: "fold" (into the next layer), "none" (only
+  constant channels that read as 0 go) or "drop" (constant channels go unfolded).
+  Returns ``(Shrunk, the original graph, keep of the first round, the last round's
+  Pruned or None)``."""
+  g0 = graph_lib.trace(model, variables, input_shape, call)
+  if not concrete(graph_lib.named_leaves(model, variables)):
+    raise UserError("shrink needs the trained variables, not abstract shapes")
+  st = _Removal(shape0=dict(zip(g0.traced.paths, g0.traced.shapes)))
+  before = {group_label(g0, grp): grp.width for grp in g0.prunable()}
+  original = {label: np.arange(w) for label, w in before.items()}
+  placeholder: set[str] = set()
+  cascaded, readers = set(), set()
+  cur_model, cur_vars, g = model, variables, g0
+  scaled: dict[str, float] = {}
+  first_keep, small = None, None
+  rounds = 0
+  while rounds < max_rounds:
+    rounds += 1
+    if rounds > 1:
+      g = graph_lib.trace(cur_model, cur_vars, input_shape, pruned_call(cur_model, call))
+    st.values = {p: _numpy(v) for p, v in graph_lib.named_leaves(cur_model, cur_vars).items()}
+    st.new = {}
+    st.layers, st.followers = {}, {}
+    if fold_mode != "drop":
+      result = evaluate.run(g.traced, st.values, x)
+      for layer in result.layers:
+        st.layers.setdefault(layer.kernel, layer)  # a shared kernel: its first use
+      st.followers = result.followers
+    keep = {}
+    for group in g.prunable():
+      label = group_label(g, group)
+      consumers = [m for m in group.members if m.role == "consumer"]
+      dead = measure(g, st.values, group, gammas=gammas)
+      remove_mask = dead.unread.copy()
+      channels = np.flatnonzero(dead.constant)
+      if channels.size and fold_mode != "drop":
+        channels = channels[fold(st, label, consumers, channels,
+                                 into_next=fold_mode == "fold")]
+        if channels.size and np.any(dead.no_fan_in[channels] & ~dead.gamma_zero[channels]):
+          cascaded.add(label)
+          readers.update(m.path for m in consumers)
+      remove_mask[channels] = True
+      kept, is_placeholder = remove(st, group, remove_mask, round_to)
+      if is_placeholder:
+        placeholder.add(label)
+      if kept.size < group.width:
+        keep[group.id] = kept
+        if label in original:
+          original[label] = original[label][kept]
+    cur_model, cur_vars = with_values(cur_model, cur_vars, st.new)
+    if first_keep is None:
+      first_keep = keep
+    if not keep:
+      break
+    slices = graph_lib.kept_slices(g, keep)
+    for path, axes in slices.items():
+      for axis, idx in axes.items():
+        done = st.composed.setdefault(path, {}).get(axis, np.arange(st.shape0[path][axis]))
+        st.composed[path][axis] = done[idx]
+    small = apply_slices(cur_model, cur_vars, slices, input_shape, call)
+    small = compensate(g, keep, small, input_shape, call)  # e.g. 1/sqrt(head_dim)
+    for path, factor in small.folded.items():
+      scaled[path] = scaled.get(path, 1.0) * factor
+    cur_model, cur_vars = small.model, small.variables
+    if not fixpoint:
+      break
+  else:
+    raise UserError(f"shrink did not reach a fixpoint in {max_rounds} rounds")
+
+  kept = {label: (np.zeros(0, np.int64) if label in placeholder else idx)
+          for label, idx in original.items()}
+  shrunk = Shrunk(model=cur_model, variables=cur_vars, kept=kept, widths_before=before,
+                  widths_after={label: int(k.size) for label, k in kept.items()},
+                  rounds=rounds, cascaded=sorted(cascaded), folds=st.folds,
+                  slices=st.composed, unfoldable=st.unfoldable,
+                  cascade_readers=sorted(readers), placeholders=st.placeholders,
+                  scaled=scaled,
+                  ista_groups=[group_label(g0, grp) for grp, _ in ista_groups(g0, None)])
+  return shrunk, g0, first_keep, small
+
+
 def shrink(model, variables, input_shape: Sequence[int], call: Callable | None = None, *,
            fold_constants: bool = True, probe: Any = None, max_rounds: int = 64,
            round_to: int = 1) -> Shrunk:
-  """Removes exactly-zero-gamma channels and the channels they make dead (§4).
+  """Removes exactly-zero-gamma channels and the channels they make dead (docs/methods/ista.md §4).
 
   A channel of a prunable group goes when (repeated until nothing changes): its
   norm's gamma is exactly 0, or its producers' slices are all zero (no fan-in
@@ -318,7 +320,8 @@ def shrink(model, variables, input_shape: Sequence[int], call: Callable | None =
   channel's value where each consumer reads it is measured on `probe` (the same
   for every example, else the channel stays) and ``sum W[..., c, ..., :] * v_c``
   (per spatial position for a dense layer reading a flattened map) is added to
-  the consumer's bias or subtracted from the running mean of the norm after it.
+  the consumer's bias or subtracted from the running mean of the norm after it
+  (:func:`measure`, :func:`fold`, :func:`remove`).
 
   Args:
     model: a Linen module, an ``nnx.Module`` (variables None) or ``f(params, x)``.
@@ -348,149 +351,78 @@ def shrink(model, variables, input_shape: Sequence[int], call: Callable | None =
   """
   if int(round_to) != round_to or round_to < 1:
     raise UserError(f"shrink: round_to must be a positive int, got {round_to!r}")
-  g0 = graph_lib.trace(model, variables, input_shape, call)
-  if not _concrete(graph_lib.named_leaves(model, variables)):
-    raise UserError("shrink needs the trained variables, not abstract shapes")
-  shape0 = dict(zip(g0.traced.paths, g0.traced.shapes))
-  before = {_label(g0, grp): grp.width for grp in g0.prunable()}
-  original = {label: np.arange(w) for label, w in before.items()}
-  placeholder: set[str] = set()
-  composed: dict[str, dict[int, np.ndarray]] = {}
-  folds: dict[str, dict] = {}
-  placeholders: dict[str, tuple] = {}
-  cascaded, readers, unfoldable = set(), set(), {}
   x = _probe_arrays(probe if probe is not None else probe_inputs(input_shape, 2))
   n = len(jax.tree.leaves(x)[0])
   if n < 2:
     raise UserError(f"shrink needs a probe of at least 2 inputs to check that a removed "
                     f"channel is constant; got {n}")
+  return _remove_dead(model, variables, input_shape, call, x,
+                      fold_mode="fold" if fold_constants else "drop", gammas=True,
+                      max_rounds=max_rounds, round_to=int(round_to))[0]
 
-  cur_model, cur_vars, g = model, variables, g0
-  scaled: dict[str, float] = {}
-  rounds = 0
-  while rounds < max_rounds:
-    rounds += 1
-    if rounds > 1:
-      g = graph_lib.trace(cur_model, cur_vars, input_shape, pruned_call(cur_model, call))
-    values = {p: _numpy(v) for p, v in graph_lib.named_leaves(cur_model, cur_vars).items()}
-    result = evaluate.run(g.traced, values, x)
-    layers: dict[str, Any] = {}
-    for layer in result.layers:
-      layers.setdefault(layer.kernel, layer)  # a shared kernel: its first use
-    followers = result.followers
-    new: dict[str, np.ndarray] = {}
 
-    def arr(path):
-      if path not in new:
-        new[path] = np.array(values[path], np.float64)
-      return new[path]
+PRUNE_ZEROS_MEASURE = 8  # probe examples prune_zeros measures the constants on (checks on all)
 
-    keep = {}
-    for group in g.prunable():
-      label = _label(g, group)
-      producers = [m for m in group.members if m.role == "producer"]
-      consumers = [m for m in group.members if m.role == "consumer"]
-      scales = _scales(g, group)
-      gamma_zero = np.zeros(group.width, bool)
-      if scales:
-        gamma_zero = np.all([_zero_slices(values, m) for m in scales], axis=0)
-      no_fan_in = np.all([_zero_slices(values, m) for m in producers], axis=0)
-      unread = (np.all([_zero_slices(values, m) for m in consumers], axis=0) if consumers
-                else np.zeros(group.width, bool))
-      constant = (gamma_zero | no_fan_in) & ~unread
-      remove = unread.copy()
-      channels = np.flatnonzero(constant)
-      if channels.size and fold_constants:
-        ok, plan = np.ones(channels.size, bool), []
-        for m in consumers:
-          seen = layers.get(m.path)
-          if seen is None:
-            unfoldable[label] = f"{m.path} is not a conv/matmul input"
-            ok[:] = False
-            break
-          scale = max(1.0, float(np.max(np.abs(seen.x))))
-          reads, agree = _measure(seen, m, channels, 1e-6 * scale)
-          if not agree.all():
-            unfoldable[label] = f"the channels {m.path} reads are not constant"
-          ok &= agree
-          out_axes = evaluate.kernel_output_axes(seen, len(values[m.path].shape))
-          target = followers.get(m.path, {})
-          into = target.get("bias") or target.get("mean")
-          if len(out_axes) != 1 or into is None:  # only channels that read as 0 may go
-            zero = ~np.any(reads != 0, axis=1)
-            if not zero.all():
-              unfoldable[label] = (f"{m.path} has no bias or norm right after it to fold "
-                                   "a constant into")
-            ok &= zero
-            continue
-          plan.append((m, out_axes[0], into, reads))
-        channels = channels[ok]
-        for m, out_axis, into, reads in plan:
-          reads = reads[ok]
-          if not channels.size:
-            break
-          rows = m.index[channels].ravel()
-          w = np.moveaxis(np.take(np.asarray(values[m.path], np.float64), rows, axis=m.axis),
-                          [m.axis, out_axis], [0, -1])
-          delta = np.einsum("nto,n->o", w.reshape(rows.size, -1, w.shape[-1]), reads.ravel())
-          target = arr(into)
-          if target.shape != delta.shape:
-            raise UserError(f"shrink: {into} has shape {target.shape}, the fold of "
-                            f"{m.path} {delta.shape}")
-          target += delta if into.endswith("/bias") else -delta
-          out_index = composed.get(m.path, {}).get(out_axis,
-                                                   np.arange(shape0[m.path][out_axis]))
-          entry = folds.setdefault(m.path, {"into": into,
-                                            "delta": np.zeros(shape0[m.path][out_axis])})
-          entry["delta"][out_index] += delta
-        if channels.size and np.any(no_fan_in[channels] & ~gamma_zero[channels]):
-          cascaded.add(label)
-          readers.update(m.path for m in consumers)
-        remove[channels] = True
-      elif channels.size:
-        remove[channels] = True
-      dead = np.flatnonzero(remove)
-      for m in consumers:  # a removed channel contributes nothing any more
-        _rows(arr(m.path), m)[m.index[dead].ravel()] = 0.0
-      kept = np.flatnonzero(~remove)
-      if round_to > 1 and kept.size:  # keep back dead channels up to a multiple
-        extra = min(group.width, -(-kept.size // round_to) * round_to) - kept.size
-        kept = np.union1d(kept, dead[:extra])
-      if not kept.size:  # the placeholder: read with zero weights, reads nothing itself
-        kept = dead[:1]
-        placeholder.add(label)
-        for m in producers:
-          _rows(arr(m.path), m)[m.index[kept].ravel()] = 0.0
-          done = composed.get(m.path, {}).get(m.axis, np.arange(shape0[m.path][m.axis]))
-          placeholders[m.path] = (m.axis, done[m.index[kept].ravel()])
-      if kept.size < group.width:
-        keep[group.id] = kept
-        if label in original:
-          original[label] = original[label][kept]
-    cur_model, cur_vars = _with_values(cur_model, cur_vars, new)
-    if not keep:
-      break
-    slices = graph_lib.kept_slices(g, keep)
-    for path, axes in slices.items():
-      for axis, idx in axes.items():
-        done = composed.setdefault(path, {}).get(axis, np.arange(shape0[path][axis]))
-        composed[path][axis] = done[idx]
-    small = apply_slices(cur_model, cur_vars, slices, input_shape, call)
-    small = compensate(g, keep, small, input_shape, call)  # e.g. 1/sqrt(head_dim)
-    for path, factor in small.folded.items():
-      scaled[path] = scaled.get(path, 1.0) * factor
-    cur_model, cur_vars = small.model, small.variables
-  else:
-    raise UserError(f"shrink did not reach a fixpoint in {max_rounds} rounds")
 
-  kept = {label: (np.zeros(0, np.int64) if label in placeholder else idx)
-          for label, idx in original.items()}
-  return Shrunk(model=cur_model, variables=cur_vars, kept=kept, widths_before=before,
-                widths_after={label: int(k.size) for label, k in kept.items()},
-                rounds=rounds, cascaded=sorted(cascaded), folds=folds, slices=composed,
-                unfoldable=unfoldable, cascade_readers=sorted(readers),
-                placeholders=placeholders, scaled=scaled,
-                ista_groups=[_label(g0, grp) for grp, _ in _ista_groups(g0, None)])
+def prune_zeros(model, variables, input_shape: Sequence[int], call: Callable | None = None,
+                *, probe: Any = None, atol: float = 1e-5) -> tuple[Pruned, dict]:
+  """Removes the channels that masked (gated) weights made dead, for any model: the
+  no-fold case of :func:`shrink`, one pass.
+
+  A channel goes when every producer slice of it is exactly zero (its fan-in is
+  gated off: AutoPrune's neuron mode with ``neuron_axis="out"``, or any mask on
+  output units) and the value its consumers read is measured 0 on the probe (a
+  zero bias, a norm whose constant ``beta - gamma * mean / sqrt(var + eps)`` is 0,
+  an activation with ``f(0) = 0``), or when every consumer slice is zero (nobody
+  reads it: ``neuron_axis="in"``). A constant channel that reads nonzero needs a
+  fold into the next layer and is kept (listed in ``info["needs_fold"]``). A group
+  that would lose every channel keeps one (zeroed) channel, which computes what the
+  empty layer would. The result is checked on the probe against the masked network;
+  a difference is an error, never a silently different network.
+
+  Args:
+    model, variables, input_shape, call: as for :func:`jaxprune.surgery.prune`, with
+      the masked (effective) weights, e.g. ``optim.effective_params`` of AutoPrune.
+    probe: inputs for the measurement (its first ``PRUNE_ZEROS_MEASURE``) and the
+      check (default a random batch of 4, :func:`jaxprune.surgery.rebuild.probe_inputs`:
+      a pytree like `input_shape` for several inputs, integer inputs 0 or 1).
+    atol: tolerance of the check, relative to the output's scale.
+
+  Returns:
+    ``(pruned, info)``; ``info``: ``keep`` (group id -> kept channels),
+    ``needs_fold`` ({group id: [its norm layers, or its producer's module]}),
+    ``max_abs_diff`` of the check.
+  """
+  x = probe if probe is not None else probe_inputs(input_shape, 4)
+  shrunk, g, keep, small = _remove_dead(
+      model, variables, input_shape, call,
+      _probe_arrays(jax.tree.map(lambda a: a[:PRUNE_ZEROS_MEASURE], x)),
+      fold_mode="none", gammas=False, max_rounds=1, round_to=1, fixpoint=False)
+  by_label = {group_label(g, grp): grp for grp in g.prunable()}
+  needs_fold = {by_label[label].id: _norm_layers(by_label[label]) or [label]
+                for label in shrunk.unfoldable}
+  if small is None:  # nothing removed: the network rebuilt as it is
+    small = apply_slices(model, variables, {}, input_shape, call)
+  small.approximate = approximate_groups(g, keep)
+  ref, got = forward(model, variables, call, x), forward(small.model, small.variables, call, x)
+  diff = float(np.max(np.abs(np.asarray(ref) - np.asarray(got))))
+  scale = max(float(np.max(np.abs(np.asarray(ref)))), 1.0)
+  if diff > atol * scale:
+    raise UserError(f"removing the zeroed channels changed the output by {diff:.3g}: a "
+                    "removed unit outputs a nonzero constant (an activation with f(0) != 0 "
+                    "or a norm after it); fold it or keep those channels")
+  return small, {"keep": keep, "needs_fold": needs_fold, "max_abs_diff": diff}
+
+
+def _norm_layers(group) -> list[str]:
+  """The norm layers (with running statistics) among `group`'s members, no collection."""
+  leaves = {}
+  for m in group.members:
+    owner, leaf = m.path.rsplit("/", 1)
+    if owner.startswith(("params/", "batch_stats/")):
+      owner = owner.split("/", 1)[-1]
+    leaves.setdefault(owner, set()).add(leaf)
+  return sorted(o for o, names in leaves.items() if {"mean", "var"} <= names)
 
 
 # ---------------------------------------------------------------------------------
@@ -581,7 +513,7 @@ def check_equivalence(model, variables, shrunk: Shrunk, probe,
   fed = evaluate.run(small_t, small_v, probe, replace=replace).layers
   for ref, layer in zip(pairs, fed):
     want = np.asarray(ref.out, np.float64)
-    fold = shrunk.folds.get(ref.kernel)
+    folded = shrunk.folds.get(ref.kernel)
     for axis, idx in shrunk.slices.get(ref.kernel, {}).items():
       out_axis = ref.output_axis(axis)
       if out_axis is not None:
@@ -594,9 +526,9 @@ def check_equivalence(model, variables, shrunk: Shrunk, probe,
       diff = np.moveaxis(diff, ref.output_axis(axis) + 1, 0).copy()
       diff[at] = 0.0
       diff = np.moveaxis(diff, 0, ref.output_axis(axis) + 1)
-    if fold is not None:
+    if folded is not None:
       out_axis = ref.output_axis(evaluate.kernel_output_axes(ref, len(ref.kernel_shape))[0])
-      delta = fold["delta"]
+      delta = folded["delta"]
       for axis, idx in shrunk.slices.get(ref.kernel, {}).items():
         if ref.output_axis(axis) == out_axis:
           delta = delta[idx]
@@ -616,12 +548,12 @@ def check_equivalence(model, variables, shrunk: Shrunk, probe,
         border = max(border, float(diff[:, ~inner].max()))
     else:
       interior = max(interior, float(diff.max()))
-  logits = np.asarray(_forward(model, variables, call, probe))
-  small = np.asarray(_forward(shrunk.model, shrunk.variables, call, probe))
+  logits = np.asarray(forward(model, variables, call, probe))
+  small = np.asarray(forward(shrunk.model, shrunk.variables, call, probe))
   g = graph_lib.trace(model, variables, input_shape, call)
   approximate = {}
   for group in g.groups:
-    label = _label(g, group)
+    label = group_label(g, group)
     if (group.exactness == "approximate"
         and shrunk.widths_after.get(label, group.width) < shrunk.widths_before.get(label, 0)):
       approximate[label] = group.effects
@@ -633,5 +565,5 @@ def check_equivalence(model, variables, shrunk: Shrunk, probe,
           "argmax_agreement": float(np.mean(logits.argmax(-1) == small.argmax(-1)))}
 
 
-__all__ = ["ista_scales", "ista_rho", "rescale_gamma", "Shrunk", "shrink",
-           "check_equivalence"]
+__all__ = ["Shrunk", "shrink", "prune_zeros", "check_equivalence", "measure", "fold",
+           "remove"]

@@ -1,18 +1,5 @@
-"""Channel importance of a group: how much each channel of a :class:`jaxprune.graph.Group` matters.
-
-A criterion only scores; it knows nothing of targets or schedules (see
-:mod:`jaxprune.surgery.pruner`). Every criterion scores a channel over *all* the
-trainable slices of its group (producers, consumers, biases, norm scales), so
-coupled layers are judged together, as Torch-Pruning's group importance does:
-
-- ``"l1"``: sum of ``|w|`` over the channel's slices (Li et al., 2017, on groups);
-- ``"l2"``: the Euclidean norm of the same slices;
-- ``"bn_scale"``: ``|gamma|`` of the group's normalisation scales (Liu et al.,
-  network slimming, 2017); a group without one is an error;
-- ``"taylor"``: first-order Taylor, ``sum over members |sum(w * dL/dw)|`` over
-  the channel's slices (Molchanov et al., 2019), from a batch's gradients;
-- ``"random"``: uniform scores (the baseline every criterion should beat).
-"""
+"""Channel importance of a group: ``group_scores`` by a criterion of ``CRITERIA`` (l1, l2,
+bn_scale, taylor, random) over all of a group's slices; see docs/design/surgery.md."""
 from collections.abc import Mapping
 from typing import Any
 

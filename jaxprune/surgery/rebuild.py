@@ -1,48 +1,5 @@
-"""The smaller network from per-leaf slices, for Linen and NNX models.
-
-``rebuild(model, variables, slices, input_shape)`` takes ``slices`` =
-``{leaf path: {axis: sorted kept indices}}`` (what :func:`jaxprune.graph.kept_slices`
-gives; leaf paths as in the contract: ``params/conv1/kernel`` for Linen variables,
-``conv1/kernel`` for an NNX module) and returns a :class:`Pruned` network that runs,
-trains and checkpoints at the smaller widths. It does not decide *what* to remove
-(that is the graph's job) and does not check that the slices are coupled correctly
-beyond running the smaller network once: a bad set of slices is an error, never a
-silently wrong network.
-
-**Linen.** ``Pruned.model`` is a :class:`Rebuilt` module wrapping the user's own
-module (same variable tree, through :func:`flax.linen.share_scope`). Its ``__call__``
-runs the user's code under :func:`flax.linen.intercept_methods`; before any method of
-a submodule runs, the interceptor sets that submodule's feature attributes to values
-derived from the smaller variables (``features`` of ``nn.Dense`` / ``nn.Conv`` /
-``nn.ConvTranspose`` / ``nn.DenseGeneral``, ``feature_group_count`` of a grouped
-conv, ``num_heads`` / ``qkv_features`` / ``out_features`` of
-``nn.MultiHeadDotProductAttention``, ``num_embeddings`` / ``features`` of
-``nn.Embed``, ``shape`` of ``nn.Einsum``, ``num_groups`` of ``nn.GroupNorm``). Flax's
-own parameter shape check then confirms every layer agrees with its variables, so
-``apply`` with the pruned variables runs, and ``init`` builds the network at the
-pruned widths from scratch.
-The module structure (e.g. whether a ResNet block has a projection shortcut) is the
-original's, because the user's module attributes are untouched: this is why
-jaxprune's own models go through the same mechanism rather than being rebuilt with
-explicit widths. A user layer whose parameter shapes come from its own attributes
-(``self.param('w', init, (self.dim, self.hidden))``) gets its integer attributes
-inferred (the one assignment of changed sizes that makes its parameter shapes
-match, checked by ``init``) or passed in ``overrides={"block": {"hidden": 48}}``;
-otherwise ``rebuild`` stops with one line naming the layer, the parameter and the
-attributes.
-
-**NNX.** ``Pruned.model`` is a new module (``nnx.clone`` of the original, which stays
-untouched) whose Variables hold the sliced arrays and whose Flax layers have their
-feature attributes recomputed from those arrays (``in/out_features`` of
-``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` / ``nnx.ConvTranspose``,
-``kernel_shape``, ``feature_group_count``; ``num_features`` of the norms;
-``num_heads`` / ``num_kv_heads`` / ``head_dim`` / ``in_features`` /
-``in_kv_features`` / ``qkv_features`` / ``out_features`` of
-``nnx.MultiHeadAttention``; ``nnx.Embed``, ``nnx.Einsum``). A user's own
-``nnx.Module`` keeps its own attributes (they are not derivable in general); where an
-integer attribute equals the old size of one of its Variables' changed axes a warning
-names it, and ``overrides=`` sets it.
-"""
+"""The smaller Linen or NNX network from per-leaf slices (``rebuild``), and the fold that
+keeps a compensated group exact (``compensate``); design: docs/design/surgery.md."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -81,7 +38,7 @@ class Pruned:
     variables: the smaller Linen variables, every collection; None for NNX.
     shapes: ``{leaf path: (old shape, new shape)}`` of every leaf that changed.
     stale: NNX: ``{module path: attribute names}`` of user modules whose integer
-      attributes may still hold a removed size (see the module docstring).
+      attributes may still hold a removed size (docs/design/surgery.md).
     approximate: set by :func:`jaxprune.surgery.prune`: ``{group id: effects}`` of
       the narrowed groups whose removal changes the function (empty: exact).
     folded: set by :func:`compensate`: ``{leaf path: factor}`` each leaf was
@@ -402,7 +359,7 @@ _INPUT_SIZED = (nn.BatchNorm, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 
 
 class Rebuilt(nn.Module):
-  """The user's Linen module run at pruned widths (see the module docstring).
+  """The user's Linen module run at pruned widths (docs/design/surgery.md).
 
   Attributes:
     jaxprune_base: the original module (its attributes are not changed; named so as
@@ -901,7 +858,7 @@ def _nnx_run_failed(e, check, shapes, overrides) -> UserError:
 
 
 def _rebuild_from_nnx(model, variables, slices, input_shape, overrides):
-  """An NNX model run through :class:`jaxprune.models.adapters.FromNNX`: rebuild the NNX
+  """An NNX model run through :class:`jaxprune.graph.adapters.FromNNX`: rebuild the NNX
   module (its paths are the Linen ones without the collection) and wrap it again."""
   if variables is None:
     raise UserError("rebuild: a FromNNX model needs its Linen variables.")
@@ -1020,3 +977,18 @@ def pruned_call(model: Any, call: Callable | None) -> Callable | None:
     with nn.intercept_methods(root):
       return call(variables, x)
   return run
+
+
+def forward(model: Any, variables: Any, call: Callable | None, x: Any):
+  """Runs any model kind in eval mode on ``x`` (an original or a :class:`Pruned` one;
+  a pruned Linen module under the user's ``call`` by :func:`pruned_call`)."""
+  kind = tracing.model_kind(model, variables)
+  if kind == "nnx":
+    copy = tracing.eval_copy(model)
+    return call(copy, x) if call is not None else copy(x)
+  if kind == "linen":
+    if call is not None:  # a pruned (Rebuilt) module runs under the user's call too
+      return pruned_call(model, call)(variables, x)
+    kwargs = {"train": False} if tracing.accepts_train(model) else {}
+    return model.apply(variables, x, **kwargs)
+  return call(model, variables, x) if call is not None else model(variables, x)

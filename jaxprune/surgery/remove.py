@@ -1,11 +1,5 @@
-"""Remove groups of channels from any model: ``prune(keep)`` and the target-driven ``prune_to``.
-
-``prune`` is the one mechanism: trace the graph (:mod:`jaxprune.graph`), turn the
-kept channels of each group into per-leaf slices (:func:`jaxprune.graph.kept_slices`)
-and rebuild the network at those widths (:func:`jaxprune.surgery.rebuild`).
-``prune_to`` puts a criterion (:mod:`jaxprune.surgery.importance`) and a target
-(:mod:`jaxprune.surgery.pruner`) in front of it.
-"""
+"""Removing groups of channels from any model: ``prune(keep)`` and the target-driven
+``prune_to`` (graph groups -> per-leaf slices -> rebuilt network)."""
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -14,10 +8,11 @@ import jax
 import numpy as np
 
 from jaxprune import graph as graph_lib
+from jaxprune import latency
 from jaxprune.errors import UserError
-from jaxprune.surgery import importance, pruner
-from jaxprune.surgery.rebuild import (Pruned, Rebuilt, compensate, probe_inputs, pruned_call,
-                                      rebuild, refuse_shapes_only, slice_tree)
+from jaxprune.surgery import importance, targets
+from jaxprune.surgery.rebuild import (Pruned, compensate, forward, rebuild, refuse_shapes_only,
+                                      slice_tree)
 
 
 def apply_slices(model, variables, slices, input_shape, call: Callable | None = None,
@@ -146,13 +141,13 @@ def check_keep(g: graph_lib.Graph, keep: Mapping[Any, Any]) -> dict[int, np.ndar
 def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "l1",
              flops_ratio: float | None = None, params_ratio: float | None = None,
              latency_ratio: float | None = None, latency_table=None, batch_size: int = 1,
-             latency_grid: int = pruner.DEFAULT_GRID,
+             latency_grid: int = targets.DEFAULT_GRID,
              global_ranking: bool = False, round_to: int | None = None,
              ignore: Sequence[str] = (),
              grads: Any = None, key: jax.Array | None = None,
              call: Callable | None = None, exact_only: bool = False,
              overrides: Mapping[str, Mapping[str, Any]] | None = None,
-             calibrate: bool = True, calibration_rounds: int = pruner.CALIBRATION_ROUNDS,
+             calibrate: bool = True, calibration_rounds: int = targets.CALIBRATION_ROUNDS,
              latency_timer: Callable | None = None) -> tuple[Pruned, dict]:
   """Prunes `model` to a FLOPs, params or latency ratio by a criterion, in one call.
 
@@ -165,7 +160,7 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
     latency_ratio: the target fraction of the unpruned network's latency on this
       device (ask 0.5 for a 2x speed-up), by a per-op latency table
       (:mod:`jaxprune.latency`): every conv and dense op timed alone at
-      ``batch_size`` on each group's :func:`jaxprune.surgery.pruner.latency_grid`
+      ``batch_size`` on each group's :func:`jaxprune.surgery.targets.latency_grid`
       candidates (``latency_grid`` allowed widths per group, multiples of
       ``round_to``). Give exactly one of the three targets.
     latency_table: a table measured before (``info["latency_table"]`` of an
@@ -176,12 +171,12 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
       to measure).
     global_ranking: rank channels across groups instead of about the same
       fraction per group; with a latency target, greedy by importance per ms (see
-      :mod:`jaxprune.surgery.pruner`).
+      :mod:`jaxprune.surgery.targets`).
     round_to: kept widths a multiple of this (or the whole group). Default None:
-      the backend's, :func:`jaxprune.engine.runtime.default_round_to` (8 on a CPU),
+      the backend's, :func:`jaxprune.latency.default_round_to` (8 on a CPU),
       where a group not wider than it is pruned at the largest of
       ``round_to // 2, ..., 1`` below its width
-      (:func:`jaxprune.surgery.pruner.fitted_round_to`) instead of staying whole;
+      (:func:`jaxprune.surgery.targets.fitted_round_to`) instead of staying whole;
       an int is used as given (1: any width).
     ignore: leaf-path patterns of groups to leave whole (see
       :func:`jaxprune.graph.trace`).
@@ -199,12 +194,12 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
       activations, adds, fusion), so the selection is rebuilt and the whole network
       timed against the base (``latency_timer``); while the measured speed-up is
       under the requested one, the table budget is tightened (a secant step, see
-      :func:`jaxprune.surgery.pruner.calibrate_budget`), at most
+      :func:`jaxprune.surgery.targets.calibrate_budget`), at most
       ``calibration_rounds`` timings. When no round meets it, the fastest is kept
       and one line says what was reached. False: the table's selection, untimed.
     calibration_rounds: the most selections timed (each a rebuild and a timing).
     latency_timer: ``timer(pruned) -> (base ms, pruned ms)`` for the calibration;
-      default :func:`jaxprune.engine.report.compare_inference` on the jitted
+      default :func:`jaxprune.latency.compare_inference` on the jitted
       eval-mode forwards at ``batch_size`` (base and pruned alternated, median of
       ``CALIBRATION_TIMING_ROUNDS`` rounds, compile excluded).
 
@@ -230,9 +225,8 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
   """
   fit_round_to = round_to is None  # the backend's default, fitted to narrow groups
   if fit_round_to:
-    from jaxprune.engine import runtime  # pylint: disable=g-import-not-at-top
-    round_to = runtime.default_round_to()
-  round_to = pruner.check_round_to(round_to)
+    round_to = latency.default_round_to()
+  round_to = targets.check_round_to(round_to)
   if latency_ratio is None and latency_table is not None:
     raise UserError("latency_table is for latency_ratio; give latency_ratio too")
   if latency_ratio is None and latency_timer is not None:
@@ -274,14 +268,14 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
                          overrides=overrides),
         "latency_timer (given)" if latency_timer is not None else TIMING)
   else:
-    keep = pruner.select_channels(g, scores, flops_ratio=flops_ratio,
+    keep = targets.select_channels(g, scores, flops_ratio=flops_ratio,
                                   params_ratio=params_ratio, latency_ratio=latency_ratio,
                                   latency_table=table, global_ranking=global_ranking,
                                   fit_round_to=fit_round_to)
     small = prune(model, variables, input_shape, keep, call, graph=g, overrides=overrides)
   info = {"keep": keep, "before": g.predict({}), "after": g.predict(keep), "graph": g,
           "approximate": small.approximate, "round_to": round_to,
-          "fitted_round_to": {gid: r for gid, r in pruner.group_round_to(
+          "fitted_round_to": {gid: r for gid, r in targets.group_round_to(
               g, scores, round_to, fit_round_to).items() if r != round_to}}
   if table is not None:
     info["latency_table"] = table
@@ -300,16 +294,15 @@ CALIBRATION_TIMING_ROUNDS = 15  # alternated rounds of base and pruned per calib
 def _calibrated(g, scores, table, ratio: float, global_ranking: bool, rounds: int,
                 timer: Callable, build: Callable, description: str):
   """``(pruned, keep, calibration)``: the latency selection whose whole network,
-  timed by ``timer``, meets ``ratio`` (:func:`jaxprune.surgery.pruner.calibrate_budget`)."""
-  from jaxprune import latency  # pylint: disable=g-import-not-at-top
+  timed by ``timer``, meets ``ratio`` (:func:`jaxprune.surgery.targets.calibrate_budget`)."""
   floor = table.at(table.index({gid: int(table.candidates[table.group_ids.index(gid)][0])
                                 for gid in scores})) / table.full
   keeps, timed = {}, {}
-  pruner.select_channels(g, scores, latency_ratio=ratio, latency_table=table,
+  targets.select_channels(g, scores, latency_ratio=ratio, latency_table=table,
                          global_ranking=global_ranking)  # the table can reach it (else one line)
 
   def select(b):
-    keep = pruner.select_channels(g, scores, latency_ratio=min(1.0, max(b, floor)),
+    keep = targets.select_channels(g, scores, latency_ratio=min(1.0, max(b, floor)),
                                   latency_table=table, global_ranking=global_ranking)
     sel = tuple(sorted((gid, int(kept.size)) for gid, kept in keep.items()))
     keeps.setdefault(sel, keep)
@@ -327,7 +320,7 @@ def _calibrated(g, scores, table, ratio: float, global_ranking: bool, rounds: in
                    f"requested {1 / ratio:.2f}x)")
     return ms / base_ms
 
-  chosen, tries = pruner.calibrate_budget(ratio, floor, select, measure, rounds)
+  chosen, tries = targets.calibrate_budget(ratio, floor, select, measure, rounds)
   sel = tries[chosen]["selection"]
   small, base_ms, ms = timed[sel]
   met = ms / base_ms <= ratio
@@ -356,7 +349,7 @@ def _check_timeable(model, variables, input_shape):
 
 class _EvalForward:
   """A model's eval-mode forward as ``apply(variables, x, train=False)`` (what
-  :func:`jaxprune.engine.report.compare_inference` calls), for any model kind."""
+  :func:`jaxprune.latency.compare_inference` calls), for any model kind."""
 
   def __init__(self, model, variables, call):
     self.kind = graph_lib.tracing.model_kind(model, variables)
@@ -373,12 +366,11 @@ class _EvalForward:
       from flax import nnx  # pylint: disable=g-import-not-at-top
       module = nnx.merge(self.graphdef, v)
       return self.call(module, x) if self.call is not None else module(x)
-    return _forward(self.model, v, self.call, x)
+    return forward(self.model, v, self.call, x)
 
 
 def _default_timer(model, variables, input_shape, call, batch_size: int) -> Callable:
-  """``timer(pruned) -> (base ms, pruned ms)`` by :func:`report.compare_inference`."""
-  from jaxprune.engine import report  # pylint: disable=g-import-not-at-top
+  """``timer(pruned) -> (base ms, pruned ms)`` by :func:`latency.compare_inference`."""
   base = _EvalForward(model, variables, call)
 
   rounds = [CALIBRATION_TIMING_ROUNDS]
@@ -387,7 +379,7 @@ def _default_timer(model, variables, input_shape, call, batch_size: int) -> Call
     fast = _EvalForward(small.model, small.variables, call)
     nets = {"base": (base, base.state), "pruned": (fast, fast.state)}
     while True:
-      ms = report.compare_inference(nets, tuple(input_shape), batch_size, rounds[0])
+      ms = latency.compare_inference(nets, tuple(input_shape), batch_size, rounds[0])
       want = int(min(CALIBRATION_TIMING_MAX_ROUNDS, max(CALIBRATION_TIMING_ROUNDS, math.ceil(
           CALIBRATION_TIMING_S * 1e3 / (ms["base"] + ms["pruned"])))))
       if want <= rounds[0] or rounds[0] * (ms["base"] + ms["pruned"]) >= 500:
@@ -400,21 +392,20 @@ def _default_timer(model, variables, input_shape, call, batch_size: int) -> Call
 CALIBRATION_TIMING_S = 2.0  # about this long per calibration timing (more rounds for fast nets)
 CALIBRATION_TIMING_MAX_ROUNDS = 200
 TIMING = (
-    "report.compare_inference: jitted eval-mode forwards of the base and the pruned "
+    "latency.compare_inference: jitted eval-mode forwards of the base and the pruned "
     f"network at the table's batch, alternated, median of {CALIBRATION_TIMING_ROUNDS} to "
     f"{CALIBRATION_TIMING_MAX_ROUNDS} rounds (about {CALIBRATION_TIMING_S:g} s of calls), "
     "compile excluded")
 
 
 def latency_table_for(g: graph_lib.Graph, group_ids, round_to: int, batch_size: int,
-                      grid: int = pruner.DEFAULT_GRID, table=None,
+                      grid: int = targets.DEFAULT_GRID, table=None,
                       fit_round_to: bool = False, **measure_kwargs):
   """The latency table of a latency target on ``g``: ``table`` when given (checked to
   be planned for this graph's ops and to cover ``group_ids``), else measured now on
-  :func:`jaxprune.surgery.pruner.latency_candidates`."""
-  from jaxprune import latency  # pylint: disable=g-import-not-at-top
+  :func:`jaxprune.surgery.targets.latency_candidates`."""
   if table is None:
-    return latency.measure(pruner.latency_candidates(g, group_ids, round_to, grid,
+    return latency.measure(targets.latency_candidates(g, group_ids, round_to, grid,
                                                      fit_round_to),
                            batch_size, **measure_kwargs)
   if not isinstance(table, latency.LatencyTable):
@@ -434,105 +425,3 @@ def latency_table_for(g: graph_lib.Graph, group_ids, round_to: int, batch_size: 
     raise UserError(f"latency_table does not cover the prunable groups {missing}; measure "
                     "a new one (latency_table=None)")
   return table
-
-
-def _slice_zero(values, member, channel) -> bool:
-  rows = np.moveaxis(np.asarray(values[member.path]), member.axis, 0)
-  return not np.any(rows[member.index[channel]])
-
-
-def _norm_constant(values, group, channel, eps=1e-5):
-  """``bias - scale * mean / sqrt(var + eps)`` of each norm in the group at `channel`:
-  what a normalised channel outputs when its input is exactly zero (eval mode)."""
-  out = []
-  by_owner = {}
-  for m in group.members:
-    owner, leaf = m.path.rsplit("/", 1)
-    by_owner.setdefault(owner.split("/", 1)[-1] if owner.startswith(("params/", "batch_stats/"))
-                        else owner, {})[leaf] = m
-  for owner, leaves in by_owner.items():
-    if {"mean", "var"} <= set(leaves):
-      get = lambda k: (np.asarray(values[leaves[k].path]).reshape(-1)[leaves[k].index[channel]]
-                       if k in leaves else None)
-      scale = get("scale") if "scale" in leaves else 1.0
-      bias = get("bias") if "bias" in leaves else 0.0
-      out.append((owner, np.asarray(bias - scale * get("mean") / np.sqrt(get("var") + eps))))
-  return out
-
-
-def prune_zeros(model, variables, input_shape: Sequence[int], call: Callable | None = None,
-                *, probe: Any = None, atol: float = 1e-5) -> tuple[Pruned, dict]:
-  """Removes the channels that masked (gated) weights made dead, for any model.
-
-  A channel goes when every producer slice of it is exactly zero (its fan-in is
-  gated off: AutoPrune's neuron mode with ``neuron_axis="out"``, or any mask on
-  output units) or every consumer slice is (nobody reads it: ``neuron_axis="in"``).
-  A channel with a zero fan-in outputs its layer's constant; where the group has a
-  norm layer (a gated unit in front of a BN) that constant is
-  ``beta - gamma * mean / sqrt(var + eps)``: when it is not zero the channel needs a
-  fold into the next layer and is kept (listed in ``info["needs_fold"]``). A group
-  that would lose every channel keeps its first (all-zero) one, which computes
-  what the empty layer would. The result is checked on a random probe against the
-  masked network; a difference (e.g. a non-ReLU activation with ``f(0) != 0``
-  after a gated unit) is an error, never a silently different network.
-
-  Args:
-    model, variables, input_shape, call: as for :func:`prune`, with the masked
-      (effective) weights, e.g. ``optim.effective_params`` of AutoPrune.
-    probe: inputs for the check (default a random batch of 4,
-      :func:`jaxprune.surgery.rebuild.probe_inputs`: a pytree like `input_shape` for
-      several inputs, integer inputs 0 or 1).
-    atol: tolerance of the check, relative to the output's scale.
-
-  Returns:
-    ``(pruned, info)``; ``info``: ``keep`` (group id -> kept channels),
-    ``needs_fold`` ({group id: [norm layer, ...]}), ``max_abs_diff`` of the check.
-  """
-  g = graph_lib.trace(model, variables, input_shape, call)
-  values = graph_lib.named_leaves(model, variables)
-  is_param = dict(zip(g.traced.paths, g.traced.is_param))
-  keep, needs_fold = {}, {}
-  for group in g.prunable():
-    producers = [m for m in group.members if m.role == "producer"]
-    consumers = [m for m in group.members if m.role == "consumer"]
-    biases = [m for m in group.members
-              if m.role == "other" and is_param[m.path] and m.path.endswith("/bias")
-              and any(m.path.rsplit("/", 1)[0] == p.path.rsplit("/", 1)[0] for p in producers)]
-    dead = []
-    for c in range(group.width):
-      unread = consumers and all(_slice_zero(values, m, c) for m in consumers)
-      no_input = all(_slice_zero(values, m, c) for m in producers + biases)
-      if no_input and not unread:
-        constants = [o for o, v in _norm_constant(values, group, c) if np.any(v != 0)]
-        if constants:
-          needs_fold.setdefault(group.id, sorted(set(needs_fold.get(group.id, [])) |
-                                                 set(constants)))
-          continue
-      if unread or no_input:
-        dead.append(c)
-    if dead:
-      kept = np.setdiff1d(np.arange(group.width), dead)
-      keep[group.id] = kept if kept.size else np.asarray(dead[:1])
-  small = prune(model, variables, input_shape, keep, call, graph=g)
-  x = probe if probe is not None else probe_inputs(input_shape, 4)
-  ref, got = _forward(model, variables, call, x), _forward(small.model, small.variables, call, x)
-  diff = float(np.max(np.abs(np.asarray(ref) - np.asarray(got))))
-  scale = max(float(np.max(np.abs(np.asarray(ref)))), 1.0)
-  if diff > atol * scale:
-    raise UserError(f"removing the zeroed channels changed the output by {diff:.3g}: a "
-                    "removed unit outputs a nonzero constant (an activation with f(0) != 0 "
-                    "or a norm after it); fold it or keep those channels")
-  return small, {"keep": keep, "needs_fold": needs_fold, "max_abs_diff": diff}
-
-
-def _forward(model, variables, call, x):
-  kind = graph_lib.tracing.model_kind(model, variables)
-  if kind == "nnx":
-    copy = graph_lib.tracing.eval_copy(model)
-    return call(copy, x) if call is not None else copy(x)
-  if kind == "linen":
-    if call is not None:  # a pruned (Rebuilt) module runs under the user's call too
-      return pruned_call(model, call)(variables, x)
-    kwargs = {"train": False} if graph_lib.tracing.accepts_train(model) else {}
-    return model.apply(variables, x, **kwargs)
-  return call(model, variables, x) if call is not None else model(variables, x)

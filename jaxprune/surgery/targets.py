@@ -1,50 +1,6 @@
-"""A target-driven pruner: which channels to keep so that the network meets a FLOPs,
-params or latency ratio.
-
-The pruner knows only targets and rankings; the graph knows the wiring
-(:mod:`jaxprune.graph`), a criterion the scores (:mod:`jaxprune.surgery.importance`),
-a latency table the per-op times (:mod:`jaxprune.latency`). FLOPs and params
-are exact at every step (:meth:`jaxprune.graph.Graph.predict`); latency is the table's
-sum of per-op times at the kept widths.
-
-Kept widths are *allowed widths*: multiples of ``round_to`` below the group's width,
-or the whole group (a group narrower than ``round_to`` stays whole, unless
-``fit_round_to``: a backend-default ``round_to`` steps down to the largest of
-``round_to // 2, ..., 1`` below such a group's width, :func:`fitted_round_to`); for a
-latency target, the table's candidates (:func:`latency_grid`: at most 8 per group by
-default, evenly spaced multiples of ``round_to``). Within a group the best-scored channels are
-kept. Every target is met from below (at or under it) and, where the allowed widths
-permit, within 2% of the full network under it (``SLACK``):
-
-1. Local ranking: every group keeps about the same fraction ``t`` of its channels
-   (``t * width`` rounded to the *nearest* allowed width, not up), ``t`` the largest
-   meeting the target (bisection). Global ranking (FLOPs, params): scores divided by
-   their group's mean compete; a threshold keeps the channels above it (counts rounded
-   to the nearest allowed width), the lowest threshold meeting the target.
-2. Grow: one allowed step at a time while the target holds; local: the group with the
-   smallest kept fraction first; global: the group whose next channels have the
-   highest mean normalised score first.
-3. Adjust, only while still more than 2% under: the move of one or two groups to other
-   allowed widths that comes closest to the target without passing it, repeated (a
-   network with at most 2048 width combinations is searched whole instead, and of the
-   combinations within 2% the one nearest step 2's fractions is taken).
-
-Global ranking with a latency target (HALP-style, Shen et al. 2022): from the full
-network, step down the group whose next step loses the least normalised importance
-per ms saved (the table's change with the other groups as they are) until under the
-budget; grow back the steps that fit, most importance per ms first; then a local
-search over moves of one or two groups that keep more importance within the budget;
-then step 3, which on a small network takes, of the combinations within 2% under
-the budget, the one keeping the most importance. On random tables of a 4-group
-network it finds that optimum of a brute force 93% of the time, and at worst 0.82 of
-its kept importance (2100 draws).
-
-Calibration (:func:`calibrate_budget`, ``prune_to``'s default for a latency target):
-the table times convs and denses alone, so it over-predicts the speed-up (ResNet-56
-at batch 1: asked 2x, table 2.00x, measured 1.44x). The selected network is rebuilt
-and timed whole against the base; while the measured speed-up is under the request
-the table budget is tightened by secant steps, at most ``CALIBRATION_ROUNDS`` timings.
-"""
+"""Channel selection under a target: which channels to keep so that the network meets a
+FLOPs, params or latency ratio (``select_channels``, ``calibrate_budget``); the algorithm:
+docs/design/surgery.md."""
 import itertools
 import math
 from collections.abc import Callable, Mapping
@@ -146,7 +102,7 @@ def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
     latency_table: a measured :class:`jaxprune.latency.LatencyTable` whose groups
       include every scored group (:func:`latency_candidates`); its candidates are
       the allowed widths.
-    global_ranking: rank channels across groups (see the module docstring).
+    global_ranking: rank channels across groups (docs/design/surgery.md).
     round_to: kept widths a multiple of this (default the graph's ``round_to``;
       for latency, the table's candidates already are).
     fit_round_to: a group not wider than ``round_to`` is pruned at the largest of
@@ -181,7 +137,7 @@ def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
     missing = sorted(set(scores) - set(table.group_ids))
     if missing:
       raise UserError(f"the latency table does not cover groups {missing}: plan it with "
-                      "surgery.pruner.latency_candidates for the groups you prune")
+                      "surgery.targets.latency_candidates for the groups you prune")
     if not np.all(np.isfinite(table.program_ms)):
       raise UserError("the latency table has no times yet: measure it first")
     allowed = {gid: np.asarray(table.candidates[table.group_ids.index(gid)], np.int64)
@@ -336,7 +292,7 @@ def _closest(counts, allowed, cost: Callable, target: float, slack: float,
 
 
 def _halp(table, scores, allowed, target: float) -> dict:
-  """Greedy by importance per latency (the module docstring), on the table's picks."""
+  """Greedy by importance per latency (docs/design/surgery.md), on the table's picks."""
   order = {gid: s for s, gid in enumerate(table.group_ids)}
   picks = [len(c) - 1 for c in table.candidates]
   gain = {}  # normalised importance kept at each candidate of a scored group
