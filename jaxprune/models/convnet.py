@@ -1,15 +1,6 @@
-"""The 4-layer CIFAR ConvNet of the ISTA paper, with overridable widths.
+"""The 4-layer CIFAR ConvNet of the ISTA paper (docs/methods/ista.md §5), widths overridable.
 
-Ye et al. (ICLR 2018, reference ista.md §5) prune a small CIFAR-10 ConvNet:
-conv5x5-96, conv5x5-192, conv3x3-192, fc-384, with pooling. Here every conv is
-followed by batch norm (whose gamma ISTA sparsifies), ReLU and a 2x2 max pool
-(32 -> 16 -> 8 -> 4); the fc layer has a bias and ReLU, then a linear
-classifier. The pooling placement and the BN-free fc are this module's reading
-of the paper's one-line description.
-
-The same module is a general *plain conv stack* (any number of conv units), so
-:mod:`jaxprune.surgery` understands any stack built from it; a pruned network is
-the same module with smaller ``features``.
+A general plain conv stack; notes: docs/design/models.md.
 """
 from collections.abc import Sequence
 from typing import Any

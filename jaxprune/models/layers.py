@@ -1,41 +1,7 @@
-"""Drop-in Linen layers that train faster, shared by every model.
+"""Drop-in Linen ``Conv``, ``BatchNorm``, ``max_pool`` that train faster on XLA:CPU; same variables.
 
-``Conv`` is an ``nn.Conv`` (same fields, same ``kernel``/``bias`` variables, still
-an ``nn.Conv`` for the FLOPs counter) whose convolution has a hand-written
-backward; ``BatchNorm`` has ``nn.BatchNorm``'s fields and variables with one-pass
-batch statistics; ``max_pool`` avoids select-and-scatter. Outputs and gradients
-equal the stock layers' to float32 rounding (tests/test_layers.py).
-
-Why (measured on XLA:CPU, 2 cores; benchmarks/train_step.py): the kernel-gradient
-conv makes XLA transpose its input and output-gradient, and XLA re-fuses the whole
-elementwise chain that produced them (BN, ReLU, residual adds, several blocks deep)
-into those transposes, re-reading large activations in cache-hostile order; this,
-not the convolutions, dominated the ResNet training step. Dividing by a run-time
-1.0 makes XLA materialise the operand once (a divide counts as expensive, so it is
-not duplicated). Stride-2 3x3 input gradients are computed by sub-pixel phases
-instead of a conv over a 2x-dilated gradient (3/4 zeros). Together with the XLA
-flag set in :mod:`jaxprune.engine.runtime` this took the CIFAR ResNet-20 step
-from ~680 to ~370 ms and ResNet-56 from ~3000 to ~1180 ms on a loaded 2-core box.
-
-This depends on an XLA heuristic (divides are not duplicated into consumers); a
-future XLA may change it, in which case these layers are merely equal in speed.
-
-**Backend-aware.** These tricks were measured on XLA:CPU only. :func:`use` picks the
-implementation: ``"jaxprune"`` (the fast backward and reshape pooling above),
-``"stock"`` (``Conv`` runs ``lax.conv_general_dilated`` with its own gradient and
-``max_pool`` is ``nn.max_pool``: exactly ``nn.Conv`` and ``nn.max_pool``) or
-``"auto"`` (the default: ``"jaxprune"`` on the CPU backend, ``"stock"`` on GPU and TPU,
-where nothing here has been measured faster). The choice is read when a model is
-traced, so it applies to every model built from these layers, and the variables do not
-depend on it (a checkpoint trained with one loads with the other). ``BatchNorm`` is
-the same on every backend: its statistics are ``nn.BatchNorm``'s default ones (mean and
-mean of squares in one pass, float32), only the affine is folded into one multiply-add.
-The command line sets it from ``config.runtime.layers``.
-
-The choice is per op, not per model: the fast backward applies to ungrouped 2-D convs with
-equal strides and symmetric padding only; grouped (depthwise) convs always run
-``lax.conv_general_dilated`` with its own gradient, so a depthwise network's depthwise
-convs are the same under both choices (the forward of every conv is the same too).
+:func:`use` picks ``"jaxprune"``, ``"stock"`` or ``"auto"`` (by backend). Why and how:
+docs/design/models.md.
 """
 import contextlib
 import functools

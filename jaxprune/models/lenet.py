@@ -1,11 +1,4 @@
-"""LeNet-300-100 and the Caffe LeNet-5, with overridable layer widths.
-
-These are the MNIST baselines of the pruning papers (AutoPrune, DNW). Widths are
-fields so that a pruned variant (fewer neurons or filters) is the same module
-built with smaller numbers. Inputs are NHWC images (e.g. 28x28x1); ``train`` is
-accepted for a uniform ``model.apply(variables, x, train=...)`` call and unused.
-``dtype`` is the compute dtype of the convs and matmuls (parameters stay float32,
-logits are float32).
+"""LeNet-300-100 and the Caffe LeNet-5 (MNIST baselines), with overridable layer widths.
 """
 
 from collections.abc import Sequence

@@ -1,17 +1,7 @@
-"""Plain ResNets with explicit per-conv widths and per-stage depths.
+"""Plain CIFAR and ImageNet ResNets with explicit per-conv widths and per-stage depths.
 
-One module, :class:`ResNet`, builds the CIFAR ResNets of TAS (basic blocks for
-depth 6n+2, bottleneck blocks for ResNet-164) and the torchvision-layout
-ImageNet ResNets. Its architecture is data: ``widths`` lists the output width of
-every conv of the full-depth network (stem first, then each block's convs in
-order) and ``blocks`` says how many leading blocks each stage keeps. This is the
-format in which TAS releases searched shapes (reference tas.md §1, §10:
-``xchannels[1:]`` and ``xblocks``), so searched, pruned and standard networks
-all come from the same code.
-
-This module only describes networks. It does not count FLOPs (``jaxprune.flops``
-does, for any model) and it holds no search state (the TAS searchable ResNet
-reuses :func:`default_widths` and :func:`default_blocks` from here).
+The widths/blocks format is TAS's released shapes (docs/methods/tas.md §1, §10). Describes
+networks only: no FLOPs, no search state (docs/design/models.md).
 """
 
 from collections.abc import Sequence

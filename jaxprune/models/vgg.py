@@ -1,13 +1,4 @@
-"""The CIFAR VGG-like network of the pruning literature (13 conv + BN, 2 dense).
-
-The VGG-16 layout adapted to 32x32 inputs (Zagoruyko's "VGG-like" CIFAR net,
-the AutoPrune and variational-dropout baseline): thirteen 3x3 convs with batch
-norm and ReLU in five blocks of (64, 64), (128, 128), (256, 256, 256),
-(512, 512, 512), (512, 512, 512) filters, a 2x2 max pool after each block, then
-a 512-unit dense layer with batch norm and ReLU and the classifier. The
-original's dropout is left out (documented deviation: the pruning recipes here
-regularise with weight decay and the auxiliary parameters). Widths are fields
-so that a pruned variant is the same module built with smaller numbers.
+"""The CIFAR VGG-like network (13 conv + BN, 2 dense; no dropout), with overridable widths.
 """
 
 from collections.abc import Sequence
