@@ -244,3 +244,51 @@ def test_ista_scales_skip_residual_and_zero_init_gammas():
   # jaxprune's ResNet: the BNs inside the blocks, not the residual stream's (bn_b, stem_bn).
   assert surgery.ista_scales(model, variables, (16, 16, 3)) == [
       f"stage{s}_block0/bn_a/scale" for s in range(3)]
+
+
+class GatedMLP(nn.Module):
+  act: str = "relu"
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(10, name="fc1")(x)
+    h = nn.relu(h) if self.act == "relu" else nn.sigmoid(h)
+    return nn.Dense(3, name="fc2")(h)
+
+
+def _gated(act, seed):
+  """A GatedMLP whose fc1 units `gone` have their fan-in and bias zeroed (AutoPrune's
+  neuron mode), with random weights."""
+  rng = np.random.default_rng(seed)
+  model = GatedMLP(act)
+  variables = model.init(jax.random.key(seed), jnp.zeros((1, 6)))
+  variables = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32),
+                           variables)
+  gone = np.sort(rng.choice(10, int(rng.integers(1, 6)), replace=False))
+  variables = {"params": _zero_units(variables["params"], "fc1", -1, gone, with_bias=True)}
+  x = jnp.asarray(rng.normal(size=(16, 6)), jnp.float32)
+  return model, variables, gone, x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prune_zeros_is_shrink_without_the_fold(seed):
+  """relu(0) = 0: the gated units read as 0, so prune_zeros and shrink remove the same
+  ones; sigmoid(0) = 1/2: only shrink (which folds 1/2 * W into fc2's bias) removes them,
+  prune_zeros keeps them and names the layer that needs the fold. Both equal the gated
+  network."""
+  for act in ("relu", "sigmoid"):
+    model, variables, gone, x = _gated(act, seed)
+    want = model.apply(variables, x)
+    small, info = surgery.prune_zeros(model, variables, (6,), probe=x)
+    shrunk = surgery.shrink(model, variables, (6,), probe=x)
+    assert shrunk.kept["fc1"].tolist() == np.setdiff1d(np.arange(10), gone).tolist()
+    width = small.variables["params"]["fc1"]["kernel"].shape[-1]
+    if act == "relu":
+      assert width == 10 - gone.size and not info["needs_fold"]
+      assert info["keep"][next(iter(info["keep"]))].tolist() == shrunk.kept["fc1"].tolist()
+    else:
+      assert width == 10 and list(info["needs_fold"].values()) == [["fc1"]]
+    np.testing.assert_allclose(small.model.apply(small.variables, x), want, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(shrunk.model.apply(shrunk.variables, x), want, rtol=1e-5,
+                               atol=1e-5)
