@@ -1,22 +1,6 @@
-"""Input pipelines: TFDS datasets (incl. offline builds), arrays from .npz, synthetic data.
-
-Every batch is a pure function of (dataset, step, seed): :func:`batch_at` computes the
-epoch's order and the augmentation noise from those numbers alone, so a resumed run sees
-exactly the data the uninterrupted one would have seen, and a run on P processes sees the
-same global batches as a run on one process (each process takes its own rows).
-
-Small datasets (MNIST, Fashion-MNIST, CIFAR-10/100, .npz, synthetic) live in memory as uint8
-NHWC arrays and are augmented vectorised over the batch. ImageNet stays on disk and is read
-by random access (``tfds.data_source``), decoded with PIL in a thread pool.
-
-TensorFlow: reading a prepared dataset never needs it. Building a stock TFDS dataset does
-(TFDS runs TensorFlow inside its extractor and example writers), so a build without it raises
-a :class:`~jaxprune.errors.UserError` that names the ``tfds-build`` extra.
-
-This module must not import TensorFlow itself, must not keep iterator state (no hidden
-position, no ``tf.data``), and must not touch JAX devices: it returns NumPy arrays and the
-engine places them.
-"""
+"""Input pipelines: TFDS (incl. offline builds), .npz arrays, synthetic data. Every batch is
+a pure function of (dataset, step, seed); NumPy only: no TensorFlow import, no iterator
+state, no JAX devices."""
 
 from __future__ import annotations
 

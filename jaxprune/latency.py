@@ -1,61 +1,6 @@
-"""Per-op latency lookup tables: candidate widths per channel group, timed on the device.
-
-One mechanism for every latency target: a table is planned from a graph and candidate
-widths per group (:class:`Candidates`; a TAS :class:`SearchSpace` is one, its searched
-groups and their candidates), measured once and cached. TAS's ``tas.cost=latency``
-reads it as a differentiable expectation (:meth:`LatencyTable.expected`); the pruner's
-latency targets (``surgery.prune_to(latency_ratio=...)``) read it at discrete widths
-(:meth:`LatencyTable.at`).
-
-TAS prices an architecture by its FLOPs (tas.md §5). FLOPs are a poor proxy for speed
-on real hardware: on a CPU a 3x3 conv with 9 channels can take as long as one with
-16. With ``--config.tas.cost=latency`` the cost loss uses measured time instead:
-
-- **The table.** Every conv and dense op of ``space.graph.ops`` is timed alone on the
-  device (a jitted ``lax.conv_general_dilated`` or ``dot``, float32 random inputs,
-  batch ``batch_size``, compile excluded) at every pair (candidate input width,
-  candidate output width) of the searched groups that set its input and output
-  channel counts; an op with no searched channel axis is timed once at full width.
-  Identical programs are timed once (the 58 ops of a ResNet-56 need 464 distinct
-  programs over all their candidate pairs), all programs alternately (one sample of
-  each per round; a sample averages back-to-back calls for at least ~2 ms) and the
-  median over rounds is kept, so slow drifts of the machine hit every entry alike.
-- **Expected latency** (the differentiable E_cost):
-  ``sum_op reach[op] * sum_ij p_in(i) p_out(j) T_op[i, j]`` with
-  ``p = softmax(width logits)`` and ``reach[op]`` the probability that the sampled
-  depth reaches the op's block (tas.md §5; 1 outside searched stages): the exact
-  expectation of the table's latency when the widths are independent (the FLOPs cost
-  is a product of expectations). An op whose input and output channels are one
-  group reads the table's diagonal.
-- **Argmax latency** (F_cost): the same at the one-hot argmax widths and depths,
-  i.e. the table's entries of the derived network, summed.
-- **Full latency** (the cost loss's max): every op at full width.
-
-What the table does not model: only convs and dense layers are timed; batch norm,
-activations, pooling, residual adds and the dispatch of one fused program are not in
-it, and XLA fuses a network's ops in ways an op timed alone does not see. Predicted
-speed-ups (``full / argmax``) therefore differ from a whole network's measured
-speed-up, which the TAS report gives next to them. Products of two activations
-(attention's ``q k^T``) have no widths of their own and are left out.
-
-Approximations (each exact in FLOPs, not timed):
-
-- a channel axis governed by *several* searched groups (a concat of two groups) is
-  timed at full width and the entry scaled by that axis's kept fraction (linear in
-  the widths, like the FLOPs cost); so is an axis the graph's factor order does not
-  identify, and every channel axis of a grouped (not depthwise) conv;
-- an axis set by one searched group plus unsearched channels is timed exactly at its
-  kept count;
-- the op's layout is timed channels-last (NHWC), its padding rebuilt from the input
-  and output sizes, kernel dilation not modelled.
-
-The table is keyed by a fingerprint (backend, device kind, host CPU on a CPU backend,
-JAX version, XLA flags, batch size, the op programs and candidate widths): a cached
-table whose fingerprint differs from the run's is never used; :func:`load` says what
-differs and :func:`load_or_measure` remeasures (the TAS recipe first refuses a foreign
-table on a search with progress, unless told to restart it). This module must not know about configs, workdir
-layout or processes (``jaxprune.methods.tas`` does).
-"""
+"""Hardware cost and timing: per-op latency tables (planned from a graph and candidate
+widths, timed once, cached by fingerprint), the inference timers, the default ``round_to``.
+Knows no configs, workdirs or processes."""
 from __future__ import annotations
 
 import dataclasses
@@ -615,13 +560,17 @@ def plan(space, batch_size: int) -> LatencyTable:
 
 # --- measuring ----------------------------------------------------------------------
 
-def _print(text: str):
+def log_line(text: str):
+  """Prints one ``[latency]`` progress line (process 0 only)."""
   if jax.process_index() == 0:
     print(f"[latency] {text}", flush=True)
 
 
+_print = log_line  # the old private name, until surgery/prune.py reads log_line
+
+
 def time_programs(programs: Sequence[Program], repeats: int = 7,
-                  log: Callable[[str], None] = _print) -> np.ndarray:
+                  log: Callable[[str], None] = log_line) -> np.ndarray:
   """Median ms of every program on the first local device: all compiled first, then
   ``repeats`` rounds of one sample of each (alternately; a sample averages enough
   back-to-back calls to last about 2 ms)."""
@@ -666,7 +615,7 @@ def time_programs(programs: Sequence[Program], repeats: int = 7,
 
 def measure(space, batch_size: int, *, repeats: int = 7,
             timer: Callable[[Sequence[Program]], Sequence[float]] | None = None,
-            log: Callable[[str], None] = _print) -> LatencyTable:
+            log: Callable[[str], None] = log_line) -> LatencyTable:
   """Times the table of ``space`` at ``batch_size`` on this process's first device.
 
   Args:
@@ -722,7 +671,7 @@ def load(space, path: str, batch_size: int) -> tuple[LatencyTable | None, str]:
 
 
 def load_or_measure(space, path: str, batch_size: int, *, repeats: int = 7,
-                    timer=None, log: Callable[[str], None] = _print) -> LatencyTable:
+                    timer=None, log: Callable[[str], None] = log_line) -> LatencyTable:
   """The cached table at ``path`` when its fingerprint matches; else a new
   measurement, saved there (a mismatched cache is replaced, with a message)."""
   table, why = load(space, path, batch_size)

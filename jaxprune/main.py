@@ -1,8 +1,5 @@
-"""jaxprune's command line: ``python -m jaxprune.main --config configs/X.py --workdir DIR``.
-
-Overrides: ``--config.train.epochs=10``. Rerunning the same command resumes the
-run in DIR. See README.md for the recipes.
-"""
+"""jaxprune's command line: ``python -m jaxprune.main --config configs/X.py --workdir DIR``
+(``--config.a.b=v`` overrides; rerunning the command resumes the run in DIR)."""
 import os
 import signal
 import sys

@@ -1,16 +1,5 @@
-"""Run figures: the PNGs under ``<workdir>/plots/``.
-
-This is the one module that draws. It turns records a run has already written
-(the TAS architecture history of ``<workdir>/search/arch_history.jsonl``, the
-``metrics.jsonl`` records of any stage) into PNG files and returns the paths it
-wrote. Callers read the JSONL files themselves (``jaxprune.engine.metrics``).
-
-It must not import JAX or anything that does: it is pure numpy + matplotlib, so
-a report can be redrawn from a finished workdir on any machine. It must not touch
-pyplot's global state (no ``pyplot``, no ``matplotlib.use``): every figure is a
-``matplotlib.figure.Figure`` rendered by its own Agg canvas, which is headless
-and safe to call from a training process or a notebook alike.
-"""
+"""Run figures (``<workdir>/plots/*.png``) from records a run wrote. numpy + matplotlib
+only (no JAX, no pyplot state)."""
 
 from collections.abc import Mapping, Sequence
 import math

@@ -12,6 +12,7 @@ from jaxprune.engine import loop, mesh as mesh_lib, steps
 from jaxprune.engine.checkpoint import load_variables
 from jaxprune.engine.metrics import read_jsonl
 from jaxprune.engine.state import init_train_state
+from jaxprune.methods import common
 
 SEED = 3
 
@@ -69,10 +70,10 @@ def _stage(workdir, datasets, cfg, on_step=None):
   spe = data.steps_per_epoch(datasets["train"], cfg.batch_size)
   from jaxprune import optim  # pylint: disable=g-import-not-at-top
   tx, sched = optim.sgd(cfg, spe, cfg.epochs * spe)
-  return loop.train_classifier("stage", str(workdir), model=model, tx=tx,
-                               lr_schedule=sched, train_ds=datasets["train"],
-                               eval_ds=datasets["test"], cfg=cfg, seed=SEED,
-                               on_step=on_step)
+  return common.train_classifier("stage", str(workdir), model=model, tx=tx,
+                                 lr_schedule=sched, train_ds=datasets["train"],
+                                 eval_ds=datasets["test"], cfg=cfg, seed=SEED,
+                                 on_step=on_step)
 
 
 def test_interrupted_run_resumes_to_the_same_params(tmp_path):

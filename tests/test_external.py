@@ -17,9 +17,8 @@ from flax import nnx
 
 import user_models
 from conftest import REPO
-from jaxprune import surgery
+from jaxprune import models, surgery
 from jaxprune.errors import UserError
-from jaxprune.methods import baseline
 from jaxprune.models import external
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -54,13 +53,13 @@ def test_build_model_routes_a_user_factory_and_keeps_builtin_fields():
   from jaxprune import config_lib
   cfg = config_lib.model_config("user_models:linen_mlp", depth=20)
   cfg.kwargs = "{'hidden': 12}"
-  model = baseline.build_model(cfg, 10, (4, 4, 1))
+  model = models.build_model(cfg, 10, (4, 4, 1))
   variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), train=False)
   # The built-in field (depth) is not passed to the user's factory; kwargs are.
   assert variables["params"]["Dense_0"]["kernel"].shape == (16, 12)
   cfg = config_lib.model_config("lenet300_100")
   cfg.kwargs = "{'features': (20, 10)}"
-  lenet = baseline.build_model(cfg, 10, (28, 28, 1))
+  lenet = models.build_model(cfg, 10, (28, 28, 1))
   shapes = jax.tree.map(jnp.shape, lenet.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)),
                                               train=False))
   assert shapes["params"]["fc1"]["kernel"] == (784, 20)
@@ -171,6 +170,7 @@ def _report(tmp_path):
     return json.load(f)
 
 
+@pytest.mark.e2e
 def test_cli_prune_recipe_on_a_user_nnx_model(tmp_path):
   proc = _main(tmp_path, "--config", "configs/prune_resnet.py:smoke",
                "--config.model.name=user_models:nnx_cnn",
@@ -183,6 +183,7 @@ def test_cli_prune_recipe_on_a_user_nnx_model(tmp_path):
   assert r["shapes"]["params/conv1/kernel"][1][-1] < 8
 
 
+@pytest.mark.e2e
 def test_cli_ista_recipe_on_a_user_linen_model(tmp_path):
   proc = _main(tmp_path, "--config", "configs/ista_resnet.py:smoke",
                "--config.model.name=user_models:linen_cnn",
@@ -204,6 +205,7 @@ def test_cli_user_model_errors_are_one_line(tmp_path):
   assert not os.listdir(tmp_path)  # stopped before any work
 
 
+@pytest.mark.e2e
 def test_cli_tas_recipe_on_a_user_nnx_model(tmp_path):
   """TAS on a model jaxprune did not write: the graph search space with the depth of its
   stage of residual blocks, a derived network built by surgery (blocks beyond the
@@ -246,6 +248,7 @@ def test_cli_tas_recipe_on_a_user_nnx_model(tmp_path):
   assert "latency_table" in proc.stdout  # the measurement said where it saved the table
 
 
+@pytest.mark.e2e
 def test_cli_tas_recipe_on_a_user_linen_model_with_rounded_widths(tmp_path):
   """TAS with the FLOPs cost on a Linen model with no residual blocks (widths only),
   candidates rounded to multiples of 4 (tas.round_to): every searched width, and so
@@ -294,6 +297,7 @@ def test_dnw_refuses_a_user_model_before_any_work(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.e2e
 def test_cli_autoprune_neurons_of_a_user_linen_model(tmp_path):
   """AutoPrune at neuron granularity on a model jaxprune did not write: the gated units
   are the graph's (every layer whose output channels can be removed, not the

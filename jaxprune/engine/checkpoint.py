@@ -1,11 +1,5 @@
-"""Orbax checkpoints: the one place that reads and writes them.
-
-``<stage>/checkpoints/<step>/`` holds the full train state (latest N kept);
-``<stage>/final/`` holds the final variables (params + BN statistics) that later
-stages load, e.g. as a teacher. Restores always go through an abstract target
-(shapes, dtypes and shardings), so NamedTuple optimizer states come back as
-NamedTuples and arrays land on the right devices.
-"""
+"""Orbax checkpoints, the one place that reads and writes them: ``<stage>/checkpoints/``
+(train states) and ``<stage>/final/`` (variables), restored through abstract targets."""
 import logging
 import os
 import shutil

@@ -1,26 +1,5 @@
-"""Multi-process runs: joining JAX's multi-controller runtime, and agreeing across processes.
-
-One program runs per host (TPU pod worker, Slurm task, or local process); the
-processes join with ``jax.distributed.initialize`` and from then on see one
-global mesh (``engine.mesh``). Nothing here coordinates by itself: barriers,
-broadcasts and the preemption notice all go through ``jax.distributed``'s
-coordination service.
-
-When a process joins (:func:`initialize`, called by ``main`` before JAX starts):
-  * ``JAXPRUNE_NUM_PROCESSES`` and ``JAXPRUNE_PROCESS_ID`` set (with
-    ``JAX_COORDINATOR_ADDRESS``, which JAX reads itself): an explicit cluster, as
-    ``launch/local.py`` and hand-written launchers set it;
-  * ``JAXPRUNE_DISTRIBUTED=1``: JAX detects the cluster (Cloud TPU VMs, Slurm,
-    Open MPI, Kubernetes), as ``launch/tpu.py`` and ``launch/slurm.py`` set it;
-  * neither: a single process; nothing is initialised.
-
-Preemption: once initialised, JAX's coordination service turns SIGTERM on any
-process into one agreed step (``reached_preemption_sync_point``) at which every
-process checkpoints and exits (``engine.loop``). The run's workdir must be on
-storage that every process sees (a shared filesystem or a mounted bucket).
-
-This module must not know about models, datasets or methods.
-"""
+"""Multi-process runs: joining JAX's multi-controller runtime, agreeing across processes,
+preemption. Knows no models, datasets or methods."""
 import contextlib
 import fcntl
 import itertools

@@ -18,15 +18,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from jaxprune import data as data_lib
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import distributed
 from jaxprune.engine import mesh as mesh_lib
 from jaxprune.engine import metrics as metrics_lib
-from jaxprune.engine import steps as steps_lib
-from jaxprune.engine.state import TrainState, init_from_variables, init_train_state
+from jaxprune.engine.state import TrainState
 from jaxprune.errors import UserError
 
 
@@ -78,19 +75,6 @@ def catch_signals(signums=(signal.SIGINT, signal.SIGTERM)):
 class StageResult:
   state: TrainState
   summary: dict  # final eval metrics, steps, wall time
-
-
-def evaluate(eval_step, variables, ds, batch_size: int, mesh) -> dict:
-  """Accuracy and mean loss over the whole split (padded rows masked out)."""
-  totals = None
-  for local in data_lib.eval_batches(ds, batch_size, process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
-    out = eval_step(variables, mesh_lib.global_batch(local, mesh))
-    totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
-  totals = jax.device_get(totals)
-  count = max(float(totals["count"]), 1.0)
-  return {"accuracy": float(totals["correct"]) / count,
-          "loss": float(totals["loss_sum"]) / count}
 
 
 def _elapsed_before(records: list[dict], start_step: int) -> float:
@@ -386,56 +370,3 @@ def _run_stage(name, workdir, *, init, seed, step_fn, load_batch, total_steps,
   progress.message("done" + (f": eval accuracy {summary['eval_accuracy']:.4f}"
                              if "eval_accuracy" in summary else ""))
   return StageResult(state, summary)
-
-
-def train_classifier(name: str, workdir: str, *, model, tx: optax.GradientTransformation,
-                     lr_schedule: Callable[[int], float], train_ds, eval_ds,
-                     cfg: ml_collections.ConfigDict, seed: int,
-                     objective: steps_lib.Objective = steps_lib.cross_entropy,
-                     aux: Any = None, mesh=None,
-                     on_step: Callable[[int, TrainState], None] | None = None,
-                     init_variables: Any = None) -> StageResult:
-  """Trains ``model`` on ``train_ds`` as stage ``name`` and evaluates on ``eval_ds``.
-
-  ``cfg`` is the ``train`` section of a config: ``epochs``, ``batch_size``,
-  ``eval_batch_size``, ``eval_every_epochs``, ``log_every_steps``,
-  ``checkpoint_every_steps``, ``keep_checkpoints`` and optionally ``max_steps``
-  (a cap for smoke runs). ``objective(logits, batch, aux)`` is the loss (``aux``:
-  e.g. a KD teacher's variables). Training starts from ``init_variables`` (e.g. a
-  pruned network's) or from scratch. The final variables are also written to
-  ``<stage>/final`` for later stages.
-  """
-  mesh = mesh or mesh_lib.make_mesh()
-  batch_size = cfg.batch_size
-  mesh_lib.check_batch_size(batch_size, mesh)
-  mesh_lib.check_batch_size(cfg.eval_batch_size, mesh, "eval batch size")
-  steps_per_epoch = data_lib.steps_per_epoch(train_ds, batch_size)
-  total = cfg.epochs * steps_per_epoch
-  if cfg.get("max_steps"):
-    total = min(total, cfg.max_steps)
-
-  init = (init_train_state(model, tx, train_ds.image_shape) if init_variables is None
-          else init_from_variables(init_variables, tx))
-  repl = mesh_lib.replicated(mesh)
-  state_sharding = jax.tree.map(lambda _: repl, jax.eval_shape(init, jax.random.key(seed)))
-  train_step = steps_lib.make_train_step(model, tx, seed=seed, mesh=mesh,
-                                         state_sharding=state_sharding,
-                                         objective=objective)
-  eval_step = steps_lib.make_eval_step(model, mesh=mesh)
-  aux = mesh_lib.replicate(aux, mesh) if aux is not None else None
-
-  def load(step):
-    return data_lib.batch_at(train_ds, step, batch_size, seed=seed, train=True,
-                             process_index=jax.process_index(),
-                             process_count=jax.process_count())
-
-  result = run_stage(
-      name, workdir, init=init, seed=seed,
-      step_fn=lambda state, batch: train_step(state, batch, aux), load_batch=load,
-      total_steps=total, steps_per_epoch=steps_per_epoch, images_per_step=batch_size,
-      cfg=cfg, mesh=mesh, lr_schedule=lr_schedule, on_step=on_step,
-      evaluate=lambda state: evaluate(eval_step, state.variables, eval_ds,
-                                      cfg.eval_batch_size, mesh))
-  final_dir = os.path.join(workdir, name, "final")
-  ckpt_lib.save_variables_once(final_dir, result.state.variables)
-  return result

@@ -1,13 +1,5 @@
-"""The device mesh and the shardings of a run.
-
-The plan is data parallelism: the global batch is split over a ``data`` axis that
-spans every device of every process, parameters and optimizer states are
-replicated. A network too large to replicate would add a ``model`` axis to this
-mesh and shard its parameters over it; nothing else in the engine needs to
-change, because every jitted step takes its shardings from here.
-
-This module must not know about models, optimizers or datasets.
-"""
+"""The device mesh (one ``data`` axis) and the shardings of a run. Knows no models,
+optimizers or datasets."""
 from typing import Any
 
 import jax

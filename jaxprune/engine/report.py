@@ -6,9 +6,9 @@ from typing import Any, Mapping
 
 import jax
 
-from jaxprune import config_lib
 from jaxprune import latency
 from jaxprune.engine import metrics as metrics_lib
+from jaxprune.engine import workdir as workdir_lib
 from jaxprune.errors import UserError
 
 measure_inference = latency.measure_inference
@@ -55,7 +55,7 @@ def write_report(workdir: str, report: dict, *, title: str,
   ``wall_time_s`` becomes the whole command's time, summed over every invocation
   that worked in ``workdir`` (interrupted, failed and resumed ones), each from its
   process start to its exit, this one up to this report
-  (:func:`jaxprune.config_lib.run_wall_time`); ``stage_time_s`` gives each stage's
+  (:func:`jaxprune.engine.workdir.run_wall_time`); ``stage_time_s`` gives each stage's
   training time, summed over the invocations that trained it.
   """
   if jax.process_index() != 0:
@@ -65,7 +65,7 @@ def write_report(workdir: str, report: dict, *, title: str,
   if times:
     report["stage_time_s"] = times
   if "wall_time_s" in report:
-    total = config_lib.run_wall_time(workdir)
+    total = workdir_lib.run_wall_time(workdir)
     if total is not None:
       report["wall_time_s"] = total
   full = dict(report)

@@ -1,54 +1,6 @@
-"""Process-level runtime settings, applied before JAX starts its backends.
-
-Allocator: XLA:CPU allocates fresh activation buffers every step; glibc serves
-large ones with mmap and returns them on free, so every step pays page faults on
-tens of MB. Raising glibc's mmap and trim thresholds keeps them in the heap
-(measured: CIFAR ResNet-20 training step 406 -> 364 ms, forward 117 -> 86 ms at
-batch 128; CWI forward+backward 25 -> 19 ms). The cost is that up to the threshold of
-freed memory stays with the process.
-
-XLA:CPU sends small convolutions to YNNPACK by default, which is slower than
-Eigen for the 16x16 and 8x8 convs of CIFAR ResNets (forward+backward ~25 -> 15 ms
-and ~23 -> 12 ms per layer at batch 128); this flag keeps YNNPACK for reductions
-and dots and gives convs to Eigen. It is set only for the jaxlib versions it was
-measured on (an unknown XLA flag aborts the process) and never overrides a user's
-own choice of the same flag.
-
-**The flag follows the model** (issue 24): Eigen's convolutions beat YNNPACK's on dense
-convs and lose on grouped (depthwise) ones. Measured with ``python
-benchmarks/pruned_speed.py --flags`` (eval forward, CIFAR inputs, both settings and a
-stock control alternated in one process, 2 shared cores under load 8-12, so identical
-programs' medians differed by up to 1.13x at batch >= 32 and 1.85x at batch 1-8):
-ResNet-56 1.32x faster with the flag at batch 128 (run 1: 1.19x), within the noise at
-batch 1-32; MobileNetV2 (6.7% of its conv MACs depthwise) 0.51x at batch 128 (run 1:
-0.52x), at batch 1 0.52x (run 1) and 0.86x (within that run's noise); a ViT-S-shaped
-encoder (0.3% of its MACs in the patch conv) 0.98-1.19x, within the noise; the TAS
-smoke's ResNet-20 on 16x16 inputs at batch 128 (1.3G conv MACs a call) 1.11x, its
-derived network (0.67G) 0.91x, so the smoke's speed-up was 0.70 of its FLOPs reduction
-with the flag and 0.80-0.85 without in that run. Without the flag, its work (process CPU
-time, which other jobs' load hardly moves: 1.38-1.42x at 1.94x fewer FLOPs in five runs
-with one XLA thread and one with two, loads 10-16, batch 16 or 128) is 0.72 of the FLOPs reduction, and
-two CLI runs reported 0.71 and 0.77 (loads ~15 and ~10): the 0.80-0.85 were within the
-noise. The gap is the network's, not the measurement's: a 3x3 conv at 16x16 and batch
-128 costs about as much with 8 channels as with 16 (a quarter of the FLOPs), and the
-derived widths add four 1x1 conv + BN shortcuts. The rule (:func:`eigen_convs_faster`): the flag
-only for a model whose MACs are at least :data:`CONV_SHARE_MIN` dense convs, with at
-most :data:`GROUPED_SHARE_MAX` of its conv MACs grouped, and whose call at the run's
-batch does at least :data:`CONV_MACS_MIN` conv MACs; the figures are :data:`RECORDED`. The command line decides it from the
-config's model before the backend starts (:func:`configure_run`: the model traced to a
-jaxpr, which starts no backend, :func:`config_profile`). A process has one setting; a
-script timing several models passes :data:`EIGEN_CONV_OPTIONS` to one program's
-``jax.jit(compiler_options=...)``.
-
-Both were measured on XLA:CPU only, so both follow the backend (``config.runtime``,
-each ``"auto"``, ``"on"`` or ``"off"``): the XLA:CPU flag is set under ``"auto"`` (and the
-rule's yes) unless a GPU or TPU plugin of jaxlib is installed and ``JAX_PLATFORMS`` does
-not ask for the CPU alone (the flag must be set before the backend starts, so it cannot
-ask the backend);
-the allocator settings are applied under ``"auto"`` when the default backend is the CPU
-(:func:`apply`, after the backend has started). ``config.runtime.layers`` picks the
-layer implementation the same way (:func:`jaxprune.models.layers.use`).
-"""
+"""Process-level runtime settings (XLA:CPU conv flag, allocator, layer implementation),
+applied before and after JAX starts its backend; the rule and its measurements:
+docs/design/layers.md."""
 import ctypes
 import importlib.metadata
 import math
@@ -224,7 +176,7 @@ def config_profile(config):
   try:
     import jax  # pylint: disable=g-import-not-at-top
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-    from jaxprune.methods import baseline  # pylint: disable=g-import-not-at-top
+    from jaxprune import models  # pylint: disable=g-import-not-at-top
     from jaxprune.models import layers  # pylint: disable=g-import-not-at-top
     ds = config.get("dataset") or {}
     name = ds.get("name", "")
@@ -238,7 +190,7 @@ def config_profile(config):
       shape = (32, 32, 3)
 
     def forward(x):  # built inside the trace: an NNX model's Rngs start no backend
-      model = baseline.build_model(config.model, 10, shape)
+      model = models.build_model(config.model, 10, shape)
       return model.init_with_output(jax.random.key(0), x, train=False)[0]
     started = xla_bridge.backends_are_initialized()
     with layers.chosen("stock"):  # the same forward ops; "auto" would ask the backend

@@ -1,9 +1,5 @@
-"""The train state: one plain pytree holding everything a resumed run needs.
-
-Randomness is not stored: the key of step ``s`` is ``fold_in(key(seed), s)``, so
-the step counter alone fixes the data position (see ``jaxprune.data.batch_at``)
-and the RNG stream of a resumed run.
-"""
+"""The train state: one pytree holding everything a resumed run needs (no RNG: the
+key of step ``s`` is ``fold_in(key(seed), s)``)."""
 from typing import Any, Callable
 
 import flax

@@ -1,15 +1,5 @@
-"""Jitted training and evaluation steps for classification models.
-
-A step is one ``jax.jit`` over the global batch with explicit shardings (batch on
-the ``data`` axis, state replicated) and the state donated. Batch-norm statistics
-are computed over the global batch because the model sees the global array; XLA
-inserts the cross-device reductions.
-
-An *objective* ``(logits, batch, aux) -> loss`` makes the step reusable: plain
-cross-entropy, knowledge distillation (``aux`` = the teacher's variables), or a
-method's own loss. Methods with a second optimizer (TAS) build their own steps
-from the same pieces.
-"""
+"""Jitted train and eval steps of a classifier over the global batch (an objective
+``(logits, batch, aux) -> loss`` makes them reusable)."""
 from typing import Any, Callable
 
 import jax

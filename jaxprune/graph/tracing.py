@@ -1,16 +1,5 @@
-"""One forward pass of any model as a jaxpr whose inputs are named variable leaves.
-
-Three kinds of model are accepted, and all become ``fn(leaves, x)`` with the leaves
-in a fixed order and named by the one leaf-path convention:
-
-- a Linen module with its variables: ``model.apply(variables, x)`` (plus
-  ``train=False`` when its ``__call__`` takes ``train``), or ``call(variables, x)``;
-- an ``nnx.Module`` (variables None): a copy of it in eval mode, called as
-  ``module(x)`` or ``call(module, x)``;
-- a pure function ``f(params, x)`` with its params as ``variables``.
-
-This module must not interpret the jaxpr: :mod:`jaxprune.graph.propagate` does.
-"""
+"""One forward pass of any model (Linen, NNX, a pure function) as a jaxpr whose inputs
+are named variable leaves. Does not interpret the jaxpr (``graph.propagate`` does)."""
 import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
@@ -59,9 +48,13 @@ def example_shape(input_shape: Sequence[int], batched: bool | None = None) -> tu
   return (1,) + shape
 
 
-def _is_shape(s) -> bool:
+def is_shape(s) -> bool:
+  """Whether ``s`` is one input shape (a tuple or list of ints), not a pytree of them."""
   return isinstance(s, (tuple, list)) and all(
       isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in s)
+
+
+_is_shape = is_shape  # the old private name, until search/space.py reads is_shape
 
 
 def _is_struct(s) -> bool:
@@ -78,14 +71,14 @@ def example_inputs(input_shape: Any, batched: bool | None = None, dtype=jnp.floa
   jax.ShapeDtypeStruct((16,), jnp.int32), "mask": (16,)}``). A pytree reaches the
   model as one argument of that structure: pass ``call=`` to unpack it.
   """
-  if _is_shape(input_shape):
+  if is_shape(input_shape):
     return jax.ShapeDtypeStruct(example_shape(input_shape, batched), dtype)
   if _is_struct(input_shape):
     return jax.ShapeDtypeStruct(example_shape(np.shape(input_shape), batched),
                                 jnp.dtype(input_shape.dtype))
   leaves, treedef = jax.tree_util.tree_flatten(
-      input_shape, is_leaf=lambda s: _is_shape(s) or _is_struct(s))
-  bad = [l for l in leaves if not (_is_shape(l) or _is_struct(l))]
+      input_shape, is_leaf=lambda s: is_shape(s) or _is_struct(s))
+  bad = [l for l in leaves if not (is_shape(l) or _is_struct(l))]
   if not leaves or bad:
     raise UserError(f"input_shape must be one example's shape (e.g. (32, 32, 3)), a "
                     f"jax.ShapeDtypeStruct, or a pytree of those; got {input_shape!r}")

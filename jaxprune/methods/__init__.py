@@ -1,12 +1,6 @@
-"""One recipe per method; ``config.method`` picks it.
-
-A recipe is a module with ``run(config, workdir) -> dict`` that runs its stages in
-order (each resumable in ``<workdir>/<stage>/``) and writes the final report, and
-optionally ``validate(config)`` for its own config fields. Everything that can be
-checked without data is checked here, before the recipe loads data or touches the
-workdir; a recipe calls :func:`jaxprune.config_lib.check_workdir` only after its data
-and models are built and checked.
-"""
+"""One recipe per method, picked by ``config.method``: a module with ``run(config,
+workdir) -> dict`` (and optionally ``validate(config)``), started by
+:func:`jaxprune.methods.common.start`."""
 import importlib
 
 from jaxprune import config_lib

@@ -1,24 +1,5 @@
-"""AutoPrune recipe (Xiao et al., NeurIPS 2019): pretrain -> prune (+ fine-tune) -> report.
-
-Stages, each resumable in ``<workdir>/<stage>/`` by rerunning the command:
-- ``pretrain``: the dense network with the SGD recipe of ``config.pretrain``
-  (skipped when ``config.autoprune.init_from`` names the variables of a finished
-  run, e.g. ``<other workdir>/pretrain/final``, or when ``pretrain.epochs`` is 0).
-- ``prune``: weights ``W`` and auxiliary parameters ``M``
-  (:func:`jaxprune.optim.autoprune`, in the optimizer state) trained together for
-  ``autoprune.prune_epochs``; the forward pass uses ``W * h(M)``. For the rest of
-  ``train.epochs`` the learning rate of ``M`` and ``lambda_m`` are 0: the mask is
-  frozen and the kept weights are fine-tuned (``autoprune.finetune_schedule``:
-  "continue" the weight schedule, or "restart" it over the fine-tune epochs as a
-  retraining of the pruned network, peaking at ``autoprune.finetune_learning_rate``
-  when set; ``autoprune.finetune_weight_decay`` overrides
-  ``train.weight_decay`` there). ``kept_history.jsonl`` records the
-  kept fraction of every layer after every epoch.
-- report: per layer and total kept weights, compression, FLOPs of the pruned
-  network, test error before and after, and for neuron pruning the physically
-  smaller network (:func:`jaxprune.surgery.prune_zeros`, for any model), checked
-  to give the masked network's outputs.
-"""
+"""AutoPrune recipe (Xiao et al., NeurIPS 2019): pretrain -> prune (+ fine-tune with the
+mask frozen) -> report (for neuron pruning, the physically smaller network too)."""
 import math
 import os
 import re
@@ -31,7 +12,7 @@ from ml_collections import config_dict
 import numpy as np
 import optax
 
-from jaxprune import config_lib, data, flops, plots, surgery
+from jaxprune import data, flops, plots, surgery
 from jaxprune import kernels as kernels_lib
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import loop, mesh as mesh_lib, report, steps
@@ -40,7 +21,7 @@ from jaxprune.engine.state import TrainState, split_variables
 from jaxprune.engine import metrics as metrics_lib
 from jaxprune.errors import UserError
 from jaxprune.graph import group as graph_lib
-from jaxprune.methods import baseline
+from jaxprune.methods import common
 from jaxprune.optim import selection
 from jaxprune.optim import autoprune_lib as ap
 from jaxprune.optim.sgd_lib import learning_rate_schedule
@@ -292,13 +273,13 @@ def load_init(config, workdir, datasets, model, mesh):
         lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
     variables = ckpt_lib.load_variables(src, abstract)
   elif config.pretrain.epochs > 0:
-    result = baseline.train("pretrain", config.pretrain, config.seed, workdir, datasets,
-                            model)
+    result = common.train("pretrain", config.pretrain, config.seed, workdir, datasets,
+                          model)
     return result.state.variables, result.summary["eval_accuracy"]
   else:
     return None, None
-  acc = loop.evaluate(steps.make_eval_step(model, mesh=mesh), variables, datasets["test"],
-                      config.train.eval_batch_size, mesh)
+  acc = common.evaluate(steps.make_eval_step(model, mesh=mesh), variables, datasets["test"],
+                        config.train.eval_batch_size, mesh)
   return variables, acc["accuracy"]
 
 
@@ -417,8 +398,8 @@ def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None,
       total_steps=total, steps_per_epoch=steps_per_epoch, images_per_step=cfg.batch_size,
       cfg=cfg, mesh=mesh, lr_schedule=schedule, on_start=on_start,
       on_epoch_end=on_epoch_end, on_step=on_step,
-      evaluate=lambda state: loop.evaluate(eval_step, masked_variables(state), test_ds,
-                                           cfg.eval_batch_size, mesh))
+      evaluate=lambda state: common.evaluate(eval_step, masked_variables(state), test_ds,
+                                             cfg.eval_batch_size, mesh))
   history = read_jsonl(history_path)
   if not history or history[-1]["step"] != total:  # a run shorter than one epoch
     history.append(record(result.state, total / steps_per_epoch, total))
@@ -428,16 +409,12 @@ def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None,
 
 
 def run(config, workdir: str) -> dict:
-  t0 = time.time()
-  mesh = mesh_lib.make_mesh()
-  datasets = data.load(config.dataset)
-  train_ds = datasets["train"]
-  input_shape = train_ds.image_shape
-  model = baseline.build_model(config.model, train_ds.num_classes, train_ds.image_shape)
-  baseline.check_selectors(config, model, train_ds.image_shape)
-  selector = make_selector(config, model, input_shape)  # the graph: before any work
-  # After the data and model checks: a failed start leaves the workdir untouched.
-  config_lib.check_workdir(workdir, config, datasets)
+  started = common.start(config, workdir,  # the selector's graph: before any work
+                         check=lambda model, train_ds: make_selector(config, model,
+                                                                      train_ds.image_shape))
+  t0, mesh, datasets, model, selector = (started.t0, started.mesh, started.datasets,
+                                         started.model, started.checked)
+  input_shape = started.input_shape
   init_vars, init_acc = load_init(config, workdir, datasets, model, mesh)
   state, summary, history, selector = prune(config, workdir, datasets, model, init_vars,
                                             mesh, selector=selector)
@@ -455,8 +432,8 @@ def run(config, workdir: str) -> dict:
   batch = config.report.inference_batch_size
   rows = {}
   if init_vars is not None:
-    rows["dense"] = baseline.model_row(model, init_vars, input_shape, init_acc, batch)
-  masked_row = baseline.model_row(model, masked_vars, input_shape, acc, batch)
+    rows["dense"] = common.model_row(model, init_vars, input_shape, init_acc, batch)
+  masked_row = common.model_row(model, masked_vars, input_shape, acc, batch)
   if config.autoprune.granularity == "weight":
     # FLOPs of the pruned network: MACs of the kept weights plus the bias adds.
     kept_flops = numbers["pruned_flops"]
@@ -473,7 +450,7 @@ def run(config, workdir: str) -> dict:
                           seed=0, train=False)["image"]
     small, export = surgery.prune_zeros(model, jax.device_get(masked_vars), input_shape,
                                         probe=probe)
-    small_row = baseline.model_row(small.model, small.variables, input_shape, acc, batch)
+    small_row = common.model_row(small.model, small.variables, input_shape, acc, batch)
     rows["pruned (masked)"] = masked_row
     rows["pruned (smaller network)"] = small_row
     pruned_flops = small_row["flops"]

@@ -1,28 +1,14 @@
-"""DNW recipe: train a neural graph whose wiring is learned, then export the wiring.
-
-One stage, ``train``: the model of ``config.model`` (a DNW graph net, see
-:mod:`jaxprune.models.dnw`) trains with the SGD recipe of ``config.train``.
-Its edge matrices are ordinary parameters: the forward pass uses the top-k
-edges by magnitude and every edge receives its gradient (straight-through) and
-weight decay (dnw.md §1), so the wiring changes during training without any
-extra optimizer or state. ``graph="random"`` trains the random-graph baseline
-(a fixed random mask with the same edge count) with the same recipe.
-
-After training the run writes ``wiring.json`` (per block: edge list with
-weights, live nodes after dead-node removal, edge counts), ``plots/dnw_wiring.png``
-and a report with accuracy, the FLOPs actually executed (dnw.md §2) next to the
-dense-masked FLOPs, and measured inference time of the dense masked network and
-(for the static net) of the exported dead-node-free network.
-"""
+"""DNW recipe (docs/methods/dnw.md): train a neural graph whose wiring is learned, export
+the wiring (``wiring.json``) and report executed next to dense-masked FLOPs."""
 import os
 import time
 
 import jax
 import numpy as np
 
-from jaxprune import config_lib, data, plots
+from jaxprune import plots
 from jaxprune.engine import metrics as metrics_lib, report
-from jaxprune.methods import baseline
+from jaxprune.methods import common
 from jaxprune.errors import UserError
 from jaxprune.models import dnw as dnw_models
 from jaxprune.models import external
@@ -37,7 +23,7 @@ def fixed_mask_network(model, variables, input_shape):
   fixed = model.clone(graph="random")
   wiring = {}
   for block in model.graph_blocks(input_shape):
-    edges = dnw_models._edge_values(model, variables, block)  # pylint: disable=protected-access
+    edges = dnw_models.edge_values(model, variables, block)
     node = wiring
     for p in block["path"][:-1]:
       node = node.setdefault(p, {})
@@ -53,16 +39,11 @@ def run(config, workdir: str) -> dict:
     raise UserError(f"config model.name={config.model.name!r}: DNW learns the wiring of its "
                     "own graph networks (dnw_static, dnw_discrete, dnw_continuous, "
                     "dnw_mobilenet); a user model is not one.")
-  datasets = data.load(config.dataset)
-  train_ds = datasets["train"]
-  model = baseline.build_model(config.model, train_ds.num_classes, train_ds.image_shape)
-  baseline.check_selectors(config, model, train_ds.image_shape)
-  model.graph_blocks(train_ds.image_shape)  # an impossible edge count stops here
-  # After the data and model checks: a failed start leaves the workdir untouched.
-  config_lib.check_workdir(workdir, config, datasets)
-  result = baseline.train("train", config.train, config.seed, workdir, datasets, model)
+  started = common.start(  # an impossible edge count stops here
+      config, workdir, check=lambda model, train_ds: model.graph_blocks(train_ds.image_shape))
+  model, shape = started.model, started.input_shape
+  result = common.train("train", config.train, config.seed, workdir, started.datasets, model)
   variables = jax.device_get(result.state.variables)
-  shape = train_ds.image_shape
   accuracy = result.summary["eval_accuracy"]
 
   export = dnw_models.export_wiring(model, variables, shape)

@@ -1,36 +1,5 @@
-"""ISTA recipe (Ye et al., ICLR 2018): warm start -> sparsify -> prune -> fine-tune -> report.
-
-Stages (reference ista.md §5), each resumable in ``<workdir>/<stage>/``:
-- ``warmup``: train from scratch with SGD and the ISTA prox on the prunable BN
-  gammas at a small lambda (0.001 in the reference);
-- ``sparsify``: continue with a larger lambda (0.005) until the fraction of zero
-  gammas plateaus. Its final network is the *masked* network (zero gammas in the
-  full architecture);
-- prune: :func:`jaxprune.surgery.shrink` removes the zero-gamma channels, folds
-  their constants into the consumers and removes dead channels recursively; the
-  physically smaller network is evaluated as is (accuracy after pruning, before
-  fine-tuning) and checked against the masked one (``equivalence`` in the report);
-  ``architecture.json`` records its widths;
-- ``finetune``: the smaller network with lambda = 0 at lr 0.01;
-- ``dense`` (``config.ista.dense_comparison``): a dense network of the same
-  architecture family, uniformly narrowed to the pruned parameter count, trained
-  from scratch (the reviewer's question, §6) for ``config.dense`` steps, by default
-  with the stages' own optimizer without the prox (lr of ``sparsify``, then of
-  ``finetune`` for as many steps as fine-tuning had; ``ista.dense_recipe =
-  "baseline"`` uses the ``dense`` section's SGD recipe instead).
-
-No FLOPs, params or latency target, by design: the zero gammas decide the widths
-(lambda and rho_l set how many), so ``ista.target`` is refused in one line
-(:data:`jaxprune.config_lib.NO_TARGET`); a target is the prune recipe's
-(``prune.target=latency``). The report gives the measured speed-up of the pruned
-network over the masked one (``speedup``, at ``report.inference_batch_size``) next to
-``flops_speedup``.
-
-Per-layer penalties rho_l come from the network's structure (§2,
-:func:`jaxprune.surgery.ista_rho`), or are 1 everywhere (``ista.rho = "uniform"``).
-``<stage>/gamma_history.jsonl`` records every epoch's gammas (zero fractions, values);
-``plots/`` draws the fraction of zero gammas over time and gamma histograms.
-"""
+"""ISTA recipe (Ye et al., ICLR 2018; docs/methods/ista.md §5): warmup -> sparsify ->
+shrink (zero-gamma channels removed) -> finetune (-> dense comparison) -> report."""
 import os
 import time
 
@@ -39,14 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune import config_lib, data, flops, models, optim, plots, surgery
+from jaxprune import data, flops, models, optim, plots, surgery
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import loop, mesh as mesh_lib, report, steps
 from jaxprune.engine.metrics import read_jsonl
 from jaxprune.engine.state import init_from_variables, init_train_state
 from jaxprune.engine import metrics as metrics_lib
 from jaxprune.errors import UserError
-from jaxprune.methods import baseline
+from jaxprune.methods import common
 
 RHO_MODES = ("memory", "uniform")
 
@@ -168,8 +137,8 @@ def sparsity_stage(name: str, cfg, *, model, rho, datasets, mesh, workdir: str, 
       total_steps=total, steps_per_epoch=steps_per_epoch, images_per_step=cfg.batch_size,
       cfg=cfg, mesh=mesh, lr_schedule=schedule, on_start=on_start,
       on_epoch_end=on_epoch_end, on_step=on_step,
-      evaluate=lambda state: loop.evaluate(eval_step, state.variables, test_ds,
-                                           cfg.eval_batch_size, mesh))
+      evaluate=lambda state: common.evaluate(eval_step, state.variables, test_ds,
+                                             cfg.eval_batch_size, mesh))
   history = read_jsonl(history_path)
   if not history or history[-1]["step"] != step_offset + total:  # ends inside an epoch
     last = gamma_record(result.state.params, names, name, -(-total // steps_per_epoch),
@@ -211,24 +180,20 @@ def _probe(test_ds, n: int) -> np.ndarray:
 
 
 def run(config, workdir: str) -> dict:
-  t0 = time.time()
-  mesh = mesh_lib.make_mesh()
-  datasets = data.load(config.dataset)
-  train_ds, test_ds = datasets["train"], datasets["test"]
-  input_shape = train_ds.image_shape
   cfg = config.ista
-  model = baseline.build_model(config.model, train_ds.num_classes, train_ds.image_shape)
-  baseline.check_selectors(config, model, train_ds.image_shape)
-  rho = penalties(model, input_shape, cfg.rho)
-  # After the data and model checks: a failed start leaves the workdir untouched.
-  config_lib.check_workdir(workdir, config, datasets, ("warmup",))
-  common = dict(model=model, rho=rho, datasets=datasets, mesh=mesh, workdir=workdir,
+  started = common.start(
+      config, workdir, sections=("warmup",),
+      check=lambda model, train_ds: penalties(model, train_ds.image_shape, cfg.rho))
+  t0, mesh, datasets, model, rho = (started.t0, started.mesh, started.datasets,
+                                    started.model, started.checked)
+  test_ds, input_shape = started.test_ds, started.input_shape
+  stage_args = dict(model=model, rho=rho, datasets=datasets, mesh=mesh, workdir=workdir,
                 seed=config.seed)
 
-  warm, warm_history, warm_steps = sparsity_stage("warmup", config.warmup, **common)
+  warm, warm_history, warm_steps = sparsity_stage("warmup", config.warmup, **stage_args)
   sparse, sparse_history, sparse_steps = sparsity_stage(
       "sparsify", config.sparsify, init_variables=warm.state.variables,
-      step_offset=warm_steps, **common)
+      step_offset=warm_steps, **stage_args)
   masked = jax.device_get(sparse.state.variables)
   masked_dir = os.path.join(workdir, "sparsify", "final")
   ckpt_lib.save_variables_once(masked_dir, masked)  # the masked network, e.g. for benchmarks
@@ -237,8 +202,8 @@ def run(config, workdir: str) -> dict:
   shrunk = surgery.shrink(model, masked, input_shape, round_to=cfg.get("round_to", 1))
   equivalence = surgery.check_equivalence(model, masked, shrunk,
                                           _probe(test_ds, cfg.probe_batch_size))
-  pruned_acc = baseline.evaluate_accuracy(shrunk.model, shrunk.variables, test_ds,
-                                          config.finetune.eval_batch_size, mesh)
+  pruned_acc = common.evaluate_accuracy(shrunk.model, shrunk.variables, test_ds,
+                                        config.finetune.eval_batch_size, mesh)
   base_counts = flops.count(model, masked, input_shape)
   small_counts = flops.count(shrunk.model, shrunk.variables, input_shape)
   architecture = {
@@ -254,19 +219,19 @@ def run(config, workdir: str) -> dict:
   fine, fine_history, _ = sparsity_stage(
       "finetune", config.finetune, init_variables=shrunk.variables,
       step_offset=warm_steps + sparse_steps,
-      **{**common, "model": shrunk.model,
+      **{**stage_args, "model": shrunk.model,
          "rho": {k: 0.0 for k in surgery.ista_scales(shrunk.model, shrunk.variables,
                                                      input_shape)}})
 
   batch = config.report.inference_batch_size
   rows = {
-      "base (masked)": baseline.model_row(model, masked, input_shape,
-                                          sparse.summary["eval_accuracy"], batch),
-      "pruned": baseline.model_row(shrunk.model, shrunk.variables, input_shape,
-                                   pruned_acc, batch),
-      "pruned + fine-tuned": baseline.model_row(shrunk.model, fine.state.variables,
-                                                input_shape,
-                                                fine.summary["eval_accuracy"], batch),
+      "base (masked)": common.model_row(model, masked, input_shape,
+                                        sparse.summary["eval_accuracy"], batch),
+      "pruned": common.model_row(shrunk.model, shrunk.variables, input_shape,
+                                 pruned_acc, batch),
+      "pruned + fine-tuned": common.model_row(shrunk.model, fine.state.variables,
+                                              input_shape,
+                                              fine.summary["eval_accuracy"], batch),
   }
   out = {"method": "ista", "dataset": config.dataset.name, "model": config.model.name,
          "rho_mode": cfg.rho,
@@ -291,16 +256,16 @@ def run(config, workdir: str) -> dict:
       dense, _, _ = sparsity_stage(
           "dense", config.dense, optimizer=pipeline_optimizer(config, warm_steps +
                                                               sparse_steps),
-          **{**common, "model": dense_model,
+          **{**stage_args, "model": dense_model,
              "rho": {k: 0.0 for k in surgery.ista_scales(
                  dense_model, _abstract_variables(dense_model, input_shape), input_shape)}})
     elif cfg.dense_recipe == "baseline":  # the dense section's own SGD recipe
-      dense = baseline.train("dense", config.dense, config.seed, workdir, datasets,
-                             dense_model)
+      dense = common.train("dense", config.dense, config.seed, workdir, datasets,
+                           dense_model)
     else:
       raise UserError(f"Unknown ista.dense_recipe {cfg.dense_recipe!r}; use 'pipeline' "
                       "or 'baseline'.")
-    rows["dense, equal params"] = baseline.model_row(
+    rows["dense, equal params"] = common.model_row(
         dense_model, dense.state.variables, input_shape, dense.summary["eval_accuracy"],
         batch)
     out["dense_accuracy"] = dense.summary["eval_accuracy"]

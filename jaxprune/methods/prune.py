@@ -1,42 +1,5 @@
-"""Criterion pruning recipe: train (or load) a baseline, prune it by a criterion to a target, fine-tune.
-
-Stages:
-
-- ``baseline``: the dense network trained with ``config.train`` (skipped when
-  ``prune.init_from`` names a finished run's variables, e.g.
-  ``<workdir>/baseline/final`` of a baseline recipe).
-- ``finetune1`` .. ``finetuneN`` (``N = prune.steps``): step k prunes the current
-  network with :func:`jaxprune.surgery.prune_to` to ``1 - (1 - target) * k / N`` of
-  the dense FLOPs, params or latency (``prune.target``), then fine-tunes it with
-  ``config.finetune`` (iterative pruning; ``N = 1`` is one-shot).
-
-``prune.target=latency``: the latency on this device, from a per-op latency table
-(:mod:`jaxprune.latency`, the one TAS's ``tas.cost=latency`` uses) timed at
-``prune.latency_batch`` (default the report's inference batch) on
-``prune.latency_grid`` candidate widths per group (multiples of ``prune.round_to``).
-``prune.round_to`` 0 (the default) is the backend's multiple
-(:func:`jaxprune.engine.runtime.default_round_to`, 8 on a CPU; a group not wider than
-it at a finer one, as ``prune_to(round_to=None)``); the run prints and reports the
-multiple used.
-Step k's network gets its own table, ``<workdir>/latency/step<k>.json``, measured
-once and reused while its fingerprint matches (the same device and software); the
-first is measured before the baseline trains, so an unreachable target stops the run
-first. With ``prune.calibrate`` (default True) each step's selection is then
-calibrated on the measured speed-up (:func:`jaxprune.surgery.prune_to`'s
-``calibrate``: the whole network timed against the step's input network at the
-table's batch, the budget tightened until the speed-up is met, at most
-``prune.calibration_rounds`` timings); step k asks for its share of the dense
-network's latency measured so far (the earlier steps' measured speed-ups). The report
-gives the tables' predicted speed-up, the calibration's measured one and the
-report's own measured ``speedup`` (at the report's inference batch).
-- ``scratch`` (``prune.scratch_comparison``): the final pruned architecture
-  trained from a fresh initialisation with ``config.scratch`` — the control that
-  tells whether the kept weights, not only the smaller shape, carry the accuracy.
-
-Pruning is deterministic (a criterion on saved variables), so a rerun recomputes
-each step's architecture and resumes its fine-tuning from its checkpoints. The
-report gives accuracy, FLOPs, params and measured inference time of every network.
-"""
+"""Criterion pruning recipe: train (or load) a baseline, prune it by a criterion to a
+FLOPs, params or latency target in ``prune.steps`` steps, fine-tune each, report."""
 import json
 import os
 import time
@@ -45,15 +8,15 @@ import jax
 import numpy as np
 import optax
 
-from jaxprune import config_lib, data, graph, surgery
+from jaxprune import data, graph, surgery
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import distributed
 from jaxprune.engine import report
 from jaxprune.engine import runtime
 from jaxprune import latency as latency_lib
-from jaxprune.surgery import targets
+from jaxprune.surgery import pruner
 from jaxprune.errors import UserError
-from jaxprune.methods import baseline
+from jaxprune.methods import common
 
 TARGETS = ("flops", "params", "latency")
 
@@ -72,11 +35,11 @@ def validate(config):
     raise UserError(f"prune.steps={cfg.steps} must be >= 1")
   if cfg.round_to < 0:
     raise UserError(f"prune.round_to={cfg.round_to} must be >= 0 (0: the backend's default)")
-  if cfg.get("latency_grid", targets.DEFAULT_GRID) < 1:
+  if cfg.get("latency_grid", pruner.DEFAULT_GRID) < 1:
     raise UserError(f"prune.latency_grid={cfg.latency_grid} must be >= 1")
   if not isinstance(cfg.get("calibrate", True), bool):
     raise UserError(f"prune.calibrate={cfg.calibrate!r} must be True or False")
-  rounds = cfg.get("calibration_rounds", targets.CALIBRATION_ROUNDS)
+  rounds = cfg.get("calibration_rounds", pruner.CALIBRATION_ROUNDS)
   if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
     raise UserError(f"prune.calibration_rounds={rounds!r} must be an int >= 1")
   if cfg.get("latency_batch", 0) < 0:
@@ -106,8 +69,8 @@ def latency_table(config, workdir: str, model, variables, input_shape, step: int
   cfg = config.prune
   multiple, fitted = round_to(config)
   g = graph.trace(model, variables, input_shape, ignore=tuple(cfg.ignore), round_to=multiple)
-  cands = targets.latency_candidates(g, [grp.id for grp in g.prunable()], multiple,
-                                     cfg.get("latency_grid", targets.DEFAULT_GRID), fitted)
+  cands = pruner.latency_candidates(g, [grp.id for grp in g.prunable()], multiple,
+                                    cfg.get("latency_grid", pruner.DEFAULT_GRID), fitted)
   path = os.path.join(workdir, "latency", f"step{step}.json")
   batch = latency_batch(config)
   if distributed.is_main_process():
@@ -184,22 +147,23 @@ def run(config, workdir: str) -> dict:
   t0 = time.time()
   cfg = config.prune
   validate(config)
-  datasets = data.load(config.dataset)
-  train_ds, test_ds = datasets["train"], datasets["test"]
-  input_shape = train_ds.image_shape
-  model = baseline.build_model(config.model, train_ds.num_classes, train_ds.image_shape)
-  baseline.check_selectors(config, model, train_ds.image_shape)
-  check_prunable(config, model, input_shape)
-  multiple, fitted = round_to(config)
-  if jax.process_index() == 0:
-    why = (f"the {jax.default_backend()} backend's default (prune.round_to=0); a group not "
-           "wider than it at a finer multiple" if fitted else "prune.round_to")
-    print(f"[prune] kept widths are multiples of {multiple}: {why}", flush=True)
-  config_lib.check_workdir(workdir, config, datasets,  # after the data and model checks
-                           sections=("train", "finetune", "scratch"))
+
+  def check(model, train_ds):
+    check_prunable(config, model, train_ds.image_shape)
+    multiple, fitted = round_to(config)
+    if jax.process_index() == 0:
+      why = (f"the {jax.default_backend()} backend's default (prune.round_to=0); a group "
+             "not wider than it at a finer multiple" if fitted else "prune.round_to")
+      print(f"[prune] kept widths are multiples of {multiple}: {why}", flush=True)
+    return multiple, fitted
+
+  started = common.start(config, workdir, sections=("train", "finetune", "scratch"),
+                         check=check)
+  datasets, model, (multiple, fitted) = started.datasets, started.model, started.checked
+  train_ds, test_ds, input_shape = started.train_ds, started.test_ds, started.input_shape
   batch = config.report.inference_batch_size
-  evaluate = lambda m, v: baseline.evaluate_accuracy(m, v, test_ds,
-                                                     config.finetune.eval_batch_size)
+  evaluate = lambda m, v: common.evaluate_accuracy(m, v, test_ds,
+                                                   config.finetune.eval_batch_size)
 
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                                jax.numpy.zeros((1, *input_shape)),
@@ -214,9 +178,9 @@ def run(config, workdir: str) -> dict:
     dense_vars = ckpt_lib.load_variables(cfg.init_from, abstract)
     dense_acc = evaluate(model, dense_vars)
   else:
-    dense = baseline.train("baseline", config.train, config.seed, workdir, datasets, model)
+    dense = common.train("baseline", config.train, config.seed, workdir, datasets, model)
     dense_vars, dense_acc = dense.state.variables, dense.summary["eval_accuracy"]
-  rows = {"dense": baseline.model_row(model, dense_vars, input_shape, dense_acc, batch)}
+  rows = {"dense": common.model_row(model, dense_vars, input_shape, dense_acc, batch)}
 
   current_model, current_vars, steps = model, jax.device_get(dense_vars), []
   calibrate = cfg.target == "latency" and cfg.get("calibrate", True)
@@ -234,7 +198,7 @@ def run(config, workdir: str) -> dict:
       target = {"latency_ratio": min(1.0, ratio / now), "latency_table": table,
                 "batch_size": latency_batch(config), "calibrate": calibrate,
                 "calibration_rounds": cfg.get("calibration_rounds",
-                                              targets.CALIBRATION_ROUNDS)}
+                                              pruner.CALIBRATION_ROUNDS)}
     else:
       dense_count = rows["dense"][cfg.target]
       now = rows[f"step {k - 1}"][cfg.target] if k > 1 else dense_count
@@ -247,11 +211,11 @@ def run(config, workdir: str) -> dict:
                             config.seed + k) if cfg.criterion == "taylor" else None),
         **target)
     pruned_acc = evaluate(small.model, small.variables)
-    fine = baseline.train(f"finetune{k}", config.finetune, config.seed, workdir, datasets,
-                          small.model, init_variables=small.variables)
+    fine = common.train(f"finetune{k}", config.finetune, config.seed, workdir, datasets,
+                        small.model, init_variables=small.variables)
     current_model, current_vars = small.model, jax.device_get(fine.state.variables)
-    rows[f"step {k}"] = baseline.model_row(current_model, current_vars, input_shape,
-                                           fine.summary["eval_accuracy"], batch)
+    rows[f"step {k}"] = common.model_row(current_model, current_vars, input_shape,
+                                         fine.summary["eval_accuracy"], batch)
     steps.append({"step": k, "target_ratio": ratio, "accuracy_pruned": pruned_acc,
                   "accuracy_finetuned": fine.summary["eval_accuracy"],
                   "flops": info["after"]["flops"], "params": info["after"]["params"],
@@ -289,9 +253,9 @@ def run(config, workdir: str) -> dict:
     out["latency_batch"] = latency_batch(config)
     out["inference_batch"] = final["inference_batch"]
   if cfg.scratch_comparison:
-    scratch = baseline.train("scratch", config.scratch, config.seed, workdir, datasets,
-                             current_model)
-    rows["same size, from scratch"] = baseline.model_row(
+    scratch = common.train("scratch", config.scratch, config.seed, workdir, datasets,
+                           current_model)
+    rows["same size, from scratch"] = common.model_row(
         current_model, scratch.state.variables, input_shape,
         scratch.summary["eval_accuracy"], batch)
     out["scratch_accuracy"] = scratch.summary["eval_accuracy"]

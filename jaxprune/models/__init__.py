@@ -1,16 +1,13 @@
-"""Flax model zoo of jaxprune and a by-name registry for configs.
-
-Every model here is a Linen module called as ``model.apply(variables, x,
-train=...)`` on NHWC inputs and returning float32 logits. Every factory takes a compute
-``dtype`` (e.g. ``jnp.bfloat16``: convs and matmuls in it; parameters, norm statistics
-and logits float32). Configs name a model with :func:`get_model`; library users can
-call the factories directly.
-"""
+"""jaxprune's Flax models (Linen, NHWC in, float32 logits out, a compute ``dtype``) and
+the by-name registry configs use (:func:`get_model`, :func:`build_model`)."""
 
 import inspect
 from typing import Any
 
+import jax.numpy as jnp
+
 from jaxprune.errors import UserError
+from jaxprune.models import external
 from jaxprune.models.convnet import ConvNet
 from jaxprune.models.convnet import convnet
 from jaxprune.models.dnw import continuous_graph
@@ -88,8 +85,30 @@ def get_model(name: str, num_classes: int, **kwargs: Any):
   return factory(num_classes=num_classes, **kwargs)
 
 
+def build_model(model_cfg, num_classes: int, input_shape=None):
+  """The model named by a ``model`` config section.
+
+  A jaxprune model (``name`` in :data:`MODELS`) gets the section's other fields
+  (None-valued ones omitted) updated by ``kwargs``; a user's factory
+  (``name="<module>:<factory>"``, :mod:`jaxprune.models.external`) gets only ``kwargs``
+  and is checked on ``input_shape``.
+  """
+  fields = model_cfg.to_dict()
+  extra = external.parse_kwargs(fields.pop("kwargs", None))
+  name = fields.pop("name")
+  dtype = fields.pop("dtype", None)
+  if dtype not in (None, "float32"):  # compute dtype; parameters stay float32
+    fields["dtype"] = jnp.dtype(dtype)
+  if external.is_external(name):
+    if input_shape is None:
+      raise ValueError("build_model needs the input shape for a user model")
+    return external.build(name, extra, num_classes, input_shape, fields.get("dtype"))
+  kwargs = {k: v for k, v in fields.items() if v is not None}
+  return get_model(name, num_classes=num_classes, **{**kwargs, **extra})
+
+
 __all__ = [
-    "MODELS", "get_model", "ResNet", "ResidualBlock", "LeNet5", "LeNet300100",
+    "MODELS", "get_model", "build_model", "ResNet", "ResidualBlock", "LeNet5", "LeNet300100",
     "cifar_resnet", "imagenet_resnet", "cifar_resnet_from_shape",
     "imagenet_resnet_from_shape", "lenet5", "lenet300_100", "default_widths",
     "default_blocks", "stage_depths", "block_type", "TASResNet",

@@ -1,33 +1,5 @@
-"""DNW neural graphs (dnw.md §2): tiny CIFAR-10 classifiers and a MobileNetV1-like net.
-
-Channels are the graph's *nodes* and the entries of a 1x1 "graph" convolution
-its *edges*. Each graph module holds one edge matrix ``edges[u, v]`` (edge
-u -> v, shape ``(num_sources, num_targets)``) in ``params``; the forward pass
-reads only the slots that its DAG (or recurrence) uses, and what it reads is:
-
-- ``graph="dnw"``: the top-k edges by magnitude among those slots with a
-  straight-through gradient to every slot (:func:`jaxprune.kernels.topk_ste`);
-- ``graph="random"``: a fixed random mask of the same edge count, drawn at init
-  into the ``wiring`` collection (the random-graph baseline; a mask put there by
-  hand, e.g. an exported graph, is used the same way);
-- ``graph="complete"``: every slot (the dense network).
-
-The edge count k comes from the reference's prune rate over the whole edge
-matrix (``numel - int(prune_rate * numel)``, as the release counts it) but only
-slots the forward pass reads compete for it, so all k kept edges are used (the
-release also ranks never-read slots, which hold top-k places until weight decay
-shrinks them). A node's operation is its norm -> ReLU -> depthwise 3x3; node ops
-and graph contractions are plain ``lax`` calls, so :func:`jaxprune.flops.count`
-sees only the stem and the classifier and the graph is counted by
-:func:`jaxprune.flops.count_graph` from :func:`graph_blocks`. ``dtype`` is the compute
-dtype of the convs and graph contractions; parameters, norms (their statistics in
-float32), the continuous-time net's ODE state and the logits stay float32.
-
-:func:`export_wiring` turns trained variables into per-block edge lists, removes
-dead nodes (nodes that cannot reach an output) and gives the FLOPs actually
-executed next to the dense-masked FLOPs; :func:`compact_static` builds the
-smaller, exactly equivalent static network that the export describes.
-"""
+"""DNW neural graphs (docs/methods/dnw.md §2): tiny CIFAR-10 graph nets and a
+MobileNetV1-like net; the learned wiring's export and its executed FLOPs."""
 import math
 from typing import Any, Sequence
 
@@ -516,7 +488,7 @@ def mobilenet_graph(num_classes: int = 1000, width: float = 0.225, graph: str = 
 # Export: edge lists, dead-node removal, executed FLOPs.
 
 
-def _edge_values(model, variables, block) -> np.ndarray:
+def edge_values(model, variables, block) -> np.ndarray:
   """The edge matrix as the forward pass reads it (zeros off the graph)."""
   w = variables["params"]
   for p in block["path"]:
@@ -581,7 +553,7 @@ def export_wiring(model, variables, input_shape, *, with_edges: bool = True) -> 
   live_next = None
   rows = []
   for block in reversed(blocks):  # later blocks decide which outputs are still read
-    edges = _edge_values(model, variables, block)
+    edges = edge_values(model, variables, block)
     n_src, _ = edges.shape
     num_nodes = int(max(n_src, int(block["dst_node"].max()) + 1))
     outputs = block["outputs"]
@@ -636,7 +608,7 @@ def compact_static(model: StaticGraphNet, variables) -> tuple[StaticGraphNet, di
     ``(compact_model, compact_variables)``.
   """
   block = model.graph_blocks((32, 32, 3))[0]
-  edges = _edge_values(model, variables, block)
+  edges = edge_values(model, variables, block)
   nodes = edges.shape[0]
   live = live_nodes(edges, block["dst_node"], block["outputs"], nodes)
   bounds = np.cumsum((0,) + tuple(model.block_sizes))

@@ -1,35 +1,5 @@
-"""A user's own Flax model in the recipes: ``--config.model.name=<module>:<factory>``.
-
-The recipes run every model as a Linen module called ``model.apply(variables, x,
-train=...)``. :func:`build` imports the user's factory (from ``PYTHONPATH``), calls it
-with ``model.kwargs`` and returns such a module:
-
-- a Linen module whose ``__call__`` takes ``train`` is used as it is;
-- a Linen module that takes ``training``, ``deterministic`` (negated) or no mode flag
-  is wrapped in :class:`WithTrain`, which shares its scope (the variable tree is the
-  user's own);
-- a Linen model written for ``pmap`` (its train-mode forward uses a collective over
-  an axis name it does not bind, e.g. ``BatchNorm(axis_name='batch')``) is wrapped in
-  :class:`BindAxis`: the name is bound to the global batch;
-- an ``nnx.Module`` is wrapped in :class:`FromNNX`: its ``nnx.Param`` leaves become the
-  ``params`` collection and its ``nnx.BatchStat`` leaves ``batch_stats``, under the
-  module's own attribute paths (``params/conv1/kernel`` is the NNX ``conv1/kernel``).
-  ``model.train()`` / ``model.eval()`` switch its mode; in train mode its dropout
-  streams are reseeded from the step's ``dropout`` key. An NNX model written for
-  ``pmap`` (a layer's ``axis_name``, e.g. ``nnx.BatchNorm(axis_name='batch')``, not
-  bound where it runs) runs in train mode once per example under a ``vmap`` with that
-  axis name: its statistics are the global batch's; the wrapper does this itself, so
-  the pruned, rebuilt or depth-searched model keeps it.
-
-A compute dtype (``model.dtype=bfloat16``) reaches the model the way Flax's own layers
-take it: as the factory's ``dtype`` argument, or else as the ``dtype`` field of the
-Linen module it returns; the model must then run a conv or matmul in that dtype.
-
-Anything wrong (a factory that cannot be imported, returns something else, or whose
-model does not run on the dataset's input shape, gives the wrong number of
-logits, or has no compute dtype to set) is one :class:`~jaxprune.errors.UserError`
-line, raised before any work.
-"""
+"""A user's own Flax model in the recipes (``--config.model.name=<module>:<factory>``):
+imported, wrapped into the Linen ``apply(variables, x, train=...)`` form, checked."""
 from __future__ import annotations
 
 import ast

@@ -84,7 +84,7 @@ def _gate_fn(params: Any, state: Any, surrogate: str, slope: float
     if path not in m_by_path:
       raise ValueError(
           f"The AutoPrune state has no auxiliary parameter for the leaf {path!r}; it has "
-          f"{selection._listing(m_by_path)}. Build it with tx.init on the same "  # pylint: disable=protected-access
+          f"{selection.listing(m_by_path)}. Build it with tx.init on the same "
           "parameters.")
     m = m_by_path[path]
     # Neuron granularity: a unit's bias shares its kernel's gate (whole unit off).

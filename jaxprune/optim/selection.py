@@ -1,19 +1,5 @@
-"""The one helper that names and selects parameter leaves by path.
-
-Every transform or recipe that acts on part of a model (weight decay on kernels
-only, a prox on BN scales, auxiliary parameters on chosen layers) builds its
-boolean mask here, so "which leaves" means the same thing everywhere.
-
-One leaf-path convention for every tree a user holds: '/'-joined key names, with
-the trailing ``value`` of an NNX ``Variable`` (or of a Linen ``nn.Partitioned``
-box) dropped. The same parameter therefore has the same name in Linen params
-(``variables["params"]``), in ``nnx.state(model, nnx.Param)`` (leaves are
-``Variable``\\ s whose key paths end in ``.value``), in ``nnx.as_pure(state)``,
-in ``nnx.to_pure_dict(state)``, in an ``nnx.Optimizer``'s state and in a plain
-dict: ``conv1/kernel``, ``layers/0/bias``.
-
-This module knows no models and no transforms.
-"""
+"""The one helper that names and selects parameter leaves by path ('/'-joined, the same
+name in Linen and NNX trees). Knows no models and no transforms."""
 import re
 from collections.abc import Callable, Collection
 from typing import Any, Union
@@ -80,7 +66,8 @@ def map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, x: fn(leaf_path(p), x), tree)
 
 
-def _listing(names, limit=12) -> str:
+def listing(names, limit=12) -> str:
+  """``names`` for an error message: the first ``limit`` quoted, then how many in all."""
   names = list(names)
   shown = ", ".join(repr(n) for n in names[:limit])
   more = f", ... ({len(names)} in all)" if len(names) > limit else ""
@@ -130,7 +117,7 @@ def select(tree: Any, selector: Selector, *, allow_empty: bool = False) -> Any:
     missing = sorted(wanted - set(names))
     if missing:
       raise ValueError(f"No leaf is named {missing[0]!r} (of {len(missing)} requested "
-                       f"paths missing); the tree has {_listing(names)}.")
+                       f"paths missing); the tree has {listing(names)}.")
     pick = lambda p, _: p in wanted
     what = "an empty collection of paths"
   else:
@@ -139,7 +126,7 @@ def select(tree: Any, selector: Selector, *, allow_empty: bool = False) -> Any:
   out = map_with_path(lambda p, x: bool(pick(p, x)), tree)
   if not allow_empty and names and not any(jax.tree.leaves(out)):
     raise ValueError(f"{what[0].upper() + what[1:]} selects no leaf; the tree has "
-                     f"{_listing(names)}. Paths are '/'-joined names, the same for Linen "
+                     f"{listing(names)}. Paths are '/'-joined names, the same for Linen "
                      "params and NNX state (no trailing 'value').")
   return out
 
@@ -160,12 +147,12 @@ def as_mask(tree: Any, mask: Any, *, allow_empty: bool = False) -> Any:
   missing = [n for n in names if n not in by_path]
   if missing:
     raise ValueError(f"The mask tree has no entry for the leaf {missing[0]!r}; it has "
-                     f"{_listing(by_path)}.")
+                     f"{listing(by_path)}.")
   out = map_with_path(lambda p, _: by_path[p], tree)
   values = jax.tree.leaves(out)
   if (not allow_empty and names and all(isinstance(v, bool) for v in values)
       and not any(values)):
-    raise ValueError(f"The mask selects no leaf (all False); the tree has {_listing(names)}.")
+    raise ValueError(f"The mask selects no leaf (all False); the tree has {listing(names)}.")
   return out
 
 
