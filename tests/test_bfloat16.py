@@ -59,8 +59,8 @@ def test_bfloat16_tas_search_model_mixes_in_bfloat16_and_prices_in_float32():
   config_lib.validate(config)
   tas.validate(config)
   shape = (8, 8, 3)
-  net16 = tas.make_supernet(config, None, 4, shape)
-  net32 = tas.ResNetSupernet(8, 4, 2, shape)
+  net16 = tas.make_space(config, None, 4, shape)
+  net32 = tas.resnet_space(8, 4, 2, shape)
   assert net16.model.dtype == jnp.bfloat16 and net16.flops_max == net32.flops_max
   key = jax.random.key(int(np.random.randint(1 << 30)))
   params, state, arch = net32.init(key)
@@ -224,9 +224,9 @@ def test_bfloat16_graph_search_space_of_a_user_model_mixes_like_float32(spec, kw
                          {"model.name": spec, "model.kwargs": repr(kwargs),
                           "tas.space": "graph"})
     config.model.dtype = dtype
-    nets[dtype] = tas.make_supernet(
+    nets[dtype] = tas.make_space(
         config, common.build_model(config.model, 4, shape), 4, shape)
-  assert nets["bfloat16"].space.depth_candidates == nets["float32"].space.depth_candidates
+  assert nets["bfloat16"].depth_candidates == nets["float32"].depth_candidates
   key = jax.random.key(int(np.random.randint(1 << 30)))
   params, state, arch = nets["float32"].init(key)
   images = jax.random.normal(jax.random.fold_in(key, 1), (16, *shape))

@@ -12,6 +12,7 @@ from conftest import REPO, load_config
 from jaxprune import data, distill, models
 from jaxprune.engine import loop, mesh as mesh_lib
 from jaxprune.methods import common, tas
+from jaxprune.search.resnet import round_widths
 
 
 def _config(**tas_overrides):
@@ -140,7 +141,7 @@ def test_smoke_pipeline_ends_inside_the_flops_band(tmp_path):
   assert arch["flops"] == report["derived_flops"]
   if "searched_widths" in arch:
     full = [16] * 3 + [32] * 2 + [64] * 2  # ResNet-8: stem, then a conv pair per stage
-    assert arch["widths"] == tas.round_widths(arch["searched_widths"], full, arch["round_to"])
+    assert arch["widths"] == round_widths(arch["searched_widths"], full, arch["round_to"])
   else:
     assert arch["flops"] == chosen["argmax_flops"]
   assert report["derived_flops"] < report["base_flops"]
@@ -217,14 +218,14 @@ def test_imagenet_config_searches_the_dedicated_imagenet_resnet():
   config.tas.round_to = 1  # the searched widths as derived (the default rounds them)
   shape = (32, 32, 3)
   base = common.build_model(config.model, 5, shape)
-  net = tas.make_supernet(config, base, 5, shape)
+  net = tas.make_space(config, base, 5, shape)
   assert net.kind == "resnet" and net.model.layout == "imagenet"
   _, _, arch = net.init(jax.random.key(int(np.random.randint(1 << 30))))
   rng = np.random.default_rng()
   arch = jax.tree.map(lambda a: jax.numpy.asarray(rng.normal(0, 2, a.shape), a.dtype), arch)
   record = net.record(arch)
   assert record["depth_candidates"] == [[1, 2]] * 4
-  derived_model, derived = net.derived_network(record)
+  derived_model, derived = net.derived_from(record)
   from jaxprune import flops  # pylint: disable=g-import-not-at-top
   abstract = jax.eval_shape(lambda: derived_model.init(jax.random.key(0),
                                                        np.zeros((1, *shape)), train=False))

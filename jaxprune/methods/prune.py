@@ -14,7 +14,7 @@ from jaxprune.engine import distributed
 from jaxprune.engine import report
 from jaxprune.engine import runtime
 from jaxprune import latency as latency_lib
-from jaxprune.surgery import pruner
+from jaxprune.surgery import targets
 from jaxprune.errors import UserError
 from jaxprune.methods import common
 
@@ -35,11 +35,11 @@ def validate(config):
     raise UserError(f"prune.steps={cfg.steps} must be >= 1")
   if cfg.round_to < 0:
     raise UserError(f"prune.round_to={cfg.round_to} must be >= 0 (0: the backend's default)")
-  if cfg.get("latency_grid", pruner.DEFAULT_GRID) < 1:
+  if cfg.get("latency_grid", targets.DEFAULT_GRID) < 1:
     raise UserError(f"prune.latency_grid={cfg.latency_grid} must be >= 1")
   if not isinstance(cfg.get("calibrate", True), bool):
     raise UserError(f"prune.calibrate={cfg.calibrate!r} must be True or False")
-  rounds = cfg.get("calibration_rounds", pruner.CALIBRATION_ROUNDS)
+  rounds = cfg.get("calibration_rounds", targets.CALIBRATION_ROUNDS)
   if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
     raise UserError(f"prune.calibration_rounds={rounds!r} must be an int >= 1")
   if cfg.get("latency_batch", 0) < 0:
@@ -69,8 +69,8 @@ def latency_table(config, workdir: str, model, variables, input_shape, step: int
   cfg = config.prune
   multiple, fitted = round_to(config)
   g = graph.trace(model, variables, input_shape, ignore=tuple(cfg.ignore), round_to=multiple)
-  cands = pruner.latency_candidates(g, [grp.id for grp in g.prunable()], multiple,
-                                    cfg.get("latency_grid", pruner.DEFAULT_GRID), fitted)
+  cands = targets.latency_candidates(g, [grp.id for grp in g.prunable()], multiple,
+                                     cfg.get("latency_grid", targets.DEFAULT_GRID), fitted)
   path = os.path.join(workdir, "latency", f"step{step}.json")
   batch = latency_batch(config)
   if distributed.is_main_process():
@@ -198,7 +198,7 @@ def run(config, workdir: str) -> dict:
       target = {"latency_ratio": min(1.0, ratio / now), "latency_table": table,
                 "batch_size": latency_batch(config), "calibrate": calibrate,
                 "calibration_rounds": cfg.get("calibration_rounds",
-                                              pruner.CALIBRATION_ROUNDS)}
+                                              targets.CALIBRATION_ROUNDS)}
     else:
       dense_count = rows["dense"][cfg.target]
       now = rows[f"step {k - 1}"][cfg.target] if k > 1 else dense_count

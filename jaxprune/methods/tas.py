@@ -12,8 +12,6 @@ Stages, each resumable in ``<workdir>/<stage>/`` by rerunning the command:
   (a = 0.9, T = 4) or without (``config.kd.enabled``).
 """
 import contextlib
-import importlib.resources
-import json
 import math
 import os
 import shutil
@@ -27,6 +25,7 @@ import optax
 from jaxprune import data, distill, flops, kernels, models, optim, plots
 from jaxprune import latency as latency_lib
 from jaxprune import search as search_lib
+from jaxprune.search.resnet import released_depth, released_shape
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import distributed, loop, mesh as mesh_lib, report, steps
 from jaxprune.engine.metrics import read_jsonl
@@ -63,80 +62,6 @@ def arch_optimizer(cfg) -> optax.GradientTransformation:
                                 b2=cfg.arch_beta2))
 
 
-class ResNetSupernet:
-  """The dedicated search space: :class:`jaxprune.models.TASResNet` (the official
-  supernet; widths per conv with per-candidate BN, depths per stage)."""
-  kind = "resnet"
-  latency = None  # no per-op table here: tas.cost=latency needs the graph space
-
-  def __init__(self, depth: int, num_classes: int, num_picks: int, input_shape,
-               layout: str = "cifar", dtype=jnp.float32, round_to: int = 1):
-    build = models.tas_imagenet_resnet if layout == "imagenet" else models.tas_cifar_resnet
-    self.model = build(depth, num_classes, num_picks=num_picks, dtype=dtype)
-    self.round_to = round_to  # the derived widths are rounded (the candidates are not)
-    self.input_shape = tuple(input_shape)
-    plain = self.model.plain_network()
-    self.flops_max = flops.count(plain, jax.eval_shape(
-        lambda: plain.init(jax.random.key(0), jnp.zeros((1, *input_shape)))),
-                                 input_shape)["flops"]
-
-  def init(self, key):
-    """``(params, model_state, arch)`` of a fresh search."""
-    pkey, skey = jax.random.split(key)
-    variables = dict(self.model.init({"params": pkey}, jnp.zeros((1, *self.input_shape)),
-                                     train=False, tau=1.0, key=skey))
-    params, arch = variables.pop("params"), variables.pop("arch")
-    return params, variables, arch
-
-  def forward(self, params, model_state, arch, images, tau, key):
-    logits, updates = self.model.apply({"params": params, **model_state, "arch": arch},
-                                       images, train=True, tau=tau, key=key,
-                                       mutable=list(model_state))
-    return logits, {**model_state, **updates}
-
-  def expected_cost(self, arch):
-    return flops.tas_expected_cost(self.model, arch, self.input_shape)
-
-  def argmax_cost(self, arch):
-    return flops.tas_argmax_cost_traced(self.model, arch, self.input_shape)
-
-  def record(self, arch) -> dict:
-    model = self.model
-    derived = model.derive(arch)
-    return {
-        "expected_flops": float(self.expected_cost(arch)),
-        "argmax_flops": int(flops.tas_argmax_cost(model, arch, self.input_shape)),
-        "width_candidates": [list(c) for c in model.conv_candidates()],
-        "width_probs": [np.asarray(jax.nn.softmax(a)).tolist()
-                        for a in model.width_logits(arch)],
-        "depth_candidates": [list(c) for c in model.stage_candidates()],
-        "depth_probs": [np.asarray(jax.nn.softmax(b)).tolist()
-                        for b in model.depth_logits(arch)],
-        "argmax_widths": derived["widths"], "argmax_blocks": derived["blocks"],
-        "conv_names": ["/".join(p) for p in model.conv_paths()]}
-
-  def derived_network(self, record: dict):
-    """The derived plain ResNet of a history record (§7), every width rounded to the
-    nearest multiple of ``round_to`` (at least ``round_to``, at most the conv's full
-    width): the reference's candidates are fixed, so the rounding happens here; the
-    searched widths are kept as ``searched_widths`` when it changed them."""
-    widths = round_widths(record["argmax_widths"],
-                          [max(c) for c in self.model.conv_candidates()], self.round_to)
-    derived = {"widths": widths, "blocks": record["argmax_blocks"]}
-    if widths != list(record["argmax_widths"]):
-      derived["searched_widths"] = list(record["argmax_widths"])
-    model = self.model.plain_network(widths=widths, blocks=derived["blocks"],
-                                     dtype=self.model.dtype)
-    return model, derived
-
-
-def round_widths(widths, full, round_to: int) -> list[int]:
-  """Each width rounded to the nearest multiple of ``round_to`` (halves up), at least
-  ``round_to`` and at most its full width ``full``."""
-  k = int(round_to)
-  return [int(min(f, max(k, math.floor(w / k + 0.5) * k))) for w, f in zip(widths, full)]
-
-
 def round_to_of(config) -> int:
   """``config.tas.round_to``, 0 (the default) being the backend's
   :func:`jaxprune.engine.runtime.default_round_to` (8 on a CPU)."""
@@ -145,86 +70,12 @@ def round_to_of(config) -> int:
   return k or runtime.default_round_to()
 
 
-class GraphSupernet:
-  """The search space of any model: :class:`jaxprune.search.SearchSpace` over the
-  channel groups of its graph (one width per group) and the stages of skippable
-  residual blocks it finds (``depth``: search their depths)."""
-  kind = "graph"
-  latency = None  # the latency.LatencyTable when tas.cost=latency (set by search())
-
-  def __init__(self, base_model, input_shape, num_picks: int, round_to: int = 1,
-               depth: bool = True, fit_round_to: bool = False):
-    self.base_model = base_model
-    self.input_shape = tuple(input_shape)
-    x = jnp.zeros((1, *input_shape))
-    abstract = jax.eval_shape(lambda: base_model.init(jax.random.key(0), x, train=False))
-    self.space = search_lib.SearchSpace(base_model, abstract, input_shape,
-                                        num_picks=num_picks, round_to=round_to,
-                                        depth=depth, fit_round_to=fit_round_to)
-    self.flops_max = self.space.flops_max
-
-  def init(self, key):
-    pkey, akey = jax.random.split(key)
-    variables = dict(self.base_model.init(pkey, jnp.zeros((1, *self.input_shape)),
-                                          train=False))
-    params = variables.pop("params")
-    return params, variables, self.space.init_arch(akey)
-
-  def forward(self, params, model_state, arch, images, tau, key):
-    logits, updates = self.space.apply({"params": params, **model_state}, images, arch,
-                                       train=True, tau=tau, key=key,
-                                       rngs={"dropout": jax.random.fold_in(key, 1)})
-    return logits, {**model_state, **updates}
-
-  def expected_cost(self, arch):
-    if self.latency is not None:  # tas.cost=latency: expected ms from the table
-      return self.latency.expected(self.space, arch)
-    return self.space.expected_cost(arch)
-
-  def argmax_cost(self, arch):
-    if self.latency is not None:
-      return self.latency.argmax(self.space, arch)
-    return self.space.argmax_cost(arch)
-
-  def record(self, arch) -> dict:
-    sp = self.space
-    widths = sp.derive(arch)
-    return {
-        "expected_flops": float(sp.expected_cost(arch)),
-        "argmax_flops": sp.predict(arch),
-        "width_candidates": [list(c) for c in sp.candidates],
-        "width_probs": [np.asarray(jax.nn.softmax(a)).tolist() for a in sp.width_logits(arch)],
-        "depth_candidates": [list(c) for c in sp.depth_candidates],
-        "depth_probs": [np.asarray(jax.nn.softmax(b)).tolist() for b in sp.depth_logits(arch)],
-        "argmax_widths": [widths[g.id] for g in sp.groups],
-        "argmax_blocks": sp.derive_depths(arch), "skipped_blocks": sp.skipped(arch),
-        "conv_names": list(sp.names), "stage_names": list(sp.depth_names)}
-
-  def derived_network(self, record: dict):
-    """The user's network with every searched group cut to its argmax prefix and the
-    blocks beyond every stage's argmax depth skipped (§7), built by
-    :meth:`jaxprune.search.SearchSpace.derived_network` (trained from scratch: only its
-    shape is used)."""
-    sp = self.space
-    one_hot = lambda cands, pick: jnp.asarray([0.0 if c != pick else 1.0 for c in cands])
-    arch = {"width_logits": {n: one_hot(c, w) for n, c, w in
-                             zip(sp.names, sp.candidates, record["argmax_widths"])}}
-    if sp.stages:
-      arch["depth_logits"] = {n: one_hot(c, d) for n, c, d in zip(
-          sp.depth_names, sp.depth_candidates, record["argmax_blocks"])}
-    variables = jax.device_get(self.base_model.init(
-        jax.random.key(0), jnp.zeros((1, *self.input_shape)), train=False))
-    model, _ = sp.derived_network(arch, variables)
-    return model, {"widths": dict(zip(record["conv_names"], record["argmax_widths"])),
-                   "blocks": dict(zip(sp.depth_names, record["argmax_blocks"])),
-                   "skipped_blocks": sp.skipped(arch)}
-
-
-def make_supernet(config, base_model, num_classes: int, input_shape):
-  """The search space of ``config.tas.space``: "resnet" (TASResNet), "graph" (any model),
-  "auto" (resnet for jaxprune's cifar_resnet and imagenet_resnet with ``depth`` and the
-  FLOPs cost; graph otherwise). ``round_to`` (:func:`round_to_of`): the graph space
-  rounds its candidates, the resnet space its derived widths."""
+def make_space(config, base_model, num_classes: int, input_shape) -> search_lib.Space:
+  """The search space of ``config.tas.space``: "resnet" (:class:`jaxprune.search.ResNetSpace`
+  over TASResNet), "graph" (:class:`jaxprune.search.SearchSpace` of any model), "auto"
+  (resnet for jaxprune's cifar_resnet and imagenet_resnet with ``depth`` and the FLOPs
+  cost; graph otherwise). ``round_to`` (:func:`round_to_of`): the graph space rounds its
+  candidates, the resnet space its derived widths."""
   kind = config.tas.get("space", "auto")
   round_to = round_to_of(config)
   if kind == "auto":
@@ -238,41 +89,52 @@ def make_supernet(config, base_model, num_classes: int, input_shape):
       raise UserError(f"config tas.space='resnet' searches jaxprune's cifar_resnet or "
                       f"imagenet_resnet, not "
                       f"{config.model.name!r}; use --config.tas.space=graph.")
-    return ResNetSupernet(config.model.depth, num_classes, config.tas.num_picks, input_shape,
-                          DEDICATED[config.model.name],
-                          jnp.dtype(config.model.get("dtype") or "float32"), round_to)
+    return resnet_space(config.model.depth, num_classes, config.tas.num_picks, input_shape,
+                        DEDICATED[config.model.name],
+                        jnp.dtype(config.model.get("dtype") or "float32"), round_to)
   # The backend's default (round_to 0) never excludes a narrow group: it searches at a
   # finer multiple (search.space.fitted_candidates); an explicit round_to is kept as given.
-  return GraphSupernet(base_model, input_shape, config.tas.num_picks, round_to,
-                       config.tas.get("depth", True),
-                       fit_round_to=not int(config.tas.get("round_to", 0)))
+  abstract = jax.eval_shape(lambda: base_model.init(
+      jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
+  return search_lib.SearchSpace(base_model, abstract, input_shape,
+                                num_picks=config.tas.num_picks, round_to=round_to,
+                                depth=config.tas.get("depth", True),
+                                fit_round_to=not int(config.tas.get("round_to", 0)))
 
 
-def cost_max(net, flops_max):
-  """The cost loss's max (§5): the full network's latency in ms from ``net.latency``
-  (tas.cost=latency), else its FLOPs ``flops_max``."""
-  table = getattr(net, "latency", None)
+def resnet_space(depth: int, num_classes: int, num_picks: int, input_shape,
+                 layout: str = "cifar", dtype=jnp.float32,
+                 round_to: int = 1) -> search_lib.ResNetSpace:
+  """The dedicated space of ResNet-``depth`` (``layout`` "cifar" or "imagenet")."""
+  build = models.tas_imagenet_resnet if layout == "imagenet" else models.tas_cifar_resnet
+  return search_lib.ResNetSpace(build(depth, num_classes, num_picks=num_picks, dtype=dtype),
+                                input_shape, round_to)
+
+
+def cost_max(table, flops_max):
+  """The cost loss's max (§5): the full network's latency in ms from the latency
+  ``table`` (tas.cost=latency), else its FLOPs ``flops_max``."""
   return flops_max if table is None else table.full
 
 
-def search_steps(net, weight_tx, arch_tx, *, cfg, seed: int, flops_max: int,
-                 steps_per_epoch: int, epochs: int):
+def search_steps(space, weight_tx, arch_tx, *, cfg, seed: int, flops_max: int,
+                 steps_per_epoch: int, epochs: int, table=None):
   """The two halves of a search iteration (§6), each ``(state, batch) -> (state, metrics)``.
 
-  ``net`` is a :class:`ResNetSupernet` or :class:`GraphSupernet`. ``weight_step``
+  ``space`` is a :class:`jaxprune.search.Space`. ``weight_step``
   differentiates only ``params`` and updates only the weight optimizer state (the
   D_train batch); ``arch_step`` runs a fresh forward on the D_val batch with fresh noise
   and updates only ``arch_params`` and the architecture optimizer state. Neither
-  advances ``state.step``. With ``net.latency`` set the costs are in ms and the cost
-  loss's max is the table's full latency (:func:`cost_max`).
+  advances ``state.step``. With a latency ``table`` (tas.cost=latency) the costs are
+  the table's ms and the cost loss's max is its full latency (:func:`cost_max`).
   """
-  max_cost = cost_max(net, flops_max)
-  unit = "flops" if getattr(net, "latency", None) is None else "latency_ms"
+  max_cost = cost_max(table, flops_max)
+  unit = "flops" if table is None else "latency_ms"
 
   def forward(state, params, arch, images, key):
     tau = tau_at(state.step // steps_per_epoch, epochs, cfg.tau_max, cfg.tau_min,
                  cfg.tau_schedule)
-    logits, model_state = net.forward(params, state.model_state, arch, images, tau, key)
+    logits, model_state = space.forward(params, state.model_state, arch, images, tau, key)
     return logits, model_state, tau
 
   def keys(state):
@@ -297,8 +159,10 @@ def search_steps(net, weight_tx, arch_tx, *, cfg, seed: int, flops_max: int,
       logits, model_state, tau = forward(state, state.params, arch, batch["image"],
                                          keys(state)[1])
       ce = steps.cross_entropy(logits, batch)
-      e_cost = net.expected_cost(arch)
-      f_cost = net.argmax_cost(arch)
+      if table is None:
+        e_cost, f_cost = space.expected_cost(arch), space.argmax_cost(arch)
+      else:
+        e_cost, f_cost = table.expected(space, arch), table.argmax(space, arch)
       cost = kernels.tas_cost_loss(e_cost, f_cost, max_cost, cfg.ratio, cfg.tolerance,
                                    cfg.cost_mode)
       return ce + cfg.lambda_cost * cost, (logits, model_state, ce, cost, e_cost, f_cost,
@@ -319,10 +183,10 @@ def search_steps(net, weight_tx, arch_tx, *, cfg, seed: int, flops_max: int,
   return weight_step, arch_step
 
 
-def make_search_step(net, weight_tx, arch_tx, **kwargs):
+def make_search_step(space, weight_tx, arch_tx, **kwargs):
   """``step(state, {"train": batch, "val": batch}) -> (state, metrics)``: one weight
   step on D_train, then one architecture step on D_val with the new weights (§6)."""
-  weight_step, arch_step = search_steps(net, weight_tx, arch_tx, **kwargs)
+  weight_step, arch_step = search_steps(space, weight_tx, arch_tx, **kwargs)
 
   def step(state: TrainState, batch):
     state, weight_metrics = weight_step(state, batch["train"])
@@ -332,40 +196,40 @@ def make_search_step(net, weight_tx, arch_tx, **kwargs):
   return step
 
 
-def init_search_state(net, weight_tx, arch_tx):
+def init_search_state(space, weight_tx, arch_tx):
   """``init(key) -> TrainState`` of the search: weights with the SGD state, the
   architecture parameters with their own Adam state (§6)."""
   def init(key):
-    params, model_state, arch = net.init(key)
+    params, model_state, arch = space.init(key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=weight_tx.init(params), arch_params=arch,
                       arch_opt_state=arch_tx.init(arch))
   return init
 
 
-def arch_record(net, arch, cfg, flops_max: int, epoch: int, step: int, epochs: int) -> dict:
+def arch_record(space, arch, cfg, flops_max: int, epoch: int, step: int, epochs: int,
+                table=None) -> dict:
   """One line of ``arch_history.jsonl`` (the contract of :mod:`jaxprune.plots`)."""
   arch = jax.device_get(arch)
   return {
       "epoch": epoch, "step": step,
       "tau": float(tau_at(epoch - 1, epochs, cfg.tau_max, cfg.tau_min, cfg.tau_schedule)),
-      **net.record(arch),
+      **space.record(arch),
       "flops_max": flops_max, "target_flops": flops_max * cfg.ratio,
       "tolerance_flops": flops_max * cfg.tolerance, "cost_mode": cfg.cost_mode,
-      "space": net.kind, "cost": cfg.get("cost", "flops"),
-      **latency_record(net, arch, cfg),
+      "space": space.kind, "cost": cfg.get("cost", "flops"),
+      **latency_record(space, arch, cfg, table),
   }
 
 
-def latency_record(net, arch, cfg) -> dict:
-  """The latency keys of a history record (tas.cost=latency; {} otherwise): the
-  table's expected and argmax latency, its full latency and the cost loss's band."""
-  table = getattr(net, "latency", None)
+def latency_record(space, arch, cfg, table) -> dict:
+  """The latency keys of a history record (a ``table``: tas.cost=latency; {} otherwise):
+  the table's expected and argmax latency, its full latency and the cost loss's band."""
   if table is None:
     return {}
   full = table.full
-  return {"expected_latency_ms": float(table.expected(net.space, arch)),
-          "argmax_latency_ms": float(table.argmax(net.space, arch)),
+  return {"expected_latency_ms": float(table.expected(space, arch)),
+          "argmax_latency_ms": float(table.argmax(space, arch)),
           "latency_max_ms": full, "target_latency_ms": full * cfg.ratio,
           "tolerance_latency_ms": full * cfg.tolerance,
           "latency_batch": table.batch_size}
@@ -377,8 +241,8 @@ def latency_batch(config) -> int:
   return int(config.tas.get("latency_batch", 0) or config.report.inference_batch_size)
 
 
-def attach_latency_table(net, config, workdir: str):
-  """Gives ``net`` its latency table (tas.cost=latency) before the search starts.
+def latency_table(space, config, workdir: str):
+  """The latency table of ``space`` (tas.cost=latency), before the search starts.
 
   Process 0 reads ``<workdir>/search/latency_table.json`` when its fingerprint is this
   run's (a resumed run does not remeasure) or measures the table on its first device
@@ -388,14 +252,14 @@ def attach_latency_table(net, config, workdir: str):
   refused in one line, unless ``tas.remeasure_latency`` restarts the search (and the
   retraining of what it derived) under a new measurement.
   """
-  if net.kind != "graph":
+  if space.kind != "graph":
     raise UserError("config tas.cost='latency' needs the graph search space (a per-op "
                     "latency table); use --config.tas.space=graph.")
   batch = latency_batch(config)
   path = os.path.join(workdir, "search", LATENCY_TABLE)
   foreign = ""
   if distributed.is_main_process() and _search_progress(workdir):
-    cached, why = latency_lib.load(net.space, path, batch)
+    cached, why = latency_lib.load(space, path, batch)
     foreign = why if cached is None and os.path.exists(path) else ""
   if distributed.agreed(bool(foreign)):
     if not config.tas.get("remeasure_latency", False):
@@ -413,12 +277,11 @@ def attach_latency_table(net, config, workdir: str):
         os.remove(os.path.join(workdir, "architecture.json"))
     distributed.barrier("tas_latency_restart")
   if distributed.is_main_process():
-    table = latency_lib.load_or_measure(net.space, path, batch)
+    table = latency_lib.load_or_measure(space, path, batch)
   else:
-    table = latency_lib.plan(net.space, batch)
+    table = latency_lib.plan(space, batch)
   table.set_program_ms(distributed.from_main(table.program_ms.astype(np.float32)))
   check_latency_times(table.program_ms, path)
-  net.latency = table
   return table
 
 
@@ -439,10 +302,12 @@ def check_latency_times(program_ms, path: str) -> None:
                     "that the run measures a new one.")
 
 
-def search(config, workdir: str, datasets, mesh, on_step=None, net=None
+def search(config, workdir: str, datasets, mesh, on_step=None, space=None
            ) -> tuple[dict, list[dict]]:
-  """The search stage on ``net`` (default: :func:`make_supernet` of the config); returns
-  the final architecture parameters and the history."""
+  """The search stage on ``space`` (default: :func:`make_space` of the config); returns
+  ``({"space", "arch", "flops_max", "state", "latency"}, history)``: the final
+  architecture parameters, the latency table (tas.cost=latency, else None) and the
+  history."""
   cfg = config.tas
   train_ds = datasets["train"]
   if train_ds.labels is None:
@@ -459,20 +324,23 @@ def search(config, workdir: str, datasets, mesh, on_step=None, net=None
     total = min(total, cfg.max_steps)
 
   input_shape = train_ds.image_shape
-  if net is None:
-    net = make_supernet(config, common.build_model(config.model, train_ds.num_classes,
-                                                   input_shape),
-                        train_ds.num_classes, input_shape)
-  flops_max = net.flops_max
-  if cfg.get("cost", "flops") == "latency" and net.latency is None:
-    attach_latency_table(net, config, workdir)
+  if space is None:
+    space = make_space(config, common.build_model(config.model, train_ds.num_classes,
+                                                  input_shape),
+                       train_ds.num_classes, input_shape)
+  flops_max = space.flops_max
+  table = (latency_table(space, config, workdir)
+           if cfg.get("cost", "flops") == "latency" else None)
   weight_tx, schedule = optim.sgd(cfg, steps_per_epoch, total)
   arch_tx = arch_optimizer(cfg)
 
-  init = init_search_state(net, weight_tx, arch_tx)
-  step = make_search_step(net, weight_tx, arch_tx, cfg=cfg, seed=config.seed,
+  init = init_search_state(space, weight_tx, arch_tx)
+  step = make_search_step(space, weight_tx, arch_tx, cfg=cfg, seed=config.seed,
                           flops_max=flops_max, steps_per_epoch=steps_per_epoch,
-                          epochs=cfg.epochs)
+                          epochs=cfg.epochs, table=table)
+
+  def record(arch, epoch, done):
+    return arch_record(space, arch, cfg, flops_max, epoch, done, cfg.epochs, table)
   repl = mesh_lib.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: repl, jax.eval_shape(init, jax.random.key(0)))
   step = jax.jit(step, in_shardings=(state_sharding, mesh_lib.batch_sharding(mesh)),
@@ -498,7 +366,7 @@ def search(config, workdir: str, datasets, mesh, on_step=None, net=None
         f.writelines(metrics_lib.dumps(r) + "\n" for r in history)
 
   def on_epoch_end(state, epoch, done, means):
-    rec = arch_record(net, state.arch_params, cfg, flops_max, epoch, done, cfg.epochs)
+    rec = record(state.arch_params, epoch, done)
     rec["val_accuracy"] = means.get("val_accuracy")
     history.append(rec)
     if distributed.is_main_process():
@@ -513,16 +381,15 @@ def search(config, workdir: str, datasets, mesh, on_step=None, net=None
   arch = jax.device_get(result.state.arch_params)
   if not history:  # the stage had finished before: nothing ran, read what it wrote
     history = read_jsonl(history_path)
-  history = _complete_history(history, history_path, result, net, arch, cfg, flops_max,
-                              total, steps_per_epoch)
+  history = _complete_history(history, history_path, result, record, arch, total,
+                              steps_per_epoch)
   if not history or history[-1]["step"] != total:  # a run shorter than one epoch
-    history.append(arch_record(net, arch, cfg, flops_max, math.ceil(total / steps_per_epoch),
-                               total, cfg.epochs))
-  return {"net": net, "arch": arch, "flops_max": flops_max,
-          "state": result.state}, history
+    history.append(record(arch, math.ceil(total / steps_per_epoch), total))
+  return {"space": space, "arch": arch, "flops_max": flops_max, "state": result.state,
+          "latency": table}, history
 
 
-def _complete_history(history, path, result, net, arch, cfg, flops_max, total,
+def _complete_history(history, path, result, record, arch, total,
                       steps_per_epoch) -> list[dict]:
   """The history with one record per epoch: a record lost from ``arch_history.jsonl``
   (a cut last line) is rebuilt from the final state and the loop's means of that epoch
@@ -533,7 +400,7 @@ def _complete_history(history, path, result, net, arch, cfg, flops_max, total,
   last = result.summary.get("last_epoch") or {}
   if epochs != want and epochs == want[:-1] and last.get("step") == total == \
       want[-1] * steps_per_epoch:
-    rec = arch_record(net, arch, cfg, flops_max, want[-1], total, cfg.epochs)
+    rec = record(arch, want[-1], total)
     rec["val_accuracy"] = last["means"].get("val_accuracy")
     history = [*history, rec]
     epochs = want
@@ -578,32 +445,6 @@ def choose_epoch(history: list[dict], derive_epoch: str) -> dict:
       return max(candidates, key=lambda r: (r["val_accuracy"], r["epoch"]))
     print("[tas] no search epoch inside the cost band; deriving from the last epoch")
   return history[-1]
-
-
-def _released_shapes_text(path: str) -> tuple[str, str]:
-  """The released-shapes JSON (the package's copy when ``path`` is empty) and its name."""
-  if not path:
-    resource = importlib.resources.files("jaxprune").joinpath(
-        "resources/tas_released_shapes.json")
-    return resource.read_text(encoding="utf-8"), "jaxprune/resources/tas_released_shapes.json"
-  if not os.path.exists(path):
-    raise UserError(f"No released-shapes file at {path}; set "
-                    "--config.tas.released_shapes_file to a tas_released_shapes.json, or "
-                    "leave it empty for the copy that ships with jaxprune.")
-  with open(path, encoding="utf-8") as f:
-    return f.read(), path
-
-
-def released_shape(path: str, name: str) -> dict:
-  """One of the searched shapes the TAS authors released, from their JSON (§10)."""
-  text, where = _released_shapes_text(path)
-  try:
-    shapes = {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
-  except (json.JSONDecodeError, AttributeError) as e:
-    raise UserError(f"{where} is not a released-shapes JSON ({e}).") from None
-  if name not in shapes:
-    raise UserError(f"Unknown released shape {name!r}; known: {', '.join(sorted(shapes))}.")
-  return shapes[name]
 
 
 def validate(config):
@@ -674,21 +515,13 @@ def validate(config):
                       f"this config builds {config.model.name!r} (use a "
                       f"{'dataset=imagenet2012' if shape['dataset'] == 'imagenet' else 'CIFAR'}"
                       " config).")
-    if _shape_depth(shape) != config.model.get("depth"):
+    if released_depth(shape) != config.model.get("depth"):
       raise UserError(f"Released shape {cfg.released_shape} is a ResNet-"
-                      f"{_shape_depth(shape)}; add depth={_shape_depth(shape)} to the config "
+                      f"{released_depth(shape)}; add depth={released_depth(shape)} to the config "
                       "args.")
   if cfg.teacher_dir and not os.path.isdir(cfg.teacher_dir):
     raise UserError(f"config tas.teacher_dir: no saved variables at {cfg.teacher_dir} "
                     "(a finished baseline run's <workdir>/baseline/final).")
-
-
-def _shape_depth(shape: dict) -> int:
-  """The ResNet depth of a released shape (ImageNet entries list blocks per stage)."""
-  if "depth" in shape:
-    return shape["depth"]
-  per_block = 3 if shape.get("block_name") == "Bottleneck" else 2
-  return per_block * sum(shape["layers"]) + 2
 
 
 def teacher(config, workdir: str, datasets, model):
@@ -721,15 +554,15 @@ def run(config, workdir: str) -> dict:
                         f"has {train_ds.num_classes}.")
     # The search space is built (the graph traced) before any work: an unsupported model
     # stops here.
-    net = (None if config.tas.released_shape else
-           make_supernet(config, base_model, train_ds.num_classes, train_ds.image_shape))
-    return shape, net
+    space = (None if config.tas.released_shape else
+             make_space(config, base_model, train_ds.num_classes, train_ds.image_shape))
+    return shape, space
 
   sections = ([] if search_only or config.tas.teacher_dir else ["teacher"]) + \
       ([] if config.tas.released_shape else ["tas"]) + ([] if search_only else ["train"])
   started = common.start(config, workdir, sections=sections, check=check)
-  mesh, datasets, base_model, (shape, net) = (started.mesh, started.datasets,
-                                              started.model, started.checked)
+  mesh, datasets, base_model, (shape, space) = (started.mesh, started.datasets,
+                                                started.model, started.checked)
   train_ds, input_shape = started.train_ds, started.input_shape
   if not search_only:
     teacher_vars, teacher_acc = teacher(config, workdir, datasets, base_model)
@@ -743,11 +576,11 @@ def run(config, workdir: str) -> dict:
     derived = {"widths": list(shape["xchannels"][1:]), "blocks": list(shape["xblocks"])}
     source = {"released_shape": config.tas.released_shape}
   else:
-    found, history = search(config, workdir, datasets, mesh, net=net)
+    _, history = search(config, workdir, datasets, mesh, space=space)
     chosen = choose_epoch(history, config.tas.derive_epoch)
-    derived_model, derived = net.derived_network(chosen)
+    derived_model, derived = space.derived_from(chosen)
     source = {"search_epoch": chosen["epoch"], "derive_epoch": config.tas.derive_epoch,
-              "space": net.kind, "cost": config.tas.get("cost", "flops")}
+              "space": space.kind, "cost": config.tas.get("cost", "flops")}
     if "argmax_latency_ms" in chosen:  # the table's prediction for the derived network
       source.update(latency_ms=chosen["argmax_latency_ms"],
                     latency_max_ms=chosen["latency_max_ms"],
@@ -761,14 +594,14 @@ def run(config, workdir: str) -> dict:
       lambda: base_model.init(jax.random.key(0), jnp.zeros((1, *input_shape)),
                               train=False)), input_shape)["flops"]
   depth = None if external.is_external(config.model.name) else config.model.get("depth")
-  name = f"ResNet-{depth}" if net is None or net.kind == "resnet" else config.model.name
+  name = f"ResNet-{depth}" if space is None or space.kind == "resnet" else config.model.name
   architecture = {"model": config.model.name, "depth": depth, "widths": derived["widths"],
                   "blocks": derived["blocks"],
                   **({"skipped_blocks": derived["skipped_blocks"]}
                      if "skipped_blocks" in derived else {}),
                   # the resnet space rounds the searched widths at derivation (round_to)
                   **({"searched_widths": derived["searched_widths"],
-                      "round_to": net.round_to} if "searched_widths" in derived else {}),
+                      "round_to": space.round_to} if "searched_widths" in derived else {}),
                   "flops": counts["flops"],
                   "params": counts["params"], "flops_max": base_flops,
                   "flops_ratio": counts["flops"] / base_flops,
