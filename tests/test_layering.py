@@ -28,7 +28,6 @@ LEVEL = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 # to empty: an entry that no longer occurs fails the test too (remove it).
 KNOWN = {
     ("private", "jaxprune.search.space", "jaxprune.graph.tracing._is_shape"): "SEARCH",
-    ("private", "jaxprune.surgery.remove", "jaxprune.latency._print"): "SURGERY",
 }
 
 # NamedTuple's public API starts with an underscore.

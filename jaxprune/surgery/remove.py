@@ -315,7 +315,7 @@ def _calibrated(g, scores, table, ratio: float, global_ranking: bool, rounds: in
       raise UserError(f"latency_timer returned ({base_ms}, {ms}) ms: give two positive times")
     predicted = table.full / table.at(table.index(dict(sel)))
     timed[sel] = (small, base_ms, ms)
-    latency._print(f"calibration round {len(timed)}: predicted {predicted:.2f}x, measured "
+    latency.log_line(f"calibration round {len(timed)}: predicted {predicted:.2f}x, measured "
                    f"{base_ms / ms:.2f}x (base {base_ms:.3g} ms, pruned {ms:.3g} ms; "
                    f"requested {1 / ratio:.2f}x)")
     return ms / base_ms
@@ -325,7 +325,7 @@ def _calibrated(g, scores, table, ratio: float, global_ranking: bool, rounds: in
   small, base_ms, ms = timed[sel]
   met = ms / base_ms <= ratio
   if not met:
-    latency._print(f"calibration: reached {base_ms / ms:.2f}x of the requested "
+    latency.log_line(f"calibration: reached {base_ms / ms:.2f}x of the requested "
                    f"{1 / ratio:.2f}x after {len(tries)} rounds (the fastest selection is "
                    f"kept{'; the smallest network the table allows' if tries[chosen]['budget'] <= floor * (1 + 1e-9) else ''})")
   return small, keeps[sel], {
