@@ -160,3 +160,40 @@ def test_package_docstring_names_every_subpackage():
   assert len(packages) >= 8
   for name in [*packages, "flops", "latency", "main"]:
     assert f"``{name}``" in jaxprune.__doc__, name
+
+
+API_ROOTS = ("graph|surgery|search|flops|latency|kernels|optim|models|engine|data|methods|"
+             "distill|plots|config_lib|jsonio|errors")
+# The design notes of other areas (docs/design/{search,surgery,layers}.md) are theirs to keep.
+OTHERS = {"search.md", "surgery.md", "layers.md"}
+
+
+def _resolves(dotted):
+  import importlib  # pylint: disable=g-import-not-at-top
+  obj, parts = importlib.import_module("jaxprune"), dotted.split(".")
+  for i, part in enumerate(parts):
+    try:  # a module first: surgery.rebuild is a function and a module
+      obj = importlib.import_module("jaxprune." + ".".join(parts[:i + 1]))
+      continue
+    except ImportError:
+      pass
+    if not hasattr(obj, part):
+      return False
+    obj = getattr(obj, part)
+  return True
+
+
+def test_docs_name_what_exists():
+  """Every `jaxprune` name (`surgery.prune_to`, `latency.measure`) and repository path the
+  README and docs name in code spans exists: nothing stale after a move or a rename."""
+  names = re.compile(r"`(?:jaxprune\.)?((?:%s)(?:\.[A-Za-z_]\w*)+)" % API_ROOTS)
+  paths = re.compile(r"(?<![\w./])((?:jaxprune|configs|benchmarks|tests|launch)/"
+                     r"[\w/.-]+\.(?:py|json))")
+  missing = []
+  for page in [REPO / "README.md", *PAGES]:
+    if page.parent.name == "design" and page.name in OTHERS:
+      continue
+    text = page.read_text()
+    missing += [(page.name, n) for n in sorted(set(names.findall(text))) if not _resolves(n)]
+    missing += [(page.name, p) for p in sorted(set(paths.findall(text))) if not (REPO / p).exists()]
+  assert not missing, missing
