@@ -1,9 +1,5 @@
-"""Knowledge-distillation loss (Hinton et al.; TAS reference §7).
-
-``loss = (1 - a) * CE(student, y) + a * T^2 * KL(softmax(teacher/T) || softmax(student/T))``
-with the KL summed over classes and averaged over the batch. The teacher's logits
-carry no gradient.
-"""
+"""Knowledge-distillation loss (Hinton et al.; docs/methods/tas.md §7); the teacher's logits
+carry no gradient."""
 import jax
 import jax.numpy as jnp
 import optax

@@ -27,7 +27,6 @@ LEVEL = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 # Violations still in the tree, each with the area that removes it (issue 25). Must shrink
 # to empty: an entry that no longer occurs fails the test too (remove it).
 KNOWN = {
-    ("private", "jaxprune.search.space", "jaxprune.graph.tracing._is_shape"): "SEARCH",
 }
 
 # NamedTuple's public API starts with an underscore.

@@ -1,16 +1,6 @@
-"""TAS recipe (Dong & Yang, NeurIPS 2019): teacher -> search -> derive -> retrain -> report.
-
-Stages, each resumable in ``<workdir>/<stage>/`` by rerunning the command:
-- ``teacher``: the unpruned ResNet on the full training set (or the variables of a
-  finished baseline run, ``config.tas.teacher_dir``), used for KD and as the base row.
-- ``search``: the searchable ResNet on a per-class 50/50 split of the training set;
-  each iteration is one weight step on D_train (SGD) and one architecture step on
-  D_val (Adam), with separate optimizer states (reference §6). ``arch_history.jsonl``
-  records the width/depth probabilities and both costs after every epoch.
-- derive: the argmax architecture of the last epoch -> ``architecture.json`` (§7).
-- ``retrain``: the derived plain ResNet from scratch, with KD from the teacher
-  (a = 0.9, T = 4) or without (``config.kd.enabled``).
-"""
+"""TAS recipe (Dong & Yang, NeurIPS 2019): teacher -> search -> derive -> retrain (KD) ->
+report, each stage resumable; it talks to a :class:`jaxprune.search.Space` only
+(docs/design/search.md)."""
 import contextlib
 import math
 import os

@@ -1,32 +1,5 @@
-"""The TAS searchable ResNets (CIFAR and ImageNet): one jitted search step.
-
-:class:`TASResNet` is the search-mode supernet of TAS (reference tas.md §1, §4):
-every conv is computed at full width, two width candidates per conv are sampled
-with Gumbel noise and mixed by channel-wise interpolation (CWI), every block is
-computed and each stage's output is a Gumbel-softmax mixture of the feature maps
-after its candidate depths. Widths are traced values inside static full-width
-buffers (zero beyond the valid width), so one compiled step serves every sampled
-combination. Its ``layout`` is that of :class:`jaxprune.models.ResNet`:
-"cifar" (:func:`tas_cifar_resnet`) or "imagenet" (:func:`tas_imagenet_resnet`,
-the torchvision layout: 7x7/2 stem + 3x3/2 max pool, strided 1x1 conv + BN
-shortcuts).
-
-Variables: weights in ``params``, batch-norm statistics in ``batch_stats`` and
-the architecture parameters in their own collection ``arch``, so the weight and
-architecture optimizers each own one collection (§6)::
-
-  params:       stem/{conv,bn}, stage{s}_block{b}/conv_{a,b,c}/{conv,bn},
-                stage{s}_block{b}/shortcut/{conv,bn}, classifier
-  batch_stats:  .../bn/{mean,var}  ([n_candidates, C_full] each)
-  arch:         width_logits/stem, width_logits/stage{s}_block{b}/conv_{a,b,c}
-                depth_logits/stage{s}
-
-:meth:`TASResNet.derive` turns the architecture parameters into the ``widths``
-and ``blocks`` of :func:`jaxprune.models.cifar_resnet` (or
-:func:`jaxprune.models.imagenet_resnet`), the plain network that is retrained
-(§7). This module must not count FLOPs (``jaxprune.flops`` computes
-the expected and argmax costs, §5) nor hold training state or schedules.
-"""
+"""The TAS searchable ResNets, CIFAR and ImageNet layouts (docs/methods/tas.md §1, §4): the
+official supernet, one jitted search step; no FLOPs (search/resnet.py prices it), no schedules."""
 
 from collections.abc import Mapping, Sequence
 from typing import Any

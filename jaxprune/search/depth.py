@@ -1,25 +1,5 @@
-"""Skippable residual blocks of any model, found in its jaxpr, for the TAS depth search.
-
-A **block** is an ``add(x, f(x))`` of two tensors of one shape where ``x`` feeds
-``f`` (an identity shortcut), ``f`` holds at least one conv or matmul of a parameter,
-and nothing outside ``f`` reads ``f``'s intermediate values; its output ``y`` is the
-sum, continued through the elementwise ops that only it feeds (the ReLU after the add).
-Skipping the block replaces ``y`` by ``x``.
-
-A **stage** is a chain of such blocks, each one's ``x`` the previous one's ``y``. A
-chain whose input is the output of a *merge* add (two branches of one input, neither
-an identity: a projection block) counts that block as its first, always kept, as TAS
-counts a stage's first block (tas.md §1): a stage of ``n`` blocks has the depth
-candidates :func:`jaxprune.models.tas_resnet.depth_candidates` ``(n)``.
-
-Only the top level of the jaxpr is searched: blocks inside a ``jax.checkpoint``,
-``jax.jit`` or ``nn.scan`` of the user's model are not found.
-
-The derived network skips blocks by the model's own modules: a block's module is the
-common prefix of its parameters' paths (Linen: the submodule called on ``x``;
-NNX: the attribute). :func:`skip_blocks` builds that network and checks it against
-the jaxpr with ``y := x``.
-"""
+"""Skippable residual blocks of any model, found in its jaxpr, and the network with some
+skipped: the depths of the graph search space (docs/design/search.md)."""
 from __future__ import annotations
 
 import dataclasses

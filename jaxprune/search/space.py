@@ -1,50 +1,5 @@
-"""TAS width search on any model, over the channel groups of its dependency graph.
-
-:class:`SearchSpace` turns a Linen or NNX model into a TAS supernet (tas.md §1-§5)
-without changing the model's code:
-
-- every prunable channel group of :func:`jaxprune.graph.trace` is a searchable width
-  whose candidates are channel prefixes, :func:`jaxprune.models.width_candidates` of
-  its width (rounded up to ``round_to``), with one logit vector alpha (N(0, 0.01));
-- :meth:`SearchSpace.sample` draws |I| = ``num_picks`` candidates per group with
-  :func:`jaxprune.kernels.gumbel_select`;
-- :meth:`SearchSpace.apply` runs the model's own forward pass (its jaxpr, interpreted
-  once per trace) and, at every producer of a searched group, replaces the producer's
-  output by the CWI mix of the picks (§4):
-  ``sum_j w_j * CWI(y[..., :C_j] -> max C)``, zero beyond ``max C``. The output ``y`` is
-  taken at the end of the producer's per-channel affine chain: after its bias add and
-  after a batch norm that follows it (before any activation), where TAS mixes
-  ``BN_j(y[:C_j])``;
-- every chain of skippable residual blocks (:mod:`jaxprune.search.depth`) is a stage
-  with the depth candidates of §1 and one logit vector beta; all its blocks run and
-  its output is the Gumbel-softmax mix of its outputs after each candidate depth (§4);
-- :meth:`SearchSpace.expected_cost` and :meth:`SearchSpace.argmax_cost` are E_cost
-  and F_cost of §5 from the graph's own op table (the FLOPs counter's convention):
-  each op's MACs times the product over its channel factors of the expected (or
-  argmax) kept fraction, times the probability that the depth reaches its block;
-- :meth:`SearchSpace.derive` gives the argmax width of every group,
-  :meth:`SearchSpace.keep` the ``keep`` of :func:`jaxprune.surgery.prune`,
-  :meth:`SearchSpace.derive_depths` the argmax depths, and
-  :meth:`SearchSpace.derived_network` the derived network (§7).
-
-Differences from the dedicated :class:`jaxprune.models.TASResNet` (the official
-supernet), all consequences of searching the user's network as it is:
-
-- **one width per group.** Channels the graph couples (a residual stream: the stem,
-  every block's last conv and the shortcut convs of a stage) share one width and one
-  pick; TASResNet gives every conv its own logits and adds narrower tensors into
-  wider ones. With TASResNet's picks tied across such a group, both compute the same
-  logits, costs and gradients (``tests/test_search.py``);
-- **one batch norm per channel, not per candidate.** In train mode a channel's batch
-  statistics do not depend on the candidate (TASResNet's own note), so
-  ``BN_j(y[:C_j]) == BN(y)[:C_j]`` when the candidates' affine rows are equal: the
-  generic search shares the model's one scale/bias and running statistics across
-  candidates (TASResNet starts its rows equal; they drift apart as each candidate
-  trains only when picked);
-- **the network's own layers.** A stride-2 CIFAR shortcut is mixed after the model's
-  1x1 conv (no BN, as the plain ResNet and the derived network have); TASResNet adds
-  a search-only BN there (tas.md §4).
-"""
+"""TAS search on any model (a :class:`jaxprune.search.Space`): its graph's channel groups
+are the widths, its skippable residual blocks the depths (docs/methods/tas.md §1-§7)."""
 from __future__ import annotations
 
 import dataclasses
@@ -144,7 +99,7 @@ class SearchSpace:
         or round_to < 1):
       raise UserError(f"round_to must be an int >= 1, got {round_to!r}.")
     self.model, self.variables = _as_linen(model, variables, call)
-    self.input_shape = (tuple(input_shape) if tracing._is_shape(input_shape)
+    self.input_shape = (tuple(input_shape) if tracing.is_shape(input_shape)
                         else input_shape)
     self.num_picks = int(num_picks)
     self.round_to = int(round_to)
