@@ -26,7 +26,7 @@ Commands (from the repository root):
 
 Expected (official README, CIFAR-10 ResNet-20): zero-gamma fraction plateaus at about
 0.34-0.37; pruned network 177,164 parameters at 91.16%, 90.60% after fine-tuning. The subset
-run is a small-data demonstration, not the paper's numbers (see README for what it measured).
+run is a small-data demonstration, not the paper's numbers (docs/results.md, ISTA, gives what it measured).
 """
 from jaxprune import config_lib
 
