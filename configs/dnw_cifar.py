@@ -1,4 +1,4 @@
-r"""DNW tiny neural graphs on CIFAR-10 (Wortsman et al., NeurIPS 2019; reference/dnw.md §2).
+r"""DNW tiny neural graphs on CIFAR-10 (Wortsman et al., NeurIPS 2019; docs/methods/dnw.md §2).
 
 Commands (from the repository root):
 

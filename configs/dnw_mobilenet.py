@@ -1,4 +1,4 @@
-r"""DNW MobileNetV1-like network on ImageNet (Wortsman et al., NeurIPS 2019; reference/dnw.md §2).
+r"""DNW MobileNetV1-like network on ImageNet (Wortsman et al., 2019; docs/methods/dnw.md §2).
 
 Each block is one DAG over all its layers' channels; its edge count equals the
 pointwise edges of MobileNetV1 x width in that block, (in*out + (L-1)*out^2) * width^2.

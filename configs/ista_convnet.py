@@ -1,6 +1,6 @@
 r"""ISTA on batch-norm gamma for the 4-layer CIFAR ConvNet of the paper, then channel surgery.
 
-The ConvNet (reference ista.md §5): conv5x5-96, conv5x5-192, conv3x3-192 (each with BN,
+The ConvNet (docs/methods/ista.md §5): conv5x5-96, conv5x5-192, conv3x3-192 (each with BN,
 ReLU, 2x2 max pool), fc-384, classifier (jaxprune.models.convnet). All three conv BNs are
 sparsified with the memory-priority rho_l of §2; the fc layer has no BN. The reference gives
 no separate schedule for this network, so the stages follow the ResNet recipe: warmup

@@ -1,6 +1,6 @@
 r"""ISTA on batch-norm gamma (Ye et al., ICLR 2018) for a CIFAR ResNet, then channel surgery.
 
-Pipeline (reference ista.md §5; jaxprune/methods/ista.py): warmup (lambda 0.001, 30k steps)
+Pipeline (docs/methods/ista.md §5; jaxprune/methods/ista.py): warmup (lambda 0.001, 30k steps)
 -> sparsify (lambda 0.005, 50k steps) -> prune (remove zero-gamma channels, fold their
 constants, recursive dead channels) -> finetune (lambda 0, lr 0.01, 50k steps) -> report.md
 with params/FLOPs/accuracy before and after, and plots/ (zero-gamma fraction, gamma histograms).
@@ -26,7 +26,8 @@ Commands (from the repository root):
 
 Expected (official README, CIFAR-10 ResNet-20): zero-gamma fraction plateaus at about
 0.34-0.37; pruned network 177,164 parameters at 91.16%, 90.60% after fine-tuning. The subset
-run is a small-data demonstration, not the paper's numbers (docs/results.md, ISTA, gives what it measured).
+run is a small-data demonstration, not the paper's numbers (docs/results.md, ISTA, gives
+what it measured).
 """
 from jaxprune import config_lib
 

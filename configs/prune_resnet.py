@@ -28,8 +28,8 @@ Commands (from the repository root):
   python -m jaxprune.main --config configs/prune_resnet.py:smoke --workdir /tmp/jaxprune_prune
 
 Expected results: see docs/results.md, "The prune recipe", for the measured CIFAR-10 subset
-run (dense vs L1-pruned vs the same architecture from scratch). The smoke run writes report.md with the
-pruned network at <= 50% of the dense FLOPs.
+run (dense vs L1-pruned vs the same architecture from scratch). The smoke run writes
+report.md with the pruned network at <= 50% of the dense FLOPs.
 """
 import ml_collections
 

@@ -1,7 +1,7 @@
 r"""TAS: search the widths and depths of a CIFAR or ImageNet ResNet for a FLOPs target, then
 retrain it.
 
-Pipeline (reference tas.md): teacher (the unpruned ResNet, 300 + 5 epochs) -> search
+Pipeline (docs/methods/tas.md): teacher (the unpruned ResNet, 300 + 5 epochs) -> search
 (600 epochs on a per-class 50/50 split, weights SGD / architecture Adam, tau cosine 5 -> 0.1,
 code cost loss with tolerance 0.05, lambda_cost 2) -> derive (argmax of the last epoch,
 architecture.json) -> retrain from scratch with KD from the teacher (a = 0.9, T = 4, 300 + 5
