@@ -1,6 +1,22 @@
-"""Test setup: 8 simulated CPU devices, fast compiles, shared-data location."""
+"""Test setup: 8 simulated CPU devices, fast compiles, shared-data location, the tiers.
+
+Tiers (markers registered in pytest.ini, which sets ``--strict-markers``):
+
+- ``e2e``: the test runs a recipe end to end -- ``jaxprune.methods.run``, a recipe
+  module's ``run`` or ``jaxprune.main`` to its end, in this process or as a subprocess
+  (the CLI, a fault-injection stage script), or several processes. Marked in the test
+  file (``@pytest.mark.e2e`` or a module's ``pytestmark``). A test that is not marked
+  and whose in-process recipe run returns fails here with what to do (a forgotten mark
+  would slow down the day-to-day tier); a run stopped by an expected error does not
+  count. Subprocess runs cannot be seen from here: mark them by the rule.
+- ``slow``: another test that takes more than about 30 s on 2 CPU cores.
+
+Day to day: ``python -m pytest -m "not e2e" -n 2 tests``; everything (the README's
+command): ``python -m pytest -q -n 2 tests``.
+"""
 import os
 import pathlib
+import sys
 
 import pytest
 
@@ -50,3 +66,25 @@ def load_config(path: str, arg: str | None = None, overrides: dict | None = None
       node = node[part]
     node[leaf] = value
   return config
+
+
+@pytest.fixture(autouse=True)
+def _recipe_runs_are_e2e(request, monkeypatch):
+  """Fails a test not marked ``e2e`` when a recipe it runs returns (see the docstring)."""
+  if request.node.get_closest_marker("e2e"):
+    return
+  from jaxprune import methods  # pylint: disable=g-import-not-at-top
+
+  def guard(run, name):
+    def run_to_the_end(*args, **kwargs):
+      out = run(*args, **kwargs)
+      pytest.fail(f"{request.node.nodeid} ran {name} to its end: mark the test "
+                  "@pytest.mark.e2e (tests/conftest.py)", pytrace=False)
+      return out
+    return run_to_the_end
+
+  monkeypatch.setattr(methods, "run", guard(methods.run, "jaxprune.methods.run"))
+  for module_name in methods.RECIPES.values():
+    module = sys.modules.get(module_name)  # imported by the test module
+    if module is not None and hasattr(module, "run"):
+      monkeypatch.setattr(module, "run", guard(module.run, f"{module_name}.run"))

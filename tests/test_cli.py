@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -91,6 +93,7 @@ def test_missing_config_file_is_one_line(tmp_path):
   _assert_clean_error(proc, "configs/tas_resnett.py")
 
 
+@pytest.mark.e2e
 def test_smoke_config_end_to_end_writes_report(tmp_path):
   workdir = tmp_path / "smoke"
   # ResNet-8 (one block per stage) keeps the run short; ResNet-20's 40,813,194 FLOPs are

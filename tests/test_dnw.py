@@ -286,6 +286,7 @@ def test_get_model_names_the_dnw_graphs():
     ("configs/dnw_mobilenet.py", "smoke,width=0.3",
      dict(blocks=((32, 16, 1, 1), (16, 32, 2, 2)))),
 ])
+@pytest.mark.e2e
 def test_recipe_smoke_writes_wiring_plot_and_report(tmp_path, path, arg, model):
   config = load_config(path, arg)
   config.model.update(model)

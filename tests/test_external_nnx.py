@@ -71,6 +71,7 @@ def test_nnx_pmap_model_gets_its_axis_bound_to_the_global_batch(tmp_path, monkey
                              plain.apply(variables, x, train=False), rtol=1e-6)
 
 
+@pytest.mark.e2e
 def test_cli_prune_recipe_on_an_nnx_pmap_model(tmp_path):
   """--config.model.name with an NNX model written for pmap trains, prunes and
   fine-tunes from the CLI."""

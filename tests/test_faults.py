@@ -232,6 +232,7 @@ def reference(tmp_path_factory):
   return seed, _result(out), _log(workdir)
 
 
+@pytest.mark.e2e
 def test_sigkill_at_random_points_resumes_to_the_same_result(tmp_path, reference):
   seed, expected, expected_log = reference
   rng = np.random.default_rng()
@@ -255,6 +256,7 @@ def test_sigkill_at_random_points_resumes_to_the_same_result(tmp_path, reference
   assert _log(workdir) == expected_log
 
 
+@pytest.mark.e2e
 def test_failed_asynchronous_save_stops_with_one_line_and_resumes(tmp_path, reference):
   seed, expected, _ = reference
   workdir = tmp_path / "run"
@@ -341,6 +343,7 @@ def _recipe(workdir):
 _REPORT_KEYS = ("accuracy_after", "error_before", "kept_weights", "weights", "compression")
 
 
+@pytest.mark.e2e
 def test_sigkill_of_a_recipe_run_resumes_to_the_same_report(tmp_path):
   """A whole recipe (pretrain -> prune -> report) SIGKILLed at random logged steps of
   both stages, then rerun: the same report numbers and the same logged losses as an

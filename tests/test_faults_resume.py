@@ -128,6 +128,7 @@ def tas_reference(tmp_path_factory, compile_cache):
   return seed, workdir, files, _variables(out)
 
 
+@pytest.mark.e2e
 def test_tas_search_killed_inside_an_epoch_and_a_log_interval_resumes_bit_identical(
     tmp_path, compile_cache, tas_reference):
   """SIGKILL of a TAS search (graph space on a user NNX model, derive_epoch=best; 3
@@ -150,6 +151,7 @@ def test_tas_search_killed_inside_an_epoch_and_a_log_interval_resumes_bit_identi
   assert _variables(out) == want_vars, (at, resumed_at)
 
 
+@pytest.mark.e2e
 def test_cut_last_history_line_after_a_finished_search_is_rebuilt(
     tmp_path, compile_cache, tas_reference):
   """A finished search whose arch_history.jsonl lost part of its last line (at a random
@@ -170,6 +172,7 @@ def test_cut_last_history_line_after_a_finished_search_is_rebuilt(
   assert _files(workdir) == want
 
 
+@pytest.mark.e2e
 def test_lost_earlier_history_record_is_one_line(tmp_path, compile_cache, tas_reference):
   """A finished search whose arch_history.jsonl lost a whole earlier line (epoch 1 or 2)
   cannot rebuild it (only the last epoch's state is kept): one line naming the epoch,
@@ -213,6 +216,7 @@ def test_full_disk_under_tensorboard_events_is_one_line(tmp_path):
 
 # --- A latency table measured for another setting, on a search with progress. ---------
 
+@pytest.mark.e2e
 def test_foreign_latency_table_on_a_search_with_progress_is_refused_unless_remeasured(
     tmp_path, compile_cache):
   """tas.cost=latency, killed at a random search step after its first checkpoint; the

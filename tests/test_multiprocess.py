@@ -19,6 +19,8 @@ from jaxprune import methods
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import metrics
 
+pytestmark = pytest.mark.e2e  # every test here runs whole recipes, two processes
+
 # Tiny runs: logic, not speed. Long enough (80 steps) for a SIGTERM to land mid-run; a
 # small learning rate keeps the float differences of cross-process sums from growing.
 BASELINE = {"model.depth": 8, "dataset.synthetic.num_train": 256,

@@ -23,6 +23,7 @@ def _config(arg="smoke"):
   return config
 
 
+@pytest.mark.e2e
 def test_iterative_pruning_meets_the_target_and_reports(tmp_path):
   config = _config("smoke,steps=2,round_to=2")
   out = methods.run(config, str(tmp_path))
@@ -41,6 +42,7 @@ def test_iterative_pruning_meets_the_target_and_reports(tmp_path):
   assert again["pruned_accuracy"] == out["pruned_accuracy"]
 
 
+@pytest.mark.e2e
 def test_taylor_criterion_uses_the_gradients_of_a_training_batch(tmp_path):
   config = _config("smoke,criterion=taylor")
   out = methods.run(config, str(tmp_path))

@@ -342,6 +342,7 @@ def test_pmap_model_gets_its_axis_bound_to_the_global_batch(tmp_path, monkeypatc
                              AxisBN(None).apply(variables, x, train=False), rtol=1e-6)
 
 
+@pytest.mark.e2e
 def test_cli_prune_recipe_on_a_pmap_model(tmp_path):
   """--config.model.name with a model written for pmap trains, prunes and fine-tunes
   (was: 'unbound axis name: batch' in the first step, after the workdir was written)."""
