@@ -380,16 +380,7 @@ def space_reach(space, depth_dists) -> list | None:
   ``depth_dists`` (one distribution per searched stage) reaches the op's block, the
   reverse cumulative sum at its position (tas.md §5); 1 outside searched stages.
   None when the space searches no depth."""
-  cands = list(getattr(space, "depth_candidates", []))
-  if not cands:
-    return None
-  reach_of = {}
-  for t, (c, q) in enumerate(zip(cands, depth_dists)):
-    for p in range(1, max(c) + 1):
-      reach_of[(t, p)] = sum(q[j] for j, d in enumerate(c) if d >= p)
-  # The space's cost rows end with the op's (stage, position), None outside stages.
-  return [reach_of[row[4]] if len(row) > 4 and row[4] is not None else 1.0
-          for row in space._costs]  # pylint: disable=protected-access
+  return space.reach(depth_dists)  # jaxprune.search.SearchSpace.reach
 
 
 def _kept_fraction(f, dists) -> jax.Array:

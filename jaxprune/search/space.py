@@ -348,14 +348,9 @@ class SearchSpace:
       for s, m in f.terms:
         out = out + dists[s] @ xp.asarray(m, f32)
       return out
-    # P(the sampled depth reaches position p) per stage: the reverse cumulative sum of
-    # the depth distribution (tas.md §5).
-    reach_of = {}
-    for t, (cands, q) in enumerate(zip(self.depth_candidates, depth_dists)):
-      for p in range(1, max(cands) + 1):
-        reach_of[(t, p)] = sum(q[j] for j, c in enumerate(cands) if c >= p)
+    reaches = self.reach(depth_dists) or [None] * len(self._costs)
     total = xp.zeros((), f32)
-    for macs, factors, bias_adds, bias_factors, reach in self._costs:
+    for (macs, factors, bias_adds, bias_factors, at), reach in zip(self._costs, reaches):
       term = xp.asarray(macs, f32)
       for f in factors:
         term = term * frac(f)
@@ -364,10 +359,22 @@ class SearchSpace:
         for f in bias_factors:
           bias = bias * frac(f)
         term = term + bias
-      if reach is not None:
-        term = term * reach_of[reach]
+      if at is not None:
+        term = term * reach
       total = total + term
     return total
+
+  def reach(self, depth_dists) -> list | None:
+    """Per op of ``graph.ops``: the probability that a depth drawn from ``depth_dists``
+    (one distribution per searched stage) reaches the op's block, the reverse cumulative
+    sum at its position (tas.md §5); 1.0 outside searched stages. None without stages."""
+    if not self.stages:
+      return None
+    reach_of = {}
+    for t, (cands, q) in enumerate(zip(self.depth_candidates, depth_dists)):
+      for p in range(1, max(cands) + 1):
+        reach_of[(t, p)] = sum(q[j] for j, c in enumerate(cands) if c >= p)
+    return [1.0 if row[4] is None else reach_of[row[4]] for row in self._costs]
 
   def _dists(self, arch, argmax: bool, xp=jnp):
     def one(a):
