@@ -557,9 +557,6 @@ def log_line(text: str):
     print(f"[latency] {text}", flush=True)
 
 
-_print = log_line  # the old private name, until surgery/prune.py reads log_line
-
-
 def time_programs(programs: Sequence[Program], repeats: int = 7,
                   log: Callable[[str], None] = log_line) -> np.ndarray:
   """Median ms of every program on the first local device: all compiled first, then

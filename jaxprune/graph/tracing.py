@@ -54,9 +54,6 @@ def is_shape(s) -> bool:
       isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in s)
 
 
-_is_shape = is_shape  # the old private name, until search/space.py reads is_shape
-
-
 def _is_struct(s) -> bool:
   return hasattr(s, "shape") and hasattr(s, "dtype") and not isinstance(s, (tuple, list))
 
