@@ -4,9 +4,10 @@ A page's blocks run in order in one namespace, as a reader pastes them into one 
 right after a line `<!-- not run: REASON -->` is skipped (the reason must be given). The
 command lines (`python -m jaxprune.main --config X[:args] --config.key=value ...`) are parsed by
 the CLI's own config machinery (ml_collections' config flags) and checked by
-`config_lib.validate`, without running the job. Figures are not pinned here: measured results
-live in docs/results.md with their commands.
+`config_lib.validate` and the recipe's own `validate`, without running the job. Figures are not
+pinned here: measured results live in docs/results.md with their commands.
 """
+import importlib
 import re
 import shlex
 
@@ -17,6 +18,7 @@ import pytest
 from conftest import REPO
 
 from jaxprune import config_lib
+from jaxprune import methods
 
 # docs/transformers.md's block runs in tests/test_docs_transformers.py (which also checks
 # its printed output); README.md's in tests/test_readme.py.
@@ -91,7 +93,10 @@ def check_command(line):
   config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
                                   sys_argv=argv)
   values(argv)
-  config_lib.validate(values.config)
+  config_lib.validate(values.config)  # the checks every recipe shares, then the recipe's own
+  recipe = importlib.import_module(methods.RECIPES[values.config.method])
+  if hasattr(recipe, "validate"):
+    recipe.validate(values.config)
   return values.config
 
 
@@ -169,7 +174,6 @@ OTHERS = {"search.md", "surgery.md", "layers.md"}
 
 
 def _resolves(dotted):
-  import importlib  # pylint: disable=g-import-not-at-top
   obj, parts = importlib.import_module("jaxprune"), dotted.split(".")
   for i, part in enumerate(parts):
     try:  # a module first: surgery.rebuild is a function and a module
