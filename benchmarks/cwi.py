@@ -1,4 +1,4 @@
-r"""Speed of channel-wise interpolation (TAS §3): forward + backward, jitted.
+r"""Speed of channel-wise interpolation (docs/methods/tas.md §3): forward + backward, jitted.
 
 Times, on the default backend, ``jaxprune.kernels.cwi`` (static widths; window
 sums or one ``[C, C']`` matmul, whichever its rule picks), the plain matmul by

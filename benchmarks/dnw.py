@@ -7,7 +7,7 @@ Times, on the default backend:
   edge matrix of the MobileNetV1-like x0.225 network (2816 x 3072);
 - eval-mode inference of the dense masked network (the learned graph baked into a
   fixed mask, every DAG slot multiplied) against the exported dead-node-free network
-  (:func:`jaxprune.models.dnw.compact_static`), next to their FLOPs (reference §2);
+  (:func:`jaxprune.models.dnw.compact_static`), next to their FLOPs (docs/methods/dnw.md §2);
 - one graph layer as a dense matmul vs a ``jax.experimental.sparse`` BCOO matmul that
   does only the edges' multiply-adds (irregular wiring on real hardware).
 
