@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import flops
 from jaxprune import kernels
+from jaxprune import surgery
 from jaxprune.errors import UserError
 from jaxprune.graph import group as graph_lib
 from jaxprune.graph import tracing
@@ -412,7 +414,6 @@ class SearchSpace:
 
     ``variables`` default to the space's; the derived network's FLOPs are checked
     against :meth:`predict`."""
-    from jaxprune import flops, surgery  # pylint: disable=g-import-not-at-top
     variables = self.variables if variables is None else variables
     if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(variables)):
       variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), variables)
