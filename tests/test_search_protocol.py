@@ -39,7 +39,7 @@ def test_record_derives_the_network_whose_counted_flops_it_states(spaces, kind):
                                                train=False))
   counted = flops.count(model, abstract, SHAPE)["flops"]
   assert counted == record["argmax_flops"] == int(round(float(space.argmax_cost(arch))))
-  assert counted < space.flops_max
+  assert counted <= space.flops_max  # equal only when every argmax is the full width
   blocks = derived["blocks"] if kind == "resnet" else list(derived["blocks"].values())
   assert blocks == record["argmax_blocks"]
 
