@@ -141,7 +141,8 @@ def test_every_cited_section_exists():
   for page in (REPO / "docs" / "methods").glob("*.md"):
     headings[page.name] = set(re.findall(r"^#+ §(\d+)", page.read_text(), re.M))
   cited = []
-  for path in [*(REPO / "jaxprune").rglob("*.py"), *(REPO / "configs").glob("*.py")]:
+  for path in [*(REPO / "jaxprune").rglob("*.py"), *(REPO / "configs").glob("*.py"),
+               *(REPO / "benchmarks").glob("*.py"), *(REPO / "tests").rglob("*.py")]:
     for doc, sections in re.findall(r"(tas|ista|dnw|autoprune)\.md,? (§[\d§, -]+)",
                                     path.read_text()):
       for number in re.findall(r"\d+", sections):
