@@ -1,11 +1,6 @@
-"""The training loop of one stage: resume, steps, logging, eval, checkpoints, signals.
-
-A stage lives in ``<workdir>/<name>/``. Rerunning the same command finds the
-latest checkpoint there and continues at the same step; since batches and RNG keys
-are pure functions of (seed, step), the resumed run computes exactly what the
-uninterrupted one would have. SIGINT/SIGTERM finish the current step, save a
-checkpoint and raise :class:`Interrupted` (the CLI turns it into a clean exit).
-"""
+"""The resumable training loop of one stage (``<workdir>/<name>/``): steps, logging, eval,
+checkpoints; SIGINT/SIGTERM checkpoint and raise :class:`Interrupted`. Batches come from
+a callback: it knows no dataset."""
 import concurrent.futures
 import contextlib
 import dataclasses

@@ -1,8 +1,5 @@
-"""Metric logging: ``metrics.jsonl``, TensorBoard event files and a progress line.
-
-Only process 0 writes; other processes get a writer that does nothing, so calling
-code never branches on the process index.
-"""
+"""Metric logging: ``metrics.jsonl``, TensorBoard events and a progress line; only process
+0 writes (other processes get a writer that does nothing)."""
 import json
 import os
 import sys
