@@ -54,7 +54,8 @@ def bench(name, batch_size, repeats, granularity):
                         jax.jit(init, out_shardings=shard)(jax.random.key(0)), batch, repeats)
 
   config = ml_config(cfg, granularity, name)
-  selector = recipe.neuron_mask(name) if granularity == "neuron" else recipe.ap.DEFAULT_MASK
+  selector = (recipe.neuron_mask(name, "out", model, shape) if granularity == "neuron"
+              else recipe.ap.DEFAULT_MASK)
   ap_tx, _ = recipe.transform(config, 100, 100, selector)
 
   def ap_init(key):
