@@ -8,6 +8,7 @@ the CLI's own config machinery (ml_collections' config flags) and checked by
 pinned here: measured results live in docs/results.md with their commands.
 """
 import importlib
+import importlib.util
 import re
 import shlex
 
@@ -202,3 +203,38 @@ def test_docs_name_what_exists():
     missing += [(page.name, n) for n in sorted(set(names.findall(text))) if not _resolves(n)]
     missing += [(page.name, p) for p in sorted(set(paths.findall(text))) if not (REPO / p).exists()]
   assert not missing, missing
+
+
+def _config_keys():
+  keys = set()
+
+  def walk(node, prefix):
+    for key in node.keys():
+      keys.add(prefix + key)
+      if hasattr(node[key], "keys"):
+        walk(node[key], prefix + key + ".")
+
+  for path in sorted((REPO / "configs").glob("*.py")):
+    spec = importlib.util.spec_from_file_location("_docs_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    walk(module.get_config(), "")
+    walk(module.get_config("smoke"), "")
+  return keys
+
+
+# Named by the docs as what is refused: a placeholder, a key inside a dict literal, and the
+# targets ISTA and AutoPrune do not have.
+REFUSED = {"key", "model.kwargs.x", "ista.target", "autoprune.target"}
+
+
+def test_every_documented_override_is_a_config_key():
+  """`--config.a.b=...` mentioned anywhere in the README and docs (also outside a full
+  command) is a key of some config in configs/."""
+  keys = _config_keys()
+  unknown = []
+  for page in [REPO / "README.md", *PAGES]:
+    for key in sorted(set(re.findall(r"--config\.([\w.]+)", page.read_text()))):
+      if key not in keys and key not in REFUSED:
+        unknown.append((page.name, key))
+  assert not unknown, unknown
