@@ -9,8 +9,8 @@ epochs) -> report.md/json and plots/.
 
 Commands (from the repository root):
 
-  # The embedded default: the whole pipeline on synthetic data; 7 min on 2 CPU cores shared
-  # with other jobs (load ~10; docs/results.md).
+  # The embedded default: the whole pipeline on synthetic data; 7-7.5 min on 2 CPU cores
+  # shared with other jobs (load 7-12; docs/results.md).
   python -m jaxprune.main --config configs/tas_resnet.py:smoke --workdir /tmp/tas_smoke
   # ResNet-56 on CIFAR-100 at the authors' 0.47 FLOPs target (TFDS downloads CIFAR-100):
   python -m jaxprune.main --config configs/tas_resnet.py:depth=56,dataset=cifar100,ratio=0.47 \
