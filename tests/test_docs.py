@@ -115,6 +115,10 @@ def test_docs_command_parses_with_valid_keys(page, line, monkeypatch):
   monkeypatch.chdir(REPO)  # configs/ paths are relative to the repository root
   config = check_command(line)
   assert config.method in {"baseline", "tas", "ista", "prune", "dnw", "autoprune"}, page
+  if ":" in config.model.name:  # a user's factory, from PYTHONPATH=tests in the docs
+    module, factory = config.model.name.split(":")
+    assert line.startswith("PYTHONPATH=tests "), line
+    assert callable(getattr(importlib.import_module(module), factory)), line
 
 
 def test_command_check_rejects_an_unknown_key(monkeypatch):
