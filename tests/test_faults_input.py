@@ -234,9 +234,9 @@ def test_report_wall_time_sums_every_invocation_to_its_exit_killed_ones_to_last_
   workdir.mkdir()
   a = _hold(workdir, 0.3, config)
   # A run killed by SIGKILL: it takes the lock, writes a file, then dies unrecorded.
-  code = ("import sys, time; from jaxprune import config_lib as c; c.start_invocation(); "
-          "c._lock(sys.argv[1]); time.sleep(0.4); open(sys.argv[1] + '/ckpt', 'w').write('x'); "
-          "print(c._INVOCATION['start'], flush=True); time.sleep(60)")
+  code = ("import sys, time; from jaxprune.engine import workdir as w; w.start_invocation(); "
+          "w.lock(sys.argv[1]); time.sleep(0.4); open(sys.argv[1] + '/ckpt', 'w').write('x'); "
+          "print(w._INVOCATION['start'], flush=True); time.sleep(60)")
   proc = subprocess.Popen([sys.executable, "-c", code, str(workdir)], cwd=REPO,
                           stdout=subprocess.PIPE, text=True)
   killed_start = float(proc.stdout.readline())
