@@ -26,8 +26,8 @@ def _on_sigint(signum, frame):  # pylint: disable=unused-argument
   """Until the run holds its workdir nothing is written: exit at once (a KeyboardInterrupt
   raised inside a library's garbage-collection callback would be swallowed). After, unwind
   (the workdir's lock and files are closed) and :func:`run` says it in one line."""
-  lib = sys.modules.get("jaxprune.config_lib")
-  if lib is not None and getattr(lib, "_LOCKS", None):
+  lib = sys.modules.get("jaxprune.engine.workdir")  # not imported here: a handler
+  if lib is not None and lib.held():
     raise KeyboardInterrupt
   _interrupted(_PHASE[0])
 

@@ -122,6 +122,12 @@ def lock(workdir: str) -> str | None:
   return None
 
 
+def held() -> bool:
+  """Whether this process holds a workdir's lock (a Ctrl-C then unwinds instead of
+  exiting at once: ``jaxprune.main``)."""
+  return bool(_LOCKS)
+
+
 def release_workdir(workdir: str):
   """Releases the lock :func:`lock` took for ``config_lib.check_workdir`` (process exit
   releases it too)."""
