@@ -8,6 +8,7 @@ import pytest
 
 from conftest import load_config
 from jaxprune import methods
+from jaxprune.engine import metrics
 from jaxprune.errors import UserError
 
 
@@ -31,7 +32,11 @@ def test_iterative_pruning_meets_the_target_and_reports(tmp_path):
   assert [s["target_ratio"] for s in out["steps"]] == [0.75, 0.5]
   for step in out["steps"]:
     assert all(w % 2 == 0 for w in step["widths"].values())
-  assert 0 <= out["scratch_accuracy"] <= 1
+  # The control's accuracy is its final evaluation's, k of the 16 test images.
+  evals = [r for r in metrics.read_jsonl(f"{tmp_path}/scratch/metrics.jsonl")
+           if "eval_accuracy" in r]
+  assert out["scratch_accuracy"] == evals[-1]["eval_accuracy"]
+  assert abs(out["scratch_accuracy"] * 16 - round(out["scratch_accuracy"] * 16)) < 1e-6
   arch = json.load(open(tmp_path / "architecture.json"))
   assert arch["flops"] == out["pruned_flops"] and arch["shapes"]
   report = (tmp_path / "report.md").read_text()
