@@ -242,3 +242,17 @@ def test_every_documented_override_is_a_config_key():
       if key not in keys and key not in REFUSED:
         unknown.append((page.name, key))
   assert not unknown, unknown
+
+
+def test_readme_layout_names_every_module():
+  """The README's Layout names every module and subpackage of jaxprune/ as they are."""
+  text = (REPO / "README.md").read_text()
+  layout = text.split("## Layout\n", 1)[1]
+  for path in sorted((REPO / "jaxprune").rglob("*.py")):
+    if path.name == "__init__.py" or "__pycache__" in path.parts:
+      continue
+    name = path.name if path.parent.name == "jaxprune" else path.stem
+    assert re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", layout), path.relative_to(REPO)
+  for package in (REPO / "jaxprune").glob("*/"):
+    if (package / "__init__.py").exists():
+      assert f"{package.name}/" in layout, package.name
