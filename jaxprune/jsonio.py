@@ -39,4 +39,4 @@ def read_json(path: str) -> Any:
       return json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f"{path} is damaged ({e}); restore it, or delete it if the run "
-                    "can rebuild it (see README, Interruptions and errors).") from None
+                    "can rebuild it (see docs/cli.md, Faults and errors).") from None
