@@ -137,7 +137,7 @@ def cwi_matrix_traced(in_width, out_width, c_full: int, dtype=jnp.float32) -> ja
 def cwi_masked(x: jax.Array, in_width, out_width, *, precision=None) -> jax.Array:
   """CWI with traced widths on a static full-width channel buffer.
 
-  The form the TAS search step needs (reference §4): one compiled function
+  The form the TAS search step needs (docs/methods/tas.md §4): one compiled function
   serves every sampled ``(in_width, out_width)`` pair, with no recompilation
   and no Python branching on the widths.
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 __all__ = ["SURROGATES", "step_ste", "surrogate_grad"]
 
-# The three surrogates the authors compare (reference §1).
+# The three surrogates the authors compare (docs/methods/autoprune.md §1).
 SURROGATES = ("softplus", "leaky_relu", "linear")
 
 

@@ -131,7 +131,7 @@ def batchnorm_scales(variables: Any) -> list[str]:
 
 def ista(learning_rate: optax.ScalarOrSchedule, l1: optax.ScalarOrSchedule,
          rho: Rho = 1.0, mask: Any = None) -> optax.GradientTransformation:
-  """The ISTA proximal step on the selected leaves (reference ista.md §1).
+  """The ISTA proximal step on the selected leaves (docs/methods/ista.md §1).
 
   Put it last in a chain, after the transform that makes the gradient step.
   For each selected leaf ``p`` with incoming update ``u`` (the step the chain
