@@ -53,6 +53,7 @@ def _states_after_each_step(tmp_path, config):
   return seen
 
 
+@pytest.mark.slow  # a TAS search stage of a few steps: 30-42 s on 2 cores
 def test_weight_and_architecture_steps_have_separate_optimizers(tmp_path):
   # Architecture lr 0: weights move, alpha/beta (and their Adam state) stay put.
   seen = _states_after_each_step(tmp_path / "a", _config(
@@ -70,6 +71,7 @@ def test_weight_and_architecture_steps_have_separate_optimizers(tmp_path):
   assert max(diffs) > 0
 
 
+@pytest.mark.slow  # a TAS search stage of a few steps: 30-42 s on 2 cores
 def test_search_resumed_after_interruption_equals_uninterrupted(tmp_path):
   config = _config()
   full, history_full = _search(tmp_path / "full", config)
@@ -88,6 +90,7 @@ def test_search_resumed_after_interruption_equals_uninterrupted(tmp_path):
   assert [h["epoch"] for h in history_cut] == [h["epoch"] for h in history_full]
 
 
+@pytest.mark.slow  # a TAS search stage of a few steps: 30-42 s on 2 cores
 def test_search_step_on_8_devices_equals_1_device(tmp_path):
   config = _config(max_steps=3)
   one, _ = _search(tmp_path / "one", config, mesh_lib.make_mesh(jax.devices()[:1]))
