@@ -380,12 +380,14 @@ def test_autoprune_trains_and_prunes_an_nnx_mlp_through_nnx_optimizer():
   assert after > max(0.85, before + 0.2), (before, after)
   assert 0.0 < total < 0.9, kept
   assert all(f > 0 for f in kept.values()), kept  # no layer dies whole
-  # The export for any model (here NNX): hidden units the gates left with no weights go.
+  # The export for any model (here NNX): hidden units the gates left with no input
+  # weights read relu(bias), a constant that is 0 for a bias <= 0: those go, as do
+  # units nobody reads; a unit reading relu(bias) > 0 stays (it needs a fold).
   pruned = optim.effective_model(model, optimizer)
   small, info = surgery.prune_zeros(pruned, None, (8,), probe=x[:16])
   assert info["max_abs_diff"] < 1e-4
   no_input = (~np.any(np.asarray(pruned.fc1.kernel[...]) != 0, axis=0)
-              & (np.asarray(pruned.fc1.bias[...]) == 0))
+              & (np.asarray(pruned.fc1.bias[...]) <= 0))
   unread = ~np.any(np.asarray(pruned.fc2.kernel[...]) != 0, axis=1)
   assert small.model.fc1.kernel[...].shape[1] == max(int(np.sum(~(no_input | unread))), 1)
 
