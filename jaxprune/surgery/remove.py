@@ -334,7 +334,8 @@ def _calibrated(g, scores, table, ratio: float, global_ranking: bool, rounds: in
       "measured_ms": {"base": base_ms, "pruned": ms},
       "tries": [{"budget": t["budget"],
                  "predicted_speedup": table.full / table.at(table.index(dict(t["selection"]))),
-                 "measured_speedup": 1 / t["measured"]} for t in tries],
+                 "measured_speedup": timed[t["selection"]][1] / timed[t["selection"]][2]}
+                for t in tries],
       "timing": description}
 
 
