@@ -70,7 +70,7 @@ EIGEN_CONV_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
 # alternately in one process (``python benchmarks/pruned_speed.py --flags``; 2-core
 # x86-64 shared with other jobs, load average 8-12; CIFAR 32x32x3 inputs; the models of
 # that benchmark). Two runs each (the first without the control); the medians move with
-# the load; only differences beyond the noise count (tests/test_runtime_rule.py).
+# the load; only differences beyond the noise count (tests/engine/test_runtime_rule.py).
 RECORDED = {
     "resnet56": {
         "profile": {"conv": 125747200, "grouped_conv": 0, "dot": 640},

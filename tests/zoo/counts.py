@@ -12,7 +12,7 @@ input, and adds each layer's closed form. The convention is jaxprune's (tas.md Â
 - ``ConvTranspose`` (stride s): lax lowers it to ``conv_general_dilated`` over the
   input dilated by s (``lhs_dilation=(s, s)``, window stride 1), so every output
   position is a full k*k*C_in window, zeros of the dilation included:
-  H_out * W_out * C_out * k*k * C_in MACs (checked in tests/test_zoo_counts.py
+  H_out * W_out * C_out * k*k * C_in MACs (checked in tests/cost/test_zoo_counts.py
   against a jaxpr).
 - params = entries of the trainable params (BN statistics excluded).
 """

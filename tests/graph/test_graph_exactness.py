@@ -178,7 +178,7 @@ def test_attention_head_dim_scale_is_compensated_by_a_fold_into_the_query():
   assert hd.width == D // 2 and hd.exactness == "compensated"
   assert any(f"{D // 2}^-0.5 computed from the contracted width" in e for e in hd.effects)
   diff, small = gap(model, v, x, hd, n_gone=4)
-  assert diff < 1e-5 and small.folded  # tests/test_compensated.py has the rest
+  assert diff < 1e-5 and small.folded  # tests/surgery/test_compensated.py has the rest
 
 
 def test_weight_standardisation_is_approximate_l2_normalisation_exact():

@@ -198,7 +198,8 @@ def test_damaged_metrics_line_is_one_line_error(tmp_path):
 
 # --- Whole processes: SIGKILL at random points, a disk that fills up. -------------------
 
-FAULT_STAGE = os.path.join(os.path.dirname(__file__), "fault_stage.py")
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAULT_STAGE = os.path.join(TESTS, "fault_stage.py")
 
 
 def _launch(workdir, seed, *flags):
@@ -306,7 +307,7 @@ def test_asyncio_report_of_a_failed_orbax_write_is_dropped_others_kept():
 
 def test_report_stage_time_sums_each_stage_over_its_invocations(tmp_path):
   """``stage_time_s`` counts the interrupted invocation's training too (``wall_time_s``,
-  the whole command's time: tests/test_faults_input.py)."""
+  the whole command's time: tests/e2e/test_faults_input.py)."""
   import time  # pylint: disable=g-import-not-at-top
   from jaxprune.engine import report  # pylint: disable=g-import-not-at-top
   run = _problem()

@@ -68,7 +68,7 @@ def test_allowed_widths_and_latency_grid_are_multiples_of_round_to():
 # none more than 2% under (the adjust step stops once within 2%; largest 0.0191).
 # One of each zoo model's four selections is rebuilt and counted: the selection narrows
 # groups apart (vit_map's residual group 0 without the MAP head's group 9 once failed
-# the rebuild; tests/test_zoo_transformers.py pins that case).
+# the rebuild; tests/graph/test_zoo_transformers.py pins that case).
 @pytest.mark.parametrize("name,round_to", [("vit_scan", 4), ("vit_map", 4), ("bert", 2),
                                            ("gpt", 4), ("lm1b", 4), ("llama", 2),
                                            ("resnet20", 8)])

@@ -353,7 +353,7 @@ def test_cli_prune_recipe_on_a_pmap_model(tmp_path):
   code = tmp_path / "code"
   code.mkdir()
   (code / "pmap_models_cli.py").write_text(PMAP_MODEL)
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2",
              PYTHONPATH=os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")]))

@@ -1,5 +1,5 @@
 """NNX models written for pmap (``nnx.BatchNorm(axis_name='batch')``) from the CLI: the
-axis is bound to the global batch, as for Linen ones (tests/test_real_models.py)."""
+axis is bound to the global batch, as for Linen ones (tests/graph/test_real_models.py)."""
 import json
 import os
 import subprocess
@@ -78,7 +78,7 @@ def test_cli_prune_recipe_on_an_nnx_pmap_model(tmp_path):
   code = tmp_path / "code"
   code.mkdir()
   (code / "nnx_pmap_cli.py").write_text(NNX_PMAP_MODEL)
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2",
              PYTHONPATH=os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")]))

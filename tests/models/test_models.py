@@ -15,7 +15,7 @@ from jaxprune import flops
 from jaxprune import models
 from jaxprune.errors import UserError
 
-SHAPES_JSON = (Path(__file__).resolve().parents[1].parent / "shared" /
+SHAPES_JSON = (Path(__file__).resolve().parents[2].parent / "shared" /
                "reference" / "tas_released_shapes.json")
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 from jaxprune import data
 from jaxprune.errors import UserError
 
-DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
 CIFAR_NPZ = DATA / "cifar10-subset" / "cifar10_exact_train0-3999_test0-999.npz"
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -106,7 +106,7 @@ def _python_without_tensorflow(tmp_path: pathlib.Path, script: str):
     if entry.name == "tensorflow" or entry.name.startswith(("tensorflow-", "tensorflow_cpu")):
       continue
     (farm / entry.name).symlink_to(entry)
-  repo = pathlib.Path(__file__).resolve().parents[1]
+  repo = pathlib.Path(__file__).resolve().parents[2]
   prelude = f"import site, sys; site.addsitedir({str(farm)!r}); sys.path.insert(0, {str(repo)!r})\n"
   return subprocess.run([sys.executable, "-S", "-c", prelude + textwrap.dedent(script)],
                         capture_output=True, text=True, check=False, cwd=tmp_path)

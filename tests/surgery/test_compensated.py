@@ -87,7 +87,7 @@ class ConfiguredScale(nnx.Module):
 class JaxAttention(nnx.Module):
   """``jax.nn.dot_product_attention`` (its default scale 1/sqrt of the query's last axis)
   on NNX projections; it needs the value's head_dim equal to the query's, which the graph
-  ties by the attention pattern (tests/test_attention_ties.py)."""
+  ties by the attention pattern (tests/graph/test_attention_ties.py)."""
 
   def __init__(self, rngs):
     self.query = nnx.LinearGeneral(4, (HEADS, D // HEADS), rngs=rngs)

@@ -21,7 +21,7 @@ from jaxprune import models, surgery
 from jaxprune.errors import UserError
 from jaxprune.models import external
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _x(shape, seed):
@@ -210,7 +210,7 @@ def test_cli_tas_recipe_on_a_user_nnx_model(tmp_path):
   """TAS on a model jaxprune did not write: the graph search space with the depth of its
   stage of residual blocks, a derived network built by surgery (blocks beyond the
   argmax depth skipped) whose counted FLOPs are the search's argmax FLOPs. (A Linen
-  user model's search is tests/test_search.py; its CLI path is the ISTA test's.)
+  user model's search is tests/search/test_search.py; its CLI path is the ISTA test's.)
   The cost is the measured latency (tas.cost=latency): a per-op table timed in the
   workdir, the history's latency keys and the report's measured speed-up."""
   spec, kwargs = "user_models:nnx_resnet", "{'features': 8, 'blocks': 3}"

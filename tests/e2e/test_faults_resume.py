@@ -87,7 +87,8 @@ def test_resume_inside_an_epoch_and_a_log_interval_logs_the_same_records(tmp_pat
 
 # --- The TAS search killed inside an epoch and a log interval (whole processes). --------
 
-FAULT_STAGE = os.path.join(os.path.dirname(__file__), "fault_stage.py")
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAULT_STAGE = os.path.join(TESTS, "fault_stage.py")
 
 
 @pytest.fixture(scope="module")
