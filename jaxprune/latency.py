@@ -101,10 +101,16 @@ def _first_call(call, x, batch_size: int):
   except Exception as e:  # pylint: disable=broad-except
     if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
       raise
-    raise UserError(f"The inference benchmark at batch {batch_size} ran out of device memory"
-                    " (config report.inference_batch_size); the trained stages are kept: "
-                    "rerun with a smaller --config.report.inference_batch_size to write the "
-                    "report.") from None
+    raise OutOfMemory(batch_size) from None
+
+
+class OutOfMemory(UserError):
+  """A timed forward pass that does not fit in device memory at its ``batch_size``."""
+
+  def __init__(self, batch_size: int):
+    self.batch_size = batch_size
+    super().__init__(f"The inference benchmark at batch {batch_size} ran out of device "
+                     "memory: time a smaller batch.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -674,6 +680,6 @@ def load_or_measure(space, path: str, batch_size: int, *, repeats: int = 7,
   return table
 
 
-__all__ = ["Candidates", "Entry", "Factor", "LatencyTable", "Program", "as_candidates",
-           "factors", "fingerprint", "load", "load_or_measure", "measure", "plan",
+__all__ = ["Candidates", "Entry", "Factor", "LatencyTable", "OutOfMemory", "Program",
+           "as_candidates", "factors", "fingerprint", "load", "load_or_measure", "measure", "plan",
            "space_reach", "time_programs"]

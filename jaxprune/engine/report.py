@@ -1,5 +1,6 @@
 """The end-of-run report (``report.json`` + ``report.md``); the inference timers it
 reports are :mod:`jaxprune.latency`'s (also importable from here)."""
+import functools
 import glob
 import os
 from typing import Any, Mapping
@@ -11,9 +12,24 @@ from jaxprune.engine import metrics as metrics_lib
 from jaxprune.engine import workdir as workdir_lib
 from jaxprune.errors import UserError
 
-measure_inference = latency.measure_inference
-compare_inference = latency.compare_inference
 
+def _report_batch(timer):
+  """``timer`` (a :mod:`jaxprune.latency` timer) whose out-of-memory line names the
+  config key that sets the report's batch."""
+  @functools.wraps(timer)
+  def timed(*args, **kwargs):
+    try:
+      return timer(*args, **kwargs)
+    except latency.OutOfMemory as e:
+      raise UserError(f"The inference benchmark at batch {e.batch_size} ran out of device "
+                      "memory (config report.inference_batch_size); the trained stages are "
+                      "kept: rerun with a smaller --config.report.inference_batch_size to "
+                      "write the report.") from None
+  return timed
+
+
+measure_inference = _report_batch(latency.measure_inference)
+compare_inference = _report_batch(latency.compare_inference)
 
 
 def _fmt(v: Any) -> str:
