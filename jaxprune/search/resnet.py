@@ -74,6 +74,22 @@ def _geometry(model, batch_shape):
                          classifier["bias_adds"])}
 
 
+def _stem_cost(geometry, width):
+  """The stem conv's MACs at output ``width`` (a number or a traced scalar)."""
+  taps, positions = geometry["stem"]
+  return taps * geometry["in_channels"] * width * positions
+
+
+def _convs_cost(block, c_in, widths, index):
+  """``(MACs, output width, next index)`` of a block's convs in order, the first fed
+  ``c_in`` channels, conv ``j`` producing ``widths[index + j]``."""
+  cost = 0.0
+  for taps, positions in block["convs"]:
+    cost += taps * c_in * widths[index] * positions
+    c_in, index = widths[index], index + 1
+  return cost, c_in, index
+
+
 def _reach_probabilities(probs, choices, position):
   """P(sampled depth >= position): reverse cumulative sum of `probs` (§5)."""
   reach = jnp.cumsum(probs[::-1])[::-1]
@@ -115,14 +131,11 @@ def tas_expected_cost(model, arch_params: Mapping[str, Any],
                  for b in model.depth_logits(arch_params)]
   choices = model.stage_candidates()
 
-  taps, positions = geometry["stem"]
-  cost = taps * geometry["in_channels"] * e_out[0] * positions
+  cost = _stem_cost(geometry, e_out[0])
   e_in, index = e_out[0], 1
   for block in geometry["blocks"]:
-    block_in, block_cost = e_in, 0.0
-    for taps, positions in block["convs"]:
-      block_cost += taps * e_in * e_out[index] * positions
-      e_in, index = e_out[index], index + 1
+    block_in = e_in
+    block_cost, e_in, index = _convs_cost(block, e_in, e_out, index)
     if block["shortcut"]:
       block_cost += block_in * e_in * block["convs"][-1][1]
     s = block["stage"]
@@ -182,14 +195,10 @@ def tas_argmax_cost_traced(model, arch_params: Mapping[str, Any],
             for b, c in zip(model.depth_logits(arch_params),
                             model.stage_candidates())]
 
-  taps, positions = geometry["stem"]
-  cost = taps * geometry["in_channels"] * widths[0] * positions
+  cost = _stem_cost(geometry, widths[0])
   current, index = widths[0], 1
   for block in geometry["blocks"]:
-    c_in, block_cost = current, 0.0
-    for taps, positions in block["convs"]:
-      block_cost += taps * c_in * widths[index] * positions
-      c_in, index = widths[index], index + 1
+    block_cost, c_in, index = _convs_cost(block, current, widths, index)
     needs_shortcut = block["strided"] or (current != c_in)
     block_cost += jnp.where(needs_shortcut,
                             current * c_in * block["convs"][-1][1], 0.0)
