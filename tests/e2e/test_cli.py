@@ -1,19 +1,9 @@
 """The command line: clear one-line errors, and the smoke run end to end."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
-
-
-def _main(*args, devices: int = 1, timeout=600):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "jaxprune.main", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+from cli import run_main as _main
 
 
 def _assert_clean_error(proc, *needles):

@@ -346,27 +346,18 @@ def test_pmap_model_gets_its_axis_bound_to_the_global_batch(tmp_path, monkeypatc
 def test_cli_prune_recipe_on_a_pmap_model(tmp_path):
   """--config.model.name with a model written for pmap trains, prunes and fine-tunes
   (was: 'unbound axis name: batch' in the first step, after the workdir was written)."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
+  import cli  # pylint: disable=g-import-not-at-top
   code = tmp_path / "code"
   code.mkdir()
   (code / "pmap_models_cli.py").write_text(PMAP_MODEL)
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             PYTHONPATH=os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")]))
   work = tmp_path / "work"
-  proc = subprocess.run(
-      [sys.executable, "-m", "jaxprune.main", "--config", "configs/prune_resnet.py:smoke",
-       "--config.model.name=pmap_models_cli:make", "--config.train.max_steps=2",
-       "--config.finetune.max_steps=2", "--config.scratch.max_steps=2",
-       "--workdir", str(work)], cwd=repo, env=env, capture_output=True, text=True,
-      timeout=600, check=False)
+  proc = cli.run_main(
+      "--config", "configs/prune_resnet.py:smoke", "--config.model.name=pmap_models_cli:make",
+      "--config.train.max_steps=2", "--config.finetune.max_steps=2",
+      "--config.scratch.max_steps=2", "--workdir", str(work), devices=2, pythonpath=[code],
+      timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(work / "report.json", encoding="utf-8") as f:
-    report = json.load(f)
+  report = cli.read_report(work)
   assert 0 < report["pruned_flops"] <= 0.5 * report["dense_flops"]
 
 

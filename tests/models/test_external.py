@@ -6,8 +6,6 @@ write them; the command-line runs put this folder on PYTHONPATH and name them
 """
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import cli
 import user_models
-from conftest import REPO
 from jaxprune import models, surgery
 from jaxprune.errors import UserError
 from jaxprune.models import external
-
-TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _x(shape, seed):
@@ -157,17 +153,10 @@ def test_surgery_on_a_wrapped_nnx_model_matches_surgery_on_the_module():
 
 
 def _main(tmp_path, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
-  proc = subprocess.run([sys.executable, "-m", "jaxprune.main", *args,
-                         "--workdir", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=900, check=False)
-  return proc
+  return cli.run_main(*args, "--workdir", str(tmp_path), pythonpath=[cli.TESTS])
 
 
-def _report(tmp_path):
-  with open(os.path.join(tmp_path, "report.json"), encoding="utf-8") as f:
-    return json.load(f)
+_report = cli.read_report
 
 
 @pytest.mark.e2e

@@ -1,15 +1,11 @@
 """NNX models written for pmap (``nnx.BatchNorm(axis_name='batch')``) from the CLI: the
 axis is bound to the global batch, as for Linen ones (tests/graph/test_real_models.py)."""
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cli
 from jaxprune.errors import UserError
 from jaxprune.graph import adapters
 from jaxprune.models import external
@@ -78,21 +74,15 @@ def test_cli_prune_recipe_on_an_nnx_pmap_model(tmp_path):
   code = tmp_path / "code"
   code.mkdir()
   (code / "nnx_pmap_cli.py").write_text(NNX_PMAP_MODEL)
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             PYTHONPATH=os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")]))
   work = tmp_path / "work"
-  proc = subprocess.run(
-      [sys.executable, "-m", "jaxprune.main", "--config", "configs/prune_resnet.py:smoke",
-       "--config.model.name=nnx_pmap_cli:make", "--config.prune.round_to=1",  # 6-wide groups
-       "--config.train.max_steps=2",
-       "--config.finetune.max_steps=2", "--config.scratch.max_steps=2",
-       "--workdir", str(work)], cwd=repo, env=env, capture_output=True, text=True,
-      timeout=600, check=False)
+  proc = cli.run_main(
+      "--config", "configs/prune_resnet.py:smoke", "--config.model.name=nnx_pmap_cli:make",
+      "--config.prune.round_to=1",  # 6-wide groups
+      "--config.train.max_steps=2", "--config.finetune.max_steps=2",
+      "--config.scratch.max_steps=2", "--workdir", str(work), devices=2, pythonpath=[code],
+      timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(work / "report.json", encoding="utf-8") as f:
-    report = json.load(f)
+  report = cli.read_report(work)
   assert 0 < report["pruned_flops"] <= 0.5 * report["dense_flops"]
 
 
