@@ -9,10 +9,12 @@ Tiers (markers registered in pytest.ini, which sets ``--strict-markers``):
   and whose in-process recipe run returns fails here with what to do (a forgotten mark
   would slow down the day-to-day tier); a run stopped by an expected error does not
   count. Subprocess runs cannot be seen from here: mark them by the rule.
-- ``slow``: another test that takes more than about 30 s on 2 CPU cores.
+- ``slow``: another test that takes more than about 5 s on 2 CPU cores (compiles of
+  big models, data builds); in a sweep over models (:func:`sweep`) every case but a
+  representative few.
 
-Day to day: ``python -m pytest -m "not e2e" -n 2 tests``; everything (the README's
-command): ``python -m pytest -q -n 2 tests``.
+Day to day: ``python -m pytest -n 2 -m "not e2e and not slow" tests``; the unit tests
+``-m "not e2e"``; everything (the README's command): ``python -m pytest -q -n 2 tests``.
 """
 import os
 import pathlib
@@ -88,3 +90,14 @@ def _recipe_runs_are_e2e(request, monkeypatch):
     module = sys.modules.get(module_name)  # imported by the test module
     if module is not None and hasattr(module, "run"):
       monkeypatch.setattr(module, "run", guard(module.run, f"{module_name}.run"))
+
+
+def sweep(cases, quick):
+  """``parametrize`` cases of a sweep over models: a case whose value (its first value,
+  for several) is not in ``quick`` is marked ``slow``. The day-to-day tier runs the
+  ``quick`` ones, the full suite every case."""
+  out = []
+  for case in cases:
+    values = case if isinstance(case, tuple) else (case,)
+    out.append(pytest.param(*values, marks=() if values[0] in quick else pytest.mark.slow))
+  return out

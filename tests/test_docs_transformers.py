@@ -1,9 +1,12 @@
 """docs/transformers.md's example runs as written and prints what the page shows."""
 import re
 
+import pytest
+
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_transformers_example_runs_and_prints_what_the_page_shows(capsys):
   text = (REPO / "docs" / "transformers.md").read_text()
   (code,) = re.findall(r"```python\n(.*?)```", text, re.S)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 from conftest import REPO
 
 CHECK = r'''
@@ -58,6 +60,7 @@ def _copy_repository(dest: pathlib.Path):
     shutil.copy2(REPO / name, target)
 
 
+@pytest.mark.slow
 def test_a_copy_of_the_repository_alone_runs_the_documented_configs(tmp_path):
   copy = tmp_path / "repo"  # nothing beside it: no ../shared
   _copy_repository(copy)

@@ -21,6 +21,7 @@ def test_typo_in_override_names_the_key_and_suggests(tmp_path):
   _assert_clean_error(proc, "train.learning_rat", "--config.train.learning_rate")
 
 
+@pytest.mark.slow
 def test_override_into_a_value_names_it(tmp_path):
   # model.kwargs is a string (a dict literal); train.epochs an int: neither has keys.
   for flag, needles in (("--config.model.kwargs.depth=20",
@@ -62,6 +63,7 @@ def test_workdir_with_incompatible_config(tmp_path):
   _assert_clean_error(second, "model.depth", "20", "32", "--workdir")
 
 
+@pytest.mark.slow
 def test_failed_start_writes_nothing_and_its_advice_works(tmp_path):
   workdir = tmp_path / "run"
   # A released ResNet-56 shape with the default depth: refused before any work.

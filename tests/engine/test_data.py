@@ -70,6 +70,7 @@ def mnist(tmp_path_factory):
 # Real datasets.
 
 
+@pytest.mark.slow
 def test_mnist_offline_build_has_canonical_sizes_and_label_counts(mnist):
   _, splits = mnist
   train, test = splits["train"], splits["test"]
@@ -145,6 +146,7 @@ def test_reading_a_prepared_split_works_without_tensorflow(mnist, tmp_path):
   assert "TENSORFLOW LOADED False" in result.stdout
 
 
+@pytest.mark.slow
 def test_fashion_mnist_built_beside_mnist_is_not_mnist(mnist):
   """The extract cache pitfall: both datasets use the same four file names."""
   _require(DATA / "fashion-mnist")

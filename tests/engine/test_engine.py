@@ -76,6 +76,7 @@ def _stage(workdir, datasets, cfg, on_step=None):
                                  on_step=on_step)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_params(tmp_path):
   datasets = _datasets()
   cfg = _train_cfg()

@@ -198,6 +198,7 @@ def test_weight_standardisation_is_approximate_l2_normalisation_exact():
   assert gap(model, v, x, into_std, n_gone=3)[0] > 1e-3
 
 
+@pytest.mark.slow
 def test_gqa_decoder_heads_are_whole_kv_groups_and_exact():
   model = GQADecoder(rngs=nnx.Rngs(0))
   ids = jax.random.randint(jax.random.key(1), (2, T), 0, 11)

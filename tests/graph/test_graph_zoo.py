@@ -12,7 +12,6 @@ For every zoo architecture (tests/zoo), in Linen and NNX:
 - removed channels that were exactly zero (masked) give the masked original's outputs;
 - prune -> one train step -> orbax save -> restore into the smaller architecture;
 - the Linen and NNX twins have the same groups and counts.
-Written against the contract (notes/CONTRACT.md) before graph and rebuild land.
 """
 import math
 
@@ -24,10 +23,14 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from conftest import sweep
 from jaxprune import flops, graph, surgery
 from zoo import BY_NAME, ZOO, example, init_linen, init_nnx, masked_exact, nnx_params
 
 NAMES = [a.name for a in ZOO]
+# The day-to-day tier's cases of the sweeps below (conftest.sweep): a plain stack, a
+# residual stream, concatenation, depthwise convs, jaxprune's own layers, an MLP.
+QUICK = {"plain_cnn", "resnet_basic", "split_concat", "mobilenet_v1", "jaxprune_conv", "mlp"}
 APIS = ["linen", "nnx"]
 TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -348,7 +351,7 @@ def test_zoo_groups_are_the_expected_ones(name, api):
   assert str(g)  # a readable printout
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", sweep(NAMES, QUICK))
 def test_zoo_linen_and_nnx_twins_give_the_same_groups_and_counts(name):
   arch = BY_NAME[name]
   lin, nx = Setup(arch, "linen"), Setup(arch, "nnx")
@@ -371,7 +374,7 @@ def test_zoo_linen_and_nnx_twins_give_the_same_groups_and_counts(name):
 
 
 @pytest.mark.parametrize("api", APIS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", sweep(NAMES, QUICK))
 def test_zoo_graph_predicts_counts_exactly(name, api):
   """Without surgery: the kept slices' sizes give the hand count's params at the widths
   they imply, and one group removed alone changes FLOPs and params by exactly
@@ -396,7 +399,7 @@ def test_zoo_graph_predicts_counts_exactly(name, api):
 
 
 @pytest.mark.parametrize("api", APIS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", sweep(NAMES, QUICK))
 def test_zoo_random_prune_runs_and_matches_the_hand_count(name, api, tmp_path):
   arch = BY_NAME[name]
   s = Setup(arch, api)
@@ -492,7 +495,7 @@ def _train_save_restore(arch, api, p, x, tmp_path):
 
 
 @pytest.mark.parametrize("api", APIS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", sweep(NAMES, QUICK))
 def test_zoo_removing_masked_channels_keeps_the_outputs(name, api):
   """Zero the removed channels (producer slices, biases, BN scale and bias), then remove
   them: the logits equal the masked original's to float32 rounding. Groups through

@@ -376,6 +376,7 @@ class NNXTagger(nnx.Module):
     return self.head(h.sum(1))
 
 
+@pytest.mark.slow
 def test_search_space_through_call_on_several_inputs():
   """SearchSpace takes call= and a pytree input_shape (Linen and NNX): full-width picks
   give the model's own logits, a search step's gradients reach the width logits, the
@@ -435,6 +436,7 @@ class TinyBiT(nn.Module):
     return nn.Dense(3, name="head")(nn.relu(h).mean((1, 2)))
 
 
+@pytest.mark.slow
 def test_search_space_mixes_weight_standardised_nhwc_convs():
   """A conv whose kernel is computed from its parameter (weight standardisation) is a
   searched producer (was excluded as 'does not put the group's channels on its

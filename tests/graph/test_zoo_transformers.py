@@ -20,12 +20,17 @@ import pytest
 import flax.linen as nn
 from flax import nnx
 
+from conftest import sweep
 from jaxprune import flops, graph, surgery
 from jaxprune.errors import UserError
 import zoo_models as Z
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 NAMES = [m.name for m in Z.ZOO]
+# The day-to-day tier's cases of the heavier sweeps (conftest.sweep): a decoder (GPT),
+# a text model with a constant-sized table (LM1B), a pmap-era, a branching and a
+# weight-standardised ResNet, and a model with a dead output.
+QUICK = {"gpt", "lm1b", "pmap_resnet", "branch_resnet", "stdconv", "dead_output"}
 _CACHE = {}
 
 
@@ -160,15 +165,11 @@ def test_zoo_flops_and_params_equal_the_hand_count(name):
   assert str(s.graph)  # a readable printout
 
 
-PRUNE_FAILS = {}
-
-
 def overrides_for(s, keep):
   return Z.overrides_for(s.spec.name, s.graph, keep)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    strict=True, reason=PRUNE_FAILS[n])) if n in PRUNE_FAILS else n for n in NAMES])
+@pytest.mark.parametrize("name", sweep(NAMES, QUICK))
 def test_zoo_every_group_narrowed_to_its_own_width_runs_trains_and_matches_the_prediction(name):
   s = setup(name)
   rng = np.random.default_rng()
@@ -206,11 +207,7 @@ def test_zoo_lm1b_residual_sized_by_a_constant_is_fixed_or_one_line():
   assert "\n" not in message and "LM1B" in message and "32" in message, message
 
 
-MASK_FAILS = {}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    strict=True, reason=MASK_FAILS[n])) if n in MASK_FAILS else n for n in NAMES])
+@pytest.mark.parametrize("name", sweep(NAMES, QUICK))
 def test_zoo_exact_groups_give_the_masked_originals_logits(name):
   """Zero every parameter slice of the removed channels, then remove them: for groups
   claimed exact or compensated the logits equal the masked original's."""
@@ -477,6 +474,7 @@ def _vit_map_reference(params, x, heads=Z.HEADS):
   return dense(params["head"], (z + mlp(m, ln(m["ln"], z)))[:, 0])
 
 
+@pytest.mark.slow
 def test_zoo_vit_map_residual_narrowed_without_the_map_heads_group_rebuilds():
   """The residual group 0 narrowed alone (random channels) while the MAP head's output
   group keeps its width: Flax attention sizes its output from the query input (the

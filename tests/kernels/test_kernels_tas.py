@@ -77,6 +77,7 @@ def test_cwi_gradient_is_transpose_of_averaging_matrix(c_in, c_out):
   np.testing.assert_allclose(fd, np.sum(grad * v), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_cwi_masked_one_compile_serves_every_width_pair():
   c_full = 16
   widths = (4, 6, 8, 9, 11, 12, 14, 16)  # TAS candidates of a 16-channel conv (§1)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import load_config, sweep
 from jaxprune import config_lib, methods, models
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import metrics
@@ -58,6 +58,7 @@ def test_bfloat16_baseline_trains_close_to_float32_with_float32_state(tmp_path):
   assert report["test_accuracy"] * 64 == round(report["test_accuracy"] * 64)
 
 
+@pytest.mark.slow
 def test_bfloat16_tas_search_model_mixes_in_bfloat16_and_prices_in_float32():
   config = _config("configs/tas_resnet.py", "smoke", **{"model.depth": 8})
   config.model.dtype = "bfloat16"
@@ -170,7 +171,7 @@ def test_bfloat16_recipe_starts_like_float32_learns_and_keeps_float32_state(tmp_
   assert json.loads((tmp_path / "bfloat16" / "report.json").read_text())
 
 
-@pytest.mark.parametrize("name,shape,kwargs", [
+@pytest.mark.parametrize("name,shape,kwargs", sweep([
     ("lenet5", (28, 28, 1), {}), ("lenet300_100", (28, 28, 1), {}),
     ("vgg_like", (32, 32, 3), {"features": (8,) * 13 + (16,)}),
     ("convnet", (16, 16, 3), {"features": (8, 8, 8)}),
@@ -183,7 +184,7 @@ def test_bfloat16_recipe_starts_like_float32_learns_and_keeps_float32_state(tmp_
     ("dnw_continuous", (16, 16, 3),
      {"nodes": 24, "stem_width": 8, "num_outputs": 4, "prune_rate": 0.5}),
     ("dnw_mobilenet", (16, 16, 3), {"blocks": ((8, 16, 1, 1), (16, 16, 2, 2))}),
-])
+], {"lenet5", "lenet300_100"}))
 def test_every_model_computes_in_bfloat16_close_to_float32(name, shape, kwargs):
   assert {name, "imagenet_resnet"} <= set(models.MODELS)
   m32 = models.get_model(name, 5, **kwargs)
@@ -218,10 +219,10 @@ def test_every_model_computes_in_bfloat16_close_to_float32(name, shape, kwargs):
   assert len(errors) >= 5 and np.median(errors) < 0.05, np.round(errors, 4)
 
 
-@pytest.mark.parametrize("spec,kwargs", [
+@pytest.mark.parametrize("spec,kwargs", sweep([
     ("user_models:linen_cnn", {"features": 8}),  # the module's dtype field
     ("user_models:nnx_resnet", {"features": 8, "blocks": 2}),  # the factory's argument
-])
+], {"user_models:nnx_resnet"}))
 def test_bfloat16_graph_search_space_of_a_user_model_mixes_like_float32(spec, kwargs):
   shape = (8, 8, 3)
   nets = {}

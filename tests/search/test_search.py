@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import sweep
 from jaxprune import kernels, models, search
 from jaxprune.search import Selection
 from jaxprune.optim import selection as selection_lib
@@ -67,6 +68,7 @@ def _fixed(tas_model, selections, depth_probs=None):
                    "layout")})
 
 
+@pytest.mark.slow
 def test_generic_search_on_cifar_resnet_equals_tas_resnet_with_tied_picks():
   seed = int(np.random.randint(1 << 30))
   rng = np.random.default_rng(seed)
@@ -188,7 +190,7 @@ def test_the_mix_is_cwi_of_the_picked_prefixes():
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["plain_cnn", "resnet_basic", "vit"])
+@pytest.mark.parametrize("name", sweep(["plain_cnn", "resnet_basic", "vit"], {"plain_cnn"}))
 def test_search_on_user_models_linen_and_nnx(name):
   """Any zoo model, Linen and its NNX twin: the full-width picks give the model's own
   logits exactly; random picks give the same logits in both; a search step's
@@ -261,6 +263,7 @@ def test_round_to_candidates():
   assert search.rounded_candidates(20, 16) == (16, 20)
 
 
+@pytest.mark.slow
 def test_depth_search_on_cifar_resnet_equals_tas_resnet():
   """ResNet-20: three stages of three blocks, depth candidates (1, 2, 3) each, found in
   the graph (stage 0 from identity blocks only, stages 1-2 after a projection block);

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import sweep
 from jaxprune import flops, models, search
 
 SHAPE = (8, 8, 3)
@@ -44,7 +45,7 @@ def test_record_derives_the_network_whose_counted_flops_it_states(spaces, kind):
   assert blocks == record["argmax_blocks"]
 
 
-@pytest.mark.parametrize("kind", ["resnet", "graph"])
+@pytest.mark.parametrize("kind", sweep(["resnet", "graph"], {"graph"}))
 def test_forward_and_expected_cost_are_what_the_search_step_differentiates(spaces, kind):
   """forward gives float32 logits and the same model-state tree; E_cost has a finite,
   nonzero gradient in every width logit vector."""

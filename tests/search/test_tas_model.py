@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import sweep
 from jaxprune import flops
 from jaxprune import kernels
 from jaxprune import search
@@ -108,7 +109,7 @@ def _assert_all_max_costs(model, arch, depth, layout, shape, expected):
                              expected - 10, rtol=1e-5)
 
 
-@pytest.mark.parametrize("depth", [20, 56, 164])
+@pytest.mark.parametrize("depth", sweep([20, 56, 164], {20, 56}))
 def test_argmax_cost_of_full_architecture_equals_plain_flops(depth):
   model = models.tas_cifar_resnet(depth)
   arch = _arch_tree(model, _one_hot_last, _one_hot_last)
@@ -376,6 +377,7 @@ def _plain_variables_from_search(model, search, plain_params_shape):
   return {"params": out_p, "batch_stats": out_s}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth,block", [(14, "basic"), (11, "bottleneck")])
 def test_forced_full_width_choice_matches_plain_network(depth, block):
   """Eval mode with the widest width and deepest depth forced == plain net."""
@@ -516,6 +518,7 @@ def test_imagenet_argmax_cost_of_random_architecture_equals_derived_count(
   np.testing.assert_allclose(traced, expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_imagenet_search_forward_compiles_once_and_reaches_all_logits():
   model = models.tas_imagenet_resnet(18, 10)
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
@@ -551,6 +554,7 @@ def test_imagenet_search_forward_compiles_once_and_reaches_all_logits():
       variables["batch_stats"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [18, 50])
 def test_imagenet_forced_full_width_choice_matches_plain_network(depth):
   """Eval mode, widest/deepest forced == plain ImageNet ResNet, same weights.

@@ -105,6 +105,7 @@ def rel_gap(a, b):
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("members", [
     ("params/stem/kernel",),  # the stem + block0's depthwise conv (no expand conv)
     ("params/stem/kernel", "params/block1/dw/kernel", "params/block2/project/kernel"),

@@ -313,6 +313,7 @@ def test_linen_jaxprune_convnet_through_the_same_mechanism():
   assert jax.tree.map(np.shape, fresh) == jax.tree.map(np.shape, pruned.variables)
 
 
+@pytest.mark.slow
 def test_linen_jaxprune_resnet_inner_widths_keep_the_block_structure():
   rng = np.random.default_rng(9)
   model = cifar_resnet(20, num_classes=3)

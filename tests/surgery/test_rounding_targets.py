@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import zoo_models
+from conftest import sweep
 from jaxprune import flops, graph, models, surgery
 from jaxprune.errors import UserError
 from jaxprune.surgery import targets
@@ -69,9 +70,9 @@ def test_allowed_widths_and_latency_grid_are_multiples_of_round_to():
 # One of each zoo model's four selections is rebuilt and counted: the selection narrows
 # groups apart (vit_map's residual group 0 without the MAP head's group 9 once failed
 # the rebuild; tests/graph/test_zoo_transformers.py pins that case).
-@pytest.mark.parametrize("name,round_to", [("vit_scan", 4), ("vit_map", 4), ("bert", 2),
-                                           ("gpt", 4), ("lm1b", 4), ("llama", 2),
-                                           ("resnet20", 8)])
+@pytest.mark.parametrize("name,round_to", sweep(
+    [("vit_scan", 4), ("vit_map", 4), ("bert", 2), ("gpt", 4), ("lm1b", 4), ("llama", 2),
+     ("resnet20", 8)], {"vit_scan", "gpt", "lm1b", "llama", "resnet20"}))
 def test_targets_with_round_to_land_within_two_percent_on_the_zoo(name, round_to):
   built = zoo_models.BY_NAME[name].build(0) if name != "resnet20" else None
   g = _graph(name, round_to, built)

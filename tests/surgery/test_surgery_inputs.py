@@ -46,6 +46,7 @@ def test_probe_inputs_follow_the_pytree_with_integers_in_range():
   assert abs(float(jnp.std(images)) - 1) < 0.3  # standard normal, 240 draws
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_prune_zeros_takes_token_ids_and_a_mask_and_checks_on_them(seed):
   model, variables, call, dead = _bert_with_dead_units(seed)
@@ -84,6 +85,7 @@ def test_check_equivalence_with_a_probe_missing_an_input_is_one_line():
   assert "\n" not in str(e.value) and "2 input(s)" in str(e.value), str(e.value)
 
 
+@pytest.mark.slow
 def test_shrink_of_dead_head_dim_channels_folds_the_scale_and_checks_equal():
   """Head-dimension channels of layer 0 with no fan-in (query, key and value columns and
   biases zero) are removed; the 1/sqrt(head_dim) fold (a compensated group) keeps the
@@ -108,6 +110,7 @@ def test_shrink_of_dead_head_dim_channels_folds_the_scale_and_checks_equal():
   assert report["approximate"] == {}
 
 
+@pytest.mark.slow
 def test_one_token_id_struct_is_one_example_for_the_trace_and_the_rebuild():
   """`input_shape=jax.ShapeDtypeStruct((T,), int32)` (no call=) is one example of T ids
   for the rebuild's check as it is for the trace (the check used to call the module with
