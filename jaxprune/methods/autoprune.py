@@ -223,13 +223,16 @@ def layer_table(model, params, opt_state, selector, input_shape, model_state=Non
     name = selection.leaf_path(path)
     if s and name.endswith("/kernel"):
       layers[name[:-len("/kernel")]] = {"weights": int(k.size), "kept": int(np.sum(k))}
-  variables = {"params": params, **(model_state or {})}  # BN statistics too
-  for rec in flops.count_layers(model, variables, input_shape):
+  state = model_state or {}  # BN statistics too
+  dense = flops.count_layers(model, {"params": params, **state}, input_shape)
+  # The effective network W * h(M): each kept (nonzero) weight at every output position.
+  kept = flops.count_layers(model, {"params": ap.effective_params(params, opt_state), **state},
+                            input_shape, nonzero=True)
+  for rec, kept_rec in zip(dense, kept):
     row = layers.get(rec["name"])
     if row is not None:
       row["macs"] = int(rec["macs"])
-      # Weight pruning: every kept weight is used at every output position.
-      row["kept_macs"] = int(round(rec["macs"] * row["kept"] / row["weights"]))
+      row["kept_macs"] = int(kept_rec["macs"])
   for row in layers.values():
     row["kept_fraction"] = row["kept"] / row["weights"]
   return layers

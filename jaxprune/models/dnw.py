@@ -4,6 +4,7 @@ import math
 from typing import Any, Sequence
 
 import diffrax
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -142,6 +143,11 @@ class StaticGraphNet(nn.Module):
     stem_width: the stem's width before its last 1x1 conv is cut to the live stem
       nodes (0: ``block_sizes[0]``; set by :func:`compact_static`).
     dtype: compute dtype of the convs and contractions (see the module docstring).
+    read_once: the output nodes add the later layers' contributions to the inputs
+      already pulled for their own node ops, so every edge is read once (the same
+      function, another rounding); the default reads every node's output in one
+      contraction, so edges from earlier layers into the output nodes are read twice.
+      :func:`export_wiring` counts this form: dnw.md §2 counts each edge once.
   """
   num_classes: int = 10
   block_sizes: Sequence[int] = (32, 192, 192, 192, 192)
@@ -151,6 +157,7 @@ class StaticGraphNet(nn.Module):
   num_edges: int = 0
   stem_width: int = 0
   dtype: Any = jnp.float32
+  read_once: bool = False
 
   def _layout(self):
     sizes = tuple(self.block_sizes)
@@ -193,7 +200,7 @@ class StaticGraphNet(nn.Module):
     scale = self.param("norm_scale", nn.initializers.ones, (nodes,))
     bias = self.param("norm_bias", nn.initializers.zeros, (nodes,))
     first_output = nodes - self.num_outputs
-    outputs = []
+    outputs, pulled = [], []
     # Each layer pulls its input from all earlier layers' outputs: one matmul per
     # layer over the rows the DAG allows (the same sums as pushing each layer's
     # output into all later nodes, without scattering into a buffer).
@@ -201,10 +208,21 @@ class StaticGraphNet(nn.Module):
       lo, hi = int(bounds[i]), int(bounds[i + 1])
       if i > 0:
         node_input = _contract(jnp.concatenate(outputs, -1), w[:lo, lo:hi], dt)
+      pulled.append(node_input)
       z = _instance_norm(node_input, scale[lo:hi], bias[lo:hi])
       outputs.append(_depthwise(nn.relu(z), dw[..., lo:hi], 1, dt))
-    # The output nodes: the last layer's accumulated input plus its contribution.
-    out = _contract(jnp.concatenate(outputs, -1), w[:, first_output:], dt)
+    # The output nodes: their accumulated input plus the contributions of their own
+    # and later layers.
+    if not self.read_once:
+      out = _contract(jnp.concatenate(outputs, -1), w[:, first_output:], dt)
+    else:
+      parts = []
+      for i in range(len(sizes)):
+        lo, a, b = int(bounds[i]), max(int(bounds[i]), first_output), int(bounds[i + 1])
+        if a < b:
+          part = _contract(jnp.concatenate(outputs[i:], -1), w[lo:, a:b], dt)
+          parts.append(part if i == 0 else pulled[i][..., a - lo:b - lo] + part)
+      out = jnp.concatenate(parts, -1)
     out = _readout_window(out)
     out = nn.Dense(self.num_classes, kernel_init=_torch_init, dtype=dt, name="fc")(out)
     return out.astype(jnp.float32)
@@ -545,13 +563,14 @@ def export_wiring(model, variables, input_shape, *, with_edges: bool = True) -> 
     A JSON-ready dict: ``blocks`` (per block: ``name``, ``spatial``, ``steps``,
     ``edges`` (kept), ``executed_edges`` (after dead-node removal), ``nodes``,
     ``live_nodes``, ``nodes_without_inputs``, ``edge_list``), ``flops_executed``
-    (dnw.md §2: ``(edges + 9 * live nodes) * spatial^2`` per block, plus stem and
-    classifier), ``flops_dense_masked`` (every slot the dense forward reads and every
-    node op), ``params`` and ``params_executed``.
+    (dnw.md §2: ``(edges + 9 * live nodes) * spatial^2 * steps`` per block, plus stem
+    and classifier), ``flops_dense_masked`` (every valid slot and every node op),
+    ``params`` and ``params_executed``. Both FLOPs are ``flops.count_layers(...,
+    nonzero=True)`` on variables that say what runs (:func:`_count_variables`).
   """
   blocks = model.graph_blocks(input_shape)
   live_next = None
-  rows = []
+  rows, matrices = [], []
   for block in reversed(blocks):  # later blocks decide which outputs are still read
     edges = edge_values(model, variables, block)
     n_src, _ = edges.shape
@@ -577,22 +596,76 @@ def export_wiring(model, variables, input_shape, *, with_edges: bool = True) -> 
       row["edge_list"] = [[int(a), int(block["dst_node"][b]), float(executed[a, b])]
                           for a, b in zip(u, v)]
     rows.append(row)
+    matrices.append(executed)
     # A chained block's input nodes are the previous block's outputs.
     live_next = src_live[:inputs] if block["chained"] else None
   rows.reverse()
-  executed = [{"edges": r["executed_edges"], "nodes": r["live_node_ops"],
-               "spatial": r["spatial"], "steps": r["steps"]} for r in rows]
-  dense = [{"edges": r["valid_slots"], "nodes": r["sources"], "spatial": r["spatial"],
-            "steps": r["steps"]} for r in rows]
-  counted_exec = flops_lib.count_graph(model, variables, input_shape, executed)
-  counted_dense = flops_lib.count_graph(model, variables, input_shape, dense)
+  exec_vars, dense_vars = _count_variables(model, variables, blocks, matrices[::-1])
+  counted = model.clone(read_once=True) if isinstance(model, StaticGraphNet) else model
+  executed = _network_layers(counted, exec_vars, input_shape)
+  dense = _network_layers(counted.clone(graph="complete"), dense_vars, input_shape)
+  # The stem's and the classifier's kernels and biases (the graph's are counted by edge).
+  layer_params = int(sum(math.prod(r["kernel_shape"]) +
+                         (r["kernel_shape"][-1] if r["bias_adds"] else 0)
+                         for r in executed if r["kernel"].endswith("/kernel")))
   return {"graph": model.graph, "blocks": rows,
-          "flops_executed": counted_exec["flops"],
-          "flops_dense_masked": counted_dense["flops"],
-          "params": counted_dense["params"],
-          "params_executed": counted_exec["graph_params"] + counted_exec["layer_params"],
+          "flops_executed": int(sum(r["flops"] for r in executed)),
+          "flops_dense_masked": int(sum(r["flops"] for r in dense)),
+          "params": flops_lib.count_params(variables),
+          "params_executed": layer_params + int(sum(
+              r["executed_edges"] + NODE_TAPS * r["live_node_ops"] for r in rows)),
           "edges": int(sum(r["edges"] for r in rows)),
           "executed_edges": int(sum(r["executed_edges"] for r in rows))}
+
+
+def _network_layers(model, variables, input_shape) -> list[dict]:
+  """The network's layers (ops with a parameter operand) counted on the nonzero entries
+  of `variables`. The continuous-time net's solver loop counts once: one function
+  evaluation (dnw.md §2); its own arithmetic (dopri5's stage sums) is not the network's."""
+  layers = flops_lib.count_layers(model, variables, input_shape, nonzero=True)
+  return [r for r in layers if r["kernel"] is not None]
+
+
+def _node_ops(model, block) -> list[tuple[tuple, slice]]:
+  """(param path, source slice) of a block's node-op kernels: source u's op is entry u."""
+  if isinstance(model, MobileNetV1Like):
+    n_src = block["valid"].shape[0]
+    inp = block["inputs"]
+    return [((block["name"], "input_conv"), slice(0, inp))] + (
+        [((block["name"], "node_conv"), slice(inp, n_src))] if n_src > inp else [])
+  return [(("node_conv",), slice(None))]
+
+
+def _count_variables(model, variables, blocks, executed_edges):
+  """The variables that say what runs: (executed, dense masked). Executed: each edge
+  matrix is 1 on the executed edges, 0 elsewhere (so top-k keeps exactly them), each node
+  op's kernel 1 for the sources with an executed edge, 0 for the others; dense masked:
+  every slot and every node op 1 (for the ``complete`` graph, which reads the valid
+  slots)."""
+  params = jax.tree.map(np.asarray, flax.core.unfreeze(variables["params"]))
+  exec_p, dense_p = jax.tree.map(np.copy, params), jax.tree.map(np.copy, params)
+
+  def put(tree, path, value):
+    for p in path[:-1]:
+      tree = tree[p]
+    tree[path[-1]] = value.astype(np.asarray(tree[path[-1]]).dtype)
+
+  for block, executed in zip(blocks, executed_edges):
+    put(exec_p, block["path"], executed != 0)
+    put(dense_p, block["path"], np.ones(executed.shape, bool))
+    src_live = (executed != 0).any(axis=1)  # a node op runs when its output is read
+    for path, sources in _node_ops(model, block):
+      shape = np.shape(_get(params, path))
+      put(exec_p, path, np.broadcast_to(src_live[sources], shape))
+      put(dense_p, path, np.ones(shape, bool))
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  return {"params": exec_p, **rest}, {"params": dense_p, **rest}
+
+
+def _get(tree, path):
+  for p in path:
+    tree = tree[p]
+  return tree
 
 
 def compact_static(model: StaticGraphNet, variables) -> tuple[StaticGraphNet, dict]:
@@ -622,7 +695,7 @@ def compact_static(model: StaticGraphNet, variables) -> tuple[StaticGraphNet, di
                            num_edges=int((sub != 0).sum()),
                            stem_width=model.stem_width or int(model.block_sizes[0]),
                            dtype=model.dtype)
-  params = jax.tree.map(np.asarray, variables["params"])
+  params = jax.tree.map(np.asarray, flax.core.unfreeze(variables["params"]))
   stem_idx = idx[idx < bounds[1]]
   down = dict(params["downsample"])
   down["conv_pw"] = {"kernel": down["conv_pw"]["kernel"][..., stem_idx],
