@@ -48,6 +48,19 @@ def _apart(g, keep) -> int:
   return len({(grp.width, len(keep.get(grp.id, range(grp.width)))) for grp in g.prunable()})
 
 
+def _best_reachable(g, round_to, metric, ratio, limit=4096):
+  """Brute force: the largest ``metric`` fraction at most ``ratio`` that any combination
+  of allowed widths gives (a model with more than ``limit`` combinations fails: it has
+  widths enough to land within 2%)."""
+  groups = g.prunable()
+  allowed = [targets.allowed_widths(grp.width, round_to) for grp in groups]
+  assert np.prod([a.size for a in allowed]) <= limit, "more than 2% under on a large model"
+  full = g.predict({})[metric]
+  return max(r for r in (
+      g.predict({grp.id: np.arange(n) for grp, n in zip(groups, combo)})[metric] / full
+      for combo in itertools.product(*allowed)) if r <= ratio + 1e-12)
+
+
 def _check_widths(g, keep, round_to):
   for gid, kept in keep.items():
     width = g.groups[gid].width
@@ -66,7 +79,9 @@ def test_allowed_widths_and_latency_grid_are_multiples_of_round_to():
 
 # The transformer zoo at round_to 2 or 4 and ResNet-20 at round_to 8 (the issue's case):
 # 800 random draws of (model, round_to, metric, ranking, ratio in [0.4, 0.8], scores):
-# none more than 2% under (the adjust step stops once within 2%; largest 0.0191).
+# none more than 2% under (the adjust step stops once within 2%; largest 0.0191); later a
+# CI run drew vit_scan (256 width combinations) at params 0.781, where the closest
+# combination gives 0.761: on such a model the check is against the brute-force best.
 # One of each zoo model's four selections is rebuilt and counted: the selection narrows
 # groups apart (vit_map's residual group 0 without the MAP head's group 9 once failed
 # the rebuild; tests/graph/test_zoo_transformers.py pins that case).
@@ -88,7 +103,9 @@ def test_targets_with_round_to_land_within_two_percent_on_the_zoo(name, round_to
                                    **{f"{metric}_ratio": ratio})
     got = g.predict(keep)[metric] / full[metric]
     assert got <= ratio + 1e-12, (metric, global_ranking, ratio, got)
-    assert ratio - got <= 0.02, (metric, global_ranking, ratio, got)
+    if ratio - got > 0.02:  # only where no combination of allowed widths is closer
+      best = _best_reachable(g, round_to, metric, ratio)
+      assert got >= best - 1e-12, (metric, global_ranking, ratio, got, best)
     _check_widths(g, keep, round_to)
     for gid, kept in keep.items():  # the best-scored channels of each group
       n = kept.size
