@@ -16,7 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from conftest import REPO
+from conftest import REPO, sweep
 
 from jaxprune import config_lib
 from jaxprune import methods
@@ -24,6 +24,9 @@ from jaxprune import methods
 # docs/transformers.md's block runs in tests/test_docs_transformers.py (which also checks
 # its printed output); README.md's in tests/test_readme.py.
 RUN_ELSEWHERE = {"transformers.md"}
+# The pages whose examples compile many networks (~10-25 s each) run in the full suite only.
+QUICK_PAGES = {p.relative_to(REPO).as_posix() for p in (REPO / "docs").rglob("*.md")} - {
+    "docs/library.md", "docs/your_model.md"}
 PAGES = sorted(p for p in (REPO / "docs").rglob("*.md"))
 SKIP = re.compile(r"<!-- not run: (.*?) -->\s*$")
 
@@ -57,8 +60,9 @@ def run_page(path, name):
   return namespace
 
 
-@pytest.mark.parametrize("page", [p.relative_to(REPO).as_posix() for p in PAGES
-                                  if p.name not in RUN_ELSEWHERE])
+@pytest.mark.parametrize("page", sweep([p.relative_to(REPO).as_posix() for p in PAGES
+                                        if p.name not in RUN_ELSEWHERE],
+                                       QUICK_PAGES))
 def test_docs_python_blocks_run(page):
   run_page(REPO / page, page)
 

@@ -157,6 +157,7 @@ def test_expected_and_argmax_latency_match_a_slow_reference():
     assert np.all(np.isfinite(gr)) and np.any(gr != 0), n
 
 
+@pytest.mark.slow
 def test_latency_follows_the_depth_search_reach():
   space = _space(models.cifar_resnet(20, 10), (8, 8, 3))
   assert space.depth_names  # the stages of identity blocks are searched

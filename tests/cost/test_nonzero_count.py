@@ -8,6 +8,7 @@ from jax import lax
 import numpy as np
 import pytest
 
+from conftest import sweep
 from jaxprune import flops
 from jaxprune.errors import UserError
 from jaxprune.methods import autoprune as ap_recipe
@@ -164,9 +165,9 @@ DNW_MODELS = {
 
 
 @pytest.mark.filterwarnings("ignore::jaxprune.flops.LoopCountWarning")
-@pytest.mark.parametrize("kind,graph", [("static", "dnw"), ("static", "random"),
+@pytest.mark.parametrize("kind,graph", sweep([("static", "dnw"), ("static", "random"),
                                         ("discrete", "dnw"), ("continuous", "dnw"),
-                                        ("mobilenet", "dnw")])
+                                        ("mobilenet", "dnw")], {"discrete"}))
 def test_dnw_export_flops_are_the_closed_form(kind, graph):
   """dnw.md §2: (executed edges + 9 * live node ops) * spatial^2 * steps per block, plus
   the stem and classifier; dense masked: every valid slot and every node op."""

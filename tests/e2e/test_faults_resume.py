@@ -195,6 +195,7 @@ def test_lost_earlier_history_record_is_one_line(tmp_path, compile_cache, tas_re
 
 # --- A disk that fills up while TensorBoard still holds unwritten events. ---------------
 
+@pytest.mark.slow
 def test_full_disk_under_tensorboard_events_is_one_line(tmp_path):
   """The checkpoint write fails (no file may grow past 64 KiB) and the TensorBoard event
   file's flush fails with ENOSPC (as with 30-100 KB left): one line naming the step and

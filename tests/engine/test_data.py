@@ -82,6 +82,7 @@ def test_mnist_offline_build_has_canonical_sizes_and_label_counts(mnist):
   np.testing.assert_array_equal(np.bincount(test.labels), MNIST_TEST_COUNTS)
 
 
+@pytest.mark.slow
 def test_mnist_second_load_reads_the_array_cache_without_rebuilding(mnist):
   data_dir, splits = mnist
   assert sorted(p.name for p in data_dir.glob("mnist/*/jaxprune-*-arrays.npz")) == [
@@ -113,6 +114,7 @@ def _python_without_tensorflow(tmp_path: pathlib.Path, script: str):
                         capture_output=True, text=True, check=False, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_reading_a_prepared_split_works_without_tensorflow(mnist, tmp_path):
   """TensorFlow absent: reading a prepared split works, a build raises UserError."""
   data_dir, splits = mnist
@@ -428,6 +430,7 @@ def test_jpeg_batches_do_not_depend_on_the_decode_threads():
     data.set_decode_threads(0)
 
 
+@pytest.mark.slow
 def test_on_disk_source_path_with_prepared_mnist(mnist):
   """The ImageNet reading path (random access, PIL decode in threads) on real PNGs."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

@@ -317,6 +317,7 @@ def test_finetune_schedule_and_decay_switch_at_the_end_of_pruning(mode):
     recipe.transform(config, per_epoch, total, ap.DEFAULT_MASK)
 
 
+@pytest.mark.slow
 def test_vgg_like_has_13_bn_convs_2_dense_and_reports_per_layer():
   model = models.get_model("vgg_like", num_classes=10)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))

@@ -229,6 +229,7 @@ def _layer_flops(model, variables):
              if r["kernel"] and r["kernel"].endswith("/kernel"))
 
 
+@pytest.mark.slow
 def test_export_removes_dead_nodes_and_keeps_the_logits():
   model, variables, x = _hand_wired_static()
   export = dnw.export_wiring(model, variables, SMALL_SHAPE)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config, sweep
+from conftest import REPO, load_config
 from jaxprune import data, distill, models
 from jaxprune.engine import loop, mesh as mesh_lib
 from jaxprune.methods import common, tas
@@ -101,7 +101,8 @@ def test_search_step_on_8_devices_equals_1_device(tmp_path):
                jax.device_get(one["state"].params))
 
 
-@pytest.mark.parametrize("kd", sweep([True, False], {False}))
+@pytest.mark.slow
+@pytest.mark.parametrize("kd", [True, False])
 def test_retrain_runs_with_and_without_kd(tmp_path, kd):
   config = _config()
   config.train.update(epochs=1, batch_size=16, eval_batch_size=16, log_every_steps=4)

@@ -219,10 +219,11 @@ def test_every_model_computes_in_bfloat16_close_to_float32(name, shape, kwargs):
   assert len(errors) >= 5 and np.median(errors) < 0.05, np.round(errors, 4)
 
 
-@pytest.mark.parametrize("spec,kwargs", sweep([
+@pytest.mark.slow
+@pytest.mark.parametrize("spec,kwargs", [
     ("user_models:linen_cnn", {"features": 8}),  # the module's dtype field
     ("user_models:nnx_resnet", {"features": 8, "blocks": 2}),  # the factory's argument
-], {"user_models:nnx_resnet"}))
+])
 def test_bfloat16_graph_search_space_of_a_user_model_mixes_like_float32(spec, kwargs):
   shape = (8, 8, 3)
   nets = {}

@@ -183,6 +183,7 @@ def test_cli_ista_recipe_on_a_user_linen_model(tmp_path):
   assert r["pruned_flops"] < r["base_flops"]
 
 
+@pytest.mark.slow
 def test_cli_user_model_errors_are_one_line(tmp_path):
   proc = _main(tmp_path, "--config", "configs/ista_resnet.py:smoke",
                "--config.model.name=user_models:linen_cnn",
@@ -268,6 +269,7 @@ def test_cli_tas_recipe_on_a_user_linen_model_with_rounded_widths(tmp_path):
   assert r["speedup"] > 0 and "predicted_speedup" not in r
 
 
+@pytest.mark.slow
 def test_cli_tas_resnet_space_refuses_a_user_model(tmp_path):
   proc = _main(tmp_path, "--config", "configs/tas_resnet.py:smoke",
                "--config.model.name=user_models:linen_cnn", "--config.tas.space=resnet")

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import sweep
 from jaxprune import kernels, models, search
 from jaxprune.search import Selection
 from jaxprune.optim import selection as selection_lib
@@ -190,7 +189,8 @@ def test_the_mix_is_cwi_of_the_picked_prefixes():
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", sweep(["plain_cnn", "resnet_basic", "vit"], {"plain_cnn"}))
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["plain_cnn", "resnet_basic", "vit"])
 def test_search_on_user_models_linen_and_nnx(name):
   """Any zoo model, Linen and its NNX twin: the full-width picks give the model's own
   logits exactly; random picks give the same logits in both; a search step's

@@ -302,6 +302,7 @@ def test_candidate_batch_norm_is_zero_beyond_each_width():
 # --- §4 whole search network -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_search_forward_compiles_once_for_every_sample():
   model, variables = _search_net(14)
   traces = []
@@ -326,6 +327,7 @@ def test_search_forward_compiles_once_for_every_sample():
       variables["batch_stats"])
 
 
+@pytest.mark.slow
 def test_gradients_reach_width_and_depth_logits():
   model, variables = _search_net(14)
   x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))

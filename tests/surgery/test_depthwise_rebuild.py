@@ -135,6 +135,7 @@ def test_linen_mobilenetv2_stem_depthwise_residual_groups_equal_masked(members):
   assert jax.tree.map(np.shape, fresh) == jax.tree.map(np.shape, small.variables)
 
 
+@pytest.mark.slow
 def test_linen_width_meeting_an_attribute_by_chance_keeps_the_expand_conv():
   """block1's depthwise group narrowed to 16 channels, as wide as its input: its
   ``expand != x.shape[-1]`` must still hold (the attribute stays 96), while block0's

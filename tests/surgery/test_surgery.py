@@ -87,7 +87,8 @@ def test_shrunk_equals_masked_exactly_when_removed_channels_output_zero(name):
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("name", sweep(["resnet8", "bottleneck11", "convnet"], {"convnet"}))
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet8", "bottleneck11", "convnet"])
 def test_folded_constants_make_interior_pixels_equal(name):
   rng = np.random.default_rng()
   model = _models()[name]
@@ -177,6 +178,7 @@ def test_an_all_zero_layer_in_a_plain_stack_removes_dead_channels_recursively():
   np.testing.assert_allclose(ref, ref[:1].repeat(len(ref), 0), atol=1e-5)  # constant net
 
 
+@pytest.mark.slow
 def test_a_constant_with_nowhere_to_fold_stays_and_is_reported():
   # The bottleneck's stem feeds a 1x1 projection shortcut with no bias and no BN: a
   # zero-gamma stem channel holding relu(beta) > 0 cannot be folded, so it stays.

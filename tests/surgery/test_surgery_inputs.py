@@ -60,6 +60,7 @@ def test_prune_zeros_takes_token_ids_and_a_mask_and_checks_on_them(seed):
                              _logits(model, variables, inputs), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_shrink_and_check_equivalence_take_several_inputs():
   model, variables, call, dead = _bert_with_dead_units(2)
   shrunk = surgery.shrink(model, variables, SPEC.inputs, call)
