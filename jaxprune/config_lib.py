@@ -135,11 +135,12 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   return config
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+  """``{"a.b": value}`` of a nested dict (a config's ``to_dict()``)."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -289,7 +290,7 @@ def validate(config: ml_collections.ConfigDict):
   for key in ("xla_cpu_flags", "malloc_tuning"):
     if runtime.get(key, "auto") not in runtime_lib.SWITCHES:
       fail(f"runtime.{key}", runtime.get(key), f"use one of {', '.join(runtime_lib.SWITCHES)}")
-  for key, value in _flatten(config.to_dict()).items():
+  for key, value in flatten(config.to_dict()).items():
     if key.split(".")[-1] == "decay_epochs" and isinstance(value, (tuple, list)):
       if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and
                  math.isfinite(v) and v >= 0 for v in value):
@@ -467,7 +468,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, datasets=None
           f"The workdir {workdir} holds checkpoints but no readable config "
           f"({problem or 'config.json is missing'}); restore config.json there, or use a "
           "new --workdir.")
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     diff = sorted(k for k in set(a) | set(b)
                   if a.get(k) != b.get(k) and k.split(".")[-1] not in RESUMABLE_FIELDS
                   and not k.startswith("runtime."))

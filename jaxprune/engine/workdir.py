@@ -15,18 +15,20 @@ _INVOCATION = {"start": None, "pending": None}
 INVOCATIONS = "invocations.jsonl"  # in <workdir>/.jaxprune: one start and end per run
 
 
-def start_invocation(started: float | None = None):
+def start_invocation(started: float | None = None) -> float | None:
   """Marks the start of the invocation the report's ``wall_time_s`` counts.
 
   The CLI passes its process start (kept until :func:`jaxprune.methods.run` calls this
   without a time and makes it this invocation's start); a library caller's invocation
-  starts when ``methods.run`` is called.
+  starts when ``methods.run`` is called. Returns the invocation's start (None while only
+  pending).
   """
   if started is not None:
     _INVOCATION["pending"] = started
-    return
+    return None
   _INVOCATION["start"] = _INVOCATION["pending"] or time.time()
   _INVOCATION["pending"] = None
+  return _INVOCATION["start"]
 
 
 def _record_invocation(workdir: str, kind: str):

@@ -150,7 +150,7 @@ def test_every_number_a_config_file_sets_has_a_range_rule_and_a_docs_row():
     for arg in (None, "smoke"):
       config = load_config(f"configs/{path.name}", arg)
       config_lib.validate(config)  # the shipped configs pass
-      for key, value in config_lib._flatten(config.to_dict()).items():  # pylint: disable=protected-access
+      for key, value in config_lib.flatten(config.to_dict()).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and \
             not key.startswith("model."):
           rule = config_lib.range_rule(key)
@@ -234,9 +234,10 @@ def test_report_wall_time_sums_every_invocation_to_its_exit_killed_ones_to_last_
   workdir.mkdir()
   a = _hold(workdir, 0.3, config)
   # A run killed by SIGKILL: it takes the lock, writes a file, then dies unrecorded.
-  code = ("import sys, time; from jaxprune.engine import workdir as w; w.start_invocation(); "
-          "w.lock(sys.argv[1]); time.sleep(0.4); open(sys.argv[1] + '/ckpt', 'w').write('x'); "
-          "print(w._INVOCATION['start'], flush=True); time.sleep(60)")
+  code = ("import sys, time; from jaxprune.engine import workdir as w; "
+          "start = w.start_invocation(); w.lock(sys.argv[1]); time.sleep(0.4); "
+          "open(sys.argv[1] + '/ckpt', 'w').write('x'); print(start, flush=True); "
+          "time.sleep(60)")
   proc = subprocess.Popen([sys.executable, "-c", code, str(workdir)], cwd=REPO,
                           stdout=subprocess.PIPE, text=True)
   killed_start = float(proc.stdout.readline())
