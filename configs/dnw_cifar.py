@@ -17,9 +17,11 @@ Commands (from the repository root):
 
 Expected results (reference README, full CIFAR-10, 160 epochs): random graph vs DNW
 static 76.1 vs 80.9%, discrete 77.3 vs 82.3%, continuous 78.5 vs 83.1%. On the subset,
-8 epochs (6-7 minutes per static run on 2 CPU cores shared with a test run): DNW 47.7% vs random 47.2%
-(seed 0), 45.5% vs 44.1% (seed 1) test accuracy (docs/results.md, DNW). Each run writes wiring.json, plots/dnw_wiring.png and report.md
-(FLOPs executed after dead-node removal next to the dense-masked FLOPs).
+8 epochs (4.4 min per static run on 2 quiet CPU cores, 2026-12-06): DNW 44.9% vs random 47.8%
+(seed 0; the code of 2026-11-21 gave 47.7% vs 47.2%, and 45.5% vs 44.1% at seed 1: 8 epochs on
+4k images cannot rank them; docs/results.md, DNW). Each run writes wiring.json,
+plots/dnw_wiring.png and report.md (FLOPs executed after dead-node removal next to the
+dense-masked FLOPs).
 """
 from jaxprune import config_lib
 
