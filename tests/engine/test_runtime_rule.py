@@ -4,10 +4,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import conftest
-from jaxprune import models
 from jaxprune.engine import report, runtime
 from jaxprune.methods import tas
 from jaxprune.search.resnet import round_widths
