@@ -25,3 +25,19 @@ def read_report(workdir) -> dict:
   """``<workdir>/report.json``."""
   with open(os.path.join(workdir, "report.json"), encoding="utf-8") as f:
     return json.load(f)
+
+
+def prune_smoke_on_user_code(tmp_path, module: str, source: str, *flags, devices: int = 2):
+  """The prune recipe's smoke (2 steps per stage) on the factory ``<module>:make`` written
+  from ``source`` into a user's code folder; returns its report (the run must succeed)."""
+  code = tmp_path / "code"
+  code.mkdir()
+  (code / f"{module}.py").write_text(source)
+  work = tmp_path / "work"
+  proc = run_main("--config", "configs/prune_resnet.py:smoke",
+                  f"--config.model.name={module}:make", *flags,
+                  "--config.train.max_steps=2", "--config.finetune.max_steps=2",
+                  "--config.scratch.max_steps=2", "--workdir", str(work), devices=devices,
+                  pythonpath=[code], timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return read_report(work)

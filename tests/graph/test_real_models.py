@@ -347,17 +347,7 @@ def test_cli_prune_recipe_on_a_pmap_model(tmp_path):
   """--config.model.name with a model written for pmap trains, prunes and fine-tunes
   (was: 'unbound axis name: batch' in the first step, after the workdir was written)."""
   import cli  # pylint: disable=g-import-not-at-top
-  code = tmp_path / "code"
-  code.mkdir()
-  (code / "pmap_models_cli.py").write_text(PMAP_MODEL)
-  work = tmp_path / "work"
-  proc = cli.run_main(
-      "--config", "configs/prune_resnet.py:smoke", "--config.model.name=pmap_models_cli:make",
-      "--config.train.max_steps=2", "--config.finetune.max_steps=2",
-      "--config.scratch.max_steps=2", "--workdir", str(work), devices=2, pythonpath=[code],
-      timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  report = cli.read_report(work)
+  report = cli.prune_smoke_on_user_code(tmp_path, "pmap_models_cli", PMAP_MODEL)
   assert 0 < report["pruned_flops"] <= 0.5 * report["dense_flops"]
 
 

@@ -71,18 +71,8 @@ def test_nnx_pmap_model_gets_its_axis_bound_to_the_global_batch(tmp_path, monkey
 def test_cli_prune_recipe_on_an_nnx_pmap_model(tmp_path):
   """--config.model.name with an NNX model written for pmap trains, prunes and
   fine-tunes from the CLI."""
-  code = tmp_path / "code"
-  code.mkdir()
-  (code / "nnx_pmap_cli.py").write_text(NNX_PMAP_MODEL)
-  work = tmp_path / "work"
-  proc = cli.run_main(
-      "--config", "configs/prune_resnet.py:smoke", "--config.model.name=nnx_pmap_cli:make",
-      "--config.prune.round_to=1",  # 6-wide groups
-      "--config.train.max_steps=2", "--config.finetune.max_steps=2",
-      "--config.scratch.max_steps=2", "--workdir", str(work), devices=2, pythonpath=[code],
-      timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  report = cli.read_report(work)
+  report = cli.prune_smoke_on_user_code(tmp_path, "nnx_pmap_cli", NNX_PMAP_MODEL,
+                                      "--config.prune.round_to=1")  # 6-wide groups
   assert 0 < report["pruned_flops"] <= 0.5 * report["dense_flops"]
 
 
