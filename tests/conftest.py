@@ -25,6 +25,10 @@ import pytest
 # Must happen before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests check logic, not speed: cheaper XLA compiles, here (below) and in every
+# subprocess a test starts (the CLI, stage scripts, several processes), which reads it
+# from the environment.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 from jaxprune.engine import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -32,7 +36,6 @@ runtime.configure_xla_flags()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# Tests check logic, not speed: cheaper XLA compiles.
 jax.config.update("jax_disable_most_optimizations", True)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
