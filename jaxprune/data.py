@@ -163,7 +163,7 @@ def load(cfg: Mapping[str, Any]) -> dict[str, Dataset]:
           labels=labels, mean=mean, std=std)
   else:  # imagenet2012
     builder = _prepared_builder(name, cfg.get("data_dir"), cfg.get("manual_dir"))
-    splits = {split: _tfds_source_dataset(builder, _SPLITS[name][split], augment="imagenet")
+    splits = {split: tfds_source(builder, _SPLITS[name][split], augment="imagenet")
               for split in ("train", "test")}
 
   return {split: _with_augment(ds, augment) for split, ds in splits.items()}
@@ -418,8 +418,9 @@ def _read_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
-def _tfds_source_dataset(builder, split: str, augment: str) -> Dataset:
-  """An on-disk split read by random access, images left encoded for PIL."""
+def tfds_source(builder, split: str, augment: str) -> Dataset:
+  """A prepared TFDS split read by random access, images left encoded and decoded by PIL
+  in threads at ``IMAGENET_SIZE`` (the ImageNet reading path, for any image builder)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     source = builder.as_data_source(split=split,

@@ -436,8 +436,7 @@ def test_on_disk_source_path_with_prepared_mnist(mnist):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir, splits = mnist
   builder = tfds.builder("mnist", data_dir=str(data_dir))
-  # pylint: disable-next=protected-access
-  ds = data._tfds_source_dataset(builder, "test", augment="imagenet")
+  ds = data.tfds_source(builder, "test", augment="imagenet")
   assert ds.image_shape == (224, 224, 1) and ds.num_examples == 10000
   whole = data.batch_at(ds, 3, 8, seed=0, train=True)
   assert whole["image"].shape == (8, 224, 224, 1)
