@@ -17,8 +17,9 @@ Commands (from the repository root; MNIST built offline from the original files)
   # Smoke test on synthetic 28x28 data (well under a minute):
   python -m jaxprune.main --config configs/autoprune_lenet.py:smoke --workdir /tmp/ap_smoke
 
-Today's code, seed 0 (the LeNet-5 command, 2026-12-06, run twice with identical results): 257.6x
-at 1.21% test error (dense 1.00%), 3.9% of the FLOPs, 6.5 min on 2 quiet cores. The figures
+Today's code (the LeNet-5 command, 2026-12-06): seed 0 257.6x at 1.21% test error (dense 1.00%;
+run twice, identical), 3.9% of the FLOPs, 6.5 min on 2 quiet cores; seed 1 294.3x at 1.18%
+(dense 0.99%); seed 2 291.5x at 1.14% (dense 1.00%). The figures
 below came from dense starts pretrained with the XLA:CPU conv flag on, which today's runtime rule
 leaves off for LeNet-5: this recipe's result moves with float rounding by more than its seed
 spread (docs/results.md, AutoPrune).
