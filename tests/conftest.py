@@ -18,7 +18,9 @@ Day to day: ``python -m pytest -n 2 -m "not e2e and not slow" tests``; the unit 
 """
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -29,6 +31,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # subprocess a test starts (the CLI, stage scripts, several processes), which reads it
 # from the environment.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# One XLA compilation cache per test run, shared by the pytest processes (xdist workers
+# inherit the controlling process's environment) and the subprocesses they start: a
+# recipe, its killed twin and its resume compile their programs once. The key covers the
+# program, XLA_FLAGS and the compile options. The process that made the directory
+# removes it at the end; a cache the caller set is left alone.
+_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+      prefix="jaxprune-tests-xla-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 from jaxprune.engine import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -104,3 +116,10 @@ def sweep(cases, quick):
     values = case if isinstance(case, tuple) else (case,)
     out.append(pytest.param(*values, marks=() if values[0] in quick else pytest.mark.slow))
   return out
+
+
+def pytest_sessionfinish(session):
+  """Removes the run's XLA cache (in the process that made it: see above)."""
+  del session
+  if _XLA_CACHE:
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
