@@ -80,8 +80,8 @@ def get_config(arg=None):
       # space: "resnet" = the dedicated TASResNet supernet (per-conv widths, per-candidate
       # BN, depth search), "graph" = any model's channel groups (jaxprune.search), "auto":
       # resnet for cifar_resnet and imagenet_resnet, graph otherwise
-      # (--config.model.name=mod:fn). round_to: widths a multiple of this (the graph space
-      # rounds its candidates up, the resnet space its derived widths to the nearest);
+      # (--config.model.name=mod:fn). round_to: widths a multiple of this (both spaces
+      # round their width candidates up to it, so the band holds for the derived network);
       # 0 = the backend's default, jaxprune.engine.runtime.default_round_to(): 8 on a CPU,
       # where multiples of 8 run faster for the same FLOPs; 1 = the reference's widths.
       # depth: the graph space also searches the depth of every stage of skippable

@@ -64,8 +64,12 @@ def make_space(config, base_model, num_classes: int, input_shape) -> search_lib.
   """The search space of ``config.tas.space``: "resnet" (:class:`jaxprune.search.ResNetSpace`
   over TASResNet), "graph" (:class:`jaxprune.search.SearchSpace` of any model), "auto"
   (resnet for jaxprune's cifar_resnet and imagenet_resnet with ``depth`` and the FLOPs
-  cost; graph otherwise). ``round_to`` (:func:`round_to_of`): the graph space rounds its
-  candidates, the resnet space its derived widths."""
+  cost; graph otherwise). ``round_to`` (:func:`round_to_of`): both spaces search among
+  width candidates rounded up to its multiples, so the derived network is the one the
+  search priced. The resnet space searches every conv: a conv the multiple would leave
+  with fewer than ``num_picks`` candidates uses the largest of ``round_to // 2, ..., 1``
+  that does not (said in one line when ``round_to`` was set explicitly); the graph space
+  does that for the backend default and leaves such a group at full width otherwise."""
   kind = config.tas.get("space", "auto")
   round_to = round_to_of(config)
   if kind == "auto":
@@ -79,9 +83,15 @@ def make_space(config, base_model, num_classes: int, input_shape) -> search_lib.
       raise UserError(f"config tas.space='resnet' searches jaxprune's cifar_resnet or "
                       f"imagenet_resnet, not "
                       f"{config.model.name!r}; use --config.tas.space=graph.")
-    return resnet_space(config.model.depth, num_classes, config.tas.num_picks, input_shape,
-                        DEDICATED[config.model.name],
-                        jnp.dtype(config.model.get("dtype") or "float32"), round_to)
+    space = resnet_space(config.model.depth, num_classes, config.tas.num_picks, input_shape,
+                         DEDICATED[config.model.name],
+                         jnp.dtype(config.model.get("dtype") or "float32"), round_to)
+    finer = sorted({max(c) for c in space.model.conv_candidates()
+                    if any(w % round_to and w != max(c) for w in c)})
+    if finer and int(config.tas.get("round_to", 0)) and distributed.is_main_process():
+      print(f"[tas] round_to={round_to} leaves convs of {finer} channels fewer than "
+            f"{config.tas.num_picks} width candidates: they are searched at a finer multiple")
+    return space
   # The backend's default (round_to 0) never excludes a narrow group: it searches at a
   # finer multiple (search.space.fitted_candidates); an explicit round_to is kept as given.
   abstract = jax.eval_shape(lambda: base_model.init(
@@ -97,8 +107,8 @@ def resnet_space(depth: int, num_classes: int, num_picks: int, input_shape,
                  round_to: int = 1) -> search_lib.ResNetSpace:
   """The dedicated space of ResNet-``depth`` (``layout`` "cifar" or "imagenet")."""
   build = models.tas_imagenet_resnet if layout == "imagenet" else models.tas_cifar_resnet
-  return search_lib.ResNetSpace(build(depth, num_classes, num_picks=num_picks, dtype=dtype),
-                                input_shape, round_to)
+  return search_lib.ResNetSpace(build(depth, num_classes, num_picks=num_picks, dtype=dtype,
+                                      round_to=round_to), input_shape)
 
 
 def cost_max(table, flops_max):
@@ -589,9 +599,8 @@ def run(config, workdir: str) -> dict:
                   "blocks": derived["blocks"],
                   **({"skipped_blocks": derived["skipped_blocks"]}
                      if "skipped_blocks" in derived else {}),
-                  # the resnet space rounds the searched widths at derivation (round_to)
-                  **({"searched_widths": derived["searched_widths"],
-                      "round_to": space.round_to} if "searched_widths" in derived else {}),
+                  # the multiple the search's width candidates were rounded up to
+                  **({"round_to": space.round_to} if space is not None else {}),
                   "flops": counts["flops"],
                   "params": counts["params"], "flops_max": base_flops,
                   "flops_ratio": counts["flops"] / base_flops,

@@ -17,6 +17,7 @@ from jaxprune.models.resnet import conv_init
 from jaxprune.models.resnet import dense_init
 from jaxprune.search.base import ARCH_INIT_STD
 from jaxprune.search.base import depth_candidates
+from jaxprune.search.base import fitted_candidates
 from jaxprune.search.base import imagenet_depth_candidates
 from jaxprune.search.base import Selection
 from jaxprune.search.base import width_candidates
@@ -127,6 +128,8 @@ class SearchConv(nn.Module):
     relu: apply ReLU to the mixed output.
     dtype: compute dtype.
     precision: precision of the BN/CWI mix matmul.
+    candidates: the conv's width candidates (default: :func:`width_candidates` of
+      ``features``; :class:`TASResNet` passes its rounded ones).
   """
   features: int
   kernel: int = 3
@@ -135,6 +138,7 @@ class SearchConv(nn.Module):
   relu: bool = True
   dtype: Any = jnp.float32
   precision: Any = None
+  candidates: Sequence[int] = ()
 
   @nn.compact
   def __call__(self, x, selection: Selection, *, train: bool):
@@ -148,7 +152,7 @@ class SearchConv(nn.Module):
                     padding=((pad, pad), (pad, pad)), use_bias=False,
                     kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
     center, gain, shift = CandidateBatchNorm(
-        width_candidates(self.features), name="bn")(y, selection, train=train)
+        tuple(self.candidates) or width_candidates(self.features), name="bn")(y, selection, train=train)
     cwi = jax.vmap(kernels.cwi_matrix_traced, (0, None, None))(
         selection.widths, selection.out_width, self.features)  # [k, C, C]
     w = selection.weights.astype(jnp.float32)
@@ -181,6 +185,7 @@ class SearchBlock(nn.Module):
     shortcut: whether the block has a shortcut conv.
     dtype, precision: see :class:`SearchConv`.
     layout: "cifar" or "imagenet": the kind of stride-2 shortcut.
+    candidates: each conv's width candidates (default: :func:`width_candidates`).
   """
   widths: Sequence[int]
   block: str = "basic"
@@ -189,6 +194,7 @@ class SearchBlock(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   layout: str = "cifar"
+  candidates: Sequence[Sequence[int]] = ()
 
   @nn.compact
   def __call__(self, x, in_width, selections: Sequence[Selection], *,
@@ -197,10 +203,12 @@ class SearchBlock(nn.Module):
     kernel_sizes = (3, 3) if self.block == "basic" else (1, 3, 1)
     stride_at = 0 if self.block == "basic" else 1
     last = len(self.widths) - 1
+    candidates = list(self.candidates) or [()] * len(self.widths)
     y = x
     for i, (width, kernel) in enumerate(zip(self.widths, kernel_sizes)):
       y = SearchConv(width, kernel, self.stride if i == stride_at else 1,
                      relu=i != last, dtype=self.dtype, precision=self.precision,
+                     candidates=tuple(candidates[i]),
                      name=f"conv_{'abc'[i]}")(y, selections[i], train=train)
     picks = selections[last]
     if self.shortcut:
@@ -211,7 +219,7 @@ class SearchBlock(nn.Module):
       residual = SearchConv(
           self.widths[-1], 1, 1 if pool else self.stride, pool=pool,
           relu=False, dtype=self.dtype, precision=self.precision,
-          name="shortcut")(x, picks, train=train)
+          candidates=tuple(candidates[last]), name="shortcut")(x, picks, train=train)
       out_width = picks.out_width
     else:
       residual = x
@@ -274,6 +282,11 @@ class TASResNet(nn.Module):
     precision: precision of the mix and classifier matmuls (convs use the
       backend default, as in :class:`jaxprune.models.ResNet`).
     layout: "cifar" or "imagenet", as for :class:`jaxprune.models.ResNet`.
+    round_to: every conv's width candidates are rounded up to multiples of this
+      (:func:`jaxprune.search.base.fitted_candidates`: a conv it would leave with fewer
+      than ``num_picks`` candidates takes the largest of ``round_to // 2, ..., 1`` that
+      does not); 1 is the reference's candidates. The search then prices, samples and
+      derives rounded widths: the derived network is the network the search costed.
   """
   depth: int
   block: str = "basic"
@@ -282,6 +295,7 @@ class TASResNet(nn.Module):
   dtype: Any = jnp.float32
   precision: Any = None
   layout: str = "cifar"
+  round_to: int = 1
 
   # --- static description of the search space (host-side, not wrapped) ----
 
@@ -301,8 +315,8 @@ class TASResNet(nn.Module):
 
   @nn.nowrap
   def conv_candidates(self) -> list[tuple[int, ...]]:
-    """Width candidates of every conv, in ``widths`` order."""
-    return [width_candidates(c) for c in self.full_widths()]
+    """Width candidates of every conv, in ``widths`` order (rounded: ``round_to``)."""
+    return [fitted_candidates(c, self.round_to, self.num_picks) for c in self.full_widths()]
 
   @nn.nowrap
   def stage_candidates(self) -> list[tuple[int, ...]]:
@@ -454,7 +468,7 @@ class TASResNet(nn.Module):
     Returns:
       ``[N, num_classes]`` float32 logits.
     """
-    _check_space(self.depth, self.layout, self.block, self.num_picks)
+    _check_space(self.depth, self.layout, self.block, self.num_picks, self.round_to)
     fresh = {}  # init: one draw serves both logit trees
 
     def init(name):
@@ -465,12 +479,12 @@ class TASResNet(nn.Module):
             for name in ("width_logits", "depth_logits")}
     selections, depth_probs = self.sample(arch, tau, key)
 
-    widths = self.full_widths()
+    widths, candidates = self.full_widths(), self.conv_candidates()
     x = jnp.asarray(x, self.dtype)
     cifar = self.layout == "cifar"
     x = SearchConv(widths[0], 3 if cifar else 7, 1 if cifar else 2,
                    dtype=self.dtype, precision=self.precision,
-                   name="stem")(x, selections[0], train=train)
+                   candidates=candidates[0], name="stem")(x, selections[0], train=train)
     if not cifar:
       # The plain ImageNet stem's max pool (resnet.ResNet).
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -487,6 +501,7 @@ class TASResNet(nn.Module):
             block_widths, self.block, stride,
             shortcut=stride != 1 or x.shape[-1] != block_widths[-1],
             dtype=self.dtype, precision=self.precision, layout=self.layout,
+            candidates=tuple(candidates[offset:offset + per_block]),
             name=f"stage{s}_block{b}")(
                 x, width, selections[offset:offset + per_block], train=train)
         offset += per_block
@@ -504,7 +519,7 @@ class TASResNet(nn.Module):
     return x.astype(jnp.float32)
 
 
-def _check_space(depth, layout, block, num_picks):
+def _check_space(depth, layout, block, num_picks, round_to=1):
   """Raises UserError unless the search space is well defined."""
   if layout not in resnet.LAYOUTS:
     raise UserError(f"Unknown ResNet layout {layout!r}; use one of "
@@ -520,6 +535,9 @@ def _check_space(depth, layout, block, num_picks):
   if not isinstance(num_picks, int) or num_picks < 1:
     raise UserError(f"num_picks must be a positive int, got {num_picks!r} "
                     "(TAS uses 2).")
+  if (isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer))
+      or round_to < 1):
+    raise UserError(f"round_to must be an int >= 1, got {round_to!r}.")
   too_narrow = [c for c in resnet.default_widths(depth, layout, block)
                 if len(width_candidates(c)) < num_picks]
   if too_narrow:
@@ -530,7 +548,7 @@ def _check_space(depth, layout, block, num_picks):
 def tas_cifar_resnet(depth: int, num_classes: int = 10, *,
                      block: str | None = None, num_picks: int = 2,
                      dtype: Any = jnp.float32,
-                     precision: Any = None) -> TASResNet:
+                     precision: Any = None, round_to: int = 1) -> TASResNet:
   """The TAS searchable CIFAR ResNet-`depth` (tas.md §1, §4).
 
   Args:
@@ -542,6 +560,7 @@ def tas_cifar_resnet(depth: int, num_classes: int = 10, *,
     dtype: compute dtype.
     precision: precision of the mix and classifier matmuls (e.g.
       ``jax.lax.Precision.HIGHEST``); convs use the backend default.
+    round_to: candidates rounded to its multiples (:class:`TASResNet`); 1: the reference's.
 
   Returns:
     A :class:`TASResNet`.
@@ -556,14 +575,15 @@ def tas_cifar_resnet(depth: int, num_classes: int = 10, *,
     >>> model.derive(variables["arch"])  # {"widths": [...], "blocks": [...]}
   """
   block = block or resnet.block_type(depth, "cifar")
-  _check_space(depth, "cifar", block, num_picks)
+  _check_space(depth, "cifar", block, num_picks, round_to)
   return TASResNet(depth=depth, block=block, num_classes=num_classes,
-                   num_picks=num_picks, dtype=dtype, precision=precision)
+                   num_picks=num_picks, dtype=dtype, precision=precision,
+                   round_to=int(round_to))
 
 
 def tas_imagenet_resnet(depth: int, num_classes: int = 1000, *,
                         num_picks: int = 2, dtype: Any = jnp.float32,
-                        precision: Any = None) -> TASResNet:
+                        precision: Any = None, round_to: int = 1) -> TASResNet:
   """The TAS searchable ImageNet ResNet-`depth` (tas.md §1, §4).
 
   The torchvision layout of :func:`imagenet_resnet`: every conv (the 7x7/2
@@ -581,6 +601,7 @@ def tas_imagenet_resnet(depth: int, num_classes: int = 1000, *,
     num_picks: |I|, width candidates mixed per conv (§2).
     dtype: compute dtype.
     precision: precision of the mix and classifier matmuls.
+    round_to: candidates rounded to its multiples (:class:`TASResNet`); 1: the reference's.
 
   Returns:
     A :class:`TASResNet` with ``layout="imagenet"``.
@@ -592,10 +613,10 @@ def tas_imagenet_resnet(depth: int, num_classes: int = 1000, *,
     ...                        key=jax.random.key(1))
   """
   block = resnet.block_type(depth, "imagenet")  # validates the depth
-  _check_space(depth, "imagenet", block, num_picks)
+  _check_space(depth, "imagenet", block, num_picks, round_to)
   return TASResNet(depth=depth, block=block, num_classes=num_classes,
                    num_picks=num_picks, dtype=dtype, precision=precision,
-                   layout="imagenet")
+                   layout="imagenet", round_to=int(round_to))
 
 
 __all__ = [

@@ -2,6 +2,7 @@
 candidates (tas.md §1) and the :class:`Selection` of sampled widths (§2)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -28,6 +29,25 @@ def width_candidates(c: int) -> tuple[int, ...]:
     raise UserError(f"width_candidates: channels must be a positive int, got "
                     f"{c!r}.")
   return tuple(sorted({int(c * r) for r in WIDTH_RATIOS} - {0}))
+
+
+def rounded_candidates(width: int, round_to: int = 1) -> tuple[int, ...]:
+  """Width candidates of a group (tas.md §1), rounded up to multiples of `round_to`
+  (capped at the full width; duplicates merged)."""
+  base = width_candidates(width)
+  if round_to <= 1:
+    return base
+  return tuple(sorted({min(width, int(math.ceil(c / round_to) * round_to)) for c in base}))
+
+
+def fitted_candidates(width: int, round_to: int, num_picks: int) -> tuple[int, ...]:
+  """:func:`rounded_candidates` at the largest of ``round_to, round_to // 2, ..., 1`` that
+  leaves the group ``num_picks`` candidates: a backend-default ``round_to`` (8 on a CPU)
+  never makes a narrow group (8 channels or fewer) unsearchable."""
+  r = int(round_to)
+  while r > 1 and len(rounded_candidates(width, r)) < num_picks:
+    r //= 2
+  return rounded_candidates(width, max(r, 1))
 
 
 def depth_candidates(n: int) -> tuple[int, ...]:

@@ -209,13 +209,6 @@ def tas_argmax_cost_traced(model, arch_params: Mapping[str, Any],
   return cost + current * num_classes + bias_adds
 
 
-def round_widths(widths, full, round_to: int) -> list[int]:
-  """Each width rounded to the nearest multiple of ``round_to`` (halves up), at least
-  ``round_to`` and at most its full width ``full``."""
-  k = int(round_to)
-  return [int(min(f, max(k, math.floor(w / k + 0.5) * k))) for w, f in zip(widths, full)]
-
-
 class ResNetSpace:
   """The dedicated search space (a :class:`jaxprune.search.Space`): a
   :class:`jaxprune.models.TASResNet`, the official supernet (a width per conv with
@@ -224,13 +217,18 @@ class ResNetSpace:
   Args:
     model: the TASResNet (e.g. ``models.tas_cifar_resnet(20)``).
     input_shape: one example's shape, e.g. (32, 32, 3).
-    round_to: the derived widths are rounded to its multiples (the candidates are not).
+    round_to: the supernet's width candidates rounded up to its multiples (the model's
+      ``round_to``, :class:`jaxprune.models.TASResNet`; ``None`` keeps the model's): the
+      search prices and derives rounded widths, so the derived network's FLOPs are the
+      searched ones.
   """
   kind = "resnet"
 
-  def __init__(self, model, input_shape, round_to: int = 1):
+  def __init__(self, model, input_shape, round_to: int | None = None):
+    if round_to is not None and round_to != model.round_to:
+      model = model.clone(round_to=round_to)
     self.model = model
-    self.round_to = round_to
+    self.round_to = model.round_to
     self.input_shape = tuple(input_shape)
     plain = model.plain_network()
     self.flops_max = flops.count(plain, jax.eval_shape(
@@ -273,15 +271,10 @@ class ResNetSpace:
         "conv_names": ["/".join(p) for p in model.conv_paths()]}
 
   def derived_from(self, record: Mapping[str, Any]):
-    """The derived plain ResNet of a history record (§7), every width rounded to the
-    nearest multiple of ``round_to`` (:func:`round_widths`): the reference's candidates
-    are fixed, so the rounding happens here; the searched widths are kept as
-    ``searched_widths`` when it changed them."""
-    widths = round_widths(record["argmax_widths"],
-                          [max(c) for c in self.model.conv_candidates()], self.round_to)
-    derived = {"widths": widths, "blocks": record["argmax_blocks"]}
-    if widths != list(record["argmax_widths"]):
-      derived["searched_widths"] = list(record["argmax_widths"])
+    """The derived plain ResNet of a history record (§7): its argmax widths and depths,
+    as searched (the candidates carry the rounding)."""
+    widths = [int(w) for w in record["argmax_widths"]]
+    derived = {"widths": widths, "blocks": [int(b) for b in record["argmax_blocks"]]}
     model = self.model.plain_network(widths=widths, blocks=derived["blocks"],
                                      dtype=self.model.dtype)
     return model, derived
@@ -322,4 +315,4 @@ def released_depth(shape: Mapping[str, Any]) -> int:
 
 
 __all__ = ["RELEASED_SHAPES", "ResNetSpace", "released_depth", "released_shape",
-           "round_widths", "tas_argmax_cost", "tas_argmax_cost_traced", "tas_expected_cost"]
+           "tas_argmax_cost", "tas_argmax_cost_traced", "tas_expected_cost"]

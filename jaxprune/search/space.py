@@ -3,7 +3,6 @@ are the widths, its skippable residual blocks the depths (docs/methods/tas.md §
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,32 +20,14 @@ from jaxprune.graph import group as graph_lib
 from jaxprune.graph import tracing
 from jaxprune.graph import interpret
 from jaxprune.graph import adapters
-from jaxprune.search.base import ARCH_INIT_STD, Selection, width_candidates
+from jaxprune.search.base import ARCH_INIT_STD, Selection
+from jaxprune.search.base import fitted_candidates, rounded_candidates
 from jaxprune.search import depth as depth_lib
 from jaxprune import latency as latency_lib
 from jaxprune.surgery.rebuild import probe_inputs
 
 _AFFINE = ("add", "sub", "mul", "div")
 _PASS = interpret.CASTS
-
-
-def rounded_candidates(width: int, round_to: int = 1) -> tuple[int, ...]:
-  """Width candidates of a group (tas.md §1), rounded up to multiples of `round_to`
-  (capped at the full width; duplicates merged)."""
-  base = width_candidates(width)
-  if round_to <= 1:
-    return base
-  return tuple(sorted({min(width, int(math.ceil(c / round_to) * round_to)) for c in base}))
-
-
-def fitted_candidates(width: int, round_to: int, num_picks: int) -> tuple[int, ...]:
-  """:func:`rounded_candidates` at the largest of ``round_to, round_to // 2, ..., 1`` that
-  leaves the group ``num_picks`` candidates: a backend-default ``round_to`` (8 on a CPU)
-  never makes a narrow group (8 channels or fewer) unsearchable."""
-  r = int(round_to)
-  while r > 1 and len(rounded_candidates(width, r)) < num_picks:
-    r //= 2
-  return rounded_candidates(width, max(r, 1))
 
 
 def _as_linen(model, variables, call=None):

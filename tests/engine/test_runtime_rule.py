@@ -1,5 +1,5 @@
 """The runtime rule (issue 24): the XLA:CPU conv flag per model, from its op profile;
-the backend's default round_to; TAS's rounded derivation; the alternated speed-up."""
+the backend's default round_to; TAS's rounded candidates; the alternated speed-up."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,8 @@ import numpy as np
 import conftest
 from jaxprune.engine import report, runtime
 from jaxprune.methods import tas
-from jaxprune.search.resnet import round_widths
+from jaxprune import flops
+from jaxprune.search import base as search_base
 
 
 def test_rule_picks_the_faster_setting_on_recorded_timings():
@@ -98,39 +99,40 @@ def test_default_round_to_follows_the_backend():
   assert tas.round_to_of(config) == 1
 
 
-def test_round_widths_is_the_nearest_multiple_within_the_full_width():
-  """Fresh random widths: nearest multiple of k (halves up), at least k, at most full."""
+def test_resnet_space_searches_rounded_candidates_and_derives_what_it_priced():
+  """The dedicated ResNet space at round_to k searches every conv among its candidates
+  rounded up to multiples of k (fitted where k leaves too few; round_to=1 is the
+  reference's), samples only those, and its derived network is the argmax network the
+  search priced: the exact FLOPs count of the derived network equals F_cost."""
   rng = np.random.default_rng()
-  for k in (1, 4, 8):
-    full = [int(v) for v in rng.integers(1, 80, 40)]
-    widths = [int(rng.integers(1, f + 1)) for f in full]
-    got = round_widths(widths, full, k)
-    for w, f, g in zip(widths, full, got):
-      want = max(k, int(np.floor(w / k + 0.5)) * k)
-      assert g == min(f, want)
-      assert g == f or g % k == 0
-
-
-def test_resnet_space_rounds_its_derived_widths():
-  """The dedicated ResNet space accepts round_to: the derived network's convs are the
-  searched widths rounded (searched_widths kept), the reference's when round_to=1."""
-  net = tas.resnet_space(8, 10, 2, (8, 8, 3), round_to=8)
-  full = [max(c) for c in net.model.conv_candidates()]
-  rng = np.random.default_rng()
-  widths = [int(rng.choice(c)) for c in net.model.conv_candidates()]
-  blocks = [int(max(c)) for c in net.model.stage_candidates()]
-  model, derived = net.derived_from({"argmax_widths": widths, "argmax_blocks": blocks})
-  assert derived["widths"] == round_widths(widths, full, 8)
-  assert derived.get("searched_widths", widths) == widths
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),
-                                                train=False))
-  kernels = [leaf.shape[-1] for path, leaf in
-             jax.tree_util.tree_leaves_with_path(variables["params"])
-             if leaf.ndim == 4 and "shortcut" not in jax.tree_util.keystr(path)]
-  assert sorted(kernels) == sorted(derived["widths"])
-  net.round_to = 1
-  assert net.derived_from({"argmax_widths": widths,
-                              "argmax_blocks": blocks})[1]["widths"] == widths
+  shape = (8, 8, 3)
+  for k in (1, 8, int(rng.choice([2, 4, 16]))):
+    net = tas.resnet_space(8, 10, 2, shape, round_to=k)
+    assert net.round_to == k == net.model.round_to
+    cands = net.model.conv_candidates()
+    full = net.model.full_widths()
+    for c, f in zip(cands, full):
+      want = sorted({min(f, -(-w // k) * k) for w in search_base.width_candidates(f)})
+      assert list(c) == want or len(want) < 2, (k, f, c, want)
+      assert len(c) >= 2 and max(c) == f
+    if k == 1:
+      assert cands == [search_base.width_candidates(f) for f in full]
+    params, state, arch = net.init(jax.random.key(int(rng.integers(1 << 30))))
+    # Per-candidate BN rows: one per rounded candidate.
+    assert params["stem"]["bn"]["scale"].shape == (len(cands[0]), full[0])
+    arch = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), arch)
+    selections, _ = net.model.sample(arch, 1.0, jax.random.key(int(rng.integers(1 << 30))))
+    for sel, c in zip(selections, cands):
+      assert set(np.asarray(sel.widths).tolist()) <= set(c)
+    record = net.record(arch)
+    model, derived = net.derived_from(record)
+    assert derived["widths"] == record["argmax_widths"]
+    assert all(w in c for w, c in zip(derived["widths"], cands))
+    variables = jax.eval_shape(lambda m=model: m.init(jax.random.key(0),
+                                                      jnp.zeros((1, *shape)), train=False))
+    assert flops.count(model, variables, shape)["flops"] == record["argmax_flops"]
+    assert abs(float(net.argmax_cost(arch)) - record["argmax_flops"]) <= (
+        1e-6 * record["argmax_flops"])
 
 
 def test_compare_inference_times_every_network():
@@ -157,7 +159,7 @@ def test_default_round_to_never_leaves_a_narrow_group_unsearchable():
     want = None
     for r in (round_to, round_to // 2, round_to // 4, round_to // 8, round_to // 16, 1):
       r = max(r, 1)
-      cands = sorted({min(width, -(-c // r) * r) for c in space.width_candidates(width)})
+      cands = sorted({min(width, -(-c // r) * r) for c in search_base.width_candidates(width)})
       if len(cands) >= picks or r == 1:
         want = tuple(cands)
         break

@@ -66,7 +66,7 @@ def test_bfloat16_tas_search_model_mixes_in_bfloat16_and_prices_in_float32():
   tas.validate(config)
   shape = (8, 8, 3)
   net16 = tas.make_space(config, None, 4, shape)
-  net32 = tas.resnet_space(8, 4, 2, shape)
+  net32 = tas.resnet_space(8, 4, 2, shape, round_to=tas.round_to_of(config))
   assert net16.model.dtype == jnp.bfloat16 and net16.flops_max == net32.flops_max
   key = jax.random.key(int(np.random.randint(1 << 30)))
   params, state, arch = net32.init(key)
