@@ -30,8 +30,9 @@ _MAX_CALLS = 64
 # backend. CPU, measured (2-core x86-64, XLA:CPU, batch 128, alternated): the TAS smoke's
 # derived ResNet-20 (16x16 inputs) ran 1.18x faster than its base at 2.29x fewer FLOPs
 # with its searched widths, 1.69x at 1.94x with the widths rounded to multiples of 8 (to
-# 4: 1.33x at 2.26x; to 16: 1.48x at 1.46x); L1-pruned ResNet-56s and ResNet-50s alike
-# (docs/results.md). GPU and TPU: 8, not measured here (tensor-core and MXU tiles favour multiples
+# 4: 1.33x at 2.26x; to 16: 1.48x at 1.46x; those widths rounded after the search); L1-pruned
+# ResNet-56s and ResNet-50s alike, where 16 was slower than 8 (docs/results.md). The smoke
+# searching rounded candidates (d978594): 1.57x at 2.34x at 8, 1.69-1.75x at 2.19x at 16. GPU and TPU: 8, not measured here (tensor-core and MXU tiles favour multiples
 # of 8 or more).
 ROUND_TO = {"cpu": 8, "gpu": 8, "cuda": 8, "rocm": 8, "tpu": 8}
 
