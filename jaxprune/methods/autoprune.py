@@ -12,7 +12,7 @@ from ml_collections import config_dict
 import numpy as np
 import optax
 
-from jaxprune import data, flops, plots, surgery
+from jaxprune import data, distill, flops, plots, surgery
 from jaxprune import kernels as kernels_lib
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import loop, mesh as mesh_lib, report, steps
@@ -38,6 +38,10 @@ def autoprune_config(**overrides) -> ml_collections.ConfigDict:
       "finetune_schedule": "continue",
       "finetune_learning_rate": config_dict.placeholder(float),  # "restart" peak; None: train's
       "finetune_weight_decay": config_dict.placeholder(float),  # None: train.weight_decay
+      # Not in the paper: after prune_epochs (mask frozen) the loss is knowledge distillation
+      # from the dense start (jaxprune.distill.kd_loss, weight of the soft term, T); 0: CE.
+      "finetune_distill_alpha": 0.0,
+      "finetune_distill_temperature": 4.0,
       "m_learning_rate": 1.0,
       # M's lr over the pruning: "constant" (then 0: the mask freezes), or "cosine"
       # (decays to 0 at the end of pruning, so the mask settles before it freezes).
@@ -182,16 +186,25 @@ def weight_schedule(cfg, steps_per_epoch: int, total_steps: int) -> optax.Schedu
   return optax.join_schedules([first, again], [prune_steps])
 
 
-def make_step(model, tx, *, seed: int, selector):
-  """``(state, batch) -> (state, metrics)``: forward on ``W * h(M)``, one update."""
+def make_step(model, tx, *, seed: int, selector, teacher=None, distill_from: int = 0,
+              alpha: float = 0.0, temperature: float = 4.0):
+  """``(state, batch) -> (state, metrics)``: forward on ``W * h(M)``, one update; from
+  step ``distill_from`` on, with ``teacher`` variables given, the loss is
+  :func:`jaxprune.distill.kd_loss` against the teacher's eval-mode logits."""
   def step(state: TrainState, batch):
     key = steps.step_key(seed, state.step)
     eff = ap.effective_params(state.params, state.opt_state)
+    if teacher is not None:
+      teacher_logits = model.apply(teacher, batch["image"], train=False)
 
     def loss_fn(p):
       logits, model_state = steps.apply_model(model, p, state.model_state,
                                               batch["image"], train=True, key=key)
-      return steps.cross_entropy(logits, batch), (logits, model_state)
+      loss = steps.cross_entropy(logits, batch)
+      if teacher is not None:
+        kd = distill.kd_loss(logits, teacher_logits, batch["label"], alpha, temperature)
+        loss = jnp.where(state.step >= distill_from, kd, loss)
+      return loss, (logits, model_state)
 
     (loss, (logits, model_state)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(eff)
@@ -292,6 +305,13 @@ def validate(config):
   option stops the run before the pretraining stage, not after it."""
   a = config.autoprune
   transform(config, 1, max(int(config.train.epochs), 1), a.mask or ap.DEFAULT_MASK)
+  alpha, temp = a.get("finetune_distill_alpha", 0.0), a.get("finetune_distill_temperature", 4.0)
+  if not 0.0 <= float(alpha) <= 1.0 or not float(temp) > 0.0:
+    raise UserError(f"autoprune.finetune_distill_alpha={alpha} must be in [0, 1] and "
+                    f"finetune_distill_temperature={temp} > 0.")
+  if float(alpha) and not (a.init_from or config.pretrain.epochs > 0):
+    raise UserError("autoprune.finetune_distill_alpha distills from the dense start: it "
+                    "needs pretrain.epochs > 0 or autoprune.init_from.")
   try:  # the surrogate is looked up only when the step is traced
     kernels_lib.step_ste(jnp.zeros((1,)), a.surrogate, a.slope)
   except ValueError as e:
@@ -343,7 +363,15 @@ def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None,
 
   repl = mesh_lib.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: repl, jax.eval_shape(init, jax.random.key(0)))
-  step = jax.jit(make_step(model, tx, seed=config.seed, selector=selector),
+  alpha = float(a.get("finetune_distill_alpha", 0.0))
+  if alpha and init_variables is None:
+    raise UserError("autoprune.finetune_distill_alpha distills from the dense start: it "
+                    "needs pretrain.epochs > 0 or autoprune.init_from.")
+  distill_kw = (dict(teacher=init_variables, alpha=alpha,
+                     distill_from=int(a.prune_epochs * steps_per_epoch),
+                     temperature=float(a.get("finetune_distill_temperature", 4.0)))
+                if alpha else {})
+  step = jax.jit(make_step(model, tx, seed=config.seed, selector=selector, **distill_kw),
                  in_shardings=(state_sharding, mesh_lib.batch_sharding(mesh)),
                  out_shardings=(state_sharding, repl), donate_argnums=(0,))
   eval_step = steps.make_eval_step(model, mesh=mesh)

@@ -460,3 +460,51 @@ def test_cosine_m_schedule_decays_the_m_step_to_zero_at_the_end_of_pruning():
   config.autoprune.m_schedule = "linear"
   with pytest.raises(recipe.UserError, match="m_schedule"):
     recipe.transform(config, per_epoch, 5 * per_epoch, ap.DEFAULT_MASK)
+
+
+def test_finetune_distillation_replaces_cross_entropy_from_the_end_of_pruning():
+  """finetune_distill_alpha: before the mask freezes the loss is the paper's cross-entropy;
+  from then on Hinton's KD against the dense start (closed form in NumPy), at fresh random
+  weights, teacher and batch; a bad alpha or a missing dense start is one line."""
+  from jaxprune.engine.state import TrainState  # pylint: disable=g-import-not-at-top
+  rng = _rng()
+  per_epoch, prune_epochs, epochs = 3, 2, 4
+  config = _config("smoke,arch=lenet300")
+  config.train.update(epochs=epochs)
+  alpha, temp = float(rng.uniform(0.2, 0.95)), float(rng.uniform(1.5, 6.0))
+  config.autoprune.update(prune_epochs=prune_epochs, finetune_distill_alpha=alpha,
+                          finetune_distill_temperature=temp)
+  recipe.validate(config)
+  model = models.lenet300_100(10)
+  x = jnp.asarray(rng.normal(size=(16, 28, 28, 1)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
+  student = model.init(jax.random.key(int(rng.integers(1 << 30))), x[:1], train=False)
+  teacher = model.init(jax.random.key(int(rng.integers(1 << 30))), x[:1], train=False)
+  cut = prune_epochs * per_epoch
+  tx, _ = recipe.transform(config, per_epoch, epochs * per_epoch, ap.DEFAULT_MASK)
+  step = jax.jit(recipe.make_step(model, tx, seed=0, selector=ap.DEFAULT_MASK,
+                                  teacher=teacher, distill_from=cut, alpha=alpha,
+                                  temperature=temp))
+
+  def log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+  opt_state = tx.init(student["params"])
+  eff = ap.effective_params(student["params"], opt_state)
+  s = np.asarray(model.apply({"params": eff}, x, train=False), np.float64)
+  t = np.asarray(model.apply(teacher, x, train=False), np.float64)
+  ce = -np.mean(log_softmax(s)[np.arange(16), np.asarray(labels)])
+  lt, ls = log_softmax(t / temp), log_softmax(s / temp)
+  kd = (1 - alpha) * ce + alpha * temp ** 2 * np.mean(np.sum(np.exp(lt) * (lt - ls), -1))
+  for t_step, want in ((cut - 1, ce), (cut, kd), (cut + 1, kd)):
+    state = TrainState(step=jnp.asarray(t_step, jnp.int32), params=student["params"],
+                       model_state={}, opt_state=opt_state)
+    _, metrics = step(state, {"image": x, "label": labels})
+    assert float(metrics["loss"]) == pytest.approx(want, rel=1e-4), (t_step, ce, kd)
+  config.autoprune.finetune_distill_alpha = 1.5
+  with pytest.raises(recipe.UserError, match="finetune_distill_alpha"):
+    recipe.validate(config)
+  config.autoprune.finetune_distill_alpha = 0.5
+  config.pretrain.epochs = 0
+  with pytest.raises(recipe.UserError, match="dense start"):
+    recipe.validate(config)
