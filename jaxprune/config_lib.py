@@ -211,6 +211,10 @@ RANGES: dict[str, tuple[Any, str]] = {
     "autoprune.regularization_warmup_epochs": (lambda v: v >= 0, "must be >= 0"),
     "autoprune.slope": (lambda v: v > 0, "the surrogate's slope must be > 0"),
     "autoprune.m_init": (lambda v: v > 0, "gates start open at m = m_init: must be > 0"),
+    "autoprune.finetune_distill_alpha": (_interval(0, 1), "the soft term's weight in the "
+                                         "fine-tuning's distillation: in [0, 1] (0: off)"),
+    "autoprune.finetune_distill_temperature": (lambda v: v > 0, "the distillation's "
+                                               "temperature must be > 0"),
     "dataset.num_classes": (_int_at_least(2), "a classifier needs at least 2 classes"),
     "dataset.synthetic.num_classes": (_int_at_least(2), "a classifier needs at least 2 "
                                       "classes"),

@@ -305,11 +305,9 @@ def validate(config):
   option stops the run before the pretraining stage, not after it."""
   a = config.autoprune
   transform(config, 1, max(int(config.train.epochs), 1), a.mask or ap.DEFAULT_MASK)
-  alpha, temp = a.get("finetune_distill_alpha", 0.0), a.get("finetune_distill_temperature", 4.0)
-  if not 0.0 <= float(alpha) <= 1.0 or not float(temp) > 0.0:
-    raise UserError(f"autoprune.finetune_distill_alpha={alpha} must be in [0, 1] and "
-                    f"finetune_distill_temperature={temp} > 0.")
-  if float(alpha) and not (a.init_from or config.pretrain.epochs > 0):
+  # (Its range and the temperature's: config_lib.RANGES.)
+  if float(a.get("finetune_distill_alpha", 0.0)) and not (
+      a.init_from or config.pretrain.epochs > 0):
     raise UserError("autoprune.finetune_distill_alpha distills from the dense start: it "
                     "needs pretrain.epochs > 0 or autoprune.init_from.")
   try:  # the surrogate is looked up only when the step is traced

@@ -501,9 +501,10 @@ def test_finetune_distillation_replaces_cross_entropy_from_the_end_of_pruning():
                        model_state={}, opt_state=opt_state)
     _, metrics = step(state, {"image": x, "label": labels})
     assert float(metrics["loss"]) == pytest.approx(want, rel=1e-4), (t_step, ce, kd)
+  from jaxprune import config_lib  # pylint: disable=g-import-not-at-top
   config.autoprune.finetune_distill_alpha = 1.5
   with pytest.raises(recipe.UserError, match="finetune_distill_alpha"):
-    recipe.validate(config)
+    config_lib.validate(config)
   config.autoprune.finetune_distill_alpha = 0.5
   config.pretrain.epochs = 0
   with pytest.raises(recipe.UserError, match="dense start"):
