@@ -2,19 +2,22 @@
 
 Tiers (markers registered in pytest.ini, which sets ``--strict-markers``):
 
-- ``e2e``: the test runs a recipe end to end -- ``jaxprune.methods.run``, a recipe
-  module's ``run`` or ``jaxprune.main`` to its end, in this process or as a subprocess
-  (the CLI, a fault-injection stage script), or several processes. Marked in the test
-  file (``@pytest.mark.e2e`` or a module's ``pytestmark``). A test that is not marked
-  and whose in-process recipe run returns fails here with what to do (a forgotten mark
-  would slow down the day-to-day tier); a run stopped by an expected error does not
-  count. Subprocess runs cannot be seen from here: mark them by the rule.
-- ``slow``: another test that takes more than about 5 s on 2 CPU cores (compiles of
-  big models, data builds); in a sweep over models (:func:`sweep`) every case but a
-  representative few.
+- ``e2e``: the end-to-end tier, left out day to day. A test is in it when it runs a
+  recipe end to end -- ``jaxprune.methods.run``, a recipe module's ``run`` or
+  ``jaxprune.main`` to its end, in this process or as a subprocess (the CLI, a
+  fault-injection stage script), or several processes -- marked in the test file
+  (``@pytest.mark.e2e`` or a module's ``pytestmark``), or when it is marked ``slow``
+  (:func:`pytest_collection_modifyitems` adds ``e2e``). A test that is in neither and
+  whose in-process recipe run returns fails here with what to do (a forgotten mark would
+  slow down the day-to-day tier); a run stopped by an expected error does not count.
+  Subprocess runs cannot be seen from here: mark them by the rule.
+- ``slow``: a test that takes more than about 5 s on 2 CPU cores (compiles of big
+  models, data builds, recipe stages); in a sweep over models (:func:`sweep`) every case
+  but a representative few.
 
-Day to day: ``python -m pytest -n 2 -m "not e2e and not slow" tests``; the unit tests
-``-m "not e2e"``; everything (the README's command): ``python -m pytest -q -n 2 tests``.
+Day to day: ``python -m pytest -n 2 -m "not e2e" tests``; the recipe runs alone:
+``-m "e2e and not slow"``; everything (the README's command): ``python -m pytest -q -n 2
+tests``.
 """
 import os
 import pathlib
@@ -116,6 +119,14 @@ def sweep(cases, quick):
     values = case if isinstance(case, tuple) else (case,)
     out.append(pytest.param(*values, marks=() if values[0] in quick else pytest.mark.slow))
   return out
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects
+def pytest_collection_modifyitems(items):
+  """Puts every ``slow`` test in the ``e2e`` tier (see the docstring)."""
+  for item in items:
+    if item.get_closest_marker("slow") and not item.get_closest_marker("e2e"):
+      item.add_marker(pytest.mark.e2e)
 
 
 def pytest_sessionfinish(session):
