@@ -195,7 +195,7 @@ def zoo_model_rows(name: str, args) -> list:
   import jax  # pylint: disable=g-import-not-at-top
   from jaxprune import flops, surgery  # pylint: disable=g-import-not-at-top
   from jaxprune.errors import UserError  # pylint: disable=g-import-not-at-top
-  round_to = args.round_to or runtime.default_round_to()
+  round_to = args.round_to or runtime.default_round_to(profile=profile)
   variables = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, *SHAPE)),
                                         train=False))
   base_flops = flops.count(model, variables, SHAPE)["flops"]
@@ -439,7 +439,7 @@ def main(argv):
                       "model and batch (more rounds for fast networks)")
   parser.add_argument("--ratio", type=float, default=0.5, help="the FLOPs / latency target")
   parser.add_argument("--round_to", type=int, default=0,
-                      help="0: runtime.default_round_to() of the backend")
+                      help="0: runtime.default_round_to() of the backend for the model")
   parser.add_argument("--search_steps", type=int, default=310,
                       help="--tas: iterations of each TAS search (0: no searched rows)")
   parser.add_argument("--search_batch", type=int, default=32)

@@ -11,7 +11,7 @@ Commands (from the repository root):
   # CIFAR-10 ResNet-56, L1 to 50% FLOPs, one shot; TFDS downloads CIFAR-10.
   python -m jaxprune.main --config configs/prune_resnet.py:depth=56 --workdir workdirs/p56
   # Iterative (5 prune + fine-tune steps), global ranking, widths multiples of 16 (default
-  # round_to=0: the backend's multiple, 8 on a CPU; round_to=1: any width):
+  # round_to=0: the backend's multiple for the model, 8 or 16 on a CPU; round_to=1: any width):
   python -m jaxprune.main --config configs/prune_resnet.py:depth=56,steps=5,global,round_to=16 \
       --workdir workdirs/p56_iter
   # From a finished baseline run instead of training one:
@@ -59,7 +59,7 @@ def get_config(arg=None):
       "steps": args.steps,               # prune + fine-tune rounds (1: one shot)
       "global_ranking": args["global"],
       "round_to": args.round_to,         # kept widths a multiple of this (0: the backend's,
-                                         # 8 on a CPU; a group not wider at a finer one)
+                                         # 8 or 16 on a CPU; a group not wider at a finer one)
       "ignore": (),                      # leaf-path patterns of groups to keep whole
       "init_from": "",                   # variables of a trained dense network
       "scratch_comparison": True,

@@ -82,8 +82,10 @@ def get_config(arg=None):
       # resnet for cifar_resnet and imagenet_resnet, graph otherwise
       # (--config.model.name=mod:fn). round_to: widths a multiple of this (both spaces
       # round their width candidates up to it, so the band holds for the derived network);
-      # 0 = the backend's default, jaxprune.engine.runtime.default_round_to(): 8 on a CPU,
-      # where multiples of 8 run faster for the same FLOPs; 1 = the reference's widths.
+      # 0 = the backend's default for the model, jaxprune.engine.runtime.default_round_to():
+      # on a CPU 8, or 16 for a model of dense convs on an AVX-512 CPU at XLA's stock conv
+      # settings (the smoke's ResNet-20 on this machine), where such widths run faster for
+      # the same FLOPs; 1 = the reference's widths.
       # depth: the graph space also searches the depth of every stage of skippable
       # residual blocks it finds (x + f(x), each block a module of its own).
       space="auto", round_to=0, depth=True,

@@ -178,7 +178,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "seed": (_int_at_least(0), "must be an integer >= 0"),
     "round_to": (_int_at_least(1), "widths are rounded to a multiple of this: an integer >= 1"),
     "tas.round_to": (_int_at_least(0), "widths are rounded to a multiple of this: an integer "
-                     ">= 0 (0: the backend's default, 8 on a CPU; 1: no rounding)"),
+                     ">= 0 (0: the backend's default for the model, 8 or 16 on a CPU; 1: no rounding)"),
     "ratio": (_interval(0, 1, lo_open=True, hi_open=True),
               "the kept share of the dense network, in (0, 1)"),
     "steps": (_int_at_least(1), "must be an integer >= 1"),
@@ -198,7 +198,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "tas.latency_batch": (_int_at_least(0), "an integer >= 0 (0: report.inference_batch_size;"
                           " bounded by the device memory once the data is known)"),
     "prune.round_to": (_int_at_least(0), "widths are rounded to a multiple of this: an "
-                       "integer >= 0 (0: the backend's default, 8 on a CPU; 1: no rounding)"),
+                       "integer >= 0 (0: the backend's default for the model, 8 or 16 on a CPU; 1: no rounding)"),
     "prune.latency_batch": (_int_at_least(0), "an integer >= 0 (0: "
                             "report.inference_batch_size)"),
     "prune.latency_grid": (_int_at_least(1), "latency-table candidate widths per group: an "

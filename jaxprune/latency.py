@@ -30,19 +30,126 @@ _MAX_CALLS = 64
 # backend. CPU, measured (2-core x86-64, XLA:CPU, batch 128, alternated): the TAS smoke's
 # derived ResNet-20 (16x16 inputs) ran 1.18x faster than its base at 2.29x fewer FLOPs
 # with its searched widths, 1.69x at 1.94x with the widths rounded to multiples of 8 (to
-# 4: 1.33x at 2.26x; to 16: 1.48x at 1.46x; those widths rounded after the search); L1-pruned
-# ResNet-56s and ResNet-50s alike, where 16 was slower than 8 (docs/results.md). The smoke
-# searching rounded candidates (d978594): 1.57x at 2.34x at 8, 1.69-1.75x at 2.19x at 16. GPU and TPU: 8, not measured here (tensor-core and MXU tiles favour multiples
-# of 8 or more).
+# 4: 1.33x at 2.26x); L1-pruned ResNet-56s and ResNet-50s alike (docs/results.md). GPU and
+# TPU: 8, not measured here (tensor-core and MXU tiles favour multiples of 8 or more).
 ROUND_TO = {"cpu": 8, "gpu": 8, "cuda": 8, "rocm": 8, "tpu": 8}
 
+# XLA:CPU gives convolutions to YNNPACK by default; this flag gives them to Eigen
+# (jaxprune.engine.runtime sets it where its rule says so).
+EIGEN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+# A model "of dense convs": they do at least CONV_SHARE_MIN of its MACs, and grouped
+# (depthwise) convs at most GROUPED_SHARE_MAX of the conv MACs (the runtime rule's terms).
+GROUPED_SHARE_MAX = 0.01
+CONV_SHARE_MIN = 0.5
+# On a CPU with 512-bit vectors (AVX-512: 16 float32 lanes), YNNPACK's dense convs take
+# as long for 8 output channels as for 16 (3x3, 16x16x16 input, batch 128: 1.59 vs 1.57
+# ms; 8 -> 16 channels 0.98 ms), so a model of dense convs under XLA's stock settings
+# defaults to multiples of 16. Measured (2026-12-06, this 2-core AVX-512 CPU, L1
+# ``prune_to(flops_ratio=0.5)`` of a ResNet-56 at 32x32, base and pruned alternated,
+# speed-up local / global): stock convs, batch 128: round_to 16 1.61x / 1.59x, 8 1.49x /
+# 1.48x; batch 1: 16 1.57x / 1.57x, 8 1.31x / 1.34x; convs to Eigen (batch 128): 16 1.39x /
+# 1.41x, 8 1.59x / 1.62x (so 8 stays there). A MobileNetV2 (depthwise) ran 1.53x at 8,
+# 1.49x at 16; a ViT-S-shaped encoder 1.82x at both (both stay at 8).
+WIDE_VECTOR_ROUND_TO = 16
+# Those figures: speed-ups of the L1 ``prune_to(flops_ratio=0.5)`` network at each
+# round_to, per (XLA:CPU convs, batch), on the 512-bit-vector CPU; local ranking, the
+# models of ``benchmarks/pruned_speed.py`` (the MobileNetV2 with its stem group whole,
+# whose width decides the user's block0 structure), the ``RECORDED`` op profiles.
+ROUND_TO_RECORDED = {
+    "resnet56": {"profile": {"conv": 125747200, "grouped_conv": 0, "dot": 640},
+                 "speedup": {("stock", 128): {8: 1.49, 16: 1.61},
+                             ("stock", 1): {8: 1.31, 16: 1.58},
+                             ("eigen", 128): {8: 1.59, 16: 1.39}}},
+    "mobilenetv2": {"profile": {"conv": 82083840, "grouped_conv": 5879808, "dot": 12800},
+                    "speedup": {("stock", 128): {8: 1.53, 16: 1.49}}},
+    "vit_s": {"profile": {"conv": 1179648, "grouped_conv": 0, "dot": 363639552},
+              "speedup": {("stock", 128): {8: 1.82, 16: 1.81}}},
+}
 
-def default_round_to(backend: str | None = None) -> int:
+
+def default_round_to(backend: str | None = None, profile: Mapping | None = None) -> int:
   """The default ``round_to`` on ``backend`` (default: JAX's default backend, which this
-  starts): :data:`ROUND_TO`, 1 for a backend not listed."""
+  starts) for a model with ``profile`` (its :func:`op_profile`; None: not known):
+  :data:`ROUND_TO`, 1 for a backend not listed; on a CPU with 512-bit vectors
+  (:func:`wide_vectors`), under XLA's stock convolutions (:func:`stock_convs`), for a
+  model of dense convs (:func:`dense_convs`), :data:`WIDE_VECTOR_ROUND_TO`."""
   if backend is None:
     backend = jax.default_backend()
+  if (backend == "cpu" and profile is not None and dense_convs(profile)
+      and stock_convs() and wide_vectors()):
+    return WIDE_VECTOR_ROUND_TO
   return ROUND_TO.get(backend, 1)
+
+
+def stock_convs(xla_flags: str | None = None) -> bool:
+  """Whether XLA:CPU keeps its stock convolutions: :data:`EIGEN_CONV_FLAG` is not in
+  ``xla_flags`` (default: the ``XLA_FLAGS`` environment variable)."""
+  if xla_flags is None:
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+  return EIGEN_CONV_FLAG.split("=")[0] not in xla_flags
+
+
+def wide_vectors(cpuinfo: str | None = None) -> bool:
+  """Whether this CPU has 512-bit float vectors: ``avx512f`` among the flags of
+  ``cpuinfo`` (default: ``/proc/cpuinfo``; False where it cannot be read)."""
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo", encoding="utf-8") as f:
+        cpuinfo = f.read()
+    except OSError:
+      return False
+  for line in cpuinfo.splitlines():
+    if line.startswith("flags") and ":" in line:
+      return "avx512f" in line.split(":", 1)[1].split()
+  return False
+
+
+def dense_convs(profile: Mapping) -> bool:
+  """Whether a model with this :func:`op_profile` is one of dense convs: they do at
+  least :data:`CONV_SHARE_MIN` of its MACs and grouped convs at most
+  :data:`GROUPED_SHARE_MAX` of the conv MACs."""
+  convs = profile["conv"] + profile["grouped_conv"]
+  total = convs + profile["dot"]
+  return (total > 0 and profile["conv"] >= CONV_SHARE_MIN * total
+          and grouped_share(profile) <= GROUPED_SHARE_MAX)
+
+
+def grouped_share(profile: Mapping) -> float:
+  """The grouped convs' share of the conv MACs (0 without convs)."""
+  convs = profile["conv"] + profile["grouped_conv"]
+  return profile["grouped_conv"] / convs if convs else 0.0
+
+
+def _profile_jaxpr(jaxpr, out: dict, times: int = 1):
+  from jaxprune.graph import interpret  # pylint: disable=g-import-not-at-top
+  for eqn, times in interpret.all_eqns(jaxpr, times):  # nested jaxprs, scans' lengths
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      dn = eqn.params["dimension_numbers"]
+      per_out = math.prod(rhs) // max(rhs[dn.rhs_spec[0]], 1)  # MACs per output element
+      macs = math.prod(eqn.outvars[0].aval.shape) * per_out * times
+      grouped = (eqn.params.get("feature_group_count", 1) > 1
+                 or eqn.params.get("batch_group_count", 1) > 1)
+      out["grouped_conv" if grouped else "conv"] += macs
+    elif name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      out["dot"] += (math.prod(eqn.outvars[0].aval.shape)
+                     * math.prod(lhs[d] for d in lhs_contract) * times)
+  return out
+
+
+def jaxpr_profile(jaxpr) -> dict:
+  """Multiply-accumulates of a jaxpr by op class: ``{"conv", "grouped_conv", "dot"}``
+  (grouped: ``feature_group_count`` or ``batch_group_count`` > 1, e.g. depthwise)."""
+  return _profile_jaxpr(jaxpr, {"conv": 0, "grouped_conv": 0, "dot": 0})
+
+
+def op_profile(fn, *args) -> dict:
+  """:func:`jaxpr_profile` of ``fn(*args)``, traced to a jaxpr (``args`` may be
+  ``jax.ShapeDtypeStruct``), which starts no backend."""
+  return jaxpr_profile(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def measure_inference(model, variables, input_shape, batch_size: int = 128,

@@ -3,14 +3,13 @@ applied before and after JAX starts its backend; the rule and its measurements:
 docs/design/layers.md."""
 import ctypes
 import importlib.metadata
-import math
 import os
 
 import jaxlib
 
 from jaxprune import latency
 
-CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
+CPU_FLAGS = (latency.EIGEN_CONV_FLAG,)
 _TESTED_JAXLIB = ((0, 10),)
 
 
@@ -53,8 +52,8 @@ def configure_malloc() -> bool:
 # dense convs and lose badly on grouped (depthwise) ones, whose FLOPs are few but whose
 # time is not. The flag is set when the grouped convs' share of the conv MACs is at most
 # this; the figures behind it are :data:`RECORDED`.
-GROUPED_SHARE_MAX = 0.01
-CONV_SHARE_MIN = 0.5
+GROUPED_SHARE_MAX = latency.GROUPED_SHARE_MAX
+CONV_SHARE_MIN = latency.CONV_SHARE_MIN
 CONV_MACS_MIN = 4e9  # ResNet-56 at batch 32 (4.0G): no difference; at 128 (16.1G): faster
 
 
@@ -103,34 +102,9 @@ RECORDED = {
 NOISE_WITHOUT_CONTROL = 1.3  # the widest stock/control ratio seen at batch >= 32: 1.13
 
 
-def _profile_jaxpr(jaxpr, out: dict, times: int = 1):
-  from jaxprune.graph import interpret  # pylint: disable=g-import-not-at-top
-  for eqn, times in interpret.all_eqns(jaxpr, times):  # nested jaxprs, scans' lengths
-    name = eqn.primitive.name
-    if name == "conv_general_dilated":
-      rhs = eqn.invars[1].aval.shape
-      dn = eqn.params["dimension_numbers"]
-      per_out = math.prod(rhs) // max(rhs[dn.rhs_spec[0]], 1)  # MACs per output element
-      macs = math.prod(eqn.outvars[0].aval.shape) * per_out * times
-      grouped = (eqn.params.get("feature_group_count", 1) > 1
-                 or eqn.params.get("batch_group_count", 1) > 1)
-      out["grouped_conv" if grouped else "conv"] += macs
-    elif name == "dot_general":
-      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-      lhs = eqn.invars[0].aval.shape
-      out["dot"] += (math.prod(eqn.outvars[0].aval.shape)
-                     * math.prod(lhs[d] for d in lhs_contract) * times)
-  return out
-
-
-def op_profile(fn, *args) -> dict:
-  """Multiply-accumulates of ``fn(*args)`` by op class: ``{"conv", "grouped_conv",
-  "dot"}`` (grouped: ``feature_group_count`` or ``batch_group_count`` > 1, e.g.
-  depthwise). Traced to a jaxpr (``args`` may be ``jax.ShapeDtypeStruct``), which
-  starts no backend: usable before :func:`configure`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  jaxpr = jax.make_jaxpr(fn)(*args)
-  return _profile_jaxpr(jaxpr.jaxpr, {"conv": 0, "grouped_conv": 0, "dot": 0})
+# The op profile (MACs by op class) lives with the other hardware costs.
+op_profile = latency.op_profile
+grouped_share = latency.grouped_share
 
 
 def model_profile(model, input_shape) -> dict:
@@ -145,12 +119,6 @@ def model_profile(model, input_shape) -> dict:
         lambda x_: model.init_with_output(jax.random.key(0), x_, train=False)[0], x)
 
 
-def grouped_share(profile) -> float:
-  """The grouped convs' share of the conv MACs (0 without convs)."""
-  convs = profile["conv"] + profile["grouped_conv"]
-  return profile["grouped_conv"] / convs if convs else 0.0
-
-
 def eigen_convs_faster(profile, batch: int = 128) -> bool:
   """The rule: whether the XLA:CPU flag (convolutions to Eigen) is expected to make a
   model with this :func:`op_profile` faster at ``batch``: its MACs are mostly dense
@@ -160,11 +128,7 @@ def eigen_convs_faster(profile, batch: int = 128) -> bool:
   settings stay: a depthwise network (2x slower with the flag), a transformer (no
   difference beyond the noise: only a patch conv changes), a small call (the TAS smoke's
   ResNet-20s on 16x16 inputs at batch 128, whose derived network was slower with it)."""
-  convs = profile["conv"] + profile["grouped_conv"]
-  total = convs + profile["dot"]
-  return (total > 0 and profile["conv"] >= CONV_SHARE_MIN * total
-          and grouped_share(profile) <= GROUPED_SHARE_MAX
-          and profile["conv"] * batch >= CONV_MACS_MIN)
+  return latency.dense_convs(profile) and profile["conv"] * batch >= CONV_MACS_MIN
 
 
 def config_profile(config):

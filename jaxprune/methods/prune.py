@@ -49,11 +49,11 @@ def validate(config):
 
 def round_to(config) -> tuple[int, bool]:
   """``(multiple, fitted)``: ``prune.round_to``, or for 0 the backend's default
-  (:func:`jaxprune.engine.runtime.default_round_to`, which starts the backend: call it
-  after ``runtime.apply``) fitted to narrow groups."""
+  (:func:`jaxprune.engine.runtime.default_round_to` for the configured model, which starts
+  the backend: call it after ``runtime.apply``) fitted to narrow groups."""
   if config.prune.round_to:
     return int(config.prune.round_to), False
-  return runtime.default_round_to(), True
+  return runtime.default_round_to(profile=runtime.config_profile(config)), True
 
 
 def latency_batch(config) -> int:

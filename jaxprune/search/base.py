@@ -42,8 +42,8 @@ def rounded_candidates(width: int, round_to: int = 1) -> tuple[int, ...]:
 
 def fitted_candidates(width: int, round_to: int, num_picks: int) -> tuple[int, ...]:
   """:func:`rounded_candidates` at the largest of ``round_to, round_to // 2, ..., 1`` that
-  leaves the group ``num_picks`` candidates: a backend-default ``round_to`` (8 on a CPU)
-  never makes a narrow group (8 channels or fewer) unsearchable."""
+  leaves the group ``num_picks`` candidates: a backend-default ``round_to`` (8 or 16 on a
+  CPU) never makes a narrow group unsearchable."""
   r = int(round_to)
   while r > 1 and len(rounded_candidates(width, r)) < num_picks:
     r //= 2

@@ -8,7 +8,7 @@ import numpy as np
 import conftest
 from jaxprune.engine import report, runtime
 from jaxprune.methods import tas
-from jaxprune import flops
+from jaxprune import flops, latency
 from jaxprune.search import base as search_base
 
 
@@ -51,12 +51,14 @@ class _Mixed(nn.Module):
   c1: int
   c2: int
   d: int
+  grouped: bool = True  # the middle conv depthwise (else dense)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train
     x = nn.Conv(self.c1, (3, 3), strides=(2, 2), use_bias=False)(x)
-    x = nn.Conv(self.c1, (3, 3), feature_group_count=self.c1, use_bias=False)(x)
+    x = nn.Conv(self.c1, (3, 3), feature_group_count=self.c1 if self.grouped else 1,
+                use_bias=False)(x)
     x = nn.Conv(self.c2, (1, 1))(x)
     return nn.Dense(self.d)(x.mean(axis=(1, 2)))
 
@@ -87,6 +89,78 @@ def test_config_profile_gives_the_rule_for_the_configs_model():
   assert mobile["grouped_conv"] > 0 and not runtime.eigen_convs_faster(mobile)
   config.model.name = "no_such_model"
   assert runtime.config_profile(config) is None
+
+
+def test_default_round_to_picks_the_faster_multiple_on_recorded_speedups(monkeypatch):
+  """On the 512-bit-vector CPU's recorded speed-ups (latency.ROUND_TO_RECORDED), the
+  default round_to is the faster multiple wherever the two differ by more than 3%, for
+  XLA's stock convs and for convs given to Eigen; the records include a case 16 wins
+  and one 8 wins."""
+  monkeypatch.setattr(latency, "wide_vectors", lambda cpuinfo=None: True)
+  won = set()
+  for name, rec in latency.ROUND_TO_RECORDED.items():
+    for (convs, batch), speedup in rec["speedup"].items():
+      flags = "" if convs == "stock" else f"--foo=1 {latency.EIGEN_CONV_FLAG}"
+      monkeypatch.setenv("XLA_FLAGS", flags)
+      got = latency.default_round_to("cpu", rec["profile"])
+      if abs(np.log(speedup[8] / speedup[16])) <= np.log(1.03):
+        continue
+      best = max(speedup, key=speedup.get)
+      won.add(best)
+      assert got == best, (name, convs, batch, speedup, got)
+  assert won == {8, 16}
+
+
+def test_default_round_to_is_the_closed_form_of_its_four_conditions(monkeypatch):
+  """Fresh random profiles, backends, XLA_FLAGS and cpuinfo texts: 16 exactly on a CPU
+  with avx512f, stock convs and a model of dense convs; the backend's table otherwise;
+  the cpuinfo and flag readers against their definitions."""
+  rng = np.random.default_rng()
+  words = ["fpu", "sse2", "avx", "avx2", "avx512f", "avx512bw", "avx512_vnni"]
+  wide_vectors = latency.wide_vectors  # the reader itself (patched below for the rule)
+  for _ in range(200):
+    conv, grouped, dot = (int(v) for v in rng.integers(0, 10**8, 3) * rng.integers(0, 2, 3))
+    profile = {"conv": conv, "grouped_conv": grouped, "dot": dot}
+    backend = str(rng.choice(["cpu", "gpu", "tpu"]))
+    flags = list(rng.choice(words, int(rng.integers(0, 6)), replace=False))
+    cpuinfo = f"processor\t: 0\nflags\t\t: {' '.join(flags)}\nbogomips\t: 1\n"
+    eigen = bool(rng.integers(2))
+    xla_flags = "--xla_force_host_platform_device_count=8" + (
+        " " + latency.EIGEN_CONV_FLAG if eigen else "")
+    assert wide_vectors(cpuinfo) == ("avx512f" in flags)
+    assert latency.stock_convs(xla_flags) == (not eigen)
+    total = conv + grouped + dot
+    dense = (total > 0 and conv >= latency.CONV_SHARE_MIN * total
+             and (grouped / (conv + grouped) if conv + grouped else 0.0)
+             <= latency.GROUPED_SHARE_MAX)
+    assert latency.dense_convs(profile) == dense
+    monkeypatch.setattr(latency, "wide_vectors", lambda c=None, v="avx512f" in flags: v)
+    monkeypatch.setenv("XLA_FLAGS", xla_flags)
+    want = (16 if backend == "cpu" and dense and not eigen and "avx512f" in flags
+            else runtime.ROUND_TO[backend])
+    assert latency.default_round_to(backend, profile) == want
+    assert latency.default_round_to(backend, None) == runtime.ROUND_TO[backend]
+  assert not wide_vectors("no flags line here")
+
+
+def test_prune_to_and_the_recipes_pass_the_model_to_the_default(monkeypatch):
+  """prune_to's round_to=None and a recipe's round_to 0 ask for the default with the
+  model's op profile (a dense-conv net: 16 where the CPU conditions hold, patched on)."""
+  from jaxprune import surgery  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(latency, "wide_vectors", lambda cpuinfo=None: True)
+  monkeypatch.setattr(latency, "stock_convs", lambda xla_flags=None: True)
+  if jax.default_backend() != "cpu":
+    return
+  model = _Mixed(32, 32, 3, grouped=False)
+  x = jnp.zeros((1, 8, 8, 3))
+  variables = model.init(jax.random.key(int(np.random.default_rng().integers(1 << 30))), x)
+  _, info = surgery.prune_to(model, variables, (8, 8, 3), flops_ratio=0.6)
+  assert info["round_to"] == 16
+  config = conftest.load_config("configs/tas_resnet.py", "smoke")
+  assert tas.round_to_of(config) == 16
+  config = conftest.load_config("configs/dnw_mobilenet.py", "smoke")  # depthwise
+  config.tas = {"round_to": 0}
+  assert tas.round_to_of(config) == runtime.ROUND_TO["cpu"]
 
 
 def test_default_round_to_follows_the_backend():
