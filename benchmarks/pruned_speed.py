@@ -10,9 +10,10 @@ and a cls token), random weights (speed only). Each is pruned by
 - a latency target (``latency_ratio=0.5``, its per-op table timed at the row's batch):
   the rows ``latency 0.5`` (when ``prune_to`` takes ``latency_ratio``),
 
-with ``round_to`` = :func:`jaxprune.engine.runtime.default_round_to` of the backend
-(``--round_to`` to change it). Each model runs in a process of its own, with the XLA:CPU
-flag that :mod:`jaxprune.engine.runtime`'s rule picks for it (as ``jaxprune.main`` does),
+with ``round_to`` = :func:`jaxprune.engine.runtime.default_round_to` of the backend for
+the model (``--round_to`` to change it). Each model and batch runs in a process of its
+own, with the XLA:CPU flag that :mod:`jaxprune.engine.runtime`'s rule picks for it at that
+batch (as ``jaxprune.main`` does at the report's batch; the default round_to follows it),
 and times the base and the pruned networks alternately (one call of each per round,
 median over at least ``--rounds`` rounds and ``--min_timing_s`` seconds of calls): the
 ratios come from one run on one machine. Columns: speed-up
@@ -187,11 +188,12 @@ def forward(model, variables, options=None):
 
 
 def zoo_model_rows(name: str, args) -> list:
-  """The zoo table's rows of one model (run in a process of its own: the XLA flag is
-  the rule's for this model)."""
+  """The zoo table's rows of one model (run in a process of its own per batch: the XLA
+  flag and the default round_to are the rule's for this model at its largest batch, as
+  ``jaxprune.main`` picks them at the report's batch)."""
   model = build(name)
   profile = runtime.model_profile(model, SHAPE)
-  flag = runtime.configure(profile=profile)  # before the backend starts
+  flag = runtime.configure(profile=profile, batch=max(args.batches))  # before the backend
   import jax  # pylint: disable=g-import-not-at-top
   from jaxprune import flops, surgery  # pylint: disable=g-import-not-at-top
   from jaxprune.errors import UserError  # pylint: disable=g-import-not-at-top
@@ -206,7 +208,8 @@ def zoo_model_rows(name: str, args) -> list:
   small, _ = surgery.prune_to(model, variables, SHAPE, criterion="l1",
                               flops_ratio=args.ratio, round_to=round_to, ignore=ignore)
   pruned["flops"] = {b: small for b in args.batches}
-  for b in (args.latency_batches or args.batches) if latency else ():
+  for b in [b for b in (args.latency_batches or args.batches)
+            if b in args.batches] if latency else ():
     grid = {"latency_grid": args.latency_grid} if args.latency_grid else {}
     try:
       small, info = surgery.prune_to(model, variables, SHAPE, criterion="l1",
@@ -259,31 +262,34 @@ def _latency_info(info) -> dict:
 def zoo(args, argv):
   rows = []
   for name in args.models:
-    cmd = [sys.executable, __file__, "--model", name, *argv]
-    run = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
-    if run.returncode:
-      print(f"[{name}] failed (exit {run.returncode}); its rows are missing", flush=True)
-      continue
-    rows += json.loads(run.stdout.strip().splitlines()[-1])
-    print(f"[{name}] rows: {run.stdout.strip().splitlines()[-1]}", flush=True)
+    for batch in args.batches:  # the flag and round_to follow the batch (the rule's)
+      cmd = [sys.executable, __file__, *argv, "--model", name, "--batches", str(batch)]
+      run = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, text=True,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+      if run.returncode:
+        print(f"[{name}, batch {batch}] failed (exit {run.returncode}); its rows are "
+              "missing", flush=True)
+        continue
+      rows += json.loads(run.stdout.strip().splitlines()[-1])
+      print(f"[{name}, batch {batch}] rows: {run.stdout.strip().splitlines()[-1]}",
+            flush=True)
   print()
-  print("| model | target | batch | XLA:CPU conv flag | MFLOPs base -> pruned | base ms | "
+  print("| model | target | batch | XLA:CPU conv flag | round_to | MFLOPs base -> pruned | base ms | "
         "pruned ms | speed-up | FLOPs reduction | speed-up / FLOPs reduction | "
         "speed-up / requested | table's predicted speed-up | calibration: measured speed-up "
         "(rounds, met) |")
-  print("|---" * 13 + "|")
+  print("|---" * 14 + "|")
   for r in rows:
     if "refused" in r:
       print(f"| {r['model']} | {r['target']} | {r['batch']} | {'on' if r['flag'] else 'off'} | "
-            f"refused: {r['refused']} |" + " |" * 8, flush=True)
+            f"{r['round_to']} | refused: {r['refused']} |" + " |" * 8, flush=True)
       continue
     s = r["base_ms"] / r["pruned_ms"]
     pred = f"{r['predicted_speedup']:.2f}x" if "predicted_speedup" in r else ""
     cal = (f"{r['measured_speedup']:.2f}x ({r['calibration_rounds']}, "
            f"{'met' if r['calibration_met'] else 'not met'})" if "measured_speedup" in r else "")
     print(f"| {r['model']} | {r['target']} | {r['batch']} | {'on' if r['flag'] else 'off'} | "
-          f"{r['base_mflops']:.1f} -> {r['pruned_mflops']:.1f} | {r['base_ms']:.2f} | "
+          f"{r['round_to']} | {r['base_mflops']:.1f} -> {r['pruned_mflops']:.1f} | {r['base_ms']:.2f} | "
           f"{r['pruned_ms']:.2f} | {s:.2f}x | {r['flops_reduction']:.2f}x | "
           f"{s / r['flops_reduction']:.2f} | {s * args.ratio:.2f} | {pred} | {cal} |", flush=True)
 
