@@ -21,7 +21,12 @@ leaf_name = selection.leaf_path
 
 
 def accepts_train(module: nn.Module) -> bool:
-  """Whether a Linen module's ``__call__`` takes ``train`` (or ``**kwargs``)."""
+  """Whether a Linen module's ``__call__`` takes ``train`` (or ``**kwargs``); an
+  ``nn.Sequential`` passes its keywords to its first layer, so it takes ``train`` when
+  that layer does."""
+  if isinstance(module, nn.Sequential):
+    first = module.layers[0] if module.layers else None
+    return isinstance(first, nn.Module) and accepts_train(first)
   try:
     parameters = inspect.signature(type(module).__call__).parameters
   except (TypeError, ValueError):

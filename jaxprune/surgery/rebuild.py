@@ -395,7 +395,7 @@ class Rebuilt(nn.Module):
     def interceptor(next_fun, args, kwargs, context):
       module = context.module
       if module is not self:
-        mpath = "/".join(module.path)
+        mpath = _module_path(module)
         attrs = {}
         rule = rules.rule_for(module) if mpath in prefixes else None
         if rule is not None:
@@ -415,6 +415,16 @@ class Rebuilt(nn.Module):
           raise
       return next_fun(*args, **kwargs)
     return interceptor
+
+
+def _module_path(module: nn.Module) -> str:
+  """A bound module's path in the variables: under :class:`Rebuilt` (which shares its
+  scope with the base) without the ``jaxprune_base`` step that modules handed to the base
+  as attributes (``nn.Sequential``'s layers) keep in their path."""
+  path = list(module.path)
+  while path and path[0] == "jaxprune_base":
+    path = path[1:]
+  return "/".join(path)
 
 
 @functools.cache
@@ -608,7 +618,7 @@ def _derived_attrs(model, variables, x, kwargs, shapes, overrides):
   seen = {}
 
   def record(next_fun, args, kw, context):
-    seen.setdefault("/".join(context.module.path), context.module)
+    seen.setdefault(_module_path(context.module), context.module)
     return next_fun(*args, **kw)
   with nn.intercept_methods(record):
     _eval_shape(lambda v, *a, **k: model.apply(v, *a, **k), (variables, *x), kwargs)
@@ -709,7 +719,7 @@ def _linen_modules(wrapped, x, kwargs):
 
   def record(next_fun, args, kw, context):
     if not isinstance(context.module, Rebuilt):
-      seen.setdefault("/".join(context.module.path), context.module)
+      seen.setdefault(_module_path(context.module), context.module)
     return next_fun(*args, **kw)
   with nn.intercept_methods(record):
     try:

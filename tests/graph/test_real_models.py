@@ -463,3 +463,39 @@ def test_search_space_on_a_pmap_model_mixes_with_global_batch_statistics():
   (yb, sb), (yp, sp) = [s.apply(variables, x, train=True, selections=picks) for s in spaces]
   np.testing.assert_allclose(yb, yp, rtol=1e-5, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sb, sp)
+
+
+class _TakesTrain(nn.Module):
+  """A first layer that takes ``train`` (a Sequential passes it there)."""
+  width: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(self.width, (3, 3), name="conv")(x)
+    return nn.BatchNorm(use_running_average=not train, name="bn")(x)
+
+
+@pytest.mark.parametrize("first_takes_train", [False, True])
+def test_sequential_models_trace_prune_and_equal_the_masked_original(first_takes_train):
+  """An ``nn.Sequential`` forwards keywords to its first layer: ``train`` is passed only
+  when that layer takes it (a plain ``nn.Conv`` first failed with a TypeError before).
+  Fresh random widths, weights and kept channels: the pruned Sequential equals the
+  original with the removed channels zeroed."""
+  rng = np.random.default_rng()
+  c1, c2 = (int(v) for v in rng.integers(3, 9, 2))
+  first = _TakesTrain(c1) if first_takes_train else nn.Conv(c1, (3, 3))
+  model = nn.Sequential([first, nn.relu, nn.Conv(c2, (3, 3)), nn.relu,
+                         lambda x: x.mean(axis=(1, 2)), nn.Dense(3)])
+  variables = _randomize(model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 2))),
+                         int(rng.integers(1 << 30)))
+  assert graph.tracing.accepts_train(model) == first_takes_train
+  g = graph.trace(model, variables, (6, 6, 2))
+  groups = g.prunable()
+  assert sorted(grp.width for grp in groups) == sorted([c1, c2])
+  keep = {grp.id: np.sort(rng.choice(grp.width, int(rng.integers(1, grp.width)),
+                                     replace=False)) for grp in groups}
+  small = surgery.prune(model, variables, (6, 6, 2), keep)
+  x = jnp.asarray(rng.normal(size=(2, 6, 6, 2)), jnp.float32)
+  masked = _zeroed(variables, graph.kept_slices(g, keep))
+  np.testing.assert_allclose(small.model.apply(small.variables, x), model.apply(masked, x),
+                             rtol=1e-5, atol=1e-5)
