@@ -194,8 +194,12 @@ def make_step(model, tx, *, seed: int, selector, teacher=None, distill_from: int
   def step(state: TrainState, batch):
     key = steps.step_key(seed, state.step)
     eff = ap.effective_params(state.params, state.opt_state)
-    if teacher is not None:
-      teacher_logits = model.apply(teacher, batch["image"], train=False)
+    if teacher is not None:  # its forward runs only from distill_from on
+      def teacher_forward(x):
+        return model.apply(teacher, x, train=False)
+      out = jax.eval_shape(teacher_forward, batch["image"])
+      teacher_logits = jax.lax.cond(state.step >= distill_from, teacher_forward,
+                                    lambda x: jnp.zeros(out.shape, out.dtype), batch["image"])
 
     def loss_fn(p):
       logits, model_state = steps.apply_model(model, p, state.model_state,
