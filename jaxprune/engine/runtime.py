@@ -170,6 +170,14 @@ ROUND_TO = latency.ROUND_TO
 default_round_to = latency.default_round_to
 
 
+def run_round_to(config) -> int:
+  """:func:`default_round_to` for the model a run's config names (:func:`config_profile`;
+  call after the backend started), process 0's on every process: the CPUs of a
+  multi-host run may differ, the widths they build must not."""
+  from jaxprune.engine import distributed  # pylint: disable=g-import-not-at-top
+  return int(distributed.from_main(default_round_to(profile=config_profile(config))))
+
+
 SWITCHES = ("auto", "on", "off")
 # jaxlib's accelerator plugins: one installed means the default backend is not the CPU.
 _ACCELERATOR_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm60-plugin",

@@ -53,7 +53,7 @@ def round_to(config) -> tuple[int, bool]:
   the backend: call it after ``runtime.apply``) fitted to narrow groups."""
   if config.prune.round_to:
     return int(config.prune.round_to), False
-  return runtime.default_round_to(profile=runtime.config_profile(config)), True
+  return runtime.run_round_to(config), True
 
 
 def latency_batch(config) -> int:

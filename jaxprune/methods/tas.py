@@ -58,7 +58,7 @@ def round_to_of(config) -> int:
   16 for a model of dense convs on an AVX-512 CPU at XLA's stock settings)."""
   from jaxprune.engine import runtime  # pylint: disable=g-import-not-at-top
   k = int(config.tas.get("round_to", 0))
-  return k or runtime.default_round_to(profile=runtime.config_profile(config))
+  return k or runtime.run_round_to(config)
 
 
 def make_space(config, base_model, num_classes: int, input_shape) -> search_lib.Space:
