@@ -248,10 +248,11 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
       batch_size, (int, np.integer)) or batch_size < 1):
     raise UserError(f"batch_size={batch_size!r}: the latency table's batch, an int >= 1")
   refuse_shapes_only("prune_to", model, variables)
-  if fit_round_to:  # the backend's multiple for this model's ops
-    traced = graph_lib.trace_jaxpr(model, variables, input_shape, call)
-    round_to = latency.default_round_to(profile=latency.jaxpr_profile(traced.jaxpr.jaxpr))
-  g = graph_lib.trace(model, variables, input_shape, call, ignore=ignore, round_to=round_to)
+  g = graph_lib.trace(model, variables, input_shape, call, ignore=ignore,
+                      round_to=1 if fit_round_to else round_to)
+  if fit_round_to:  # the backend's multiple for this model's ops (its traced program)
+    round_to = g.round_to = latency.default_round_to(
+        profile=latency.jaxpr_profile(g.traced.jaxpr.jaxpr))
   values = graph_lib.named_leaves(model, variables)
   groups = g.prunable(exact_only=exact_only)
   if exact_only and not groups and g.prunable():
