@@ -234,17 +234,20 @@ def kept_counts(params, opt_state, selector):
 def layer_table(model, params, opt_state, selector, input_shape, model_state=None) -> dict:
   """Per layer: weights, kept, fraction, dense MACs and MACs of the kept weights."""
   sel = selection.select(params, selector)
-  keep = ap.masks(params, opt_state)
+  # A kept weight is a nonzero entry of the effective network W * h(M): a gate that is
+  # open on a weight that is exactly zero (an initialiser draws one now and then) keeps
+  # nothing, so the count is of W * h(M), not of h(M).
+  eff = ap.effective_params(params, opt_state)
   layers = {}
-  for (path, k), s in zip(jax.tree_util.tree_leaves_with_path(keep), jax.tree.leaves(sel)):
+  for (path, t), s in zip(jax.tree_util.tree_leaves_with_path(eff), jax.tree.leaves(sel)):
     name = selection.leaf_path(path)
     if s and name.endswith("/kernel"):
-      layers[name[:-len("/kernel")]] = {"weights": int(k.size), "kept": int(np.sum(k))}
+      layers[name[:-len("/kernel")]] = {"weights": int(np.size(t)),
+                                        "kept": int(np.count_nonzero(np.asarray(t)))}
   state = model_state or {}  # BN statistics too
   dense = flops.count_layers(model, {"params": params, **state}, input_shape)
-  # The effective network W * h(M): each kept (nonzero) weight at every output position.
-  kept = flops.count_layers(model, {"params": ap.effective_params(params, opt_state), **state},
-                            input_shape, nonzero=True)
+  # Each kept (nonzero) weight of W * h(M) at every output position.
+  kept = flops.count_layers(model, {"params": eff, **state}, input_shape, nonzero=True)
   for rec, kept_rec in zip(dense, kept):
     row = layers.get(rec["name"])
     if row is not None:
@@ -264,7 +267,7 @@ def weight_report(model, params, opt_state, selector, input_shape, model_state=N
   ``compression_all_params`` (biases and other parameters counted as kept),
   ``dense_flops`` and ``pruned_flops`` (MACs of the kept weights plus bias adds).
   A kept weight is a nonzero entry of the effective network ``W * h(M)`` that the
-  recipe saves in ``prune/final`` (its dense weights are never exactly zero).
+  recipe saves in ``prune/final``.
   """
   layers = layer_table(model, params, opt_state, selector, input_shape, model_state)
   eff = ap.effective_params(params, opt_state)
