@@ -16,7 +16,6 @@ input, and adds each layer's closed form. The convention is jaxprune's (tas.md Â
   against a jaxpr).
 - params = entries of the trainable params (BN statistics excluded).
 """
-import math
 
 CLASSES = 10
 

@@ -6,7 +6,6 @@ code with smaller numbers, and names its layers so that the NNX twins in
 as in Flax's examples/imagenet (BatchNorm: running averages when not training).
 """
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
