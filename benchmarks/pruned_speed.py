@@ -212,11 +212,13 @@ def zoo_model_rows(name: str, args) -> list:
             if b in args.batches] if latency else ():
     grid = {"latency_grid": args.latency_grid} if args.latency_grid else {}
     try:
+      if args.depth:
+        grid["depth"] = True
       small, info = surgery.prune_to(model, variables, SHAPE, criterion="l1",
                                      latency_ratio=args.ratio, batch_size=b,
                                      round_to=round_to, ignore=ignore, **grid)
     except UserError as e:  # a target the table cannot reach: a row that says so
-      refused.append({"model": name, "target": f"latency {args.ratio:g}", "batch": b,
+      refused.append({"model": name, "target": _latency_target(args), "batch": b,
                       "round_to": round_to, "flag": bool(flag), "refused": str(e)})
       continue
     pruned.setdefault("latency", {})[b] = (small, _latency_info(info))
@@ -237,7 +239,8 @@ def zoo_model_rows(name: str, args) -> list:
         continue
       small = per_batch[b][0] if target == "latency" else per_batch[b]
       f = flops.count(small.model, small.variables, SHAPE)["flops"]
-      row = {"model": name, "target": f"{target} {args.ratio:g}", "batch": b,
+      label = _latency_target(args) if target == "latency" else f"{target} {args.ratio:g}"
+      row = {"model": name, "target": label, "batch": b,
              "round_to": round_to, "flag": bool(flag), "base_ms": ms["base"],
              "pruned_ms": ms[target], "flops_reduction": base_flops / f,
              "base_mflops": base_flops / 1e6, "pruned_mflops": f / 1e6}
@@ -247,11 +250,17 @@ def zoo_model_rows(name: str, args) -> list:
   return rows + refused
 
 
+def _latency_target(args) -> str:
+  return f"latency {args.ratio:g}" + (" + blocks" if args.depth else "")
+
+
 def _latency_info(info) -> dict:
   """What a latency row records of ``prune_to``'s info: the table's prediction and, when
   calibrated (the default), the calibration's own measured speed-up (at the row's batch,
   timed while pruning) and its rounds."""
   out = {"predicted_speedup": float(info["predicted_speedup"])}
+  if "removed_blocks" in info:
+    out["removed_blocks"] = len(info["removed_blocks"])
   if "calibration" in info:
     out.update(measured_speedup=float(info["measured_speedup"]),
                calibration_rounds=int(info["calibration"]["rounds"]),
@@ -286,6 +295,8 @@ def zoo(args, argv):
       continue
     s = r["base_ms"] / r["pruned_ms"]
     pred = f"{r['predicted_speedup']:.2f}x" if "predicted_speedup" in r else ""
+    if "removed_blocks" in r:
+      pred += f" ({r['removed_blocks']} blocks removed)"
     cal = (f"{r['measured_speedup']:.2f}x ({r['calibration_rounds']}, "
            f"{'met' if r['calibration_met'] else 'not met'})" if "measured_speedup" in r else "")
     print(f"| {r['model']} | {r['target']} | {r['batch']} | {'on' if r['flag'] else 'off'} | "
@@ -444,6 +455,8 @@ def main(argv):
                       help="zoo table: at least this many seconds of timed calls per "
                       "model and batch (more rounds for fast networks)")
   parser.add_argument("--ratio", type=float, default=0.5, help="the FLOPs / latency target")
+  parser.add_argument("--depth", action="store_true",
+                      help="latency rows also remove residual blocks (prune_to depth=True)")
   parser.add_argument("--round_to", type=int, default=0,
                       help="0: runtime.default_round_to() of the backend for the model")
   parser.add_argument("--search_steps", type=int, default=310,

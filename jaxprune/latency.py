@@ -399,10 +399,11 @@ class LatencyTable:
       out.append(cands.index(w))
     return out
 
-  def at(self, picks: Sequence[int]) -> float:
+  def at(self, picks: Sequence[int], skip=frozenset()) -> float:
     """Latency (ms) at candidate ``picks[s]`` of every group (:meth:`index`): the
-    entries at those widths, each times its scaled factors' kept fractions, summed."""
-    return float(sum(self.entry_ms(e, picks) for e in self.entries))
+    entries at those widths, each times its scaled factors' kept fractions, summed
+    (less the ops in ``skip``, indices into the graph's ops: removed blocks')."""
+    return float(sum(self.entry_ms(e, picks) for e in self.entries if e.op not in skip))
 
   def entry_ms(self, e: Entry, picks: Sequence[int]) -> float:
     """One entry's latency at ``picks`` (see :meth:`at`)."""

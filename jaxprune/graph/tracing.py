@@ -23,10 +23,15 @@ leaf_name = selection.leaf_path
 def accepts_train(module: nn.Module) -> bool:
   """Whether a Linen module's ``__call__`` takes ``train`` (or ``**kwargs``); an
   ``nn.Sequential`` passes its keywords to its first layer, so it takes ``train`` when
-  that layer does."""
+  that layer does, and surgery's wrappers (``Rebuilt``, ``SkipBlocks``) when the module
+  they wrap does."""
   if isinstance(module, nn.Sequential):
     first = module.layers[0] if module.layers else None
     return isinstance(first, nn.Module) and accepts_train(first)
+  for wrapped in ("jaxprune_base", "jaxprune_skip_inner"):  # surgery's pass-through wrappers
+    inner = getattr(module, wrapped, None)
+    if isinstance(inner, nn.Module):
+      return accepts_train(inner)
   try:
     parameters = inspect.signature(type(module).__call__).parameters
   except (TypeError, ValueError):

@@ -2,12 +2,9 @@
 are the widths, its skippable residual blocks the depths (docs/methods/tas.md §1-§7)."""
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,34 +16,14 @@ from jaxprune.errors import UserError
 from jaxprune.graph import group as graph_lib
 from jaxprune.graph import tracing
 from jaxprune.graph import interpret
-from jaxprune.graph import adapters
 from jaxprune.search.base import ARCH_INIT_STD, Selection
-from jaxprune.search.base import fitted_candidates, rounded_candidates
-from jaxprune.search import depth as depth_lib
+from jaxprune.search.base import depth_candidates, fitted_candidates, rounded_candidates
+from jaxprune.surgery import blocks as blocks_lib
 from jaxprune import latency as latency_lib
 from jaxprune.surgery.rebuild import probe_inputs
 
 _AFFINE = ("add", "sub", "mul", "div")
 _PASS = interpret.CASTS
-
-
-def _as_linen(model, variables, call=None):
-  """The engine's model form: a Linen module called with ``train``, and its variables."""
-  if isinstance(model, nnx.Module):
-    if variables is not None:
-      raise UserError("an nnx.Module carries its own variables: pass variables=None.")
-    wrapper, variables = adapters.from_nnx(model, call=call)
-    return wrapper, variables
-  if isinstance(model, nn.Module):
-    if variables is None:
-      raise UserError(f"the Linen module {type(model).__name__} needs its variables.")
-    if call is not None:
-      return adapters.WithCall(model, call), variables
-    if not tracing.accepts_train(model):
-      model = adapters.WithTrain(model, adapters.mode_flag(model))
-    return model, variables
-  raise UserError(f"SearchSpace: {type(model).__name__} is neither a Linen module nor an "
-                  "nnx.Module.")
 
 
 class SearchSpace:
@@ -81,14 +58,15 @@ class SearchSpace:
     if (isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer))
         or round_to < 1):
       raise UserError(f"round_to must be an int >= 1, got {round_to!r}.")
-    self.model, self.variables = _as_linen(model, variables, call)
+    self.model, self.variables = blocks_lib.linen_form(model, variables, call)
     self.input_shape = (tuple(input_shape) if tracing.is_shape(input_shape)
                         else input_shape)
     self.num_picks = int(num_picks)
     self.round_to = int(round_to)
     self.graph = graph_lib.trace(self.model, self.variables, input_shape, ignore=ignore,
                                  round_to=round_to)
-    closed, paths, leaves = self._eval_jaxpr(self._example())
+    closed, paths, leaves = blocks_lib.eval_jaxpr(self.model, self.variables,
+                                                  self._example())
     found = self._mix_points(closed, paths, leaves)
     self.excluded: dict[int, str] = {}
     groups = []
@@ -146,100 +124,15 @@ class SearchSpace:
   # --- depth (tas.md §1, §4, §5) ----------------------------------------------------
 
   def _find_stages(self, closed, paths, leaves):
-    """The depth-searched stages: :func:`jaxprune.search.depth.find_stages` of the
-    eval-mode jaxpr, less those the search cannot cost or the derived network cannot
-    skip (``excluded_stages``: name -> reason)."""
-    found = depth_lib.find_stages(closed.jaxpr, paths + [None] * self._num_inputs(),
-                                  len(paths))
-    op_kernels = [op.kernel for op in self.graph.ops]
-    kept = []
-    for st in found:
-      prefixes = [b.prefix for b in st.blocks]
-      name = prefixes[0] if len(prefixes) == 1 else f"{prefixes[0]}..{prefixes[-1]}"
-      if not all(prefixes):
-        name = f"stage{len(kept) + len(self.excluded_stages)}"
-      reason = None
-      # The block's module: the common prefix of its parameters, or a module above it
-      # (a block whose parameters all sit in a submodule of its branch, e.g.
-      # ``layers_1/layer``: the block ``layers_1`` adds its input back).
-      levels = self._block_modules(st, paths)
-      if not levels:
-        reason = "its blocks are not modules of their own (the derived network skips modules)"
-      elif any(sum(k in b.params for k in op_kernels) != b.layers for b in st.blocks):
-        reason = "a block has matmuls without parameters (their cost is not mapped)"
-      if reason:
-        self.excluded_stages[name] = reason
-        continue
-      for level in levels:
-        lifted = dataclasses.replace(st, blocks=[
-            dataclasses.replace(b, prefix=p) for b, p in zip(st.blocks, level)])
-        if self._check_skips(closed, paths, [lifted])[0]:
-          name = level[0] if len(level) == 1 else f"{level[0]}..{level[-1]}"
-          kept.append((name, lifted))
-          break
-      else:
-        self.excluded_stages[name] = ("skipping its block modules does not give the "
-                                      "block's input (a block module is not x -> y)")
+    """The depth-searched stages: :func:`jaxprune.surgery.blocks.skippable_stages` of the
+    eval-mode jaxpr (``excluded_stages``: name -> reason for the others)."""
+    del leaves
+    kept, self.excluded_stages = blocks_lib.skippable_stages(
+        self.model, self.variables, closed, paths, self._num_inputs(), self._example,
+        [op.kernel for op in self.graph.ops])
     self.stages = [st for _, st in kept]
     self.depth_names = [name for name, _ in kept]
-    self.depth_candidates = [st.candidates for st in self.stages]
-
-  @staticmethod
-  def _block_modules(st, paths) -> list[list[str]]:
-    """Candidate module paths of a stage's blocks, innermost first: their parameters'
-    common prefix, then each module above it that holds no other parameter, while the
-    blocks' modules stay distinct and not nested."""
-    params = [p for p in paths if p.startswith("params/")]
-    out = []
-    for lift in range(8):
-      level = []
-      for b in st.blocks:
-        parts = b.prefix.split("/") if b.prefix else []
-        if len(parts) <= lift:
-          return out
-        level.append("/".join(parts[:len(parts) - lift]))
-      if len(set(level)) != len(level) or any(
-          q.startswith(p + "/") for p in level for q in level if p != q):
-        return out
-      if any(p.startswith(f"params/{m}/") and p not in b.params
-             for b, m in zip(st.blocks, level) for p in params):
-        return out
-      out.append(level)
-    return out
-
-  def _check_skips(self, closed, paths, stages) -> list[bool]:
-    """Per stage: whether skipping its blocks' modules (every block but its first)
-    computes what the jaxpr does with ``y := x`` (random weights, one example)."""
-    rng = np.random.default_rng(0)
-    concrete = []
-    for p, a in zip(paths, jax.tree.leaves(self.variables)):
-      shape, dtype = np.shape(a), jnp.result_type(a)
-      if p.endswith(("var", "scale")):
-        concrete.append(jnp.asarray(rng.uniform(0.5, 1.5, shape), dtype))
-      else:
-        concrete.append(jnp.asarray(rng.normal(0, 0.3, shape), dtype))
-    flat, treedef = jax.tree_util.tree_flatten(self.variables)
-    del flat
-    variables = jax.tree_util.tree_unflatten(treedef, concrete)
-    x = self._example(rng)
-    out = []
-    for st in stages:
-      blocks = st.blocks[0 if st.merged else 1:]
-      if not blocks:
-        out.append(True)
-        continue
-      skip = {b.y: b.x for b in blocks}
-      want = depth_lib.eval_skipping(closed, concrete + jax.tree.leaves(x), skip)
-      try:
-        model, small = depth_lib.skip_blocks(self.model, variables, [b.prefix for b in blocks])
-        got = jax.tree.leaves(model.apply(small, x, train=False))
-        ok = len(got) == len(want) and all(
-            np.shape(g) == np.shape(w) and np.allclose(g, w, rtol=1e-4, atol=1e-4)
-            for g, w in zip(got, want))
-      except Exception:  # pylint: disable=broad-except
-        ok = False
-      out.append(bool(ok))
-    return out
+    self.depth_candidates = [depth_candidates(st.n) for st in self.stages]
 
   def init_depth(self, key: jax.Array) -> dict[str, jax.Array]:
     return {n: ARCH_INIT_STD * jax.random.normal(jax.random.fold_in(key, s), (len(c),))
@@ -391,7 +284,7 @@ class SearchSpace:
   def derived_network(self, arch: Mapping[str, Any], variables=None):
     """``(model, variables)`` of the derived network (tas.md §7): every searched group
     cut to its argmax prefix by :func:`jaxprune.surgery.prune`, the blocks beyond every
-    stage's argmax depth skipped (:func:`jaxprune.search.depth.skip_blocks`).
+    stage's argmax depth skipped (:func:`jaxprune.surgery.blocks.skip_blocks`).
 
     ``variables`` default to the space's; the derived network's FLOPs are checked
     against :meth:`predict`."""
@@ -399,7 +292,7 @@ class SearchSpace:
     if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(variables)):
       variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), variables)
     pruned = surgery.prune(self.model, variables, self.input_shape, self.keep(arch))
-    model, small = depth_lib.skip_blocks(pruned.model, pruned.variables, self.skipped(arch))
+    model, small = blocks_lib.skip_blocks(pruned.model, pruned.variables, self.skipped(arch))
     got = flops.count(model, small, self.input_shape)["flops"]
     want = self.predict(arch)
     if got != want:
@@ -505,7 +398,7 @@ class SearchSpace:
       if len(depth_probs) != len(self.stages):
         raise UserError(f"apply: {len(depth_probs)} depth weight vectors for "
                         f"{len(self.stages)} searched stages.")
-      here = {st.key: st for st in depth_lib.find_stages(
+      here = {st.key: st for st in blocks_lib.find_stages(
           closed.jaxpr, paths + [None] * len(jax.tree.leaves(x)), len(paths),
           allow_outputs=train)}
       for st, probs in zip(self.stages, depth_probs):
@@ -515,7 +408,7 @@ class SearchSpace:
                           f"is not found in the {'train' if train else 'eval'}-mode pass.")
         outs = found.outputs()
         stage_ends[outs[-1]] = [(outs[d - 1], probs[j])
-                                for j, d in enumerate(st.candidates)]
+                                for j, d in enumerate(depth_candidates(st.n))]
     outs = _Interpreter(paths, self._group_of_kernel, list(selections), stage_ends).run(
         closed, leaves + jax.tree.leaves(x))
     return jax.tree_util.tree_unflatten(jax.tree.structure(out_shape), outs)
@@ -531,15 +424,6 @@ class SearchSpace:
       return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
                           tracing.example_inputs(self.input_shape))
     return probe_inputs(self.input_shape, 1, seed=int(rng.integers(1 << 31)))
-
-  def _eval_jaxpr(self, x):
-    """``(closed eval-mode jaxpr, leaf paths, abstract leaves)`` of the model."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(self.variables)
-    paths = [tracing.leaf_name(p) for p, _ in flat]
-    leaves = [jax.ShapeDtypeStruct(np.shape(l), jnp.result_type(l)) for _, l in flat]
-    closed = jax.make_jaxpr(lambda ls, x: self.model.apply(
-        jax.tree_util.tree_unflatten(treedef, ls), x, train=False))(leaves, x)
-    return closed, paths, leaves
 
   def _mix_points(self, closed, paths, leaves) -> dict[str, int]:
     """``{producer kernel path: channel count at its mixing point}`` (abstract run)."""

@@ -43,6 +43,9 @@ class Pruned:
       the narrowed groups whose removal changes the function (empty: exact).
     folded: set by :func:`compensate`: ``{leaf path: factor}`` each leaf was
       multiplied by to undo a width-derived scale (a compensated group's fold).
+    removed_blocks: module paths of the residual blocks the network skips
+      (``prune_to(depth=True)``; ``model`` is then wrapped, see
+      :func:`jaxprune.surgery.blocks.skip_blocks`).
   """
   model: Any
   variables: Any
@@ -50,6 +53,7 @@ class Pruned:
   stale: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
   approximate: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
   folded: dict[str, float] = dataclasses.field(default_factory=dict)
+  removed_blocks: tuple[str, ...] = ()
 
 
 def rebuild(model: Any, variables: Any, slices: Slices, input_shape: Any = None,

@@ -1,5 +1,6 @@
 """Removing groups of channels from any model: ``prune(keep)`` and the target-driven
 ``prune_to`` (graph groups -> per-leaf slices -> rebuilt network)."""
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -7,12 +8,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxprune import flops
 from jaxprune import graph as graph_lib
 from jaxprune import latency
 from jaxprune.errors import UserError
+from jaxprune.surgery import blocks as blocks_lib
 from jaxprune.surgery import importance, targets
-from jaxprune.surgery.rebuild import (Pruned, compensate, forward, rebuild, refuse_shapes_only,
-                                      slice_tree)
+from jaxprune.surgery.rebuild import (Pruned, compensate, forward, probe_inputs, rebuild,
+                                      refuse_shapes_only, slice_tree)
 
 
 def apply_slices(model, variables, slices, input_shape, call: Callable | None = None,
@@ -148,7 +151,8 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
              call: Callable | None = None, exact_only: bool = False,
              overrides: Mapping[str, Mapping[str, Any]] | None = None,
              calibrate: bool = True, calibration_rounds: int = targets.CALIBRATION_ROUNDS,
-             latency_timer: Callable | None = None) -> tuple[Pruned, dict]:
+             latency_timer: Callable | None = None, depth: bool = False
+             ) -> tuple[Pruned, dict]:
   """Prunes `model` to a FLOPs, params or latency ratio by a criterion, in one call.
 
   Args:
@@ -203,6 +207,13 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
       default :func:`jaxprune.latency.compare_inference` on the jitted
       eval-mode forwards at ``batch_size`` (base and pruned alternated, median of
       ``CALIBRATION_TIMING_ROUNDS`` rounds, compile excluded).
+    depth: with ``latency_ratio``, also remove whole residual blocks ``x + f(x)``
+      (modules of their own, found in the jaxpr: :mod:`jaxprune.surgery.blocks`;
+      every stage keeps its first block): channel steps and blocks are ranked
+      together by importance per ms (a block's importance is what its prunable
+      groups keep), :func:`jaxprune.surgery.targets.select_blocks_and_channels`.
+      At batch 1 a narrow conv costs about what a wide one does, so only removing
+      layers buys time there (docs/design/surgery.md). Not with a Linen ``call``.
 
   Returns:
     ``(pruned, info)``: the :class:`Pruned` network and ``{"keep": {group id:
@@ -216,7 +227,11 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
     ``"measured_speedup"`` (base ms over pruned ms, whole networks),
     ``"measured_ms"`` (``{"base", "pruned"}``) and ``"calibration"``
     (``{"rounds", "met", "requested_speedup", "budget", "tries": [{"budget",
-    "predicted_speedup", "measured_speedup"}], "timing"}``).
+    "predicted_speedup", "measured_speedup"}], "timing"}``). With ``depth``,
+    ``"removed_blocks"`` (module paths, also ``pruned.removed_blocks``),
+    ``"removable_blocks"`` and ``"excluded_stages"`` ({stage: why its blocks stay});
+    ``"keep"`` and ``"after"`` are then of the network with those blocks removed
+    (``"after"`` counted by :func:`jaxprune.flops.count`).
 
   Example:
     >>> small, info = surgery.prune_to(model, variables, (32, 32, 3), flops_ratio=0.5)
@@ -241,6 +256,14 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
   if latency_timer is not None and not callable(latency_timer):
     raise UserError(f"latency_timer is a {type(latency_timer).__name__}; give "
                     "timer(pruned) -> (base ms, pruned ms)")
+  if not isinstance(depth, (bool, np.bool_)):
+    raise UserError(f"depth={depth!r}: give True (remove whole residual blocks too) or False")
+  if depth and latency_ratio is None:
+    raise UserError("depth=True removes residual blocks under a latency target: give "
+                    "latency_ratio (FLOPs and params targets remove channels only)")
+  if depth and call is not None and graph_lib.tracing.model_kind(model, variables) == "linen":
+    raise UserError("depth=True: a Linen model run under call= cannot skip its blocks; "
+                    "give the module whose __call__ is the forward")
   calibrating = latency_ratio is not None and bool(calibrate)
   if calibrating and latency_timer is None:
     _check_timeable(model, variables, input_shape)
@@ -263,28 +286,54 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
   if latency_ratio is not None and scores:
     table = latency_table_for(g, list(scores), round_to, batch_size, latency_grid,
                               latency_table, fit_round_to=fit_round_to)
-  calibration = None
+  calibration, removed, depth_info = None, [], {}
+  if depth and table is not None:
+    found, excluded = removable_blocks(model, variables, input_shape, call, g, scores)
+    depth_info = {"removable_blocks": [b.prefix for b in found], "excluded_stages": excluded}
+    choose = lambda ratio: targets.select_blocks_and_channels(
+        g, scores, latency_ratio=ratio, latency_table=table, blocks=found)
+    every = frozenset().union(*[b.ops for b in found]) if found else frozenset()
+    skip_of = lambda prefixes: frozenset().union(
+        *[b.ops for b in found if b.prefix in prefixes]) if prefixes else frozenset()
+  elif table is not None:
+    choose = lambda ratio: (targets.select_channels(
+        g, scores, latency_ratio=ratio, latency_table=table,
+        global_ranking=global_ranking), [])
+    every = frozenset()
+    skip_of = lambda prefixes: frozenset()
+
+  def build(kp, prefixes):
+    small = prune(model, variables, input_shape, kp, call, graph=g, overrides=overrides)
+    return skip(small, prefixes)
+
   if table is not None and calibrating:
     timer = latency_timer or _default_timer(model, variables, input_shape, call, batch_size)
-    small, keep, calibration = _calibrated(
-        g, scores, table, latency_ratio, global_ranking, calibration_rounds, timer,
-        lambda kp: prune(model, variables, input_shape, kp, call, graph=g,
-                         overrides=overrides),
-        "latency_timer (given)" if latency_timer is not None else TIMING)
+    small, keep, removed, calibration = _calibrated(
+        table, scores, latency_ratio, choose, every, skip_of, calibration_rounds, timer,
+        build, "latency_timer (given)" if latency_timer is not None else TIMING)
+  elif table is not None:
+    keep, removed = choose(latency_ratio)
+    small = build(keep, removed)
   else:
     keep = targets.select_channels(g, scores, flops_ratio=flops_ratio,
                                   params_ratio=params_ratio, latency_ratio=latency_ratio,
                                   latency_table=table, global_ranking=global_ranking,
                                   fit_round_to=fit_round_to)
     small = prune(model, variables, input_shape, keep, call, graph=g, overrides=overrides)
-  info = {"keep": keep, "before": g.predict({}), "after": g.predict(keep), "graph": g,
+  after = g.predict(keep)
+  if removed:
+    after = flops.count(small.model, small.variables, input_shape, call)
+    after = {"flops": int(after["flops"]), "params": int(after["params"])}
+  info = {"keep": keep, "before": g.predict({}), "after": after, "graph": g,
           "approximate": small.approximate, "round_to": round_to,
           "fitted_round_to": {gid: r for gid, r in targets.group_round_to(
               g, scores, round_to, fit_round_to).items() if r != round_to}}
   if table is not None:
     info["latency_table"] = table
     info["predicted_speedup"] = table.full / table.at(
-        table.index({gid: len(kept) for gid, kept in keep.items()}))
+        table.index({gid: len(kept) for gid, kept in keep.items()}), skip_of(removed))
+  if depth:
+    info.update(depth_info, removed_blocks=list(removed))
   if calibration is not None:
     info["measured_speedup"] = calibration.pop("measured_speedup")
     info["measured_ms"] = calibration.pop("measured_ms")
@@ -292,36 +341,89 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
   return small, info
 
 
+def _module_path(path: str, kind: str) -> str:
+  """A leaf path without its collection (Linen; NNX paths have none)."""
+  return path.split("/", 1)[1] if kind == "linen" and "/" in path else path
+
+
+def removable_blocks(model, variables, input_shape, call, g: graph_lib.Graph,
+                     scores: Mapping[int, Any]):
+  """``([RemovableBlock], {stage: why its blocks stay})``: the residual blocks of
+  `model` that a smaller network may skip (:func:`jaxprune.surgery.blocks.skippable_stages`;
+  a stage keeps its first block unless it follows a projection block), each with the
+  ops of ``g`` inside it and the scored groups whose members all are; a block with no
+  scored group inside stays (it has no importance to rank it by)."""
+  linen, lvars = blocks_lib.linen_form(model, variables, call)
+  x = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                   graph_lib.tracing.example_inputs(input_shape))
+  closed, paths, _ = blocks_lib.eval_jaxpr(linen, lvars, x)
+  kind = g.traced.kind
+  op_paths = [None if op.kernel is None else _module_path(op.kernel, kind) for op in g.ops]
+  stages, excluded = blocks_lib.skippable_stages(
+      linen, lvars, closed, paths, len(jax.tree.leaves(x)),
+      lambda rng: probe_inputs(input_shape, 1, seed=int(rng.integers(1 << 31))),
+      ["params/" + p for p in op_paths if p is not None])
+  found = []
+  for name, st in stages:
+    unscored = []
+    for b in st.blocks[0 if st.merged else 1:]:
+      inside = lambda p: p.startswith(b.prefix + "/")
+      ops = frozenset(i for i, p in enumerate(op_paths) if p is not None and inside(p))
+      groups = frozenset(gid for gid in scores if all(
+          inside(_module_path(m.path, kind)) for m in g.groups[gid].members))
+      if groups:
+        found.append(targets.RemovableBlock(b.prefix, ops, groups))
+      else:
+        unscored.append(b.prefix)
+    if unscored:
+      excluded[name] = (f"blocks {unscored} have no prunable group of their own (nothing "
+                        "to rank them by)")
+  return found, excluded
+
+
+def skip(small: Pruned, prefixes: Sequence[str]) -> Pruned:
+  """`small` with the residual blocks at module paths `prefixes` skipped
+  (:func:`jaxprune.surgery.blocks.skip_blocks`); ``removed_blocks`` lists them."""
+  if not prefixes:
+    return small
+  model, small_vars = blocks_lib.skip_blocks(small.model, small.variables, prefixes)
+  return dataclasses.replace(small, model=model, variables=small_vars,
+                             removed_blocks=tuple(prefixes))
+
+
 CALIBRATION_TIMING_ROUNDS = 15  # alternated rounds of base and pruned per calibration timing
 
 
-def _calibrated(g, scores, table, ratio: float, global_ranking: bool, rounds: int,
-                timer: Callable, build: Callable, description: str):
-  """``(pruned, keep, calibration)``: the latency selection whose whole network,
-  timed by ``timer``, meets ``ratio`` (:func:`jaxprune.surgery.targets.calibrate_budget`)."""
+def _calibrated(table, scores, ratio: float, choose: Callable, every, skip_of: Callable,
+                rounds: int, timer: Callable, build: Callable, description: str):
+  """``(pruned, keep, removed blocks, calibration)``: the latency selection
+  (``choose(ratio) -> (keep, removed block prefixes)``) whose whole network, timed by
+  ``timer``, meets ``ratio`` (:func:`jaxprune.surgery.targets.calibrate_budget`)."""
   floor = table.at(table.index({gid: int(table.candidates[table.group_ids.index(gid)][0])
-                                for gid in scores})) / table.full
+                                for gid in scores}), every) / table.full
   keeps, timed = {}, {}
-  targets.select_channels(g, scores, latency_ratio=ratio, latency_table=table,
-                         global_ranking=global_ranking)  # the table can reach it (else one line)
+  choose(ratio)  # the table can reach it (else one line)
+
+  def predicted(sel):
+    return table.full / table.at(table.index(dict(sel[0])), skip_of(sel[1]))
 
   def select(b):
-    keep = targets.select_channels(g, scores, latency_ratio=min(1.0, max(b, floor)),
-                                  latency_table=table, global_ranking=global_ranking)
-    sel = tuple(sorted((gid, int(kept.size)) for gid, kept in keep.items()))
-    keeps.setdefault(sel, keep)
+    keep, removed = choose(min(1.0, max(b, floor)))
+    sel = (tuple(sorted((gid, int(kept.size)) for gid, kept in keep.items())),
+           tuple(removed))
+    keeps.setdefault(sel, (keep, list(removed)))
     return sel
 
   def measure(sel):
-    small = build(keeps[sel])
+    small = build(*keeps[sel])
     base_ms, ms = (float(v) for v in timer(small))
     if not (np.isfinite(base_ms) and np.isfinite(ms) and base_ms > 0 and ms > 0):
       raise UserError(f"latency_timer returned ({base_ms}, {ms}) ms: give two positive times")
-    predicted = table.full / table.at(table.index(dict(sel)))
     timed[sel] = (small, base_ms, ms)
-    latency.log_line(f"calibration round {len(timed)}: predicted {predicted:.2f}x, measured "
-                   f"{base_ms / ms:.2f}x (base {base_ms:.3g} ms, pruned {ms:.3g} ms; "
-                   f"requested {1 / ratio:.2f}x)")
+    blocks = f", {len(sel[1])} blocks removed" if sel[1] else ""
+    latency.log_line(f"calibration round {len(timed)}: predicted {predicted(sel):.2f}x, "
+                     f"measured {base_ms / ms:.2f}x (base {base_ms:.3g} ms, pruned {ms:.3g} "
+                     f"ms; requested {1 / ratio:.2f}x{blocks})")
     return ms / base_ms
 
   chosen, tries = targets.calibrate_budget(ratio, floor, select, measure, rounds)
@@ -332,12 +434,12 @@ def _calibrated(g, scores, table, ratio: float, global_ranking: bool, rounds: in
     latency.log_line(f"calibration: reached {base_ms / ms:.2f}x of the requested "
                    f"{1 / ratio:.2f}x after {len(tries)} rounds (the fastest selection is "
                    f"kept{'; the smallest network the table allows' if tries[chosen]['budget'] <= floor * (1 + 1e-9) else ''})")
-  return small, keeps[sel], {
+  return small, keeps[sel][0], keeps[sel][1], {
       "rounds": len(tries), "met": bool(met), "requested_speedup": 1 / ratio,
       "budget": tries[chosen]["budget"], "measured_speedup": base_ms / ms,
       "measured_ms": {"base": base_ms, "pruned": ms},
       "tries": [{"budget": t["budget"],
-                 "predicted_speedup": table.full / table.at(table.index(dict(t["selection"]))),
+                 "predicted_speedup": predicted(t["selection"]),
                  "measured_speedup": timed[t["selection"]][1] / timed[t["selection"]][2]}
                 for t in tries],
       "timing": description}

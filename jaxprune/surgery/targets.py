@@ -1,6 +1,7 @@
 """Channel selection under a target: which channels to keep so that the network meets a
 FLOPs, params or latency ratio (``select_channels``, ``calibrate_budget``); the algorithm:
 docs/design/surgery.md."""
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Mapping
@@ -166,11 +167,72 @@ def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
     kept = {gid: np.concatenate([[0.0], np.cumsum(np.sort(_normed(s))[::-1])])
             for gid, s in scores.items()}
     value = lambda counts: sum(float(kept[gid][n]) for gid, n in counts.items())
-    counts = _adjust(_halp(table, scores, allowed, target), allowed, cost, target,
+    counts = _adjust(_halp(table, scores, allowed, target)[0], allowed, cost, target,
                      SLACK * full, value=value)
   else:
     counts = _fit(scores, allowed, cost, target, global_ranking, SLACK * full)
   return {gid: _top(scores[gid], counts[gid]) for gid in scores}
+
+
+@dataclasses.dataclass(frozen=True)
+class RemovableBlock:
+  """A residual block ``x + f(x)`` that a smaller network may skip (``prune_to``'s
+  ``depth=True``; found by :func:`jaxprune.surgery.blocks.skippable_stages`)."""
+  prefix: str         # its module path: the smaller network skips this module
+  ops: frozenset      # indices into ``graph.ops`` of its convs and matmuls
+  groups: frozenset   # ids of the scored groups whose channels are all inside it
+
+
+def select_blocks_and_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
+                               latency_ratio: float, latency_table, blocks
+                               ) -> tuple[dict[int, np.ndarray], list[str]]:
+  """The channels to keep and the residual blocks to remove for a latency ratio:
+  channel steps and whole blocks ranked together by importance per ms of the table
+  (a block's importance is what its groups keep; docs/design/surgery.md).
+
+  Args:
+    graph, scores, latency_ratio, latency_table: as in :func:`select_channels`.
+    blocks: the :class:`RemovableBlock` s; each needs at least one scored group
+      inside it (its importance).
+
+  Returns:
+    ``({group id: sorted kept channel indices}, [module paths of removed blocks])``;
+    a removed block's groups are kept whole (the block is gone).
+
+  Raises:
+    UserError: as :func:`select_channels`; the smallest network counts every block
+      removed.
+  """
+  if isinstance(latency_ratio, bool) or not isinstance(
+      latency_ratio, (int, float, np.floating)) or not 0 < latency_ratio <= 1:
+    raise UserError(f"latency_ratio must be in (0, 1], got {latency_ratio!r}")
+  if not scores:
+    raise UserError("no prunable group to select channels from")
+  blocks = list(blocks)
+  scores = {int(gid): np.asarray(sc, np.float64) for gid, sc in scores.items()}
+  for b in blocks:
+    if not b.groups or not set(b.groups) <= set(scores):
+      raise UserError(f"block {b.prefix}: its groups {sorted(b.groups)} are not all scored "
+                      "(a block's importance is what its scored groups keep)")
+  table = latency_table
+  if table is None or set(scores) - set(table.group_ids):
+    raise UserError("latency_table must cover every scored group "
+                    "(surgery.targets.latency_candidates)")
+  if not np.all(np.isfinite(table.program_ms)):
+    raise UserError("the latency table has no times yet: measure it first")
+  allowed = {gid: np.asarray(table.candidates[table.group_ids.index(gid)], np.int64)
+             for gid in scores}
+  target = latency_ratio * table.full
+  smallest = table.index({gid: int(a[0]) for gid, a in allowed.items()})
+  every = frozenset().union(*[b.ops for b in blocks]) if blocks else frozenset()
+  if table.at(smallest, every) > target * (1 + 1e-12):
+    raise UserError(f"cannot reach latency_ratio={latency_ratio}: the smallest network "
+                    f"(every group at its smallest candidate, {len(blocks)} removable "
+                    f"blocks removed) has {table.at(smallest, every) / table.full:.3f} of "
+                    "the table's latency")
+  counts, dropped = _halp(table, scores, allowed, target, blocks)
+  return ({gid: _top(scores[gid], n) for gid, n in counts.items()},
+          [blocks[b].prefix for b in sorted(dropped)])
 
 
 def _normed(s: np.ndarray) -> np.ndarray:
@@ -291,8 +353,11 @@ def _closest(counts, allowed, cost: Callable, target: float, slack: float,
   return counts if best is None else best[1]
 
 
-def _halp(table, scores, allowed, target: float) -> dict:
-  """Greedy by importance per latency (docs/design/surgery.md), on the table's picks."""
+def _halp(table, scores, allowed, target: float, blocks=()) -> tuple[dict, frozenset]:
+  """Greedy by importance per latency (docs/design/surgery.md), on the table's picks:
+  ``({group id: width}, removed block indices)``. A block of ``blocks``
+  (:class:`RemovableBlock`) is one more step: removing it loses the importance its
+  groups keep and saves its ops' latency; its groups then stay where they are."""
   order = {gid: s for s, gid in enumerate(table.group_ids)}
   picks = [len(c) - 1 for c in table.candidates]
   gain = {}  # normalised importance kept at each candidate of a scored group
@@ -303,20 +368,35 @@ def _halp(table, scores, allowed, target: float) -> dict:
                            if order[gid] in (e.in_group, e.out_group)
                            or any(t == order[gid] for f in e.scaled for t, _ in f.terms)]
               for gid in scores}
+  dropped, skip, frozen = set(), set(), set()
 
   def delta(gid, new):  # latency change when group gid moves to candidate `new`
     s = order[gid]
     trial = list(picks)
     trial[s] = new
-    return sum(table.entry_ms(e, trial) - table.entry_ms(e, picks) for e in touching[s])
+    return sum(table.entry_ms(e, trial) - table.entry_ms(e, picks) for e in touching[s]
+               if e.op not in skip)
 
-  now = table.at(picks)
+  def block_ms(b):  # the latency of block b's ops at the current picks
+    return sum(table.entry_ms(e, picks) for e in table.entries if e.op in blocks[b].ops)
+
+  def block_gain(b):  # the importance block b's groups keep at the current picks
+    return sum(float(gain[g][picks[order[g]]]) for g in blocks[b].groups)
+
+  def set_dropped(new):
+    dropped.clear(), skip.clear(), frozen.clear()
+    dropped.update(new)
+    for b in dropped:
+      skip.update(blocks[b].ops)
+      frozen.update(blocks[b].groups)
+
+  now = table.at(picks, skip)
   target = target * (1 - 1e-9)  # summed deltas drift: stay clear of the edge
   while now > target:
     best = None
     for gid in scores:
       i = picks[order[gid]]
-      if i == 0:
+      if i == 0 or gid in frozen:
         continue
       saved = -delta(gid, i - 1)
       if saved <= 0:
@@ -324,15 +404,24 @@ def _halp(table, scores, allowed, target: float) -> dict:
       key = (gain[gid][i] - gain[gid][i - 1]) / saved
       if best is None or key < best[0]:
         best = (key, gid)
+    for b in range(len(blocks)):
+      saved = block_ms(b) if b not in dropped else 0.0
+      if saved > 0:
+        key = block_gain(b) / saved
+        if best is None or key < best[0]:
+          best = (key, ("block", b))
     if best is None:  # no step saves time: the smallest network is the answer
       break
-    picks[order[best[1]]] -= 1
-    now = table.at(picks)
+    if isinstance(best[1], tuple):
+      set_dropped(dropped | {best[1][1]})
+    else:
+      picks[order[best[1]]] -= 1
+    now = table.at(picks, skip)
   while True:
     best = None
     for gid in scores:
       i = picks[order[gid]]
-      if i + 1 >= len(allowed[gid]):
+      if gid in frozen or i + 1 >= len(allowed[gid]):
         continue
       added = delta(gid, i + 1)
       if now + added > target:
@@ -340,24 +429,39 @@ def _halp(table, scores, allowed, target: float) -> dict:
       key = (gain[gid][i + 1] - gain[gid][i]) / max(added, 1e-12)
       if best is None or key > best[0]:
         best = (key, gid)
+    for b in dropped:
+      added = block_ms(b)
+      if now + added <= target:
+        key = block_gain(b) / max(added, 1e-12)
+        if best is None or key > best[0]:
+          best = (key, ("block", b))
     if best is None:
       break
-    picks[order[best[1]]] += 1
-    now = table.at(picks)
+    if isinstance(best[1], tuple):
+      set_dropped(dropped - {best[1][1]})
+    else:
+      picks[order[best[1]]] += 1
+    now = table.at(picks, skip)
   if now > target:  # every step down taken and still over: the smallest is reachable
     picks = [0 if gid in scores else len(c) - 1
              for gid, c in zip(table.group_ids, table.candidates)]
-    now = table.at(picks)
-  picks = _improve(table, picks, now, target, [order[gid] for gid in scores],
-                   {order[gid]: gain[gid] for gid in scores}, touching)
-  return {gid: int(allowed[gid][picks[order[gid]]]) for gid in scores}
+    set_dropped(range(len(blocks)))
+    now = table.at(picks, skip)
+  free = [order[gid] for gid in scores if gid not in frozen]
+  picks = _improve(table, picks, now, target, free,
+                   {order[gid]: gain[gid] for gid in scores}, touching, skip=frozenset(skip))
+  return ({gid: int(allowed[gid][-1 if gid in frozen else picks[order[gid]]])
+           for gid in scores}, frozenset(dropped))
 
 
-def _improve(table, picks, now, target, free, gain, touching, rounds: int = 100):
+def _improve(table, picks, now, target, free, gain, touching, rounds: int = 100,
+             skip=frozenset()):
   """Local search after the greedy: the best move of one group to any candidate, or of
   two groups at once (one trading width for the other), that keeps more importance
   within the budget; repeated until none does. Two groups that share no table entry
-  change the latency by the sum of their own changes; shared ones are evaluated."""
+  change the latency by the sum of their own changes; shared ones are evaluated. The
+  ops in ``skip`` (removed blocks') cost nothing."""
+  touching = {s: [e for e in touching[s] if e.op not in skip] for s in free}
   entry_sets = {s: {id(e) for e in touching[s]} for s in free}
 
   def added(changes):
@@ -394,7 +498,7 @@ def _improve(table, picks, now, target, free, gain, touching, rounds: int = 100)
       break
     for s, j in best:
       picks[s] = j
-    now = table.at(picks)
+    now = table.at(picks, skip)
   return picks
 
 

@@ -1,5 +1,5 @@
 """Skippable residual blocks of any model, found in its jaxpr, and the network with some
-skipped: the depths of the graph search space (docs/design/search.md)."""
+skipped: the depths of TAS's graph space and `prune_to(depth=True)` (docs/design/surgery.md)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,12 +8,13 @@ from collections.abc import Mapping, Sequence
 import flax.linen as nn
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.errors import UserError
 from jaxprune.graph import interpret
 from jaxprune.graph import adapters
-from jaxprune.search.base import depth_candidates
+from jaxprune.graph import tracing
 
 # Elementwise ops a block's output may pass through (with constant other operands),
 # also inside a call (jax.nn.relu is a custom_jvp call).
@@ -43,10 +44,6 @@ class Stage:
   @property
   def n(self) -> int:
     return len(self.blocks) + int(self.merged)
-
-  @property
-  def candidates(self) -> tuple[int, ...]:
-    return depth_candidates(self.n)
 
   def position(self, b: int) -> int:
     """The stage position (1-based) of its ``b``-th identity block."""
@@ -83,6 +80,35 @@ def _common_prefix(paths) -> str:
       break
     out.append(parts[0])
   return "/".join(out)
+
+
+def linen_form(model, variables, call=None):
+  """``(module, variables)``: the engine's model form, a Linen module called with
+  ``train`` (an NNX model in :class:`jaxprune.graph.adapters.FromNNX`)."""
+  if isinstance(model, nnx.Module):
+    if variables is not None:
+      raise UserError("an nnx.Module carries its own variables: pass variables=None.")
+    return adapters.from_nnx(model, call=call)
+  if isinstance(model, nn.Module):
+    if variables is None:
+      raise UserError(f"the Linen module {type(model).__name__} needs its variables.")
+    if call is not None:
+      return adapters.WithCall(model, call), variables
+    if not tracing.accepts_train(model):
+      model = adapters.WithTrain(model, adapters.mode_flag(model))
+    return model, variables
+  raise UserError(f"{type(model).__name__} is neither a Linen module nor an nnx.Module.")
+
+
+def eval_jaxpr(model, variables, x):
+  """``(closed eval-mode jaxpr over (leaves..., inputs...), leaf paths, abstract
+  leaves)`` of a :func:`linen_form` model."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
+  paths = [tracing.leaf_name(p) for p, _ in flat]
+  leaves = [jax.ShapeDtypeStruct(np.shape(l), jnp.result_type(l)) for _, l in flat]
+  closed = jax.make_jaxpr(lambda ls, x: model.apply(
+      jax.tree_util.tree_unflatten(treedef, ls), x, train=False))(leaves, x)
+  return closed, paths, leaves
 
 
 def find_stages(jaxpr, leaf_paths: Sequence[str | None], data_index: int,
@@ -214,7 +240,7 @@ def find_stages(jaxpr, leaf_paths: Sequence[str | None], data_index: int,
     while len(by_x.get(chain[-1].y, ())) == 1:
       chain.append(by_x[chain[-1].y][0])
     stages.append(Stage(blocks=chain, merged=blk.x in merges))
-  return [s for s in stages if len(s.candidates) > 1]
+  return [s for s in stages if s.n > 1]
 
 
 class _Skipping(interpret.Interpreter):
@@ -242,8 +268,8 @@ class SkipBlocks(nn.Module):
   """A Linen model with some of its submodules skipped (they return their input).
 
   Attributes:
-    jaxprune_skip_inner: the model (a Linen module taking ``train``); its variables are this
-      module's, without the skipped submodules'.
+    jaxprune_skip_inner: the model (a Linen module, called with this module's arguments);
+      its variables are this module's, without the skipped submodules'.
     skipped: the ``/``-joined module paths of the skipped blocks.
   """
   jaxprune_skip_inner: nn.Module  # named so as not to clash with the user's submodules
@@ -252,7 +278,7 @@ class SkipBlocks(nn.Module):
   def setup(self):
     nn.share_scope(self, self.jaxprune_skip_inner)
 
-  def __call__(self, x, train: bool = False):
+  def __call__(self, *args, **kwargs):
     skipped = set(self.skipped)
 
     def skip(next_fun, args, kwargs, context):
@@ -260,7 +286,7 @@ class SkipBlocks(nn.Module):
         return args[0]
       return next_fun(*args, **kwargs)
     with nn.intercept_methods(skip):
-      return self.jaxprune_skip_inner(x, train=train)
+      return self.jaxprune_skip_inner(*args, **kwargs)
 
 
 class _Identity(nnx.Module):
@@ -299,29 +325,138 @@ def skip_blocks(model, variables, prefixes: Sequence[str]):
   """``(model, variables)`` of the network with the blocks at module paths `prefixes`
   skipped (each returns its input).
 
-  `model` is a Linen module taking ``train`` (a user's NNX model in its
-  :class:`jaxprune.models.adapters.FromNNX` wrapper: the NNX attributes are
-  replaced by an identity module, and the result wrapped again).
+  `model` is a Linen module (wrapped in :class:`SkipBlocks`, called as before), a
+  user's NNX model in its :class:`jaxprune.graph.adapters.FromNNX` wrapper (the NNX
+  attributes are replaced by an identity module, and the result wrapped again) or an
+  ``nnx.Module`` (``variables`` None; a copy with the attributes replaced).
   """
   prefixes = tuple(prefixes)
   if not prefixes:
     return model, variables
+  if isinstance(model, nnx.Module):
+    module = nnx.clone(model)
+    _replace_nnx(module, prefixes)
+    return module, None
   small = _drop(dict(variables), prefixes)
   if isinstance(model, adapters.FromNNX):
     module = model.module(variables)
-    for prefix in prefixes:
-      parent, last = _nnx_parent(module, prefix)
-      if last.isdigit() and isinstance(parent, (list, nnx.List)):
-        parent[int(last)] = _Identity()
-      else:
-        setattr(parent, last, _Identity())
+    _replace_nnx(module, prefixes)
     draw = model.split.draw
     fresh = None if draw is None else (lambda key: _drop(draw(key), prefixes))
     wrapper, wvars = adapters.from_nnx(module, fresh, model.call)
     return wrapper, wvars
   if not isinstance(model, nn.Module):
-    raise UserError(f"skip_blocks: {type(model).__name__} is not a Linen module.")
+    raise UserError(f"skip_blocks: {type(model).__name__} is not a Linen or NNX module.")
   return SkipBlocks(model, prefixes), small
 
 
-__all__ = ["Block", "SkipBlocks", "Stage", "eval_skipping", "find_stages", "skip_blocks"]
+def _replace_nnx(module, prefixes):
+  for prefix in prefixes:
+    parent, last = _nnx_parent(module, prefix)
+    if last.isdigit() and isinstance(parent, (list, nnx.List)):
+      parent[int(last)] = _Identity()
+    else:
+      setattr(parent, last, _Identity())
+
+
+def _block_modules(st, paths) -> list[list[str]]:
+  """Candidate module paths of a stage's blocks, innermost first: their parameters'
+  common prefix, then each module above it that holds no other parameter, while the
+  blocks' modules stay distinct and not nested."""
+  params = [p for p in paths if p.startswith("params/")]
+  out = []
+  for lift in range(8):
+    level = []
+    for b in st.blocks:
+      parts = b.prefix.split("/") if b.prefix else []
+      if len(parts) <= lift:
+        return out
+      level.append("/".join(parts[:len(parts) - lift]))
+    if len(set(level)) != len(level) or any(
+        q.startswith(p + "/") for p in level for q in level if p != q):
+      return out
+    if any(p.startswith(f"params/{m}/") and p not in b.params
+           for b, m in zip(st.blocks, level) for p in params):
+      return out
+    out.append(level)
+  return out
+
+
+def _skips_exactly(model, variables, closed, paths, blocks, example) -> bool:
+  """Whether skipping `blocks`' modules computes what the jaxpr does with ``y := x``
+  (random weights, one example from ``example(rng)``)."""
+  rng = np.random.default_rng(0)
+  concrete = []
+  for p, a in zip(paths, jax.tree.leaves(variables)):
+    shape, dtype = np.shape(a), jnp.result_type(a)
+    if p.endswith(("var", "scale")):
+      concrete.append(jnp.asarray(rng.uniform(0.5, 1.5, shape), dtype))
+    else:
+      concrete.append(jnp.asarray(rng.normal(0, 0.3, shape), dtype))
+  variables = jax.tree_util.tree_unflatten(jax.tree.structure(variables), concrete)
+  x = example(rng)
+  want = eval_skipping(closed, concrete + jax.tree.leaves(x), {b.y: b.x for b in blocks})
+  try:
+    small_model, small = skip_blocks(model, variables, [b.prefix for b in blocks])
+    got = jax.tree.leaves(small_model.apply(small, x, train=False))
+    return len(got) == len(want) and all(
+        np.shape(g) == np.shape(w) and np.allclose(g, w, rtol=1e-4, atol=1e-4)
+        for g, w in zip(got, want))
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def skippable_stages(model, variables, closed, paths: Sequence[str], num_inputs: int,
+                     example, op_kernels: Sequence[str]):
+  """The stages of `model` whose blocks a smaller network can skip.
+
+  Args:
+    model: a Linen module taking ``train`` (an NNX model in its ``FromNNX`` wrapper).
+    variables: its variables (abstract or concrete).
+    closed: the model's eval-mode closed jaxpr over ``(leaves..., inputs...)``.
+    paths: the leaf path of each variable leaf (``params/...``).
+    num_inputs: the number of input leaves after them.
+    example: ``example(rng)``: one input (its leaves in ``closed``'s order).
+    op_kernels: the kernel path of every conv and matmul of the model's graph.
+
+  Returns:
+    ``(stages, excluded)``: ``[(name, Stage)]`` whose blocks' ``prefix`` is the module
+    the network skips (every block but a stage's first, which a stage keeps unless it
+    is ``merged``, computes what the jaxpr does with ``y := x``), and ``{name: reason}``
+    of the stages left out.
+  """
+  found = find_stages(closed.jaxpr, list(paths) + [None] * num_inputs, len(paths))
+  kept, excluded = [], {}
+  for st in found:
+    prefixes = [b.prefix for b in st.blocks]
+    name = prefixes[0] if len(prefixes) == 1 else f"{prefixes[0]}..{prefixes[-1]}"
+    if not all(prefixes):
+      name = f"stage{len(kept) + len(excluded)}"
+    reason = None
+    # The block's module: the common prefix of its parameters, or a module above it
+    # (a block whose parameters all sit in a submodule of its branch, e.g.
+    # ``layers_1/layer``: the block ``layers_1`` adds its input back).
+    levels = _block_modules(st, paths)
+    if not levels:
+      reason = "its blocks are not modules of their own (the smaller network skips modules)"
+    elif any(sum(k in b.params for k in op_kernels) != b.layers for b in st.blocks):
+      reason = "a block has matmuls without parameters (their cost is not mapped)"
+    if reason:
+      excluded[name] = reason
+      continue
+    for level in levels:
+      lifted = dataclasses.replace(st, blocks=[
+          dataclasses.replace(b, prefix=p) for b, p in zip(st.blocks, level)])
+      if _skips_exactly(model, variables, closed, paths,
+                        lifted.blocks[0 if lifted.merged else 1:], example):
+        name = level[0] if len(level) == 1 else f"{level[0]}..{level[-1]}"
+        kept.append((name, lifted))
+        break
+    else:
+      excluded[name] = ("skipping its block modules does not give the block's input (a "
+                        "block module is not x -> y)")
+  return kept, excluded
+
+
+__all__ = ["Block", "SkipBlocks", "Stage", "eval_jaxpr", "eval_skipping", "find_stages",
+           "linen_form", "skip_blocks", "skippable_stages"]
