@@ -15,6 +15,7 @@ import pytest
 from jaxprune import latency, surgery
 from jaxprune.errors import UserError
 from jaxprune.surgery import targets
+from latency_tables import entry_ms_slow
 from jaxprune.surgery.remove import removable_blocks
 
 jax.config.update("jax_disable_most_optimizations", True)
@@ -85,15 +86,6 @@ def _random_timer(rng):
   return timer
 
 
-def _entry_ms_slow(e, picks):
-  i = 0 if e.in_group is None else picks[e.in_group]
-  j = 0 if e.out_group is None else picks[e.out_group]
-  value = float(e.ms[i, j])
-  for f in e.scaled:
-    value *= f.const + sum(float(m[picks[s]]) for s, m in f.terms)
-  return value
-
-
 def test_removable_blocks_are_the_later_blocks_with_their_ops_and_hidden_groups():
   model, variables = _linen()
   from jaxprune import graph  # pylint: disable=g-import-not-at-top
@@ -136,7 +128,7 @@ def test_block_and_channel_selector_against_brute_force_on_random_tables():
 
     def ms(picks, gone):
       skip = set().union(*[b.ops for b in found if b.prefix in gone])
-      return sum(_entry_ms_slow(e, picks) for e in table.entries if e.op not in skip)
+      return sum(entry_ms_slow(e, picks) for e in table.entries if e.op not in skip)
 
     counts = {gid: kept.size for gid, kept in keep.items()}
     for gid, kept in keep.items():

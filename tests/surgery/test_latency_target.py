@@ -14,6 +14,7 @@ from jaxprune import graph, models, search, surgery
 from jaxprune.errors import UserError
 from jaxprune import latency
 from jaxprune.surgery import targets
+from latency_tables import entry_ms_slow
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -47,16 +48,6 @@ def _net_graph():
   return model, variables, graph.trace(model, variables, (8, 8, 3))
 
 
-def _entry_ms_slow(e, picks):
-  """One entry by its definition (the reference for LatencyTable.at)."""
-  i = 0 if e.in_group is None else picks[e.in_group]
-  j = 0 if e.out_group is None else picks[e.out_group]
-  value = float(e.ms[i, j])
-  for f in e.scaled:
-    value *= f.const + sum(float(m[picks[s]]) for s, m in f.terms)
-  return value
-
-
 def test_latency_budget_selector_against_brute_force_on_random_tables():
   """Greedy by importance per ms plus local search against every width combination:
   within the budget always; the reference is the most kept importance among the
@@ -84,10 +75,10 @@ def test_latency_budget_selector_against_brute_force_on_random_tables():
     for gid, kept in keep.items():  # the best-scored channels of each group
       assert set(kept.tolist()) == set(np.argsort(-scores[gid])[:kept.size].tolist())
     picks = table.index(counts)
-    assert sum(_entry_ms_slow(e, picks) for e in table.entries) <= ratio * table.full * (1 + 1e-9)
+    assert sum(entry_ms_slow(e, picks) for e in table.entries) <= ratio * table.full * (1 + 1e-9)
     fits = []  # (ms, kept importance) of every combination within the budget
     for combo in itertools.product(*[range(len(c)) for c in table.candidates]):
-      ms = sum(_entry_ms_slow(e, combo) for e in table.entries)
+      ms = sum(entry_ms_slow(e, combo) for e in table.entries)
       if ms <= ratio * table.full:
         fits.append((ms, kept_importance({gid: table.candidates[s][i] for s, (gid, i)
                                           in enumerate(zip(table.group_ids, combo))})))
@@ -121,7 +112,7 @@ def test_prune_to_latency_target_on_an_injected_table(global_ranking):
   counts = {gid: kept.size for gid, kept in info["keep"].items()}
   for gid, n in counts.items():
     assert n in table.candidates[table.group_ids.index(gid)] and (n % 4 == 0)
-  at = sum(_entry_ms_slow(e, table.index(counts)) for e in table.entries)
+  at = sum(entry_ms_slow(e, table.index(counts)) for e in table.entries)
   assert at <= ratio * table.full * (1 + 1e-9)
   assert at >= (ratio - 0.02) * table.full, (ratio, at / table.full)
   assert info["predicted_speedup"] == pytest.approx(table.full / at)
