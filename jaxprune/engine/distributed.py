@@ -3,12 +3,14 @@ preemption. Knows no models, datasets or methods."""
 import contextlib
 import fcntl
 import itertools
+import json
 import os
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxprune import jsonio
 from jaxprune.errors import UserError
 
 ENV_NUM_PROCESSES = "JAXPRUNE_NUM_PROCESSES"
@@ -74,6 +76,19 @@ def from_main(value) -> np.ndarray:
   if not is_multiprocess():
     return np.asarray(value)
   return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
+def json_from_main(obj):
+  """Process 0's JSON-able ``obj`` on every process (others may pass anything)."""
+  if not is_multiprocess():
+    return obj
+  data = (np.frombuffer(jsonio.dumps(obj).encode("utf-8"), np.uint8) if is_main_process()
+          else np.zeros(0, np.uint8))
+  size = int(from_main(np.asarray([data.size], np.int64))[0])
+  buf = np.zeros(size, np.uint8)
+  if is_main_process():
+    buf[:] = data
+  return json.loads(from_main(buf).tobytes().decode("utf-8"))
 
 
 def preemption_requested() -> bool:

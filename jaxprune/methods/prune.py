@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxprune import data, graph, surgery
+from jaxprune import data, graph, jsonio, surgery
 from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import distributed
 from jaxprune.engine import report
@@ -124,6 +124,17 @@ def check_latency_reachable(config, g, table) -> None:
     raise UserError(f"prune: config prune.ratio={cfg.ratio}: {e}") from None
 
 
+def _record(info) -> dict:
+  """What a step's selection is, as JSON: the kept channels per group and its figures."""
+  out = {"keep": {str(gid): [int(i) for i in kept] for gid, kept in info["keep"].items()},
+         "after": {k: int(v) for k, v in info["after"].items()},
+         "fitted_round_to": {str(gid): int(r) for gid, r in info["fitted_round_to"].items()}}
+  for key in ("predicted_speedup", "measured_speedup", "calibration"):
+    if key in info:
+      out[key] = info[key]
+  return json.loads(jsonio.dumps(out))
+
+
 def taylor_grads(model, variables, ds, batch_size: int, seed: int):
   """Gradients of the cross-entropy on one training batch w.r.t. the params (eval-mode
   batch norm), for the Taylor criterion (Molchanov et al. 2019: ``|sum w * dL/dw|``)."""
@@ -203,13 +214,33 @@ def run(config, workdir: str) -> dict:
       dense_count = rows["dense"][cfg.target]
       now = rows[f"step {k - 1}"][cfg.target] if k > 1 else dense_count
       target = {f"{cfg.target}_ratio": min(1.0, ratio * dense_count / now)}
-    small, info = surgery.prune_to(
-        current_model, current_vars, input_shape, criterion=cfg.criterion,
-        global_ranking=cfg.global_ranking, round_to=None if fitted else multiple,
-        ignore=tuple(cfg.ignore), key=jax.random.fold_in(key, k),
-        grads=(taylor_grads(current_model, current_vars, train_ds, config.train.batch_size,
-                            config.seed + k) if cfg.criterion == "taylor" else None),
-        **target)
+    # A step's selection is made once and recorded before its fine-tuning: a rerun
+    # fine-tunes the recorded network (a latency selection is timed: selecting again could
+    # choose another), and every process takes process 0's.
+    record_path = os.path.join(workdir, f"finetune{k}", "pruned.json")
+    main = distributed.is_main_process()
+    small = None
+    if bool(distributed.from_main(np.asarray(main and os.path.exists(record_path)))):
+      record = distributed.json_from_main(jsonio.read_json(record_path) if main else None)
+    else:
+      small, info = surgery.prune_to(
+          current_model, current_vars, input_shape, criterion=cfg.criterion,
+          global_ranking=cfg.global_ranking, round_to=None if fitted else multiple,
+          ignore=tuple(cfg.ignore), key=jax.random.fold_in(key, k),
+          grads=(taylor_grads(current_model, current_vars, train_ds, config.train.batch_size,
+                              config.seed + k) if cfg.criterion == "taylor" else None),
+          **target)
+      mine = _record(info)
+      record = distributed.json_from_main(mine)
+      if main:
+        os.makedirs(os.path.dirname(record_path), exist_ok=True)
+        jsonio.write_json(record_path, record)
+      if record["keep"] != mine["keep"]:
+        small = None
+    keep = {int(gid): np.asarray(kept, np.int64) for gid, kept in record["keep"].items()}
+    if small is None:
+      small = surgery.prune(current_model, current_vars, input_shape, keep)
+    info = dict(record, keep=keep)
     pruned_acc = evaluate(small.model, small.variables)
     fine = common.train(f"finetune{k}", config.finetune, config.seed, workdir, datasets,
                         small.model, init_variables=small.variables)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from jaxprune import methods
+from jaxprune import methods, surgery
 from jaxprune.engine import metrics
 from jaxprune.errors import UserError
 
@@ -25,7 +25,7 @@ def _config(arg="smoke"):
 
 
 @pytest.mark.e2e
-def test_iterative_pruning_meets_the_target_and_reports(tmp_path):
+def test_iterative_pruning_meets_the_target_and_reports(tmp_path, monkeypatch):
   config = _config("smoke,steps=2,round_to=2")
   out = methods.run(config, str(tmp_path))
   assert out["flops_ratio"] <= 0.5 < out["steps"][0]["flops"] / out["dense_flops"]
@@ -41,7 +41,17 @@ def test_iterative_pruning_meets_the_target_and_reports(tmp_path):
   assert arch["flops"] == out["pruned_flops"] and arch["shapes"]
   report = (tmp_path / "report.md").read_text()
   assert "pruned + fine-tuned" in report and "same size, from scratch" in report
-  # A rerun resumes every stage and recomputes the same architecture.
+  # Each step's selection is recorded before its fine-tuning; a rerun resumes every stage
+  # and fine-tunes the recorded networks without selecting again (a latency selection is
+  # timed, and could choose another network).
+  for k, step in enumerate(out["steps"], 1):
+    record = json.load(open(tmp_path / f"finetune{k}" / "pruned.json"))
+    assert {g: len(kept) for g, kept in record["keep"].items()} == step["widths"]
+    assert record["after"]["flops"] == step["flops"]
+
+  def no_selection(*args, **kwargs):
+    raise AssertionError("a rerun selected channels again")
+  monkeypatch.setattr(surgery, "prune_to", no_selection)
   again = methods.run(config, str(tmp_path))
   assert again["pruned_flops"] == out["pruned_flops"]
   assert again["pruned_accuracy"] == out["pruned_accuracy"]
