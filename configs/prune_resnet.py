@@ -21,6 +21,10 @@ Commands (from the repository root):
   # workdir's latency/ directory; the report gives its predicted speed-up and the measured one):
   python -m jaxprune.main --config configs/prune_resnet.py:depth=56,target=latency \
       --config.prune.ratio=0.5 --workdir workdirs/p56_latency
+  # ... removing whole residual blocks too (what buys time at batch 1; surgery.prune_to's
+  # depth=True; every stage keeps its first block):
+  python -m jaxprune.main --config configs/prune_resnet.py:depth=56,target=latency \
+      --config.prune.depth=true --config.report.inference_batch_size=1 --workdir workdirs/p56_blocks
   # Offline, on the CIFAR-10 subset (4000/1000 images) beside the repository:
   python -m jaxprune.main --config configs/prune_resnet.py:dataset=cifar10_subset \
       --workdir workdirs/p20_subset
@@ -55,6 +59,7 @@ def get_config(arg=None):
       "latency_grid": 8,                 # latency-table candidate widths per group
       "calibrate": True,                 # latency: time the whole network, tighten to meet
       "calibration_rounds": 4,           # latency: most selections timed per step
+      "depth": False,                    # latency: also remove whole residual blocks
       "ratio": args.ratio,               # kept share of the dense network's target
       "steps": args.steps,               # prune + fine-tune rounds (1: one shot)
       "global_ranking": args["global"],

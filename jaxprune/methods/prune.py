@@ -39,6 +39,11 @@ def validate(config):
     raise UserError(f"prune.latency_grid={cfg.latency_grid} must be >= 1")
   if not isinstance(cfg.get("calibrate", True), bool):
     raise UserError(f"prune.calibrate={cfg.calibrate!r} must be True or False")
+  if not isinstance(cfg.get("depth", False), bool):
+    raise UserError(f"prune.depth={cfg.depth!r} must be True or False")
+  if cfg.get("depth", False) and cfg.target != "latency":
+    raise UserError(f"prune.depth=True removes residual blocks under a latency target: "
+                    f"set prune.target=latency (got {cfg.target!r})")
   rounds = cfg.get("calibration_rounds", targets.CALIBRATION_ROUNDS)
   if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
     raise UserError(f"prune.calibration_rounds={rounds!r} must be an int >= 1")
@@ -113,13 +118,20 @@ def check_prunable(config, model, input_shape) -> None:
     raise UserError(f"prune: config prune.ratio={cfg.ratio}: {e}") from None
 
 
-def check_latency_reachable(config, g, table) -> None:
-  """The latency target is reachable on the dense network's table (uniform scores)."""
+def check_latency_reachable(config, g, table, model, variables, input_shape) -> None:
+  """The latency target is reachable on the dense network's table (uniform scores; with
+  ``prune.depth`` its removable blocks removed)."""
   cfg = config.prune
   scores = {gid: np.ones(g.groups[gid].width) for gid in table.group_ids}
   try:
-    surgery.select_channels(g, scores, latency_ratio=cfg.ratio,
-                            latency_table=table, global_ranking=cfg.global_ranking)
+    if cfg.get("depth", False):
+      blocks, _ = surgery.remove.removable_blocks(model, variables, input_shape, None, g,
+                                                  scores)
+      surgery.select_blocks_and_channels(g, scores, latency_ratio=cfg.ratio,
+                                         latency_table=table, blocks=blocks)
+    else:
+      surgery.select_channels(g, scores, latency_ratio=cfg.ratio,
+                              latency_table=table, global_ranking=cfg.global_ranking)
   except UserError as e:
     raise UserError(f"prune: config prune.ratio={cfg.ratio}: {e}") from None
 
@@ -129,7 +141,7 @@ def _record(info) -> dict:
   out = {"keep": {str(gid): [int(i) for i in kept] for gid, kept in info["keep"].items()},
          "after": {k: int(v) for k, v in info["after"].items()},
          "fitted_round_to": {str(gid): int(r) for gid, r in info["fitted_round_to"].items()}}
-  for key in ("predicted_speedup", "measured_speedup", "calibration"):
+  for key in ("predicted_speedup", "measured_speedup", "calibration", "removed_blocks"):
     if key in info:
       out[key] = info[key]
   return json.loads(jsonio.dumps(out))
@@ -151,7 +163,8 @@ def _changed_shapes(before, after) -> dict[str, list]:
   """``{leaf path: [dense shape, pruned shape]}`` of the leaves pruning narrowed."""
   a = {k: np.shape(v) for k, v in graph.named_leaves(None, before).items()}
   b = {k: np.shape(v) for k, v in graph.named_leaves(None, after).items()}
-  return {k: [list(a[k]), list(b[k])] for k in sorted(a) if a[k] != b.get(k)}
+  return {k: [list(a[k]), None if k not in b else list(b[k])]  # None: a removed block's
+          for k in sorted(a) if a[k] != b.get(k)}
 
 
 def run(config, workdir: str) -> dict:
@@ -184,7 +197,7 @@ def run(config, workdir: str) -> dict:
     fresh = jax.jit(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, *input_shape)),
                                        train=False))()
     tables[1] = latency_table(config, workdir, model, fresh, input_shape, 1)
-    check_latency_reachable(config, *tables[1][::-1])
+    check_latency_reachable(config, *tables[1][::-1], model, fresh, input_shape)
   if cfg.init_from:
     dense_vars = ckpt_lib.load_variables(cfg.init_from, abstract)
     dense_acc = evaluate(model, dense_vars)
@@ -208,6 +221,7 @@ def run(config, workdir: str) -> dict:
              if calibrate else table.full / tables[1][0].full)
       target = {"latency_ratio": min(1.0, ratio / now), "latency_table": table,
                 "batch_size": latency_batch(config), "calibrate": calibrate,
+                "depth": bool(cfg.get("depth", False)),
                 "calibration_rounds": cfg.get("calibration_rounds",
                                               targets.CALIBRATION_ROUNDS)}
     else:
@@ -235,11 +249,14 @@ def run(config, workdir: str) -> dict:
       if main:
         os.makedirs(os.path.dirname(record_path), exist_ok=True)
         jsonio.write_json(record_path, record)
-      if record["keep"] != mine["keep"]:
+      if (record["keep"], record.get("removed_blocks")) != (mine["keep"],
+                                                             mine.get("removed_blocks")):
         small = None
     keep = {int(gid): np.asarray(kept, np.int64) for gid, kept in record["keep"].items()}
     if small is None:
-      small = surgery.prune(current_model, current_vars, input_shape, keep)
+      small = surgery.remove_blocks(
+          surgery.prune(current_model, current_vars, input_shape, keep),
+          record.get("removed_blocks", []))
     info = dict(record, keep=keep)
     pruned_acc = evaluate(small.model, small.variables)
     fine = common.train(f"finetune{k}", config.finetune, config.seed, workdir, datasets,
@@ -254,6 +271,8 @@ def run(config, workdir: str) -> dict:
                   "fitted_round_to": {str(gid): r for gid, r in info["fitted_round_to"].items()}})
     if "predicted_speedup" in info:
       steps[-1]["predicted_speedup"] = info["predicted_speedup"]
+    if "removed_blocks" in info:
+      steps[-1]["removed_blocks"] = list(info["removed_blocks"])
     if "calibration" in info:
       steps[-1]["measured_speedup"] = info["measured_speedup"]
       steps[-1]["calibration"] = {k: v for k, v in info["calibration"].items()}

@@ -6,6 +6,6 @@ from jaxprune.surgery.rebuild import Pruned, Rebuilt, rebuild, slice_tree
 from jaxprune.surgery.rules import register_rule, rule_for
 from jaxprune.surgery.importance import CRITERIA, group_scores
 from jaxprune.surgery.targets import select_blocks_and_channels, select_channels
-from jaxprune.surgery.remove import prune, prune_to
+from jaxprune.surgery.remove import prune, prune_to, remove_blocks
 from jaxprune.surgery.norm_scales import ista_rho, ista_scales, rescale_gamma
 from jaxprune.surgery.dead import Shrunk, check_equivalence, prune_zeros, shrink

@@ -304,7 +304,7 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
 
   def build(kp, prefixes):
     small = prune(model, variables, input_shape, kp, call, graph=g, overrides=overrides)
-    return skip(small, prefixes)
+    return remove_blocks(small, prefixes)
 
   if table is not None and calibrating:
     timer = latency_timer or _default_timer(model, variables, input_shape, call, batch_size)
@@ -381,7 +381,7 @@ def removable_blocks(model, variables, input_shape, call, g: graph_lib.Graph,
   return found, excluded
 
 
-def skip(small: Pruned, prefixes: Sequence[str]) -> Pruned:
+def remove_blocks(small: Pruned, prefixes: Sequence[str]) -> Pruned:
   """`small` with the residual blocks at module paths `prefixes` skipped
   (:func:`jaxprune.surgery.blocks.skip_blocks`); ``removed_blocks`` lists them."""
   if not prefixes:

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import load_config
 from jaxprune import methods, surgery
+from jaxprune.engine import checkpoint as ckpt_lib
 from jaxprune.engine import metrics
 from jaxprune.errors import UserError
 
@@ -95,10 +96,40 @@ def test_taylor_criterion_uses_the_gradients_of_a_training_batch(tmp_path):
     ({"ratio": 1.5}, "prune.ratio"), ({"criterion": "l3"}, "prune.criterion"),
     ({"steps": 0}, "prune.steps"), ({"target": "speed"}, "prune.target"),
     ({"target": "latency", "latency_grid": 0}, "prune.latency_grid"),
-    ({"round_to": -1}, "prune.round_to")])
+    ({"round_to": -1}, "prune.round_to"), ({"depth": True}, "prune.target=latency")])
 def test_bad_prune_settings_are_one_line_errors_before_any_work(tmp_path, override, message):
   config = _config()
   config.prune.update(override)
   with pytest.raises(UserError, match=message):
     methods.run(config, str(tmp_path))
   assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.e2e
+def test_latency_target_with_blocks_removed_runs_reports_and_resumes(tmp_path, monkeypatch):
+  """prune.target=latency with prune.depth=True on a ResNet-14 (three removable blocks):
+  the step's record names the removed blocks, the fine-tuned network has none of their
+  variables, and a rerun rebuilds the recorded network without selecting again."""
+  config = _config("smoke,target=latency")
+  config.model.depth = 14
+  config.prune.update(depth=True, ratio=0.3, latency_grid=2, calibration_rounds=2,
+                      scratch_comparison=False)
+  config.report.inference_batch_size = 1
+  out = methods.run(config, str(tmp_path))
+  (step,) = out["steps"]
+  record = json.load(open(tmp_path / "finetune1" / "pruned.json"))
+  assert step["removed_blocks"] == record["removed_blocks"]
+  # (0.3 of the latency at batch 1: the narrowest widths alone leave about 0.36)
+  assert record["removed_blocks"]
+  assert set(record["removed_blocks"]) <= {"stage0_block1", "stage1_block1", "stage2_block1"}
+  final = ckpt_lib.load_variables(str(tmp_path / "finetune1" / "final"))
+  for block in record["removed_blocks"]:
+    assert block not in final["params"]
+  assert out["pruned_flops"] == record["after"]["flops"] < out["dense_flops"]
+
+  def no_selection(*args, **kwargs):
+    raise AssertionError("a rerun selected again")
+  monkeypatch.setattr(surgery, "prune_to", no_selection)
+  again = methods.run(config, str(tmp_path))
+  assert again["pruned_flops"] == out["pruned_flops"]
+  assert again["pruned_accuracy"] == out["pruned_accuracy"]
