@@ -25,6 +25,13 @@ def _config(arg="smoke"):
   return config
 
 
+def _forbid_selection(monkeypatch):
+  """A rerun must rebuild the recorded networks: selecting again fails the test."""
+  def no_selection(*args, **kwargs):
+    raise AssertionError("a rerun selected channels again")
+  monkeypatch.setattr(surgery, "prune_to", no_selection)
+
+
 @pytest.mark.e2e
 def test_iterative_pruning_meets_the_target_and_reports(tmp_path, monkeypatch):
   config = _config("smoke,steps=2,round_to=2")
@@ -50,9 +57,7 @@ def test_iterative_pruning_meets_the_target_and_reports(tmp_path, monkeypatch):
     assert {g: len(kept) for g, kept in record["keep"].items()} == step["widths"]
     assert record["after"]["flops"] == step["flops"]
 
-  def no_selection(*args, **kwargs):
-    raise AssertionError("a rerun selected channels again")
-  monkeypatch.setattr(surgery, "prune_to", no_selection)
+  _forbid_selection(monkeypatch)
   again = methods.run(config, str(tmp_path))
   assert again["pruned_flops"] == out["pruned_flops"]
   assert again["pruned_accuracy"] == out["pruned_accuracy"]
@@ -127,9 +132,7 @@ def test_latency_target_with_blocks_removed_runs_reports_and_resumes(tmp_path, m
     assert block not in final["params"]
   assert out["pruned_flops"] == record["after"]["flops"] < out["dense_flops"]
 
-  def no_selection(*args, **kwargs):
-    raise AssertionError("a rerun selected again")
-  monkeypatch.setattr(surgery, "prune_to", no_selection)
+  _forbid_selection(monkeypatch)
   again = methods.run(config, str(tmp_path))
   assert again["pruned_flops"] == out["pruned_flops"]
   assert again["pruned_accuracy"] == out["pruned_accuracy"]
