@@ -10,8 +10,9 @@ and a cls token), random weights (speed only). Each is pruned by
 - a latency target (``latency_ratio=0.5``, its per-op table timed at the row's batch):
   the rows ``latency 0.5`` (when ``prune_to`` takes ``latency_ratio``),
 
-with ``round_to`` = :func:`jaxprune.engine.runtime.default_round_to` of the backend for
-the model (``--round_to`` to change it). Each model and batch runs in a process of its
+with ``prune_to``'s default ``round_to`` (None: the backend's multiple for the model,
+:func:`jaxprune.engine.runtime.default_round_to`, groups not wider than it whole while
+the target is reachable so, else at a finer multiple; ``--round_to`` to fix one). Each model and batch runs in a process of its
 own, with the XLA:CPU flag that :mod:`jaxprune.engine.runtime`'s rule picks for it at that
 batch (as ``jaxprune.main`` does at the report's batch; the default round_to follows it),
 and times the base and the pruned networks alternately (one call of each per round,
@@ -197,7 +198,7 @@ def zoo_model_rows(name: str, args) -> list:
   import jax  # pylint: disable=g-import-not-at-top
   from jaxprune import flops, surgery  # pylint: disable=g-import-not-at-top
   from jaxprune.errors import UserError  # pylint: disable=g-import-not-at-top
-  round_to = args.round_to or runtime.default_round_to(profile=profile)
+  round_to = args.round_to or None  # None: prune_to's default, what a user gets
   variables = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, *SHAPE)),
                                         train=False))
   base_flops = flops.count(model, variables, SHAPE)["flops"]
@@ -205,9 +206,10 @@ def zoo_model_rows(name: str, args) -> list:
   pruned, refused = {}, []
   t0 = time.perf_counter()
   ignore = IGNORE.get(name, ())
-  small, _ = surgery.prune_to(model, variables, SHAPE, criterion="l1",
-                              flops_ratio=args.ratio, round_to=round_to, ignore=ignore)
+  small, info = surgery.prune_to(model, variables, SHAPE, criterion="l1",
+                                 flops_ratio=args.ratio, round_to=round_to, ignore=ignore)
   pruned["flops"] = {b: small for b in args.batches}
+  used = _round_to_label(info)
   for b in [b for b in (args.latency_batches or args.batches)
             if b in args.batches] if latency else ():
     grid = {"latency_grid": args.latency_grid} if args.latency_grid else {}
@@ -219,12 +221,12 @@ def zoo_model_rows(name: str, args) -> list:
                                      round_to=round_to, ignore=ignore, **grid)
     except UserError as e:  # a target the table cannot reach: a row that says so
       refused.append({"model": name, "target": _latency_target(args), "batch": b,
-                      "round_to": round_to, "flag": bool(flag), "refused": str(e)})
+                      "round_to": used, "flag": bool(flag), "refused": str(e)})
       continue
     pruned.setdefault("latency", {})[b] = (small, _latency_info(info))
   print(f"[{name}] pruned in {time.perf_counter() - t0:.0f} s (XLA:CPU conv flag "
         f"{'on' if flag else 'off'}, grouped conv share {runtime.grouped_share(profile):.3f}, "
-        f"round_to={round_to})", file=sys.stderr, flush=True)
+        f"round_to {used})", file=sys.stderr, flush=True)
   rows = []
   for b in args.batches:
     x = jax.random.normal(jax.random.key(1), (b, *SHAPE))
@@ -241,13 +243,24 @@ def zoo_model_rows(name: str, args) -> list:
       f = flops.count(small.model, small.variables, SHAPE)["flops"]
       label = _latency_target(args) if target == "latency" else f"{target} {args.ratio:g}"
       row = {"model": name, "target": label, "batch": b,
-             "round_to": round_to, "flag": bool(flag), "base_ms": ms["base"],
+             "round_to": used, "flag": bool(flag), "base_ms": ms["base"],
              "pruned_ms": ms[target], "flops_reduction": base_flops / f,
              "base_mflops": base_flops / 1e6, "pruned_mflops": f / 1e6}
       if target == "latency":
         row.update(per_batch[b][1])
       rows.append(row)
   return rows + refused
+
+
+def _round_to_label(info) -> str:
+  """The multiple ``prune_to`` used, and what it did with groups not wider than it."""
+  label = str(info["round_to"])
+  if info.get("narrow_whole"):
+    label += f", {len(info['narrow_whole'])} narrow groups whole"
+  if info.get("fitted_round_to"):
+    label += ", narrow groups at " + "/".join(
+        str(r) for r in sorted(set(info["fitted_round_to"].values())))
+  return label
 
 
 def _latency_target(args) -> str:
@@ -258,7 +271,8 @@ def _latency_info(info) -> dict:
   """What a latency row records of ``prune_to``'s info: the table's prediction and, when
   calibrated (the default), the calibration's own measured speed-up (at the row's batch,
   timed while pruning) and its rounds."""
-  out = {"predicted_speedup": float(info["predicted_speedup"])}
+  out = {"predicted_speedup": float(info["predicted_speedup"]),
+         "round_to": _round_to_label(info)}
   if "removed_blocks" in info:
     out["removed_blocks"] = len(info["removed_blocks"])
   if "calibration" in info:

@@ -140,7 +140,8 @@ def _record(info) -> dict:
   """What a step's selection is, as JSON: the kept channels per group and its figures."""
   out = {"keep": {str(gid): [int(i) for i in kept] for gid, kept in info["keep"].items()},
          "after": {k: int(v) for k, v in info["after"].items()},
-         "fitted_round_to": {str(gid): int(r) for gid, r in info["fitted_round_to"].items()}}
+         "fitted_round_to": {str(gid): int(r) for gid, r in info["fitted_round_to"].items()},
+         "narrow_whole": [int(gid) for gid in info["narrow_whole"]]}
   for key in ("predicted_speedup", "measured_speedup", "calibration", "removed_blocks"):
     if key in info:
       out[key] = info[key]
@@ -268,7 +269,8 @@ def run(config, workdir: str) -> dict:
                   "accuracy_finetuned": fine.summary["eval_accuracy"],
                   "flops": info["after"]["flops"], "params": info["after"]["params"],
                   "widths": {str(gid): int(kept.size) for gid, kept in info["keep"].items()},
-                  "fitted_round_to": {str(gid): r for gid, r in info["fitted_round_to"].items()}})
+                  "fitted_round_to": {str(gid): r for gid, r in info["fitted_round_to"].items()},
+                  "narrow_whole": info.get("narrow_whole", [])})
     if "predicted_speedup" in info:
       steps[-1]["predicted_speedup"] = info["predicted_speedup"]
     if "removed_blocks" in info:

@@ -179,10 +179,11 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
     round_to: kept widths a multiple of this (or the whole group). Default None:
       the backend's for this model, :func:`jaxprune.latency.default_round_to` (8 on
       a CPU; 16 for a model of dense convs on an AVX-512 CPU at XLA's stock settings),
-      where a group not wider than it is pruned at the largest of
-      ``round_to // 2, ..., 1`` below its width
-      (:func:`jaxprune.surgery.targets.fitted_round_to`) instead of staying whole;
-      an int is used as given (1: any width).
+      where, under a FLOPs or params target, a group not wider than it stays whole
+      while the target is reachable so (a narrower one runs about as long on the
+      backend's vectors), else it is pruned at the largest of ``round_to // 2, ...,
+      1`` below its width (:func:`jaxprune.surgery.targets.default_steps`); a
+      latency target's table measures both; an int is used as given (1: any width).
     ignore: leaf-path patterns of groups to leave whole (see
       :func:`jaxprune.graph.trace`).
     grads: the gradients of a loss, for "taylor".
@@ -221,7 +222,8 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
     "graph": the traced graph, "approximate": {group id: effects} of the narrowed
     groups whose removal changes the function (fine-tune after), "round_to": the
     multiple used, "fitted_round_to": {group id: its finer multiple} of the groups
-    narrower than a default round_to}``; with a latency
+    not wider than a default round_to pruned at one, "narrow_whole": the ids of
+    such groups kept whole}``; with a latency
     target also ``"latency_table"`` (reuse it) and ``"predicted_speedup"`` (the
     table's full latency over its latency at the kept widths); calibrated, also
     ``"measured_speedup"`` (base ms over pruned ms, whole networks),
@@ -324,10 +326,19 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
   if removed:
     after = flops.count(small.model, small.variables, input_shape, call)
     after = {"flops": int(after["flops"]), "params": int(after["params"])}
+  if fit_round_to and latency_ratio is None:  # the rule select_channels applied
+    metric, ratio = ("flops", flops_ratio) if flops_ratio is not None else (
+        "params", params_ratio)
+    steps = targets.default_steps(g, scores, round_to, metric, ratio)
+  else:
+    steps = targets.group_round_to(g, scores, round_to, fit_round_to)
+  width = lambda gid: g.groups[gid].width
   info = {"keep": keep, "before": g.predict({}), "after": after, "graph": g,
           "approximate": small.approximate, "round_to": round_to,
-          "fitted_round_to": {gid: r for gid, r in targets.group_round_to(
-              g, scores, round_to, fit_round_to).items() if r != round_to}}
+          "fitted_round_to": {gid: r for gid, r in steps.items()
+                              if r != round_to and r < width(gid)},
+          "narrow_whole": sorted(gid for gid, r in steps.items() if fit_round_to
+                                 and r == width(gid) <= round_to)}
   if table is not None:
     info["latency_table"] = table
     info["predicted_speedup"] = table.full / table.at(

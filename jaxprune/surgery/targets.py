@@ -43,6 +43,26 @@ def group_round_to(graph: Graph, group_ids, round_to: int,
                      else int(round_to)) for gid in group_ids}
 
 
+def default_steps(graph: Graph, group_ids, round_to: int, metric: str,
+                  ratio: float) -> dict[int, int]:
+  """The per-group multiples of a backend-default ``round_to`` under a FLOPs or params
+  ``ratio``: a group not wider than ``round_to`` stays whole (its step is its width)
+  while the target is reachable so and some group is wider — on the backend's vectors a
+  narrower one runs about as long (docs/design/surgery.md) — else every group takes its
+  :func:`group_round_to` with ``fit_round_to``. A latency target measures this instead:
+  its table's candidates are the fitted ones."""
+  fitted = group_round_to(graph, group_ids, round_to, fit_round_to=True)
+  width = {gid: graph.groups[gid].width for gid in fitted}
+  if metric == "latency" or all(w <= round_to for w in width.values()):
+    return fitted
+  whole = {gid: (width[gid] if width[gid] <= round_to else r) for gid, r in fitted.items()}
+  smallest = {gid: np.arange(int(allowed_widths(width[gid], r)[0]))
+              for gid, r in whole.items()}
+  reachable = graph.predict(smallest)[metric] <= ratio * graph.predict({})[metric] * (
+      1 + 1e-12)
+  return whole if reachable else fitted
+
+
 def allowed_widths(width: int, round_to: int = 1) -> np.ndarray:
   """The kept widths a group may have: multiples of ``round_to`` below ``width``, and
   ``width`` (ascending)."""
@@ -106,9 +126,10 @@ def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
     global_ranking: rank channels across groups (docs/design/surgery.md).
     round_to: kept widths a multiple of this (default the graph's ``round_to``;
       for latency, the table's candidates already are).
-    fit_round_to: a group not wider than ``round_to`` is pruned at the largest of
-      ``round_to // 2, ..., 1`` below its width (:func:`fitted_round_to`) instead of
-      staying whole (``prune_to``'s backend-default ``round_to``).
+    fit_round_to: ``round_to`` is the backend's default (``prune_to``'s): a group not
+      wider than it stays whole while the target is reachable so, else it is pruned at
+      the largest of ``round_to // 2, ..., 1`` below its width (:func:`default_steps`,
+      :func:`fitted_round_to`).
 
   Returns:
     ``{group id: sorted kept channel indices}``.
@@ -146,7 +167,8 @@ def select_channels(graph: Graph, scores: Mapping[int, np.ndarray], *,
     full = table.full
     cost = lambda counts: table.at(table.index(counts))
   else:
-    steps = group_round_to(graph, widths, round_to, fit_round_to)
+    steps = (default_steps(graph, widths, round_to, metric, ratio) if fit_round_to
+             else group_round_to(graph, widths, round_to))
     allowed = {gid: allowed_widths(w, steps[gid]) for gid, w in widths.items()}
     full = graph.predict({})[metric]
     # Each group's ranking once: a selection's hundreds of predictions take prefixes of it

@@ -1,7 +1,8 @@
 """prune_to's default round_to (issue 24 item 4): None is the backend's
-(``runtime.default_round_to``), and a group not wider than it is pruned at a finer
-multiple (``targets.fitted_round_to``) instead of staying whole; an int is kept as
-given. No timing here (latency tables come from an injected timer)."""
+(``runtime.default_round_to``); under a FLOPs target a group not wider than it stays
+whole while the target is reachable so, else it is pruned at a finer multiple
+(``targets.default_steps``, ``targets.fitted_round_to``); an int is kept as given. No
+timing here (latency tables come from an injected timer)."""
 import math
 
 import flax.linen as nn
@@ -53,8 +54,9 @@ def test_fitted_round_to_is_the_largest_halving_below_the_width():
 def test_prune_to_defaults_to_the_backend_round_to_fitted_to_narrow_groups(
     monkeypatch, default):
   """round_to=None: the backend's multiple (patched to 4 too: it is read, not assumed);
-  wide groups keep multiples of it, a group not wider than it is kept at a multiple of
-  its fitted one, ``info`` names both; an explicit round_to keeps the narrow group
+  wide groups keep multiples of it, a group not wider than it stays whole while the
+  target is reachable so (``info["narrow_whole"]``), else it is kept at a multiple of its
+  fitted one (``info["fitted_round_to"]``); an explicit round_to keeps the narrow group
   whole, so a target only reachable by narrowing it is refused (one line)."""
   monkeypatch.setitem(runtime.ROUND_TO, jax.default_backend(), default)
   rng = np.random.default_rng()
@@ -74,10 +76,10 @@ def test_prune_to_defaults_to_the_backend_round_to_fitted_to_narrow_groups(
   g = info["graph"]
   (narrow,) = [grp.id for grp in g.prunable() if grp.width == widths[0]]
   fitted = targets.fitted_round_to(widths[0], default)
-  assert fitted < default and info["fitted_round_to"] == {narrow: fitted}
+  assert info["fitted_round_to"] == {} and info["narrow_whole"] == [narrow]
+  assert info["keep"][narrow].size == widths[0]
   for gid, kept in info["keep"].items():
-    step = fitted if gid == narrow else default
-    assert kept.size == g.groups[gid].width or kept.size % step == 0
+    assert kept.size == g.groups[gid].width or kept.size % default == 0
   assert info["after"]["flops"] <= ratio * info["before"]["flops"]
   assert info["after"] == graph.trace(small.model, small.variables, (8, 8, 3)).predict({})
   _, given = surgery.prune_to(model, variables, (8, 8, 3), flops_ratio=ratio,
@@ -93,7 +95,9 @@ def test_prune_to_defaults_to_the_backend_round_to_fitted_to_narrow_groups(
   high = g.predict({**smallest, narrow: np.arange(widths[0])})["flops"] / full
   between = float(rng.uniform(low + 0.1 * (high - low), high - 0.1 * (high - low)))
   _, tight = surgery.prune_to(model, variables, (8, 8, 3), flops_ratio=between)
-  assert tight["keep"][narrow].size < widths[0]
+  assert tight["keep"][narrow].size < widths[0] and tight["narrow_whole"] == []
+  assert fitted < default and tight["fitted_round_to"] == {narrow: fitted}
+  assert tight["keep"][narrow].size % fitted == 0
   assert tight["after"]["flops"] <= between * full
   with pytest.raises(UserError, match=f"cannot reach flops_ratio.*round_to={default}\\)"):
     surgery.prune_to(model, variables, (8, 8, 3), flops_ratio=between, round_to=default)
@@ -105,6 +109,31 @@ def test_prune_to_defaults_to_the_backend_round_to_fitted_to_narrow_groups(
     surgery.prune_to(model, variables, (8, 8, 3), flops_ratio=under)
   _, fine = surgery.prune_to(model, variables, (8, 8, 3), flops_ratio=under, round_to=1)
   assert fine["after"]["flops"] <= under * full
+
+
+def test_default_steps_keep_narrow_groups_whole_while_reachable():
+  """Against the rule written out on random nets and ratios: whole when some group is
+  wider and the smallest network with the narrow groups whole meets the ratio (checked
+  by counting it), else the fitted multiples; latency targets always the fitted ones."""
+  rng = np.random.default_rng()
+  for _ in range(6):
+    default = int(rng.choice([4, 8, 16]))
+    widths = [int(rng.integers(2, 2 * default + 1)) for _ in range(3)]
+    widths = [w if w != 3 else 4 for w in widths]  # (3: the kernel-size defect above)
+    model, variables = _net(rng, widths)
+    g = graph.trace(model, variables, (8, 8, 3))
+    gids = [grp.id for grp in g.prunable()]
+    fitted = {gid: targets.fitted_round_to(g.groups[gid].width, default) for gid in gids}
+    whole = {gid: (g.groups[gid].width if g.groups[gid].width <= default else default)
+             for gid in gids}
+    full = g.predict({})["flops"]
+    low = g.predict({gid: np.arange(min(s, g.groups[gid].width))
+                     for gid, s in whole.items()})["flops"] / full
+    for ratio in (float(rng.uniform(0.05, 1.0)), min(1.0, low + 1e-3), 0.99 * low):
+      got = targets.default_steps(g, gids, default, "flops", ratio)
+      wider = any(g.groups[gid].width > default for gid in gids)
+      assert got == (whole if wider and low <= ratio else fitted), (widths, default, ratio)
+      assert targets.default_steps(g, gids, default, "latency", ratio) == fitted
 
 
 def test_latency_candidates_of_the_default_round_to_are_fitted():
