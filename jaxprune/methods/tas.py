@@ -93,14 +93,17 @@ def make_space(config, base_model, num_classes: int, input_shape) -> search_lib.
       print(f"[tas] round_to={round_to} leaves convs of {finer} channels fewer than "
             f"{config.tas.num_picks} width candidates: they are searched at a finer multiple")
     return space
-  # The backend's default (round_to 0) never excludes a narrow group: it searches at a
-  # finer multiple (search.space.fitted_candidates); an explicit round_to is kept as given.
+  # The backend's default (round_to 0) leaves a group not wider than it whole while the
+  # FLOPs ratio is reachable so, else searches it at a finer multiple
+  # (search.space.fitted_candidates); an explicit round_to is kept as given.
   abstract = jax.eval_shape(lambda: base_model.init(
       jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
   return search_lib.SearchSpace(base_model, abstract, input_shape,
                                 num_picks=config.tas.num_picks, round_to=round_to,
                                 depth=config.tas.get("depth", True),
-                                fit_round_to=not int(config.tas.get("round_to", 0)))
+                                fit_round_to=not int(config.tas.get("round_to", 0)),
+                                target_ratio=(config.tas.ratio if config.tas.get(
+                                    "cost", "flops") == "flops" else None))
 
 
 def resnet_space(depth: int, num_classes: int, num_picks: int, input_shape,

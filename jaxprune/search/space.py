@@ -43,13 +43,17 @@ class SearchSpace:
   ``round_to`` rounds every group's candidates up to its multiples; with
   ``fit_round_to=True`` (TAS's backend-default ``round_to``) a group it would leave with
   fewer than ``num_picks`` candidates uses the largest of ``round_to // 2, ..., 1`` that
-  does not (:func:`fitted_candidates`), instead of being excluded.
+  does not (:func:`fitted_candidates`), instead of being excluded. Given ``target_ratio``
+  too (the search's FLOPs ratio), groups not wider than ``round_to`` are left whole while
+  the other groups' smallest candidates still reach it (as ``surgery.prune_to``'s default,
+  :func:`jaxprune.surgery.targets.default_steps`: on the vectors that chose the default
+  a narrower such group saves FLOPs, not time).
   """
   kind = "graph"  # its name in the Space protocol (tas.space=graph)
 
   def __init__(self, model, variables, input_shape: Any, call=None, *, num_picks: int = 2,
                round_to: int = 1, ignore: Sequence[str] = (), depth: bool = True,
-               fit_round_to: bool = False):
+               fit_round_to: bool = False, target_ratio: float | None = None):
     if (isinstance(num_picks, bool) or not isinstance(num_picks, (int, np.integer))
         or num_picks < 2):
       raise UserError(f"num_picks must be an int >= 2, got {num_picks!r}: with one pick the "
@@ -101,6 +105,12 @@ class SearchSpace:
             f"producer {wrong[0]} does not put the group's channels on its output's last axis")
       else:
         groups.append(g)
+    if fit_round_to and target_ratio is not None:
+      whole = self._narrow_whole(groups, target_ratio, candidates_of)
+      for g in whole:
+        self.excluded[g.id] = (f"not wider than round_to={round_to}, the backend's default: "
+                               "left whole (narrowing it saves FLOPs, not time)")
+      groups = [g for g in groups if g not in whole]
     if not groups:
       raise UserError("SearchSpace: the model has no searchable channel group "
                       f"({len(self.graph.prunable())} prunable; excluded: "
@@ -120,6 +130,19 @@ class SearchSpace:
     if depth:
       self._find_stages(closed, paths, leaves)
     self._costs = self._cost_table()
+
+  def _narrow_whole(self, groups, ratio: float, candidates_of) -> list:
+    """Those of the searchable ``groups`` not wider than ``round_to``, when some is wider
+    and the others' smallest candidates (these and the unsearched groups whole, full
+    depth) reach ``ratio`` of the FLOPs; else none."""
+    narrow = [g for g in groups if g.width <= self.round_to]
+    if not narrow or len(narrow) == len(groups):
+      return []
+    smallest = {g.id: np.arange(candidates_of(g.width)[0]) for g in groups
+                if g not in narrow}
+    reachable = (self.graph.predict(smallest)["flops"]
+                 <= ratio * self.graph.predict({})["flops"] * (1 + 1e-12))
+    return narrow if reachable else []
 
   # --- depth (tas.md §1, §4, §5) ----------------------------------------------------
 

@@ -257,6 +257,39 @@ def test_num_picks_and_empty_space_are_errors():
     search.SearchSpace(plain, pv, (32, 32, 3), num_picks=9)
 
 
+def test_default_round_to_leaves_narrow_groups_whole_while_the_ratio_is_reachable():
+  """Graph space at a backend-default round_to (fit_round_to) with the search's FLOPs
+  ratio: a group not wider than round_to is left whole exactly when the other group's
+  smallest candidate reaches the ratio (the closed form of a two-conv net, random
+  widths); else, and without a ratio, it is searched at its fitted candidates."""
+  import flax.linen as nn
+  rng = np.random.default_rng()
+  w1, w2, r = int(rng.integers(4, 17)), int(rng.integers(17, 41)), 16
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = nn.relu(nn.Conv(w1, (3, 3), use_bias=False, name="c1")(x))
+      x = nn.relu(nn.Conv(w2, (1, 1), use_bias=False, name="c2")(x))
+      return nn.Dense(3, name="fc")(x.mean((1, 2)))
+  net = Net()
+  v = net.init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))
+  flops = lambda a, b: 9 * 2 * a * 25 + a * b * 25 + b * 3 + 3
+  low = flops(w1, search.base.fitted_candidates(w2, r, 2)[0]) / flops(w1, w2)
+  for ratio, whole in ((min(1.0, low * rng.uniform(1.0, 1.05)), True),
+                       (low * rng.uniform(0.8, 0.99), False)):
+    space = search.SearchSpace(net, v, (5, 5, 2), round_to=r, fit_round_to=True,
+                               target_ratio=ratio)
+    searched = {g.width: c for g, c in zip(space.groups, space.candidates)}
+    assert (w1 not in searched) == whole, (w1, w2, ratio, low)
+    if whole:
+      assert any("backend's default: left whole" in why for why in space.excluded.values())
+    else:
+      assert searched[w1] == search.base.fitted_candidates(w1, r, 2)
+  plain = search.SearchSpace(net, v, (5, 5, 2), round_to=r, fit_round_to=True)
+  assert [g.width for g in plain.groups] == [w1, w2]
+
+
 def test_round_to_candidates():
   assert search.rounded_candidates(64) == (19, 25, 32, 38, 44, 51, 57, 64)
   assert search.rounded_candidates(64, 8) == (24, 32, 40, 48, 56, 64)
