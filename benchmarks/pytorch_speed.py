@@ -35,7 +35,7 @@ def torch_resnet(variables):
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn as tnn  # pylint: disable=g-import-not-at-top
   params, stats = variables["params"], variables["batch_stats"]
-  t = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32)))
+  t = lambda a: torch.from_numpy(np.array(a, np.float32))  # a writable copy
 
   def conv(kernel, stride=1):
     k = np.asarray(kernel)  # HWIO
