@@ -178,7 +178,8 @@ def run(config, workdir: str) -> dict:
     multiple, fitted = round_to(config)
     if jax.process_index() == 0:
       why = (f"the {jax.default_backend()} backend's default (prune.round_to=0); a group "
-             "not wider than it at a finer multiple" if fitted else "prune.round_to")
+             "not wider than it whole while the target is reachable so, else at a finer "
+             "multiple" if fitted else "prune.round_to")
       print(f"[prune] kept widths are multiples of {multiple}: {why}", flush=True)
     return multiple, fitted
 
