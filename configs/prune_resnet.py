@@ -64,7 +64,8 @@ def get_config(arg=None):
       "steps": args.steps,               # prune + fine-tune rounds (1: one shot)
       "global_ranking": args["global"],
       "round_to": args.round_to,         # kept widths a multiple of this (0: the backend's,
-                                         # 8 or 16 on a CPU; a group not wider at a finer one)
+                                         # 8 or 16 on a CPU; a group not wider whole while
+                                         # the target allows, else at a finer multiple)
       "ignore": (),                      # leaf-path patterns of groups to keep whole
       "init_from": "",                   # variables of a trained dense network
       "scratch_comparison": True,
