@@ -209,7 +209,7 @@ def zoo_model_rows(name: str, args) -> list:
   small, info = surgery.prune_to(model, variables, SHAPE, criterion="l1",
                                  flops_ratio=args.ratio, round_to=round_to, ignore=ignore)
   pruned["flops"] = {b: small for b in args.batches}
-  used = _round_to_label(info)
+  used, multiple = _round_to_label(info), str(info["round_to"])
   for b in [b for b in (args.latency_batches or args.batches)
             if b in args.batches] if latency else ():
     grid = {"latency_grid": args.latency_grid} if args.latency_grid else {}
@@ -221,7 +221,8 @@ def zoo_model_rows(name: str, args) -> list:
                                      round_to=round_to, ignore=ignore, **grid)
     except UserError as e:  # a target the table cannot reach: a row that says so
       refused.append({"model": name, "target": _latency_target(args), "batch": b,
-                      "round_to": used, "flag": bool(flag), "refused": str(e)})
+                      "round_to": multiple, "flag": bool(flag),
+                      "refused": str(e)})
       continue
     pruned.setdefault("latency", {})[b] = (small, _latency_info(info))
   print(f"[{name}] pruned in {time.perf_counter() - t0:.0f} s (XLA:CPU conv flag "

@@ -300,7 +300,7 @@ def prune_to(model, variables, input_shape: Sequence[int], *, criterion: str = "
   elif table is not None:
     choose = lambda ratio: (targets.select_channels(
         g, scores, latency_ratio=ratio, latency_table=table,
-        global_ranking=global_ranking), [])
+        global_ranking=global_ranking, round_to=round_to, fit_round_to=fit_round_to), [])
     every = frozenset()
     skip_of = lambda prefixes: frozenset()
 
