@@ -14,7 +14,7 @@ setting); XLA:CPU with the flag :mod:`jaxprune.engine.runtime` picks for the mod
 batch (one process per batch, as ``pruned_speed.py``).
 
   pip install torch   # the CPU wheel: this benchmark's only extra dependency
-  python benchmarks/pytorch_speed.py              # batch 1 and 128 (~5 min on 2 cores)
+  python benchmarks/pytorch_speed.py              # batch 1 and 128 (~1.5 min on 2 cores)
 """
 import argparse
 import json
