@@ -86,33 +86,48 @@ def make_space(config, base_model, num_classes: int, input_shape) -> search_lib.
                       f"{config.model.name!r}; use --config.tas.space=graph.")
     space = resnet_space(config.model.depth, num_classes, config.tas.num_picks, input_shape,
                          DEDICATED[config.model.name],
-                         jnp.dtype(config.model.get("dtype") or "float32"), round_to)
+                         jnp.dtype(config.model.get("dtype") or "float32"), round_to,
+                         None if int(config.tas.get("round_to", 0)) else config.tas.ratio)
     finer = sorted({max(c) for c in space.model.conv_candidates()
                     if any(w % round_to and w != max(c) for w in c)})
     if finer and int(config.tas.get("round_to", 0)) and distributed.is_main_process():
       print(f"[tas] round_to={round_to} leaves convs of {finer} channels fewer than "
             f"{config.tas.num_picks} width candidates: they are searched at a finer multiple")
+    _say_whole(len(space.whole), "convs", round_to)
     return space
   # The backend's default (round_to 0) leaves a group not wider than it whole while the
   # FLOPs ratio is reachable so, else searches it at a finer multiple
   # (search.space.fitted_candidates); an explicit round_to is kept as given.
   abstract = jax.eval_shape(lambda: base_model.init(
       jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
-  return search_lib.SearchSpace(base_model, abstract, input_shape,
-                                num_picks=config.tas.num_picks, round_to=round_to,
-                                depth=config.tas.get("depth", True),
-                                fit_round_to=not int(config.tas.get("round_to", 0)),
-                                target_ratio=(config.tas.ratio if config.tas.get(
-                                    "cost", "flops") == "flops" else None))
+  space = search_lib.SearchSpace(base_model, abstract, input_shape,
+                                 num_picks=config.tas.num_picks, round_to=round_to,
+                                 depth=config.tas.get("depth", True),
+                                 fit_round_to=not int(config.tas.get("round_to", 0)),
+                                 target_ratio=(config.tas.ratio if config.tas.get(
+                                     "cost", "flops") == "flops" else None))
+  _say_whole(sum("left whole" in why for why in space.excluded.values()), "channel groups",
+             round_to)
+  return space
+
+
+def _say_whole(n: int, what: str, round_to: int):
+  """One line when the backend default's rule kept narrow convs or groups whole."""
+  if n and distributed.is_main_process():
+    print(f"[tas] round_to={round_to}, the backend's default: {n} {what} not wider than it "
+          "are kept whole (narrowing them saves FLOPs, not time)")
 
 
 def resnet_space(depth: int, num_classes: int, num_picks: int, input_shape,
-                 layout: str = "cifar", dtype=jnp.float32,
-                 round_to: int = 1) -> search_lib.ResNetSpace:
-  """The dedicated space of ResNet-``depth`` (``layout`` "cifar" or "imagenet")."""
+                 layout: str = "cifar", dtype=jnp.float32, round_to: int = 1,
+                 target_ratio: float | None = None) -> search_lib.ResNetSpace:
+  """The dedicated space of ResNet-``depth`` (``layout`` "cifar" or "imagenet");
+  ``target_ratio`` (with the backend's default ``round_to``): its narrow convs whole
+  while the ratio is reachable so (:class:`jaxprune.search.ResNetSpace`)."""
   build = models.tas_imagenet_resnet if layout == "imagenet" else models.tas_cifar_resnet
   return search_lib.ResNetSpace(build(depth, num_classes, num_picks=num_picks, dtype=dtype,
-                                      round_to=round_to), input_shape)
+                                      round_to=round_to), input_shape,
+                                target_ratio=target_ratio)
 
 
 def cost_max(table, flops_max):

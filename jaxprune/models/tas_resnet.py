@@ -287,6 +287,9 @@ class TASResNet(nn.Module):
       than ``num_picks`` candidates takes the largest of ``round_to // 2, ..., 1`` that
       does not); 1 is the reference's candidates. The search then prices, samples and
       derives rounded widths: the derived network is the network the search costed.
+    whole: indices (in ``widths`` order, stem 0) of convs kept at their full width: one
+      candidate, no width logit in the search (the backend default's narrow convs,
+      :class:`jaxprune.search.ResNetSpace`).
   """
   depth: int
   block: str = "basic"
@@ -296,6 +299,7 @@ class TASResNet(nn.Module):
   precision: Any = None
   layout: str = "cifar"
   round_to: int = 1
+  whole: tuple[int, ...] = ()
 
   # --- static description of the search space (host-side, not wrapped) ----
 
@@ -315,8 +319,10 @@ class TASResNet(nn.Module):
 
   @nn.nowrap
   def conv_candidates(self) -> list[tuple[int, ...]]:
-    """Width candidates of every conv, in ``widths`` order (rounded: ``round_to``)."""
-    return [fitted_candidates(c, self.round_to, self.num_picks) for c in self.full_widths()]
+    """Width candidates of every conv, in ``widths`` order (rounded: ``round_to``; the
+    full width alone for the ``whole`` convs)."""
+    return [(c,) if i in self.whole else fitted_candidates(c, self.round_to, self.num_picks)
+            for i, c in enumerate(self.full_widths())]
 
   @nn.nowrap
   def stage_candidates(self) -> list[tuple[int, ...]]:
@@ -435,6 +441,13 @@ class TASResNet(nn.Module):
     # One draw per candidate count (one in practice): rows are independent.
     for n in sorted({len(c) for c in candidates}):
       rows = [i for i, c in enumerate(candidates) if len(c) == n]
+      if n == 1:  # a `whole` conv: its one candidate, every pick, all the weight
+        for i in rows:
+          selections[i] = Selection(
+              jnp.zeros((self.num_picks,), jnp.int32),
+              jax.nn.one_hot(0, self.num_picks, dtype=jnp.float32),
+              jnp.full((self.num_picks,), candidates[i][0], jnp.int32))
+        continue
       indices, weights = kernels.gumbel_select(
           jax.random.fold_in(width_key, n),
           jnp.stack([alphas[i] for i in rows]), tau, k=self.num_picks)
@@ -469,6 +482,10 @@ class TASResNet(nn.Module):
       ``[N, num_classes]`` float32 logits.
     """
     _check_space(self.depth, self.layout, self.block, self.num_picks, self.round_to)
+    n_convs = len(self.full_widths())
+    if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < n_convs
+           for i in self.whole):
+      raise UserError(f"TASResNet whole={self.whole!r}: conv indices in [0, {n_convs}).")
     fresh = {}  # init: one draw serves both logit trees
 
     def init(name):

@@ -221,19 +221,45 @@ class ResNetSpace:
       ``round_to``, :class:`jaxprune.models.TASResNet`; ``None`` keeps the model's): the
       search prices and derives rounded widths, so the derived network's FLOPs are the
       searched ones.
+    target_ratio: the search's FLOPs ratio, given when ``round_to`` is the backend's
+      default: convs not wider than it are then kept whole (``whole``: their names) while
+      some conv is wider and the others' smallest candidates at every stage's smallest
+      depth still reach the ratio (the rule of the graph space and of
+      :func:`jaxprune.surgery.prune_to`'s default: on the vectors that chose the default,
+      a narrower such conv saves FLOPs, not time).
   """
   kind = "resnet"
 
-  def __init__(self, model, input_shape, round_to: int | None = None):
+  def __init__(self, model, input_shape, round_to: int | None = None,
+               target_ratio: float | None = None):
     if round_to is not None and round_to != model.round_to:
       model = model.clone(round_to=round_to)
-    self.model = model
-    self.round_to = model.round_to
     self.input_shape = tuple(input_shape)
     plain = model.plain_network()
     self.flops_max = flops.count(plain, jax.eval_shape(
         lambda: plain.init(jax.random.key(0), jnp.zeros((1, *input_shape)))),
                                  input_shape)["flops"]
+    if target_ratio is not None:
+      model = model.clone(whole=self._narrow_whole(model, target_ratio))
+    self.model = model
+    self.round_to = model.round_to
+    names = ["/".join(p) for p in model.conv_paths()]
+    self.whole = [names[i] for i in model.whole]
+
+  def _narrow_whole(self, model, ratio: float) -> tuple[int, ...]:
+    """Indices of the convs not wider than ``round_to`` when some conv is wider and the
+    others' smallest candidates at the smallest depths reach ``ratio`` of the FLOPs;
+    else none."""
+    full = model.full_widths()
+    narrow = tuple(i for i, c in enumerate(full) if c <= model.round_to)
+    if not narrow or len(narrow) == len(full):
+      return ()
+    smallest = [c if i in narrow else c_min for i, (c, c_min) in
+                enumerate(zip(full, (min(c) for c in model.conv_candidates())))]
+    blocks = [min(c) for c in model.stage_candidates()]
+    cost = _cached_flops(model.plain_network(widths=smallest, blocks=blocks),
+                         example_shape(self.input_shape, None))
+    return narrow if cost <= ratio * self.flops_max * (1 + 1e-12) else ()
 
   def init(self, key):
     """``(params, model_state, arch)`` of a fresh search."""
@@ -268,7 +294,8 @@ class ResNetSpace:
         "depth_probs": [np.asarray(jax.nn.softmax(b)).tolist()
                         for b in model.depth_logits(arch)],
         "argmax_widths": derived["widths"], "argmax_blocks": derived["blocks"],
-        "conv_names": ["/".join(p) for p in model.conv_paths()]}
+        "conv_names": ["/".join(p) for p in model.conv_paths()],
+        "whole_convs": list(self.whole)}
 
   def derived_from(self, record: Mapping[str, Any]):
     """The derived plain ResNet of a history record (§7): its argmax widths and depths,

@@ -45,7 +45,8 @@ class SearchSpace:
   fewer than ``num_picks`` candidates uses the largest of ``round_to // 2, ..., 1`` that
   does not (:func:`fitted_candidates`), instead of being excluded. Given ``target_ratio``
   too (the search's FLOPs ratio), groups not wider than ``round_to`` are left whole while
-  the other groups' smallest candidates still reach it (as ``surgery.prune_to``'s default,
+  the other groups' smallest candidates, at every searched stage's smallest depth, still
+  reach it (as ``surgery.prune_to``'s default,
   :func:`jaxprune.surgery.targets.default_steps`: on the vectors that chose the default
   a narrower such group saves FLOPs, not time).
   """
@@ -105,6 +106,10 @@ class SearchSpace:
             f"producer {wrong[0]} does not put the group's channels on its output's last axis")
       else:
         groups.append(g)
+    self.stages, self.depth_names, self.excluded_stages = [], [], {}
+    self.depth_candidates = []
+    if depth:
+      self._find_stages(closed, paths, leaves)
     if fit_round_to and target_ratio is not None:
       whole = self._narrow_whole(groups, target_ratio, candidates_of)
       for g in whole:
@@ -125,24 +130,23 @@ class SearchSpace:
     if len(set(self.names)) != len(self.names):
       self.names = [f"{n}#{g.id}" for n, g in zip(self.names, groups)]
     self._group_of_kernel = {p: s for s, g in enumerate(groups) for p in g.producers}
-    self.stages, self.depth_names, self.excluded_stages = [], [], {}
-    self.depth_candidates = []
-    if depth:
-      self._find_stages(closed, paths, leaves)
     self._costs = self._cost_table()
 
   def _narrow_whole(self, groups, ratio: float, candidates_of) -> list:
     """Those of the searchable ``groups`` not wider than ``round_to``, when some is wider
-    and the others' smallest candidates (these and the unsearched groups whole, full
-    depth) reach ``ratio`` of the FLOPs; else none."""
+    and the others' smallest candidates (these and the unsearched groups whole) at every
+    searched stage's smallest depth reach ``ratio`` of the FLOPs; else none."""
     narrow = [g for g in groups if g.width <= self.round_to]
     if not narrow or len(narrow) == len(groups):
       return []
-    smallest = {g.id: np.arange(candidates_of(g.width)[0]) for g in groups
-                if g not in narrow}
-    reachable = (self.graph.predict(smallest)["flops"]
-                 <= ratio * self.graph.predict({})["flops"] * (1 + 1e-12))
-    return narrow if reachable else []
+    # The argmax cost of that network: the space's own count, over the other groups.
+    self.groups = [g for g in groups if g not in narrow]
+    self.candidates = [candidates_of(g.width) for g in self.groups]
+    self._costs = self._cost_table()
+    first = lambda n: np.eye(n)[0]  # candidates and depths are sorted: the smallest
+    cost = self._cost([first(len(c)) for c in self.candidates],
+                      [first(len(c)) for c in self.depth_candidates], with_bias=True, xp=np)
+    return narrow if cost <= ratio * self.graph.flops * (1 + 1e-12) else []
 
   # --- depth (tas.md §1, §4, §5) ----------------------------------------------------
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import kernels, models, search
+from jaxprune import flops, kernels, models, search
 from jaxprune.search import Selection
 from jaxprune.optim import selection as selection_lib
 import zoo
@@ -288,6 +288,42 @@ def test_default_round_to_leaves_narrow_groups_whole_while_the_ratio_is_reachabl
       assert searched[w1] == search.base.fitted_candidates(w1, r, 2)
   plain = search.SearchSpace(net, v, (5, 5, 2), round_to=r, fit_round_to=True)
   assert [g.width for g in plain.groups] == [w1, w2]
+
+
+def test_default_round_to_narrow_groups_whole_when_the_ratio_is_reachable_by_depth():
+  """The same rule on a depth-searched ResNet-14: reachability counts every searched
+  stage at its smallest depth (the search removes blocks too). The two edges come from
+  flops.count of the derived networks (narrow groups at full width, the others at their
+  smallest candidates, every stage at its smallest or full depth) of the space that
+  searches every group: a ratio between them leaves the narrow groups whole, one under
+  the lower searches them."""
+  rng = np.random.default_rng()
+  r, shape = 16, (8, 8, 3)
+  net = models.cifar_resnet(14)
+  v = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, *shape)), train=False))
+  every = search.SearchSpace(net, v, shape, round_to=r, fit_round_to=True)
+  assert every.stages
+  narrow = [g.width <= r for g in every.groups]
+  assert any(narrow) and not all(narrow)
+
+  def ratio(depth_pick):
+    widths = {n: np.eye(len(c))[-1 if wide else 0] * 30 for n, c, wide in
+              zip(every.names, every.candidates, narrow)}
+    depths = {n: np.eye(len(c))[depth_pick] * 30
+              for n, c in zip(every.depth_names, every.depth_candidates)}
+    model, small = every.derived_network({"width_logits": widths, "depth_logits": depths})
+    return (flops.count(model, small, shape)["flops"]
+            / flops.count(net, v, shape)["flops"])
+  low, high = ratio(0), ratio(-1)
+  assert low < high
+  for target, whole in ((rng.uniform(low, high), True), (low * rng.uniform(1, 1.02), True),
+                        (low * rng.uniform(0.8, 0.99), False)):
+    space = search.SearchSpace(net, v, shape, round_to=r, fit_round_to=True,
+                               target_ratio=target)
+    got = sorted({g.id for g in every.groups} - {g.id for g in space.groups})
+    want = sorted(g.id for g, n in zip(every.groups, narrow) if n) if whole else []
+    assert got == want, (target, low, high)
+    assert space.depth_names == every.depth_names
 
 
 def test_round_to_candidates():

@@ -584,3 +584,95 @@ def test_imagenet_forced_full_width_choice_matches_plain_network(depth):
         plain_vars, x)
   assert np.std(expected) > 1e-2  # not a degenerate comparison
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+# --- the backend default's narrow convs whole (search.ResNetSpace target_ratio) ------
+
+
+def test_whole_convs_search_only_their_full_width_and_match_the_plain_network():
+  """A TASResNet with ``whole`` convs: one candidate (their full width) and a one-entry
+  logit each, zero gradient to it, the other logits reached; forcing the widest
+  candidate elsewhere gives the plain network (the same check as the one above, on
+  random weights and statistics, the whole convs drawn at random)."""
+  rng = np.random.default_rng()
+  base = models.tas_cifar_resnet(8, round_to=8)
+  n = len(base.full_widths())
+  whole = tuple(sorted(int(i) for i in rng.choice(n, size=int(rng.integers(1, n)),
+                                                  replace=False)))
+  model = base.clone(whole=whole)
+  x = jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), (2, 8, 8, 3))
+  variables = flax.core.unfreeze(jax.jit(lambda k: model.init(
+      k, x, train=False, tau=1.0, key=jax.random.key(0)))(jax.random.key(0)))
+  cands = model.conv_candidates()
+  for i, (a, c, full) in enumerate(zip(model.width_logits(variables["arch"]), cands,
+                                       model.full_widths())):
+    assert (c == (full,)) == (i in whole) and a.shape == (len(c),)
+  selections, _ = model.sample(variables["arch"], 1.0, jax.random.key(1))
+  for i in whole:
+    np.testing.assert_array_equal(selections[i].widths, [cands[i][0]] * 2)
+    np.testing.assert_array_equal(selections[i].weights, [1.0, 0.0])
+
+  def loss(arch):
+    logits, _ = model.apply({**variables, "arch": arch}, x, train=True, tau=1.0,
+                            key=jax.random.key(3), mutable=["batch_stats"])
+    return jnp.sum(jax.nn.log_softmax(logits)[:, 1])
+  grads = model.width_logits(jax.jit(jax.grad(loss))(variables["arch"]))
+  for i, g in enumerate(grads):
+    assert np.all(np.isfinite(g)) and (np.all(np.asarray(g) == 0) == (i in whole)), i
+
+  # Random weights and statistics; the widest candidate forced: the plain network.
+  variables["params"] = jax.tree.map(
+      lambda v: rng.normal(size=v.shape).astype(np.float32) * 0.5, variables["params"])
+  variables["batch_stats"] = jax.tree.map(
+      lambda v: rng.uniform(0.5, 2, v.shape).astype(np.float32), variables["batch_stats"])
+  for name, block_vars in variables["params"].items():
+    if "shortcut" in block_vars:  # the search-only BN after a shortcut conv: identity
+      block_vars["shortcut"]["bn"]["scale"][:] = 1
+      block_vars["shortcut"]["bn"]["bias"][:] = 0
+      stats = variables["batch_stats"][name]["shortcut"]["bn"]
+      stats["mean"][:] = 0
+      stats["var"][:] = 1 - 1e-5
+  variables["arch"] = _arch_tree(model, _one_hot_last, _one_hot_last)
+  with jax.default_matmul_precision("highest"):
+    logits = model.apply(variables, x, train=False, tau=0.1, key=jax.random.key(5))
+    plain = models.cifar_resnet(8)
+    plain_vars = _plain_variables_from_search(
+        model, variables, _abstract_init(plain, (8, 8, 3))["params"])
+    expected = plain.apply(plain_vars, x, train=False)
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+  assert model.derive(variables["arch"])["widths"] == model.full_widths()
+  with pytest.raises(UserError, match="whole="):
+    base.clone(whole=(n,)).init(jax.random.key(0), x, train=False, tau=1.0,
+                               key=jax.random.key(0))
+
+
+def test_resnet_space_keeps_narrow_convs_whole_while_the_ratio_is_reachable_by_depth():
+  """ResNetSpace with the search's ratio (the backend default's rule): the convs not
+  wider than round_to are whole exactly when the others' smallest candidates at the
+  smallest depths reach the ratio, counted by flops.count on the plain network; a ratio
+  between that edge and the full-depth one keeps them whole (the search reaches it by
+  depth), one under it searches them; without a ratio none is whole."""
+  rng = np.random.default_rng()
+  r = 16
+  model = models.tas_cifar_resnet(14, round_to=r)
+  shape = (8, 8, 3)
+  full = model.full_widths()
+  narrow = tuple(i for i, c in enumerate(full) if c <= r)
+  smallest = [c if i in narrow else min(cands)
+              for i, (c, cands) in enumerate(zip(full, model.conv_candidates()))]
+
+  def count(**kwargs):
+    net = models.cifar_resnet(14, **kwargs)
+    return flops.count(net, _abstract_init(net, shape), shape)["flops"]
+  top = count()
+  low, high = (count(widths=smallest, blocks=[min(c) for c in model.stage_candidates()])
+               / top, count(widths=smallest) / top)
+  assert low < high
+  edge = lambda r_: search.ResNetSpace(model, shape, target_ratio=r_)
+  assert edge(low * rng.uniform(1.0, 1.02)).model.whole == narrow
+  assert edge(rng.uniform(low, high)).model.whole == narrow
+  below = edge(low * rng.uniform(0.8, 0.99))
+  assert below.model.whole == () and below.whole == []
+  kept = edge(high)
+  assert kept.whole == ["/".join(model.conv_paths()[i]) for i in narrow]
+  assert search.ResNetSpace(model, shape).model.whole == ()
