@@ -379,6 +379,17 @@ def _plain_variables_from_search(model, search, plain_params_shape):
   return {"params": out_p, "batch_stats": out_s}
 
 
+def _identity_shortcut_bn(variables):
+  """Sets the search-only BN after every shortcut conv to the identity (in place)."""
+  for name, block_vars in variables["params"].items():
+    if "shortcut" in block_vars:
+      block_vars["shortcut"]["bn"]["scale"][:] = 1
+      block_vars["shortcut"]["bn"]["bias"][:] = 0
+      stats = variables["batch_stats"][name]["shortcut"]["bn"]
+      stats["mean"][:] = 0
+      stats["var"][:] = 1 - 1e-5
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("depth,block", [(14, "basic"), (11, "bottleneck")])
 def test_forced_full_width_choice_matches_plain_network(depth, block):
@@ -395,13 +406,7 @@ def test_forced_full_width_choice_matches_plain_network(depth, block):
       lambda v: (rng.uniform(0.5, 2, v.shape) if v.ndim == 2 else v).astype(
           np.float32), variables["batch_stats"])
   # ... except the search-only BN after each shortcut conv: identity.
-  for name, block_vars in variables["params"].items():
-    if "shortcut" in block_vars:
-      block_vars["shortcut"]["bn"]["scale"][:] = 1
-      block_vars["shortcut"]["bn"]["bias"][:] = 0
-      stats = variables["batch_stats"][name]["shortcut"]["bn"]
-      stats["mean"][:] = 0
-      stats["var"][:] = 1 - 1e-5
+  _identity_shortcut_bn(variables)
   variables["arch"] = _arch_tree(model, _one_hot_last, _one_hot_last)
 
   x = jax.random.normal(jax.random.key(4), (2, 8, 8, 3))
@@ -625,13 +630,7 @@ def test_whole_convs_search_only_their_full_width_and_match_the_plain_network():
       lambda v: rng.normal(size=v.shape).astype(np.float32) * 0.5, variables["params"])
   variables["batch_stats"] = jax.tree.map(
       lambda v: rng.uniform(0.5, 2, v.shape).astype(np.float32), variables["batch_stats"])
-  for name, block_vars in variables["params"].items():
-    if "shortcut" in block_vars:  # the search-only BN after a shortcut conv: identity
-      block_vars["shortcut"]["bn"]["scale"][:] = 1
-      block_vars["shortcut"]["bn"]["bias"][:] = 0
-      stats = variables["batch_stats"][name]["shortcut"]["bn"]
-      stats["mean"][:] = 0
-      stats["var"][:] = 1 - 1e-5
+  _identity_shortcut_bn(variables)  # the search-only BN after a shortcut conv
   variables["arch"] = _arch_tree(model, _one_hot_last, _one_hot_last)
   with jax.default_matmul_precision("highest"):
     logits = model.apply(variables, x, train=False, tau=0.1, key=jax.random.key(5))
