@@ -346,9 +346,14 @@ def _prepare(tfds, builder, name: str, manual_dir: str | None):
     raise UserError(f"A file for {name!r} does not match the checksum TFDS registered for "
                     f"it; provide the original, unmodified files in "
                     f"config.dataset.manual_dir.\n{e}") from e
-  except tfds.download.DownloadError as e:
-    raise UserError(f"Could not download {name!r}: {e}\nWithout network, set "
-                    f"config.dataset.manual_dir to a directory with "
+  except (tfds.download.DownloadError, OSError) as e:
+    # Offline, the error that arrives is often the HTTP library's (requests'
+    # ConnectionError, an OSError), not TFDS's DownloadError.
+    if manual_dir is not None and not isinstance(e, tfds.download.DownloadError):
+      raise
+    raise UserError(f"Could not download {name!r} ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}). Without network, "
+                    f"set config.dataset.manual_dir to a directory with "
                     f"{', '.join(_manual_files(builder))}.") from e
 
 

@@ -492,3 +492,23 @@ def test_missing_npz_path_is_a_user_error(tmp_path):
 def test_batch_larger_than_the_dataset_is_a_user_error():
   with pytest.raises(UserError, match="batch size"):
     data.batch_at(_ids_dataset(10), 0, 16, seed=0, train=True)
+
+
+@pytest.mark.parametrize("error", ["requests", "download"])
+def test_offline_download_is_one_line_naming_manual_dir(tmp_path, monkeypatch, error):
+  """Offline, TFDS's download ends in requests' ConnectionError (an OSError) or in its own
+  DownloadError: either becomes one UserError naming config.dataset.manual_dir and the
+  files, before any retry loop of ours."""
+  import requests
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core import dataset_builder
+  exc = (requests.exceptions.ConnectionError("HTTPSConnectionPool(host='x'): Max retries")
+         if error == "requests" else tfds.download.DownloadError("no network"))
+
+  def offline(self, *args, **kwargs):
+    raise exc
+  monkeypatch.setattr(dataset_builder.DatasetBuilder, "download_and_prepare", offline)
+  with pytest.raises(UserError, match=r"(?s)Could not download 'mnist'.*manual_dir.*"
+                                      r"train-images-idx3-ubyte.gz") as info:
+    data.load(_cfg(name="mnist", data_dir=str(tmp_path / "tfds")))
+  assert type(exc).__name__ in str(info.value)
