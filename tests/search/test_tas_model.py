@@ -594,6 +594,7 @@ def test_imagenet_forced_full_width_choice_matches_plain_network(depth):
 # --- the backend default's narrow convs whole (search.ResNetSpace target_ratio) ------
 
 
+@pytest.mark.slow
 def test_whole_convs_search_only_their_full_width_and_match_the_plain_network():
   """A TASResNet with ``whole`` convs: one candidate (their full width) and a one-entry
   logit each, zero gradient to it, the other logits reached; forcing the widest
@@ -612,7 +613,8 @@ def test_whole_convs_search_only_their_full_width_and_match_the_plain_network():
   for i, (a, c, full) in enumerate(zip(model.width_logits(variables["arch"]), cands,
                                        model.full_widths())):
     assert (c == (full,)) == (i in whole) and a.shape == (len(c),)
-  selections, _ = model.sample(variables["arch"], 1.0, jax.random.key(1))
+  selections, _ = jax.jit(lambda a: model.sample(a, 1.0, jax.random.key(1)))(
+      variables["arch"])
   for i in whole:
     np.testing.assert_array_equal(selections[i].widths, [cands[i][0]] * 2)
     np.testing.assert_array_equal(selections[i].weights, [1.0, 0.0])
@@ -633,11 +635,12 @@ def test_whole_convs_search_only_their_full_width_and_match_the_plain_network():
   _identity_shortcut_bn(variables)  # the search-only BN after a shortcut conv
   variables["arch"] = _arch_tree(model, _one_hot_last, _one_hot_last)
   with jax.default_matmul_precision("highest"):
-    logits = model.apply(variables, x, train=False, tau=0.1, key=jax.random.key(5))
+    logits = jax.jit(lambda v: model.apply(v, x, train=False, tau=0.1,
+                                           key=jax.random.key(5)))(variables)
     plain = models.cifar_resnet(8)
     plain_vars = _plain_variables_from_search(
         model, variables, _abstract_init(plain, (8, 8, 3))["params"])
-    expected = plain.apply(plain_vars, x, train=False)
+    expected = jax.jit(lambda v: plain.apply(v, x, train=False))(plain_vars)
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
   assert model.derive(variables["arch"])["widths"] == model.full_widths()
   with pytest.raises(UserError, match="whole="):
