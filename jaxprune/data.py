@@ -348,8 +348,12 @@ def _prepare(tfds, builder, name: str, manual_dir: str | None):
                     f"config.dataset.manual_dir.\n{e}") from e
   except (tfds.download.DownloadError, OSError) as e:
     # Offline, the error that arrives is often the HTTP library's (requests'
-    # ConnectionError, an OSError), not TFDS's DownloadError.
-    if manual_dir is not None and not isinstance(e, tfds.download.DownloadError):
+    # ConnectionError, an OSError), not TFDS's DownloadError; other OSErrors (a full disk,
+    # a read-only data_dir) and any error of a manual_dir build are not downloads.
+    network = (isinstance(e, (ConnectionError, TimeoutError))
+               or type(e).__module__.split(".")[0] in ("requests", "urllib3"))
+    if not isinstance(e, tfds.download.DownloadError) and (
+        manual_dir is not None or not network):
       raise
     raise UserError(f"Could not download {name!r} ({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200] if str(e) else ''}). Without network, "

@@ -512,3 +512,7 @@ def test_offline_download_is_one_line_naming_manual_dir(tmp_path, monkeypatch, e
                                       r"train-images-idx3-ubyte.gz") as info:
     data.load(_cfg(name="mnist", data_dir=str(tmp_path / "tfds")))
   assert type(exc).__name__ in str(info.value)
+  # Another OSError is not a download: it reaches the user as itself.
+  exc = PermissionError("read-only data_dir")
+  with pytest.raises(PermissionError):
+    data.load(_cfg(name="mnist", data_dir=str(tmp_path / "tfds")))
