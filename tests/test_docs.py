@@ -179,8 +179,6 @@ def test_package_docstring_names_every_subpackage():
 
 API_ROOTS = ("graph|surgery|search|flops|latency|kernels|optim|models|engine|data|methods|"
              "distill|plots|config_lib|jsonio|errors")
-# The design notes of other areas (docs/design/{search,surgery,layers}.md) are theirs to keep.
-OTHERS = {"search.md", "surgery.md", "layers.md"}
 
 
 def _resolves(dotted):
@@ -205,8 +203,6 @@ def test_docs_name_what_exists():
                      r"[\w/.-]+\.(?:py|json))")
   missing = []
   for page in [REPO / "README.md", *PAGES]:
-    if page.parent.name == "design" and page.name in OTHERS:
-      continue
     text = page.read_text()
     missing += [(page.name, n) for n in sorted(set(names.findall(text))) if not _resolves(n)]
     missing += [(page.name, p) for p in sorted(set(paths.findall(text))) if not (REPO / p).exists()]
