@@ -126,7 +126,10 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.method = method
   config.seed = 0
-  config.report = ml_collections.ConfigDict({"inference_batch_size": 128})
+  # The report times its networks at inference_batch_size, alternated for
+  # inference_rounds rounds (the median kept): a speed-up compares the same moments.
+  config.report = ml_collections.ConfigDict({"inference_batch_size": 128,
+                                             "inference_rounds": 20})
   # How the program runs on this backend, not what it computes (float rounding aside):
   # the layer implementation and the XLA:CPU flag and allocator settings, each chosen
   # from the backend under "auto" (jaxprune.engine.runtime, jaxprune.models.layers).
@@ -184,6 +187,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "steps": (_int_at_least(1), "must be an integer >= 1"),
     "report.inference_batch_size": (_int_at_least(1), "must be an integer >= 1 (it is also "
                                     "bounded by the device memory once the data is known)"),
+    "report.inference_rounds": (_int_at_least(1), "alternated timing rounds of the report's "
+                                "networks (the median is kept): an integer >= 1"),
     "kd.alpha": (_interval(0, 1), "the weight of the distillation term, in [0, 1]"),
     "kd.temperature": (lambda v: v > 0, "the softmax temperature must be > 0"),
     "tas.num_picks": (_int_at_least(2), "TAS samples at least 2 widths per layer (with 1 "

@@ -465,10 +465,12 @@ def run(config, workdir: str) -> dict:
   other_params = numbers["other_params"]  # biases, BN: counted as kept
   acc = summary["eval_accuracy"]
   batch = config.report.inference_batch_size
-  rows = {}
+  rows, nets = {}, {}
   if init_vars is not None:
     rows["dense"] = common.model_row(model, init_vars, input_shape, init_acc, batch)
+    nets["dense"] = (model, init_vars)
   masked_row = common.model_row(model, masked_vars, input_shape, acc, batch)
+  nets["pruned (masked)"] = (model, masked_vars)
   if config.autoprune.granularity == "weight":
     # FLOPs of the pruned network: MACs of the kept weights plus the bias adds.
     kept_flops = numbers["pruned_flops"]
@@ -486,6 +488,7 @@ def run(config, workdir: str) -> dict:
     small, export = surgery.prune_zeros(model, jax.device_get(masked_vars), input_shape,
                                         probe=probe)
     small_row = common.model_row(small.model, small.variables, input_shape, acc, batch)
+    nets["pruned (smaller network)"] = (small.model, small.variables)
     rows["pruned (masked)"] = masked_row
     rows["pruned (smaller network)"] = small_row
     pruned_flops = small_row["flops"]
@@ -502,6 +505,7 @@ def run(config, workdir: str) -> dict:
     # Collective: every process holds the same smaller network.
     ckpt_lib.save_variables(os.path.join(workdir, "smaller_network"),
                             jax.device_get(small.variables))
+  common.time_rows(config, rows, nets, input_shape)
   out = {"method": "autoprune", "dataset": config.dataset.name, "model": config.model.name,
          "granularity": config.autoprune.granularity,
          "surrogate": config.autoprune.surrogate, "rule": config.autoprune.rule,

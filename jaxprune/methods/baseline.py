@@ -12,11 +12,14 @@ def run(config, workdir: str) -> dict:
   result = common.train("baseline", config.train, config.seed, workdir, started.datasets, model)
   row = common.model_row(model, result.state.variables, train_ds.image_shape,
                          result.summary["eval_accuracy"], config.report.inference_batch_size)
+  rows = {"base": row}
+  common.time_rows(config, rows, {"base": (model, result.state.variables)},
+                   train_ds.image_shape)
   out = {"method": "baseline", "dataset": config.dataset.name, "model": config.model.name,
          "test_accuracy": row["accuracy"], "flops": row["flops"], "params": row["params"],
          "train_steps": result.summary["steps"],
          "train_time_s": result.summary["train_time_s"], "wall_time_s": time.time() - started.t0,
          "inference_ms": row["inference_ms"], "teacher_variables": f"{workdir}/baseline/final"}
   report.write_report(workdir, out, title=f"Baseline {config.model.name} on "
-                      f"{config.dataset.name}", models={"base": row})
+                      f"{config.dataset.name}", models=rows)
   return out

@@ -174,8 +174,22 @@ def evaluate_accuracy(model, variables, test_ds, batch_size: int, mesh=None) -> 
 
 
 def model_row(model, variables, input_shape, accuracy: float, inference_batch: int) -> dict:
-  """One report row: accuracy, FLOPs, params and measured inference time."""
+  """One report row: accuracy, FLOPs and params; its ``inference_ms`` is filled by
+  :func:`time_rows` with the other rows'."""
   counts = flops.count(model, variables, input_shape)
-  timing = report.measure_inference(model, variables, input_shape, inference_batch)
   return {"accuracy": accuracy, "flops": counts["flops"], "params": counts["params"],
-          "inference_ms": timing["ms_per_batch"], "inference_batch": timing["batch_size"]}
+          "inference_ms": None, "inference_batch": inference_batch}
+
+
+def time_rows(config, rows: dict, nets: dict, input_shape) -> dict:
+  """Sets ``rows[name]["inference_ms"]`` of every network in ``nets`` (``{row name:
+  (model, variables)}``) from one alternated measurement at
+  ``report.inference_batch_size`` (:func:`jaxprune.engine.report.compare_inference`,
+  ``report.inference_rounds`` rounds): the report's speed-ups are ratios of the same
+  moments, not of two timings a loaded machine's drift apart. Returns the ms."""
+  batch = config.report.inference_batch_size
+  ms = report.compare_inference(nets, tuple(input_shape), batch,
+                                rounds=config.report.get("inference_rounds", 20))
+  for name, value in ms.items():
+    rows.setdefault(name, {}).update(inference_ms=value, inference_batch=batch)
+  return ms

@@ -52,21 +52,19 @@ def run(config, workdir: str) -> dict:
       f.write(metrics_lib.dumps(export))
     plots.dnw_wiring(export, os.path.join(workdir, "plots", "dnw_wiring.png"))
 
-  batch = config.report.inference_batch_size
   dense_model, dense_vars = fixed_mask_network(model, variables, shape)
-  dense_time = report.measure_inference(dense_model, dense_vars, shape, batch)
+  nets = {"dense_masked": (dense_model, dense_vars)}
   rows = {"dense_masked": {
       "accuracy": accuracy, "flops": export["flops_dense_masked"],
-      "params_stored": export["params"], "edges": export["edges"],
-      "inference_ms": dense_time["ms_per_batch"], "inference_batch": batch}}
+      "params_stored": export["params"], "edges": export["edges"]}}
   executed = {"accuracy": accuracy, "flops": export["flops_executed"],
               "params": export["params_executed"], "edges": export["executed_edges"]}
   if isinstance(model, dnw_models.StaticGraphNet):
     compact_model, compact_vars = dnw_models.compact_static(model, variables)
-    timing = report.measure_inference(compact_model, compact_vars, shape, batch)
-    executed.update(inference_ms=timing["ms_per_batch"], inference_batch=batch,
-                    nodes=int(sum(compact_model.block_sizes)))
+    nets["executed"] = (compact_model, compact_vars)
+    executed["nodes"] = int(sum(compact_model.block_sizes))
   rows["executed"] = executed
+  common.time_rows(config, rows, nets, shape)
 
   out = {"method": "dnw", "dataset": config.dataset.name, "model": config.model.name,
          "graph": config.model.graph, "test_accuracy": accuracy,

@@ -224,6 +224,8 @@ def run(config, workdir: str) -> dict:
                                                      input_shape)}})
 
   batch = config.report.inference_batch_size
+  nets = {"base (masked)": (model, masked), "pruned": (shrunk.model, shrunk.variables),
+          "pruned + fine-tuned": (shrunk.model, fine.state.variables)}
   rows = {
       "base (masked)": common.model_row(model, masked, input_shape,
                                         sparse.summary["eval_accuracy"], batch),
@@ -246,8 +248,6 @@ def run(config, workdir: str) -> dict:
          "params_reduction": 1 - small_counts["params"] / base_counts["params"],
          "flops_reduction": 1 - small_counts["flops"] / base_counts["flops"],
          "flops_speedup": base_counts["flops"] / small_counts["flops"],
-         # measured: the masked network's inference time over the pruned one's
-         "speedup": rows["base (masked)"]["inference_ms"] / rows["pruned"]["inference_ms"],
          "equivalence": equivalence, "rho": rho, "architecture": architecture}
   if cfg.dense_comparison:
     dense_model, multiplier = dense_equal_params(model, small_counts["params"],
@@ -268,8 +268,12 @@ def run(config, workdir: str) -> dict:
     rows["dense, equal params"] = common.model_row(
         dense_model, dense.state.variables, input_shape, dense.summary["eval_accuracy"],
         batch)
+    nets["dense, equal params"] = (dense_model, dense.state.variables)
     out["dense_accuracy"] = dense.summary["eval_accuracy"]
     out["dense_width_multiplier"] = multiplier
+  common.time_rows(config, rows, nets, input_shape)
+  # measured: the masked network's inference time over the pruned one's (one alternated run)
+  out["speedup"] = rows["base (masked)"]["inference_ms"] / rows["pruned"]["inference_ms"]
   out["wall_time_s"] = time.time() - t0
   if jax.process_index() == 0:
     history = warm_history + sparse_history + fine_history

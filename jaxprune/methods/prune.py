@@ -207,6 +207,7 @@ def run(config, workdir: str) -> dict:
     dense = common.train("baseline", config.train, config.seed, workdir, datasets, model)
     dense_vars, dense_acc = dense.state.variables, dense.summary["eval_accuracy"]
   rows = {"dense": common.model_row(model, dense_vars, input_shape, dense_acc, batch)}
+  nets = {"dense": (model, dense_vars)}
 
   current_model, current_vars, steps = model, jax.device_get(dense_vars), []
   calibrate = cfg.target == "latency" and cfg.get("calibrate", True)
@@ -266,6 +267,7 @@ def run(config, workdir: str) -> dict:
     current_model, current_vars = small.model, jax.device_get(fine.state.variables)
     rows[f"step {k}"] = common.model_row(current_model, current_vars, input_shape,
                                          fine.summary["eval_accuracy"], batch)
+    nets[f"step {k}"] = (current_model, current_vars)
     steps.append({"step": k, "target_ratio": ratio, "accuracy_pruned": pruned_acc,
                   "accuracy_finetuned": fine.summary["eval_accuracy"],
                   "flops": info["after"]["flops"], "params": info["after"]["params"],
@@ -292,6 +294,15 @@ def run(config, workdir: str) -> dict:
          "shapes": _changed_shapes(dense_vars, current_vars)}
   out["flops_ratio"] = out["pruned_flops"] / out["dense_flops"]
   out["params_ratio"] = out["pruned_params"] / out["dense_params"]
+  if cfg.scratch_comparison:
+    scratch = common.train("scratch", config.scratch, config.seed, workdir, datasets,
+                           current_model)
+    rows["same size, from scratch"] = common.model_row(
+        current_model, scratch.state.variables, input_shape,
+        scratch.summary["eval_accuracy"], batch)
+    nets["same size, from scratch"] = (current_model, scratch.state.variables)
+    out["scratch_accuracy"] = scratch.summary["eval_accuracy"]
+  common.time_rows(config, rows, nets, input_shape)  # one alternated measurement
   final = rows[f"step {cfg.steps}"]
   out["flops_speedup"] = out["dense_flops"] / out["pruned_flops"]
   out["speedup"] = rows["dense"]["inference_ms"] / final["inference_ms"]  # measured
@@ -305,13 +316,6 @@ def run(config, workdir: str) -> dict:
       out["calibration_met"] = all(st["calibration"]["met"] for st in steps)
     out["latency_batch"] = latency_batch(config)
     out["inference_batch"] = final["inference_batch"]
-  if cfg.scratch_comparison:
-    scratch = common.train("scratch", config.scratch, config.seed, workdir, datasets,
-                           current_model)
-    rows["same size, from scratch"] = common.model_row(
-        current_model, scratch.state.variables, input_shape,
-        scratch.summary["eval_accuracy"], batch)
-    out["scratch_accuracy"] = scratch.summary["eval_accuracy"]
   rows = {("pruned + fine-tuned" if name == f"step {cfg.steps}" else name): row
           for name, row in rows.items()}
   if jax.process_index() == 0:

@@ -651,14 +651,9 @@ def run(config, workdir: str) -> dict:
           "derived": common.model_row(derived_model, retrained.state.variables,
                                       input_shape, retrained.summary["eval_accuracy"],
                                       batch)}
-  # The speed-up from one alternated measurement (report.compare_inference): timed one
-  # after the other, a loaded machine's drift between the two went into the ratio.
-  both = report.compare_inference(
-      {"base": (base_model, teacher_vars), "derived": (derived_model,
-                                                       retrained.state.variables)},
-      input_shape, batch, rounds=config.report.get("inference_rounds", 20))
-  for key, ms in both.items():
-    rows[key]["inference_ms"] = ms
+  common.time_rows(config, rows, {"base": (base_model, teacher_vars),
+                                  "derived": (derived_model, retrained.state.variables)},
+                   input_shape)
   out = {"method": "tas", "dataset": config.dataset.name, "model": config.model.name,
          "depth": depth, "kd": bool(config.kd.enabled), "target_ratio": config.tas.ratio,
          "base_accuracy": teacher_acc,
