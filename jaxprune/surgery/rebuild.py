@@ -612,8 +612,33 @@ def _structure(model, variables, x, kwargs) -> tuple[str, ...]:
     return model.apply(v, *a, **k)
   jaxpr = jax.make_jaxpr(run)([jax.ShapeDtypeStruct(np.shape(flat[i]),
                                                    jnp.result_type(flat[i])) for i in dyn])
+  return _primitives(jaxpr)
+
+
+def _primitives(jaxpr) -> tuple[str, ...]:
   return tuple(eqn.primitive.name for eqn, _ in interpret.all_eqns(jaxpr.jaxpr)
                if eqn.primitive.name not in interpret.SHAPE_ONLY)
+
+
+def _nnx_structure(module, call, x) -> tuple[str, ...]:
+  """:func:`_structure` of an NNX module: the primitives ``call(module, x)`` runs on an
+  ``.eval()`` copy, traced abstractly (the module's state as the traced input)."""
+  module = nnx.clone(module)
+  module.eval()
+  graphdef, state = nnx.split(module)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))
+                          if _is_array(a) else a, (state, x))
+
+  def run(state_, x_):
+    return (call or (lambda m, y: m(y)))(nnx.merge(graphdef, state_), x_)
+  return _primitives(jax.make_jaxpr(run)(*abstract))
+
+
+def _first_difference(a, b) -> str:
+  i = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), min(len(a), len(b)))
+  name = lambda seq: seq[i] if i < len(seq) else "the end"
+  return (f"operation {i + 1} is {name(b)} in the smaller network, {name(a)} in the "
+          f"original ({len(b)} and {len(a)} operations)")
 
 
 def _derived_attrs(model, variables, x, kwargs, shapes, overrides):
@@ -835,11 +860,40 @@ def _rebuild_nnx(model, slices, input_shape, call, overrides):
   if input_shape is not None:
     check = nnx.clone(new)
     check.eval()
+    x = _example(input_shape)
     try:
-      (call or (lambda m, x: m(x)))(check, _example(input_shape))
+      (call or (lambda m, x: m(x)))(check, x)
     except Exception as e:
       raise _nnx_run_failed(e, check, shapes, overrides) from e
+    base, got = _nnx_structure(model, call, x), _nnx_structure(new, call, x)
+    if got != base:  # a layer chose other operations at the pruned widths
+      kept = "; ".join(f"{m or '<model>'}: {', '.join(f'{n}={v}' for n, v in a.items())}"
+                       for m, a in _removed_size_attrs(modules, shapes).items())
+      raise UserError(
+          "rebuild: the smaller network computes another graph than the original's ("
+          f"{_first_difference(base, got)}: a layer adds or drops operations at the "
+          "pruned widths, e.g. a residual or an expand conv chosen by comparing an int "
+          "attribute with a width; int attributes left at a removed size: "
+          f"{kept or 'none found'}); pass overrides={{module path: {{attribute: value}}}}"
+          ", or keep that group whole with ignore=[a leaf-path pattern of its members].")
   return Pruned(model=new, variables=None, shapes=shapes, stale=stale)
+
+
+def _removed_size_attrs(modules, shapes) -> dict:
+  """``{module path: {attribute: value}}``: the int attributes of user modules equal to
+  an old size of a changed axis of a Variable under them (what may steer a layer's
+  structure by comparing itself with a width)."""
+  out = {}
+  for mpath, module in modules.items():
+    if type(module).__module__.startswith("flax."):
+      continue
+    sizes = {a for p, (o, n) in shapes.items() if not mpath or p.startswith(f"{mpath}/")
+             for a, b in zip(o, n) if a != b}
+    attrs = {n: v for n, v in _int_attrs(module, sorted(vars(module))).items()
+             if v in sizes and not n.startswith("_")}
+    if attrs:
+      out[mpath] = attrs
+  return out
 
 
 def _nnx_run_failed(e, check, shapes, overrides) -> UserError:
@@ -885,11 +939,20 @@ def _rebuild_from_nnx(model, variables, slices, input_shape, overrides):
                                      adapters.sliced_draw(model.split.draw, inner),
                                      model.call)
   if input_shape is not None:
+    x = _example(input_shape)
     try:
-      jax.eval_shape(lambda v: wrapper.apply(v, _example(input_shape), train=False), small)
+      jax.eval_shape(lambda v: wrapper.apply(v, x, train=False), small)
     except Exception as e:
       raise UserError(f"rebuild: the smaller network does not run: "
                       f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+    base = _structure(model, variables, (x,), {"train": False})
+    got = _structure(wrapper, small, (x,), {"train": False})
+    if got != base:
+      raise UserError(
+          "rebuild: the smaller network computes another graph than the original's ("
+          f"{_first_difference(base, got)}: a layer adds or drops operations at the "
+          "pruned widths); pass overrides={module path: {attribute: value}}, or keep "
+          "that group whole with ignore=[a leaf-path pattern of its members].")
   shapes = {f"{collection_of[p]}/{p}": s for p, s in pruned.shapes.items()}
   return Pruned(model=wrapper, variables=small, shapes=shapes, stale=pruned.stale)
 

@@ -612,3 +612,54 @@ def test_nnx_user_module_stale_attribute_warns():
   fixed = surgery.rebuild(Mine(nnx.Rngs(0)), None, {"w": {1: np.array([0, 2])}}, (4,),
                           overrides={"": {"hidden": 2}})
   assert fixed.model.hidden == 2 and not fixed.stale
+
+
+class _NnxResidualIfSameWidth(nnx.Module):
+  """Adds its input only when its output is as wide as ``self.out``: an int attribute
+  compared with a width decides the structure (the residual)."""
+
+  def __init__(self, c, rngs):
+    self.a, self.b, self.out = nnx.Linear(c, c, rngs=rngs), nnx.Linear(c, c, rngs=rngs), c
+
+  def __call__(self, x):
+    h = self.b(nnx.relu(self.a(x)))
+    return h + x if h.shape[-1] == self.out else h
+
+
+class _NnxResidualNet(nnx.Module):
+  def __init__(self, rngs):
+    self.inp = nnx.Linear(5, 8, rngs=rngs)
+    self.blk = _NnxResidualIfSameWidth(8, rngs)
+    self.head = nnx.Linear(8, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.blk(nnx.relu(self.inp(x))))
+
+
+def test_nnx_structure_change_is_one_line_error_and_overrides_fix_it():
+  """An NNX network whose residual a width comparison decides: pruning the residual
+  stream would silently drop the residual; the rebuild compares the primitives it runs
+  with the original's and refuses in one line naming the attribute, and with that
+  attribute overridden the smaller network equals the original with those channels
+  zeroed (fresh random weights and input)."""
+  rng = np.random.default_rng()
+  model = _NnxResidualNet(nnx.Rngs(int(rng.integers(1 << 30))))
+  kept = np.sort(rng.choice(8, int(rng.integers(2, 8)), replace=False))
+  stream = {"inp/kernel": {1: kept}, "inp/bias": {0: kept}, "blk/a/kernel": {0: kept},
+            "blk/b/kernel": {1: kept}, "blk/b/bias": {0: kept}, "head/kernel": {0: kept}}
+  with pytest.raises(UserError, match="another graph") as e:
+    surgery.rebuild(model, None, stream, (5,))
+  assert "\n" not in str(e.value) and "blk: out=8" in str(e.value)
+  small = surgery.rebuild(model, None, stream, (5,),
+                          overrides={"blk": {"out": int(kept.size)}}).model
+  gone = np.setdiff1d(np.arange(8), kept)
+  ref = nnx.clone(model)
+  for layer, axis in ((ref.inp, 1), (ref.blk.b, 1)):
+    k = np.array(layer.kernel[...])
+    np.moveaxis(k, axis, 0)[gone] = 0
+    layer.kernel.set_value(jnp.asarray(k))
+    b = np.array(layer.bias[...])
+    b[gone] = 0
+    layer.bias.set_value(jnp.asarray(b))
+  x = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+  np.testing.assert_allclose(small(x), ref(x), rtol=1e-5, atol=1e-5)
