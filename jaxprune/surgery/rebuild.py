@@ -851,32 +851,83 @@ def _rebuild_nnx(model, slices, input_shape, call, overrides):
                       f"{', '.join(repr(m) for m in modules)}")
     for name, value in attrs.items():
       setattr(modules[mpath], name, value)
+  if input_shape is not None:
+    derived = _check_nnx(model, new, modules, call, _example(input_shape), shapes, overrides)
+    stale = {m: tuple(n for n in names if n not in derived.get(m, {}))
+             for m, names in stale.items()}
+    stale = {m: names for m, names in stale.items() if names}
   if stale:
     warnings.warn("rebuild: these modules' integer attributes equal a removed size and "
                   "were left unchanged (pass overrides= if the forward pass uses them): "
                   + "; ".join(f"{m or '<model>'}: {', '.join(a)}"
                               for m, a in stale.items()),
                   stacklevel=3)
-  if input_shape is not None:
+  return Pruned(model=new, variables=None, shapes=shapes, stale=stale)
+
+
+def _check_nnx(model, new, modules, call, x, shapes, overrides) -> dict:
+  """Runs ``new`` (an ``.eval()`` copy) and checks it runs the original's primitives
+  (:func:`_nnx_structure`). Where it fails or differs, user modules' int attributes equal
+  to a removed size follow the new size (all together, else one at a time), as Linen's
+  are derived, and only the original's graph is accepted; else one line. Returns the
+  derived ``{module path: {attribute: value}}``."""
+  base = _nnx_structure(model, call, x)
+
+  def problem():
     check = nnx.clone(new)
     check.eval()
-    x = _example(input_shape)
     try:
-      (call or (lambda m, x: m(x)))(check, x)
-    except Exception as e:
-      raise _nnx_run_failed(e, check, shapes, overrides) from e
-    base, got = _nnx_structure(model, call, x), _nnx_structure(new, call, x)
-    if got != base:  # a layer chose other operations at the pruned widths
-      kept = "; ".join(f"{m or '<model>'}: {', '.join(f'{n}={v}' for n, v in a.items())}"
-                       for m, a in _removed_size_attrs(modules, shapes).items())
-      raise UserError(
-          "rebuild: the smaller network computes another graph than the original's ("
-          f"{_first_difference(base, got)}: a layer adds or drops operations at the "
-          "pruned widths, e.g. a residual or an expand conv chosen by comparing an int "
-          "attribute with a width; int attributes left at a removed size: "
-          f"{kept or 'none found'}); pass overrides={{module path: {{attribute: value}}}}"
-          ", or keep that group whole with ignore=[a leaf-path pattern of its members].")
-  return Pruned(model=new, variables=None, shapes=shapes, stale=stale)
+      (call or (lambda m, y: m(y)))(check, x)
+    except Exception as e:  # pylint: disable=broad-except
+      return e, check
+    got = _nnx_structure(new, call, x)
+    return None if got == base else (got, None)
+
+  first = problem()
+  if first is None:
+    return {}
+  derived = {m: a for m, a in _derivable_attrs(modules, shapes).items() if m not in overrides}
+  trials = [derived] if derived else []
+  if sum(len(a) for a in derived.values()) > 1:
+    trials += [{m: {n: v}} for m, a in derived.items() for n, v in a.items()]
+  for chosen in trials:
+    old = {(m, n): getattr(modules[m], n) for m, a in chosen.items() for n in a}
+    for (m, n), _ in old.items():
+      setattr(modules[m], n, chosen[m][n])
+    if problem() is None:
+      return chosen
+    for (m, n), v in old.items():
+      setattr(modules[m], n, v)
+  what, check = first
+  if check is not None:
+    raise _nnx_run_failed(what, check, shapes, overrides) from what
+  kept = "; ".join(f"{m or '<model>'}: {', '.join(f'{n}={v}' for n, v in a.items())}"
+                   for m, a in _removed_size_attrs(modules, shapes).items())
+  raise UserError(
+      "rebuild: the smaller network computes another graph than the original's ("
+      f"{_first_difference(base, what)}: a layer adds or drops operations at the pruned "
+      "widths, e.g. a residual or an expand conv chosen by comparing an int attribute "
+      f"with a width; int attributes at a removed size: {kept or 'none found'}, setting "
+      "them to the new sizes did not restore it); pass overrides={module path: "
+      "{attribute: value}}, or keep that group whole with ignore=[a leaf-path pattern of "
+      "its members].")
+
+
+def _derivable_attrs(modules, shapes) -> dict:
+  """``{module path: {attribute: new size}}``: :func:`_removed_size_attrs` whose old size
+  became one new size under that module."""
+  out = {}
+  for mpath, attrs in _removed_size_attrs(modules, shapes).items():
+    new = {}
+    for p, (o, n) in shapes.items():
+      if not mpath or p.startswith(f"{mpath}/"):
+        for a, b in zip(o, n):
+          if a != b:
+            new.setdefault(a, set()).add(b)
+    chosen = {k: next(iter(new[v])) for k, v in attrs.items() if len(new[v]) == 1}
+    if chosen:
+      out[mpath] = chosen
+  return out
 
 
 def _removed_size_attrs(modules, shapes) -> dict:

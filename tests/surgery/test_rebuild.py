@@ -636,30 +636,55 @@ class _NnxResidualNet(nnx.Module):
     return self.head(self.blk(nnx.relu(self.inp(x))))
 
 
-def test_nnx_structure_change_is_one_line_error_and_overrides_fix_it():
-  """An NNX network whose residual a width comparison decides: pruning the residual
-  stream would silently drop the residual; the rebuild compares the primitives it runs
-  with the original's and refuses in one line naming the attribute, and with that
-  attribute overridden the smaller network equals the original with those channels
-  zeroed (fresh random weights and input)."""
+class _NnxReluAtEight(nnx.Module):
+  """Applies its ReLU only at the width 8 (a constant): no attribute can restore it."""
+
+  def __init__(self, rngs):
+    self.fc, self.out = nnx.Linear(5, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.fc(x)
+    return self.out(nnx.relu(h) if h.shape[-1] == 8 else h)
+
+
+def _zeroed(model, layers, gone):
+  """A copy of ``model`` whose ``layers`` (attribute paths) output zeros at ``gone``."""
+  ref = nnx.clone(model)
+  for path in layers:
+    layer = ref
+    for name in path.split("/"):
+      layer = getattr(layer, name)
+    k, b = np.array(layer.kernel[...]), np.array(layer.bias[...])
+    k[:, gone], b[gone] = 0, 0
+    layer.kernel.set_value(jnp.asarray(k))
+    layer.bias.set_value(jnp.asarray(b))
+  return ref
+
+
+def test_nnx_structure_check_derives_attributes_or_refuses_in_one_line():
+  """An NNX network whose residual a width comparison decides (``h.shape[-1] ==
+  self.out``): pruning the residual stream would drop the residual. The rebuild compares
+  the primitives it runs with the original's and sets the int attribute equal to the
+  removed size to the new one (as Linen's are derived), so the smaller network equals the
+  original with those channels zeroed (fresh random weights, widths and input); an
+  explicit override gives the same network. A layer whose graph changes with a constant
+  (no attribute restores it) is refused in one line."""
   rng = np.random.default_rng()
   model = _NnxResidualNet(nnx.Rngs(int(rng.integers(1 << 30))))
   kept = np.sort(rng.choice(8, int(rng.integers(2, 8)), replace=False))
   stream = {"inp/kernel": {1: kept}, "inp/bias": {0: kept}, "blk/a/kernel": {0: kept},
             "blk/b/kernel": {1: kept}, "blk/b/bias": {0: kept}, "head/kernel": {0: kept}}
-  with pytest.raises(UserError, match="another graph") as e:
-    surgery.rebuild(model, None, stream, (5,))
-  assert "\n" not in str(e.value) and "blk: out=8" in str(e.value)
-  small = surgery.rebuild(model, None, stream, (5,),
-                          overrides={"blk": {"out": int(kept.size)}}).model
-  gone = np.setdiff1d(np.arange(8), kept)
-  ref = nnx.clone(model)
-  for layer, axis in ((ref.inp, 1), (ref.blk.b, 1)):
-    k = np.array(layer.kernel[...])
-    np.moveaxis(k, axis, 0)[gone] = 0
-    layer.kernel.set_value(jnp.asarray(k))
-    b = np.array(layer.bias[...])
-    b[gone] = 0
-    layer.bias.set_value(jnp.asarray(b))
   x = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
-  np.testing.assert_allclose(small(x), ref(x), rtol=1e-5, atol=1e-5)
+  ref = _zeroed(model, ["inp", "blk/b"], np.setdiff1d(np.arange(8), kept))(x)
+  derived = surgery.rebuild(model, None, stream, (5,))
+  assert derived.model.blk.out == kept.size and model.blk.out == 8 and not derived.stale
+  given = surgery.rebuild(model, None, stream, (5,),
+                          overrides={"blk": {"out": int(kept.size)}}).model
+  for small in (derived.model, given):
+    np.testing.assert_allclose(small(x), ref, rtol=1e-5, atol=1e-5)
+  other = _NnxReluAtEight(nnx.Rngs(0))
+  narrow = np.sort(rng.choice(8, int(rng.integers(1, 8)), replace=False))
+  with pytest.raises(UserError, match="another graph") as e:
+    surgery.rebuild(other, None, {"fc/kernel": {1: narrow}, "fc/bias": {0: narrow},
+                                  "out/kernel": {0: narrow}}, (5,))
+  assert "\n" not in str(e.value) and "operation" in str(e.value)
