@@ -870,18 +870,27 @@ def _check_nnx(model, new, modules, call, x, shapes, overrides) -> dict:
   (:func:`_nnx_structure`). Where it fails or differs, user modules' int attributes equal
   to a removed size follow the new size (all together, else one at a time), as Linen's
   are derived, and only the original's graph is accepted; else one line. Returns the
-  derived ``{module path: {attribute: value}}``."""
-  base = _nnx_structure(model, call, x)
+  derived ``{module path: {attribute: value}}``. A model whose forward cannot be traced
+  (Python control flow on values) is only run, as before the check existed."""
+  try:
+    base = _nnx_structure(model, call, x)
+  except Exception:  # pylint: disable=broad-except
+    base = None
 
   def problem():
+    if base is not None:
+      try:  # the abstract trace runs the network too: the eager run only to name a failure
+        got = _nnx_structure(new, call, x)
+        return None if got == base else (got, None)
+      except Exception:  # pylint: disable=broad-except
+        pass
     check = nnx.clone(new)
     check.eval()
     try:
       (call or (lambda m, y: m(y)))(check, x)
     except Exception as e:  # pylint: disable=broad-except
       return e, check
-    got = _nnx_structure(new, call, x)
-    return None if got == base else (got, None)
+    return None if base is None else ((), None)
 
   first = problem()
   if first is None:

@@ -688,3 +688,27 @@ def test_nnx_structure_check_derives_attributes_or_refuses_in_one_line():
     surgery.rebuild(other, None, {"fc/kernel": {1: narrow}, "fc/bias": {0: narrow},
                                   "out/kernel": {0: narrow}}, (5,))
   assert "\n" not in str(e.value) and "operation" in str(e.value)
+
+
+def test_nnx_untraceable_forward_is_rebuilt_as_before():
+  """A forward with Python control flow on values runs eagerly but cannot be traced: the
+  structure check is skipped for it (the rebuild only runs it, as before the check), and
+  the smaller network equals the original with those channels zeroed."""
+  class Branchy(nnx.Module):
+    def __init__(self, rngs):
+      self.fc, self.out = nnx.Linear(5, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+      h = self.fc(x)
+      if float(jnp.abs(h).sum()) >= 0:  # a concrete value: eager only
+        h = nnx.relu(h)
+      return self.out(h)
+
+  rng = np.random.default_rng()
+  model = Branchy(nnx.Rngs(int(rng.integers(1 << 30))))
+  kept = np.sort(rng.choice(8, int(rng.integers(1, 8)), replace=False))
+  small = surgery.rebuild(model, None, {"fc/kernel": {1: kept}, "fc/bias": {0: kept},
+                                        "out/kernel": {0: kept}}, (5,)).model
+  x = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+  ref = _zeroed(model, ["fc"], np.setdiff1d(np.arange(8), kept))
+  np.testing.assert_allclose(small(x), ref(x), rtol=1e-5, atol=1e-5)
