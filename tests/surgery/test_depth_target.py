@@ -230,17 +230,21 @@ def test_nnx_blocks_removed_equal_the_pruned_network_with_their_branches_zeroed(
 
 def test_calibration_times_selections_with_blocks():
   """A stand-in timer (the pruned network's FLOPs fraction, deterministic): the
-  calibration's chosen network is the one it timed, its blocks removed are reported."""
+  calibration's chosen network is the one it timed, its blocks removed are reported.
+  The ratio is one the random table reaches only with blocks removed (a fixed 0.5 was out
+  of reach of some tables: the smallest network at 0.698 failed the tier once)."""
   model, variables = _linen()
-  table = _table_for(model, variables, np.random.default_rng())
+  rng = np.random.default_rng()
+  table = _table_for(model, variables, rng)
+  ratio = _ratio_needing_blocks(model, variables, table, rng)
   small, info = surgery.prune_to(
-      model, variables, SHAPE, latency_ratio=0.5, latency_table=table, round_to=1,
+      model, variables, SHAPE, latency_ratio=ratio, latency_table=table, round_to=1,
       depth=True, latency_timer=lambda s: (1.0, _measured(s)))
   cal = info["calibration"]
   assert 1 <= cal["rounds"] == len(cal["tries"])
   assert info["removed_blocks"] == list(small.removed_blocks)
   assert info["measured_speedup"] == pytest.approx(1.0 / _measured(small))
-  assert cal["met"] == (_measured(small) <= 0.5)
+  assert cal["met"] == (_measured(small) <= ratio)
 
 
 def _measured(small):
