@@ -507,6 +507,7 @@ def test_offline_download_is_one_line_naming_manual_dir(tmp_path, monkeypatch, e
 
   def offline(self, *args, **kwargs):
     raise exc
+  monkeypatch.setattr(data, "_unreachable", lambda urls: None)  # the hosts answer
   monkeypatch.setattr(dataset_builder.DatasetBuilder, "download_and_prepare", offline)
   with pytest.raises(UserError, match=r"(?s)Could not download 'mnist'.*manual_dir.*"
                                       r"train-images-idx3-ubyte.gz") as info:
@@ -516,3 +517,45 @@ def test_offline_download_is_one_line_naming_manual_dir(tmp_path, monkeypatch, e
   exc = PermissionError("read-only data_dir")
   with pytest.raises(PermissionError):
     data.load(_cfg(name="mnist", data_dir=str(tmp_path / "tfds")))
+
+
+def test_unreachable_download_host_is_one_line_before_any_download(tmp_path, monkeypatch):
+  """Without a connection to the dataset's hosts (name resolution fails here: a random
+  host per run), the one line comes before TFDS starts (its retries take minutes); with a
+  proxy for the scheme the hosts are not probed; a host that connects lets TFDS run."""
+  import socket
+  import types
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core import dataset_builder
+  for var in ("http_proxy", "https_proxy", "ftp_proxy", "all_proxy"):
+    monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv(var.upper(), raising=False)
+  started = []
+
+  def download(self, *args, **kwargs):
+    started.append(self.name)
+    raise tfds.download.DownloadError("stopped by the test")
+  monkeypatch.setattr(dataset_builder.DatasetBuilder, "download_and_prepare", download)
+  host = f"h{np.random.randint(1 << 30)}.invalid"  # RFC 2606: never resolves
+  monkeypatch.setattr(dataset_builder.DatasetBuilder, "url_infos", property(
+      lambda self: {f"https://{host}/a/train-images-idx3-ubyte.gz":
+                    types.SimpleNamespace(filename="train-images-idx3-ubyte.gz")}))
+  with pytest.raises(UserError, match=rf"(?s)Could not download 'mnist' \(no connection "
+                                      rf"to {host}:443 .*manual_dir.*train-images"):
+    data.load(_cfg(name="mnist", data_dir=str(tmp_path / "tfds")))
+  assert not started
+
+  calls = []
+  def connected(address, timeout):
+    calls.append((address, timeout))
+    return socket.socket()  # closed at once by the probe
+  monkeypatch.setattr(socket, "create_connection", connected)
+  with pytest.raises(UserError, match="DownloadError"):
+    data.load(_cfg(name="mnist", data_dir=str(tmp_path / "tfds")))
+  assert started == ["mnist"] and calls == [((host, 443), 5.0)]
+
+  monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+  monkeypatch.setattr(socket, "create_connection", None)  # a probe would fail the test
+  with pytest.raises(UserError, match="DownloadError"):
+    data.load(_cfg(name="mnist", data_dir=str(tmp_path / "tfds")))
+  assert started == ["mnist", "mnist"]
