@@ -170,15 +170,26 @@ def _table_for(model, variables, rng):
 
 
 def _ratio_needing_blocks(model, variables, table, rng):
-  """A latency ratio that the channels alone cannot reach and blocks removed can."""
+  """A latency ratio that no channel selection reaches and blocks removed can, at most 1.
+
+  "No channel selection": the fastest of all of the table's selections, by brute force (4
+  groups of 3 candidates here). A random table is not monotone in width (its per-program
+  offsets): judged by the narrowest network alone, 0.3% (NNX net) and 0.8% (Linen net) of
+  runs asked for a ratio over 1, and some of the rest for one that a wider selection met
+  without blocks (4 of 44 draws on the tables whose narrowest network was slower than the
+  full one), both CI failures. Bounded so, 0 of 300 seeded tables per net failed the NNX and
+  Linen tests' prune_to (blocks removed every time)."""
   from jaxprune import graph  # pylint: disable=g-import-not-at-top
   g = graph.trace(model, variables, SHAPE)
   scores = {grp.id: np.ones(grp.width) for grp in g.prunable()}
   found, _ = removable_blocks(model, variables, SHAPE, None, g, scores)
   every = frozenset().union(*[b.ops for b in found])
-  picks = [0] * len(table.candidates)
-  lo, hi = table.at(picks, every) / table.full, table.at(picks) / table.full
-  return float(rng.uniform(lo + 0.1 * (hi - lo), hi - 0.1 * (hi - lo)))
+  lo = table.at([0] * len(table.candidates), every) / table.full  # the library's floor
+  hi = min(table.at(list(p)) for p in itertools.product(
+      *[range(len(c)) for c in table.candidates])) / table.full
+  low, high = lo + 0.1 * (hi - lo), min(hi - 0.1 * (hi - lo), 1.0)
+  assert low < high, (lo, hi)
+  return float(rng.uniform(low, high))
 
 
 def test_linen_blocks_removed_equal_the_pruned_network_with_their_branches_zeroed():
