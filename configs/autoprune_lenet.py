@@ -26,11 +26,14 @@ ramped in over 2, then 6 of fine-tuning without weight decay; measured 2026-12-0
           kept conv1 94/500, conv2 331/25,000, fc1 757/400,000, fc2 170/5,000
   seed 1: 322.0x at 1.17% (dense 0.99%, +0.18), 3.9% of the FLOPs, kept 91/324/764/158
   seed 2: 319.6x at 1.01% (dense 1.00%, +0.01), 3.1% of the FLOPs, kept 66/264/826/191
+  seed 3: 335.3x at 1.13% (dense 0.99%, +0.14), 3.8% of the FLOPs, kept 89/315/729/151
+  seed 4: 323.2x at 1.14% (dense 0.96%, +0.18), 3.4% of the FLOPs, kept 78/280/810/164
 
 The pruning + fine-tuning stage took 17.4-17.6 min with three runs sharing the 2 cores (one
 run alone was not timed), after 4-15 min of pretraining. The authors report 310x at 7% of the
-FLOPs with no accuracy drop; here two of three seeds are within 0.1 points of their dense
-error (issue 27's bar asks for all three). The earlier default (8 epochs, flat 4e-4) gave
+FLOPs with no accuracy drop; here two of five seeds are within 0.1 points of their dense
+error, +0.08 points on average (issue 27's bar asks for three of three). Seeds 3 and 4 took
+25.9 min each, side by side (5.4 min pretraining). The earlier default (8 epochs, flat 4e-4) gave
 257.6x / 294.3x / 291.5x at +0.21 / +0.19 / +0.14 points on 2026-12-06.
 LeNet-300-100 at >= 30x with <= 2% test error in a few minutes (measured 99.4x at 1.86%,
 dense 1.54%; kept fc1 1,985/235,200, fc2 515/30,000, fc3 179/1,000).
