@@ -31,6 +31,14 @@ convolutions given to Eigen (the flag of :mod:`jaxprune.engine.runtime`, set per
 compile through ``compiler_options``) and with the stock settings again (a control:
 how far two identical programs' medians differ on this machine), timed alternately.
 
+**One conv by width** (``--convs``): a 3x3 conv (stride 1, padding 1) at the three
+CIFAR ResNet stages' resolutions and widths (32x32 at 16 channels, 16x16 at 32, 8x8 at
+64), then with its output narrowed to 1/2 (a block's inner conv), both sides to 1/2 and
+1/4, and 1 channel in and out, each with
+XLA:CPU's stock settings and with convolutions given to Eigen, alternated in one process:
+how much of a narrowing's FLOPs cut a single conv turns into time (a conv's fixed cost per
+output pixel is what a pruned network keeps; docs/results.md, *Benchmarks*).
+
 **The ResNet-56 TAS table** (``--tas``): the shapes TAS derives (the authors' released
 C010-ResNet56, rounded; L1 at 0.5 of the FLOPs with round_to 1 and 8; short graph-space
 searches on the CIFAR-10 subset with the FLOPs cost, FLOPs cost + round_to=8 and latency
@@ -40,6 +48,7 @@ cost, ``--search_steps`` iterations each, default 310), timed like the zoo table
   python benchmarks/pruned_speed.py --quick         # 5 rounds, latency rows at batch 1 only
   python benchmarks/pruned_speed.py --flags         # the rule's figures
   python benchmarks/pruned_speed.py --tas --search_steps 0   # TAS shapes, no searches
+  python benchmarks/pruned_speed.py --convs --batches 128     # one conv by width
 """
 import argparse
 import importlib.resources
@@ -346,6 +355,44 @@ def flag_figures(args):
             f"{ms['stock'] / ms['control']:.2f} | {pick} |", flush=True)
 
 
+CONV_STAGES = ((32, 16), (16, 32), (8, 64))  # (resolution, width) of the CIFAR ResNet stages
+
+
+def conv_figures(args):
+  """A 3x3 conv at each stage's resolution, full and narrowed widths, both conv
+  settings, alternated in one process (--convs)."""
+  runtime.configure_malloc()  # no process flag: each program picks its own settings
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+
+  def conv(x, w):
+    return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  print("\n| batch | resolution | in -> out | MMACs | stock ms | Eigen ms | stock "
+        "GMAC/s | FLOPs / full | stock ms / full's |")
+  print("|---" * 9 + "|")
+  for b in args.batches:
+    for hw, width in CONV_STAGES:
+      cases = ((width, width), (width, width // 2), (width // 2, width // 2),
+               (width // 4, width // 4), (1, 1))
+      fns = {}
+      for cin, cout in cases:
+        x = jax.random.normal(jax.random.key(0), (b, hw, hw, cin))
+        w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout))
+        for setting, options in (("stock", None), ("eigen", runtime.EIGEN_CONV_OPTIONS)):
+          f = jax.jit(conv, compiler_options=options)
+          fns[f"{cin}->{cout} {setting}"] = lambda _, f=f, x=x, w=w: f(x, w)
+      ms = alternated_ms(fns, jnp.zeros((b,)), args.rounds)
+      full = ms[f"{width}->{width} stock"]
+      for cin, cout in cases:
+        macs = b * hw * hw * 9 * cin * cout
+        stock, eigen = ms[f"{cin}->{cout} stock"], ms[f"{cin}->{cout} eigen"]
+        print(f"| {b} | {hw}x{hw} | {cin} -> {cout} | {macs / 1e6:.1f} | {stock:.3f} | "
+              f"{eigen:.3f} | {macs / stock / 1e6:.1f} | {cin * cout / width**2:.3f} | "
+              f"{stock / full:.2f} |", flush=True)
+
+
 TAS_SEARCHES = {"tas graph flops": dict(cost="flops", round_to=1),
                 "tas graph flops round_to=8": dict(cost="flops", round_to=8),
                 "tas graph latency": dict(cost="latency", round_to=1)}
@@ -456,6 +503,7 @@ def main(argv):
   mode = parser.add_mutually_exclusive_group()
   mode.add_argument("--flags", action="store_true", help="the runtime rule's figures")
   mode.add_argument("--tas", action="store_true", help="the ResNet-56 TAS table")
+  mode.add_argument("--convs", action="store_true", help="one conv by width")
   mode.add_argument("--model", choices=ZOO, help=argparse.SUPPRESS)  # one model's rows
   parser.add_argument("--quick", action="store_true",
                       help="5 rounds; latency rows at batch 1 only, a coarser table grid")
@@ -488,13 +536,15 @@ def main(argv):
   if args.model:
     print(json.dumps(zoo_model_rows(args.model, args)))
     return
-  if args.flags:
+  if args.flags or args.convs:
     runtime.configure_malloc()
   elif args.tas:
     runtime.configure(profile=runtime.model_profile(build("resnet56"), SHAPE))
   timing.print_header([sys.argv[0], *argv])
   if args.flags:
     flag_figures(args)
+  elif args.convs:
+    conv_figures(args)
   elif args.tas:
     tas_table(args)
   else:

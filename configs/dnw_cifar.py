@@ -11,7 +11,7 @@ Commands (from the repository root):
   # Offline, on the CIFAR-10 subset beside the repository (4000/1000 images, batch 128):
   python -m jaxprune.main --config configs/dnw_cifar.py:dataset=cifar10_subset,epochs=8 \
       --workdir /tmp/dnw/subset_static_dnw   # and graph=random for the baseline
-  # Smoke test on synthetic CIFAR-shaped data (about 1.5 minutes on 2 CPU cores; the
+  # Smoke test on synthetic CIFAR-shaped data (about 30 s on 2 quiet CPU cores; the
   # continuous variant's smoke uses a 64-node graph):
   python -m jaxprune.main --config configs/dnw_cifar.py:smoke --workdir /tmp/dnw_smoke
 

@@ -9,8 +9,8 @@ epochs) -> report.md/json and plots/.
 
 Commands (from the repository root):
 
-  # The embedded default: the whole pipeline on synthetic data; 7-7.5 min on 2 CPU cores
-  # shared with other jobs (load 7-12; docs/results.md).
+  # The embedded default: the whole pipeline on synthetic data; 72-101 s on 2 quiet CPU
+  # cores, about 7.5 min when other jobs share them (load 7-12; docs/results.md).
   python -m jaxprune.main --config configs/tas_resnet.py:smoke --workdir /tmp/tas_smoke
   # ResNet-56 on CIFAR-100 at the authors' 0.47 FLOPs target (TFDS downloads CIFAR-100):
   python -m jaxprune.main --config configs/tas_resnet.py:depth=56,dataset=cifar100,ratio=0.47 \
@@ -30,7 +30,8 @@ Commands (from the repository root):
   python -m jaxprune.main --config configs/tas_resnet.py:depth=56,shape=C010-ResNet56 \
       --workdir workdirs/tas_r56_released   # the shapes ship with jaxprune (resources/)
   # Your own Linen or NNX model (a factory on PYTHONPATH; the graph search space, one width
-  # per channel group, candidates rounded to multiples of 8):
+  # per channel group, candidates rounded to multiples of 8; the smoke's short search says
+  # it ends outside the cost band and derives from its last epoch):
   PYTHONPATH=tests python -m jaxprune.main --config configs/tas_resnet.py:smoke \
       --config.model.name=user_models:nnx_cnn "--config.model.kwargs={'spatial': 16}" \
       --config.tas.round_to=8 --workdir /tmp/tas_user

@@ -11,7 +11,11 @@ MAIN = ("-m", "jaxprune.main")
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
-  """``launcher options -- jaxprune.main arguments`` -> (options, main arguments)."""
+  """``launcher options -- jaxprune.main arguments`` -> (options, main arguments); a
+  ``-h``/``--help`` before any ``--`` is passed on, so the launcher's parser prints its help."""
+  options = argv[:argv.index("--")] if "--" in argv else argv
+  if "-h" in options or "--help" in options:
+    return options, []
   if "--" not in argv:
     sys.exit("error: give the training arguments after '--', e.g. "
              "-- --config configs/tas_resnet.py:smoke --workdir /tmp/run")

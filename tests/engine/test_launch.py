@@ -102,6 +102,14 @@ def test_launchers_require_the_training_arguments_after_a_double_dash():
     assert result.returncode != 0 and "after '--'" in result.stderr
 
 
+def test_launchers_print_their_help_without_training_arguments():
+  for script in ("local.py", "slurm.py", "tpu.py"):
+    for flag in ("-h", "--help"):
+      result = subprocess.run([sys.executable, str(REPO / "launch" / script), flag],
+                              capture_output=True, text=True, cwd=REPO)
+      assert result.returncode == 0 and result.stdout.startswith(f"usage: {script}"), result
+
+
 @pytest.mark.parametrize("env", [
     {"JAXPRUNE_NUM_PROCESSES": "2"},  # no process id, no coordinator
     {"JAXPRUNE_NUM_PROCESSES": "2", "JAXPRUNE_PROCESS_ID": "0"},  # no coordinator
