@@ -34,10 +34,10 @@ how far two identical programs' medians differ on this machine), timed alternate
 **One conv by width** (``--convs``): a 3x3 conv (stride 1, padding 1) at the three
 CIFAR ResNet stages' resolutions and widths (32x32 at 16 channels, 16x16 at 32, 8x8 at
 64), then with its output narrowed to 1/2 (a block's inner conv), both sides to 1/2 and
-1/4, and 1 channel in and out, each with
-XLA:CPU's stock settings and with convolutions given to Eigen, alternated in one process:
-how much of a narrowing's FLOPs cut a single conv turns into time (a conv's fixed cost per
-output pixel is what a pruned network keeps; docs/results.md, *Benchmarks*).
+1/4, and 1 channel in and out, each with XLA:CPU's stock settings and with convolutions
+given to Eigen, alternated in one process: how much of a narrowing's FLOPs cut a single
+conv turns into time (a conv's fixed cost per output pixel is what a pruned network
+keeps; docs/results.md, *Benchmarks*).
 
 **The ResNet-56 TAS table** (``--tas``): the shapes TAS derives (the authors' released
 C010-ResNet56, rounded; L1 at 0.5 of the FLOPs with round_to 1 and 8; short graph-space
@@ -360,8 +360,8 @@ CONV_STAGES = ((32, 16), (16, 32), (8, 64))  # (resolution, width) of the CIFAR 
 
 def conv_figures(args):
   """A 3x3 conv at each stage's resolution, full and narrowed widths, both conv
-  settings, alternated in one process (--convs)."""
-  runtime.configure_malloc()  # no process flag: each program picks its own settings
+  settings, alternated in one process (--convs; main set the allocator, no process flag:
+  each program picks its own conv settings)."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax import lax  # pylint: disable=g-import-not-at-top
 
