@@ -17,7 +17,7 @@ Commands (from the repository root):
   # Also train a dense ResNet narrowed to the pruned parameter count (the reviewer's question):
   python -m jaxprune.main --config configs/ista_resnet.py:dense --workdir workdirs/ista_r20_dense
   # Offline on the CIFAR-10 subset (4000/1000 images): a short demonstration (batch 64,
-  # 186 + 372 + 186 steps, momentum 0.9, lambdas 0.01 then 0.05); 2.6-3.5 min on 2 quiet
+  # 186 + 372 + 186 steps, momentum 0.9, lambdas 0.01 then 0.05); 2.6-3.6 min on 2 quiet
   # CPU cores (2026-12-07), about 25 minutes when other jobs load them heavily:
   python -m jaxprune.main --config configs/ista_resnet.py:dataset=cifar10_subset \
       --workdir /tmp/ista_r20_subset
