@@ -47,6 +47,9 @@ def autoprune_config(**overrides) -> ml_collections.ConfigDict:
       # (decays to 0 at the end of pruning, so the mask settles before it freezes).
       "m_schedule": "constant",
       "regularization": 1e-4,      # lambda_m
+      # Not in the paper: per-layer multipliers of lambda_m, "pattern=factor,..." (each
+      # pattern a regex searched in the pruned kernels' paths, e.g. "conv=0.7,fc1=1.25").
+      "regularization_scale": config_dict.placeholder(str),
       "regularizer": "l1_step",
       "surrogate": "softplus",
       "slope": 0.1,
@@ -55,6 +58,7 @@ def autoprune_config(**overrides) -> ml_collections.ConfigDict:
       "neuron_axis": "out",        # neuron granularity: gate a unit's fan-in ("out") or fan-out ("in")
       "mask": config_dict.placeholder(str),  # None: every kernel (weight) / unit layers
       "m_init": 0.2,
+      "m_init_rule": "constant",   # not in the paper: "magnitude", m = m_init |w| / mean |w|
       "m_optimizer": "sgd",
       "m_momentum": 0.0,
       "decay_on": "effective",
@@ -153,9 +157,10 @@ def transform(cfg, steps_per_epoch: int, total_steps: int, mask):
   try:
     pruner = ap.autoprune(
         m_lr, regularization=lam,
+        regularization_scale=parse_scale(a.get("regularization_scale")),
         regularizer=a.regularizer, surrogate=a.surrogate, slope=a.slope, rule=a.rule,
         granularity=a.granularity, neuron_axis=a.get("neuron_axis", "out"), mask=mask,
-        m_init=a.m_init,
+        m_init=a.m_init, m_init_rule=a.get("m_init_rule", "constant"),
         m_optimizer=a.m_optimizer, m_momentum=a.m_momentum or None,
         weight_decay=decay, decay_on=a.decay_on)
   except ValueError as e:
@@ -164,6 +169,23 @@ def transform(cfg, steps_per_epoch: int, total_steps: int, mask):
   sgd = optax.sgd(schedule, momentum=cfg.train.momentum or None,
                   nesterov=cfg.train.nesterov)
   return optax.chain(pruner, sgd), schedule
+
+
+def parse_scale(text: str | None) -> dict[str, float]:
+  """``"pattern=factor,..."`` (``autoprune.regularization_scale``) as a dict."""
+  out = {}
+  for item in (text or "").split(","):
+    if not item.strip():
+      continue
+    pattern, eq, factor = item.rpartition("=")
+    try:
+      if not eq or not pattern.strip():
+        raise ValueError
+      out[pattern.strip()] = float(factor)
+    except ValueError:
+      raise UserError(f"autoprune.regularization_scale={text!r}: write "
+                      "'pattern=factor,...', e.g. 'conv=0.7,fc1=1.25'.") from None
+  return out
 
 
 def weight_schedule(cfg, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
@@ -334,6 +356,21 @@ def make_selector(config, model, input_shape) -> str:
   return ap.DEFAULT_MASK
 
 
+def check_layers(config, model, input_shape) -> str:
+  """:func:`make_selector`, and the pruner's ``init`` on the model's abstract params (a
+  ``regularization_scale`` pattern that names no gated layer fails here, before any
+  work); returns the selector."""
+  selector = make_selector(config, model, input_shape)
+  params = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))["params"]
+  try:
+    total = max(int(config.train.epochs), 1)  # as validate
+    jax.eval_shape(transform(config, 1, total, selector)[0].init, params)
+  except ValueError as e:
+    raise UserError(f"Bad autoprune config: {e}") from None
+  return selector
+
+
 def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None,
           selector=None):
   """The prune (+ frozen-mask fine-tune) stage; returns (state, summary, history)."""
@@ -444,9 +481,9 @@ def prune(config, workdir, datasets, model, init_variables, mesh, on_step=None,
 
 
 def run(config, workdir: str) -> dict:
-  started = common.start(config, workdir,  # the selector's graph: before any work
-                         check=lambda model, train_ds: make_selector(config, model,
-                                                                      train_ds.image_shape))
+  started = common.start(config, workdir,  # the selector and M's layers: before any work
+                         check=lambda model, train_ds: check_layers(config, model,
+                                                                    train_ds.image_shape))
   t0, mesh, datasets, model, selector = (started.t0, started.mesh, started.datasets,
                                          started.model, started.checked)
   input_shape = started.input_shape

@@ -3,7 +3,8 @@
 The update rule is reconstructed (docs/methods/autoprune.md §2; docs/design/kernels.md); knows
 no models or recipes.
 """
-from typing import Any, Callable, NamedTuple, Union
+import re
+from typing import Any, Callable, Mapping, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ GRANULARITIES = ("weight", "neuron")
 NEURON_AXES = ("out", "in")
 DECAY_TARGETS = ("effective", "weights")
 M_OPTIMIZERS = ("sgd", "adam")
+M_INIT_RULES = ("constant", "magnitude")
 
 # Default layers: every kernel (Flax Dense/Conv weights), not biases or BN.
 DEFAULT_MASK = r"(^|/)kernel$"
@@ -240,6 +242,7 @@ def _check(name, value, allowed):
 
 def autoprune(learning_rate: ScalarOrSchedule, *,
               regularization: ScalarOrSchedule = 1e-4,
+              regularization_scale: Mapping[str, float] | None = None,
               regularizer: str = "l1_step",
               surrogate: str = "softplus",
               slope: float = 0.1,
@@ -248,6 +251,7 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
               neuron_axis: str = "out",
               mask: Selector = DEFAULT_MASK,
               m_init: float = 0.2,
+              m_init_rule: str = "constant",
               m_optimizer: str = "sgd",
               m_momentum: float | None = None,
               weight_decay: ScalarOrSchedule = 0.0,
@@ -265,6 +269,11 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
       a schedule that drops to 0 freezes the mask for fine-tuning.
     regularization: ``lambda_m``, weight of the regulariser on ``M`` (float or
       schedule); per auxiliary parameter.
+    regularization_scale: per-layer multipliers of ``lambda_m`` (*not in the
+      paper*): ``{pattern: factor}``, each pattern a regular expression searched in
+      the pruned leaves' paths (as ``mask``); a leaf no pattern matches keeps
+      factor 1. A pattern that matches no pruned leaf, a leaf matched by two
+      patterns or a negative factor is an error.
     regularizer: "l1_step" (default: L1 of ``h(M)``, i.e. the number of kept
       units, through the surrogate), "l1" (``|M|``) or "l2" (``M^2 / 2``).
     surrogate: "softplus" (default), "leaky_relu" or "linear".
@@ -285,6 +294,10 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
       same for Linen params and NNX state (``conv1/kernel``); a mask that selects
       nothing is an error listing the paths.
     m_init: initial value of every ``m`` (positive: every weight starts alive).
+    m_init_rule: "constant" (default, the reference: every ``m`` starts at
+      ``m_init``) or "magnitude" (*not in the paper*; weight granularity only):
+      ``m = m_init * |w| / mean(|w|)`` over the leaf, so the gates of small weights
+      start near zero and a weight that is exactly 0 starts masked.
     m_optimizer: "sgd" (default) or "adam" for ``M``.
     m_momentum: momentum of the SGD on ``M`` (None: plain SGD).
     weight_decay: L2 coefficient added to the weight direction (float or
@@ -329,13 +342,38 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
   _check("neuron_axis", neuron_axis, NEURON_AXES)
   _check("decay_on", decay_on, DECAY_TARGETS)
   _check("m_optimizer", m_optimizer, M_OPTIMIZERS)
+  _check("m_init_rule", m_init_rule, M_INIT_RULES)
+  if m_init_rule == "magnitude" and granularity != "weight":
+    raise ValueError("m_init_rule='magnitude' scales one m per weight: it needs "
+                     "granularity='weight'.")
   if m_optimizer == "adam":
     m_tx = optax.adam(learning_rate)
   else:
     m_tx = optax.sgd(learning_rate, momentum=m_momentum)
 
+  scale = dict(regularization_scale or {})
+  for pattern, factor in scale.items():
+    if not factor >= 0:
+      raise ValueError(f"regularization_scale[{pattern!r}] = {factor}: must be >= 0.")
+
   def mask_by_path(params):
     return dict(selection.named_leaves(selection.as_mask(params, mask)))
+
+  def scale_by_path(sel) -> dict[str, float]:
+    """``{pruned leaf path: multiplier of lambda_m}`` from ``regularization_scale``."""
+    pruned = [p for p, s in sel.items() if s is not False]
+    out, by = {p: 1.0 for p in pruned}, {}
+    for pattern, factor in scale.items():
+      hits = [p for p in pruned if re.search(pattern, p)]
+      if not hits:
+        raise ValueError(f"regularization_scale pattern {pattern!r} matches no pruned "
+                         f"leaf; they are {selection.listing(pruned)}.")
+      for p in hits:
+        if p in by:
+          raise ValueError(f"The leaf {p!r} is matched by two regularization_scale "
+                           f"patterns, {by[p]!r} and {pattern!r}; give each leaf one.")
+        out[p], by[p] = float(factor), pattern
+    return out
 
   def init_m(w, selected):
     if selected is False:
@@ -347,10 +385,14 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
       if neuron_axis == "in":
         return jnp.full((jnp.shape(w)[-2], 1), m_init, jnp.float32)
       return jnp.full((jnp.shape(w)[-1],), m_init, jnp.float32)
+    if m_init_rule == "magnitude":
+      a = jnp.abs(jnp.asarray(w, jnp.float32))
+      return m_init * a / jnp.maximum(jnp.mean(a), jnp.finfo(jnp.float32).tiny)
     return jnp.full(jnp.shape(w), m_init, jnp.float32)
 
   def init_fn(params):
     sel = mask_by_path(params)
+    scale_by_path(sel)  # a bad pattern fails at init, before any training
     m = selection.map_with_path(lambda p, w: init_m(w, sel[p]), params)
     return AutoPruneState(count=jnp.zeros((), jnp.int32), m=m, m_opt_state=m_tx.init(m))
 
@@ -358,6 +400,7 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
     if params is None:
       raise ValueError("autoprune needs params: call tx.update(grads, state, params).")
     sel = mask_by_path(params)
+    lam_scale = scale_by_path(sel)
     lam = _value(regularization, state.count)
     wd = _value(weight_decay, state.count)
     w_by_path = dict(selection.named_leaves(params))
@@ -370,9 +413,10 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
       decayed = w * hh if decay_on == "effective" else w
       return d + wd * decayed.astype(g.dtype)
 
-    def m_grad(g, w, m, selected):
+    def m_grad(path, g, w, m, selected):
       if selected is False:
         return jnp.zeros_like(m)
+      lam_leaf = lam * lam_scale[path]
       # Coarse gradient through the gate (§2): sign(w) (decoupled) or w (naive).
       d = g * (jnp.sign(w) if rule == "decoupled" else w)
       if jnp.shape(m) != jnp.shape(w):  # neuron: sum over the weights the unit's m gates
@@ -381,13 +425,13 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
         d = jnp.sum(d, axis=axes).reshape(jnp.shape(m))
       d = d.astype(jnp.float32)
       if regularizer == "l1_step":
-        d = d + lam  # d(lambda * sum h(m))/dh, through the same surrogate
+        d = d + lam_leaf  # d(lambda * sum h(m))/dh, through the same surrogate
       _, vjp = jax.vjp(lambda mm: step_ste(mm, surrogate, slope), m)
       gm = vjp(d)[0]
       if regularizer == "l1":
-        gm = gm + lam * jnp.sign(m)
+        gm = gm + lam_leaf * jnp.sign(m)
       elif regularizer == "l2":
-        gm = gm + lam * m
+        gm = gm + lam_leaf * m
       return gm
 
     def leaf_dir(path, g):
@@ -396,7 +440,7 @@ def autoprune(learning_rate: ScalarOrSchedule, *,
 
     new_updates = selection.map_with_path(leaf_dir, updates)
     g_m = selection.map_with_path(
-        lambda p, m: m_grad(g_by_path[p], w_by_path[p], m, sel[p]), state.m)
+        lambda p, m: m_grad(p, g_by_path[p], w_by_path[p], m, sel[p]), state.m)
     m_updates, m_opt_state = m_tx.update(g_m, state.m_opt_state, state.m)
     m = optax.apply_updates(state.m, m_updates)
     return new_updates, AutoPruneState(count=optax.safe_increment(state.count), m=m,

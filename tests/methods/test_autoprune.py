@@ -73,6 +73,33 @@ def test_update_matches_hand_computed_rule(rule):
   assert new.m["fc2"]["kernel"].shape == () and float(new.m["fc2"]["kernel"]) > 0
 
 
+def test_regularization_scale_multiplies_lambda_per_layer():
+  rng = _rng()
+  params = _params(rng, (("conv1", (3, 3, 2, 4)), ("fc1", (6, 5)), ("fc2", (5, 3))))
+  lr_m, lam = 0.7, float(rng.uniform(1e-3, 1e-1))
+  scale = {"conv": float(rng.uniform(0, 2)), "fc1/": float(rng.uniform(0, 2))}
+  tx = optim.autoprune(lr_m, regularization=lam, regularization_scale=scale)
+  state = tx.init(params)
+  m0 = {k: jnp.asarray(rng.normal(size=v["kernel"].shape), jnp.float32)
+        for k, v in params.items()}
+  state = state._replace(m={k: {**state.m[k], "kernel": m0[k]} for k in params})
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  _, new = jax.jit(tx.update)(grads, state, params)
+  for name, factor in (("conv1", scale["conv"]), ("fc1", scale["fc1/"]), ("fc2", 1.0)):
+    w, g, m = (np.asarray(t[name]["kernel"]) for t in (params, grads, state.m))
+    expected = m - lr_m * (g * np.sign(w) + lam * factor) / (1 + np.exp(-m))
+    np.testing.assert_allclose(new.m[name]["kernel"], expected, rtol=1e-5, atol=1e-6)
+  for bad, match in (({"conv2": 1.0}, "matches no pruned leaf"),
+                     ({"fc": 1.0, "fc1": 2.0}, "two regularization_scale"),
+                     ({"fc1": -1.0}, ">= 0")):
+    with pytest.raises(ValueError, match=match):
+      optim.autoprune(lr_m, regularization_scale=bad).init(params)
+  assert recipe.parse_scale(" conv=0.7, fc1=1.25 ") == {"conv": 0.7, "fc1": 1.25}
+  for text in ("conv", "conv=x", "=1.0"):
+    with pytest.raises(recipe.UserError, match="pattern=factor"):
+      recipe.parse_scale(text)
+
+
 def test_neuron_rule_sums_over_the_unit_fan_in_and_gates_the_bias():
   rng = _rng()
   params = _params(rng)

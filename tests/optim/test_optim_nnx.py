@@ -236,6 +236,26 @@ def test_autoprune_default_mask_gives_kernels_their_own_m_on_nnx_state():
   assert {p: np.shape(x) for p, x in _by_path(m).items()} == want
 
 
+def test_autoprune_magnitude_m_init_is_the_scaled_weight_magnitude_in_every_form():
+  rng = _rng()
+  model, _, variables = _pair(rng)
+  m_init = float(rng.uniform(0.05, 1.0))
+  tx = optim.autoprune(0.1, m_init=m_init, m_init_rule="magnitude")
+  want = {}
+  for p, w in _by_path(variables["params"]).items():
+    if p.endswith("kernel"):
+      a = np.abs(w).astype(np.float64)
+      want[p] = m_init * a / a.mean()
+  for name, tree in _forms(model, variables).items():
+    m = _by_path(optim.find_state(tx.init(tree)).m)
+    for p, expected in want.items():
+      np.testing.assert_allclose(m[p], expected, rtol=1e-5, err_msg=f"{name} {p}")
+  with pytest.raises(ValueError, match="granularity='weight'"):
+    optim.autoprune(0.1, m_init_rule="magnitude", granularity="neuron")
+  with pytest.raises(ValueError, match="m_init_rule"):
+    optim.autoprune(0.1, m_init_rule="norm")
+
+
 def test_autoprune_masks_and_effective_params_agree_across_forms():
   rng = _rng()
   model, linen, variables = _pair(rng)
