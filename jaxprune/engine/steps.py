@@ -83,3 +83,26 @@ def make_eval_step(model, *, mesh):
   repl = mesh_lib.replicated(mesh)
   return jax.jit(evaluate, in_shardings=(repl, mesh_lib.batch_sharding(mesh)),
                  out_shardings=repl)
+
+
+
+def make_paired_eval_step(model, *, mesh):
+  """Returns ``eval(variables_a, variables_b, batch) -> counts`` of the images that the
+  two networks (same model, e.g. dense and pruned) get wrong: ``wrong_both``,
+  ``wrong_only_a``, ``wrong_only_b`` and ``count`` (real rows, ``batch['mask']``)."""
+  def wrong(variables, batch):
+    params, model_state = variables["params"], {k: v for k, v in variables.items()
+                                                if k != "params"}
+    logits, _ = apply_model(model, params, model_state, batch["image"], train=False)
+    return jnp.argmax(logits, -1) != batch["label"]
+
+  def evaluate(variables_a, variables_b, batch):
+    mask = batch["mask"].astype(jnp.float32)
+    a, b = wrong(variables_a, batch), wrong(variables_b, batch)
+    count = lambda x: jnp.sum(x.astype(jnp.float32) * mask)
+    return {"wrong_both": count(a & b), "wrong_only_a": count(a & ~b),
+            "wrong_only_b": count(b & ~a), "count": jnp.sum(mask)}
+
+  repl = mesh_lib.replicated(mesh)
+  return jax.jit(evaluate, in_shardings=(repl, repl, mesh_lib.batch_sharding(mesh)),
+                 out_shardings=repl)

@@ -543,11 +543,20 @@ def run(config, workdir: str) -> dict:
     ckpt_lib.save_variables(os.path.join(workdir, "smaller_network"),
                             jax.device_get(small.variables))
   common.time_rows(config, rows, nets, input_shape)
+  paired = {}
+  if init_vars is not None:
+    # The error change on this test set with its standard error (paired: both networks
+    # on the same images), so a seed's difference is read against the test set's noise.
+    p = common.paired_evaluate(model, init_vars, masked_vars, datasets["test"],
+                               config.train.eval_batch_size, mesh)
+    paired = {"error_change": p["error_change"], "error_change_se": p["error_change_se"],
+              "wrong_both": p["wrong_both"], "wrong_only_dense": p["wrong_only_a"],
+              "wrong_only_pruned": p["wrong_only_b"]}
   out = {"method": "autoprune", "dataset": config.dataset.name, "model": config.model.name,
          "granularity": config.autoprune.granularity,
          "surrogate": config.autoprune.surrogate, "rule": config.autoprune.rule,
          "error_before": None if init_acc is None else 1 - init_acc,
-         "error_after": 1 - acc, "accuracy_after": acc,
+         "error_after": 1 - acc, "accuracy_after": acc, **paired,
          "weights": weights, "kept_weights": kept,
          "compression": weights / kept,
          "compression_all_params": dense["params"] / max(kept + other_params, 1),

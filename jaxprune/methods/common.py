@@ -8,6 +8,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from jaxprune import config_lib, data, flops, models, optim
@@ -163,6 +164,39 @@ def train(name: str, train_cfg, seed: int, workdir: str, datasets, model,
   return train_classifier(name, workdir, model=model, tx=tx, lr_schedule=schedule,
                           train_ds=train_ds, eval_ds=test_ds, cfg=train_cfg,
                           seed=seed, **kwargs)
+
+
+def paired_error_difference(wrong_only_a: float, wrong_only_b: float, count: float
+                            ) -> tuple[float, float]:
+  """``(error_b - error_a, its standard error)`` of two networks scored on the same
+  ``count`` images, from the images only one of them gets wrong: the per-image
+  difference ``d = wrong_b - wrong_a`` is -1, 0 or 1; the standard error is
+  ``sd(d) / sqrt(count)`` (sample sd). Raises ``ValueError`` for fewer than 2 images."""
+  n = float(count)
+  if n < 2:
+    raise ValueError(f"A paired difference needs at least 2 images, not {n:g}.")
+  mean = (wrong_only_b - wrong_only_a) / n
+  var = ((wrong_only_a + wrong_only_b) / n - mean ** 2) * n / (n - 1)
+  return mean, float(np.sqrt(max(var, 0.0) / n))
+
+
+def paired_evaluate(model, variables_a, variables_b, ds, batch_size: int, mesh) -> dict:
+  """Both networks on every image of ``ds``: the counts of
+  :func:`jaxprune.engine.steps.make_paired_eval_step` over the split, and
+  ``error_change`` (b's test error minus a's) with ``error_change_se``, its standard
+  error on this test set (:func:`paired_error_difference`)."""
+  step = steps_lib.make_paired_eval_step(model, mesh=mesh)
+  variables_a, variables_b = (mesh_lib.replicate(jax.tree.map(jnp.asarray, v), mesh)
+                              for v in (variables_a, variables_b))
+  totals = None
+  for local in data.eval_batches(ds, batch_size, process_index=jax.process_index(),
+                                 process_count=jax.process_count()):
+    out = step(variables_a, variables_b, mesh_lib.global_batch(local, mesh))
+    totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+  counts = {k: int(round(float(v))) for k, v in jax.device_get(totals).items()}
+  change, se = paired_error_difference(counts["wrong_only_a"], counts["wrong_only_b"],
+                                       counts["count"])
+  return {**counts, "error_change": change, "error_change_se": se}
 
 
 def evaluate_accuracy(model, variables, test_ds, batch_size: int, mesh=None) -> float:

@@ -100,6 +100,21 @@ def test_regularization_scale_multiplies_lambda_per_layer():
       recipe.parse_scale(text)
 
 
+def test_paired_error_difference_is_the_mean_and_standard_error_of_per_image_differences():
+  from jaxprune.methods import common  # pylint: disable=g-import-not-at-top
+  rng = _rng()
+  n = int(rng.integers(50, 5000))
+  wrong_a, wrong_b = rng.random(n) < rng.uniform(0, 0.5), rng.random(n) < rng.uniform(0, 0.5)
+  d = wrong_b.astype(float) - wrong_a
+  change, se = common.paired_error_difference(int(np.sum(wrong_a & ~wrong_b)),
+                                              int(np.sum(wrong_b & ~wrong_a)), n)
+  assert change == pytest.approx(wrong_b.mean() - wrong_a.mean(), abs=1e-12)
+  assert se == pytest.approx(np.std(d, ddof=1) / np.sqrt(n), rel=1e-9, abs=1e-15)
+  assert common.paired_error_difference(0, 0, n) == (0.0, 0.0)
+  with pytest.raises(ValueError, match="at least 2"):
+    common.paired_error_difference(0, 1, 1)
+
+
 def test_neuron_rule_sums_over_the_unit_fan_in_and_gates_the_bias():
   rng = _rng()
   params = _params(rng)
@@ -284,6 +299,14 @@ def test_recipe_end_to_end_reports_compression_and_plots(tmp_path, arg, pretrain
                    + after["returned"][layer]), (after["epoch"], layer)
   assert sum(history[1]["masked"].values()) > 0
   assert history[-1]["kept_weights"] == {l: r["kept"] for l, r in out["layers"].items()}
+  if pretrain:  # the paired counts are the two test errors, image by image
+    n = out["wrong_both"] + out["wrong_only_dense"]
+    assert out["error_before"] == pytest.approx(n / config.dataset.synthetic.num_test)
+    n = out["wrong_both"] + out["wrong_only_pruned"]
+    assert out["error_after"] == pytest.approx(n / config.dataset.synthetic.num_test)
+    assert out["error_change"] == pytest.approx(out["error_after"] - out["error_before"])
+  else:
+    assert "error_change" not in out
   if "neuron" in arg:
     assert out["export_max_abs_diff"] < 1e-4
   else:  # the saved pruned network has exactly the reported kept weights
