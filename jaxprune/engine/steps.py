@@ -86,11 +86,14 @@ def make_eval_step(model, *, mesh):
 
 
 
-def make_paired_eval_step(model, *, mesh):
-  """Returns ``eval(variables_a, variables_b, batch) -> counts`` of the images that the
-  two networks (same model, e.g. dense and pruned) get wrong: ``wrong_both``,
-  ``wrong_only_a``, ``wrong_only_b`` and ``count`` (real rows, ``batch['mask']``)."""
-  def wrong(variables, batch):
+def make_paired_eval_step(model_a, model_b=None, *, mesh):
+  """Returns ``eval(variables_a, variables_b, batch) -> counts`` of the images that two
+  networks (``model_b`` defaults to ``model_a``: e.g. dense and masked; or a base and
+  its pruned derivative) get wrong: ``wrong_both``, ``wrong_only_a``, ``wrong_only_b``
+  and ``count`` (real rows, ``batch['mask']``)."""
+  model_b = model_a if model_b is None else model_b
+
+  def wrong(model, variables, batch):
     params, model_state = variables["params"], {k: v for k, v in variables.items()
                                                 if k != "params"}
     logits, _ = apply_model(model, params, model_state, batch["image"], train=False)
@@ -98,7 +101,7 @@ def make_paired_eval_step(model, *, mesh):
 
   def evaluate(variables_a, variables_b, batch):
     mask = batch["mask"].astype(jnp.float32)
-    a, b = wrong(variables_a, batch), wrong(variables_b, batch)
+    a, b = wrong(model_a, variables_a, batch), wrong(model_b, variables_b, batch)
     count = lambda x: jnp.sum(x.astype(jnp.float32) * mask)
     return {"wrong_both": count(a & b), "wrong_only_a": count(a & ~b),
             "wrong_only_b": count(b & ~a), "count": jnp.sum(mask)}

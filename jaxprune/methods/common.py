@@ -180,12 +180,13 @@ def paired_error_difference(wrong_only_a: float, wrong_only_b: float, count: flo
   return mean, float(np.sqrt(max(var, 0.0) / n))
 
 
-def paired_evaluate(model, variables_a, variables_b, ds, batch_size: int, mesh) -> dict:
-  """Both networks on every image of ``ds``: the counts of
-  :func:`jaxprune.engine.steps.make_paired_eval_step` over the split, and
-  ``error_change`` (b's test error minus a's) with ``error_change_se``, its standard
-  error on this test set (:func:`paired_error_difference`)."""
-  step = steps_lib.make_paired_eval_step(model, mesh=mesh)
+def paired_evaluate(model, variables_a, variables_b, ds, batch_size: int, mesh, *,
+                    model_b=None) -> dict:
+  """Both networks (``model_b``, default ``model``, runs ``variables_b``) on every image
+  of ``ds``: the counts of :func:`jaxprune.engine.steps.make_paired_eval_step` over the
+  split, and ``error_change`` (b's test error minus a's) with ``error_change_se``, its
+  standard error on this test set (:func:`paired_error_difference`)."""
+  step = steps_lib.make_paired_eval_step(model, model_b, mesh=mesh)
   variables_a, variables_b = (mesh_lib.replicate(jax.tree.map(jnp.asarray, v), mesh)
                               for v in (variables_a, variables_b))
   totals = None

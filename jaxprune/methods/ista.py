@@ -235,12 +235,18 @@ def run(config, workdir: str) -> dict:
                                               input_shape,
                                               fine.summary["eval_accuracy"], batch),
   }
+  # fine-tuned minus warm-up (dense) on the same test images, with its standard error
+  paired = common.paired_evaluate(model, warm.state.variables, fine.state.variables,
+                                  test_ds, config.finetune.eval_batch_size, mesh,
+                                  model_b=shrunk.model)
   out = {"method": "ista", "dataset": config.dataset.name, "model": config.model.name,
          "rho_mode": cfg.rho,
          "warmup_accuracy": warm.summary["eval_accuracy"],
          "accuracy_before_pruning": sparse.summary["eval_accuracy"],
          "accuracy_after_pruning": pruned_acc,
          "accuracy_after_finetune": fine.summary["eval_accuracy"],
+         "accuracy_change": -paired["error_change"],
+         "accuracy_change_se": paired["error_change_se"],
          "zero_gamma_fraction": sparse_history[-1]["zero_fraction"],
          "channels_removed_fraction": shrunk.removed_fraction,
          "base_params": base_counts["params"], "pruned_params": small_counts["params"],

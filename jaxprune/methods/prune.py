@@ -282,12 +282,19 @@ def run(config, workdir: str) -> dict:
       steps[-1]["measured_speedup"] = info["measured_speedup"]
       steps[-1]["calibration"] = {k: v for k, v in info["calibration"].items()}
 
+  # the last step's network minus the dense one on the same test images, with its
+  # standard error
+  paired = common.paired_evaluate(model, dense_vars, current_vars, test_ds,
+                                  config.finetune.eval_batch_size, started.mesh,
+                                  model_b=current_model)
   out = {"method": "prune", "dataset": config.dataset.name, "model": config.model.name,
          "criterion": cfg.criterion, "target": cfg.target, "ratio": cfg.ratio,
          "round_to": multiple, "round_to_source": "backend default" if fitted else "config",
          "global_ranking": cfg.global_ranking,
          "dense_accuracy": dense_acc, "steps": steps,
          "pruned_accuracy": rows[f"step {cfg.steps}"]["accuracy"],
+         "accuracy_change": -paired["error_change"],
+         "accuracy_change_se": paired["error_change_se"],
          "dense_flops": rows["dense"]["flops"], "pruned_flops": rows[f"step {cfg.steps}"]["flops"],
          "dense_params": rows["dense"]["params"],
          "pruned_params": rows[f"step {cfg.steps}"]["params"],

@@ -654,10 +654,16 @@ def run(config, workdir: str) -> dict:
   common.time_rows(config, rows, {"base": (base_model, teacher_vars),
                                   "derived": (derived_model, retrained.state.variables)},
                    input_shape)
+  paired = common.paired_evaluate(base_model, teacher_vars, retrained.state.variables,
+                                  datasets["test"], config.train.eval_batch_size, mesh,
+                                  model_b=derived_model)
   out = {"method": "tas", "dataset": config.dataset.name, "model": config.model.name,
          "depth": depth, "kd": bool(config.kd.enabled), "target_ratio": config.tas.ratio,
          "base_accuracy": teacher_acc,
          "derived_accuracy": retrained.summary["eval_accuracy"],
+         # derived minus base on the same test images, with its (paired) standard error
+         "accuracy_change": -paired["error_change"],
+         "accuracy_change_se": paired["error_change_se"],
          "base_flops": rows["base"]["flops"], "derived_flops": rows["derived"]["flops"],
          "flops_reduction": 1 - rows["derived"]["flops"] / rows["base"]["flops"],
          "base_params": rows["base"]["params"], "derived_params": rows["derived"]["params"],

@@ -41,6 +41,9 @@ def test_resnet_smoke_runs_all_stages_and_reports(tmp_path):
   # No target by design; the report gives the FLOPs and the measured speed-up.
   assert out["flops_speedup"] == out["base_flops"] / out["pruned_flops"] > 1
   assert out["speedup"] > 0
+  # The paired change (warm-up to fine-tuned), scored image by image on the same images.
+  assert out["accuracy_change"] == pytest.approx(
+      out["accuracy_after_finetune"] - out["warmup_accuracy"], abs=1e-9)
   eq = out["equivalence"]
   assert eq["interior_max_abs_diff"] <= 1e-4 * max(eq["activation_max_abs"], 1.0)
   arch = json.load(open(tmp_path / "architecture.json"))

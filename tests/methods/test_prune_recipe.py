@@ -45,6 +45,9 @@ def test_iterative_pruning_meets_the_target_and_reports(tmp_path, monkeypatch):
            if "eval_accuracy" in r]
   assert out["scratch_accuracy"] == evals[-1]["eval_accuracy"]
   assert abs(out["scratch_accuracy"] * 16 - round(out["scratch_accuracy"] * 16)) < 1e-6
+  # The paired change (dense to last step), scored image by image on the same images.
+  assert out["accuracy_change"] == pytest.approx(
+      out["pruned_accuracy"] - out["dense_accuracy"], abs=1e-9)
   arch = json.load(open(tmp_path / "architecture.json"))
   assert arch["flops"] == out["pruned_flops"] and arch["shapes"]
   report = (tmp_path / "report.md").read_text()

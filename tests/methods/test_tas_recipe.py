@@ -204,6 +204,10 @@ def test_released_shape_is_retrained_by_name_with_its_true_flops(tmp_path):
   abstract = jax.eval_shape(lambda: expected.init(jax.random.key(0),
                                                   np.zeros((1, 16, 16, 3)), train=False))
   assert out["derived_flops"] == flops.count(expected, abstract, (16, 16, 3))["flops"]
+  # The paired change: the two test accuracies' difference, scored image by image.
+  assert out["accuracy_change"] == pytest.approx(
+      out["derived_accuracy"] - out["base_accuracy"], abs=1e-9)
+  assert out["accuracy_change_se"] >= 0
   arch = json.loads((tmp_path / "architecture.json").read_text())
   assert arch["widths"] == shape["xchannels"][1:] and arch["released_shape"] == "C010-ResNet20"
   config.tas.released_shape = "C010-ResNet21"
