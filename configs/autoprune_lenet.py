@@ -33,8 +33,11 @@ The pruning + fine-tuning stage took 17.4-17.6 min with three runs sharing the 2
 run alone was not timed), after 4-15 min of pretraining. The authors report 310x at 7% of the
 FLOPs with no accuracy drop; here two of five seeds are within 0.1 points of their dense
 error, +0.08 points on average (issue 27's bar asks for three of three). Seeds 3 and 4 took
-25.9 min each, side by side (5.4 min pretraining). The earlier default (8 epochs, flat 4e-4) gave
-257.6x / 294.3x / 291.5x at +0.21 / +0.19 / +0.14 points on 2026-12-06.
+25.9 min each, side by side (5.4 min pretraining). One seed's difference carries a test-set
+standard error of about 0.1 points (report.md: error_change_se); per-layer lambda_m
+(regularization_scale) and a magnitude start for M (m_init_rule) did not lower it (docs).
+The earlier default (8 epochs, flat 4e-4) gave 257.6x / 294.3x / 291.5x at +0.21 / +0.19 /
++0.14 points on 2026-12-06.
 LeNet-300-100 at >= 30x with <= 2% test error in a few minutes (measured 99.4x at 1.86%,
 dense 1.54%; kept fc1 1,985/235,200, fc2 515/30,000, fc3 179/1,000).
 """
