@@ -67,13 +67,18 @@ def make_train_step(model, tx: optax.GradientTransformation, *, seed: int, mesh,
                  donate_argnums=(0,) if donate else ())
 
 
+def eval_logits(model, variables, images):
+  """The model's inference logits (float32) for ``variables`` (params + other state)."""
+  params, model_state = variables["params"], {k: v for k, v in variables.items()
+                                              if k != "params"}
+  logits, _ = apply_model(model, params, model_state, images, train=False)
+  return logits.astype(jnp.float32)
+
+
 def make_eval_step(model, *, mesh):
   """Returns ``eval(variables, batch) -> sums``; ``batch['mask']`` marks real rows."""
   def evaluate(variables, batch):
-    params, model_state = variables["params"], {k: v for k, v in variables.items()
-                                                if k != "params"}
-    logits, _ = apply_model(model, params, model_state, batch["image"], train=False)
-    logits = logits.astype(jnp.float32)
+    logits = eval_logits(model, variables, batch["image"])
     mask = batch["mask"].astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
@@ -85,7 +90,6 @@ def make_eval_step(model, *, mesh):
                  out_shardings=repl)
 
 
-
 def make_paired_eval_step(model_a, model_b=None, *, mesh):
   """Returns ``eval(variables_a, variables_b, batch) -> counts`` of the images that two
   networks (``model_b`` defaults to ``model_a``: e.g. dense and masked; or a base and
@@ -94,10 +98,7 @@ def make_paired_eval_step(model_a, model_b=None, *, mesh):
   model_b = model_a if model_b is None else model_b
 
   def wrong(model, variables, batch):
-    params, model_state = variables["params"], {k: v for k, v in variables.items()
-                                                if k != "params"}
-    logits, _ = apply_model(model, params, model_state, batch["image"], train=False)
-    return jnp.argmax(logits, -1) != batch["label"]
+    return jnp.argmax(eval_logits(model, variables, batch["image"]), -1) != batch["label"]
 
   def evaluate(variables_a, variables_b, batch):
     mask = batch["mask"].astype(jnp.float32)

@@ -82,14 +82,20 @@ def check_selectors(config, model, input_shape) -> None:
                       f"--config.{section}.weight_decay_on=<path regex>.") from e
 
 
-def evaluate(eval_step, variables, ds, batch_size: int, mesh) -> dict:
-  """Accuracy and mean loss over the whole split (padded rows masked out)."""
+def sum_over_split(step: Callable[[Any], dict], ds, batch_size: int, mesh) -> dict:
+  """``step(global batch) -> sums`` added up over every batch of ``ds`` (each process
+  feeds its rows of the global batch), on the host."""
   totals = None
   for local in data.eval_batches(ds, batch_size, process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
-    out = eval_step(variables, mesh_lib.global_batch(local, mesh))
+                                 process_count=jax.process_count()):
+    out = step(mesh_lib.global_batch(local, mesh))
     totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
-  totals = jax.device_get(totals)
+  return jax.device_get(totals)
+
+
+def evaluate(eval_step, variables, ds, batch_size: int, mesh) -> dict:
+  """Accuracy and mean loss over the whole split (padded rows masked out)."""
+  totals = sum_over_split(lambda batch: eval_step(variables, batch), ds, batch_size, mesh)
   count = max(float(totals["count"]), 1.0)
   return {"accuracy": float(totals["correct"]) / count,
           "loss": float(totals["loss_sum"]) / count}
@@ -189,12 +195,9 @@ def paired_evaluate(model, variables_a, variables_b, ds, batch_size: int, mesh, 
   step = steps_lib.make_paired_eval_step(model, model_b, mesh=mesh)
   variables_a, variables_b = (mesh_lib.replicate(jax.tree.map(jnp.asarray, v), mesh)
                               for v in (variables_a, variables_b))
-  totals = None
-  for local in data.eval_batches(ds, batch_size, process_index=jax.process_index(),
-                                 process_count=jax.process_count()):
-    out = step(variables_a, variables_b, mesh_lib.global_batch(local, mesh))
-    totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
-  counts = {k: int(round(float(v))) for k, v in jax.device_get(totals).items()}
+  totals = sum_over_split(lambda batch: step(variables_a, variables_b, batch), ds,
+                          batch_size, mesh)
+  counts = {k: int(round(float(v))) for k, v in totals.items()}
   change, se = paired_error_difference(counts["wrong_only_a"], counts["wrong_only_b"],
                                        counts["count"])
   return {**counts, "error_change": change, "error_change_se": se}
