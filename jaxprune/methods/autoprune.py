@@ -179,12 +179,13 @@ def parse_scale(text: str | None) -> dict[str, float]:
       continue
     pattern, eq, factor = item.rpartition("=")
     try:
-      if not eq or not pattern.strip():
+      if not eq or not pattern.strip() or pattern.strip() in out:
         raise ValueError
       out[pattern.strip()] = float(factor)
     except ValueError:
       raise UserError(f"autoprune.regularization_scale={text!r}: write "
-                      "'pattern=factor,...', e.g. 'conv=0.7,fc1=1.25'.") from None
+                      "'pattern=factor,...', each pattern once, e.g. "
+                      "'conv=0.7,fc1=1.25'.") from None
   return out
 
 

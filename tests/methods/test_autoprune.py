@@ -95,7 +95,7 @@ def test_regularization_scale_multiplies_lambda_per_layer():
     with pytest.raises(ValueError, match=match):
       optim.autoprune(lr_m, regularization_scale=bad).init(params)
   assert recipe.parse_scale(" conv=0.7, fc1=1.25 ") == {"conv": 0.7, "fc1": 1.25}
-  for text in ("conv", "conv=x", "=1.0"):
+  for text in ("conv", "conv=x", "=1.0", "conv=0.5,conv=2"):
     with pytest.raises(recipe.UserError, match="pattern=factor"):
       recipe.parse_scale(text)
 
