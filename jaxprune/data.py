@@ -5,13 +5,16 @@ state, no JAX devices."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import importlib.util
 import io
 import math
 import os
 import pathlib
+import shutil
 import socket
+import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
@@ -294,16 +297,38 @@ def _prepared_builder(name: str, data_dir: str | None, manual_dir: str | None):
   """Returns the stock TFDS builder for `name`, building the dataset first if needed."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  builder = tfds.builder(name, data_dir=data_dir)
+  builder = _tfds_builder(tfds, name, data_dir)
   # Several processes of one run: process 0 builds, then the others find it built (shared
   # storage) or build their host's copy one at a time (per-host disks).
   lock = pathlib.Path(builder.data_dir_root) / f".jaxprune-{name}.lock"
   with distributed.main_process_first(f"prepare:{name}", str(lock)):
     if distributed.is_multiprocess():  # see what process 0 may have just built
-      builder = tfds.builder(name, data_dir=data_dir)
+      builder = _tfds_builder(tfds, name, data_dir)
     if not builder.is_prepared():
       _prepare(tfds, builder, name, manual_dir)
   return builder
+
+
+def _tfds_builder(tfds, name: str, data_dir: str | None):
+  """``tfds.builder(name, data_dir=...)`` without TFDS's litter: for a dataset not yet
+  prepared, TFDS copies its metadata from GCS into a ``tempfile.mkdtemp`` directory it
+  never removes (``DatasetInfo.initialize_from_bucket``; one empty ``/tmp/tmp*tfds`` per
+  run, also offline). Its temporary files go into a directory of ours, removed after."""
+  with _scratch_tempdir():
+    return tfds.builder(name, data_dir=data_dir)
+
+
+@contextlib.contextmanager
+def _scratch_tempdir():
+  """``tempfile``'s default directory is a fresh one inside it for the block, deleted with
+  whatever was left in it (start-up only: the data pipeline's threads are not running)."""
+  scratch = tempfile.mkdtemp(prefix="jaxprune-")
+  saved, tempfile.tempdir = tempfile.tempdir, scratch
+  try:
+    yield scratch
+  finally:
+    tempfile.tempdir = saved
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _prepare(tfds, builder, name: str, manual_dir: str | None):

@@ -10,6 +10,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import ml_collections
@@ -472,6 +473,24 @@ def test_missing_manual_dir_names_the_expected_files(tmp_path):
   with pytest.raises(UserError, match="lacks .*t10k-images-idx3-ubyte.gz"):
     data.load(_cfg(name="mnist", data_dir=str(tmp_path / "tfds"),
                    manual_dir=str(tmp_path / "partial")))
+
+
+def test_an_unprepared_tfds_dataset_leaves_no_temporary_directory(tmp_path, monkeypatch):
+  """TFDS's builder of an unprepared dataset makes a ``tempfile.mkdtemp`` it never
+  removes; jaxprune gives it a scratch directory and deletes it."""
+  _require_tensorflow()
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  with pytest.raises(UserError, match="train-images-idx3-ubyte.gz"):
+    data.load(_cfg(name="mnist", data_dir=str(tmp_path / "tfds"),
+                   manual_dir=str(tmp_path / "missing")))
+  assert tempfile.tempdir == str(temp)  # restored
+  assert not list(temp.iterdir())
+  # TFDS itself does leave one (the leak this guards against is still there to catch).
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.builder("mnist", data_dir=str(tmp_path / "tfds"))
+  assert [p.name for p in temp.iterdir()] and all(p.name.endswith("tfds") for p in temp.iterdir())
 
 
 def test_imagenet_without_manual_dir_names_the_tars(tmp_path):
