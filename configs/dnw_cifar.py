@@ -23,6 +23,8 @@ static 76.1 vs 80.9%, discrete 77.3 vs 82.3%, continuous 78.5 vs 83.1%. On the s
 plots/dnw_wiring.png and report.md (FLOPs executed after dead-node removal next to the
 dense-masked FLOPs).
 """
+import ml_collections
+
 from jaxprune import config_lib
 
 VARIANTS = {"static": "dnw_static", "discrete": "dnw_discrete",
@@ -32,7 +34,7 @@ GRAPHS = ("dnw", "random", "complete")
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, variant="static", graph="dnw", dataset="cifar10",
-                              epochs=160, smoke=False)
+                              epochs=160, baseline="none", smoke=False)
   if args.variant not in VARIANTS:
     raise config_lib.UserError(f"variant={args.variant!r}: choose one of "
                                f"{', '.join(VARIANTS)}.")
@@ -40,6 +42,9 @@ def get_config(arg=None):
     raise config_lib.UserError(f"graph={args.graph!r}: choose one of {', '.join(GRAPHS)}.")
   config = config_lib.base_config("dnw")
   config.model = config_lib.model_config(VARIANTS[args.variant], graph=args.graph, prune_rate=0.95)
+  # "random": also train the random graph of the same edge budget (same recipe and seed)
+  # and report DNW minus it on the same test images, with its standard error.
+  config.dnw = ml_collections.ConfigDict({"baseline": args.baseline})
   # Step schedule x0.1 at 1/2 and 3/4 of training (epochs 80 and 120 of 160).
   config.train = config_lib.train_config(
       epochs=args.epochs, warmup_epochs=0, batch_size=512, eval_batch_size=500,

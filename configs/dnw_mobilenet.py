@@ -17,13 +17,16 @@ Expected results (reference README): x0.225 42.1M FLOPs 60.9% top-1; x0.49 154M 
 70.4% top-1 (MobileNetV1 x0.25: 41M, 50.6%; x0.5: 149M, 63.7%). Wall time: days on one
 GPU; not run here. The smoke run only checks that the pipeline runs end to end.
 """
+import ml_collections
+
 from jaxprune import config_lib
 
 WIDTHS = (0.225, 0.3, 0.49)
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, width=0.225, graph="dnw", epochs=250, smoke=False)
+  args = config_lib.parse_arg(arg, width=0.225, graph="dnw", epochs=250, baseline="none",
+                              smoke=False)
   if args.width not in WIDTHS:
     raise config_lib.UserError(f"width={args.width}: choose one of "
                                f"{', '.join(map(str, WIDTHS))}.")
@@ -31,6 +34,8 @@ def get_config(arg=None):
     raise config_lib.UserError(f"graph={args.graph!r}: choose dnw, random or complete.")
   config = config_lib.base_config("dnw")
   config.model = config_lib.model_config("dnw_mobilenet", width=args.width, graph=args.graph)
+  # "random": also the random graph of the same edge budget, scored on the same images.
+  config.dnw = ml_collections.ConfigDict({"baseline": args.baseline})
   config.dataset = config_lib.dataset_config("imagenet2012")
   config.train = config_lib.train_config(
       epochs=args.epochs, warmup_epochs=0, batch_size=512, eval_batch_size=500,

@@ -276,13 +276,23 @@ def test_discrete_graph_applies_its_graph_five_times_in_the_flops():
   assert export["flops_dense_masked"] == layers + 5 * (64 + 9 * 8) * spatial ** 2
 
 
+def test_baseline_choice_is_checked_before_any_work(tmp_path):
+  with pytest.raises(UserError, match="dnw.baseline='best': choose one of none, random"):
+    dnw_method.run(load_config("configs/dnw_cifar.py", "smoke", {"dnw.baseline": "best"}),
+                   str(tmp_path / "a"))
+  with pytest.raises(UserError, match="needs model.graph='dnw', not 'random'"):
+    dnw_method.validate(load_config("configs/dnw_cifar.py", "smoke,graph=random,baseline=random"))
+  assert not (tmp_path / "a").exists()
+  dnw_method.validate(load_config("configs/dnw_mobilenet.py", "smoke,baseline=random"))
+
+
 def test_get_model_names_the_dnw_graphs():
   assert isinstance(models.get_model("dnw_static", 10), dnw.StaticGraphNet)
   assert isinstance(models.get_model("dnw_mobilenet", 10, width=0.3), dnw.MobileNetV1Like)
 
 
 @pytest.mark.parametrize("path,arg,model", [
-    ("configs/dnw_cifar.py", "smoke,graph=dnw",
+    ("configs/dnw_cifar.py", "smoke,graph=dnw,baseline=random",
      dict(block_sizes=(4, 8, 8), num_outputs=4, prune_rate=0.75)),
     ("configs/dnw_mobilenet.py", "smoke,width=0.3",
      dict(blocks=((32, 16, 1, 1), (16, 32, 2, 2)))),
@@ -303,6 +313,15 @@ def test_recipe_smoke_writes_wiring_plot_and_report(tmp_path, path, arg, model):
   with open(os.path.join(workdir, "wiring.json"), encoding="utf-8") as f:
     wiring = json.load(f)
   assert sum(len(b["edge_list"]) for b in wiring["blocks"]) == rep["executed_edges"]
+  if config.dnw.baseline == "random":  # the same budget, scored on the same images
+    random_row = rep["models"]["random_graph"]
+    assert random_row["edges"] == rep["edges"]
+    assert random_row["flops"] == rep["flops_dense_masked"]
+    assert rep["random_graph_accuracy"] == random_row["accuracy"]
+    assert rep["accuracy_change"] == pytest.approx(
+        rep["test_accuracy"] - rep["random_graph_accuracy"], abs=1e-9)
+    assert 0 <= rep["accuracy_change_se"] < 1
+    assert os.path.isdir(os.path.join(workdir, "random_graph", "final"))
   if "blocks" in model:  # MobileNet: each block keeps MobileNetV1 x width's pointwise edges
     for row, (inp, out, _, n) in zip(wiring["blocks"], model["blocks"]):
       assert abs(row["edges"] - (inp * out + (n - 1) * out * out) * 0.3 ** 2) < 1
