@@ -237,6 +237,32 @@ def slice_tree(tree: Any, slices: Slices, *, path_fn: Callable = leaf_path) -> A
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def masked_original(model: Any, variables: Any, slices: Slices) -> tuple[Any, Any]:
+  """``(model, variables)`` of the original network with every entry that ``slices``
+  removes set to zero (each leaf keeps its shape): the network a removal that is exact
+  must equal (run it with :func:`forward`). An NNX module is cloned, the original left
+  as it is; a pure function's params are named as the graph names them."""
+  def zeroed(path, x):
+    x = np.array(x, copy=True)
+    for axis, kept in slices[path].items():
+      index = [slice(None)] * x.ndim
+      index[int(axis)] = np.setdiff1d(np.arange(x.shape[int(axis)]), np.asarray(kept))
+      x[tuple(index)] = 0
+    return x
+  kind = tracing.model_kind(model, variables)
+  if kind == "nnx":
+    clone = nnx.clone(model)
+    for p, var in nnx.iter_graph(clone):
+      if isinstance(var, nnx.Variable) and _nnx_path(p) in slices:
+        old = var.get_value()
+        var.set_value(jnp.asarray(zeroed(_nnx_path(p), old), jnp.result_type(old)))
+    return clone, None
+  path_fn = tracing.leaf_name if kind == "function" else leaf_path
+  return model, jax.tree_util.tree_map_with_path(
+      lambda kp, x: jnp.asarray(zeroed(path_fn(kp), x), jnp.result_type(x))
+      if path_fn(kp) in slices else x, variables)
+
+
 PARALLEL_BYTES = 1 << 26  # from this much data up, leaves are processed on threads
 
 

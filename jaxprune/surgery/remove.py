@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxprune import flops
 from jaxprune import graph as graph_lib
@@ -14,8 +15,8 @@ from jaxprune import latency
 from jaxprune.errors import UserError
 from jaxprune.surgery import blocks as blocks_lib
 from jaxprune.surgery import importance, targets
-from jaxprune.surgery.rebuild import (Pruned, compensate, forward, probe_inputs, rebuild,
-                                      refuse_shapes_only, slice_tree)
+from jaxprune.surgery.rebuild import (Pruned, compensate, forward, masked_original,
+                                      probe_inputs, rebuild, refuse_shapes_only, slice_tree)
 
 
 def apply_slices(model, variables, slices, input_shape, call: Callable | None = None,
@@ -68,7 +69,89 @@ def prune(model, variables, input_shape: Sequence[int], keep: Mapping[Any, Seque
     raise _with_head_hint(e, g, keep, variables) from e
   small = compensate(g, keep, small, input_shape, call)
   small.approximate = approximate_groups(g, keep)
+  check_masked(model, variables, input_shape, keep, call, g, small, overrides)
   return small
+
+
+CHECK_EXAMPLES = 4  # random inputs the rebuilt network is checked on
+CHECK_RTOL = 1e-4  # of the output's scale (float32; 4 ulps of a narrower output dtype)
+
+
+def _narrowed(g: graph_lib.Graph, keep) -> dict[int, np.ndarray]:
+  return {gid: kept for gid, kept in keep.items()
+          if np.unique(kept).size < g.groups[gid].width}
+
+
+def _compiled_forward(model, variables, call, x):
+  """:func:`jaxprune.surgery.rebuild.forward` as one compiled program (a fresh network's
+  first eager run compiles every op on its own: 2-7x slower for one call)."""
+  if variables is None and isinstance(model, nnx.Module):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda st, xs: forward(nnx.merge(graphdef, st), None, call, xs))(state, x)
+  return jax.jit(lambda v, xs: forward(model, v, call, xs))(variables, x)
+
+
+def check_masked(model, variables, input_shape, keep: Mapping[int, np.ndarray],
+                 call: Callable | None, g: graph_lib.Graph, small: Pruned,
+                 overrides=None) -> None:
+  """Raises a :class:`UserError` unless `small` computes what the original computes
+  with the removed channels zeroed, on :data:`CHECK_EXAMPLES` random inputs
+  (:func:`jaxprune.surgery.rebuild.probe_inputs`), for the narrowed groups whose removal
+  is exact or compensated (an approximate group changes the function by design: when
+  one is narrowed, the check runs on a second rebuild with only the others narrowed).
+
+  The graph says which parameter slices a channel owns; the rebuilt network is the
+  user's code run at the new widths. Code that decides something from a width that no
+  parameter slice shows (a head count in an int attribute with the head size inferred,
+  a channel shuffle's reshape, a scale taken from ``x.shape[-1]``) computes another
+  function there; this check is what turns that into one line instead of a silently
+  different network. The line names the first narrowed group that shows it alone."""
+  exact = {gid: kept for gid, kept in _narrowed(g, keep).items()
+           if g.groups[gid].exactness != "approximate"}
+  if not exact:
+    return
+  x = probe_inputs(input_shape, CHECK_EXAMPLES)
+
+  def difference(sel, built=None):
+    if built is None:
+      built = compensate(g, sel, apply_slices(model, variables, graph_lib.kept_slices(
+          g, sel), input_shape, call, overrides), input_shape, call)
+    ref = jax.tree.leaves(_compiled_forward(*masked_original(
+        model, variables, graph_lib.kept_slices(g, sel)), call, x))
+    got = jax.tree.leaves(_compiled_forward(built.model, built.variables, call, x))
+    worst, scale, rtol = 0.0, 0.0, CHECK_RTOL
+    for a, b in zip(ref, got):
+      if not jax.numpy.issubdtype(jax.numpy.result_type(a), jax.numpy.inexact):
+        continue
+      a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+      if a64.shape != b64.shape:
+        return float("inf"), 1.0, rtol
+      worst = max(worst, float(np.max(np.abs(a64 - b64), initial=0.0)))
+      scale = max(scale, float(np.max(np.abs(a64), initial=0.0)))
+      rtol = max(rtol, 4 * float(jax.numpy.finfo(jax.numpy.result_type(a)).eps))
+    return worst, max(scale, 1e-3), rtol
+
+  whole = len(exact) == len(_narrowed(g, keep))
+  diff, scale, rtol = difference(exact, small if whole else None)
+  if diff <= rtol * scale:
+    return
+  culprit = next((gid for gid in sorted(exact) if len(exact) > 1
+                  and (lambda d: d[0] > d[2] * d[1])(difference({gid: exact[gid]}))),
+                 next(iter(sorted(exact))) if len(exact) == 1 else None)
+  where = ""
+  if culprit is not None:
+    group = g.groups[culprit]
+    where = (f"; narrowing group {culprit} ({group.kind}, {group.width} -> "
+             f"{np.unique(exact[culprit]).size}, first member {group.members[0].path}) "
+             "alone shows it" + (f"; an int attribute of its module equal to {group.width} is "
+                                 "likely the head count" if group.kind == "heads" else ""))
+  raise UserError(
+      f"prune: the rebuilt network is not the original with the removed channels zeroed "
+      f"(max difference {diff:.3g} at output scale {scale:.3g} on {CHECK_EXAMPLES} random "
+      f"inputs{where}): the model's code computes something else at the smaller width "
+      "(e.g. a head count held in an int attribute, a channel shuffle, a scale taken from "
+      "a width); pass overrides={module path: {attribute: value}} for such an attribute, "
+      "or keep the group whole with ignore=[a leaf-path pattern of its members].")
 
 
 def _with_head_hint(e: UserError, g: graph_lib.Graph, keep, variables) -> UserError:
