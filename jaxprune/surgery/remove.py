@@ -82,13 +82,21 @@ def _narrowed(g: graph_lib.Graph, keep) -> dict[int, np.ndarray]:
           if np.unique(kept).size < g.groups[gid].width}
 
 
+# A program run once on a few examples: compiled fast, not for speed (what
+# ``jax_disable_most_optimizations`` sets).
+QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def _compiled_forward(model, variables, call, x):
-  """:func:`jaxprune.surgery.rebuild.forward` as one compiled program (a fresh network's
-  first eager run compiles every op on its own: 2-7x slower for one call)."""
+  """:func:`jaxprune.surgery.rebuild.forward` as one program compiled without XLA's
+  optimizations (a fresh network's first eager run compiles every op on its own: 2-7x
+  slower for one call)."""
   if variables is None and isinstance(model, nnx.Module):
     graphdef, state = nnx.split(model)
-    return jax.jit(lambda st, xs: forward(nnx.merge(graphdef, st), None, call, xs))(state, x)
-  return jax.jit(lambda v, xs: forward(model, v, call, xs))(variables, x)
+    return jax.jit(lambda st, xs: forward(nnx.merge(graphdef, st), None, call, xs),
+                   compiler_options=QUICK_COMPILE)(state, x)
+  return jax.jit(lambda v, xs: forward(model, v, call, xs),
+                 compiler_options=QUICK_COMPILE)(variables, x)
 
 
 def check_masked(model, variables, input_shape, keep: Mapping[int, np.ndarray],
