@@ -17,12 +17,20 @@ def _in_orbax(filename) -> bool:
   return "/orbax/" in (filename or "").replace(os.sep, "/")
 
 
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # the suffix of a checkpoint being written
+
+
 class _DropOrbaxErrors(logging.Filter):
   """Drops records logged by orbax, and asyncio's reports of orbax's failed tasks (e.g.
   "_GatheringFuture exception was never retrieved" when a background write failed)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if _in_orbax(record.pathname):
+      return False
+    # A failed background write's tensorstore future, reported by asyncio at exit: its
+    # traceback has no orbax frame, its text names the checkpoint's temporary directory.
+    if record.name == "asyncio" and ORBAX_TMP in str(record.msg) + str(record.args) + str(
+        record.exc_info[1] if record.exc_info else ""):
       return False
     tb = record.exc_info[2] if record.exc_info else None
     while tb is not None:
