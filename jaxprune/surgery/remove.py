@@ -139,13 +139,18 @@ def check_masked(model, variables, input_shape, keep: Mapping[int, np.ndarray],
       rtol = max(rtol, 4 * float(jax.numpy.finfo(jax.numpy.result_type(a)).eps))
     return worst, max(scale, 1e-3), rtol
 
+  def differs(sel, built=None):
+    diff, scale, rtol = difference(sel, built)
+    return diff > rtol * scale, diff, scale
+
   whole = len(exact) == len(_narrowed(g, keep))
-  diff, scale, rtol = difference(exact, small if whole else None)
-  if diff <= rtol * scale:
+  bad, diff, scale = differs(exact, small if whole else None)
+  if not bad:
     return
-  culprit = next((gid for gid in sorted(exact) if len(exact) > 1
-                  and (lambda d: d[0] > d[2] * d[1])(difference({gid: exact[gid]}))),
-                 next(iter(sorted(exact))) if len(exact) == 1 else None)
+  if len(exact) == 1:
+    culprit = next(iter(exact))
+  else:  # the first group that shows it alone (None: only together)
+    culprit = next((gid for gid in sorted(exact) if differs({gid: exact[gid]})[0]), None)
   where = ""
   if culprit is not None:
     group = g.groups[culprit]
